@@ -1,0 +1,116 @@
+"""Command line: ``gateway serve`` and ``gateway keys create|list|revoke``. The only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from gateway.app import admin_client, running_gateway
+from gateway.config import Config, ConfigError, load_config, override
+from gateway.datadir import DataDirBusy
+from gateway.embedded_redis import EmbeddedRedisError
+from gateway.errors import GatewayError
+from gateway.keys import ApiKeyStore
+from gateway.routes.model import Keys
+
+log = logging.getLogger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Ingress gateway and control plane for sandbox VMs.",
+        epilog="Settings: config/gateway.toml (or --config); any setting can be overridden with "
+        "GATEWAY_<SECTION>_<KEY>, e.g. GATEWAY_REDIS_URL=redis://host:6379/0.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: config/gateway.toml)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data folder: embedded Redis, VM folders, lock")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the control plane (and, later, the edge) on one listener")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="create a key; prints the key alone on the last line")
+    create.add_argument("--name", required=True, help="a label for the key (who or what uses it)")
+    key_commands.add_parser("list", help="list keys (ids, names, creation times; never the keys)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id, or every key with a name")
+    revoke.add_argument("key", metavar="ID_OR_NAME")
+    return parser
+
+
+def configure(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    server: dict[str, object] = {}
+    if args.data_dir:
+        server["data_dir"] = args.data_dir
+    if getattr(args, "listen", None):
+        server["listen"] = args.listen
+        if config.server.public_url == "http://127.0.0.1:8080":
+            server["public_url"] = f"http://{args.listen}"
+    return override(config, server=server) if server else config
+
+
+async def serve(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_gateway(config) as svc:
+        redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
+        print(
+            f"gateway listening on http://{config.server.listen} "
+            f"(VM driver {svc.orchestrator.driver.name}, {redis_where}); Ctrl-C stops it",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("stopping")
+
+
+async def keys_command(config: Config, args: argparse.Namespace) -> None:
+    async with admin_client(config) as client:
+        store = ApiKeyStore(client, Keys(config.redis.key_prefix))
+        if args.keys_command == "create":
+            key, rec = await store.create(args.name)
+            print(f"created key {rec.key_id} named {rec.name!r}; it is shown only now:")
+            print(key)
+        elif args.keys_command == "list":
+            for rec in await store.list():
+                print(f"{rec.key_id}\t{rec.name}\t{rec.created_at:.0f}")
+        elif args.keys_command == "revoke":
+            revoked = await store.revoke(args.key)
+            if not revoked:
+                raise SystemExit(f"gateway: no key with id or name {args.key!r}")
+            for rec in revoked:
+                print(f"revoked {rec.key_id} ({rec.name})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = configure(args)
+        if args.command == "serve":
+            uvloop.run(serve(config))
+        elif args.command == "keys":
+            uvloop.run(keys_command(config, args))
+    except (ConfigError, DataDirBusy, EmbeddedRedisError, GatewayError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

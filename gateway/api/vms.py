@@ -1,0 +1,108 @@
+"""VMs: create (the spec's POST /v1/vms), get, list with a metadata filter, kill."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api.auth import authenticate
+from gateway.api.context import CONFIG, ORCHESTRATOR
+from gateway.api.responses import json_response, vm_view
+from gateway.api.schemas import VMCreateRequest, VMCreateResponse, VmCreateQuery, VmListResponse
+from gateway.api.sessions import lifetime_context
+from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
+from gateway.orchestrator.service import VmParams
+
+routes = web.RouteTableDef()
+
+METADATA_FILTER_PREFIX = "metadata."
+
+
+def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
+    """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op."""
+    problems = []
+    if body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name:
+        field = "snapshot_id" if body.snapshot_id else (
+            "snapshot_on_terminate" if body.snapshot_on_terminate else "snapshot_name"
+        )
+        problems.append((field, f"snapshots are not supported by the {driver!r} VM driver"))
+    if body.volumes:
+        problems.append(("volumes", "volumes are not supported by this gateway"))
+    if body.vault_ids:
+        problems.append(("vault_ids", "vaults are not supported by this gateway"))
+    if body.egress_policy:
+        problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
+    if body.custom_domain is not None:
+        problems.append(("custom_domain", "custom domains are not supported by this gateway yet"))
+    if body.image_variant not in (None, "", "default"):
+        problems.append(("image_variant", f"unknown image variant {body.image_variant!r}; available: default"))
+    if problems:
+        raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
+
+
+@routes.post("/v1/vms")
+async def create_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    query = parse_query(request, VmCreateQuery)
+    body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
+    orchestrator = request.app[ORCHESTRATOR]
+    refuse_unsupported(body, orchestrator.driver.name)
+    session, vm = await orchestrator.create_vm(
+        owner,
+        body.session_id,
+        VmParams(
+            vm_lifetime_seconds=body.vm_lifetime_seconds,
+            memory_mb=body.memory_mb,
+            vcpu_count=body.vcpu_count,
+            metadata=body.metadata,
+            env=body.env,
+            share=body.share.model_dump() if body.share else None,
+        ),
+        wait=query.wait,
+    )
+    env_status = session.env_status
+    if body.env:
+        env_status = "configured" if vm.status in ("creating", "active") else "failed"
+    return json_response(
+        VMCreateResponse(
+            vm_id=vm.vm_id,
+            session_id=session.session_id,
+            status=vm.status,
+            share=vm.share or None,
+            env_status=env_status,
+            env_error=vm.error if env_status == "failed" else None,
+        )
+    )
+
+
+@routes.get("/v1/vms/{vm_id}")
+async def get_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    orchestrator = request.app[ORCHESTRATOR]
+    vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
+    return json_response(vm_view(vm, await orchestrator.store.exposed_ports(vm.vm_id)))
+
+
+def metadata_filter(request: web.Request) -> dict[str, str]:
+    """?metadata.team=red -> {"team": "red"}."""
+    return {
+        name[len(METADATA_FILTER_PREFIX):]: text
+        for name, text in request.query.items()
+        if name.startswith(METADATA_FILTER_PREFIX) and len(name) > len(METADATA_FILTER_PREFIX)
+    }
+
+
+@routes.get("/v1/vms")
+async def list_vms(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    orchestrator = request.app[ORCHESTRATOR]
+    status = request.query.get("status")
+    records = await orchestrator.list_vms(owner, metadata_filter(request))
+    views = [vm_view(r) for r in records if status is None or r.status == status]
+    return json_response(VmListResponse(vms=views, total=len(views)))
+
+
+@routes.delete("/v1/vms/{vm_id}")
+async def kill_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    vm = await request.app[ORCHESTRATOR].kill_vm(owner, request.match_info["vm_id"])
+    return json_response(vm_view(vm))

@@ -1,0 +1,213 @@
+"""Configuration: one frozen dataclass tree from config/gateway.toml plus GATEWAY_<SECTION>_<KEY> env.
+
+This is the only module that reads the environment. Loading validates and has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "GATEWAY_"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8080"
+    data_dir: str = "data"
+    # Base URL clients use to reach this gateway; app URLs are built from it.
+    public_url: str = "http://127.0.0.1:8080"
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    # Empty: start an embedded redis-server on a unix socket inside data_dir.
+    url: str = ""
+    key_prefix: str = "gw:"
+    call_timeout_s: float = 2.0
+    server_binary: str = "redis-server"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    max_body_bytes: int = 1024 * 1024
+    # Where direct (host-form) app URLs live: vmid-<id>-<port>.<sandbox_domain>, with the scheme and
+    # port of server.public_url. *.localhost resolves to loopback, so the default works out of the box.
+    sandbox_domain: str = "sandbox.localhost"
+
+
+@dataclass(frozen=True)
+class VmsConfig:
+    # "auto": netns when root on Linux, else process.
+    driver: str = "auto"
+    default_lifetime_s: int = 300
+    # The spec's bounds for vm_lifetime_seconds; tests lower the minimum to see expiry quickly.
+    min_lifetime_s: int = 20
+    max_lifetime_s: int = 86400
+    default_memory_mb: int = 512
+    default_vcpu_count: int = 2
+    # How long the record of a killed VM (and its session) stays readable.
+    retention_s: int = 86400
+    boot_timeout_s: float = 30.0
+    reaper_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class NetnsConfig:
+    cidr: str = "172.30.0.0/16"
+    # Each VM gets a /30: host side .1, VM side .2.
+    name_prefix: str = "gw"
+    cgroup_name: str = "gateway"
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    cidr: str = "127.100.0.0/16"
+    # Conventional port put in $PORT for apps that read it.
+    app_port: int = 8080
+
+
+@dataclass(frozen=True)
+class ExecuteConfig:
+    default_timeout_s: float = 30.0
+    max_timeout_s: float = 3600.0
+    max_output_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    vms: VmsConfig = field(default_factory=VmsConfig)
+    netns: NetnsConfig = field(default_factory=NetnsConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    execute: ExecuteConfig = field(default_factory=ExecuteConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir).resolve()
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _coerce(section: str, key: str, raw: object, kind: type) -> object:
+    where = f"{section}.{key}"
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected a boolean, got {raw!r}")
+    if kind in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected a number, got {raw!r}")
+        try:
+            return kind(raw)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+    if kind is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: expected a string, got {raw!r}")
+        return raw
+    raise ConfigError(f"{where}: unsupported setting type {kind!r}")
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, object]) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
+    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the TOML file (default config/gateway.toml when it exists) then apply GATEWAY_* overrides."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get("GATEWAY_CONFIG") or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    raw: dict[str, dict[str, object]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    merged: dict[str, dict[str, object]] = {name: dict(raw.get(name, {})) for name in sections}
+    for env_key, value in environ.items():
+        if not env_key.startswith(ENV_PREFIX) or env_key == "GATEWAY_CONFIG":
+            continue
+        rest = env_key[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in merged and key:
+            merged[section][key] = value
+    built = {name: _build_section(name, hints[name], merged[name]) for name in sections}
+    config = Config(**built)  # type: ignore[arg-type]
+    validate(config)
+    return config
+
+
+def override(config: Config, **sections: Mapping[str, object]) -> Config:
+    """Return a copy with some settings replaced, e.g. override(cfg, server={"listen": ...})."""
+    changed = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    new = dataclasses.replace(config, **changed)
+    validate(new)
+    return new
+
+
+def validate(config: Config) -> None:
+    split_host_port(config.server.listen)
+    vms = config.vms
+    if config.vms.driver not in ("auto", "netns", "process"):
+        raise ConfigError(f"vms.driver: expected auto, netns or process, got {vms.driver!r}")
+    if not 1 <= vms.min_lifetime_s <= vms.default_lifetime_s <= vms.max_lifetime_s:
+        raise ConfigError("vms: need 1 <= min_lifetime_s <= default_lifetime_s <= max_lifetime_s")
+    for name, cidr in (("netns.cidr", config.netns.cidr), ("process.cidr", config.process.cidr)):
+        try:
+            net = ipaddress.IPv4Network(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        if net.prefixlen > 29:
+            raise ConfigError(f"{name}: {cidr} is too small for VM slots")
+    if not ipaddress.IPv4Network(config.process.cidr).subnet_of(ipaddress.IPv4Network("127.0.0.0/8")):
+        raise ConfigError("process.cidr must be inside 127.0.0.0/8")
+    if not ipaddress.IPv4Network(config.netns.cidr).is_private:
+        raise ConfigError("netns.cidr must be a private range")
+    if config.execute.default_timeout_s > config.execute.max_timeout_s:
+        raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
+    if config.api.max_body_bytes < 1024:
+        raise ConfigError("api.max_body_bytes must be at least 1024")

@@ -1,0 +1,225 @@
+"""Session and VM state in Redis, shared by every gateway process.
+
+Writes that must agree (a VM and its indexes, a slot claim) go through one MULTI or one Lua script, so a
+crash between two commands never leaves an index that points at nothing. Redis failures surface as
+``StoreUnavailable``; callers never see a redis-py exception.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import StoreUnavailable
+from gateway.routes.model import (
+    VM_LIVE_STATES,
+    Keys,
+    SessionRecord,
+    VmRecord,
+    dump_field,
+)
+
+T = TypeVar("T")
+
+# Claim the next free slot after a rotating cursor, so a just-freed slot (and its IP) is reused last.
+_CLAIM_SLOT = """
+local cap = tonumber(ARGV[1])
+local start = tonumber(redis.call('INCR', KEYS[2])) % cap
+for i = 0, cap - 1 do
+  local s = (start + i) % cap
+  if redis.call('HSETNX', KEYS[1], s, ARGV[2]) == 1 then return s end
+end
+return -1
+"""
+
+# Release a slot only if it is still held by this VM.
+_RELEASE_SLOT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# creating -> active only: a VM killed while it booted stays killed.
+_ACTIVATE_VM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'creating' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'active', 'ip', ARGV[1], 'handle', ARGV[2], 'started_at', ARGV[3])
+return 1
+"""
+
+# Move a VM to an end state once: returns 0 if it had already ended (another process won the race).
+_END_VM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or (status ~= 'creating' and status ~= 'active') then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'ended_at', ARGV[2], 'error', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('SREM', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client with bounded calls; decode_responses because every value we store is text."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a Redis call, translating its failures to StoreUnavailable."""
+    try:
+        return await call
+    except RedisError as exc:
+        raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, keys: Keys, retention_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.retention_s = retention_s
+        self._claim_slot = client.register_script(_CLAIM_SLOT)
+        self._release_slot = client.register_script(_RELEASE_SLOT)
+        self._activate_vm = client.register_script(_ACTIVATE_VM)
+        self._end_vm = client.register_script(_END_VM)
+
+    # sessions -------------------------------------------------------------------------------------
+
+    async def put_session(self, rec: SessionRecord) -> None:
+        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=rec.to_hash()))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.session(session_id)))
+        return SessionRecord.from_hash(raw) if raw else None
+
+    async def update_session(self, session_id: str, **values: Any) -> None:
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        await guarded(self.client.hset(self.keys.session(session_id), mapping=mapping))
+
+    # VMs ------------------------------------------------------------------------------------------
+
+    async def add_vm(self, rec: VmRecord) -> None:
+        """Store a new VM with its indexes and its expiry, atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.vm(rec.vm_id), mapping=rec.to_hash())
+        pipe.sadd(self.keys.owner_vms(rec.owner), rec.vm_id)
+        pipe.sadd(self.keys.live_vms(), rec.vm_id)
+        pipe.zadd(self.keys.vm_expiry(), {rec.vm_id: rec.expires_at or time.time()})
+        pipe.hset(self.keys.session(rec.session_id), "vm_id", rec.vm_id)
+        await guarded(pipe.execute())
+
+    async def get_vm(self, vm_id: str) -> VmRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.vm(vm_id)))
+        return VmRecord.from_hash(raw) if raw else None
+
+    async def update_vm(self, vm_id: str, **values: Any) -> None:
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=mapping))
+
+    async def activate_vm(self, vm_id: str, *, ip: str, handle: dict[str, Any], started_at: float) -> bool:
+        """creating -> active, unless the VM ended meanwhile (killed during boot). Returns success."""
+        done = await guarded(
+            self._activate_vm(keys=[self.keys.vm(vm_id)], args=[ip, dump_field(handle), str(started_at)])
+        )
+        return bool(done)
+
+    async def end_vm(self, rec: VmRecord, status: str, error: str | None = None) -> bool:
+        """Mark a live VM killed or failed, drop it from the live indexes; True if this call did it."""
+        done = await guarded(
+            self._end_vm(
+                keys=[
+                    self.keys.vm(rec.vm_id),
+                    self.keys.vm_expiry(),
+                    self.keys.live_vms(),
+                    self.keys.vm_ports(rec.vm_id),
+                ],
+                args=[status, str(time.time()), error or "", rec.vm_id, self.retention_s],
+            )
+        )
+        if done:
+            await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
+            await self.publish({"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status})
+        return bool(done)
+
+    async def owner_vm_ids(self, owner: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.owner_vms(owner))))
+
+    async def get_vms(self, vm_ids: list[str]) -> list[VmRecord]:
+        if not vm_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for vm_id in vm_ids:
+            pipe.hgetall(self.keys.vm(vm_id))
+        raws = await guarded(pipe.execute())
+        return [VmRecord.from_hash(raw) for raw in raws if raw]
+
+    async def forget_owner_vm(self, owner: str, vm_id: str) -> None:
+        await guarded(self.client.srem(self.keys.owner_vms(owner), vm_id))
+
+    async def live_vm_ids(self) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.live_vms())))
+
+    async def due_vm_ids(self, now: float, limit: int = 100) -> list[str]:
+        return list(await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit)))
+
+    async def drop_expiry(self, vm_id: str) -> None:
+        await guarded(self.client.zrem(self.keys.vm_expiry(), vm_id))
+
+    async def expose_port(self, vm_id: str, port: int) -> None:
+        await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port))
+
+    async def exposed_ports(self, vm_id: str) -> set[int]:
+        return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}
+
+    async def next_expiry(self) -> float | None:
+        first = await guarded(self.client.zrange(self.keys.vm_expiry(), 0, 0, withscores=True))
+        return float(first[0][1]) if first else None
+
+    # slots ----------------------------------------------------------------------------------------
+
+    async def claim_slot(self, driver: str, capacity: int, vm_id: str) -> int | None:
+        slot = await guarded(
+            self._claim_slot(keys=[self.keys.slots(driver), self.keys.slot_cursor(driver)], args=[capacity, vm_id])
+        )
+        return None if int(slot) < 0 else int(slot)
+
+    async def release_slot(self, driver: str, slot: int, vm_id: str) -> None:
+        await guarded(self._release_slot(keys=[self.keys.slots(driver)], args=[slot, vm_id]))
+
+    async def held_slots(self, driver: str) -> dict[int, str]:
+        raw = await guarded(self.client.hgetall(self.keys.slots(driver)))
+        return {int(k): v for k, v in raw.items()}
+
+    # events ---------------------------------------------------------------------------------------
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        await guarded(self.client.publish(self.keys.events(), json.dumps(event, separators=(",", ":"))))
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Callable[[float], Awaitable[dict[str, Any] | None]]]:
+        """Yield a function that waits up to N seconds for the next event."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        await guarded(pubsub.subscribe(self.keys.events()))
+        try:
+
+            async def next_event(timeout_s: float) -> dict[str, Any] | None:
+                msg = await guarded(pubsub.get_message(timeout=timeout_s))
+                return json.loads(msg["data"]) if msg else None
+
+            yield next_event
+        finally:
+            await pubsub.aclose()
+
+
+def is_live(rec: VmRecord) -> bool:
+    return rec.status in VM_LIVE_STATES

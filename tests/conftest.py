@@ -1,0 +1,170 @@
+"""Fixtures shared by every test: a real redis-server, and a whole gateway on a free loopback port.
+
+The redis-server is the project's own EmbeddedRedis (the one ``gateway serve`` starts), once per test
+session on a unix socket, flushed before each test. VM drivers under test use their own CIDRs and
+name prefixes, so a developer's running gateway is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from gateway.app import Services, running_gateway
+from gateway.config import Config, load_config, override
+from gateway.embedded_redis import EmbeddedRedis
+from gateway.orchestrator.drivers.registry import make_driver
+
+IS_ROOT = os.geteuid() == 0
+# VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
+TEST_NETNS_CIDR = "172.31.240.0/22"
+TEST_NETNS_PREFIX = "gwt"
+TEST_CGROUP = "gateway-test"
+TEST_PROCESS_CIDR = "127.77.0.0/22"
+
+DRIVERS = [
+    pytest.param("process", id="process"),
+    pytest.param("netns", id="netns", marks=pytest.mark.skipif(not IS_ROOT, reason="netns needs root")),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def remove_blackhole(cidr: str) -> None:
+    subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True, check=False)
+
+
+def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[str, object]) -> Config:
+    port = free_port()
+    base = override(
+        load_config(environ={}),
+        server={"listen": f"127.0.0.1:{port}", "data_dir": str(tmp_path / "data"),
+                "public_url": f"http://127.0.0.1:{port}", "shutdown_grace_s": 2.0},
+        redis={"url": redis_url},
+        vms={"driver": driver, "reaper_interval_s": 0.1, "boot_timeout_s": 15.0},
+        netns={"cidr": TEST_NETNS_CIDR, "name_prefix": TEST_NETNS_PREFIX, "cgroup_name": TEST_CGROUP},
+        process={"cidr": TEST_PROCESS_CIDR},
+    )
+    return override(base, **sections) if sections else base
+
+
+@dataclass
+class GatewayUnderTest:
+    config: Config
+    services: Services
+    http: aiohttp.ClientSession
+    api_key: str
+    key_id: str
+    context: contextlib.AbstractAsyncContextManager[Services]
+    running: bool = True
+
+    async def stop(self) -> None:
+        """Stop the gateway as SIGTERM would: VMs keep running, their state stays in Redis."""
+        if self.running:
+            self.running = False
+            await self.http.close()
+            await self.context.__aexit__(None, None, None)
+
+    @property
+    def url(self) -> str:
+        return self.config.server.public_url
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"X-API-Key": self.api_key}
+
+    async def new_key(self, name: str = "other") -> str:
+        key, _ = await self.services.key_store.create(name)
+        return key
+
+    async def request(self, method: str, path: str, *, key: str | None = None, **kwargs: object) -> tuple[int, object]:
+        headers = dict(kwargs.pop("headers", None) or {})  # type: ignore[arg-type]
+        if key is not None:
+            headers["X-API-Key"] = key
+        elif "X-API-Key" not in headers and "Authorization" not in headers:
+            headers.update(self.auth)
+        async with self.http.request(method, self.url + path, headers=headers, **kwargs) as resp:  # type: ignore[arg-type]
+            body = await resp.json(content_type=None) if resp.content_length != 0 else None
+            return resp.status, body
+
+
+async def destroy_all(services: Services) -> None:
+    """Kill every VM this gateway knows, so no namespace, veth, cgroup or process outlives a test."""
+    for vm_id in await services.store.live_vm_ids():
+        rec = await services.store.get_vm(vm_id)
+        if rec is not None:
+            await services.orchestrator.end(rec, "killed", "test teardown")
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[object]:
+    """Start gateways (one per call) with a driver and config overrides; all are torn down after the test.
+
+    Gateways share the test's data folder and Redis, so a second one started after the first stopped
+    is that gateway restarted.
+    """
+    started: list[GatewayUnderTest] = []
+
+    async def start(driver: str = "process", **sections: dict[str, object]) -> GatewayUnderTest:
+        config = make_config(tmp_path, redis_url, driver, **sections)
+        context = running_gateway(config)
+        services = await context.__aenter__()
+        key, rec = await services.key_store.create("test")
+        gw = GatewayUnderTest(config, services, aiohttp.ClientSession(), key, rec.key_id, context)
+        started.append(gw)
+        return gw
+
+    try:
+        yield start
+    finally:
+        for gw in reversed(started):
+            if gw.running:
+                await destroy_all(gw.services)
+                await gw.stop()
+        # Whatever a failed test left behind (e.g. VMs of a gateway it stopped): swept by slot prefix.
+        for config in {gw.config.vms.driver: gw.config for gw in started}.values():
+            await make_driver(config).sweep(set())
+        if IS_ROOT:
+            remove_blackhole(TEST_NETNS_CIDR)
+
+
+@pytest.fixture(params=DRIVERS)
+async def gateway(request: pytest.FixtureRequest, gateway_factory: object) -> GatewayUnderTest:
+    return await gateway_factory(request.param)  # type: ignore[operator]
+
+
+@pytest.fixture
+async def gw(gateway_factory: object) -> GatewayUnderTest:
+    """A gateway on the process driver: for API behaviour that does not depend on the driver."""
+    return await gateway_factory("process")  # type: ignore[operator]

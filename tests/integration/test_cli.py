@@ -1,0 +1,134 @@
+"""The command line as a user runs it: serve with its embedded Redis, keys, the data-folder lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+START_TIMEOUT_S = 20.0
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    # The process driver keeps this test independent of root; the netns driver has its own suites.
+    env["GATEWAY_VMS_DRIVER"] = "process"
+    env["GATEWAY_PROCESS_CIDR"] = "127.78.0.0/24"
+    return env
+
+
+def gateway(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=30, **kwargs)  # type: ignore[call-overload]
+
+
+class Server:
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "serve",
+             "--listen", f"127.0.0.1:{self.port}"],
+            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the readiness line, printed once the listener is up
+        assert line.startswith("gateway listening on"), line + self.proc.stderr.read()
+
+    def call(self, method: str, path: str, body: object = None, key: str | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json", **({"X-API-Key": key} if key else {})},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=START_TIMEOUT_S)
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self.proc.stderr.close()  # type: ignore[union-attr]
+        return code
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path / "data")
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+def test_help_documents_every_command() -> None:
+    out = gateway("--help").stdout
+    assert "serve" in out and "keys" in out and "GATEWAY_" in out
+    out = gateway("keys", "--help").stdout
+    assert all(word in out for word in ("create", "list", "revoke"))
+
+
+def test_serve_keys_lock_and_persistence(server: Server) -> None:
+    data = str(server.data_dir)
+    created = gateway("--data-dir", data, "keys", "create", "--name", "alice")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("gk_") and len(key) > 40
+
+    status, body = server.call("POST", "/v1/sessions/session", {"api_key": key})
+    assert status == 200 and "session_id" in body
+
+    second = gateway("--data-dir", data, "serve", "--listen", f"127.0.0.1:{free_port()}")
+    assert second.returncode == 2
+    assert "in use by another gateway" in second.stderr
+
+    listed = gateway("--data-dir", data, "keys", "list")
+    assert "alice" in listed.stdout and key not in listed.stdout
+
+    assert server.stop() == 0
+    assert not (server.data_dir / "redis" / "redis.sock").exists()
+
+    # Keys (and sessions) survive a restart: the embedded Redis persists to the data folder.
+    again = Server(server.data_dir)
+    try:
+        status, body = again.call("POST", "/v1/sessions/session", {"api_key": key})
+        assert status == 200
+        revoked = gateway("--data-dir", data, "keys", "revoke", "alice")
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout
+        status, body = again.call("POST", "/v1/sessions/session", {"api_key": key})
+        assert status == 401
+    finally:
+        assert again.stop() == 0
+
+
+def test_keys_without_a_running_gateway_use_the_folder_redis(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    created = gateway("--data-dir", data, "keys", "create", "--name", "bob")
+    assert created.returncode == 0, created.stderr
+    listed = gateway("--data-dir", data, "keys", "list")
+    assert "bob" in listed.stdout
+    missing = gateway("--data-dir", data, "keys", "revoke", "nobody")
+    assert missing.returncode != 0 and "no key" in missing.stderr
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vms]\ndriver = 'firecracker'\n")
+    result = gateway("--config", str(bad), "serve")
+    assert result.returncode == 2
+    assert "vms.driver" in result.stderr

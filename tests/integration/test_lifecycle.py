@@ -1,0 +1,64 @@
+"""Lifetimes and restarts: VMs die at expiry, also when it passed while the gateway was down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.routes.model import VM_KILLED
+from tests.conftest import IS_ROOT, GatewayUnderTest
+
+EVENT_TIMEOUT_S = 10.0
+SHORT = {"vms": {"min_lifetime_s": 1}}
+
+
+async def wait_for_end(gw: GatewayUnderTest, vm_id: str) -> dict:
+    """Wait for the pub/sub event that announces the VM's end (what every edge listens to)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S), gw.services.store.subscribe() as next_event:
+        rec = await gw.services.store.get_vm(vm_id)
+        while rec is not None and rec.status not in ("killed", "failed"):
+            event = await next_event(1.0)
+            if event and event.get("vm_id") == vm_id:
+                return event
+            rec = await gw.services.store.get_vm(vm_id)
+        return {"vm_id": vm_id, "status": rec.status if rec else None}
+
+
+async def test_vm_is_killed_at_expiry(gateway_factory: object) -> None:
+    for driver in ("process", "netns") if IS_ROOT else ("process",):
+        gw: GatewayUnderTest = await gateway_factory(driver, **SHORT)  # type: ignore[operator]
+        status, vm = await gw.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 1})
+        assert (status, vm["status"]) == (200, "active")
+        event = await wait_for_end(gw, vm["vm_id"])
+        assert event["status"] == VM_KILLED
+        status, body = await gw.request("GET", f"/v1/sessions/status/{vm['session_id']}")
+        assert (body["vm_status"], body["vm_alive"], body["expires_in_seconds"]) == ("killed", False, 0)
+        rec = await gw.services.store.get_vm(vm["vm_id"])
+        assert rec.error == "lifetime expired"
+        info = await gw.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)
+        assert not info.running
+        assert rec.slot not in await gw.services.store.held_slots(rec.driver)
+        await gw.stop()
+
+
+async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factory: object) -> None:
+    first: GatewayUnderTest = await gateway_factory("process", **SHORT)  # type: ignore[operator]
+    status, keeper = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
+    status, short = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 2})
+    status, lost = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
+    await first.request("POST", "/execute", json={"session_id": keeper["session_id"], "command": "echo 1 > mark"})
+    lost_rec = await first.services.store.get_vm(lost["vm_id"])
+    await first.stop()
+    # While the gateway is down: one VM dies on the host, one passes its expiry.
+    await first.services.orchestrator.driver.destroy(lost_rec.vm_id, lost_rec.handle)
+    short_rec = await first.services.store.get_vm(short["vm_id"])
+    await asyncio.sleep(max(0.0, short_rec.expires_at - time.time()))
+
+    second: GatewayUnderTest = await gateway_factory("process", **SHORT)  # type: ignore[operator]
+    second.api_key, second.key_id = first.api_key, first.key_id
+    lost_now = await second.services.store.get_vm(lost["vm_id"])
+    assert (lost_now.status, lost_now.error) == ("killed", "VM stopped unexpectedly")
+    assert (await wait_for_end(second, short["vm_id"]))["status"] == VM_KILLED
+    status, out = await second.request("POST", "/execute",
+                                       json={"session_id": keeper["session_id"], "command": "cat mark"})
+    assert (status, out["stdout"], out["vm_id"]) == (200, "1\n", keeper["vm_id"])

@@ -1,0 +1,69 @@
+"""Records and ids: unguessable ids, lossless round trips through Redis hashes."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.orchestrator.service import _matches
+from gateway.routes.model import (
+    Keys,
+    SessionRecord,
+    VmRecord,
+    is_session_id,
+    is_vm_id,
+    new_session_id,
+    new_vm_id,
+)
+
+
+def test_ids_are_random_and_well_formed() -> None:
+    vm_ids = {new_vm_id() for _ in range(1000)}
+    assert len(vm_ids) == 1000 and all(is_vm_id(v) for v in vm_ids)
+    assert all(len(v) - len("vmid-") >= 16 for v in vm_ids)  # >= 64 random bits in hex
+    sid = new_session_id()
+    assert uuid.UUID(sid).version == 4 and is_session_id(sid)
+
+
+def test_id_grammar_rejects_lookalikes() -> None:
+    assert not is_vm_id("vmid-abc-15")
+    assert not is_vm_id("vmid-" + "G" * 20)
+    assert not is_session_id(str(uuid.uuid4()).upper())
+    assert not is_session_id(str(uuid.uuid1()))
+
+
+@given(
+    metadata=st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), st.booleans())),
+    share=st.dictionaries(st.text(max_size=5), st.integers()),
+    error=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+)
+def test_vm_record_round_trips(metadata: dict, share: dict, error: str | None) -> None:
+    rec = VmRecord(
+        vm_id=new_vm_id(), session_id=new_session_id(), owner="key_1", driver="netns", slot=7,
+        ip="172.30.0.30", status="active", created_at=1.5, vm_lifetime_seconds=300, memory_mb=512,
+        vcpu_count=2, started_at=2.25, expires_at=301.5, ended_at=None, error=error, metadata=metadata,
+        share=share, handle={"slot": 7, "ns": "gw-7"},
+    )
+    assert VmRecord.from_hash(rec.to_hash()) == rec
+
+
+def test_session_record_round_trips() -> None:
+    rec = SessionRecord(session_id=new_session_id(), owner="k", created_at=3.0, vm_lifetime_seconds=20,
+                        memory_mb=128, vcpu_count=1, metadata={"a": [1]}, env={"X": "1"})
+    assert SessionRecord.from_hash(rec.to_hash()) == rec
+
+
+def test_keys_share_one_prefix() -> None:
+    keys = Keys("tenant1:")
+    names = [keys.vm("v"), keys.session("s"), keys.api_key("h"), keys.vm_expiry(), keys.events(),
+             keys.slots("netns"), keys.owner_vms("o"), keys.vm_ports("v"), keys.live_vms()]
+    assert all(n.startswith("tenant1:") for n in names) and len(set(names)) == len(names)
+
+
+def test_metadata_filter_matches_text_and_typed_values() -> None:
+    meta = {"team": "red", "n": 2, "on": True}
+    assert _matches(meta, "team", "red") and _matches(meta, "n", "2") and _matches(meta, "on", "true")
+    assert not _matches(meta, "team", "blue") and not _matches(meta, "missing", "x")
+    assert not _matches({"n": "2"}, "n", '"2"')
