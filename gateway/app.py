@@ -85,7 +85,9 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
     try:
-        yield Services(client, store, key_store, orchestrator, reaper, make_api_app(config, orchestrator, key_store))
+        yield Services(
+            client, store, key_store, orchestrator, reaper, make_api_app(config, orchestrator, key_store)
+        )
     finally:
         await reaper.stop()
         await orchestrator.close()

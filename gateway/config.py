@@ -152,7 +152,9 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
     """Load the TOML file (default config/gateway.toml when it exists) then apply GATEWAY_* overrides."""
     environ = os.environ if environ is None else environ
     if path is None:
-        path = environ.get("GATEWAY_CONFIG") or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+        path = environ.get("GATEWAY_CONFIG") or (
+            DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+        )
     raw: dict[str, dict[str, object]] = {}
     if path is not None:
         try:
@@ -171,7 +173,7 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
     for env_key, value in environ.items():
         if not env_key.startswith(ENV_PREFIX) or env_key == "GATEWAY_CONFIG":
             continue
-        rest = env_key[len(ENV_PREFIX):].lower()
+        rest = env_key[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section in merged and key:
             merged[section][key] = value
@@ -183,7 +185,9 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
 
 def override(config: Config, **sections: Mapping[str, object]) -> Config:
     """Return a copy with some settings replaced, e.g. override(cfg, server={"listen": ...})."""
-    changed = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    changed = {
+        name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()
+    }
     new = dataclasses.replace(config, **changed)
     validate(new)
     return new

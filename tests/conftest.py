@@ -22,6 +22,7 @@ import redis
 from gateway.app import Services, running_gateway
 from gateway.config import Config, load_config, override
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
 
 IS_ROOT = os.geteuid() == 0
@@ -65,12 +66,23 @@ def remove_blackhole(cidr: str) -> None:
     subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True, check=False)
 
 
+def remove_empty_cgroup_parents(name: str) -> None:
+    """The driver keeps its parent cgroups on purpose; tests leave the host as they found it."""
+    for parent in CgroupTree(CgroupTree.DEFAULT_ROOT, name).parents():
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
 def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[str, object]) -> Config:
     port = free_port()
     base = override(
         load_config(environ={}),
-        server={"listen": f"127.0.0.1:{port}", "data_dir": str(tmp_path / "data"),
-                "public_url": f"http://127.0.0.1:{port}", "shutdown_grace_s": 2.0},
+        server={
+            "listen": f"127.0.0.1:{port}",
+            "data_dir": str(tmp_path / "data"),
+            "public_url": f"http://127.0.0.1:{port}",
+            "shutdown_grace_s": 2.0,
+        },
         redis={"url": redis_url},
         vms={"driver": driver, "reaper_interval_s": 0.1, "boot_timeout_s": 15.0},
         netns={"cidr": TEST_NETNS_CIDR, "name_prefix": TEST_NETNS_PREFIX, "cgroup_name": TEST_CGROUP},
@@ -108,11 +120,14 @@ class GatewayUnderTest:
         key, _ = await self.services.key_store.create(name)
         return key
 
-    async def request(self, method: str, path: str, *, key: str | None = None, **kwargs: object) -> tuple[int, object]:
+    async def request(
+        self, method: str, path: str, *, key: str | None = None, anonymous: bool = False, **kwargs: object
+    ) -> tuple[int, object]:
+        """Send a request with this gateway's key unless another key, own auth headers or none is asked."""
         headers = dict(kwargs.pop("headers", None) or {})  # type: ignore[arg-type]
         if key is not None:
             headers["X-API-Key"] = key
-        elif "X-API-Key" not in headers and "Authorization" not in headers:
+        elif not anonymous and "X-API-Key" not in headers and "Authorization" not in headers:
             headers.update(self.auth)
         async with self.http.request(method, self.url + path, headers=headers, **kwargs) as resp:  # type: ignore[arg-type]
             body = await resp.json(content_type=None) if resp.content_length != 0 else None
@@ -157,6 +172,7 @@ async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[objec
             await make_driver(config).sweep(set())
         if IS_ROOT:
             remove_blackhole(TEST_NETNS_CIDR)
+            remove_empty_cgroup_parents(TEST_CGROUP)
 
 
 @pytest.fixture(params=DRIVERS)

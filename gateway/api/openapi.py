@@ -11,7 +11,9 @@ from pydantic.json_schema import models_json_schema
 from gateway.api import schemas as s
 
 # (method, path, summary, request model, response model, query parameters, auth in body)
-OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None]] = [
+OPERATIONS: list[
+    tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None]
+] = [
     ("post", "/v1/sessions/session", "Create Session", s.CreateSessionRequest, s.CreateSessionResponse, None),
     ("post", "/v1/vms", "Create Vm", s.VMCreateRequest, s.VMCreateResponse, s.VmCreateQuery),
     ("get", "/v1/vms", "List Vms", None, s.VmListResponse, None),
@@ -67,8 +69,9 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
         ]
         if query is not None:
             for name, field in query.model_fields.items():
-                params.append({"name": name, "in": "query", "required": False,
-                               "schema": {"default": field.default}})
+                params.append(
+                    {"name": name, "in": "query", "required": False, "schema": {"default": field.default}}
+                )
         op: dict[str, Any] = {
             "summary": summary,
             "parameters": params,
@@ -76,8 +79,10 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
             "responses": {
                 "200": {"description": "Successful Response", **_json(_ref(response))} if response else {},
                 "401": {"description": "Invalid or missing API key", **_json(_ref(s.ErrorResponse))},
-                "422": {"description": "Validation Error",
-                        **_json({"$ref": "#/components/schemas/HTTPValidationError"})},
+                "422": {
+                    "description": "Validation Error",
+                    **_json({"$ref": "#/components/schemas/HTTPValidationError"}),
+                },
             },
         }
         if request is not None:

@@ -29,7 +29,9 @@ def _bounded(value: float | None, info: ValidationInfo, low_key: str, high_key: 
             "greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": low}
         )
     if value > high:
-        raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": high})
+        raise PydanticCustomError(
+            "less_than_equal", "Input should be less than or equal to {le}", {"le": high}
+        )
     return value
 
 
@@ -55,12 +57,14 @@ class VmResources(_Model):
         for name, text in (value or {}).items():
             if len(name) > MAX_ENV_NAME_LENGTH or not ENV_NAME.match(name):
                 raise PydanticCustomError(
-                    "env_name", "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*: {name!r}",
+                    "env_name",
+                    "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*: {name!r}",
                     {"name": name[:64]},
                 )
             if "\0" in text:
-                raise PydanticCustomError("env_value", "Environment variable {name} contains a NUL byte",
-                                          {"name": name})
+                raise PydanticCustomError(
+                    "env_value", "Environment variable {name} contains a NUL byte", {"name": name}
+                )
         return value
 
 

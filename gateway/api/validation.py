@@ -42,7 +42,9 @@ def _detail(exc: ValidationError, where: str) -> list[dict[str, Any]]:
 
 
 def _is_json(content_type: str) -> bool:
-    return content_type in JSON_TYPES or (content_type.startswith("application/") and content_type.endswith("+json"))
+    return content_type in JSON_TYPES or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 async def parse_body(request: web.Request, model: type[M], context: dict[str, Any] | None = None) -> M:
@@ -60,7 +62,9 @@ async def parse_body(request: web.Request, model: type[M], context: dict[str, An
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         pos = getattr(exc, "pos", 0)
-        raise RequestValidationError([detail_item(["body", pos], "JSON decode error", "json_invalid")]) from None
+        raise RequestValidationError(
+            [detail_item(["body", pos], "JSON decode error", "json_invalid")]
+        ) from None
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:

@@ -7,7 +7,7 @@ from aiohttp import web
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
 from gateway.api.responses import json_response, vm_view
-from gateway.api.schemas import VMCreateRequest, VMCreateResponse, VmCreateQuery, VmListResponse
+from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
 from gateway.api.sessions import lifetime_context
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.orchestrator.service import VmParams
@@ -21,8 +21,10 @@ def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
     """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op."""
     problems = []
     if body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name:
-        field = "snapshot_id" if body.snapshot_id else (
-            "snapshot_on_terminate" if body.snapshot_on_terminate else "snapshot_name"
+        field = (
+            "snapshot_id"
+            if body.snapshot_id
+            else ("snapshot_on_terminate" if body.snapshot_on_terminate else "snapshot_name")
         )
         problems.append((field, f"snapshots are not supported by the {driver!r} VM driver"))
     if body.volumes:
@@ -34,7 +36,9 @@ def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
     if body.custom_domain is not None:
         problems.append(("custom_domain", "custom domains are not supported by this gateway yet"))
     if body.image_variant not in (None, "", "default"):
-        problems.append(("image_variant", f"unknown image variant {body.image_variant!r}; available: default"))
+        problems.append(
+            ("image_variant", f"unknown image variant {body.image_variant!r}; available: default")
+        )
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
 
@@ -85,7 +89,7 @@ async def get_vm(request: web.Request) -> web.Response:
 def metadata_filter(request: web.Request) -> dict[str, str]:
     """?metadata.team=red -> {"team": "red"}."""
     return {
-        name[len(METADATA_FILTER_PREFIX):]: text
+        name[len(METADATA_FILTER_PREFIX) :]: text
         for name, text in request.query.items()
         if name.startswith(METADATA_FILTER_PREFIX) and len(name) > len(METADATA_FILTER_PREFIX)
     }

@@ -122,12 +122,15 @@ class Orchestrator:
         self, owner: str, session_id: str | None, params: VmParams, *, wait: bool
     ) -> tuple[SessionRecord, VmRecord]:
         if session_id is None:
-            session = await self.create_session(owner, VmParams(
-                vm_lifetime_seconds=params.vm_lifetime_seconds,
-                memory_mb=params.memory_mb,
-                vcpu_count=params.vcpu_count,
-                metadata=params.metadata,
-            ))
+            session = await self.create_session(
+                owner,
+                VmParams(
+                    vm_lifetime_seconds=params.vm_lifetime_seconds,
+                    memory_mb=params.memory_mb,
+                    vcpu_count=params.vcpu_count,
+                    metadata=params.metadata,
+                ),
+            )
         else:
             session = await self._owned_session(owner, session_id)
         if session.vm_id:
@@ -140,7 +143,9 @@ class Orchestrator:
         vm = await self._create_vm(owner, session, params, wait=wait)
         return session, vm
 
-    async def _create_vm(self, owner: str, session: SessionRecord, params: VmParams, *, wait: bool) -> VmRecord:
+    async def _create_vm(
+        self, owner: str, session: SessionRecord, params: VmParams, *, wait: bool
+    ) -> VmRecord:
         vm_id = new_vm_id()
         slot = await self.store.claim_slot(self.driver.name, self.driver.capacity, vm_id)
         if slot is None:
@@ -282,7 +287,9 @@ class Orchestrator:
         if vm.status == VM_CREATING:
             vm = await self.wait_active(vm)
         if vm.status != VM_ACTIVE:
-            raise GatewayError(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}", code="vm_not_running")
+            raise GatewayError(
+                f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}", code="vm_not_running"
+            )
         limit = self.config.execute
         timeout = min(timeout_s or limit.default_timeout_s, limit.max_timeout_s)
         remaining = (vm.expires_at or 0) - time.time()

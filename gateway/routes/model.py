@@ -42,7 +42,7 @@ def is_session_id(value: str) -> bool:
 
 
 def is_vm_id(value: str) -> bool:
-    rest = value[len(VM_ID_PREFIX):]
+    rest = value[len(VM_ID_PREFIX) :]
     return (
         value.startswith(VM_ID_PREFIX)
         and len(rest) == 2 * VM_ID_RANDOM_BYTES

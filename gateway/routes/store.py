@@ -148,7 +148,9 @@ class RedisStore:
         )
         if done:
             await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
-            await self.publish({"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status})
+            await self.publish(
+                {"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status}
+            )
         return bool(done)
 
     async def owner_vm_ids(self, owner: str) -> list[str]:
@@ -189,12 +191,16 @@ class RedisStore:
 
     async def claim_slot(self, driver: str, capacity: int, vm_id: str) -> int | None:
         slot = await guarded(
-            self._claim_slot(keys=[self.keys.slots(driver), self.keys.slot_cursor(driver)], args=[capacity, vm_id])
+            self._claim_slot(
+                keys=[self.keys.slots(driver), self.keys.slot_cursor(driver)], args=[capacity, vm_id]
+            )
         )
         return None if int(slot) < 0 else int(slot)
 
     async def release_slot(self, driver: str, slot: int, vm_id: str) -> None:
+        """Free a destroyed VM's slot (its IP may be reused from now on) and announce it."""
         await guarded(self._release_slot(keys=[self.keys.slots(driver)], args=[slot, vm_id]))
+        await self.publish({"type": "vm_released", "vm_id": vm_id, "driver": driver, "slot": slot})
 
     async def held_slots(self, driver: str) -> dict[int, str]:
         raw = await guarded(self.client.hgetall(self.keys.slots(driver)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import uuid
 
 import aiohttp
@@ -51,13 +53,18 @@ async def test_create_session_constraints(gw: GatewayUnderTest, extra: dict, loc
 
 
 async def test_create_session_bounds_are_inclusive(gw: GatewayUnderTest) -> None:
-    for extra in ({"vm_lifetime_seconds": 20, "memory_mb": 128, "vcpu_count": 1},
-                  {"vm_lifetime_seconds": 86400, "memory_mb": 8192, "vcpu_count": 8}):
+    for extra in (
+        {"vm_lifetime_seconds": 20, "memory_mb": 128, "vcpu_count": 1},
+        {"vm_lifetime_seconds": 86400, "memory_mb": 8192, "vcpu_count": 8},
+    ):
         status, body = await gw.request("POST", "/v1/sessions/session", json={"api_key": gw.api_key, **extra})
         assert status == 200, body
         session = await gw.services.store.get_session(body["session_id"])
         assert (session.vm_lifetime_seconds, session.memory_mb, session.vcpu_count) == (
-            extra["vm_lifetime_seconds"], extra["memory_mb"], extra["vcpu_count"])
+            extra["vm_lifetime_seconds"],
+            extra["memory_mb"],
+            extra["vcpu_count"],
+        )
 
 
 async def test_create_session_defaults_and_unknown_fields_ignored(gw: GatewayUnderTest) -> None:
@@ -76,7 +83,8 @@ async def test_missing_api_key_is_422_and_wrong_key_401(gw: GatewayUnderTest) ->
     status, body = await gw.request("POST", "/v1/sessions/session", json={}, headers={"X-Other": "1"})
     assert status == 422
     assert [(d["loc"], d["type"], d["msg"]) for d in detail_of(body)] == [
-        (["body", "api_key"], "missing", "Field required")]
+        (["body", "api_key"], "missing", "Field required")
+    ]
     status, body = await gw.request("POST", "/v1/sessions/session", json={"api_key": "gk_wrong"})
     assert status == 401
     assert body["code"] == "unauthorized"
@@ -93,8 +101,9 @@ async def test_missing_api_key_is_422_and_wrong_key_401(gw: GatewayUnderTest) ->
     ],
     ids=["truncated-json", "empty", "not-an-object", "wrong-content-type", "not-utf8"],
 )
-async def test_malformed_bodies(gw: GatewayUnderTest, payload: bytes, headers: dict, status: int,
-                                check: tuple | None) -> None:
+async def test_malformed_bodies(
+    gw: GatewayUnderTest, payload: bytes, headers: dict, status: int, check: tuple | None
+) -> None:
     before = await redis_snapshot(gw)
     got, body = await gw.request("POST", "/v1/sessions/session", data=payload, headers=headers)
     assert got == status, body
@@ -107,16 +116,19 @@ async def test_malformed_bodies(gw: GatewayUnderTest, payload: bytes, headers: d
 
 async def test_body_without_content_type_is_read_as_json(gw: GatewayUnderTest) -> None:
     payload = f'{{"api_key": "{gw.api_key}"}}'.encode()
-    async with aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as http, http.post(
-        gw.url + "/v1/sessions/session", data=payload
-    ) as resp:
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as http,
+        http.post(gw.url + "/v1/sessions/session", data=payload) as resp,
+    ):
         assert resp.status == 200
 
 
 async def test_huge_body_is_413_and_nothing_stored(gw: GatewayUnderTest) -> None:
     before = await redis_snapshot(gw)
     big = {"api_key": gw.api_key, "metadata": {"blob": "x" * (gw.config.api.max_body_bytes + 1)}}
-    status, body = await gw.request("POST", "/v1/sessions/session", json=big)
+    payload = io.BytesIO(json.dumps(big).encode())
+    headers = {"Content-Type": "application/json"}
+    status, body = await gw.request("POST", "/v1/sessions/session", data=payload, headers=headers)
     assert status == 413
     assert body["code"] == "payload_too_large"
     assert await redis_snapshot(gw) == before
@@ -186,8 +198,12 @@ async def test_openapi_document_lists_every_endpoint(gw: GatewayUnderTest) -> No
     status, doc = await gw.request("GET", "/openapi.json")
     assert status == 200
     assert set(doc["paths"]) == {
-        "/v1/sessions/session", "/v1/vms", "/v1/vms/{vm_id}", "/v1/sessions/status/{session_id}",
-        "/v1/sessions/app-url/{session_id}", "/execute",
+        "/v1/sessions/session",
+        "/v1/vms",
+        "/v1/vms/{vm_id}",
+        "/v1/sessions/status/{session_id}",
+        "/v1/sessions/app-url/{session_id}",
+        "/execute",
     }
     create_vm = doc["components"]["schemas"]["VMCreateRequest"]["properties"]
     assert {"session_id", "share", "custom_domain", "volumes", "vault_ids", "egress_policy"} <= set(create_vm)

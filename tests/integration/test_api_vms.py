@@ -46,9 +46,17 @@ async def test_walkthrough_session_vm_execute_app_url_kill(gateway: GatewayUnder
     sid = await new_session(gw, vm_lifetime_seconds=120)
     status, body = await gw.request("GET", f"/v1/sessions/status/{sid}")
     assert body == {
-        "session_id": sid, "exists": True, "vm_assigned": False, "vm_alive": False, "vm_status": None,
-        "vm_id": None, "uptime_seconds": None, "expires_in_seconds": None, "created_at": body["created_at"],
-        "env_status": "none", "env_error": None,
+        "session_id": sid,
+        "exists": True,
+        "vm_assigned": False,
+        "vm_alive": False,
+        "vm_status": None,
+        "vm_id": None,
+        "uptime_seconds": None,
+        "expires_in_seconds": None,
+        "created_at": body["created_at"],
+        "env_status": "none",
+        "env_error": None,
     }
     assert time.strptime(body["created_at"], "%Y-%m-%dT%H:%M:%S")
 
@@ -58,9 +66,13 @@ async def test_walkthrough_session_vm_execute_app_url_kill(gateway: GatewayUnder
     assert len(vm["vm_id"]) >= len("vmid-") + 16
 
     status, out = await gw.request(
-        "POST", "/execute",
-        json={"session_id": sid, "command": "cd \"$HOME\" && echo hello > index.html && "
-              "(python3 -m http.server 3000 >/dev/null 2>&1 &) && echo started"},
+        "POST",
+        "/execute",
+        json={
+            "session_id": sid,
+            "command": 'cd "$HOME" && echo hello > index.html && '
+            "(python3 -m http.server 3000 >/dev/null 2>&1 &) && echo started",
+        },
     )
     assert status == 200, out
     assert out["stdout"] == "started\n" and out["exit_code"] == 0 and out["vm_id"] == vm["vm_id"]
@@ -75,16 +87,28 @@ async def test_walkthrough_session_vm_execute_app_url_kill(gateway: GatewayUnder
 
     status, alive = await gw.request("GET", f"/v1/sessions/status/{sid}")
     assert (alive["vm_assigned"], alive["vm_alive"], alive["vm_status"], alive["vm_id"]) == (
-        True, True, "active", vm["vm_id"])
+        True,
+        True,
+        "active",
+        vm["vm_id"],
+    )
     assert alive["uptime_seconds"] >= 0 and 0 < alive["expires_in_seconds"] <= 120
 
     status, killed = await gw.request("DELETE", f"/v1/vms/{vm['vm_id']}")
     assert (status, killed["status"]) == (200, "killed")
     status, dead = await gw.request("GET", f"/v1/sessions/status/{sid}")
     assert dead | {"created_at": None} == {
-        "session_id": sid, "exists": True, "vm_assigned": True, "vm_status": "killed", "vm_id": vm["vm_id"],
-        "vm_alive": False, "uptime_seconds": None, "expires_in_seconds": 0, "created_at": None,
-        "env_status": "none", "env_error": None,
+        "session_id": sid,
+        "exists": True,
+        "vm_assigned": True,
+        "vm_status": "killed",
+        "vm_id": vm["vm_id"],
+        "vm_alive": False,
+        "uptime_seconds": None,
+        "expires_in_seconds": 0,
+        "created_at": None,
+        "env_status": "none",
+        "env_error": None,
     }
     with pytest.raises(OSError):
         await http_get(app["vm_ip"], 3000)
@@ -98,12 +122,16 @@ async def test_session_with_env_spawns_vm_at_once(gateway: GatewayUnderTest) -> 
     sid = await new_session(gw, env={"GREETING": "hi there"}, vcpu_count=1, memory_mb=256)
     status, body = await gw.request("GET", f"/v1/sessions/status/{sid}")
     assert (body["vm_assigned"], body["vm_alive"], body["env_status"]) == (True, True, "configured")
-    status, out = await gw.request("POST", "/execute", json={"session_id": sid, "command": 'echo "$GREETING"'})
+    status, out = await gw.request(
+        "POST", "/execute", json={"session_id": sid, "command": 'echo "$GREETING"'}
+    )
     assert out["stdout"] == "hi there\n"
     status, out = await gw.request(
-        "POST", "/execute",
+        "POST",
+        "/execute",
         json={"session_id": sid, "language": "python", "command": "import os; print(os.environ['GREETING'])"},
     )
+    assert status == 200
     assert out["stdout"] == "hi there\n"
     vm = await gw.services.store.get_vm(body["vm_id"])
     assert (vm.vcpu_count, vm.memory_mb) == (1, 256)
@@ -115,13 +143,16 @@ async def test_execute_reports_exit_code_stderr_timeout_and_truncation(gateway: 
     assert status == 200
     assert (out["stderr"], out["exit_code"], out["timed_out"]) == ("oops\n", 3, False)
     sid = out["session_id"]  # no session given: one was made, with a VM
-    status, out = await gw.request("POST", "/execute", json={"session_id": sid, "command": "sleep 30",
-                                                              "timeout": 0.5})
+    status, out = await gw.request(
+        "POST", "/execute", json={"session_id": sid, "command": "sleep 30", "timeout": 0.5}
+    )
     assert (out["timed_out"], out["exit_code"]) == (True, None)
     assert out["execution_time"] < 5
     limit = gw.config.execute.max_output_bytes
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": sid, "command": f"head -c {limit + 10} /dev/zero | tr '\\0' a"}
+        "POST",
+        "/execute",
+        json={"session_id": sid, "command": f"head -c {limit + 10} /dev/zero | tr '\\0' a"},
     )
     assert out["truncated"] is True and len(out["stdout"]) == limit
 
@@ -160,6 +191,7 @@ async def test_list_vms_filters_by_metadata(gw: GatewayUnderTest) -> None:
     assert [v["vm_id"] for v in two["vms"]] == [made["blue"]]
     await gw.request("DELETE", f"/v1/vms/{made['red']}")
     status, active = await gw.request("GET", "/v1/vms?status=active")
+    assert status == 200
     assert [v["vm_id"] for v in active["vms"]] == [made["blue"]]
 
 
@@ -201,13 +233,25 @@ async def test_tenants_cannot_see_each_other(gw: GatewayUnderTest) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"X-API-Key": "gk_nope"}, {"Authorization": "Bearer gk_nope"}, {"Authorization": "Basic abc"},
-     {"X-API-Key": "x" * 10_000}],
+    [
+        {},
+        {"X-API-Key": "gk_nope"},
+        {"Authorization": "Bearer gk_nope"},
+        {"Authorization": "Basic abc"},
+        {"X-API-Key": "x" * 4_000},
+    ],
     ids=["none", "bad-header", "bad-bearer", "basic", "huge"],
 )
 async def test_auth_failures_are_401(gw: GatewayUnderTest, headers: dict) -> None:
-    status, body = await gw.request("GET", "/v1/vms", headers=headers or {"X-None": "1"})
+    status, body = await gw.request("GET", "/v1/vms", headers=headers, anonymous=True)
     assert (status, body["code"]) == (401, "unauthorized")
+
+
+async def test_oversized_header_is_refused_before_auth(gw: GatewayUnderTest) -> None:
+    async with gw.http.get(gw.url + "/v1/vms", headers={"X-API-Key": "x" * 20_000}) as resp:
+        text = await resp.text()
+    assert resp.status == 400
+    assert "8190" in text or "too" in text.lower(), text
 
 
 async def test_bearer_token_and_revocation(gw: GatewayUnderTest) -> None:

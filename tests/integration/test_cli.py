@@ -28,8 +28,14 @@ def cli_env() -> dict[str, str]:
 
 
 def gateway(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], env=cli_env(), capture_output=True,
-                          text=True, timeout=30, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **kwargs,
+    )  # type: ignore[call-overload]
 
 
 class Server:
@@ -37,9 +43,20 @@ class Server:
         self.port = free_port()
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--data-dir", str(data_dir), "serve",
-             "--listen", f"127.0.0.1:{self.port}"],
-            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "--data-dir",
+                str(data_dir),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the readiness line, printed once the listener is up
@@ -47,7 +64,8 @@ class Server:
 
     def call(self, method: str, path: str, body: object = None, key: str | None = None) -> tuple[int, dict]:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", method=method,
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": "application/json", **({"X-API-Key": key} if key else {})},
         )
@@ -128,7 +146,8 @@ def test_keys_without_a_running_gateway_use_the_folder_redis(tmp_path: Path) -> 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[vms]\ndriver = 'firecracker'\n")
-    result = gateway("--config", str(bad), "serve")
+    bad.write_text("[vms]\ndefault_memory_mb = 'lots'\n")
+    result = gateway("--config", str(bad), "--data-dir", str(tmp_path / "data"), "serve")
     assert result.returncode == 2
-    assert "vms.driver" in result.stderr
+    assert "vms.default_memory_mb" in result.stderr
+    assert not (tmp_path / "data").exists()

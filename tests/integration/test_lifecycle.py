@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.routes.model import VM_KILLED
+from gateway.routes.model import VM_KILLED, VmRecord
 from tests.conftest import IS_ROOT, GatewayUnderTest
 
 EVENT_TIMEOUT_S = 10.0
@@ -18,10 +18,17 @@ async def wait_for_end(gw: GatewayUnderTest, vm_id: str) -> dict:
         rec = await gw.services.store.get_vm(vm_id)
         while rec is not None and rec.status not in ("killed", "failed"):
             event = await next_event(1.0)
-            if event and event.get("vm_id") == vm_id:
+            if event and event.get("type") == "vm" and event.get("vm_id") == vm_id:
                 return event
             rec = await gw.services.store.get_vm(vm_id)
         return {"vm_id": vm_id, "status": rec.status if rec else None}
+
+
+async def wait_for_release(gw: GatewayUnderTest, rec: VmRecord) -> None:
+    """Wait until the VM's slot is free again (announced by a ``vm_released`` event)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S), gw.services.store.subscribe() as next_event:
+        while (await gw.services.store.held_slots(rec.driver)).get(rec.slot) == rec.vm_id:
+            await next_event(1.0)
 
 
 async def test_vm_is_killed_at_expiry(gateway_factory: object) -> None:
@@ -35,9 +42,9 @@ async def test_vm_is_killed_at_expiry(gateway_factory: object) -> None:
         assert (body["vm_status"], body["vm_alive"], body["expires_in_seconds"]) == ("killed", False, 0)
         rec = await gw.services.store.get_vm(vm["vm_id"])
         assert rec.error == "lifetime expired"
+        await wait_for_release(gw, rec)
         info = await gw.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)
         assert not info.running
-        assert rec.slot not in await gw.services.store.held_slots(rec.driver)
         await gw.stop()
 
 
@@ -46,7 +53,9 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factor
     status, keeper = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
     status, short = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 2})
     status, lost = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
-    await first.request("POST", "/execute", json={"session_id": keeper["session_id"], "command": "echo 1 > mark"})
+    await first.request(
+        "POST", "/execute", json={"session_id": keeper["session_id"], "command": "echo 1 > mark"}
+    )
     lost_rec = await first.services.store.get_vm(lost["vm_id"])
     await first.stop()
     # While the gateway is down: one VM dies on the host, one passes its expiry.
@@ -59,6 +68,7 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factor
     lost_now = await second.services.store.get_vm(lost["vm_id"])
     assert (lost_now.status, lost_now.error) == ("killed", "VM stopped unexpectedly")
     assert (await wait_for_end(second, short["vm_id"]))["status"] == VM_KILLED
-    status, out = await second.request("POST", "/execute",
-                                       json={"session_id": keeper["session_id"], "command": "cat mark"})
+    status, out = await second.request(
+        "POST", "/execute", json={"session_id": keeper["session_id"], "command": "cat mark"}
+    )
     assert (status, out["stdout"], out["vm_id"]) == (200, "1\n", keeper["vm_id"])

@@ -15,13 +15,15 @@ def test_shipped_toml_equals_the_code_defaults() -> None:
 
 
 def test_environment_overrides_typed_settings() -> None:
-    config = load_config(environ={
-        "GATEWAY_REDIS_URL": "redis://127.0.0.1:6390/1",
-        "GATEWAY_VMS_DEFAULT_LIFETIME_S": "600",
-        "GATEWAY_EXECUTE_MAX_TIMEOUT_S": "60.5",
-        "GATEWAY_SERVER_LISTEN": "127.0.0.1:9000",
-        "UNRELATED": "x",
-    })
+    config = load_config(
+        environ={
+            "GATEWAY_REDIS_URL": "redis://127.0.0.1:6390/1",
+            "GATEWAY_VMS_DEFAULT_LIFETIME_S": "600",
+            "GATEWAY_EXECUTE_MAX_TIMEOUT_S": "60.5",
+            "GATEWAY_SERVER_LISTEN": "127.0.0.1:9000",
+            "UNRELATED": "x",
+        }
+    )
     assert config.redis.url == "redis://127.0.0.1:6390/1"
     assert config.vms.default_lifetime_s == 600
     assert config.execute.max_timeout_s == 60.5
@@ -50,7 +52,7 @@ def test_invalid_settings_name_the_setting(tmp_path: Path, toml: str, message: s
 
 
 def test_env_values_are_validated_too() -> None:
-    with pytest.raises(ConfigError, match="vms.default_memory_mb"):
+    with pytest.raises(ConfigError, match=r"vms\.default_memory_mb"):
         load_config(environ={"GATEWAY_VMS_DEFAULT_MEMORY_MB": "lots"})
 
 

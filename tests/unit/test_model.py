@@ -35,30 +35,63 @@ def test_id_grammar_rejects_lookalikes() -> None:
 
 
 @given(
-    metadata=st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), st.booleans())),
+    metadata=st.dictionaries(
+        st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), st.booleans())
+    ),
     share=st.dictionaries(st.text(max_size=5), st.integers()),
     error=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
 )
 def test_vm_record_round_trips(metadata: dict, share: dict, error: str | None) -> None:
     rec = VmRecord(
-        vm_id=new_vm_id(), session_id=new_session_id(), owner="key_1", driver="netns", slot=7,
-        ip="172.30.0.30", status="active", created_at=1.5, vm_lifetime_seconds=300, memory_mb=512,
-        vcpu_count=2, started_at=2.25, expires_at=301.5, ended_at=None, error=error, metadata=metadata,
-        share=share, handle={"slot": 7, "ns": "gw-7"},
+        vm_id=new_vm_id(),
+        session_id=new_session_id(),
+        owner="key_1",
+        driver="netns",
+        slot=7,
+        ip="172.30.0.30",
+        status="active",
+        created_at=1.5,
+        vm_lifetime_seconds=300,
+        memory_mb=512,
+        vcpu_count=2,
+        started_at=2.25,
+        expires_at=301.5,
+        ended_at=None,
+        error=error,
+        metadata=metadata,
+        share=share,
+        handle={"slot": 7, "ns": "gw-7"},
     )
     assert VmRecord.from_hash(rec.to_hash()) == rec
 
 
 def test_session_record_round_trips() -> None:
-    rec = SessionRecord(session_id=new_session_id(), owner="k", created_at=3.0, vm_lifetime_seconds=20,
-                        memory_mb=128, vcpu_count=1, metadata={"a": [1]}, env={"X": "1"})
+    rec = SessionRecord(
+        session_id=new_session_id(),
+        owner="k",
+        created_at=3.0,
+        vm_lifetime_seconds=20,
+        memory_mb=128,
+        vcpu_count=1,
+        metadata={"a": [1]},
+        env={"X": "1"},
+    )
     assert SessionRecord.from_hash(rec.to_hash()) == rec
 
 
 def test_keys_share_one_prefix() -> None:
     keys = Keys("tenant1:")
-    names = [keys.vm("v"), keys.session("s"), keys.api_key("h"), keys.vm_expiry(), keys.events(),
-             keys.slots("netns"), keys.owner_vms("o"), keys.vm_ports("v"), keys.live_vms()]
+    names = [
+        keys.vm("v"),
+        keys.session("s"),
+        keys.api_key("h"),
+        keys.vm_expiry(),
+        keys.events(),
+        keys.slots("netns"),
+        keys.owner_vms("o"),
+        keys.vm_ports("v"),
+        keys.live_vms(),
+    ]
     assert all(n.startswith("tenant1:") for n in names) and len(set(names)) == len(names)
 
 
