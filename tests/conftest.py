@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
+import uvloop
 
 from gateway.app import Services, running_gateway
 from gateway.config import Config, load_config, override
@@ -36,6 +37,11 @@ DRIVERS = [
     pytest.param("process", id="process"),
     pytest.param("netns", id="netns", marks=pytest.mark.skipif(not IS_ROOT, reason="netns needs root")),
 ]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Tests run on the loop production runs on (``gateway serve`` uses uvloop)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def free_port() -> int:

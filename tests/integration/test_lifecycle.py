@@ -57,10 +57,11 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factor
         "POST", "/execute", json={"session_id": keeper["session_id"], "command": "echo 1 > mark"}
     )
     lost_rec = await first.services.store.get_vm(lost["vm_id"])
-    await first.stop()
-    # While the gateway is down: one VM dies on the host, one passes its expiry.
-    await first.services.orchestrator.driver.destroy(lost_rec.vm_id, lost_rec.handle)
     short_rec = await first.services.store.get_vm(short["vm_id"])
+    await first.stop()
+    # While the gateway is down: one VM dies on the host, one passes its expiry (no event announces
+    # that, so this waits for the clock).
+    await first.services.orchestrator.driver.destroy(lost_rec.vm_id, lost_rec.handle)
     await asyncio.sleep(max(0.0, short_rec.expires_at - time.time()))
 
     second: GatewayUnderTest = await gateway_factory("process", **SHORT)  # type: ignore[operator]

@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import DriverError
+from gateway.orchestrator.drivers import _spawn
 from gateway.orchestrator.drivers.base import ExecResult
 
 HOST_COMMAND_TIMEOUT_S = 15.0
@@ -85,24 +87,26 @@ async def run_host(
     """Run a short host command (``ip ...``); with ``check`` a failure becomes a DriverError naming it."""
     shown = " ".join(argv)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = _spawn.popen(
+            list(argv),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
     except OSError as exc:
         raise DriverError(f"cannot run `{shown}`: {exc}") from exc
     try:
         async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate(input)
+            out, err = await _spawn.communicate(proc, input)
     except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         if isinstance(exc, TimeoutError):
-            await proc.wait()
+            await _spawn.wait(proc)
             raise DriverError(f"`{shown}` timed out after {timeout_s} s") from None
         raise
+    finally:
+        _spawn.close_pipes(proc)
     result = HostResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
     if check and result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
@@ -141,9 +145,9 @@ async def run_captured(
         try:
             out_fd, err_fd = _create_file(out_path), _create_file(err_path)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
+                proc = _spawn.popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
                     stdout=out_fd,
                     stderr=err_fd,
                     env=dict(env),
@@ -157,11 +161,12 @@ async def run_captured(
             raise DriverError(f"cannot start command in VM: {exc}") from exc
         timed_out = False
         try:
-            returncode = await asyncio.wait_for(proc.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                returncode = await _spawn.wait(proc)
         except TimeoutError:
             timed_out = True
             kill_process_group(proc.pid)
-            await proc.wait()
+            returncode = await _spawn.wait(proc)
         except BaseException:
             kill_process_group(proc.pid)
             raise
@@ -200,11 +205,11 @@ async def spawn_detached(
     pid: int | None = None
     lines: list[bytes] = []
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        proc = _spawn.popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
@@ -216,12 +221,18 @@ async def spawn_detached(
         try:
             async with asyncio.timeout(timeout_s):
                 # EOF comes when the launcher exited and the init dropped the pipe (or died).
-                while line := await proc.stdout.readline():
-                    if line.startswith(b"pid ") and pid is None:
-                        pid = int(line[4:])
-                    else:
-                        lines.append(line.rstrip())
-                await proc.wait()
+                output = b""
+                async for chunk in _spawn.chunks(proc.stdout):
+                    output += chunk
+                    *complete, output = output.split(b"\n")
+                    for line in complete:
+                        if line.startswith(b"pid ") and pid is None:
+                            pid = int(line[4:])  # known early, so a timeout below can still kill it
+                        else:
+                            lines.append(line.rstrip())
+                if output:
+                    lines.append(output.rstrip())
+                await _spawn.wait(proc)
         except TimeoutError:
             raise DriverError(f"VM init did not start within {timeout_s} s") from None
         ticks = start_ticks(pid) if pid is not None else None
@@ -236,7 +247,11 @@ async def spawn_detached(
             # Still pinned: it is our launcher's child, and only just started.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.1)  # killed just now: reap it rather than leave a zombie behind
         raise
+    finally:
+        _spawn.close_pipes(proc)
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:

@@ -62,9 +62,12 @@ class VmDriver(Protocol):
     - ``inspect`` never raises for a missing VM: it reports ``running=False``.
     - ``execute`` runs argv inside the VM with the VM's network, limits and working folder; processes
       the command leaves in the background keep running (and keep the VM's limits) after it returns.
-      On timeout it kills the command's process group and reports ``timed_out``.
+      On timeout it kills the command's process group and reports ``timed_out``. ``env`` overrides
+      the VM's create-time env for this command only; ``max_output_bytes`` caps stdout and stderr
+      each. On a VM that is not running it raises ``gateway.errors.VmNotRunning``.
     - ``sweep`` removes host resources of this driver whose slot is not in ``live_slots`` (orphans of a
-      crash); it never touches resources that belong to other drivers or other name prefixes.
+      crash); it never touches resources that belong to other drivers or other name prefixes. It
+      tries every orphan and may raise ``DriverError`` at the end, after removing what it could.
     - All methods are safe to call concurrently for different VMs.
     """
 
