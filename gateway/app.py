@@ -59,7 +59,9 @@ async def redis_client(config: Config, lock: DataDirLock | None) -> AsyncIterato
         if lock is None:
             raise RuntimeError("an embedded Redis needs the data-folder lock")
         embedded = embedded_redis_for(config)
-        await asyncio.to_thread(embedded.start)
+        # On the loop's own thread, not a worker: PDEATHSIG fires when the *thread* that spawned the
+        # child exits. Blocking here is fine: nothing else runs before Redis answers.
+        embedded.start()
         url = embedded.url
     client = connect(url, config.redis.call_timeout_s)
     try:

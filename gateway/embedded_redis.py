@@ -95,6 +95,10 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            # Its own session: Ctrl-C (SIGINT to the terminal's process group) must not stop Redis
+            # while the gateway still drains requests; the gateway stops it last, and PDEATHSIG
+            # still takes it down if the gateway dies.
+            start_new_session=True,
         )
         # redis-server has no readiness signal besides answering; poll with a deadline.
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import free_port
 
@@ -57,6 +59,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group, as a terminal would give it
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the readiness line, printed once the listener is up
@@ -92,6 +95,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+        for pipe in (srv.proc.stdout, srv.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_help_documents_every_command() -> None:
@@ -132,6 +138,32 @@ def test_serve_keys_lock_and_persistence(server: Server) -> None:
         assert status == 401
     finally:
         assert again.stop() == 0
+
+
+def test_ctrl_c_drains_in_flight_requests_with_redis_still_up(server: Server, tmp_path: Path) -> None:
+    key = gateway("--data-dir", str(server.data_dir), "keys", "create", "--name", "c").stdout.split()[-1]
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    result: list[tuple[int, dict]] = []
+    command = f"echo started > {fifo}; sleep 1; echo done"
+    caller = threading.Thread(
+        target=lambda: result.append(server.call("POST", "/execute", {"command": command}, key))
+    )
+    caller.start()
+    fifo.read_text()  # returns once the command runs inside the VM
+    with redis.Redis(unix_socket_path=str(server.data_dir / "redis" / "redis.sock")) as embedded:
+        redis_pid = int(embedded.info("server")["process_id"])
+    # The embedded Redis is outside the gateway's process group, so it is not stopped under the
+    # requests still draining; the gateway stops it last.
+    assert os.getpgid(redis_pid) != os.getpgid(server.proc.pid)
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
+    os.killpg(server.proc.pid, signal.SIGINT)
+    caller.join(START_TIMEOUT_S)
+    assert result and result[0][0] == 200, result
+    assert result[0][1]["stdout"] == "done\n"
+    assert server.proc.wait(timeout=START_TIMEOUT_S) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(redis_pid, 0)
 
 
 def test_keys_without_a_running_gateway_use_the_folder_redis(tmp_path: Path) -> None:
