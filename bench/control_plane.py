@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -136,6 +137,16 @@ async def bench_driver(driver: str, args: argparse.Namespace) -> None:
             )
 
 
+def remove_bench_host_state() -> None:
+    """The gateway keeps its blackhole route and parent cgroups on purpose; the bench leaves none behind."""
+    if os.geteuid() != 0:
+        return
+    subprocess.run(["ip", "route", "del", "blackhole", BENCH_ENV["GATEWAY_NETNS_CIDR"]], capture_output=True)
+    for controller in ("", "memory/", "cpu/"):
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/cgroup/{controller}{BENCH_ENV['GATEWAY_NETNS_CGROUP_NAME']}").rmdir()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,8 +163,11 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
     print(f"gateway control-plane bench on {os.cpu_count()} CPUs, client and server on this machine")
-    for driver in args.drivers.split(","):
-        asyncio.run(bench_driver(driver, args))
+    try:
+        for driver in args.drivers.split(","):
+            asyncio.run(bench_driver(driver, args))
+    finally:
+        remove_bench_host_state()
 
 
 if __name__ == "__main__":
