@@ -22,27 +22,60 @@ from gateway.routes.model import Keys
 log = logging.getLogger("gateway")
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; the global options are always present (None/False when not given)."""
+    args = build_parser().parse_args(argv)
+    for name, default in (("config", None), ("data_dir", None), ("verbose", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted before or after any command (`gateway serve --config FILE`):
+    # SUPPRESS keeps a command's parser from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: config/gateway.toml)",
+    )
+    common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="data folder: embedded Redis, VM folders, lock",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     parser = argparse.ArgumentParser(
         prog="gateway",
+        parents=[common],
         description="Ingress gateway and control plane for sandbox VMs.",
         epilog="Settings: config/gateway.toml (or --config); any setting can be overridden with "
         "GATEWAY_<SECTION>_<KEY>, e.g. GATEWAY_REDIS_URL=redis://host:6379/0.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: config/gateway.toml)")
-    parser.add_argument("--data-dir", metavar="DIR", help="data folder: embedded Redis, VM folders, lock")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the control plane (and, later, the edge) on one listener")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the control plane (and, later, the edge) on one listener"
+    )
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
 
-    keys = commands.add_parser("keys", help="manage API keys")
+    keys = commands.add_parser("keys", parents=[common], help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = key_commands.add_parser("create", help="create a key; prints the key alone on the last line")
+    create = key_commands.add_parser(
+        "create", parents=[common], help="create a key; prints the key alone on the last line"
+    )
     create.add_argument("--name", required=True, help="a label for the key (who or what uses it)")
-    key_commands.add_parser("list", help="list keys (ids, names, creation times; never the keys)")
-    revoke = key_commands.add_parser("revoke", help="revoke a key by id, or every key with a name")
+    key_commands.add_parser(
+        "list", parents=[common], help="list keys (ids, names, creation times; never the keys)"
+    )
+    revoke = key_commands.add_parser(
+        "revoke", parents=[common], help="revoke a key by id, or every key with a name"
+    )
     revoke.add_argument("key", metavar="ID_OR_NAME")
     return parser
 
@@ -94,7 +127,7 @@ async def keys_command(config: Config, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -179,7 +179,8 @@ def test_keys_without_a_running_gateway_use_the_folder_redis(tmp_path: Path) -> 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[vms]\ndefault_memory_mb = 'lots'\n")
-    result = gateway("--config", str(bad), "--data-dir", str(tmp_path / "data"), "serve")
+    # The options as the issue writes them: after the command (before it works too, see above).
+    result = gateway("serve", "--config", str(bad), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 2
     assert "vms.default_memory_mb" in result.stderr
     assert not (tmp_path / "data").exists()
