@@ -16,6 +16,7 @@ from gateway.api.schemas import (
     CreateSessionRequest,
     CreateSessionResponse,
     SessionStatusResponse,
+    VMCreateRequest,
 )
 from gateway.api.validation import parse_body, parse_query
 from gateway.config import Config
@@ -30,21 +31,26 @@ def lifetime_context(config: Config) -> dict[str, int]:
     return {"min_lifetime_s": config.vms.min_lifetime_s, "max_lifetime_s": config.vms.max_lifetime_s}
 
 
+def vm_params(
+    body: CreateSessionRequest | VMCreateRequest, share: dict[str, object] | None = None
+) -> VmParams:
+    """What the orchestrator needs from either request that can make a VM."""
+    return VmParams(
+        vm_lifetime_seconds=body.vm_lifetime_seconds,
+        memory_mb=body.memory_mb,
+        vcpu_count=body.vcpu_count,
+        metadata=body.metadata,
+        env=body.env,
+        share=share,
+    )
+
+
 @routes.post("/v1/sessions/session")
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await parse_body(request, CreateSessionRequest, lifetime_context(config))
     owner = await authenticate(request, body_key=body.api_key)
-    session = await request.app[ORCHESTRATOR].create_session(
-        owner,
-        VmParams(
-            vm_lifetime_seconds=body.vm_lifetime_seconds,
-            memory_mb=body.memory_mb,
-            vcpu_count=body.vcpu_count,
-            metadata=body.metadata,
-            env=body.env,
-        ),
-    )
+    session = await request.app[ORCHESTRATOR].create_session(owner, vm_params(body))
     return json_response(CreateSessionResponse(session_id=session.session_id))
 
 

@@ -8,9 +8,8 @@ from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
 from gateway.api.responses import json_response, vm_view
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
-from gateway.api.sessions import lifetime_context
+from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
-from gateway.orchestrator.service import VmParams
 
 routes = web.RouteTableDef()
 
@@ -53,14 +52,7 @@ async def create_vm(request: web.Request) -> web.Response:
     session, vm = await orchestrator.create_vm(
         owner,
         body.session_id,
-        VmParams(
-            vm_lifetime_seconds=body.vm_lifetime_seconds,
-            memory_mb=body.memory_mb,
-            vcpu_count=body.vcpu_count,
-            metadata=body.metadata,
-            env=body.env,
-            share=body.share.model_dump() if body.share else None,
-        ),
+        vm_params(body, share=body.share.model_dump() if body.share else None),
         wait=query.wait,
     )
     env_status = session.env_status
