@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from gateway.routes.model import VM_KILLED, VmRecord
-from tests.conftest import IS_ROOT, GatewayUnderTest
+from tests.conftest import DRIVERS, IS_ROOT, GatewayUnderTest
 
 EVENT_TIMEOUT_S = 10.0
 SHORT = {"vms": {"min_lifetime_s": 1}}
@@ -48,8 +50,11 @@ async def test_vm_is_killed_at_expiry(gateway_factory: object) -> None:
         await gw.stop()
 
 
-async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factory: object) -> None:
-    first: GatewayUnderTest = await gateway_factory("process", **SHORT)  # type: ignore[operator]
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(
+    gateway_factory: object, driver: str
+) -> None:
+    first: GatewayUnderTest = await gateway_factory(driver, **SHORT)  # type: ignore[operator]
     status, keeper = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
     status, short = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 2})
     status, lost = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
@@ -64,7 +69,7 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(gateway_factor
     await first.services.orchestrator.driver.destroy(lost_rec.vm_id, lost_rec.handle)
     await asyncio.sleep(max(0.0, short_rec.expires_at - time.time()))
 
-    second: GatewayUnderTest = await gateway_factory("process", **SHORT)  # type: ignore[operator]
+    second: GatewayUnderTest = await gateway_factory(driver, **SHORT)  # type: ignore[operator]
     second.api_key, second.key_id = first.api_key, first.key_id
     lost_now = await second.services.store.get_vm(lost["vm_id"])
     assert (lost_now.status, lost_now.error) == ("killed", "VM stopped unexpectedly")
