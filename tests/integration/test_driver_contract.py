@@ -331,6 +331,17 @@ async def test_execute_output_exit_code_env_and_folder(h: Harness) -> None:
     assert (await h.run(info, 'echo "${PYTEST_CURRENT_TEST:-none}"')).stdout == b"none\n"
 
 
+async def test_vm_processes_inherit_no_gateway_descriptors(h: Harness) -> None:
+    """Only stdin, stdout and stderr reach a VM: not the gateway's sockets, pipes or files."""
+    info = await h.create("vm-fds", 1, env={})
+    # The init (the VM's long-lived process) and a command run in it.
+    init_fds = sorted(int(fd) for fd in os.listdir(f"/proc/{info.handle['init_pid']}/fd"))
+    assert init_fds == [0, 1, 2]
+    # The glob reads the folder through a descriptor it has closed again by the time the loop runs.
+    listed = await h.run(info, 'for fd in /proc/self/fd/*; do [ -e "$fd" ] && echo "${fd##*/}"; done; true')
+    assert sorted(int(fd) for fd in listed.stdout.split()) == [0, 1, 2]
+
+
 async def test_execute_timeout_kills_the_command_group(h: Harness) -> None:
     info = await h.create("vm-timeout", 1)
     started = time.monotonic()

@@ -104,6 +104,7 @@ async def run_host(
         if isinstance(exc, TimeoutError):
             await _spawn.wait(proc)
             raise DriverError(f"`{shown}` timed out after {timeout_s} s") from None
+        _spawn.reap_in_background(proc)
         raise
     finally:
         _spawn.close_pipes(proc)
@@ -169,6 +170,7 @@ async def run_captured(
             returncode = await _spawn.wait(proc)
         except BaseException:
             kill_process_group(proc.pid)
+            _spawn.reap_in_background(proc)
             raise
         duration_s = time.monotonic() - started
         cap = max(0, max_output_bytes)
@@ -247,8 +249,7 @@ async def spawn_detached(
             # Still pinned: it is our launcher's child, and only just started.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.1)  # killed just now: reap it rather than leave a zombie behind
+        _spawn.reap_in_background(proc)
         raise
     finally:
         _spawn.close_pipes(proc)

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from typing import IO, Any
 
 READ_CHUNK = 65536
+# Strong references: the loop keeps only weak ones to tasks.
+_REAPING: set[asyncio.Task[int]] = set()
 
 
 def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -46,6 +48,13 @@ async def wait(proc: subprocess.Popen[bytes]) -> int:
     finally:
         os.close(pidfd)
     return proc.returncode
+
+
+def reap_in_background(proc: subprocess.Popen[bytes]) -> None:
+    """Reap a child that was just killed, without making a cancelled caller wait for it."""
+    task = asyncio.get_running_loop().create_task(wait(proc))
+    _REAPING.add(task)
+    task.add_done_callback(_REAPING.discard)
 
 
 async def chunks(stream: IO[bytes]) -> AsyncIterator[bytes]:
