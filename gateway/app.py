@@ -20,6 +20,8 @@ from aiohttp import web
 from gateway.api.app import make_api_app
 from gateway.config import Config
 from gateway.datadir import DataDirBusy, DataDirLock
+from gateway.edge.protocol import Edge
+from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import StoreUnavailable
 from gateway.keys import ApiKeyStore
@@ -32,6 +34,12 @@ from gateway.routes.store import RedisStore, connect, guarded
 log = logging.getLogger(__name__)
 
 EMBEDDED_REDIS_FOLDER = "redis"
+API_SOCKET = "api.sock"
+
+
+def vm_networks(config: Config, svc: Services) -> list[str]:
+    """The only addresses the edge may dial: the running driver's VM range."""
+    return [config.netns.cidr if svc.orchestrator.driver.name == "netns" else config.process.cidr]
 
 
 def embedded_redis_for(config: Config) -> EmbeddedRedis:
@@ -48,6 +56,7 @@ class Services:
     orchestrator: Orchestrator
     reaper: Reaper
     app: web.Application
+    edge: Edge | None = None
 
 
 @asynccontextmanager
@@ -103,14 +112,21 @@ async def running_gateway(config: Config) -> AsyncIterator[Services]:
     lock.acquire()
     try:
         async with redis_client(config, lock) as client, services(config, client) as svc:
+            # The control plane listens on a private unix socket; the edge owns the public listener and
+            # hands it every request that is not an app URL.
+            api_socket = config.data_path / API_SOCKET
+            api_socket.unlink(missing_ok=True)
             runner = web.AppRunner(svc.app, shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+            site = web.UnixSite(runner, str(api_socket))
             await site.start()
             try:
-                yield svc
+                async with running_edge(config, svc.store, vm_networks(config, svc), str(api_socket)) as edge:
+                    svc.edge = edge
+                    yield svc
             finally:
                 await runner.cleanup()
+                api_socket.unlink(missing_ok=True)
     finally:
         lock.release()
 

@@ -57,6 +57,29 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class EdgeConfig:
+    # Host names (comma-separated) that serve the API and path-form app URLs; empty: any host that is
+    # not under a sandbox domain.
+    api_hosts: str = ""
+    # Extra base domains for host-form app URLs, besides api.sandbox_domain (comma-separated).
+    extra_sandbox_domains: str = ""
+    # Peers whose X-Forwarded-* / Forwarded headers are trusted (comma-separated IPs): a load balancer.
+    trusted_proxies: str = ""
+    header_timeout_s: float = 10.0
+    # Idle keep-alive on the client side; the upstream side's is shorter (the edge closes first).
+    keepalive_timeout_s: float = 75.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_first_byte_timeout_s: float = 60.0
+    max_header_count: int = 100
+    max_header_bytes: int = 32768
+    max_target_bytes: int = 8192
+
+    @staticmethod
+    def split(value: str) -> tuple[str, ...]:
+        return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
 class VmsConfig:
     # "auto": netns when root on Linux, else process.
     driver: str = "auto"
@@ -99,6 +122,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
     vms: VmsConfig = field(default_factory=VmsConfig)
     netns: NetnsConfig = field(default_factory=NetnsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)

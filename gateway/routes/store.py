@@ -178,7 +178,9 @@ class RedisStore:
         await guarded(self.client.zrem(self.keys.vm_expiry(), vm_id))
 
     async def expose_port(self, vm_id: str, port: int) -> None:
-        await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port))
+        """Make a port public; announced so that edges drop a cached "not exposed" answer at once."""
+        if await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port)):
+            await self.publish({"type": "vm_ports", "vm_id": vm_id, "port": port})
 
     async def exposed_ports(self, vm_id: str) -> set[int]:
         return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}

@@ -1,0 +1,200 @@
+"""Request and response header rewriting at the edge.
+
+Pure: headers are ``list[tuple[bytes, bytes]]`` (name as received, value), in order. Framing
+(Content-Length, Transfer-Encoding) and the Upgrade handshake are the caller's: it re-frames every body
+and re-adds ``Connection: Upgrade`` itself, so nothing here passes framing through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A Connection header may name any header as hop-by-hop; naming Host would leave the VM with a request
+# it must refuse (HTTP/1.1 requires Host), so that one name is never removed that way.
+_NEVER_NOMINATED = frozenset({b"host"})
+# Headers whose meaning is "what a proxy saw": believed only from a trusted proxy.
+_FORWARDING = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+        b"forwarded",
+    }
+)
+_OWS = b" \t"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    peer_ip: str  # socket peer
+    scheme: str  # "http" or "https"
+    host: bytes  # validated Host header value
+    trusted: bool  # the peer is a configured trusted proxy
+
+
+def _tokens(value: bytes) -> Iterable[bytes]:
+    for part in value.split(b","):
+        token = part.strip(_OWS).lower()
+        if token:
+            yield token
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Lower-cased tokens from every Connection header."""
+    return {token for name, value in headers if name.lower() == b"connection" for token in _tokens(value)}
+
+
+def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Remove the fixed hop-by-hop headers and every header a Connection header names."""
+    drop = HOP_BY_HOP | (connection_tokens(headers) - _NEVER_NOMINATED)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def _forwarded_element(client: ClientInfo) -> bytes:
+    # RFC 7239: an IPv6 node is bracketed and then quoted (":" is not a token character); an unknown
+    # peer (e.g. a unix socket) is spelled "unknown".
+    peer = _peer(client)
+    node = b'"[' + peer + b']"' if b":" in peer else peer
+    host = b'"' + client.host + b'"' if b":" in client.host else client.host
+    return b"for=" + node + b";proto=" + client.scheme.encode("ascii") + b";host=" + host
+
+
+def _peer(client: ClientInfo) -> bytes:
+    return client.peer_ip.encode("ascii") if client.peer_ip else b"unknown"
+
+
+def _joined(headers: Headers, lower_name: bytes) -> bytes | None:
+    values = [value.strip(_OWS) for name, value in headers if name.lower() == lower_name]
+    values = [v for v in values if v]
+    return b", ".join(values) if values else None
+
+
+def forwarded_headers(
+    headers: Headers, client: ClientInfo, prefix: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """The request headers to send upstream.
+
+    Hop-by-hop headers and Content-Length are removed (the caller re-frames the body). From an
+    untrusted peer every forwarding header is the client's claim and is replaced; from a trusted proxy
+    the chain is extended instead. Host is kept as received: the VM sees what the client asked for.
+    """
+    kept = strip_hop_by_hop(headers)
+    peer = _peer(client)
+    element = _forwarded_element(client)
+    xff: bytes = peer
+    forwarded: bytes = element
+    proto: bytes = client.scheme.encode("ascii")
+    fwd_host: bytes = client.host
+    if client.trusted:
+        previous_xff = _joined(kept, b"x-forwarded-for")
+        previous_forwarded = _joined(kept, b"forwarded")
+        if previous_xff is not None:
+            xff = previous_xff + b", " + peer
+        if previous_forwarded is not None:
+            forwarded = previous_forwarded + b", " + element
+        proto = _joined(kept, b"x-forwarded-proto") or proto
+        fwd_host = _joined(kept, b"x-forwarded-host") or fwd_host
+        replaced = {b"x-forwarded-for", b"forwarded", b"x-forwarded-proto", b"x-forwarded-host"}
+        if prefix is not None:
+            replaced.add(b"x-forwarded-prefix")
+    else:
+        replaced = set(_FORWARDING)
+    out = [
+        (name, value)
+        for name, value in kept
+        if (low := name.lower()) not in replaced and low != b"content-length"
+    ]
+    out.append((b"X-Forwarded-For", xff))
+    out.append((b"X-Forwarded-Proto", proto))
+    out.append((b"X-Forwarded-Host", fwd_host))
+    out.append((b"Forwarded", forwarded))
+    if prefix is not None:
+        out.append((b"X-Forwarded-Prefix", prefix))
+    return out
+
+
+def upgrade_protocol(headers: Headers) -> bytes | None:
+    """The lower-cased Upgrade value when this is an upgrade request, else None.
+
+    When any offered protocol is h2c the answer is exactly b"h2c", so a caller that refuses h2c cannot
+    be slipped past with ``Upgrade: h2c, websocket``.
+    """
+    if b"upgrade" not in connection_tokens(headers):
+        return None
+    value = _joined(headers, b"upgrade")
+    if value is None:
+        return None
+    offered = list(_tokens(value))
+    if not offered:
+        return None
+    if any(token.partition(b"/")[0] == b"h2c" for token in offered):
+        return b"h2c"
+    return b", ".join(offered)
+
+
+def is_websocket_upgrade(headers: Headers) -> bool:
+    """An upgrade request (Connection: upgrade + Upgrade) offering the websocket protocol."""
+    protocol = upgrade_protocol(headers)
+    if protocol is None:
+        return False
+    return any(token.partition(b"/")[0] == b"websocket" for token in _tokens(protocol))
+
+
+def strip_gateway_credentials(
+    headers: Headers, cookie_names: frozenset[bytes], token_header: bytes
+) -> list[tuple[bytes, bytes]]:
+    """Remove the gateway's own credentials so the app in the VM never sees them.
+
+    Cookie names are case-sensitive (RFC 6265); other cookies are kept byte for byte, in order, and a
+    Cookie header that loses nothing is kept exactly as received.
+    """
+    token_lower = token_header.lower()
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == token_lower:
+            continue
+        if lower == b"cookie" and cookie_names:
+            pairs = value.split(b";")
+            kept = [
+                p.strip(_OWS)
+                for p in pairs
+                if p.strip(_OWS).partition(b"=")[0].strip(_OWS) not in cookie_names
+            ]
+            if len(kept) != len(pairs):
+                kept = [p for p in kept if p]
+                if not kept:
+                    continue
+                value = b"; ".join(kept)
+        out.append((name, value))
+    return out
+
+
+def response_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The VM's response headers to send to the client; the caller adds its own framing."""
+    return strip_hop_by_hop(headers)
+
+
+def check_header_limits(headers: Headers, max_count: int, max_total_bytes: int) -> bool:
+    """True when within limits. Size counts name and value bytes, as the edge's parser callback does."""
+    if len(headers) > max_count:
+        return False
+    return sum(len(name) + len(value) for name, value in headers) <= max_total_bytes

@@ -1,0 +1,187 @@
+"""Route resolution for the edge: app target -> the VM's address, from Redis, behind a per-process cache.
+
+Positive and negative answers are cached for a short time; the events channel (VM ended, port exposed)
+drops entries at once, so a killed VM stops receiving new requests on every edge as soon as its event
+arrives (and within the positive TTL if the event is lost). While the subscription is down the cache is
+bypassed, so a missed event can never keep a dead route alive.
+
+Only addresses inside the configured VM networks are returned: a corrupt or hostile record can never make
+the edge dial anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError
+from gateway.routes.model import VM_ACTIVE, is_session_id, is_vm_id
+from gateway.routes.store import RedisStore
+
+log = logging.getLogger(__name__)
+
+POSITIVE_TTL_S = 2.0
+NEGATIVE_TTL_S = 1.0
+MAX_ENTRIES = 100_000
+RESUBSCRIBE_DELAY_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    vm_id: str
+    session_id: str
+    ip: str
+    port: int
+    expires_at: float | None
+
+
+CacheKey = tuple[str, str, int]
+
+
+class Resolver:
+    def __init__(self, store: RedisStore, vm_networks: Iterable[str]) -> None:
+        self.store = store
+        self.networks = [ipaddress.ip_network(n) for n in vm_networks]
+        self._cache: dict[CacheKey, tuple[float, Route | None]] = {}
+        self._by_vm: dict[str, set[CacheKey]] = {}
+        self._by_session: dict[str, set[CacheKey]] = {}
+        self._subscribed = False
+        self._task: asyncio.Task[None] | None = None
+        self.on_vm_gone: list[Callable[[str], None]] = []
+        self.hits = self.misses = self.invalidations = 0
+
+    # lookups --------------------------------------------------------------------------------------
+
+    async def by_session(self, session_id: str, port: int) -> Route | None:
+        return await self._lookup(("s", session_id, port))
+
+    async def by_vm(self, vm_id: str, port: int) -> Route | None:
+        return await self._lookup(("v", vm_id, port))
+
+    async def _lookup(self, key: CacheKey) -> Route | None:
+        now = time.monotonic()
+        cached = self._cache.get(key) if self._subscribed else None
+        if cached is not None and cached[0] > now:
+            route = cached[1]
+            if route is None or route.expires_at is None or route.expires_at > time.time():
+                self.hits += 1
+                return route
+        self.misses += 1
+        route = await self._load(key)
+        if self._subscribed:
+            self._remember(key, route, now)
+        return route
+
+    async def _load(self, key: CacheKey) -> Route | None:
+        kind, ident, port = key
+        if kind == "s":
+            if not is_session_id(ident):
+                return None
+            session = await self.store.get_session(ident)
+            if session is None or not session.vm_id:
+                return None
+            vm_id = session.vm_id
+        else:
+            if not is_vm_id(ident):
+                return None
+            vm_id = ident
+        vm = await self.store.get_vm(vm_id)
+        if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
+            return None
+        if vm.expires_at is not None and vm.expires_at <= time.time():
+            return None
+        if port not in await self._public_ports(vm_id, vm.share):
+            return None
+        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at)
+
+    async def _public_ports(self, vm_id: str, share: dict) -> set[int]:
+        ports = await self.store.exposed_ports(vm_id)
+        if share and share.get("is_public") and isinstance(share.get("port"), int):
+            ports.add(share["port"])
+        return ports
+
+    def _dialable(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def _remember(self, key: CacheKey, route: Route | None, now: float) -> None:
+        if len(self._cache) >= MAX_ENTRIES:
+            self.clear()
+        ttl = POSITIVE_TTL_S if route is not None else NEGATIVE_TTL_S
+        self._cache[key] = (now + ttl, route)
+        if route is not None:
+            self._by_vm.setdefault(route.vm_id, set()).add(key)
+            self._by_session.setdefault(route.session_id, set()).add(key)
+        elif key[0] == "v":
+            self._by_vm.setdefault(key[1], set()).add(key)
+        else:
+            self._by_session.setdefault(key[1], set()).add(key)
+
+    # invalidation ---------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._by_vm.clear()
+        self._by_session.clear()
+
+    def forget(self, vm_id: str | None, session_id: str | None) -> None:
+        keys: set[CacheKey] = set()
+        if vm_id:
+            keys |= self._by_vm.pop(vm_id, set())
+        if session_id:
+            keys |= self._by_session.pop(session_id, set())
+        for key in keys:
+            if self._cache.pop(key, None) is not None:
+                self.invalidations += 1
+
+    def handle_event(self, event: dict) -> None:
+        kind = event.get("type")
+        vm_id, session_id = event.get("vm_id"), event.get("session_id")
+        if kind == "vm":
+            self.forget(vm_id, session_id)
+            if event.get("status") != VM_ACTIVE and vm_id:
+                for callback in self.on_vm_gone:
+                    callback(vm_id)
+        elif kind == "vm_ports":
+            # A newly exposed port: cached "no route" answers (by VM or by session) may be wrong now.
+            # Exposures are rare, so dropping every negative entry is cheaper than indexing them.
+            self.forget(vm_id, None)
+            for key in [key for key, (_, route) in self._cache.items() if route is None]:
+                del self._cache[key]
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async with self.store.subscribe() as next_event:
+                    self.clear()  # anything cached before the subscription may have missed events
+                    self._subscribed = True
+                    while True:
+                        event = await next_event(30.0)
+                        if event is not None:
+                            self.handle_event(event)
+            except GatewayError as exc:
+                log.warning("route events unavailable, cache bypassed: %s", exc)
+            except Exception:
+                log.exception("route event loop failed; cache bypassed")
+            finally:
+                self._subscribed = False
+                self.clear()
+            await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow_events(), name="route-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

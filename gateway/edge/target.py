@@ -1,0 +1,237 @@
+"""Where a request goes, decided from the request line and Host alone, before any lookup.
+
+Pure: bytes in, a decision out. Every identifier is validated as text, before any percent-decoding, so
+that the id the gateway routes by is exactly the id that was written in the URL. The rest of the target
+is passed to the VM byte for byte (never decoded or normalised); dot segments are refused instead of
+being resolved, because the gateway and the app could resolve them differently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+MAX_TARGET_BYTES = 8192
+APP_PATH_PREFIX = b"/v1/app/"
+
+_SESSION_ID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VM_ID_RE = re.compile(rb"vmid-[0-9a-f]{16,64}")
+# No sign, no leading zero, ASCII digits only (a bytes pattern never matches other scripts' digits).
+_PORT_RE = re.compile(rb"[1-9][0-9]{0,4}")
+# Anything outside visible ASCII: controls, space, DEL, non-ASCII.
+_BAD_TARGET_BYTE_RE = re.compile(rb"[^\x21-\x7e]")
+_BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# A path segment that is ".", "..", or either spelled with %2e: these would be resolved differently
+# by different parsers, so they are refused rather than normalised.
+_DOT_SEGMENT_RE = re.compile(rb"(?:^|/)(?:\.|%2[eE]){1,2}(?=/|\Z)")
+_LABEL_RE = re.compile(rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_PORT_RE = re.compile(rb"[0-9]{1,5}")
+_IPV6_BODY_RE = re.compile(rb"[0-9a-f:.]+")
+MAX_HOST_NAME_BYTES = 253
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Which hosts serve what. Names are matched lower-case, without port or trailing dot."""
+
+    api_hosts: tuple[str, ...]  # empty: every host that is not a sandbox host is the API host
+    sandbox_domains: tuple[str, ...]
+    max_target_bytes: int = MAX_TARGET_BYTES
+    # Normalised byte forms, computed once so parse_target does no per-request encoding of config.
+    _api: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _suffixes: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        api = frozenset(_norm_name(h) for h in self.api_hosts if h)
+        # Longest first, so that of nested domains the most specific one decides.
+        suffixes = tuple(
+            sorted({b"." + _norm_name(d) for d in self.sandbox_domains if d}, key=len, reverse=True)
+        )
+        object.__setattr__(self, "_api", api)
+        object.__setattr__(self, "_suffixes", suffixes)
+
+
+@dataclass(frozen=True, slots=True)
+class AppTarget:
+    kind: Literal["path", "host"]
+    session_id: str | None  # path form
+    vm_id: str | None  # host form: "vmid-<hex>"
+    port: int
+    upstream_target: bytes  # the request-target sent to the VM; at least b"/"
+    prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
+    host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTarget:
+    host: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    status: int
+    code: str
+    message: str
+    location: bytes | None = None  # for redirects
+
+
+_METHOD_NOT_ALLOWED = Rejection(405, "method_not_allowed", "CONNECT is not supported")
+_URI_TOO_LONG = Rejection(414, "uri_too_long", "the request target is too long")
+_BAD_HOST = Rejection(400, "bad_host", "missing or malformed Host header")
+_NO_ROUTE = Rejection(404, "no_route", "no app is served at this host")
+
+
+def _invalid(message: str) -> Rejection:
+    return Rejection(400, "invalid_target", message)
+
+
+def parse_target(
+    method: bytes, target: bytes, host: bytes | None, config: RoutingConfig
+) -> AppTarget | ApiTarget | Rejection:
+    """Classify one request. Never raises: any input yields one of the three results."""
+    if method == b"CONNECT":
+        return _METHOD_NOT_ALLOWED
+    if len(target) > config.max_target_bytes:
+        return _URI_TOO_LONG
+    rejection = _check_target(target)
+    if rejection is not None:
+        return rejection
+    split = _split_host(host)
+    if split is None:
+        return _BAD_HOST
+    host_value, name = split
+
+    if name not in config._api:
+        for suffix in config._suffixes:
+            if name == suffix[1:]:
+                return _NO_ROUTE  # the bare sandbox domain names no VM
+            if name.endswith(suffix):
+                return _host_form(target, host_value, name[: -len(suffix)])
+        if config._api:
+            return _NO_ROUTE
+    if target.startswith(APP_PATH_PREFIX):
+        return _path_form(target, host_value)
+    return ApiTarget(host=host_value)
+
+
+def _check_target(target: bytes) -> Rejection | None:
+    """Checks that hold for every target, app or API."""
+    if not target.startswith(b"/"):
+        # Absolute form (a proxy request), authority form, and "*" (even with OPTIONS: the gateway
+        # has nothing to say about itself that the API does not) are all refused.
+        return _invalid("the request target must be an absolute path")
+    if _BAD_TARGET_BYTE_RE.search(target):
+        return _invalid("the request target contains a control, space or non-ASCII byte")
+    if b"#" in target:
+        return _invalid("the request target must not contain a fragment")
+    if _BAD_PERCENT_RE.search(target):
+        return _invalid("malformed percent-encoding in the request target")
+    if b"\\" in target.partition(b"?")[0]:
+        # Some stacks treat "\" as "/", which would let the path mean different things to us and the VM.
+        return _invalid("backslash in the request path")
+    return None
+
+
+def _split_host(raw: bytes | None) -> tuple[bytes, bytes] | None:
+    """(Host value lower-cased, host name without port or trailing dot), or None when malformed."""
+    if raw is None:
+        return None
+    value = raw.strip(b" \t").lower()  # leading/trailing OWS is not part of a field value
+    if not value:
+        return None
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end < 0 or not _valid_ipv6(value[1:end]):
+            return None
+        name, after = value[: end + 1], value[end + 1 :]
+        if after and not (after.startswith(b":") and _valid_host_port(after[1:])):
+            return None
+        return value, name
+    name, colon, port = value.partition(b":")
+    if colon and not _valid_host_port(port):
+        return None  # also catches a second colon: it lands in the port text
+    if name.endswith(b"."):
+        name = name[:-1]
+    if not name or len(name) > MAX_HOST_NAME_BYTES:
+        return None
+    # IPv4 dotted quads match the label grammar too, so one check covers both.
+    if not all(_LABEL_RE.fullmatch(label) for label in name.split(b".")):
+        return None
+    return value, name
+
+
+def _valid_ipv6(text: bytes) -> bool:
+    if not _IPV6_BODY_RE.fullmatch(text):
+        return False  # also refuses zone ids ("%"), which ipaddress would accept
+    try:
+        ipaddress.IPv6Address(text.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_host_port(text: bytes) -> bool:
+    return _HOST_PORT_RE.fullmatch(text) is not None and 1 <= int(text) <= 65535
+
+
+def _app_port(text: bytes) -> int | None:
+    if _PORT_RE.fullmatch(text) is None:
+        return None
+    port = int(text)
+    return port if port <= 65535 else None
+
+
+def _host_form(target: bytes, host_value: bytes, label: bytes) -> AppTarget | Rejection:
+    # A well-formed host under a sandbox domain that names no VM is "not found", not a bad request.
+    if b"." in label:
+        return _NO_ROUTE
+    vm_id, dash, port_text = label.rpartition(b"-")
+    port = _app_port(port_text) if dash else None
+    if port is None or _VM_ID_RE.fullmatch(vm_id) is None:
+        return _NO_ROUTE
+    if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
+        return _invalid("dot segments are not allowed in app paths")
+    return AppTarget(
+        kind="host",
+        session_id=None,
+        vm_id=vm_id.decode("ascii"),
+        port=port,
+        upstream_target=target,
+        prefix=None,
+        host=host_value,
+    )
+
+
+def _path_form(target: bytes, host_value: bytes) -> AppTarget | Rejection:
+    path, question, query = target.partition(b"?")
+    after = path[len(APP_PATH_PREFIX) :]
+    session, slash, after = after.partition(b"/")
+    if not _SESSION_ID_RE.fullmatch(session):
+        return _invalid("the session id must be a lower-case UUID")
+    if not slash:
+        return _invalid("the app URL needs a port: /v1/app/<session_id>/<port>/")
+    port_text, slash, rest = after.partition(b"/")
+    port = _app_port(port_text)
+    if port is None:
+        return _invalid("the port must be a number from 1 to 65535 without leading zeros")
+    prefix = APP_PATH_PREFIX + session + b"/" + port_text
+    if not slash:
+        # Relative links in the app resolve against the directory, so the bare prefix is redirected.
+        return Rejection(308, "redirect", "the app URL ends with a slash", prefix + b"/" + question + query)
+    if _DOT_SEGMENT_RE.search(path):
+        return _invalid("dot segments are not allowed in app paths")
+    return AppTarget(
+        kind="path",
+        session_id=session.decode("ascii"),
+        vm_id=None,
+        port=port,
+        upstream_target=b"/" + rest + question + query,
+        prefix=prefix,
+        host=host_value,
+    )
+
+
+def _norm_name(name: str) -> bytes:
+    return name.strip().lower().rstrip(".").encode("ascii", "replace")

@@ -1,0 +1,236 @@
+"""Connections to VMs (and to the control plane): an asyncio protocol per connection, pooled per VM.
+
+The pool key includes the VM id, so a keep-alive connection is never reused for another VM, even when
+the address is recycled; when a VM ends, every idle connection to it is closed.
+
+The response parser hands everything to a ``ResponseSink`` (the client side of the exchange) as it
+arrives: nothing is buffered here beyond what one ``data_received`` holds, and flow control is mutual
+(a slow client pauses reading from the VM; a slow VM pauses the client's request body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+UPSTREAM_MAX_IDLE_PER_KEY = 32
+UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge closes first
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, status: int, version: str, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_upstream_lost(self, exc: Exception | None) -> None: ...
+    def on_upstream_writable(self) -> None: ...
+
+
+PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
+        self.key = key
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.in_trailers = False
+        self.head_only = False
+        self.close_delimited = False
+        self.complete = True
+        self.reusable = True
+        self.closed = False
+        self.tunnel: Callable[[bytes], None] | None = None
+        self.can_write = True
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel(data)
+            return
+        if self.sink is None:
+            # Bytes while idle: the VM broke the protocol (or closed with a message); not reusable.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            rest = data[offset:]
+            if rest and self.tunnel is not None:
+                self.tunnel(rest)
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            sink, self.sink = self.sink, None
+            self.close()
+            if sink is not None:
+                sink.on_upstream_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        if self.sink is None:
+            return
+        if self.close_delimited and not self.complete and self.tunnel is None and exc is None:
+            self._finish()  # a body without length or chunking ends with the connection
+            return
+        sink, self.sink = self.sink, None
+        sink.on_upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.can_write = False
+
+    def resume_writing(self) -> None:
+        self.can_write = True
+        if self.sink is not None:
+            self.sink.on_upstream_writable()
+
+    # httptools callbacks --------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.trailers = []
+        self.in_trailers = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        (self.trailers if self.in_trailers else self.headers).append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_trailers = True
+        status = self.parser.get_status_code()
+        version = self.parser.get_http_version()
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        names = {name.lower() for name, _ in self.headers}
+        self.close_delimited = (
+            b"content-length" not in names
+            and b"transfer-encoding" not in names
+            and status not in (204, 304)
+            and status >= 200
+            and not self.head_only
+        )
+        if self.close_delimited:
+            self.reusable = False
+        if self.sink is not None:
+            self.sink.on_response_head(status, version, self.headers)
+        if 100 <= status < 200 and status != 101:
+            # Interim response: the real one follows on the same connection.
+            self.in_trailers = False
+            self.headers = []
+            return
+        if self.head_only and self.sink is not None:
+            # llhttp cannot be told a response answers HEAD: finish here and start a fresh parser.
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.complete:
+            return
+        self.complete = True
+        sink = self.sink
+        if self.tunnel is None:
+            self.sink = None  # a tunnel keeps its sink: it still needs to hear about the close
+        if sink is not None:
+            sink.on_response_complete(self.trailers)
+        if self.tunnel is None:
+            self.pool.release(self)
+
+    # use ------------------------------------------------------------------------------------------
+
+    def start(self, sink: ResponseSink, head: bytes, *, head_only: bool) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        self.sink = sink
+        self.head_only = head_only
+        self.complete = False
+        self.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.pool.discard(self)
+
+
+class UpstreamPool:
+    def __init__(self, connect_timeout_s: float) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self.connects = self.reuses = 0
+
+    async def acquire(self, key: PoolKey, unix_path: str | None = None) -> UpstreamConnection:
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.reusable:
+                self.reuses += 1
+                return conn
+        loop = asyncio.get_running_loop()
+        self.connects += 1
+        async with asyncio.timeout(self.connect_timeout_s):
+            if unix_path is not None:
+                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(key, self), unix_path)
+            else:
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(key, self), key[1], key[2])
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or not conn.reusable:
+            conn.close()
+            return
+        idle = self.idle.setdefault(conn.key, [])
+        if len(idle) >= UPSTREAM_MAX_IDLE_PER_KEY:
+            conn.close()
+            return
+        idle.append(conn)
+        conn.idle_handle = asyncio.get_running_loop().call_later(UPSTREAM_IDLE_TIMEOUT_S, conn.close)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self.idle[conn.key]
+
+    def close_vm(self, vm_id: str) -> None:
+        """Close every idle connection to a VM that ended (busy ones end with their VM)."""
+        for key in [k for k in self.idle if k[0] == vm_id]:
+            for conn in list(self.idle.get(key, ())):
+                conn.close()
+
+    def close_all(self) -> None:
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                conn.close()

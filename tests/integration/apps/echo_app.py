@@ -1,0 +1,154 @@
+"""A small app that tests run inside VMs: echoes requests, streams, and speaks WebSocket (stdlib only).
+
+    python3 echo_app.py PORT     (returns once listening; the server keeps running in the background)
+
+GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256}
+GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length)
+GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
+GET /ws            -> WebSocket echo (text and binary), closes when the client closes
+"""
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+sse_next = threading.Event()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _json(self, obj, status=200):
+        out = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "1234")  # what a GET would carry; a HEAD answer has no body
+        self.end_headers()
+
+    def do_POST(self):
+        self.do_GET()
+
+    def do_PUT(self):
+        self.do_GET()
+
+    def do_GET(self):
+        if self.path.startswith("/ws"):
+            return self._websocket()
+        if self.path.startswith("/stream"):
+            n = int(self.path.partition("n=")[2] or 4)
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(n):
+                self.wfile.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"data: one\n\n")
+            self.wfile.flush()
+            sse_next.wait(30)
+            self.wfile.write(b"data: two\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if self.path == "/sse-next":
+            sse_next.set()
+            return self._json({"ok": True})
+        body = self._body()
+        self._json(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": [[k, v] for k, v in self.headers.items()],
+                "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+        )
+
+    def _websocket(self):
+        key = self.headers["Sec-WebSocket-Key"].encode()
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        sock = self.connection
+        while True:
+            head = self._recv(sock, 2)
+            if head is None:
+                break
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self._recv(sock, 2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self._recv(sock, 8))[0]
+            mask = self._recv(sock, 4)
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self._recv(sock, length) or b""))
+            if opcode == 8:
+                sock.sendall(b"\x88" + bytes([len(data)]) + data)
+                break
+            if length < 126:
+                frame = bytes([0x80 | opcode, length])
+            elif length < 65536:
+                frame = bytes([0x80 | opcode, 126]) + struct.pack("!H", length)
+            else:
+                frame = bytes([0x80 | opcode, 127]) + struct.pack("!Q", length)
+            sock.sendall(frame + data)
+        self.close_connection = True
+
+    @staticmethod
+    def _recv(sock, n):
+        data = b""
+        while len(data) < n:
+            part = sock.recv(n - len(data))
+            if not part:
+                return None
+            data += part
+        return data
+
+
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)
+    server.daemon_threads = True
+    socket.setdefaulttimeout(None)
+    # Listening now: the parent exits, so `python3 echo_app.py PORT` returns exactly when the app is ready.
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    server.serve_forever()

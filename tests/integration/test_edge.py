@@ -1,0 +1,180 @@
+"""The edge end to end: real VMs (both drivers) running a real app, real clients on the public listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayUnderTest
+
+ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
+APP_PORT = 3000
+
+
+async def start_app(gw: GatewayUnderTest) -> tuple[str, str, str]:
+    """A VM running the echo app on APP_PORT, exposed through app-url; returns (session, vm id, url)."""
+    status, vm = await gw.request("POST", "/v1/vms", json={})
+    assert status == 200, vm
+    status, out = await gw.request(
+        "POST", "/execute", json={"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+    )
+    assert (status, out["exit_code"]) == (200, 0), out
+    status, app = await gw.request("GET", f"/v1/sessions/app-url/{vm['session_id']}?port={APP_PORT}")
+    assert status == 200, app
+    return vm["session_id"], vm["vm_id"], app["url"]
+
+
+async def raw_exchange(gw: GatewayUnderTest, data: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the edge closed the connection."""
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            received = await reader.read(65536)
+            closed = received == b"" or await reader.read(65536) == b""
+        return received, closed
+    finally:
+        writer.close()
+
+
+async def test_path_form_forwards_path_query_and_headers(gateway: GatewayUnderTest) -> None:
+    gw = gateway
+    sid, _, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):  # the second request reuses both keep-alive connections
+            async with client.get(
+                url + "echo/a%20b?x=1&y=2",
+                headers={"X-Forwarded-For": "6.6.6.6", "Accept": "application/json"},
+            ) as resp:
+                assert resp.status == 200
+                seen = await resp.json()
+        assert seen["path"] == "/echo/a%20b?x=1&y=2"
+        headers = {k.lower(): v for k, v in seen["headers"]}
+        assert headers["x-forwarded-for"] == "127.0.0.1"
+        assert headers["x-forwarded-prefix"] == f"/v1/app/{sid}/{APP_PORT}"
+        assert headers["x-forwarded-proto"] == "http"
+        # Without the slash: a redirect to the slash form, query kept.
+        async with client.get(f"{gw.url}/v1/app/{sid}/{APP_PORT}?q=1", allow_redirects=False) as resp:
+            assert resp.status == 308
+            assert resp.headers["Location"] == f"/v1/app/{sid}/{APP_PORT}/?q=1"
+
+
+async def test_host_form_reaches_the_same_app(gateway: GatewayUnderTest) -> None:
+    gw = gateway
+    _, vm_id, _ = await start_app(gw)
+    host = f"{vm_id}-{APP_PORT}.{gw.config.api.sandbox_domain}"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(gw.url + "/echo", headers={"Host": host}) as resp:
+            assert resp.status == 200
+            seen = await resp.json()
+    assert seen["path"] == "/echo"
+    assert dict((k.lower(), v) for k, v in seen["headers"])["host"] == host
+
+
+async def test_unknown_unexposed_and_killed_targets_answer_alike(gw: GatewayUnderTest) -> None:
+    sid, vm_id, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        answers = []
+        for target in (
+            f"{gw.url}/v1/app/{sid}/4000/",  # port not exposed
+            f"{gw.url}/v1/app/00000000-0000-4000-8000-000000000000/{APP_PORT}/",  # no such session
+        ):
+            async with client.get(target) as resp:
+                answers.append((resp.status, resp.headers.get("X-Gateway-Error"), await resp.json()))
+        assert answers[0] == answers[1]
+        assert answers[0][:2] == (404, "no_route")
+        async with gw.services.store.subscribe() as next_event:
+            status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
+            assert status == 200
+            async with asyncio.timeout(5):
+                while (event := await next_event(1.0)) is None or event.get("vm_id") != vm_id:
+                    pass
+        async with client.get(url + "echo") as resp:
+            assert (resp.status, resp.headers.get("X-Gateway-Error")) == (404, "no_route")
+
+
+async def test_streamed_upload_and_chunked_download(gw: GatewayUnderTest) -> None:
+    _, _, url = await start_app(gw)
+    blob = bytes(range(256)) * 4096  # 1 MiB
+
+    async def chunks():
+        for i in range(0, len(blob), 65536):
+            yield blob[i : i + 65536]
+
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url + "echo", data=chunks()) as resp:
+            seen = await resp.json()
+        assert (seen["body_length"], seen["body_sha256"]) == (len(blob), hashlib.sha256(blob).hexdigest())
+        async with client.post(url + "echo", data=blob) as resp:
+            assert (await resp.json())["body_length"] == len(blob)
+        async with client.get(url + "stream?n=64") as resp:
+            assert resp.headers.get("Transfer-Encoding") == "chunked"
+            assert await resp.read() == b"x" * 64 * 1024
+        async with client.head(url + "echo") as resp:
+            assert (resp.status, resp.headers["Content-Length"], await resp.read()) == (200, "1234", b"")
+        # The connection stays usable after a HEAD answer (no body was expected from the app).
+        async with client.get(url + "echo") as resp:
+            assert resp.status == 200
+
+
+async def test_sse_events_arrive_as_the_app_flushes_them(gw: GatewayUnderTest) -> None:
+    _, _, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "sse") as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            async with asyncio.timeout(5):
+                assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+            # The app sends the second event only after this request: the first was not buffered.
+            async with client.get(url + "sse-next") as nxt:
+                assert nxt.status == 200
+            async with asyncio.timeout(5):
+                assert await resp.content.readuntil(b"\n\n") == b"data: two\n\n"
+
+
+async def test_websocket_echo_through_the_edge(gateway: GatewayUnderTest) -> None:
+    _, _, url = await start_app(gateway)
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(url + "ws") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            big = b"z" * 200_000
+            await ws.send_bytes(big)
+            assert (await ws.receive(timeout=5)).data == big
+            await ws.close()
+        # An h2c upgrade is never forwarded: the request is served as a plain one.
+        async with client.get(url + "echo", headers={"Connection": "Upgrade", "Upgrade": "h2c"}) as resp:
+            seen = await resp.json()
+        assert "upgrade" not in {k.lower() for k, _ in seen["headers"]}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /x HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+    ],
+    ids=["cl-and-te", "two-cl", "negative-cl", "bad-chunk-size", "bare-lf", "bare-cr"],
+)
+async def test_malformed_requests_are_400_and_closed(gw: GatewayUnderTest, request_bytes: bytes) -> None:
+    received, closed = await raw_exchange(gw, request_bytes)
+    assert received.startswith(b"HTTP/1.1 400 "), received
+    assert closed
+
+
+async def test_api_requests_still_reach_the_control_plane(gw: GatewayUnderTest) -> None:
+    received, _ = await raw_exchange(
+        gw, b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body.startswith(b"{") or json.loads(body or b"{}") is not None
