@@ -298,6 +298,8 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _protocol_error(self, status: int, code: str, message: str) -> None:
         """Answer a malformed request and close: after a framing error nothing on it is trusted."""
+        if self.closing:
+            return  # already answered (e.g. 431 from a callback, then the parser's own error)
         self.closing = True
         if self.transport is not None:
             if self.current is None:

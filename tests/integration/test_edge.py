@@ -178,3 +178,77 @@ async def test_api_requests_still_reach_the_control_plane(gw: GatewayUnderTest) 
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert body.startswith(b"{") or json.loads(body or b"{}") is not None
+
+
+SHORT_EDGE = {"edge": {"header_timeout_s": 0.5, "upstream_first_byte_timeout_s": 1.0}}
+
+
+async def test_slow_headers_are_cut_and_big_headers_refused(gateway_factory: object) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", **SHORT_EDGE)  # type: ignore[operator]
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed by the header deadline, not by us
+    writer.close()
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(gw.config.edge.max_header_count + 1))
+    received, closed = await raw_exchange(gw, b"GET / HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n")
+    assert received.startswith(b"HTTP/1.1 431 ") and closed
+
+
+async def test_upstream_failures_are_502_and_504(gateway_factory: object) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", **SHORT_EDGE)  # type: ignore[operator]
+    sid, _, url = await start_app(gw)
+    status, _ = await gw.request("GET", f"/v1/sessions/app-url/{sid}?port=4001")  # exposed, nothing listens
+    assert status == 200
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{gw.url}/v1/app/{sid}/4001/") as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (502, "upstream_refused")
+        async with client.get(url + "hang", headers={"Accept": "text/html"}) as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (504, "upstream_timeout")
+            assert resp.headers["Content-Type"].startswith("text/html")
+        # An SSE stream may stay idle longer than the first-byte timeout: only the head is timed.
+        async with client.get(url + "sse") as resp:
+            assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+            await asyncio.sleep(gw.config.edge.upstream_first_byte_timeout_s * 1.5)  # idle on purpose
+            async with client.get(url + "sse-next") as nxt:
+                assert nxt.status == 200
+            assert await resp.content.readuntil(b"\n\n") == b"data: two\n\n"
+
+
+async def test_vm_killed_mid_stream_ends_the_client_stream(gateway: GatewayUnderTest) -> None:
+    gw = gateway
+    _, vm_id, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "sse") as resp:
+            assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+            status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
+            assert status == 200
+            async with asyncio.timeout(5):
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.content.read()
+
+
+@pytest.mark.parametrize(
+    ("request_line", "host", "status"),
+    [
+        (b"GET http://169.254.169.254/latest HTTP/1.1", b"localhost", 400),
+        (b"CONNECT 10.0.0.1:22 HTTP/1.1", b"localhost", 405),
+        (b"GET /v1/app/{sid}/3000%2f..%2f/ HTTP/1.1", b"localhost", 400),
+        (b"GET /v1/app/{sid}/03000/ HTTP/1.1", b"localhost", 400),
+        (b"GET /v1/app/{sid}/3000/../../admin HTTP/1.1", b"localhost", 400),
+        (b"GET /v1/app/{sid}/3000/%2e%2e/x HTTP/1.1", b"localhost", 400),
+        (b"GET /v1/app/{sid}/22/ HTTP/1.1", b"localhost", 404),
+        (b"GET / HTTP/1.1", b"{vm}-22.sandbox.localhost", 404),
+        (b"GET / HTTP/1.1", b"{vm}-3000.sandbox.localhost@evil", 400),
+        (b"GET / HTTP/1.1", b"169.254.169.254:3000/x", 400),
+    ],
+)
+async def test_ssrf_attempts_are_refused(
+    gw: GatewayUnderTest, request_line: bytes, host: bytes, status: int
+) -> None:
+    sid, vm_id, _ = await start_app(gw)
+    head = (
+        request_line.replace(b"{sid}", sid.encode()) + b"\r\nHost: " + host.replace(b"{vm}", vm_id.encode())
+    )
+    received, _ = await raw_exchange(gw, head + b"\r\nConnection: close\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 %d " % status), received[:200]

@@ -5,6 +5,7 @@
 GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256}
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length)
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
+GET /hang          -> never answers
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
 """
 
@@ -85,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if self.path == "/hang":
+            threading.Event().wait()  # never answers (until the VM is killed)
         if self.path == "/sse-next":
             sse_next.set()
             return self._json({"ok": True})
