@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import resource
 from pathlib import Path
 
 import aiohttp
@@ -252,3 +253,32 @@ async def test_ssrf_attempts_are_refused(
     )
     received, _ = await raw_exchange(gw, head + b"\r\nConnection: close\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 %d " % status), received[:200]
+
+
+GIB = 1024 * 1024 * 1024
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def test_one_gib_each_way_streams_with_flat_memory(gw: GatewayUnderTest) -> None:
+    """The edge runs in this process: its peak memory must not grow with the bodies it relays."""
+    _, _, url = await start_app(gw)
+    piece = b"u" * (256 * 1024)
+
+    async def upload():
+        for _ in range(GIB // len(piece)):
+            yield piece
+
+    before = max_rss_bytes()
+    async with aiohttp.ClientSession() as client:
+        headers = {"Content-Length": str(GIB)}
+        async with client.post(url + "discard", data=upload(), headers=headers) as resp:
+            assert (await resp.json())["body_length"] == GIB
+        received = 0
+        async with client.get(url + f"big?mib={GIB // 1024 // 1024}") as resp:
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                received += len(chunk)
+        assert received == GIB
+    assert max_rss_bytes() - before < 64 * 1024 * 1024

@@ -5,6 +5,8 @@
 GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256}
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length)
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
+GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
+POST /discard      -> reads a Content-Length body in pieces, answers its length (flat memory)
 GET /hang          -> never answers
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
 """
@@ -86,6 +88,24 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if self.path.startswith("/big"):
+            total = int(self.path.partition("mib=")[2]) * 1024 * 1024
+            chunk = b"b" * (256 * 1024)
+            self.send_response(200)
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            for _ in range(total // len(chunk)):
+                self.wfile.write(chunk)
+            return
+        if self.path == "/discard":
+            left, count = int(self.headers.get("Content-Length") or 0), 0
+            while left:
+                part = self.rfile.read(min(left, 256 * 1024))
+                if not part:
+                    break
+                left -= len(part)
+                count += len(part)
+            return self._json({"body_length": count})
         if self.path == "/hang":
             threading.Event().wait()  # never answers (until the VM is killed)
         if self.path == "/sse-next":
