@@ -15,6 +15,7 @@ from tests.conftest import GatewayUnderTest
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
 APP_PORT = 3000
+RAW_READ_TIMEOUT_S = 2.0
 
 
 async def start_app(gw: GatewayUnderTest) -> tuple[str, str, str]:
@@ -33,13 +34,18 @@ async def start_app(gw: GatewayUnderTest) -> tuple[str, str, str]:
 async def raw_exchange(gw: GatewayUnderTest, data: bytes) -> tuple[bytes, bool]:
     """Send raw bytes; return what came back and whether the edge closed the connection."""
     reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    received = b""
     try:
         writer.write(data)
         await writer.drain()
-        async with asyncio.timeout(5):
-            received = await reader.read(65536)
-            closed = received == b"" or await reader.read(65536) == b""
-        return received, closed
+        while True:
+            try:
+                part = await asyncio.wait_for(reader.read(65536), RAW_READ_TIMEOUT_S)
+            except TimeoutError:
+                return received, False  # still open: the edge waits for more
+            if not part:
+                return received, True
+            received += part
     finally:
         writer.close()
 
@@ -282,3 +288,24 @@ async def test_one_gib_each_way_streams_with_flat_memory(gw: GatewayUnderTest) -
                 received += len(chunk)
         assert received == GIB
     assert max_rss_bytes() - before < 64 * 1024 * 1024
+
+
+async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayUnderTest) -> None:
+    sid, vm_id, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url + "echo", data=b"abc", expect100=True) as resp:
+            assert (await resp.json())["body_length"] == 3
+    path = f"/v1/app/{sid}/{APP_PORT}/stream?n=2".encode()
+    received, _ = await raw_exchange(
+        gw, b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path
+    )
+    assert received.endswith(b"0\r\nX-Checksum: 2\r\n\r\n"), received[-100:]
+    edge = gw.services.edge
+    assert edge is not None and any(key[0] == vm_id for key in edge.pool.idle)
+    status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
+    assert status == 200
+    # The kill reaches every edge through pub/sub; within a second its pooled connections are closed.
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while any(key[0] == vm_id for key in edge.pool.idle):
+        assert asyncio.get_running_loop().time() < deadline, "pooled connections outlived their VM"
+        await asyncio.sleep(0.01)

@@ -3,7 +3,7 @@
     python3 echo_app.py PORT     (returns once listening; the server keeps running in the background)
 
 GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256}
-GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length)
+GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length), with a trailer X-Checksum: N
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
 POST /discard      -> reads a Content-Length body in pieces, answers its length (flat memory)
@@ -73,7 +73,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             for _ in range(n):
                 self.wfile.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.write(b"0\r\nX-Checksum: %d\r\n\r\n" % n)  # a trailer
             return
         if self.path == "/sse":
             self.send_response(200)
