@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from gateway.api.schemas import VmResponse
+from gateway.config import Config
 from gateway.routes.model import VM_ACTIVE, VmRecord
 from gateway.routes.store import is_live
 
@@ -36,7 +39,34 @@ def json_response(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
 
 
-def vm_view(vm: VmRecord, exposed_ports: set[int] | None = None) -> VmResponse:
+def app_url_for(config: Config, session_id: str, port: int) -> str:
+    return f"{config.server.public_url.rstrip('/')}/v1/app/{session_id}/{port}/"
+
+
+def direct_url(config: Config, vm_id: str, port: int) -> str:
+    public = urlsplit(config.server.public_url)
+    suffix = f":{public.port}" if public.port else ""
+    return f"{public.scheme}://{vm_id}-{port}.{config.api.sandbox_domain}{suffix}/"
+
+
+def share_view(config: Config, vm: VmRecord, token: str | None = None) -> dict[str, Any] | None:
+    """The share as the API shows it: port, visibility, URLs; the token only in the create answer."""
+    if not vm.share:
+        return None
+    port = vm.share["port"]
+    view: dict[str, Any] = {
+        "port": port,
+        "is_public": bool(vm.share.get("is_public")),
+        "url": app_url_for(config, vm.session_id, port),
+        "direct_url": direct_url(config, vm.vm_id, port),
+    }
+    if token is not None:
+        view["access_token"] = token
+        view["access"] = "send it as X-Access-Token, or once as ?gw_access_token=... to get a cookie"
+    return view
+
+
+def vm_view(config: Config, vm: VmRecord, exposed_ports: set[int] | None = None) -> VmResponse:
     now = time.time()
     return VmResponse(
         vm_id=vm.vm_id,
@@ -53,7 +83,7 @@ def vm_view(vm: VmRecord, exposed_ports: set[int] | None = None) -> VmResponse:
         uptime_seconds=uptime_s(vm, now),
         expires_in_seconds=round(remaining_s(vm, now), 2),
         metadata=vm.metadata,
-        share=vm.share or None,
+        share=share_view(config, vm),
         exposed_ports=sorted(exposed_ports or ()),
         error=vm.error,
     )

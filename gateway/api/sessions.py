@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
-from gateway.api.responses import iso, json_response, remaining_s, uptime_s
+from gateway.api.responses import app_url_for, direct_url, iso, json_response, remaining_s, uptime_s
 from gateway.api.schemas import (
     AppUrlQuery,
     AppURLResponse,
@@ -81,12 +80,6 @@ async def session_status(request: web.Request) -> web.Response:
     return json_response(status)
 
 
-def direct_url(config: Config, vm_id: str, port: int) -> str:
-    public = urlsplit(config.server.public_url)
-    suffix = f":{public.port}" if public.port else ""
-    return f"{public.scheme}://{vm_id}-{port}.{config.api.sandbox_domain}{suffix}/"
-
-
 @routes.get("/v1/sessions/app-url/{session_id}")
 async def app_url(request: web.Request) -> web.Response:
     owner = await authenticate(request)
@@ -108,7 +101,7 @@ async def app_url(request: web.Request) -> web.Response:
         await orchestrator.store.expose_port(vm.vm_id, query.port)
     return json_response(
         AppURLResponse(
-            url=f"{config.server.public_url.rstrip('/')}/v1/app/{session_id}/{query.port}/",
+            url=app_url_for(config, session_id, query.port),
             direct_url=direct_url(config, vm.vm_id, query.port),
             vm_ip=vm.ip,
             port=query.port,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
+from typing import Any
+
 from aiohttp import web
 
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
-from gateway.api.responses import json_response, vm_view
+from gateway.api.responses import json_response, share_view, vm_view
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
+from gateway.edge import access
 
 routes = web.RouteTableDef()
 
@@ -42,6 +46,16 @@ def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
 
 
+def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The share to store, and for a private one its access token (stored only as a hash)."""
+    if not requested:
+        return None, None
+    if requested.get("is_public"):
+        return requested, None
+    token = secrets.token_urlsafe(32)
+    return {**requested, "token_sha256": access.token_hash(token)}, token
+
+
 @routes.post("/v1/vms")
 async def create_vm(request: web.Request) -> web.Response:
     owner = await authenticate(request)
@@ -49,12 +63,9 @@ async def create_vm(request: web.Request) -> web.Response:
     body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
     orchestrator = request.app[ORCHESTRATOR]
     refuse_unsupported(body, orchestrator.driver.name)
-    session, vm = await orchestrator.create_vm(
-        owner,
-        body.session_id,
-        vm_params(body, share=body.share.model_dump() if body.share else None),
-        wait=query.wait,
-    )
+    share, token = share_for(body.share.model_dump() if body.share else None)
+    params = vm_params(body, share=share)
+    session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     env_status = session.env_status
     if body.env:
         env_status = "configured" if vm.status in ("creating", "active") else "failed"
@@ -63,7 +74,7 @@ async def create_vm(request: web.Request) -> web.Response:
             vm_id=vm.vm_id,
             session_id=session.session_id,
             status=vm.status,
-            share=vm.share or None,
+            share=share_view(request.app[CONFIG], vm, token),
             env_status=env_status,
             env_error=vm.error if env_status == "failed" else None,
         )
@@ -75,7 +86,7 @@ async def get_vm(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
-    return json_response(vm_view(vm, await orchestrator.store.exposed_ports(vm.vm_id)))
+    return json_response(vm_view(request.app[CONFIG], vm, await orchestrator.store.exposed_ports(vm.vm_id)))
 
 
 def metadata_filter(request: web.Request) -> dict[str, str]:
@@ -93,7 +104,7 @@ async def list_vms(request: web.Request) -> web.Response:
     orchestrator = request.app[ORCHESTRATOR]
     status = request.query.get("status")
     records = await orchestrator.list_vms(owner, metadata_filter(request))
-    views = [vm_view(r) for r in records if status is None or r.status == status]
+    views = [vm_view(request.app[CONFIG], r) for r in records if status is None or r.status == status]
     return json_response(VmListResponse(vms=views, total=len(views)))
 
 
@@ -101,4 +112,4 @@ async def list_vms(request: web.Request) -> web.Response:
 async def kill_vm(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     vm = await request.app[ORCHESTRATOR].kill_vm(owner, request.match_info["vm_id"])
-    return json_response(vm_view(vm))
+    return json_response(vm_view(request.app[CONFIG], vm))

@@ -82,9 +82,16 @@ def error_response(
     return _message(status, headers, body)
 
 
-def redirect_response(status: int, location: bytes, *, close: bool = False) -> bytes:
-    """A redirect with an empty body. Raises ValueError if location contains CR, LF or NUL."""
+def redirect_response(
+    status: int,
+    location: bytes,
+    *,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    close: bool = False,
+) -> bytes:
+    """A redirect with an empty body. Raises ValueError if a header value contains CR, LF or NUL."""
     headers = [(b"Location", _check_header_value(location)), (b"Content-Length", b"0")]
+    headers.extend((name, _check_header_value(value)) for name, value in extra_headers)
     if close:
         headers.append((b"Connection", b"close"))
     return _message(status, headers, b"")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import httptools
 
+from gateway.edge import access, pages
 from gateway.edge import headers as hdr
-from gateway.edge import pages
 from gateway.edge.resolver import Resolver, Route
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, parse_target
 from gateway.edge.upstream import UpstreamConnection, UpstreamPool
@@ -422,16 +422,17 @@ class EdgeProtocol(asyncio.Protocol):
             except GatewayError as exc:
                 return self._reply(ex, 503, "store_unavailable", f"routing unavailable: {exc}")
             if route is None:
-                return self._reply(
-                    ex,
-                    404,
-                    "no_route",
-                    "no such app: the VM does not exist, has ended, or this port is not exposed",
-                )
+                return self._no_route(ex)
+            request_target, token = access.split_token_from_target(target.upstream_target)
+            if route.token_sha256 is not None:
+                if token is not None:
+                    return self._trade_token_for_cookie(ex, target, route, token)
+                if not access.token_matches(access.presented_token(ex.headers), route.token_sha256):
+                    return self._no_route(ex)  # the same answer as an unknown app: no oracle
+            out_headers = hdr.strip_gateway_credentials(out_headers, access.COOKIE_NAMES, access.TOKEN_HEADER)
             ex.vm_id = route.vm_id
             key = (route.vm_id, route.ip, route.port)
             unix_path = None
-            request_target = target.upstream_target
         try:
             conn = await self.edge.pool.acquire(key, unix_path)
         except TimeoutError:
@@ -456,6 +457,23 @@ class EdgeProtocol(asyncio.Protocol):
             return False  # the VM went away mid-response: the client sees the connection end
         if ex.upgrade:
             return False  # a refused upgrade: the connection's remaining bytes are not HTTP
+        return ex.keep_alive and ex.body_done
+
+    def _no_route(self, ex: Exchange) -> bool:
+        message = "no such app: the VM does not exist, has ended, or this port is not exposed"
+        return self._reply(ex, 404, "no_route", message)
+
+    def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> bool:
+        """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
+        if not access.token_matches(token, route.token_sha256 or ""):
+            return self._no_route(ex)
+        clean, _ = access.split_token_from_target(ex.url)
+        cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
+        cookie = access.cookie_header(token, cookie_path, secure=self.settings.scheme == "https")
+        assert self.transport is not None
+        self.transport.write(
+            pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
+        )
         return ex.keep_alive and ex.body_done
 
     async def _resolve(self, target: AppTarget) -> Route | None:

@@ -38,6 +38,8 @@ class Route:
     ip: str
     port: int
     expires_at: float | None
+    # A private share's token hash: the client must present the token. None: public.
+    token_sha256: str | None = None
 
 
 CacheKey = tuple[str, str, int]
@@ -95,15 +97,16 @@ class Resolver:
             return None
         if vm.expires_at is not None and vm.expires_at <= time.time():
             return None
-        if port not in await self._public_ports(vm_id, vm.share):
-            return None
-        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at)
-
-    async def _public_ports(self, vm_id: str, share: dict) -> set[int]:
-        ports = await self.store.exposed_ports(vm_id)
-        if share and share.get("is_public") and isinstance(share.get("port"), int):
-            ports.add(share["port"])
-        return ports
+        token_sha256 = None
+        if port not in await self.store.exposed_ports(vm_id):
+            share = vm.share or {}
+            if share.get("port") != port:
+                return None
+            if not share.get("is_public"):
+                token_sha256 = share.get("token_sha256")
+                if not isinstance(token_sha256, str):
+                    return None  # a private share without a token can never be opened
+        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, token_sha256)
 
     def _dialable(self, ip: str) -> bool:
         try:

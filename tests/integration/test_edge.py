@@ -309,3 +309,35 @@ async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayU
     while any(key[0] == vm_id for key in edge.pool.idle):
         assert asyncio.get_running_loop().time() < deadline, "pooled connections outlived their VM"
         await asyncio.sleep(0.01)
+
+
+async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: GatewayUnderTest) -> None:
+    status, vm = await gw.request("POST", "/v1/vms", json={"share": {"port": APP_PORT}})
+    assert status == 200, vm
+    share = vm["share"]
+    token, url = share["access_token"], share["url"]
+    assert (share["port"], share["is_public"]) == (APP_PORT, False)
+    status, out = await gw.request(
+        "POST", "/execute", json={"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+    )
+    assert (status, out["exit_code"]) == (200, 0)
+    status, shown = await gw.request("GET", f"/v1/vms/{vm['vm_id']}")
+    assert "access_token" not in shown["share"] and "token_sha256" not in json.dumps(shown)
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host, as a browser keeps them
+    async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        for headers in ({}, {"X-Access-Token": "wrong"}):
+            async with client.get(url + "echo", headers=headers) as resp:
+                assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
+        async with client.get(url + "echo", headers={"X-Access-Token": token}) as resp:
+            seen = await resp.json()
+        assert "x-access-token" not in {k.lower() for k, _ in seen["headers"]}
+        # Once in the query: traded for a cookie scoped to this app, and a redirect to the clean URL.
+        async with client.get(url + f"echo?x=1&gw_access_token={token}", allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == f"/v1/app/{vm['session_id']}/{APP_PORT}/echo?x=1"
+            cookie = resp.headers["Set-Cookie"]
+            assert f"Path=/v1/app/{vm['session_id']}/{APP_PORT}/" in cookie and "HttpOnly" in cookie
+        async with client.get(url + "echo?x=1", headers={"Cookie": f"mine=1; gw_access={token}"}) as resp:
+            seen = await resp.json()
+        assert seen["path"] == "/echo?x=1"
+        assert [v for k, v in seen["headers"] if k.lower() == "cookie"] == ["mine=1"]
