@@ -51,6 +51,8 @@ class Edge:
         self.resolver = resolver
         self.pool = pool
         self.connections: set[EdgeProtocol] = set()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
 
     def vm_gone(self, vm_id: str) -> None:
@@ -97,8 +99,9 @@ class Exchange:
         self.chunked_out = False
         self.no_body_out = False
         self.tunnel = False
-        self.done = asyncio.get_running_loop().create_future()
-        self.head_received = asyncio.get_running_loop().create_future()
+        loop = proto.edge.loop
+        self.done = loop.create_future()
+        self.head_received = loop.create_future()
 
     # request body (from the client parser) ---------------------------------------------------------
 
@@ -285,7 +288,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _arm(self, timeout_s: float) -> None:
         self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(timeout_s, self._timed_out)
+        self.timer = self.edge.loop.call_later(timeout_s, self._timed_out)
 
     def _disarm(self) -> None:
         if self.timer is not None:
@@ -344,7 +347,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.parsing = ex
         self.pending.append(ex)
         if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._serve_all())
+            self.task = self.edge.loop.create_task(self._serve_all())
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:

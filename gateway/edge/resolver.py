@@ -53,6 +53,8 @@ class Resolver:
         self._by_vm: dict[str, set[CacheKey]] = {}
         self._by_session: dict[str, set[CacheKey]] = {}
         self._subscribed = False
+        self._loading: dict[CacheKey, asyncio.Task[Route | None]] = {}
+        self._generation = 0
         self._task: asyncio.Task[None] | None = None
         self.on_vm_gone: list[Callable[[str], None]] = []
         self.hits = self.misses = self.invalidations = 0
@@ -74,8 +76,20 @@ class Resolver:
                 self.hits += 1
                 return route
         self.misses += 1
-        route = await self._load(key)
-        if self._subscribed:
+        # One Redis lookup per key at a time: a burst of requests after an entry expired shares it.
+        generation = self._generation
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        task = asyncio.get_running_loop().create_task(self._load(key))
+        self._loading[key] = task
+        try:
+            route = await asyncio.shield(task)
+        finally:
+            if self._loading.get(key) is task:
+                del self._loading[key]
+        if self._subscribed and generation == self._generation:
+            # Not when an invalidation arrived meanwhile: the answer may predate it (a VM just killed).
             self._remember(key, route, now)
         return route
 
@@ -131,11 +145,13 @@ class Resolver:
     # invalidation ---------------------------------------------------------------------------------
 
     def clear(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._by_vm.clear()
         self._by_session.clear()
 
     def forget(self, vm_id: str | None, session_id: str | None) -> None:
+        self._generation += 1
         keys: set[CacheKey] = set()
         if vm_id:
             keys |= self._by_vm.pop(vm_id, set())
@@ -157,6 +173,7 @@ class Resolver:
             # A newly exposed port: cached "no route" answers (by VM or by session) may be wrong now.
             # Exposures are rare, so dropping every negative entry is cheaper than indexing them.
             self.forget(vm_id, None)
+            self._generation += 1
             for key in [key for key, (_, route) in self._cache.items() if route is None]:
                 del self._cache[key]
 

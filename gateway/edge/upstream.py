@@ -17,7 +17,8 @@ from typing import Protocol
 
 import httptools
 
-UPSTREAM_MAX_IDLE_PER_KEY = 32
+# As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
+UPSTREAM_MAX_IDLE_PER_KEY = 256
 UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge closes first
 
 
@@ -187,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     def __init__(self, connect_timeout_s: float) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.connects = self.reuses = 0
 
@@ -197,7 +199,7 @@ class UpstreamPool:
             if not conn.closed and conn.reusable:
                 self.reuses += 1
                 return conn
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.connects += 1
         async with asyncio.timeout(self.connect_timeout_s):
             if unix_path is not None:
@@ -215,7 +217,7 @@ class UpstreamPool:
             conn.close()
             return
         idle.append(conn)
-        conn.idle_handle = asyncio.get_running_loop().call_later(UPSTREAM_IDLE_TIMEOUT_S, conn.close)
+        conn.idle_handle = self.loop.call_later(UPSTREAM_IDLE_TIMEOUT_S, conn.close)
 
     def discard(self, conn: UpstreamConnection) -> None:
         idle = self.idle.get(conn.key)

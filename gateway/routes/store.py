@@ -64,15 +64,25 @@ return 1
 """
 
 
+REDIS_MAX_CONNECTIONS = 64
+
+
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client with bounded calls; decode_responses because every value we store is text."""
-    return aioredis.Redis.from_url(
+    """A client with bounded calls; decode_responses because every value we store is text.
+
+    A blocking pool: a burst of callers beyond its size waits (up to the call timeout) for a connection
+    instead of failing at once, as redis-py's default pool does.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=timeout_s,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 async def guarded(call: Awaitable[T]) -> T:

@@ -1,0 +1,74 @@
+"""The route cache's own logic, against an in-memory store (Redis itself is covered by test_edge.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.edge.resolver import Resolver
+from gateway.routes.model import VmRecord
+
+VM_ID = "vmid-0123456789abcdef0123"
+SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"
+
+
+def vm_record(ip: str = "172.30.0.2", status: str = "active") -> VmRecord:
+    now = time.time()
+    return VmRecord(
+        vm_id=VM_ID, session_id=SESSION_ID, owner="o", driver="netns", slot=0, ip=ip, status=status,
+        created_at=now, vm_lifetime_seconds=300, memory_mb=128, vcpu_count=1, expires_at=now + 300,
+    )  # fmt: skip
+
+
+class SlowStore:
+    """Counts lookups; each waits for `release`, so tests decide when Redis 'answers'."""
+
+    def __init__(self, vm: VmRecord) -> None:
+        self.vm = vm
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def get_vm(self, vm_id: str) -> VmRecord | None:
+        self.calls += 1
+        await self.release.wait()
+        return self.vm if vm_id == self.vm.vm_id else None
+
+    async def exposed_ports(self, vm_id: str) -> set[int]:
+        return {3000}
+
+
+def resolver(store: SlowStore) -> Resolver:
+    res = Resolver(store, ["172.30.0.0/16"])  # type: ignore[arg-type]
+    res._subscribed = True  # as if following the events channel
+    return res
+
+
+async def test_concurrent_misses_share_one_lookup() -> None:
+    store = SlowStore(vm_record())
+    res = resolver(store)
+    lookups = [asyncio.ensure_future(res.by_vm(VM_ID, 3000)) for _ in range(50)]
+    await asyncio.sleep(0)
+    store.release.set()
+    routes = await asyncio.gather(*lookups)
+    assert store.calls == 1
+    assert {r.ip for r in routes if r is not None} == {"172.30.0.2"} and None not in routes
+    assert await res.by_vm(VM_ID, 3000) is not None and store.calls == 1  # now a cache hit
+
+
+async def test_an_answer_older_than_an_invalidation_is_not_cached() -> None:
+    store = SlowStore(vm_record())
+    res = resolver(store)
+    lookup = asyncio.ensure_future(res.by_vm(VM_ID, 3000))
+    await asyncio.sleep(0)
+    res.handle_event({"type": "vm", "vm_id": VM_ID, "session_id": SESSION_ID, "status": "killed"})
+    store.release.set()
+    assert await lookup is not None  # what Redis said when asked
+    store.vm = vm_record(status="killed")
+    assert await res.by_vm(VM_ID, 3000) is None  # asked again, not served from the cache
+    assert store.calls == 2
+
+
+async def test_addresses_outside_the_vm_networks_are_never_returned() -> None:
+    store = SlowStore(vm_record(ip="169.254.169.254"))
+    store.release.set()
+    assert await resolver(store).by_vm(VM_ID, 3000) is None
