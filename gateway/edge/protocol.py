@@ -96,6 +96,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.vm_id: str | None = None
         self.head_sent = False
+        self.pending_head = b""
         self.chunked_out = False
         self.no_body_out = False
         self.tunnel = False
@@ -164,13 +165,27 @@ class Exchange:
             if not self.keep_alive:
                 out.append((b"Connection", b"close"))
         self.head_sent = True
-        transport.write(_status_line(status) + _head(out) + b"\r\n")
+        head = _status_line(status) + _head(out) + b"\r\n"
+        if self.tunnel:
+            transport.write(head)
+        else:
+            # Held until the body's first bytes or the end of this read from the VM (flush_head), so
+            # a small response leaves in one write instead of two.
+            self.pending_head = head
+
+    def flush_head(self) -> None:
+        if self.pending_head and self.proto.transport is not None:
+            self.proto.transport.write(self.pending_head)
+        self.pending_head = b""
 
     def on_response_body(self, data: bytes) -> None:
         transport = self.proto.transport
         if transport is None or self.no_body_out or not data:
             return
-        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data)
+        out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data
+        if self.pending_head:
+            out, self.pending_head = self.pending_head + out, b""
+        transport.write(out)
         if not self.proto.can_write and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
@@ -179,7 +194,8 @@ class Exchange:
             return
         transport = self.proto.transport
         if transport is not None and self.chunked_out:
-            transport.write(b"0\r\n" + _head(hdr.response_headers(trailers)) + b"\r\n")
+            self.pending_head += b"0\r\n" + _head(hdr.response_headers(trailers)) + b"\r\n"
+        self.flush_head()
         if not self.done.done():
             self.done.set_result(True)
 
@@ -215,6 +231,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.can_write = True
         self.reading_paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None
         self.tunnel_to: UpstreamConnection | None = None
         self.early_tunnel_data = b""
         self.closing = False
@@ -233,7 +250,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connections.discard(self)
-        self._disarm()
+        self._stop_timer()
         self.transport = None
         if self.tunnel_to is not None:
             self.tunnel_to.close()
@@ -286,16 +303,31 @@ class EdgeProtocol(asyncio.Protocol):
         if self.parsing is ex:
             self.resume_reading()
 
+    # One lazy timer per connection: arming moves a deadline, and the timer reschedules itself when it
+    # fires early, instead of a call_later and a cancel for every request on a keep-alive connection.
+
     def _arm(self, timeout_s: float) -> None:
-        self._disarm()
-        self.timer = self.edge.loop.call_later(timeout_s, self._timed_out)
+        self.deadline = self.edge.loop.time() + timeout_s
+        if self.timer is None:
+            self.timer = self.edge.loop.call_at(self.deadline, self._timed_out)
 
     def _disarm(self) -> None:
+        self.deadline = None
+
+    def _stop_timer(self) -> None:
+        self.deadline = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
     def _timed_out(self) -> None:
+        self.timer = None
+        if self.deadline is None:
+            return
+        if self.deadline > self.edge.loop.time():
+            self.timer = self.edge.loop.call_at(self.deadline, self._timed_out)
+            return
+        self.deadline = None
         if self.transport is not None and self.current is None and self.tunnel_to is None:
             self.transport.close()
 

@@ -28,6 +28,7 @@ class ResponseSink(Protocol):
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_lost(self, exc: Exception | None) -> None: ...
     def on_upstream_writable(self) -> None: ...
+    def flush_head(self) -> None: ...
 
 
 PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
@@ -70,6 +71,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.sink is not None:
+                self.sink.flush_head()  # a head without body bytes yet (SSE, slow apps) goes out now
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             rest = data[offset:]
