@@ -73,6 +73,8 @@ class EdgeConfig:
     max_header_count: int = 100
     max_header_bytes: int = 32768
     max_target_bytes: int = 8192
+    # Open client connections per edge process; beyond it new ones get 503 and are closed.
+    max_connections: int = 10000
 
     @staticmethod
     def split(value: str) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ class EdgeSettings:
     first_byte_timeout_s: float = 60.0
     max_header_count: int = 100
     max_header_bytes: int = 32 * 1024
+    max_connections: int = 10000
     trusted_proxies: frozenset[str] = frozenset()
 
 
@@ -245,6 +246,15 @@ class EdgeProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self.edge.connections) >= self.settings.max_connections:
+            # Refused cleanly rather than left unaccepted in the backlog: the client learns at once.
+            self.closing = True
+            message = "too many open connections; try again later"
+            self.transport.write(
+                pages.error_response(503, "too_many_connections", message, accept=None, close=True)
+            )
+            self.transport.close()
+            return
         self.edge.connections.add(self)
         self._arm(self.settings.header_timeout_s)
 
@@ -260,6 +270,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # answered and closing: nothing more on this connection is read
         if self.tunnel_to is not None:
             self.tunnel_to.write(data)
             if not self.tunnel_to.can_write:

@@ -34,6 +34,7 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
         first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
         max_header_count=edge.max_header_count,
         max_header_bytes=edge.max_header_bytes,
+        max_connections=edge.max_connections,
         trusted_proxies=frozenset(EdgeConfig.split(edge.trusted_proxies)),
     )
 

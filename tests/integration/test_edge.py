@@ -341,3 +341,18 @@ async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: Gate
             seen = await resp.json()
         assert seen["path"] == "/echo?x=1"
         assert [v for k, v in seen["headers"] if k.lower() == "cookie"] == ["mine=1"]
+
+
+async def test_connections_beyond_the_limit_are_refused_cleanly(gateway_factory: object) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"max_connections": 2})  # type: ignore[operator]
+    held = [await asyncio.open_connection(gw.config.server.host, gw.config.server.port) for _ in range(2)]
+    try:
+        # Accepted connections register on the loop; a request on each proves both are in.
+        for reader, writer in held:
+            writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+        received, closed = await raw_exchange(gw, b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert received.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in received and closed
+    finally:
+        for _, writer in held:
+            writer.close()
