@@ -12,14 +12,12 @@ the edge dial anything else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError
 from gateway.routes.model import VM_ACTIVE, is_session_id, is_vm_id
 from gateway.routes.store import RedisStore
 
@@ -29,6 +27,7 @@ POSITIVE_TTL_S = 2.0
 NEGATIVE_TTL_S = 1.0
 MAX_ENTRIES = 100_000
 RESUBSCRIBE_DELAY_S = 0.5
+STOP_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +52,9 @@ class Resolver:
         self._by_vm: dict[str, set[CacheKey]] = {}
         self._by_session: dict[str, set[CacheKey]] = {}
         self._subscribed = False
+        self._stopping = False
+        # Set while the events channel is followed (and the cache is in use).
+        self.following = asyncio.Event()
         self._loading: dict[CacheKey, asyncio.Task[Route | None]] = {}
         self._generation = 0
         self._task: asyncio.Task[None] | None = None
@@ -178,21 +180,25 @@ class Resolver:
                 del self._cache[key]
 
     async def _follow_events(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 async with self.store.subscribe() as next_event:
                     self.clear()  # anything cached before the subscription may have missed events
                     self._subscribed = True
-                    while True:
+                    self.following.set()
+                    # Not `while True`: redis-py's get_message swallows a cancellation (returns None).
+                    while not self._stopping:
                         event = await next_event(30.0)
                         if event is not None:
                             self.handle_event(event)
-            except GatewayError as exc:
+            except Exception as exc:
+                # redis-py may turn a cancellation mid-read into a connection error: stopping decides.
+                if self._stopping:
+                    return
                 log.warning("route events unavailable, cache bypassed: %s", exc)
-            except Exception:
-                log.exception("route event loop failed; cache bypassed")
             finally:
                 self._subscribed = False
+                self.following.clear()
                 self.clear()
             await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
@@ -200,8 +206,8 @@ class Resolver:
         self._task = asyncio.create_task(self._follow_events(), name="route-events")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
             self._task = None

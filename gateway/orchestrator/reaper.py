@@ -8,7 +8,6 @@ once exactly one marks it killed; destroying twice is harmless (drivers' destroy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -20,6 +19,7 @@ from gateway.routes.store import is_live
 log = logging.getLogger(__name__)
 
 BATCH = 100
+STOP_TIMEOUT_S = 2.0
 
 
 class Reaper:
@@ -27,6 +27,7 @@ class Reaper:
         self.orchestrator = orchestrator
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def reap_due(self, now: float | None = None) -> int:
         """Kill every VM whose expiry has passed; returns how many this call ended."""
@@ -43,14 +44,19 @@ class Reaper:
         return ended
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.reap_due()
                 next_at = await self.orchestrator.store.next_expiry()
             except GatewayError as exc:
+                # redis-py may turn a cancellation mid-read into a connection error: stopping decides.
+                if self._stopping:
+                    return
                 log.warning("reaper: %s", exc)
                 next_at = None
             except Exception:
+                if self._stopping:
+                    return
                 # A supervisor loop: one bad VM record must not stop every other VM's expiry.
                 log.exception("reaper iteration failed")
                 next_at = None
@@ -61,8 +67,8 @@ class Reaper:
         self._task = asyncio.create_task(self._run(), name="reaper")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
             self._task = None

@@ -356,3 +356,14 @@ async def test_connections_beyond_the_limit_are_refused_cleanly(gateway_factory:
     finally:
         for _, writer in held:
             writer.close()
+
+
+async def test_route_event_follower_stops_promptly(gw: GatewayUnderTest) -> None:
+    """redis-py's get_message swallows a cancellation; stopping must still end the follower task."""
+    resolver = gw.services.edge.resolver  # type: ignore[union-attr]
+    async with asyncio.timeout(5):
+        await resolver.following.wait()
+    task = resolver._task
+    assert task is not None
+    await resolver.stop()
+    assert task.done()
