@@ -367,3 +367,13 @@ async def test_route_event_follower_stops_promptly(gw: GatewayUnderTest) -> None
     assert task is not None
     await resolver.stop()
     assert task.done()
+
+
+async def test_a_trusted_proxy_forwarded_headers_are_extended(gateway_factory: object) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"trusted_proxies": "127.0.0.1"})  # type: ignore[operator]
+    _, _, url = await start_app(gw)
+    sent = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    async with aiohttp.ClientSession() as client, client.get(url + "echo", headers=sent) as resp:
+        seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
+    assert seen["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
