@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayUnderTest
+from tests.conftest import GatewayUnderTest, free_port
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
 APP_PORT = 3000
@@ -377,3 +377,35 @@ async def test_a_trusted_proxy_forwarded_headers_are_extended(gateway_factory: o
         seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
     assert seen["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
     assert seen["x-forwarded-proto"] == "https"
+
+
+async def test_two_edges_on_one_redis_both_route_and_both_refuse_a_killed_vm(
+    gateway_factory: object, tmp_path: Path
+) -> None:
+    first: GatewayUnderTest = await gateway_factory("process")  # type: ignore[operator]
+    port = free_port()
+    second: GatewayUnderTest = await gateway_factory(  # type: ignore[operator]
+        "process",
+        server={
+            "data_dir": str(tmp_path / "second"),
+            "listen": f"127.0.0.1:{port}",
+            "public_url": f"http://127.0.0.1:{port}",
+        },
+    )
+    sid, vm_id, _ = await start_app(first)
+    paths = [f"{gw.url}/v1/app/{sid}/{APP_PORT}/echo" for gw in (first, second)]
+    async with aiohttp.ClientSession() as client:
+        for url in paths:
+            async with client.get(url) as resp:
+                assert resp.status == 200
+        status, _ = await first.request("DELETE", f"/v1/vms/{vm_id}")
+        assert status == 200
+        # Within a second of the kill, neither edge routes to it any more.
+        deadline = asyncio.get_running_loop().time() + 1.0
+        for url in paths:
+            while True:
+                async with client.get(url) as resp:
+                    if resp.status == 404:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, f"{url} still routed"
+                await asyncio.sleep(0.02)
