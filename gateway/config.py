@@ -70,6 +70,12 @@ class EdgeConfig:
     keepalive_timeout_s: float = 75.0
     upstream_connect_timeout_s: float = 5.0
     upstream_first_byte_timeout_s: float = 60.0
+    # No bytes either way for this long ends a streaming response (0: never, so SSE and long polls
+    # may stay quiet) or an upgraded connection such as a WebSocket.
+    stream_idle_timeout_s: float = 0.0
+    tunnel_idle_timeout_s: float = 3600.0
+    # Largest request body for app URLs (413); 0: no limit. The API has its own (api.max_body_bytes).
+    max_body_bytes: int = 0
     max_header_count: int = 100
     max_header_bytes: int = 32768
     max_target_bytes: int = 8192

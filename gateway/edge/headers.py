@@ -40,6 +40,8 @@ _FORWARDING = frozenset(
     }
 )
 _OWS = b" \t"
+# What an untrusted client's request loses before it goes upstream (framing is re-made by the caller).
+_UNTRUSTED_DROP = HOP_BY_HOP | _FORWARDING | {b"content-length"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +66,24 @@ def connection_tokens(headers: Headers) -> set[bytes]:
 
 def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Remove the fixed hop-by-hop headers and every header a Connection header names."""
-    drop = HOP_BY_HOP | (connection_tokens(headers) - _NEVER_NOMINATED)
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    return _without(headers, HOP_BY_HOP)
+
+
+def _without(headers: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """Headers minus the names in ``drop`` and minus those a Connection header nominates.
+
+    One pass that lower-cases each name once: this runs twice per proxied request.
+    """
+    lowered = [name.lower() for name, _ in headers]
+    if b"connection" in lowered:
+        nominated = {
+            token
+            for (_, value), low in zip(headers, lowered, strict=True)
+            if low == b"connection"
+            for token in _tokens(value)
+        }
+        drop = drop | (nominated - _NEVER_NOMINATED)
+    return [header for header, low in zip(headers, lowered, strict=True) if low not in drop]
 
 
 def _forwarded_element(client: ClientInfo) -> bytes:
@@ -96,32 +114,44 @@ def forwarded_headers(
     untrusted peer every forwarding header is the client's claim and is replaced; from a trusted proxy
     the chain is extended instead. Host is kept as received: the VM sees what the client asked for.
     """
+    if client.trusted:
+        return _extended_forwarded_headers(headers, client, prefix)
+    out = _without(headers, _UNTRUSTED_DROP)
+    out.append((b"X-Forwarded-For", _peer(client)))
+    out.append((b"X-Forwarded-Proto", client.scheme.encode("ascii")))
+    out.append((b"X-Forwarded-Host", client.host))
+    out.append((b"Forwarded", _forwarded_element(client)))
+    if prefix is not None:
+        out.append((b"X-Forwarded-Prefix", prefix))
+    return out
+
+
+def _extended_forwarded_headers(
+    headers: Headers, client: ClientInfo, prefix: bytes | None
+) -> list[tuple[bytes, bytes]]:
     kept = strip_hop_by_hop(headers)
     peer = _peer(client)
     element = _forwarded_element(client)
     xff: bytes = peer
     forwarded: bytes = element
-    proto: bytes = client.scheme.encode("ascii")
-    fwd_host: bytes = client.host
-    if client.trusted:
-        previous_xff = _joined(kept, b"x-forwarded-for")
-        previous_forwarded = _joined(kept, b"forwarded")
-        if previous_xff is not None:
-            xff = previous_xff + b", " + peer
-        if previous_forwarded is not None:
-            forwarded = previous_forwarded + b", " + element
-        proto = _joined(kept, b"x-forwarded-proto") or proto
-        fwd_host = _joined(kept, b"x-forwarded-host") or fwd_host
-        replaced = {b"x-forwarded-for", b"forwarded", b"x-forwarded-proto", b"x-forwarded-host"}
-        if prefix is not None:
-            replaced.add(b"x-forwarded-prefix")
-    else:
-        replaced = set(_FORWARDING)
-    out = [
-        (name, value)
-        for name, value in kept
-        if (low := name.lower()) not in replaced and low != b"content-length"
-    ]
+    previous_xff = _joined(kept, b"x-forwarded-for")
+    previous_forwarded = _joined(kept, b"forwarded")
+    if previous_xff is not None:
+        xff = previous_xff + b", " + peer
+    if previous_forwarded is not None:
+        forwarded = previous_forwarded + b", " + element
+    proto = _joined(kept, b"x-forwarded-proto") or client.scheme.encode("ascii")
+    fwd_host = _joined(kept, b"x-forwarded-host") or client.host
+    replaced = {
+        b"x-forwarded-for",
+        b"forwarded",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"content-length",
+    }
+    if prefix is not None:
+        replaced.add(b"x-forwarded-prefix")
+    out = [(name, value) for name, value in kept if name.lower() not in replaced]
     out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", proto))
     out.append((b"X-Forwarded-Host", fwd_host))

@@ -1,10 +1,16 @@
 """The client side of the edge: one asyncio protocol per connection, parsing with httptools (llhttp).
 
-Each request becomes an ``Exchange``: the target is decided by the pure ``target.parse_target`` as soon
-as the head is parsed, the route is resolved, an upstream connection is taken from the pool, and from
-then on bytes flow by callbacks in both directions: body chunks are re-framed (never passed through as
-raw framing), and each side's flow control pauses the other. Requests on one connection are served in
-order; reading pauses after a complete request until its response is done.
+Each request becomes an ``Exchange``. The hot path runs inside the parser's and the upstream's
+callbacks, with no task, future or timeout object per request: as soon as a head is parsed its target
+is decided by the pure ``TargetParser``, the route comes from the resolver's cache, an idle upstream
+connection from the pool, and the request head is written. Only a cache miss (a Redis lookup) or a new
+upstream connection leaves the callbacks for a short task. From then on bytes flow by callbacks in
+both directions: bodies are re-framed (never passed through as raw framing), and each side's flow
+control pauses the other. Requests on one connection are answered in order; a few pipelined requests
+are parsed ahead, then reading pauses.
+
+Timeouts are ``Deadline``s, one per purpose, moved rather than re-created per request: the request
+head, the app's answer (and upload progress), stream or tunnel idleness, and keep-alive.
 """
 
 from __future__ import annotations
@@ -14,20 +20,27 @@ import http
 import logging
 import socket
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
 from gateway.edge import access, pages
 from gateway.edge import headers as hdr
-from gateway.edge.resolver import Resolver, Route
-from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, parse_target
-from gateway.edge.upstream import UpstreamConnection, UpstreamPool
+from gateway.edge.deadline import Deadline
+from gateway.edge.resolver import MISS, Resolver, Route
+from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
+from gateway.edge.upstream import PoolKey, UpstreamConnection, UpstreamPool
+from gateway.edge.websocket import FrameTracker, close_frame
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 BODY_BUFFER_HIGH = 256 * 1024
+# Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
+MAX_PIPELINED = 8
+API_POOL_KEY: PoolKey = ("api", "unix", 0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,11 @@ class EdgeSettings:
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
     first_byte_timeout_s: float = 60.0
+    # No bytes either way for this long ends a streaming response / a tunnel; 0: no limit.
+    stream_idle_timeout_s: float = 0.0
+    tunnel_idle_timeout_s: float = 0.0
+    # Largest request body for app routes (413); 0: no limit. The API enforces its own.
+    max_body_bytes: int = 0
     max_header_count: int = 100
     max_header_bytes: int = 32 * 1024
     max_connections: int = 10000
@@ -51,7 +69,10 @@ class Edge:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
+        self.parse_target = TargetParser(settings.routing)
         self.connections: set[EdgeProtocol] = set()
+        self.draining = False
+        self._drained: asyncio.Event | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
@@ -61,57 +82,137 @@ class Edge:
         for conn in list(self.connections):
             conn.vm_gone(vm_id)
 
+    async def drain(self, grace_s: float) -> None:
+        """Finish what is in flight, then close: idle connections at once, busy ones after their
+        response, tunnels with a WebSocket close frame; whatever remains after the grace is cut."""
+        self.draining = True
+        self._drained = asyncio.Event()
+        for conn in list(self.connections):
+            conn.drain()
+        if self.connections:
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("drain: %d connections still open after %.1f s, closing them",
+                            len(self.connections), grace_s)  # fmt: skip
+        for conn in list(self.connections):
+            conn.abort()
 
-def _status_line(status: int, reason: bytes | None = None) -> bytes:
-    if reason is None:
-        try:
-            reason = http.HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
+    def connection_closed(self, conn: EdgeProtocol) -> None:
+        self.connections.discard(conn)
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
+_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
 def _head(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
 
 
 class Exchange:
-    """One request and its response."""
+    """One request and its response; the response side is the upstream's ``ResponseSink``."""
+
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "body_done",
+        "chunked_in",
+        "chunked_out",
+        "content_length",
+        "finished",
+        "has_credentials",
+        "head_received",
+        "headers",
+        "host",
+        "keep_alive",
+        "max_body",
+        "method",
+        "no_body_out",
+        "pending_head",
+        "proto",
+        "sent_bytes",
+        "tunnel",
+        "upgrade",
+        "upstream",
+        "url",
+        "vm_id",
+    )  # fmt: skip
 
     def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
-                 version: str, keep_alive: bool, upgrade: bool) -> None:  # fmt: skip
+                 keep_alive: bool, upgrade: bool) -> None:  # fmt: skip
         self.proto = proto
         self.method = method
         self.url = url
         self.headers = headers
-        self.version = version
         self.keep_alive = keep_alive
         self.upgrade = upgrade
-        names = {name.lower(): value for name, value in headers}
-        self.accept = names.get(b"accept")
-        self.chunked_in = b"transfer-encoding" in names
-        self.has_body = self.chunked_in or int(names.get(b"content-length", b"0") or 0) > 0
+        # One pass over the head for what the edge itself needs from it.
+        hosts = 0
+        host = length = None
+        chunked = credentials = False
+        for name, value in headers:
+            low = name.lower()
+            if low == b"host":
+                hosts += 1
+                host = value
+            elif low == b"content-length":
+                length = value
+            elif low == b"transfer-encoding":
+                chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
+            elif low == b"cookie" or low == access.TOKEN_HEADER:
+                credentials = True
+        self.host = host if hosts == 1 else None
+        self.chunked_in = chunked
+        self.content_length = None if chunked or length is None else int(length)  # llhttp checked it
+        self.has_credentials = credentials
         self.body: list[bytes] = []
-        self.body_bytes = 0
+        self.body_bytes = 0  # buffered while no upstream is attached
+        self.sent_bytes = 0  # whole body so far, for the size limit
         self.body_done = False
         self.upstream: UpstreamConnection | None = None
         self.vm_id: str | None = None
-        self.head_sent = False
+        self.head_received = False
         self.pending_head = b""
         self.chunked_out = False
         self.no_body_out = False
         self.tunnel = False
-        loop = proto.edge.loop
-        self.done = loop.create_future()
-        self.head_received = loop.create_future()
+        self.max_body = 0
+        self.finished = False  # the response is complete; waiting for the request's end to move on
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked_in or bool(self.content_length)
+
+    def accept(self) -> bytes | None:
+        return next((v for n, v in self.headers if n.lower() == b"accept"), None)
 
     # request body (from the client parser) ---------------------------------------------------------
 
     def feed_body(self, data: bytes) -> None:
-        if self.upstream is not None:
-            self._send_body(data)
-            if not self.upstream.can_write:
+        self.sent_bytes += len(data)
+        if self.max_body and self.sent_bytes > self.max_body:
+            self.proto.body_too_large(self)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            if self.chunked_in:
+                upstream.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                upstream.write(data)
+            if not upstream.can_write:
                 self.proto.pause_reading()
+            self.proto.activity()
             return
         self.body.append(data)
         self.body_bytes += len(data)
@@ -120,59 +221,55 @@ class Exchange:
 
     def end_body(self) -> None:
         self.body_done = True
-        if self.upstream is not None and self.chunked_in:
-            self.upstream.write(b"0\r\n\r\n")
-
-    def _send_body(self, data: bytes) -> None:
-        assert self.upstream is not None
-        if self.chunked_in:
-            self.upstream.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.upstream.write(data)
+        upstream = self.upstream
+        if upstream is not None:
+            if self.chunked_in:
+                upstream.write(b"0\r\n\r\n")
+            upstream.end_request()
+            self.proto.request_sent(self)
 
     def attach(self, conn: UpstreamConnection, head: bytes) -> None:
         self.upstream = conn
-        conn.start(self, head, head_only=self.method == b"HEAD")
-        for chunk in self.body:
-            self._send_body(chunk)
-        self.body.clear()
+        if self.body:
+            chunked = self.chunked_in
+            head += b"".join([b"%x\r\n%s\r\n" % (len(c), c) for c in self.body] if chunked else self.body)
+            self.body.clear()
+            self.body_bytes = 0
         if self.body_done and self.chunked_in:
-            conn.write(b"0\r\n\r\n")
-        self.proto.resume_body(self)
+            head += b"0\r\n\r\n"
+        conn.start(self, head, head_only=self.method == b"HEAD", request_sent=self.body_done)
 
     # ResponseSink ---------------------------------------------------------------------------------
 
     def on_response_head(self, status: int, version: str, headers: list[tuple[bytes, bytes]]) -> None:
-        if not self.head_received.done():
-            self.head_received.set_result(None)
-        transport = self.proto.transport
+        proto = self.proto
+        transport = proto.transport
         if transport is None:
             return
         if 100 <= status < 200 and status != 101:
-            transport.write(_status_line(status) + _head(hdr.response_headers(headers)) + b"\r\n")
+            transport.write(_STATUS_LINES[status] + _head(hdr.response_headers(headers)) + b"\r\n")
             return
+        self.head_received = True
         out = hdr.response_headers(headers)
         if status == 101 and self.upgrade:
             upgrade = [(n, v) for n, v in headers if n.lower() == b"upgrade"]
             out += [(b"Connection", b"Upgrade"), *upgrade]
             self.tunnel = True
-            self.proto.start_tunnel(self)
-        else:
-            names = {name.lower() for name, _ in headers}
-            self.no_body_out = self.method == b"HEAD" or status in (204, 304)
-            if not self.no_body_out and b"content-length" not in names:
-                self.chunked_out = True
-                out.append((b"Transfer-Encoding", b"chunked"))
-            if not self.keep_alive:
-                out.append((b"Connection", b"close"))
-        self.head_sent = True
-        head = _status_line(status) + _head(out) + b"\r\n"
-        if self.tunnel:
-            transport.write(head)
-        else:
-            # Held until the body's first bytes or the end of this read from the VM (flush_head), so
-            # a small response leaves in one write instead of two.
-            self.pending_head = head
+            transport.write(_STATUS_LINES[101] + _head(out) + b"\r\n")
+            proto.start_tunnel(self)
+            return
+        self.no_body_out = self.method == b"HEAD" or status in (204, 304)
+        assert self.upstream is not None
+        if not self.no_body_out and not self.upstream.length_known:
+            self.chunked_out = True
+            out.append((b"Transfer-Encoding", b"chunked"))
+        if not self.keep_alive or proto.closing_after_response():
+            out.append((b"Connection", b"close"))
+        # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
+        # small response leaves in one write instead of two.
+        self.pending_head = _STATUS_LINES.get(status) or _status_line(status)
+        self.pending_head += _head(out) + b"\r\n"
+        proto.response_started(self)
 
     def flush_head(self) -> None:
         if self.pending_head and self.proto.transport is not None:
@@ -180,62 +277,63 @@ class Exchange:
         self.pending_head = b""
 
     def on_response_body(self, data: bytes) -> None:
-        transport = self.proto.transport
+        proto = self.proto
+        transport = proto.transport
         if transport is None or self.no_body_out or not data:
             return
         out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data
         if self.pending_head:
             out, self.pending_head = self.pending_head + out, b""
         transport.write(out)
-        if not self.proto.can_write and self.upstream is not None and self.upstream.transport is not None:
+        proto.activity()
+        if not proto.can_write and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel:
             return
-        transport = self.proto.transport
-        if transport is not None and self.chunked_out:
+        if self.chunked_out and self.proto.transport is not None:
             self.pending_head += b"0\r\n" + _head(hdr.response_headers(trailers)) + b"\r\n"
         self.flush_head()
-        if not self.done.done():
-            self.done.set_result(True)
+        self.proto.response_complete(self)
 
     def on_upstream_lost(self, exc: Exception | None) -> None:
-        if self.tunnel and self.proto.transport is not None:
-            self.proto.transport.close()  # the VM closed the tunnel: so does the client's side
-        if not self.head_received.done():
-            self.head_received.set_exception(ConnectionError("upstream closed before answering"))
-        if not self.done.done():
-            self.done.set_result(False)
+        self.proto.upstream_lost(self)
 
     def on_upstream_writable(self) -> None:
-        if self.tunnel:
-            self.proto.resume_reading()
-        else:
-            self.proto.resume_body(self)
+        self.proto.upstream_writable(self)
 
 
 class EdgeProtocol(asyncio.Protocol):
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
         self.settings = edge.settings
+        self.loop = edge.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
-        self.pending: deque[Exchange | Rejection] = deque()
-        self.parsing: Exchange | None = None
-        self.current: Exchange | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.trusted = False
+        self.pending: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None  # the request whose body the parser is reading
+        self.current: Exchange | None = None  # the request being answered
+        self.task: asyncio.Task[None] | None = None  # a route lookup or upstream connect, if any
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
+        self.in_head = False
         self.can_write = True
         self.reading_paused = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline: float | None = None
+        # Made on first use (an idle connection holds few objects).
+        self.head_deadline: Deadline | None = None  # the request head must arrive in time
+        self.answer_deadline: Deadline | None = None  # upload progress, then the app's response head
+        self.silence_deadline: Deadline | None = None  # a streaming response's or a tunnel's idleness
+        self.keepalive_deadline: Deadline | None = None  # between requests
+        self.client_info: hdr.ClientInfo | None = None
         self.tunnel_to: UpstreamConnection | None = None
+        self.ws_frames: tuple[FrameTracker, FrameTracker] | None = None  # (to the VM, to the client)
         self.early_tunnel_data = b""
         self.closing = False
+        self.draining = False
 
     # connection -----------------------------------------------------------------------------------
 
@@ -243,29 +341,36 @@ class EdgeProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.trusted = self.peer_ip in self.settings.trusted_proxies
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if len(self.edge.connections) >= self.settings.max_connections:
+        if len(self.edge.connections) >= self.settings.max_connections or self.edge.draining:
             # Refused cleanly rather than left unaccepted in the backlog: the client learns at once.
             self.closing = True
-            message = "too many open connections; try again later"
-            self.transport.write(
-                pages.error_response(503, "too_many_connections", message, accept=None, close=True)
+            code, message = (
+                ("shutting_down", "this gateway process is shutting down; try again")
+                if self.edge.draining
+                else ("too_many_connections", "too many open connections; try again later")
             )
+            self.transport.write(pages.error_response(503, code, message, accept=None, close=True))
             self.transport.close()
             return
         self.edge.connections.add(self)
-        self._arm(self.settings.header_timeout_s)
+        self._head_deadline().start(self.settings.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.edge.connections.discard(self)
-        self._stop_timer()
+        self.edge.connection_closed(self)
+        for deadline in (self.head_deadline, self.answer_deadline, self.silence_deadline,
+                         self.keepalive_deadline):  # fmt: skip
+            if deadline is not None:
+                deadline.cancel()
         self.transport = None
         if self.tunnel_to is not None:
             self.tunnel_to.close()
-        if self.current is not None and self.current.upstream is not None and not self.current.done.done():
-            self.current.upstream.close()  # the client left: the VM's request ends too (SSE, long polls)
+        ex = self.current
+        if ex is not None and ex.upstream is not None and not ex.finished:
+            ex.upstream.close()  # the client left: the VM's request ends too (SSE, long polls)
         if self.task is not None:
             self.task.cancel()
 
@@ -273,9 +378,7 @@ class EdgeProtocol(asyncio.Protocol):
         if self.closing:
             return  # answered and closing: nothing more on this connection is read
         if self.tunnel_to is not None:
-            self.tunnel_to.write(data)
-            if not self.tunnel_to.can_write:
-                self.pause_reading()
+            self._tunnel_to_vm(data)
             return
         try:
             self.parser.feed_data(data)
@@ -285,6 +388,18 @@ class EdgeProtocol(asyncio.Protocol):
             self.pause_reading()  # nothing more is parsed: the rest belongs to the tunnel
         except httptools.HttpParserError as exc:
             self._protocol_error(400, "bad_request", f"malformed request: {exc}")
+            return
+        # Requests start once this read is parsed: a framing error anywhere in it is answered before
+        # any of it reaches an app.
+        if self.current is None and self.pending and not self.closing:
+            if self.keepalive_deadline is not None:
+                self.keepalive_deadline.stop()
+            self._begin(self.pending.popleft())
+        if self.in_head and self.current is None:
+            # A head split over packets; when a head arrives whole (the usual case) no timer moves.
+            deadline = self._head_deadline()
+            if not deadline.armed:
+                deadline.start(self.settings.header_timeout_s)
 
     def pause_writing(self) -> None:
         self.can_write = False
@@ -310,61 +425,52 @@ class EdgeProtocol(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def resume_body(self, ex: Exchange) -> None:
-        """Read more of a request body once its buffer or the VM's socket has room again."""
-        if self.parsing is ex:
-            self.resume_reading()
+    def activity(self) -> None:
+        deadline = self.silence_deadline
+        if deadline is not None and deadline.armed:
+            deadline.touch()
 
-    # One lazy timer per connection: arming moves a deadline, and the timer reschedules itself when it
-    # fires early, instead of a call_later and a cancel for every request on a keep-alive connection.
+    # deadlines ------------------------------------------------------------------------------------
 
-    def _arm(self, timeout_s: float) -> None:
-        self.deadline = self.edge.loop.time() + timeout_s
-        if self.timer is None:
-            self.timer = self.edge.loop.call_at(self.deadline, self._timed_out)
+    def _head_deadline(self) -> Deadline:
+        if self.head_deadline is None:
+            self.head_deadline = Deadline(self.loop, self._close_quietly)
+        return self.head_deadline
 
-    def _disarm(self) -> None:
-        self.deadline = None
+    def _answer_deadline(self) -> Deadline:
+        if self.answer_deadline is None:
+            self.answer_deadline = Deadline(self.loop, self._answer_overdue)
+        return self.answer_deadline
 
-    def _stop_timer(self) -> None:
-        self.deadline = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _silence_deadline(self) -> Deadline:
+        if self.silence_deadline is None:
+            self.silence_deadline = Deadline(self.loop, self._close_quietly)
+        return self.silence_deadline
 
-    def _timed_out(self) -> None:
-        self.timer = None
-        if self.deadline is None:
-            return
-        if self.deadline > self.edge.loop.time():
-            self.timer = self.edge.loop.call_at(self.deadline, self._timed_out)
-            return
-        self.deadline = None
-        if self.transport is not None and self.current is None and self.tunnel_to is None:
-            self.transport.close()
+    def _keepalive_deadline(self) -> Deadline:
+        if self.keepalive_deadline is None:
+            self.keepalive_deadline = Deadline(self.loop, self._close_quietly)
+        return self.keepalive_deadline
 
-    def _protocol_error(self, status: int, code: str, message: str) -> None:
-        """Answer a malformed request and close: after a framing error nothing on it is trusted."""
-        if self.closing:
-            return  # already answered (e.g. 431 from a callback, then the parser's own error)
-        self.closing = True
+    def _close_quietly(self) -> None:
+        """Head deadline, keep-alive, stream or tunnel idleness: the connection just ends."""
         if self.transport is not None:
-            if self.current is None:
-                self.transport.write(pages.error_response(status, code, message, accept=None, close=True))
+            self.closing = True
             self.transport.close()
 
-    def vm_gone(self, vm_id: str) -> None:
+    def _answer_overdue(self) -> None:
         ex = self.current
-        if ex is not None and ex.vm_id == vm_id and self.transport is not None:
-            self.transport.close()
+        if ex is not None and not ex.head_received and self.transport is not None:
+            self._drop_upstream(ex)
+            self._reply(ex, 504, "upstream_timeout", "the app did not answer in time", close=True)
 
-    # httptools callbacks --------------------------------------------------------------------------
+    # the request side (httptools callbacks) -------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
         self.header_bytes = 0
-        self._arm(self.settings.header_timeout_s)
+        self.in_head = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -382,179 +488,415 @@ class EdgeProtocol(asyncio.Protocol):
             raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self.in_head = False
+        if self.head_deadline is not None:
+            self.head_deadline.stop()
         parser = self.parser
         ex = Exchange(
-            self, parser.get_method(), self.url, self.headers, parser.get_http_version(),
-            parser.should_keep_alive(), parser.should_upgrade(),
+            self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
+            parser.should_upgrade(),
         )  # fmt: skip
         self.parsing = ex
         self.pending.append(ex)
-        if self.task is None:
-            self.task = self.edge.loop.create_task(self._serve_all())
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:
             self.parsing.feed_body(body)
 
     def on_message_complete(self) -> None:
-        if self.parsing is not None:
-            self.parsing.end_body()
-            self.parsing = None
-        if self.pending:
-            # Pipelined requests wait their turn; reading resumes when the queue is empty again.
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            return
+        ex.end_body()
+        if ex.finished and ex is self.current and not self.closing and self.transport is not None:
+            self._next(ex)  # answered before its body ended (e.g. a rejection of a GET)
+        elif len(self.pending) >= MAX_PIPELINED:
             self.pause_reading()
 
-    # serving --------------------------------------------------------------------------------------
+    # one exchange ---------------------------------------------------------------------------------
 
-    async def _serve_all(self) -> None:
+    def _begin(self, ex: Exchange) -> None:
+        self.current = ex
         try:
-            while self.pending and self.transport is not None:
-                ex = self.pending.popleft()
-                assert isinstance(ex, Exchange)
-                self.current = ex
-                keep = await self._serve(ex)
-                self.current = None
-                if not keep or self.transport is None or self.closing:
-                    if self.transport is not None:
-                        self.transport.close()
-                    return
-                if ex.tunnel:
-                    return
-            if self.transport is not None:
-                self._arm(self.settings.keepalive_timeout_s)
-                self.resume_reading()
+            self._route(ex)
+        except Exception:
+            log.exception("edge exchange failed")
+            self._abort_exchange(ex)
+
+    def _route(self, ex: Exchange) -> None:
+        target = self.edge.parse_target(ex.method, ex.url, ex.host)
+        if type(target) is Rejection:
+            if target.location is not None:
+                self._write_and_finish(
+                    ex, pages.redirect_response(target.status, target.location, close=not ex.keep_alive)
+                )
+                return
+            self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
+            return
+        if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+            ex.upgrade = False
+        if type(target) is ApiTarget:
+            head = self._request_head(ex, ex.url, self._forwarded(ex, target.host, None))
+            self._send(ex, API_POOL_KEY, self.settings.api_socket, head)
+            return
+        assert isinstance(target, AppTarget)
+        key = (
+            ("s", target.session_id, target.port)
+            if target.kind == "path"
+            else ("v", target.vm_id, target.port)
+        )
+        route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
+        if route is MISS:
+            self._spawn(self._resolve_then_route(ex, target, key))  # type: ignore[arg-type]
+        else:
+            self._routed(ex, target, route)  # type: ignore[arg-type]
+
+    async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: tuple[str, str, int]) -> None:
+        try:
+            route = await self.edge.resolver.resolve(key)
+        except GatewayError as exc:
+            self._reply(ex, 503, "store_unavailable", f"routing unavailable: {exc}")
+            return
+        if self.current is ex and self.transport is not None:
+            self._routed(ex, target, route)
+
+    def _routed(self, ex: Exchange, target: AppTarget, route: Route | None) -> None:
+        if route is None:
+            self._no_route(ex)
+            return
+        request_target = target.upstream_target
+        if route.token_sha256 is not None:
+            request_target, token = access.split_token_from_target(request_target)
+            if token is not None:
+                self._trade_token_for_cookie(ex, target, route, token)
+                return
+            if not access.token_matches(access.presented_token(ex.headers), route.token_sha256):
+                self._no_route(ex)  # the same answer as an unknown app: no oracle
+                return
+        elif access.TOKEN_QUERY_PARAM in request_target:
+            request_target, _ = access.split_token_from_target(request_target)
+        ex.max_body = self.settings.max_body_bytes
+        if self._body_too_large_up_front(ex):
+            return
+        headers = self._forwarded(ex, target.host, target.prefix)
+        if ex.has_credentials:
+            headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, access.TOKEN_HEADER)
+        ex.vm_id = route.vm_id
+        self._send(
+            ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, request_target, headers)
+        )
+
+    def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
+        client = self.client_info
+        if client is None or client.host != host:
+            # Kept per connection: a client sends the same Host on every request.
+            client = self.client_info = hdr.ClientInfo(self.peer_ip, self.settings.scheme, host, self.trusted)
+        return hdr.forwarded_headers(ex.headers, client, prefix)
+
+    def _send(self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes) -> None:
+        conn = self.edge.pool.take_idle(key)
+        if conn is None:
+            self._spawn(self._connect_then_send(ex, key, unix_path, head))
+        else:
+            self._attach(ex, conn, head)
+
+    async def _connect_then_send(
+        self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes
+    ) -> None:
+        try:
+            conn = await self.edge.pool.connect(key, unix_path)
+        except TimeoutError:
+            self._reply(ex, 504, "upstream_connect_timeout", "the app did not accept a connection in time")
+            return
+        except OSError:
+            self._reply(ex, 502, "upstream_refused", "nothing is listening on this port in the VM")
+            return
+        if self.current is not ex or self.transport is None:
+            conn.close()
+            return
+        self._attach(ex, conn, head)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:
+        ex.attach(conn, head)
+        if ex.body_done or not ex.has_body:
+            self._answer_deadline().start(self.settings.first_byte_timeout_s)
+        else:
+            # While a body streams up, the limit is on silence (a 1 GiB upload may take minutes);
+            # the answer is timed from the body's end (request_sent).
+            self._answer_deadline().start_idle(self.settings.first_byte_timeout_s)
+            if self.parsing is ex:
+                self.resume_reading()  # a body buffered while routing may have paused reading
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task = self.loop.create_task(self._guarded(coro))
+
+    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        ex = self.current
+        try:
+            await coro
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("edge exchange failed")
-            if self.transport is not None:
-                self.transport.close()
+            if ex is not None:
+                self._abort_exchange(ex)
         finally:
             self.task = None
 
-    def _reply(self, ex: Exchange, status: int, code: str, message: str, *, close: bool = False) -> bool:
-        assert self.transport is not None
-        keep = ex.keep_alive and not close and not ex.upgrade
-        self.transport.write(pages.error_response(status, code, message, accept=ex.accept, close=not keep))
-        return keep and ex.body_done
+    # progress reported by the exchange -----------------------------------------------------------
 
-    async def _serve(self, ex: Exchange) -> bool:
-        target = parse_target(ex.method, ex.url, _host_header(ex.headers), self.settings.routing)
-        if isinstance(target, Rejection):
-            if target.location is not None:
-                assert self.transport is not None
-                self.transport.write(
-                    pages.redirect_response(target.status, target.location, close=not ex.keep_alive)
-                )
-                return ex.keep_alive and ex.body_done
-            return self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
-        upgrade = hdr.upgrade_protocol(ex.headers) if ex.upgrade else None
-        if upgrade == b"h2c":
-            ex.upgrade = False
-        out_headers = hdr.forwarded_headers(
-            ex.headers,
-            hdr.ClientInfo(
-                self.peer_ip, self.settings.scheme, target.host, self.peer_ip in self.settings.trusted_proxies
-            ),
-            target.prefix if isinstance(target, AppTarget) else None,
-        )
-        if isinstance(target, ApiTarget):
-            key = ("api", "unix", 0)
-            unix_path: str | None = self.settings.api_socket
-            request_target = ex.url
-        else:
-            try:
-                route = await self._resolve(target)
-            except GatewayError as exc:
-                return self._reply(ex, 503, "store_unavailable", f"routing unavailable: {exc}")
-            if route is None:
-                return self._no_route(ex)
-            request_target, token = access.split_token_from_target(target.upstream_target)
-            if route.token_sha256 is not None:
-                if token is not None:
-                    return self._trade_token_for_cookie(ex, target, route, token)
-                if not access.token_matches(access.presented_token(ex.headers), route.token_sha256):
-                    return self._no_route(ex)  # the same answer as an unknown app: no oracle
-            out_headers = hdr.strip_gateway_credentials(out_headers, access.COOKIE_NAMES, access.TOKEN_HEADER)
-            ex.vm_id = route.vm_id
-            key = (route.vm_id, route.ip, route.port)
-            unix_path = None
-        try:
-            conn = await self.edge.pool.acquire(key, unix_path)
-        except TimeoutError:
-            return self._reply(
-                ex, 504, "upstream_connect_timeout", "the app did not accept a connection in time"
-            )
-        except OSError:
-            return self._reply(ex, 502, "upstream_refused", "nothing is listening on this port in the VM")
-        ex.attach(conn, self._request_head(ex, request_target, out_headers))
-        try:
-            async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                await ex.head_received
-        except TimeoutError:
-            conn.close()
-            return self._reply(ex, 504, "upstream_timeout", "the app did not answer in time", close=True)
-        except ConnectionError:
-            return self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
+    def request_sent(self, ex: Exchange) -> None:
+        if self.current is ex and not ex.head_received and ex.has_body:
+            self._answer_deadline().start(self.settings.first_byte_timeout_s)
+
+    def response_started(self, ex: Exchange) -> None:
+        if self.current is ex:
+            self.answer_deadline.stop()  # type: ignore[union-attr]
+            if self.settings.stream_idle_timeout_s > 0:
+                self._silence_deadline().start_idle(self.settings.stream_idle_timeout_s)
+
+    def response_complete(self, ex: Exchange) -> None:
+        self._finish(ex, ex.keep_alive and not ex.upgrade)  # a refused upgrade: the rest is not HTTP
+
+    def upstream_lost(self, ex: Exchange) -> None:
+        if ex.tunnel or ex.head_received:
+            if self.transport is not None:
+                self.transport.close()  # mid-response or a tunnel: the client sees the end too
+            return
+        self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
+
+    def upstream_writable(self, ex: Exchange) -> None:
         if ex.tunnel:
+            self.resume_reading()
+        elif self.parsing is ex:
+            self.resume_reading()
+
+    def body_too_large(self, ex: Exchange) -> None:
+        """A body passed the route's limit while streaming: 413 if nothing was answered yet, then close."""
+        if self.closing:
+            return
+        self._drop_upstream(ex)
+        if not ex.head_received and self.current is ex:
+            self._reply(
+                ex, 413, "body_too_large", f"the request body is larger than {ex.max_body} bytes", close=True
+            )
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _body_too_large_up_front(self, ex: Exchange) -> bool:
+        if ex.max_body and ex.content_length is not None and ex.content_length > ex.max_body:
+            self._reply(
+                ex, 413, "body_too_large", f"the request body is larger than {ex.max_body} bytes", close=True
+            )
             return True
-        completed = await ex.done
-        if not completed:
-            return False  # the VM went away mid-response: the client sees the connection end
-        if ex.upgrade:
-            return False  # a refused upgrade: the connection's remaining bytes are not HTTP
-        return ex.keep_alive and ex.body_done
+        return False
 
-    def _no_route(self, ex: Exchange) -> bool:
+    # ending an exchange ---------------------------------------------------------------------------
+
+    def _reply(self, ex: Exchange, status: int, code: str, message: str, *, close: bool = False) -> None:
+        if self.transport is None or self.current is not ex:
+            return
+        keep = ex.keep_alive and not close and not ex.upgrade and not self.closing_after_response()
+        self.transport.write(pages.error_response(status, code, message, accept=ex.accept(), close=not keep))
+        self._finish(ex, keep)
+
+    def _write_and_finish(self, ex: Exchange, response: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(response)
+        self._finish(ex, ex.keep_alive)
+
+    def _no_route(self, ex: Exchange) -> None:
         message = "no such app: the VM does not exist, has ended, or this port is not exposed"
-        return self._reply(ex, 404, "no_route", message)
+        self._reply(ex, 404, "no_route", message)
 
-    def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> bool:
+    def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> None:
         """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
         if not access.token_matches(token, route.token_sha256 or ""):
-            return self._no_route(ex)
+            self._no_route(ex)
+            return
         clean, _ = access.split_token_from_target(ex.url)
         cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
         cookie = access.cookie_header(token, cookie_path, secure=self.settings.scheme == "https")
-        assert self.transport is not None
-        self.transport.write(
-            pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
+        self._write_and_finish(
+            ex, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
         )
-        return ex.keep_alive and ex.body_done
 
-    async def _resolve(self, target: AppTarget) -> Route | None:
-        if target.kind == "path":
-            assert target.session_id is not None
-            return await self.edge.resolver.by_session(target.session_id, target.port)
-        assert target.vm_id is not None
-        return await self.edge.resolver.by_vm(target.vm_id, target.port)
+    def _finish(self, ex: Exchange, keep: bool) -> None:
+        """The response is complete. Next request, keep-alive wait, or close."""
+        if self.current is not ex or ex.finished:
+            return
+        ex.finished = True
+        if self.transport is None:
+            return
+        if not keep or self.closing or self.closing_after_response():
+            self.closing = True
+            self.transport.close()
+            return
+        if not ex.body_done:
+            if ex.has_body:
+                # Answered before the body ended: the rest of it would have to be read and thrown
+                # away; closing is what the client can rely on.
+                self.closing = True
+                self.transport.close()
+            # else: its end arrives in this same parse (on_message_complete moves on)
+            return
+        self._next(ex)
+
+    def _next(self, ex: Exchange) -> None:
+        self.current = None
+        for deadline in (self.answer_deadline, self.silence_deadline):
+            if deadline is not None:
+                deadline.stop()
+        if self.pending:
+            self._begin(self.pending.popleft())
+            if self.current is None:
+                return
+            if len(self.pending) < MAX_PIPELINED and self.parsing is None:
+                self.resume_reading()
+            return
+        if self.in_head:
+            self._head_deadline().start(self.settings.header_timeout_s)
+        else:
+            self._keepalive_deadline().start(self.settings.keepalive_timeout_s)
+        self.resume_reading()
+
+    def _drop_upstream(self, ex: Exchange) -> None:
+        conn = ex.upstream
+        if conn is not None:
+            conn.sink = None  # its loss is not news: the client is answered here
+            conn.close()
+
+    def _abort_exchange(self, ex: Exchange) -> None:
+        self._drop_upstream(ex)
+        if self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _protocol_error(self, status: int, code: str, message: str) -> None:
+        """Answer a malformed request and close: after a framing error nothing on it is trusted."""
+        if self.closing:
+            return  # already answered (e.g. 431 from a callback, then the parser's own error)
+        self.closing = True
+        if self.transport is not None:
+            ex = self.current
+            if ex is None or ex.finished or not ex.head_received:
+                if ex is not None and not ex.finished:
+                    self._drop_upstream(ex)  # the app saw at most the start of it: it is cut short
+                self.transport.write(pages.error_response(status, code, message, accept=None, close=True))
+            self.transport.close()
 
     def _request_head(self, ex: Exchange, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        out = list(headers)
         if ex.chunked_in:
-            out.append((b"Transfer-Encoding", b"chunked"))
-        else:
-            length = next((v for n, v in ex.headers if n.lower() == b"content-length"), None)
-            if length is not None:
-                out.append((b"Content-Length", length))
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        elif ex.content_length is not None:
+            headers.append((b"Content-Length", b"%d" % ex.content_length))
         if ex.upgrade:
-            out += [(b"Connection", b"Upgrade")] + [(n, v) for n, v in ex.headers if n.lower() == b"upgrade"]
-        return b"%s %s HTTP/1.1\r\n%s\r\n" % (ex.method, target, _head(out))
+            headers.append((b"Connection", b"Upgrade"))
+            headers += [(n, v) for n, v in ex.headers if n.lower() == b"upgrade"]
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (ex.method, target, _head(headers))
+
+    # VM gone, drain -------------------------------------------------------------------------------
+
+    def vm_gone(self, vm_id: str) -> None:
+        ex = self.current
+        if ex is not None and ex.vm_id == vm_id and self.transport is not None:
+            self.transport.close()
+
+    def closing_after_response(self) -> bool:
+        return self.draining
+
+    def drain(self) -> None:
+        """Stop taking requests on this connection: close it now if idle, else after its response."""
+        self.draining = True
+        if self.transport is None:
+            return
+        if self.tunnel_to is not None:
+            self._close_tunnel()
+        elif self.current is None and not self.in_head:
+            self.closing = True
+            self.transport.close()
+        # else: the response in flight carries Connection: close (if its head is not out yet) and the
+        # connection closes when it is complete (_finish)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.tunnel_to is not None:
+            self.tunnel_to.close()
+
+    # tunnel ---------------------------------------------------------------------------------------
 
     def start_tunnel(self, ex: Exchange) -> None:
         """The VM accepted an upgrade: from now on bytes flow unparsed both ways."""
         conn = ex.upstream
         assert conn is not None and self.transport is not None
-        transport = self.transport
-        conn.tunnel = transport.write
+        if hdr.is_websocket_upgrade(ex.headers):
+            self.ws_frames = (FrameTracker(), FrameTracker())
+        conn.tunnel = self._tunnel_to_client
         self.tunnel_to = conn
+        if self.answer_deadline is not None:
+            self.answer_deadline.stop()
+        if self.settings.tunnel_idle_timeout_s > 0:
+            self._silence_deadline().start_idle(self.settings.tunnel_idle_timeout_s)
         if self.early_tunnel_data:
-            conn.write(self.early_tunnel_data)
-            self.early_tunnel_data = b""
+            data, self.early_tunnel_data = self.early_tunnel_data, b""
+            self._tunnel_to_vm(data)
         self.resume_reading()
+        if self.draining:
+            self._close_tunnel()
 
+    def _tunnel_to_vm(self, data: bytes) -> None:
+        conn = self.tunnel_to
+        assert conn is not None
+        if self.ws_frames is not None:
+            frames = self.ws_frames[0]
+            if frames.closed:
+                return  # after the edge's close frame nothing more is forwarded
+            cut = frames.feed(data, stop_at_boundary=self.draining)
+            if self.draining and frames.at_boundary:
+                conn.write(data[:cut])
+                self._send_close(frames, to_vm=True)
+                return
+        conn.write(data)
+        self.activity()
+        if not conn.can_write:
+            self.pause_reading()
 
-def _host_header(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    hosts = [value for name, value in headers if name.lower() == b"host"]
-    return hosts[0] if len(hosts) == 1 else None
+    def _tunnel_to_client(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.ws_frames is not None:
+            frames = self.ws_frames[1]
+            if frames.closed:
+                return
+            cut = frames.feed(data, stop_at_boundary=self.draining)
+            if self.draining and frames.at_boundary:
+                transport.write(data[:cut])
+                self._send_close(frames, to_vm=False)
+                return
+        transport.write(data)
+        self.activity()
+
+    def _close_tunnel(self) -> None:
+        """Shutting down: a WebSocket gets a close frame (1001, going away) each way at the next frame
+        boundary, then the peers close; any other tunnel is closed at once."""
+        if self.transport is None or self.tunnel_to is None:
+            return
+        if self.ws_frames is None:
+            self.transport.close()
+            return
+        for frames, to_vm in zip(self.ws_frames, (True, False), strict=True):
+            if frames.at_boundary and not frames.closed:
+                self._send_close(frames, to_vm=to_vm)
+
+    def _send_close(self, frames: FrameTracker, *, to_vm: bool) -> None:
+        frames.closed = True
+        frame = close_frame(1001, b"gateway shutting down", masked=to_vm)
+        if to_vm:
+            assert self.tunnel_to is not None
+            self.tunnel_to.write(frame)
+        elif self.transport is not None:
+            self.transport.write(frame)

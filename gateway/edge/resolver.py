@@ -41,7 +41,8 @@ class Route:
     token_sha256: str | None = None
 
 
-CacheKey = tuple[str, str, int]
+CacheKey = tuple[str, str, int]  # ("s", session id, port) or ("v", VM id, port)
+MISS = object()  # peek(): nothing usable cached
 
 
 class Resolver:
@@ -64,19 +65,32 @@ class Resolver:
     # lookups --------------------------------------------------------------------------------------
 
     async def by_session(self, session_id: str, port: int) -> Route | None:
-        return await self._lookup(("s", session_id, port))
+        return await self.resolve(("s", session_id, port))
 
     async def by_vm(self, vm_id: str, port: int) -> Route | None:
-        return await self._lookup(("v", vm_id, port))
+        return await self.resolve(("v", vm_id, port))
 
-    async def _lookup(self, key: CacheKey) -> Route | None:
+    def peek(self, key: CacheKey) -> Route | object | None:
+        """The cached answer for ("s", session id, port) or ("v", VM id, port), or MISS.
+
+        Synchronous, so a cache hit costs the edge no task or future.
+        """
+        if not self._subscribed:
+            return MISS
+        cached = self._cache.get(key)
+        if cached is None or cached[0] <= time.monotonic():
+            return MISS
+        route = cached[1]
+        if route is not None and route.expires_at is not None and route.expires_at <= time.time():
+            return MISS
+        self.hits += 1
+        return route
+
+    async def resolve(self, key: CacheKey) -> Route | None:
+        cached = self.peek(key)
+        if cached is not MISS:
+            return cached  # type: ignore[return-value]
         now = time.monotonic()
-        cached = self._cache.get(key) if self._subscribed else None
-        if cached is not None and cached[0] > now:
-            route = cached[1]
-            if route is None or route.expires_at is None or route.expires_at > time.time():
-                self.hits += 1
-                return route
         self.misses += 1
         # One Redis lookup per key at a time: a burst of requests after an entry expired shares it.
         generation = self._generation

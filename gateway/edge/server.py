@@ -32,6 +32,9 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
         header_timeout_s=edge.header_timeout_s,
         keepalive_timeout_s=edge.keepalive_timeout_s,
         first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
+        stream_idle_timeout_s=edge.stream_idle_timeout_s,
+        tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
+        max_body_bytes=edge.max_body_bytes,
         max_header_count=edge.max_header_count,
         max_header_bytes=edge.max_header_bytes,
         max_connections=edge.max_connections,
@@ -55,12 +58,7 @@ async def running_edge(
         yield edge
     finally:
         server.close()
-        in_flight = [conn.task for conn in edge.connections if conn.task is not None]
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=config.server.shutdown_grace_s)
-        for conn in list(edge.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+        await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
         await resolver.stop()
         await server.wait_closed()

@@ -235,3 +235,32 @@ def _path_form(target: bytes, host_value: bytes) -> AppTarget | Rejection:
 
 def _norm_name(name: str) -> bytes:
     return name.strip().lower().rstrip(".").encode("ascii", "replace")
+
+
+class TargetParser:
+    """``parse_target`` for one routing config, remembering recent answers.
+
+    The answer depends only on the exact target and Host bytes (and on CONNECT, which is never
+    remembered), so a remembered answer is the one a fresh parse would give. Browsers and API clients
+    repeat the same few targets on a connection; the memo turns a dozen regular-expression checks into
+    one dict lookup. Bounded: long targets are not remembered, and the memo is emptied when full.
+    """
+
+    MAX_ENTRIES = 4096
+    MAX_REMEMBERED_TARGET_BYTES = 512
+
+    def __init__(self, config: RoutingConfig) -> None:
+        self.config = config
+        self._memo: dict[tuple[bytes, bytes | None], AppTarget | ApiTarget | Rejection] = {}
+
+    def __call__(self, method: bytes, target: bytes, host: bytes | None) -> AppTarget | ApiTarget | Rejection:
+        if method == b"CONNECT" or len(target) > self.MAX_REMEMBERED_TARGET_BYTES:
+            return parse_target(method, target, host, self.config)
+        key = (target, host)
+        result = self._memo.get(key)
+        if result is None:
+            result = parse_target(method, target, host, self.config)
+            if len(self._memo) >= self.MAX_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = result
+        return result

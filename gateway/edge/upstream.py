@@ -52,6 +52,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel: Callable[[bytes], None] | None = None
         self.can_write = True
         self.idle_handle: asyncio.TimerHandle | None = None
+        # The request's last byte was written: until then the connection is mid-request and can never
+        # go back to the pool, even when the app answered early (its next reader would see our rest).
+        self.request_sent = True
+        self.length_known = False  # the response head had a Content-Length
 
     # asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.reusable = False
         names = {name.lower() for name, _ in self.headers}
+        self.length_known = b"content-length" in names
         self.close_delimited = (
             b"content-length" not in names
             and b"transfer-encoding" not in names
@@ -164,18 +169,25 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_response_complete(self.trailers)
         if self.tunnel is None:
+            if not self.request_sent:
+                self.reusable = False
             self.pool.release(self)
 
     # use ------------------------------------------------------------------------------------------
 
-    def start(self, sink: ResponseSink, head: bytes, *, head_only: bool) -> None:
+    def start(self, sink: ResponseSink, head: bytes, *, head_only: bool, request_sent: bool) -> None:
+        """Send a request head; ``request_sent`` False: a body follows, ended by ``end_request``."""
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
         self.sink = sink
         self.head_only = head_only
+        self.request_sent = request_sent
         self.complete = False
         self.write(head)
+
+    def end_request(self) -> None:
+        self.request_sent = True
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -195,13 +207,18 @@ class UpstreamPool:
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.connects = self.reuses = 0
 
-    async def acquire(self, key: PoolKey, unix_path: str | None = None) -> UpstreamConnection:
+    def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
+        """A pooled connection for this key, if one is open and reusable (no await: the common case)."""
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.reusable:
                 self.reuses += 1
                 return conn
+        return None
+
+    async def connect(self, key: PoolKey, unix_path: str | None = None) -> UpstreamConnection:
+        """A new connection. Raises TimeoutError past the connect timeout, OSError when refused."""
         loop = self.loop
         self.connects += 1
         async with asyncio.timeout(self.connect_timeout_s):
