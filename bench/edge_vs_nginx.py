@@ -36,7 +36,9 @@ What it does:
    pass/miss line per target of the issue, the direct ceiling, and notes: failed requests or metrics,
    warnings and errors the gateway or nginx logged.
 
-The edge is always one process (the gateway has no worker option); ``--workers`` sets nginx's
+``--workers N`` runs nginx with ``worker_processes N`` and the gateway with ``serve --workers N`` (the
+serving process plus N - 1 ``gateway edge`` children on the same port; the edge's CPU and RSS are
+summed over those processes, not over the VM's app or the embedded Redis); ``--workers`` sets nginx's
 ``worker_processes``. Client, proxies and app share this machine's CPUs, so compare ratios, not
 absolute numbers. Every load loop is bounded in time; the VM, nginx and the gateway are stopped and the
 temporary folders removed also on failure, on Ctrl-C and on SIGTERM.
@@ -220,6 +222,17 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
+def edge_processes(gateway_pid: int) -> list[int]:
+    """The serving gateway and its ``gateway edge`` children (not its VMs or its embedded Redis)."""
+    pids = [gateway_pid]
+    for child in children_of(gateway_pid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"gateway" in argv and b"edge" in argv:
+                pids.append(child)
+    return pids
+
+
 def children_of(parent: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -286,7 +299,7 @@ def versions(workers: int, rounds: int) -> str:
     wrk_version = (wrk.stdout + wrk.stderr).split()[1] if (wrk.stdout + wrk.stderr).split() else "?"
     return (
         f"edge vs nginx on {os.cpu_count()} CPUs (client, proxies and app share them); "
-        f"nginx worker_processes={workers}, edge 1 process; {nginx}; "
+        f"nginx worker_processes={workers}, edge --workers {workers}; {nginx}; "
         f"gateway {commit}{f' + {len(changed)} uncommitted file(s) in gateway/' if changed else ''}; "
         f"Python {sys.version.split()[0]}, uvloop {uvloop.__version__}; wrk {wrk_version}; "
         f"best of {rounds} round(s)"
@@ -323,7 +336,7 @@ class Gateway:
 
 
 @asynccontextmanager
-async def served_gateway() -> AsyncIterator[Gateway]:
+async def served_gateway(workers: int) -> AsyncIterator[Gateway]:
     """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
@@ -335,7 +348,7 @@ async def served_gateway() -> AsyncIterator[Gateway]:
         # that nobody drains.
         with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - a local file, opened once
             proc = await asyncio.create_subprocess_exec(
-                *gateway, "serve", "--listen", f"127.0.0.1:{port}",
+                *gateway, "serve", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
                 env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
@@ -811,8 +824,8 @@ async def bench(args: argparse.Namespace) -> None:
         upload_source = Path(tmp) / "upload.bin"
         with open(upload_source, "wb") as fh:  # noqa: ASYNC230 - a local file, created once
             fh.truncate(TRANSFER_BYTES)  # sparse: reading it costs no disk I/O
-        async with served_gateway() as gw, app_in_vm(gw) as app:
-            edge = Proxy("edge", app.edge_url, lambda: [gw.pid])
+        async with served_gateway(args.workers) as gw, app_in_vm(gw) as app:
+            edge = Proxy("edge", app.edge_url, lambda: edge_processes(gw.pid))
             async with running_nginx(app, args.workers) as (nginx, nginx_dir):
                 for round_index in range(args.rounds):
                     # ABBA order, so neither proxy always runs on a warmer (or busier) machine; the idle
@@ -842,7 +855,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="nginx worker_processes (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=1,
+        help="nginx worker_processes and gateway serve --workers (default: %(default)s)",
     )
     parser.add_argument(
         "--seconds", type=float, default=5.0, help="wrk and WebSocket duration (default: %(default)s)"

@@ -1,17 +1,21 @@
-"""Command line: ``gateway serve`` and ``gateway keys create|list|revoke``. The only place that exits."""
+"""Command line: ``gateway serve``, ``gateway edge``, ``gateway keys create|list|revoke``.
+
+The only place that exits.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
-from gateway.app import admin_client, running_gateway
+from gateway.app import API_SOCKET, admin_client, running_edge_only, running_gateway
 from gateway.config import Config, ConfigError, load_config, override
 from gateway.datadir import DataDirBusy
 from gateway.embedded_redis import EmbeddedRedisError
@@ -63,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[common], help="run the control plane (and, later, the edge) on one listener"
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="edge processes sharing the listener (SO_REUSEPORT), this one included (default 1)",
+    )
+
+    edge = commands.add_parser(
+        "edge",
+        parents=[common],
+        help="run only the edge (app URLs) beside a running gateway; needs GATEWAY_REDIS_URL "
+        "(serve --workers N starts N - 1 of these)",
+    )
+    edge.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (SO_REUSEPORT)")
+    edge.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="the control plane's unix socket, for API requests (default <data-dir>/api.sock)",
+    )
 
     keys = commands.add_parser("keys", parents=[common], help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -89,23 +112,38 @@ def configure(args: argparse.Namespace) -> Config:
         server["listen"] = args.listen
         if config.server.public_url == "http://127.0.0.1:8080":
             server["public_url"] = f"http://{args.listen}"
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     return override(config, server=server) if server else config
 
 
-async def serve(config: Config) -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_gateway(config) as svc:
+    return stop
+
+
+async def serve(config: Config, config_file: str | None) -> None:
+    stop = _stop_on_signals()
+    async with running_gateway(config, config_file) as svc:
         redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
+        workers = f", {config.server.workers} edge processes" if config.server.workers > 1 else ""
         print(
             f"gateway listening on http://{config.server.listen} "
-            f"(VM driver {svc.orchestrator.driver.name}, {redis_where}); Ctrl-C stops it",
+            f"(VM driver {svc.orchestrator.driver.name}, {redis_where}{workers}); Ctrl-C stops it",
             flush=True,
         )
         await stop.wait()
         log.info("stopping")
+
+
+async def edge_only(config: Config, api_socket: str | None) -> None:
+    stop = _stop_on_signals()
+    async with running_edge_only(config, api_socket or str(config.data_path / API_SOCKET)):
+        print(f"edge listening on http://{config.server.listen} (pid {os.getpid()})", flush=True)
+        await stop.wait()
 
 
 async def keys_command(config: Config, args: argparse.Namespace) -> None:
@@ -135,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = configure(args)
         if args.command == "serve":
-            uvloop.run(serve(config))
+            uvloop.run(serve(config, args.config))
+        elif args.command == "edge":
+            uvloop.run(edge_only(config, args.api_socket))
         elif args.command == "keys":
             uvloop.run(keys_command(config, args))
     except (ConfigError, DataDirBusy, EmbeddedRedisError, GatewayError) as exc:

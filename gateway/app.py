@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,18 +19,19 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.api.app import make_api_app
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.datadir import DataDirBusy, DataDirLock
 from gateway.edge.protocol import Edge
 from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import StoreUnavailable
 from gateway.keys import ApiKeyStore
-from gateway.orchestrator.drivers.registry import make_driver
+from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.routes.model import Keys
 from gateway.routes.store import RedisStore, connect, guarded
+from gateway.workers import EdgeWorkers
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ EMBEDDED_REDIS_FOLDER = "redis"
 API_SOCKET = "api.sock"
 
 
-def vm_networks(config: Config, svc: Services) -> list[str]:
-    """The only addresses the edge may dial: the running driver's VM range."""
-    return [config.netns.cidr if svc.orchestrator.driver.name == "netns" else config.process.cidr]
+def vm_networks(config: Config) -> list[str]:
+    """The only addresses the edge may dial: the configured driver's VM range."""
+    return [config.netns.cidr if choose_driver(config.vms.driver) == "netns" else config.process.cidr]
 
 
 def embedded_redis_for(config: Config) -> EmbeddedRedis:
@@ -106,8 +108,12 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
 
 
 @asynccontextmanager
-async def running_gateway(config: Config) -> AsyncIterator[Services]:
-    """The whole gateway, listening on config.server.listen until the context exits."""
+async def running_gateway(config: Config, config_file: str | None = None) -> AsyncIterator[Services]:
+    """The whole gateway, listening on config.server.listen until the context exits.
+
+    With ``server.workers`` > 1, that many - 1 ``gateway edge`` children share the listener; they are
+    started with ``config_file`` and the environment, plus what only this process knows (the Redis URL).
+    """
     lock = DataDirLock(config.data_path)
     lock.acquire()
     try:
@@ -120,15 +126,64 @@ async def running_gateway(config: Config) -> AsyncIterator[Services]:
             await runner.setup()
             site = web.UnixSite(runner, str(api_socket))
             await site.start()
+            workers = edge_workers(config, config_file, str(api_socket))
+            workers_stopped: asyncio.Future[None] | None = None
             try:
-                async with running_edge(config, svc.store, vm_networks(config, svc), str(api_socket)) as edge:
+                async with running_edge(
+                    config, svc.store, vm_networks(config), str(api_socket), reuse_port=workers is not None
+                ) as edge:
                     svc.edge = edge
-                    yield svc
+                    if workers is not None:
+                        await workers.start()
+                    try:
+                        yield svc
+                    finally:
+                        if workers is not None:
+                            # Workers drain alongside this process's edge; the control plane they
+                            # forward API requests to stays up until they are done.
+                            workers_stopped = asyncio.ensure_future(
+                                workers.stop(config.server.shutdown_grace_s)
+                            )
             finally:
+                if workers_stopped is not None:
+                    await workers_stopped
                 await runner.cleanup()
                 api_socket.unlink(missing_ok=True)
     finally:
         lock.release()
+
+
+def edge_workers(config: Config, config_file: str | None, api_socket: str) -> EdgeWorkers | None:
+    if config.server.workers <= 1:
+        return None
+    args = ["--config", config_file] if config_file else []
+    args += ["--data-dir", str(config.data_path), "edge", "--listen", config.server.listen]
+    args += ["--api-socket", api_socket]
+    env = {
+        **os.environ,
+        "GATEWAY_REDIS_URL": config.redis.url or embedded_redis_for(config).url,
+        "GATEWAY_SERVER_PUBLIC_URL": config.server.public_url,
+        "GATEWAY_SERVER_WORKERS": "1",
+    }
+    return EdgeWorkers(config.server.workers - 1, args, env)
+
+
+@asynccontextmanager
+async def running_edge_only(config: Config, api_socket: str) -> AsyncIterator[Edge]:
+    """Only the data plane, on a running control plane's Redis (``gateway edge``)."""
+    if not config.redis.url:
+        raise ConfigError("gateway edge needs the control plane's Redis: set GATEWAY_REDIS_URL")
+    client = connect(config.redis.url, config.redis.call_timeout_s)
+    try:
+        try:
+            await guarded(client.ping())
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"cannot reach Redis at {config.redis.url}: {exc.__cause__}") from exc
+        store = RedisStore(client, Keys(config.redis.key_prefix), config.vms.retention_s)
+        async with running_edge(config, store, vm_networks(config), api_socket, reuse_port=True) as edge:
+            yield edge
+    finally:
+        await client.aclose()
 
 
 @asynccontextmanager

@@ -18,6 +18,9 @@ ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 
 
+MAX_WORKERS = 64
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the setting."""
 
@@ -29,6 +32,8 @@ class ServerConfig:
     # Base URL clients use to reach this gateway; app URLs are built from it.
     public_url: str = "http://127.0.0.1:8080"
     shutdown_grace_s: float = 10.0
+    # Edge processes sharing the listener (SO_REUSEPORT): this process plus workers - 1 children.
+    workers: int = 1
 
     @property
     def host(self) -> str:
@@ -247,3 +252,5 @@ def validate(config: Config) -> None:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("api.max_body_bytes must be at least 1024")
+    if not 1 <= config.server.workers <= MAX_WORKERS:
+        raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")

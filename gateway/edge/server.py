@@ -44,15 +44,21 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
 
 @asynccontextmanager
 async def running_edge(
-    config: Config, store: RedisStore, vm_networks: list[str], api_socket: str
+    config: Config, store: RedisStore, vm_networks: list[str], api_socket: str, *, reuse_port: bool = False
 ) -> AsyncIterator[Edge]:
+    """The edge on config.server.listen; ``reuse_port`` lets other processes listen there too."""
     resolver = Resolver(store, vm_networks)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     edge = Edge(edge_settings(config, api_socket), resolver, pool)
     resolver.start()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: EdgeProtocol(edge), config.server.host, config.server.port, reuse_address=True, backlog=4096
+        lambda: EdgeProtocol(edge),
+        config.server.host,
+        config.server.port,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+        backlog=4096,
     )
     try:
         yield edge

@@ -20,6 +20,9 @@ import httptools
 # As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
 UPSTREAM_MAX_IDLE_PER_KEY = 256
 UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge closes first
+# Idle connections are closed by one sweep per pool, not a timer each (a timer per request costs more
+# than the rest of the pooling): an idle connection lives between the timeout and the timeout + this.
+UPSTREAM_IDLE_SWEEP_S = 5.0
 
 
 class ResponseSink(Protocol):
@@ -51,7 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel: Callable[[bytes], None] | None = None
         self.can_write = True
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         # The request's last byte was written: until then the connection is mid-request and can never
         # go back to the pool, even when the app answered early (its next reader would see our rest).
         self.request_sent = True
@@ -92,8 +95,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         if self.sink is None:
             return
         if self.close_delimited and not self.complete and self.tunnel is None and exc is None:
@@ -177,9 +178,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def start(self, sink: ResponseSink, head: bytes, *, head_only: bool, request_sent: bool) -> None:
         """Send a request head; ``request_sent`` False: a body follows, ended by ``end_request``."""
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
         self.sink = sink
         self.head_only = head_only
         self.request_sent = request_sent
@@ -205,6 +203,7 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.connects = self.reuses = 0
 
     def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
@@ -237,7 +236,18 @@ class UpstreamPool:
             conn.close()
             return
         idle.append(conn)
-        conn.idle_handle = self.loop.call_later(UPSTREAM_IDLE_TIMEOUT_S, conn.close)
+        conn.idle_since = self.loop.time()
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = self.loop.time() - UPSTREAM_IDLE_TIMEOUT_S
+        for conns in list(self.idle.values()):
+            for conn in [c for c in conns if c.idle_since < cutoff]:
+                conn.close()
+        if self.idle:
+            self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
 
     def discard(self, conn: UpstreamConnection) -> None:
         idle = self.idle.get(conn.key)
@@ -253,6 +263,9 @@ class UpstreamPool:
                 conn.close()
 
     def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conns in list(self.idle.values()):
             for conn in list(conns):
                 conn.close()

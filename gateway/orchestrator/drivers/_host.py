@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import subprocesses as _spawn
 from gateway.errors import DriverError
-from gateway.orchestrator.drivers import _spawn
 from gateway.orchestrator.drivers.base import ExecResult
 
 HOST_COMMAND_TIMEOUT_S = 15.0
