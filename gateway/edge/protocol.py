@@ -212,7 +212,7 @@ class Exchange:
                 upstream.write(data)
             if not upstream.can_write:
                 self.proto.pause_reading()
-            self.proto.activity()
+            self.proto.upload_progress()
             return
         self.body.append(data)
         self.body_bytes += len(data)
@@ -263,7 +263,8 @@ class Exchange:
         if not self.no_body_out and not self.upstream.length_known:
             self.chunked_out = True
             out.append((b"Transfer-Encoding", b"chunked"))
-        if not self.keep_alive or proto.closing_after_response():
+        if not self.keep_alive or (self.has_body and not self.body_done) or proto.closing_after_response():
+            # An answer before the request's end closes the connection (the rest of it is not read).
             out.append((b"Connection", b"close"))
         # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
         # small response leaves in one write instead of two.
@@ -429,6 +430,12 @@ class EdgeProtocol(asyncio.Protocol):
         deadline = self.silence_deadline
         if deadline is not None and deadline.armed:
             deadline.touch()
+
+    def upload_progress(self) -> None:
+        # Each counts only while it measures silence (start_idle): the body is still streaming up.
+        for deadline in (self.answer_deadline, self.silence_deadline):
+            if deadline is not None:
+                deadline.touch()
 
     # deadlines ------------------------------------------------------------------------------------
 
@@ -686,7 +693,9 @@ class EdgeProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _body_too_large_up_front(self, ex: Exchange) -> bool:
-        if ex.max_body and ex.content_length is not None and ex.content_length > ex.max_body:
+        limit = ex.max_body
+        # The length says so, or a chunked body read before the route was known already passed it.
+        if limit and ((ex.content_length or 0) > limit or ex.sent_bytes > limit):
             self._reply(
                 ex, 413, "body_too_large", f"the request body is larger than {ex.max_body} bytes", close=True
             )

@@ -8,6 +8,7 @@ GET /sse           -> event "one", then waits until /sse-next is requested, then
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
 POST /discard      -> reads a Content-Length body in pieces, answers its length (flat memory)
 GET /hang          -> never answers
+POST /early        -> answers at once, without reading the request body
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
 """
 
@@ -106,6 +107,8 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(part)
                 count += len(part)
             return self._json({"body_length": count})
+        if self.path == "/early":
+            return self._json({"early": True})  # answers without reading the request body
         if self.path == "/hang":
             threading.Event().wait()  # never answers (until the VM is killed)
         if self.path == "/sse-next":

@@ -1,0 +1,102 @@
+"""Edge limits with a real app in a VM: body size per route, stream and tunnel idleness, upload pacing,
+and an app that answers before the request body ended."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayUnderTest
+from tests.integration.test_edge import APP_PORT, raw_exchange, start_app
+
+SMALL_BODY_LIMIT = 1000
+
+
+async def test_a_body_over_the_route_limit_is_413(gateway_factory: object) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"max_body_bytes": SMALL_BODY_LIMIT})  # type: ignore[operator]
+    sid, _, url = await start_app(gw)
+    path = f"/v1/app/{sid}/{APP_PORT}/echo".encode()
+    # Known up front from Content-Length: refused before anything reaches the app.
+    received, closed = await raw_exchange(
+        gw,
+        b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (path, SMALL_BODY_LIMIT + 1),
+    )
+    assert received.startswith(b"HTTP/1.1 413 ") and b"X-Gateway-Error: body_too_large" in received
+    assert closed
+    # Chunked: refused when the running total passes the limit, before the app answered.
+    chunk = b"x" * 600
+    body = b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2 + b"0\r\n\r\n"
+    received, closed = await raw_exchange(
+        gw, b"POST %s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n%s" % (path, body)
+    )
+    assert received.startswith(b"HTTP/1.1 413 ") and closed
+    # At the limit: forwarded. The API's own limit is separate (api.max_body_bytes).
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url + "echo", data=b"y" * SMALL_BODY_LIMIT) as resp:
+            assert resp.status == 200 and (await resp.json())["body_length"] == SMALL_BODY_LIMIT
+        async with client.post(gw.url + "/v1/sessions/session", json={"api_key": gw.api_key}) as resp:
+            assert resp.status == 200
+
+
+async def test_quiet_streams_and_tunnels_end_at_their_idle_limits(gateway_factory: object) -> None:
+    limits = {"stream_idle_timeout_s": 0.5, "tunnel_idle_timeout_s": 0.5}
+    gw: GatewayUnderTest = await gateway_factory("process", edge=limits)  # type: ignore[operator]
+    _, _, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(url + "ws") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive()).data == "hello"
+            async with asyncio.timeout(5):
+                msg = await ws.receive()  # nothing is sent: the edge ends the quiet tunnel
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        async with client.get(url + "sse") as resp:
+            assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+            async with asyncio.timeout(5):
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.content.read()  # the app stays quiet: the stream is cut
+
+
+async def test_an_upload_slower_than_the_first_byte_timeout_completes_while_it_progresses(
+    gateway_factory: object,
+) -> None:
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"upstream_first_byte_timeout_s": 0.5})  # type: ignore[operator]
+    _, _, url = await start_app(gw)
+    part = b"z" * 65536
+    parts = 8
+
+    async def paced():
+        for _ in range(parts):
+            yield part
+            await asyncio.sleep(0.15)  # pacing the upload is the point: 1.2 s in all, 0.15 s silences
+
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            url + "discard", data=paced(), headers={"Content-Length": str(len(part) * parts)}
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["body_length"] == len(part) * parts
+
+
+async def test_an_app_answering_mid_upload_never_gets_its_connection_pooled(gw: GatewayUnderTest) -> None:
+    sid, _, url = await start_app(gw)
+    edge = gw.services.edge
+    assert edge is not None
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    path = f"/v1/app/{sid}/{APP_PORT}/early".encode()
+    # Half a body: the app answers anyway; the edge's upstream connection is mid-request.
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n%s" % (path, b"a" * 500)
+    )
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"Connection: close" in head  # the rest of the body will not be read: the client knows
+        await reader.read()  # and the edge closes the client connection after the answer
+    writer.close()
+    assert not any(key[2] == APP_PORT for key in edge.pool.idle), "a mid-request connection was pooled"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "echo") as resp:
+            assert resp.status == 200 and (await resp.json())["path"] == "/echo"
