@@ -7,6 +7,9 @@ and re-adds ``Connection: Upgrade`` itself, so nothing here passes framing throu
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -228,3 +231,35 @@ def check_header_limits(headers: Headers, max_count: int, max_total_bytes: int) 
     if len(headers) > max_count:
         return False
     return sum(len(name) + len(value) for name, value in headers) <= max_total_bytes
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept value that answers a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip(_OWS) + _WEBSOCKET_GUID).digest())
+
+
+def valid_upgrade_response(request: Headers, response: Headers) -> bool:
+    """Whether a 101 answers this upgrade request with a valid handshake.
+
+    The response must name ``Connection: upgrade`` and one of the requested protocols; for WebSocket
+    its ``Sec-WebSocket-Accept`` must answer the request's key. A tunnel opens only then, so an app
+    that says 101 to anything (or a request smuggled past it) does not get the raw connection.
+    """
+    offered = upgrade_protocol(request)
+    if offered is None or b"upgrade" not in connection_tokens(response):
+        return False
+    chosen = _joined(response, b"upgrade")
+    if chosen is None:
+        return False
+    chosen_names = {token.partition(b"/")[0] for token in _tokens(chosen)}
+    offered_names = {token.partition(b"/")[0] for token in _tokens(offered)}
+    if len(chosen_names) != 1 or not chosen_names <= offered_names:
+        return False
+    if chosen_names == {b"websocket"}:
+        key = _joined(request, b"sec-websocket-key")
+        accept = _joined(response, b"sec-websocket-accept")
+        return key is not None and accept is not None and hmac.compare_digest(accept, websocket_accept(key))
+    return True

@@ -250,8 +250,11 @@ class Exchange:
             transport.write(_STATUS_LINES[status] + _head(hdr.response_headers(headers)) + b"\r\n")
             return
         self.head_received = True
+        if status == 101 and not (self.upgrade and hdr.valid_upgrade_response(self.headers, headers)):
+            proto.bad_upgrade(self)
+            return
         out = hdr.response_headers(headers)
-        if status == 101 and self.upgrade:
+        if status == 101:
             upgrade = [(n, v) for n, v in headers if n.lower() == b"upgrade"]
             out += [(b"Connection", b"Upgrade"), *upgrade]
             self.tunnel = True
@@ -318,17 +321,20 @@ class EdgeProtocol(asyncio.Protocol):
         self.parsing: Exchange | None = None  # the request whose body the parser is reading
         self.current: Exchange | None = None  # the request being answered
         self.task: asyncio.Task[None] | None = None  # a route lookup or upstream connect, if any
+        self.task_coro: Coroutine[Any, Any, None] | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
         self.in_head = False
         self.can_write = True
         self.reading_paused = False
-        # Made on first use (an idle connection holds few objects).
-        self.head_deadline: Deadline | None = None  # the request head must arrive in time
-        self.answer_deadline: Deadline | None = None  # upload progress, then the app's response head
-        self.silence_deadline: Deadline | None = None  # a streaming response's or a tunnel's idleness
-        self.keepalive_deadline: Deadline | None = None  # between requests
+        # The connection's state decides what an expiry means (see _deadline_expired): a request head
+        # due, the app's answer due (or upload progress), or keep-alive idleness. One timer serves all
+        # three, so an idle connection holds one; each new deadline is usually later than the timer.
+        self.deadline = Deadline(self.loop, self._deadline_expired)
+        self.head_timed = False  # the deadline currently times a request head
+        # A streaming response's or a tunnel's idleness, when limited; made on first use.
+        self.silence_deadline: Deadline | None = None
         self.client_info: hdr.ClientInfo | None = None
         self.tunnel_to: UpstreamConnection | None = None
         self.ws_frames: tuple[FrameTracker, FrameTracker] | None = None  # (to the VM, to the client)
@@ -358,14 +364,14 @@ class EdgeProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self.edge.connections.add(self)
-        self._head_deadline().start(self.settings.header_timeout_s)
+        self.deadline.start(self.settings.header_timeout_s)
+        self.head_timed = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connection_closed(self)
-        for deadline in (self.head_deadline, self.answer_deadline, self.silence_deadline,
-                         self.keepalive_deadline):  # fmt: skip
-            if deadline is not None:
-                deadline.cancel()
+        self.deadline.cancel()
+        if self.silence_deadline is not None:
+            self.silence_deadline.cancel()
         self.transport = None
         if self.tunnel_to is not None:
             self.tunnel_to.close()
@@ -393,14 +399,11 @@ class EdgeProtocol(asyncio.Protocol):
         # Requests start once this read is parsed: a framing error anywhere in it is answered before
         # any of it reaches an app.
         if self.current is None and self.pending and not self.closing:
-            if self.keepalive_deadline is not None:
-                self.keepalive_deadline.stop()
             self._begin(self.pending.popleft())
-        if self.in_head and self.current is None:
+        if self.in_head and self.current is None and not self.head_timed:
             # A head split over packets; when a head arrives whole (the usual case) no timer moves.
-            deadline = self._head_deadline()
-            if not deadline.armed:
-                deadline.start(self.settings.header_timeout_s)
+            self.deadline.start(self.settings.header_timeout_s)
+            self.head_timed = True
 
     def pause_writing(self) -> None:
         self.can_write = False
@@ -433,41 +436,30 @@ class EdgeProtocol(asyncio.Protocol):
 
     def upload_progress(self) -> None:
         # Each counts only while it measures silence (start_idle): the body is still streaming up.
-        for deadline in (self.answer_deadline, self.silence_deadline):
-            if deadline is not None:
-                deadline.touch()
+        self.deadline.touch()
+        if self.silence_deadline is not None:
+            self.silence_deadline.touch()
 
     # deadlines ------------------------------------------------------------------------------------
-
-    def _head_deadline(self) -> Deadline:
-        if self.head_deadline is None:
-            self.head_deadline = Deadline(self.loop, self._close_quietly)
-        return self.head_deadline
-
-    def _answer_deadline(self) -> Deadline:
-        if self.answer_deadline is None:
-            self.answer_deadline = Deadline(self.loop, self._answer_overdue)
-        return self.answer_deadline
 
     def _silence_deadline(self) -> Deadline:
         if self.silence_deadline is None:
             self.silence_deadline = Deadline(self.loop, self._close_quietly)
         return self.silence_deadline
 
-    def _keepalive_deadline(self) -> Deadline:
-        if self.keepalive_deadline is None:
-            self.keepalive_deadline = Deadline(self.loop, self._close_quietly)
-        return self.keepalive_deadline
-
     def _close_quietly(self) -> None:
-        """Head deadline, keep-alive, stream or tunnel idleness: the connection just ends."""
+        """Stream or tunnel idleness: the connection just ends."""
         if self.transport is not None:
             self.closing = True
             self.transport.close()
 
-    def _answer_overdue(self) -> None:
+    def _deadline_expired(self) -> None:
+        if self.transport is None:
+            return
         ex = self.current
-        if ex is not None and not ex.head_received and self.transport is not None:
+        if ex is None:
+            self._close_quietly()  # the request head is late, or keep-alive idleness
+        elif not ex.head_received and not ex.finished:
             self._drop_upstream(ex)
             self._reply(ex, 504, "upstream_timeout", "the app did not answer in time", close=True)
 
@@ -496,8 +488,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.head_deadline is not None:
-            self.head_deadline.stop()
+        self.head_timed = False
         parser = self.parser
         ex = Exchange(
             self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
@@ -525,6 +516,8 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _begin(self, ex: Exchange) -> None:
         self.current = ex
+        # Covers the route lookup and the connect too; restarted when the request is sent.
+        self.deadline.start(self.settings.first_byte_timeout_s)
         try:
             self._route(ex)
         except Exception:
@@ -626,16 +619,17 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:
         ex.attach(conn, head)
-        if ex.body_done or not ex.has_body:
-            self._answer_deadline().start(self.settings.first_byte_timeout_s)
-        else:
+        if ex.has_body and not ex.body_done:
             # While a body streams up, the limit is on silence (a 1 GiB upload may take minutes);
             # the answer is timed from the body's end (request_sent).
-            self._answer_deadline().start_idle(self.settings.first_byte_timeout_s)
+            self.deadline.start_idle(self.settings.first_byte_timeout_s)
             if self.parsing is ex:
                 self.resume_reading()  # a body buffered while routing may have paused reading
+        elif self.task is not None:
+            self.deadline.start(self.settings.first_byte_timeout_s)  # after a lookup or a connect
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task_coro = coro
         self.task = self.loop.create_task(self._guarded(coro))
 
     async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -649,17 +643,18 @@ class EdgeProtocol(asyncio.Protocol):
             if ex is not None:
                 self._abort_exchange(ex)
         finally:
-            self.task = None
+            if self.task_coro is coro:  # not when this task started the next one (lookup -> connect)
+                self.task = self.task_coro = None
 
     # progress reported by the exchange -----------------------------------------------------------
 
     def request_sent(self, ex: Exchange) -> None:
         if self.current is ex and not ex.head_received and ex.has_body:
-            self._answer_deadline().start(self.settings.first_byte_timeout_s)
+            self.deadline.start(self.settings.first_byte_timeout_s)
 
     def response_started(self, ex: Exchange) -> None:
         if self.current is ex:
-            self.answer_deadline.stop()  # type: ignore[union-attr]
+            self.deadline.stop()
             if self.settings.stream_idle_timeout_s > 0:
                 self._silence_deadline().start_idle(self.settings.stream_idle_timeout_s)
 
@@ -678,6 +673,14 @@ class EdgeProtocol(asyncio.Protocol):
             self.resume_reading()
         elif self.parsing is ex:
             self.resume_reading()
+
+    def bad_upgrade(self, ex: Exchange) -> None:
+        """A 101 without a valid handshake for what was asked: no tunnel, a 502, and both sides closed."""
+        ex.head_received = False
+        self._drop_upstream(ex)
+        self._reply(
+            ex, 502, "upstream_bad_upgrade", "the app's upgrade response is not a valid handshake", close=True
+        )
 
     def body_too_large(self, ex: Exchange) -> None:
         """A body passed the route's limit while streaming: 413 if nothing was answered yet, then close."""
@@ -755,9 +758,8 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _next(self, ex: Exchange) -> None:
         self.current = None
-        for deadline in (self.answer_deadline, self.silence_deadline):
-            if deadline is not None:
-                deadline.stop()
+        if self.silence_deadline is not None:
+            self.silence_deadline.stop()
         if self.pending:
             self._begin(self.pending.popleft())
             if self.current is None:
@@ -766,9 +768,10 @@ class EdgeProtocol(asyncio.Protocol):
                 self.resume_reading()
             return
         if self.in_head:
-            self._head_deadline().start(self.settings.header_timeout_s)
+            self.deadline.start(self.settings.header_timeout_s)
+            self.head_timed = True
         else:
-            self._keepalive_deadline().start(self.settings.keepalive_timeout_s)
+            self.deadline.start(self.settings.keepalive_timeout_s)
         self.resume_reading()
 
     def _drop_upstream(self, ex: Exchange) -> None:
@@ -845,8 +848,7 @@ class EdgeProtocol(asyncio.Protocol):
             self.ws_frames = (FrameTracker(), FrameTracker())
         conn.tunnel = self._tunnel_to_client
         self.tunnel_to = conn
-        if self.answer_deadline is not None:
-            self.answer_deadline.stop()
+        self.deadline.stop()
         if self.settings.tunnel_idle_timeout_s > 0:
             self._silence_deadline().start_idle(self.settings.tunnel_idle_timeout_s)
         if self.early_tunnel_data:

@@ -100,3 +100,16 @@ async def test_an_app_answering_mid_upload_never_gets_its_connection_pooled(gw: 
     async with aiohttp.ClientSession() as client:
         async with client.get(url + "echo") as resp:
             assert resp.status == 200 and (await resp.json())["path"] == "/echo"
+
+
+async def test_a_101_without_a_valid_handshake_opens_no_tunnel(gw: GatewayUnderTest) -> None:
+    _, _, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(url + "ws-bad")
+        assert refused.value.status == 502
+        assert refused.value.headers is not None
+        assert refused.value.headers["X-Gateway-Error"] == "upstream_bad_upgrade"
+        async with client.ws_connect(url + "ws") as ws:  # the same app's valid handshake still works
+            await ws.send_str("ok")
+            assert (await ws.receive()).data == "ok"

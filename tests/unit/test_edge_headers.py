@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.edge import headers as hdr
 from gateway.edge.headers import (
     HOP_BY_HOP,
     ClientInfo,
@@ -227,3 +228,21 @@ def test_header_limits() -> None:
     assert not check_header_limits(headers, 1, 6)
     assert not check_header_limits(headers, 2, 5)
     assert check_header_limits([], 0, 0)
+
+
+def test_upgrade_responses_must_answer_the_handshake() -> None:
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    request = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
+    good = [
+        (b"Connection", b"upgrade"),
+        (b"Upgrade", b"WebSocket"),
+        (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+    ]
+    assert hdr.websocket_accept(key) == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's own example
+    assert hdr.valid_upgrade_response(request, good)
+    assert not hdr.valid_upgrade_response(request, [*good[:2], (b"Sec-WebSocket-Accept", b"d3Jvbmc=")])
+    assert not hdr.valid_upgrade_response(request, good[1:])  # no Connection: upgrade
+    assert not hdr.valid_upgrade_response(request, [good[0], (b"Upgrade", b"h2c"), good[2]])  # not offered
+    assert not hdr.valid_upgrade_response([(b"Host", b"a")], good)  # nothing was asked
+    other = [(b"Connection", b"upgrade"), (b"Upgrade", b"foo/2")]
+    assert hdr.valid_upgrade_response([(b"Connection", b"upgrade"), (b"Upgrade", b"foo/1, bar")], other)

@@ -10,6 +10,7 @@ POST /discard      -> reads a Content-Length body in pieces, answers its length 
 GET /hang          -> never answers
 POST /early        -> answers at once, without reading the request body
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
+GET /ws-bad        -> 101 with a Sec-WebSocket-Accept that does not answer the key
 """
 
 import base64
@@ -65,6 +66,8 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self):
+        if self.path == "/ws-bad":
+            return self._websocket(accept="d3Jvbmc=")  # a 101 that does not answer the key
         if self.path.startswith("/ws"):
             return self._websocket()
         if self.path.startswith("/stream"):
@@ -125,9 +128,9 @@ class Handler(BaseHTTPRequestHandler):
             }
         )
 
-    def _websocket(self):
+    def _websocket(self, accept=None):
         key = self.headers["Sec-WebSocket-Key"].encode()
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+        accept = accept or base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
         self.send_response(101)
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
