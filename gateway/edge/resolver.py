@@ -111,24 +111,24 @@ class Resolver:
 
     async def _load(self, key: CacheKey) -> Route | None:
         kind, ident, port = key
+        # One round trip by VM id, two by session: a miss costs the edge as little Redis as it can.
         if kind == "s":
             if not is_session_id(ident):
                 return None
-            session = await self.store.get_session(ident)
-            if session is None or not session.vm_id:
+            vm_id = await self.store.session_vm_id(ident)
+            if vm_id is None:
                 return None
-            vm_id = session.vm_id
         else:
             if not is_vm_id(ident):
                 return None
             vm_id = ident
-        vm = await self.store.get_vm(vm_id)
+        vm, exposed = await self.store.vm_and_port(vm_id, port)
         if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
             return None
         if vm.expires_at is not None and vm.expires_at <= time.time():
             return None
         token_sha256 = None
-        if port not in await self.store.exposed_ports(vm_id):
+        if not exposed:
             share = vm.share or {}
             if share.get("port") != port:
                 return None

@@ -192,6 +192,19 @@ class RedisStore:
         if await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port)):
             await self.publish({"type": "vm_ports", "vm_id": vm_id, "port": port})
 
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """The VM and whether ``port`` is exposed, in one round trip (the edge's route lookup)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.vm(vm_id))
+        pipe.sismember(self.keys.vm_ports(vm_id), str(port))
+        raw, exposed = await guarded(pipe.execute())
+        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
+
+    async def session_vm_id(self, session_id: str) -> str | None:
+        """Only the session's VM id: what the edge needs, without decoding the whole record."""
+        vm_id = await guarded(self.client.hget(self.keys.session(session_id), "vm_id"))
+        return vm_id or None
+
     async def exposed_ports(self, vm_id: str) -> set[int]:
         return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}
 

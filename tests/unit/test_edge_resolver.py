@@ -28,13 +28,10 @@ class SlowStore:
         self.calls = 0
         self.release = asyncio.Event()
 
-    async def get_vm(self, vm_id: str) -> VmRecord | None:
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
         self.calls += 1
         await self.release.wait()
-        return self.vm if vm_id == self.vm.vm_id else None
-
-    async def exposed_ports(self, vm_id: str) -> set[int]:
-        return {3000}
+        return (self.vm if vm_id == self.vm.vm_id else None), port == 3000
 
 
 def resolver(store: SlowStore) -> Resolver:
