@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", parents=[common], help="run the control plane (and, later, the edge) on one listener"
+        "serve", parents=[common], help="run the control plane and the edge (app URLs) on one listener"
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
     serve.add_argument(

@@ -102,7 +102,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 def test_help_documents_every_command() -> None:
     out = gateway("--help").stdout
-    assert "serve" in out and "keys" in out and "GATEWAY_" in out
+    assert "serve" in out and "edge" in out and "keys" in out and "GATEWAY_" in out
     out = gateway("keys", "--help").stdout
     assert all(word in out for word in ("create", "list", "revoke"))
 
