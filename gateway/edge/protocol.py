@@ -19,7 +19,7 @@ import asyncio
 import http
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -892,15 +892,8 @@ class EdgeProtocol(asyncio.Protocol):
     def _tunnel_to_vm(self, data: bytes) -> None:
         conn = self.tunnel_to
         assert conn is not None
-        if self.ws_frames is not None:
-            frames = self.ws_frames[0]
-            if frames.closed:
-                return  # after the edge's close frame nothing more is forwarded
-            cut = frames.feed(data, stop_at_boundary=self.draining)
-            if self.draining and frames.at_boundary:
-                conn.write(data[:cut])
-                self._send_close(frames, to_vm=True)
-                return
+        if self.ws_frames is not None and not self._follow_frames(0, data, conn.write):
+            return
         conn.write(data)
         self.activity()
         if not conn.can_write:
@@ -910,17 +903,25 @@ class EdgeProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.ws_frames is not None:
-            frames = self.ws_frames[1]
-            if frames.closed:
-                return
-            cut = frames.feed(data, stop_at_boundary=self.draining)
-            if self.draining and frames.at_boundary:
-                transport.write(data[:cut])
-                self._send_close(frames, to_vm=False)
-                return
+        if self.ws_frames is not None and not self._follow_frames(1, data, transport.write):
+            return
         transport.write(data)
         self.activity()
+
+    def _follow_frames(self, direction: int, data: bytes, write: Callable[[bytes], None]) -> bool:
+        """WebSocket bookkeeping for one direction (0: to the VM, 1: to the client). False when the
+        caller must not forward ``data``: after the edge's close frame, or because it was forwarded up
+        to a frame boundary here and a close frame put after it (draining)."""
+        assert self.ws_frames is not None
+        frames = self.ws_frames[direction]
+        if frames.closed:
+            return False
+        cut = frames.feed(data, stop_at_boundary=self.draining)
+        if self.draining and frames.at_boundary:
+            write(data[:cut])
+            self._send_close(frames, to_vm=direction == 0)
+            return False
+        return True
 
     def _close_tunnel(self) -> None:
         """Shutting down: a WebSocket gets a close frame (1001, going away) each way at the next frame
