@@ -12,7 +12,6 @@ and a session-scoped pytest fixture can use it without an event loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import shutil
 import signal
 import subprocess
@@ -22,19 +21,15 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
+from gateway import subprocesses
+
 READY_TIMEOUT_S = 10.0
 READY_POLL_S = 0.01
 STOP_TIMEOUT_S = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedRedisError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedRedis:
@@ -94,7 +89,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=subprocesses.die_with_parent,
             # Its own session: Ctrl-C (SIGINT to the terminal's process group) must not stop Redis
             # while the gateway still drains requests; the gateway stops it last, and PDEATHSIG
             # still takes it down if the gateway dies.

@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from typing import IO, Any
 
 READ_CHUNK = 65536
+PR_SET_PDEATHSIG = 1
 # Strong references: the loop keeps only weak ones to tasks.
 _REAPING: set[asyncio.Task[int]] = set()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children that must not outlive the gateway, even one killed with SIGKILL.
+
+    Runs in the child between fork and exec. The signal follows the *thread* that forked: spawn from
+    one that outlives the child (the loop's own).
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:

@@ -14,7 +14,6 @@ only after the grace.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -30,15 +29,10 @@ READY_TIMEOUT_S = 30.0
 READY_LINE = "edge listening on"
 STOP_MARGIN_S = 5.0  # beyond the drain grace, before a worker is killed
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-PR_SET_PDEATHSIG = 1
 
 
 class WorkerStartError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EdgeWorkers:
@@ -71,7 +65,7 @@ class EdgeWorkers:
     async def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # From the loop's thread: PDEATHSIG follows the thread that forked, which must outlive the child.
         proc = subprocesses.popen(
-            self.argv, env=self.env, stdout=subprocess.PIPE, preexec_fn=_die_with_parent
+            self.argv, env=self.env, stdout=subprocess.PIPE, preexec_fn=subprocesses.die_with_parent
         )  # preexec_fn: the only way to set PDEATHSIG; the child runs nothing else before exec
         assert proc.stdout is not None
         try:
