@@ -173,17 +173,10 @@ async def running_edge_only(config: Config, api_socket: str) -> AsyncIterator[Ed
     """Only the data plane, on a running control plane's Redis (``gateway edge``)."""
     if not config.redis.url:
         raise ConfigError("gateway edge needs the control plane's Redis: set GATEWAY_REDIS_URL")
-    client = connect(config.redis.url, config.redis.call_timeout_s)
-    try:
-        try:
-            await guarded(client.ping())
-        except StoreUnavailable as exc:
-            raise StoreUnavailable(f"cannot reach Redis at {config.redis.url}: {exc.__cause__}") from exc
+    async with redis_client(config, None) as client:
         store = RedisStore(client, Keys(config.redis.key_prefix), config.vms.retention_s)
         async with running_edge(config, store, vm_networks(config), api_socket, reuse_port=True) as edge:
             yield edge
-    finally:
-        await client.aclose()
 
 
 @asynccontextmanager
