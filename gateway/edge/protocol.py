@@ -9,8 +9,9 @@ both directions: bodies are re-framed (never passed through as raw framing), and
 control pauses the other. Requests on one connection are answered in order; a few pipelined requests
 are parsed ahead, then reading pauses.
 
-Timeouts are ``Deadline``s, one per purpose, moved rather than re-created per request: the request
-head, the app's answer (and upload progress), stream or tunnel idleness, and keep-alive.
+Timeouts are ``Deadline``s, moved rather than re-created per request: one per connection whose
+meaning follows the connection's state (request head, the app's answer or upload progress, keep-alive),
+and one for stream or tunnel idleness when those limits are set.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ class Exchange:
         if not self.no_body_out and not self.upstream.length_known:
             self.chunked_out = True
             out.append((b"Transfer-Encoding", b"chunked"))
-        if not self.keep_alive or (self.has_body and not self.body_done) or proto.closing_after_response():
+        if not self.keep_alive or (self.has_body and not self.body_done) or proto.draining:
             # An answer before the request's end closes the connection (the rest of it is not read).
             out.append((b"Connection", b"close"))
         # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
@@ -700,10 +701,8 @@ class EdgeProtocol(asyncio.Protocol):
         self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
 
     def upstream_writable(self, ex: Exchange) -> None:
-        if ex.tunnel:
-            self.resume_reading()
-        elif self.parsing is ex:
-            self.resume_reading()
+        if ex.tunnel or self.parsing is ex:
+            self.resume_reading()  # the VM's socket has room for more of the tunnel or the body
 
     def bad_upgrade(self, ex: Exchange) -> None:
         """A 101 without a valid handshake for what was asked: no tunnel, a 502, and both sides closed."""
@@ -719,9 +718,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         self._drop_upstream(ex)
         if not ex.head_received and self.current is ex:
-            self._reply(
-                ex, 413, "body_too_large", f"the request body is larger than {ex.max_body} bytes", close=True
-            )
+            self._too_large(ex)
         elif self.transport is not None:
             self.closing = True
             self.transport.close()
@@ -730,18 +727,20 @@ class EdgeProtocol(asyncio.Protocol):
         limit = ex.max_body
         # The length says so, or a chunked body read before the route was known already passed it.
         if limit and ((ex.content_length or 0) > limit or ex.sent_bytes > limit):
-            self._reply(
-                ex, 413, "body_too_large", f"the request body is larger than {ex.max_body} bytes", close=True
-            )
+            self._too_large(ex)
             return True
         return False
+
+    def _too_large(self, ex: Exchange) -> None:
+        message = f"the request body is larger than {ex.max_body} bytes"
+        self._reply(ex, 413, "body_too_large", message, close=True)
 
     # ending an exchange ---------------------------------------------------------------------------
 
     def _reply(self, ex: Exchange, status: int, code: str, message: str, *, close: bool = False) -> None:
         if self.transport is None or self.current is not ex:
             return
-        keep = ex.keep_alive and not close and not ex.upgrade and not self.closing_after_response()
+        keep = ex.keep_alive and not close and not ex.upgrade and not self.draining
         self.transport.write(pages.error_response(status, code, message, accept=ex.accept(), close=not keep))
         self._finish(ex, keep)
 
@@ -773,7 +772,7 @@ class EdgeProtocol(asyncio.Protocol):
         ex.finished = True
         if self.transport is None:
             return
-        if not keep or self.closing or self.closing_after_response():
+        if not keep or self.closing or self.draining:
             self.closing = True
             self.transport.close()
             return
@@ -846,9 +845,6 @@ class EdgeProtocol(asyncio.Protocol):
         ex = self.current
         if ex is not None and ex.vm_id == vm_id and self.transport is not None:
             self.transport.close()
-
-    def closing_after_response(self) -> bool:
-        return self.draining
 
     def drain(self) -> None:
         """Stop taking requests on this connection: close it now if idle, else after its response."""
