@@ -68,10 +68,12 @@ class EdgeWorkers:
             self.argv, env=self.env, stdout=subprocess.PIPE, preexec_fn=subprocesses.die_with_parent
         )  # preexec_fn: the only way to set PDEATHSIG; the child runs nothing else before exec
         assert proc.stdout is not None
+        ready = False
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 async for chunk in subprocesses.chunks(proc.stdout):
                     if READY_LINE.encode() in chunk:
+                        ready = True
                         break
         except TimeoutError:
             proc.kill()
@@ -80,8 +82,9 @@ class EdgeWorkers:
             ) from None
         finally:
             proc.stdout.close()  # the worker logs to stderr (shared with ours); nothing more is read
-        if proc.poll() is not None:
-            raise WorkerStartError(f"edge worker {index} exited with code {proc.returncode} while starting")
+        if not ready:  # its stdout ended first: it exited (the reason is on the shared stderr)
+            code = await subprocesses.wait(proc)
+            raise WorkerStartError(f"edge worker {index} exited with code {code} while starting")
         log.info("edge worker %d started (pid %d)", index, proc.pid)
         return proc
 
