@@ -222,6 +222,19 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; a process that already exited is left alone."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def edge_processes(gateway_pid: int) -> list[int]:
     """The serving gateway and its ``gateway edge`` children (not its VMs or its embedded Redis)."""
     pids = [gateway_pid]
@@ -362,14 +375,7 @@ async def served_gateway(workers: int) -> AsyncIterator[Gateway]:
                 raise RuntimeError("gateway keys create failed")
             yield Gateway(f"http://127.0.0.1:{port}", out.strip().splitlines()[-1], proc.pid, log_path)
         finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    async with asyncio.timeout(STOP_TIMEOUT_S):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop_process(proc)
 
 
 @dataclass
@@ -448,13 +454,7 @@ async def running_nginx(app: App, workers: int) -> AsyncIterator[tuple[Proxy, Pa
         finally:
             if proc.returncode is None:
                 workers_left = children_of(proc.pid)
-                proc.terminate()  # fast shutdown of master and workers
-                try:
-                    async with asyncio.timeout(STOP_TIMEOUT_S):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+                await stop_process(proc)  # SIGTERM: fast shutdown of master and workers
                 for pid in workers_left:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
