@@ -11,7 +11,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -53,6 +53,19 @@ class ClientInfo:
     scheme: str  # "http" or "https"
     host: bytes  # validated Host header value
     trusted: bool  # the peer is a configured trusted proxy
+    # What an untrusted client's requests carry upstream, made once (the edge keeps one per connection).
+    forwarding: tuple[tuple[bytes, bytes], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        peer = _peer(self)
+        scheme = self.scheme.encode("ascii")
+        forwarding = (
+            (b"X-Forwarded-For", peer),
+            (b"X-Forwarded-Proto", scheme),
+            (b"X-Forwarded-Host", self.host),
+            (b"Forwarded", _forwarded_element(self)),
+        )
+        object.__setattr__(self, "forwarding", forwarding)  # frozen: the one way to set it
 
 
 def _tokens(value: bytes) -> Iterable[bytes]:
@@ -73,20 +86,29 @@ def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
 
 
 def _without(headers: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """Headers minus the names in ``drop`` and minus those a Connection header nominates.
+    """Headers minus the names in ``drop`` (which always holds "connection") and minus those a
+    Connection header nominates.
 
-    One pass that lower-cases each name once: this runs twice per proxied request.
+    One pass that lower-cases each name once: this runs twice per proxied request. A request rarely
+    has a Connection header; when it has one, the names it lists may come before it, so that case
+    starts over with the nominated names added.
     """
-    lowered = [name.lower() for name, _ in headers]
-    if b"connection" in lowered:
-        nominated = {
-            token
-            for (_, value), low in zip(headers, lowered, strict=True)
-            if low == b"connection"
-            for token in _tokens(value)
-        }
-        drop = drop | (nominated - _NEVER_NOMINATED)
-    return [header for header, low in zip(headers, lowered, strict=True) if low not in drop]
+    kept = []
+    for header in headers:
+        low = header[0].lower()
+        if low not in drop:
+            kept.append(header)
+        elif low == b"connection":
+            return _without_nominated(headers, drop)
+    return kept
+
+
+def _without_nominated(headers: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    nominated = {
+        token for name, value in headers if name.lower() == b"connection" for token in _tokens(value)
+    }
+    drop = drop | (nominated - _NEVER_NOMINATED)
+    return [header for header in headers if header[0].lower() not in drop]
 
 
 def _forwarded_element(client: ClientInfo) -> bytes:
@@ -120,10 +142,7 @@ def forwarded_headers(
     if client.trusted:
         return _extended_forwarded_headers(headers, client, prefix)
     out = _without(headers, _UNTRUSTED_DROP)
-    out.append((b"X-Forwarded-For", _peer(client)))
-    out.append((b"X-Forwarded-Proto", client.scheme.encode("ascii")))
-    out.append((b"X-Forwarded-Host", client.host))
-    out.append((b"Forwarded", _forwarded_element(client)))
+    out += client.forwarding
     if prefix is not None:
         out.append((b"X-Forwarded-Prefix", prefix))
     return out
@@ -219,11 +238,6 @@ def strip_gateway_credentials(
                 value = b"; ".join(kept)
         out.append((name, value))
     return out
-
-
-def response_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """The VM's response headers to send to the client; the caller adds its own framing."""
-    return strip_hop_by_hop(headers)
 
 
 def check_header_limits(headers: Headers, max_count: int, max_total_bytes: int) -> bool:

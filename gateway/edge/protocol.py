@@ -241,19 +241,19 @@ class Exchange:
 
     # ResponseSink ---------------------------------------------------------------------------------
 
-    def on_response_head(self, status: int, version: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         proto = self.proto
         transport = proto.transport
         if transport is None:
             return
         if 100 <= status < 200 and status != 101:
-            transport.write(_STATUS_LINES[status] + _head(hdr.response_headers(headers)) + b"\r\n")
+            transport.write(_STATUS_LINES[status] + _head(hdr.strip_hop_by_hop(headers)) + b"\r\n")
             return
         self.head_received = True
         if status == 101 and not (self.upgrade and hdr.valid_upgrade_response(self.headers, headers)):
             proto.bad_upgrade(self)
             return
-        out = hdr.response_headers(headers)
+        out = hdr.strip_hop_by_hop(headers)
         if status == 101:
             upgrade = [(n, v) for n, v in headers if n.lower() == b"upgrade"]
             out += [(b"Connection", b"Upgrade"), *upgrade]
@@ -261,18 +261,18 @@ class Exchange:
             transport.write(_STATUS_LINES[101] + _head(out) + b"\r\n")
             proto.start_tunnel(self)
             return
+        head = (_STATUS_LINES.get(status) or _status_line(status)) + _head(out)
         self.no_body_out = self.method == b"HEAD" or status in (204, 304)
         assert self.upstream is not None
         if not self.no_body_out and not self.upstream.length_known:
             self.chunked_out = True
-            out.append((b"Transfer-Encoding", b"chunked"))
+            head += b"Transfer-Encoding: chunked\r\n"
         if not self.keep_alive or (self.has_body and not self.body_done) or proto.draining:
             # An answer before the request's end closes the connection (the rest of it is not read).
-            out.append((b"Connection", b"close"))
+            head += b"Connection: close\r\n"
         # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
         # small response leaves in one write instead of two.
-        self.pending_head = _STATUS_LINES.get(status) or _status_line(status)
-        self.pending_head += _head(out) + b"\r\n"
+        self.pending_head = head + b"\r\n"
         proto.response_started(self)
 
     def flush_head(self) -> None:
@@ -289,7 +289,8 @@ class Exchange:
         if self.pending_head:
             out, self.pending_head = self.pending_head + out, b""
         transport.write(out)
-        proto.activity()
+        if proto.silence_deadline is not None:
+            proto.activity()
         if not proto.can_write and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
@@ -297,7 +298,7 @@ class Exchange:
         if self.tunnel:
             return
         if self.chunked_out and self.proto.transport is not None:
-            self.pending_head += b"0\r\n" + _head(hdr.response_headers(trailers)) + b"\r\n"
+            self.pending_head += b"0\r\n" + _head(hdr.strip_hop_by_hop(trailers)) + b"\r\n"
         self.flush_head()
         self.proto.response_complete(self)
 

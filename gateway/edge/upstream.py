@@ -26,7 +26,7 @@ UPSTREAM_IDLE_SWEEP_S = 5.0
 
 
 class ResponseSink(Protocol):
-    def on_response_head(self, status: int, version: str, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_lost(self, exc: Exception | None) -> None: ...
@@ -124,22 +124,23 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_trailers = True
         status = self.parser.get_status_code()
-        version = self.parser.get_http_version()
         if not self.parser.should_keep_alive():
             self.reusable = False
-        names = {name.lower() for name, _ in self.headers}
-        self.length_known = b"content-length" in names
+        length = framed = False
+        for name, _ in self.headers:
+            low = name.lower()
+            if low == b"content-length":
+                length = framed = True
+            elif low == b"transfer-encoding":
+                framed = True
+        self.length_known = length
         self.close_delimited = (
-            b"content-length" not in names
-            and b"transfer-encoding" not in names
-            and status not in (204, 304)
-            and status >= 200
-            and not self.head_only
+            not framed and status not in (204, 304) and status >= 200 and not self.head_only
         )
         if self.close_delimited:
             self.reusable = False
         if self.sink is not None:
-            self.sink.on_response_head(status, version, self.headers)
+            self.sink.on_response_head(status, self.headers)
         if 100 <= status < 200 and status != 101:
             # Interim response: the real one follows on the same connection.
             self.in_trailers = False

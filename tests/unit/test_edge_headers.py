@@ -14,7 +14,6 @@ from gateway.edge.headers import (
     connection_tokens,
     forwarded_headers,
     is_websocket_upgrade,
-    response_headers,
     strip_gateway_credentials,
     strip_hop_by_hop,
     upgrade_protocol,
@@ -62,7 +61,7 @@ def test_connection_cannot_remove_host() -> None:
 
 def test_response_headers_keep_content_length() -> None:
     headers = [(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"timeout=5")]
-    assert response_headers(headers) == [(b"Content-Length", b"3")]
+    assert strip_hop_by_hop(headers) == [(b"Content-Length", b"3")]
 
 
 # --- forwarding headers -----------------------------------------------------------------------------
