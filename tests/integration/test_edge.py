@@ -235,6 +235,19 @@ async def test_vm_killed_mid_stream_ends_the_client_stream(gateway: GatewayUnder
                     await resp.content.read()
 
 
+async def test_vm_killed_mid_websocket_closes_the_client_tunnel(gateway: GatewayUnderTest) -> None:
+    _, vm_id, url = await start_app(gateway)
+    async with aiohttp.ClientSession() as client, client.ws_connect(url + "ws") as ws:
+        await ws.send_str("before")
+        assert (await ws.receive(timeout=5)).data == "before"
+        status, _ = await gateway.request("DELETE", f"/v1/vms/{vm_id}")
+        assert status == 200
+        # The tunnel ends promptly (the VM's side may vanish without a FIN): the client sees its
+        # connection close instead of waiting on a dead peer.
+        message = await ws.receive(timeout=5)
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+
 @pytest.mark.parametrize(
     ("request_line", "host", "status"),
     [
