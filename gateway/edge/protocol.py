@@ -41,6 +41,8 @@ BODY_BUFFER_HIGH = 256 * 1024
 # Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
 MAX_PIPELINED = 8
 API_POOL_KEY: PoolKey = ("api", "unix", 0)
+# Forwarding headers per (client address, Host), shared by connections; emptied when this many.
+MAX_SHARED_CLIENT_INFOS = 4096
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,21 @@ class Edge:
         self.pool = pool
         self.parse_target = TargetParser(settings.routing)
         self.connections: set[EdgeProtocol] = set()
+        self._client_infos: dict[tuple[str, bytes, bool], hdr.ClientInfo] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
+
+    def client_info(self, peer_ip: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
+        key = (peer_ip, host, trusted)
+        info = self._client_infos.get(key)
+        if info is None:
+            if len(self._client_infos) >= MAX_SHARED_CLIENT_INFOS:
+                self._client_infos.clear()
+            info = self._client_infos[key] = hdr.ClientInfo(peer_ip, self.settings.scheme, host, trusted)
+        return info
 
     def vm_gone(self, vm_id: str) -> None:
         self.pool.close_vm(vm_id)
@@ -623,8 +635,9 @@ class EdgeProtocol(asyncio.Protocol):
     def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
         client = self.client_info
         if client is None or client.host != host:
-            # Kept per connection: a client sends the same Host on every request.
-            client = self.client_info = hdr.ClientInfo(self.peer_ip, self.settings.scheme, host, self.trusted)
+            # Kept per connection (a client sends the same Host on every request) and shared between
+            # connections: the many idle connections of one client hold one ClientInfo.
+            client = self.client_info = self.edge.client_info(self.peer_ip, host, self.trusted)
         return hdr.forwarded_headers(ex.headers, client, prefix)
 
     def _send(self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes) -> None:

@@ -111,18 +111,15 @@ class Resolver:
 
     async def _load(self, key: CacheKey) -> Route | None:
         kind, ident, port = key
-        # One round trip by VM id, two by session: a miss costs the edge as little Redis as it can.
+        # One Redis round trip either way: a miss costs the edge as little Redis as it can.
         if kind == "s":
             if not is_session_id(ident):
                 return None
-            vm_id = await self.store.session_vm_id(ident)
-            if vm_id is None:
-                return None
+            vm, exposed = await self.store.session_vm_and_port(ident, port)
         else:
             if not is_vm_id(ident):
                 return None
-            vm_id = ident
-        vm, exposed = await self.store.vm_and_port(vm_id, port)
+            vm, exposed = await self.store.vm_and_port(ident, port)
         if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
             return None
         if vm.expires_at is not None and vm.expires_at <= time.time():

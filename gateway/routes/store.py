@@ -44,6 +44,17 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL'
 return 0
 """
 
+# The edge's route lookup by session in one round trip: the session's VM record and whether the port is
+# exposed. The VM's keys are made here from the templates Keys gives (ARGV 1-4), so Keys stays the one
+# place that spells them. Returns false for no session, else {flat VM hash, exposed (0/1)}.
+_SESSION_VM_AND_PORT = """
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
+if not vm_id then return false end
+local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
+local exposed = redis.call('SISMEMBER', ARGV[3] .. vm_id .. ARGV[4], ARGV[5])
+return {vm, exposed}
+"""
+
 # creating -> active only: a VM killed while it booted stays killed.
 _ACTIVATE_VM = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'creating' then return 0 end
@@ -65,6 +76,7 @@ return 1
 
 
 REDIS_MAX_CONNECTIONS = 64
+_ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
@@ -102,6 +114,9 @@ class RedisStore:
         self._release_slot = client.register_script(_RELEASE_SLOT)
         self._activate_vm = client.register_script(_ACTIVATE_VM)
         self._end_vm = client.register_script(_END_VM)
+        self._session_vm_and_port = client.register_script(_SESSION_VM_AND_PORT)
+        vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
+        self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
 
     # sessions -------------------------------------------------------------------------------------
 
@@ -200,10 +215,18 @@ class RedisStore:
         raw, exposed = await guarded(pipe.execute())
         return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
 
-    async def session_vm_id(self, session_id: str) -> str | None:
-        """Only the session's VM id: what the edge needs, without decoding the whole record."""
-        vm_id = await guarded(self.client.hget(self.keys.session(session_id), "vm_id"))
-        return vm_id or None
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """``vm_and_port`` for the session's VM, also in one round trip (a server-side script)."""
+        found = await guarded(
+            self._session_vm_and_port(
+                keys=[self.keys.session(session_id)], args=[*self._vm_key_templates, str(port)]
+            )
+        )
+        if not found:
+            return None, False
+        flat, exposed = found
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
 
     async def exposed_ports(self, vm_id: str) -> set[int]:
         return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}
