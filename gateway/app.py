@@ -31,6 +31,7 @@ from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.routes.model import Keys
 from gateway.routes.store import RedisStore, connect, guarded
+from gateway.tls.serving import TlsServing, serving_tls
 from gateway.workers import EdgeWorkers
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Services:
     reaper: Reaper
     app: web.Application
     edge: Edge | None = None
+    tls: TlsServing | None = None
 
 
 @asynccontextmanager
@@ -129,10 +131,10 @@ async def running_gateway(config: Config, config_file: str | None = None) -> Asy
             workers = edge_workers(config, config_file, str(api_socket))
             workers_stopped: asyncio.Future[None] | None = None
             try:
-                async with running_edge(
-                    config, svc.store, vm_networks(config), str(api_socket), reuse_port=workers is not None
-                ) as edge:
-                    svc.edge = edge
+                async with running_public_edge(
+                    config, svc.store, str(api_socket), reuse_port=workers is not None
+                ) as (edge, tls):
+                    svc.edge, svc.tls = edge, tls
                     if workers is not None:
                         await workers.start()
                     try:
@@ -151,6 +153,20 @@ async def running_gateway(config: Config, config_file: str | None = None) -> Asy
                 api_socket.unlink(missing_ok=True)
     finally:
         lock.release()
+
+
+@asynccontextmanager
+async def running_public_edge(
+    config: Config, store: RedisStore, api_socket: str, *, reuse_port: bool
+) -> AsyncIterator[tuple[Edge, TlsServing | None]]:
+    """The edge, with TLS (certificates from the store, kept in step) when tls.listen is set."""
+    async with contextlib.AsyncExitStack() as stack:
+        tls = await stack.enter_async_context(serving_tls(config, store)) if config.tls.listen else None
+        async with running_edge(
+            config, store, vm_networks(config), api_socket, reuse_port=reuse_port,
+            sni=tls.table if tls is not None else None,
+        ) as edge:  # fmt: skip
+            yield edge, tls
 
 
 def edge_workers(config: Config, config_file: str | None, api_socket: str) -> EdgeWorkers | None:
@@ -175,7 +191,7 @@ async def running_edge_only(config: Config, api_socket: str) -> AsyncIterator[Ed
         raise ConfigError("gateway edge needs the control plane's Redis: set GATEWAY_REDIS_URL")
     async with redis_client(config, None) as client:
         store = RedisStore(client, Keys(config.redis.key_prefix), config.vms.retention_s)
-        async with running_edge(config, store, vm_networks(config), api_socket, reuse_port=True) as edge:
+        async with running_public_edge(config, store, api_socket, reuse_port=True) as (edge, _):
             yield edge
 
 

@@ -124,6 +124,28 @@ class ProcessConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    # HOST:PORT of the TLS listener (the edge and the API over HTTPS); empty: no TLS.
+    listen: str = ""
+    # A TLS handshake must complete within this.
+    handshake_timeout_s: float = 10.0
+    # With TLS on, plain HTTP on server.listen answers 308 to https:// except for these path prefixes
+    # (comma-separated).
+    redirect_http: bool = True
+    plain_http_paths: str = "/.well-known/acme-challenge/"
+    # The port in those redirects (0: tls.listen's port; 443 is left out of URLs).
+    public_port: int = 0
+    # Key that encrypts private keys stored in Redis (a Fernet key: 32 bytes, url-safe base64); give it
+    # as GATEWAY_TLS_STORAGE_KEY or in storage_key_file. Neither: <data_dir>/tls/storage.key is made on
+    # first start (fine for one machine; share one key between machines).
+    storage_key: str = ""
+    storage_key_file: str = ""
+    # Where the self-signed certificate served by default (no SNI, or a name without a certificate) is
+    # made on first start.
+    certs_dir: str = "certs"
+
+
+@dataclass(frozen=True)
 class ExecuteConfig:
     default_timeout_s: float = 30.0
     max_timeout_s: float = 3600.0
@@ -140,10 +162,17 @@ class Config:
     netns: NetnsConfig = field(default_factory=NetnsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     execute: ExecuteConfig = field(default_factory=ExecuteConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
     def data_path(self) -> Path:
         return Path(self.server.data_dir).resolve()
+
+    @property
+    def sandbox_domains(self) -> tuple[str, ...]:
+        """Every base domain of host-form app URLs, lower-case: api.sandbox_domain first."""
+        extra = EdgeConfig.split(self.edge.extra_sandbox_domains)
+        return tuple(dict.fromkeys(d.lower() for d in (self.api.sandbox_domain, *extra) if d))
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -252,5 +281,9 @@ def validate(config: Config) -> None:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("api.max_body_bytes must be at least 1024")
+    if config.tls.listen:
+        split_host_port(config.tls.listen)
+    if not 0 <= config.tls.public_port < 65536:
+        raise ConfigError("tls.public_port must be between 0 and 65535")
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")

@@ -62,6 +62,10 @@ class EdgeSettings:
     max_header_bytes: int = 32 * 1024
     max_connections: int = 10000
     trusted_proxies: frozenset[str] = frozenset()
+    # With TLS on: plain-HTTP requests get a 308 to https on this port (0: none), except under these
+    # path prefixes.
+    https_redirect_port: int = 0
+    plain_http_paths: tuple[bytes, ...] = ()
 
 
 class Edge:
@@ -73,20 +77,20 @@ class Edge:
         self.pool = pool
         self.parse_target = TargetParser(settings.routing)
         self.connections: set[EdgeProtocol] = set()
-        self._client_infos: dict[tuple[str, bytes, bool], hdr.ClientInfo] = {}
+        self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
 
-    def client_info(self, peer_ip: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
-        key = (peer_ip, host, trusted)
+    def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
+        key = (peer_ip, scheme, host, trusted)
         info = self._client_infos.get(key)
         if info is None:
             if len(self._client_infos) >= MAX_SHARED_CLIENT_INFOS:
                 self._client_infos.clear()
-            info = self._client_infos[key] = hdr.ClientInfo(peer_ip, self.settings.scheme, host, trusted)
+            info = self._client_infos[key] = hdr.ClientInfo(peer_ip, scheme, host, trusted)
         return info
 
     def vm_gone(self, vm_id: str) -> None:
@@ -126,6 +130,13 @@ def _status_line(status: int) -> bytes:
 
 
 _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+def _host_name(host: bytes) -> bytes:
+    """A validated Host value without its port (and an IPv6 literal without its brackets)."""
+    if host.startswith(b"["):
+        return host[1 : host.index(b"]")]
+    return host.rpartition(b":")[0] if b":" in host else host
 
 
 def _head(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -343,8 +354,10 @@ class EdgeProtocol(asyncio.Protocol):
         "peer_ip",
         "pending",
         "reading_paused",
+        "scheme",
         "settings",
         "silence_deadline",
+        "sni_name",
         "task",
         "task_coro",
         "transport",
@@ -354,9 +367,13 @@ class EdgeProtocol(asyncio.Protocol):
         "ws_frames",
     )
 
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: Edge, *, tls: bool = False) -> None:
         self.edge = edge
         self.settings = edge.settings
+        # The scheme clients used: https on the TLS listener; else what server.public_url says (a TLS
+        # load balancer in front may make the plain listener public as https).
+        self.scheme = "https" if tls else edge.settings.scheme
+        self.sni_name: bytes | None = None  # the name the TLS client asked for, if any
         self.loop = edge.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -391,6 +408,10 @@ class EdgeProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            name = getattr(ssl_object, "sni_name", None)  # set by the SNI table's callback
+            self.sni_name = name.lower().encode("ascii") if name else None
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.trusted = self.peer_ip in self.settings.trusted_proxies
@@ -579,6 +600,15 @@ class EdgeProtocol(asyncio.Protocol):
                 return
             self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
             return
+        if self.sni_name is not None and _host_name(target.host) != self.sni_name:
+            # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
+            message = "this connection was opened for another host name; open a new one for this host"
+            self._reply(ex, 421, "misdirected_request", message, close=True)
+            return
+        if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
+            location = self._https_url(target.host, ex.url)
+            self._write_and_finish(ex, pages.redirect_response(308, location, close=not ex.keep_alive))
+            return
         if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
             ex.upgrade = False
         if type(target) is ApiTarget:
@@ -632,12 +662,22 @@ class EdgeProtocol(asyncio.Protocol):
             ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, request_target, headers)
         )
 
+    def _plain_http_allowed(self, ex: Exchange) -> bool:
+        return any(ex.url.startswith(prefix) for prefix in self.settings.plain_http_paths)
+
+    def _https_url(self, host: bytes, target: bytes) -> bytes:
+        port = self.settings.https_redirect_port
+        name = _host_name(host)
+        if b":" in name:
+            name = b"[" + name + b"]"  # an IPv6 literal
+        return b"https://" + name + (b"" if port == 443 else b":%d" % port) + target
+
     def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
         client = self.client_info
         if client is None or client.host != host:
             # Kept per connection (a client sends the same Host on every request) and shared between
             # connections: the many idle connections of one client hold one ClientInfo.
-            client = self.client_info = self.edge.client_info(self.peer_ip, host, self.trusted)
+            client = self.client_info = self.edge.client_info(self.peer_ip, self.scheme, host, self.trusted)
         return hdr.forwarded_headers(ex.headers, client, prefix)
 
     def _send(self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes) -> None:
@@ -774,7 +814,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         clean, _ = access.split_token_from_target(ex.url)
         cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
-        cookie = access.cookie_header(token, cookie_path, secure=self.settings.scheme == "https")
+        cookie = access.cookie_header(token, cookie_path, secure=self.scheme == "https")
         self._write_and_finish(
             ex, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
         )

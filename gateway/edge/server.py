@@ -10,21 +10,21 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from gateway.config import Config, EdgeConfig
+from gateway.config import Config, EdgeConfig, split_host_port
 from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
 from gateway.edge.resolver import Resolver
 from gateway.edge.target import RoutingConfig
 from gateway.edge.upstream import UpstreamPool
 from gateway.routes.store import RedisStore
+from gateway.tls.sni import SniTable
 
 
 def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
     edge = config.edge
-    domains = (config.api.sandbox_domain.lower(), *EdgeConfig.split(edge.extra_sandbox_domains))
     return EdgeSettings(
         routing=RoutingConfig(
             api_hosts=EdgeConfig.split(edge.api_hosts),
-            sandbox_domains=domains,
+            sandbox_domains=config.sandbox_domains,
             max_target_bytes=edge.max_target_bytes,
         ),
         api_socket=api_socket,
@@ -39,32 +39,66 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
         max_header_bytes=edge.max_header_bytes,
         max_connections=edge.max_connections,
         trusted_proxies=frozenset(EdgeConfig.split(edge.trusted_proxies)),
+        https_redirect_port=https_redirect_port(config),
+        plain_http_paths=tuple(p.encode() for p in EdgeConfig.split(config.tls.plain_http_paths)),
     )
+
+
+def https_redirect_port(config: Config) -> int:
+    """The port plain-HTTP requests are redirected to; 0: no redirect (no TLS, or turned off)."""
+    if not config.tls.listen or not config.tls.redirect_http:
+        return 0
+    return config.tls.public_port or split_host_port(config.tls.listen)[1]
 
 
 @asynccontextmanager
 async def running_edge(
-    config: Config, store: RedisStore, vm_networks: list[str], api_socket: str, *, reuse_port: bool = False
+    config: Config,
+    store: RedisStore,
+    vm_networks: list[str],
+    api_socket: str,
+    *,
+    reuse_port: bool = False,
+    sni: SniTable | None = None,
 ) -> AsyncIterator[Edge]:
-    """The edge on config.server.listen; ``reuse_port`` lets other processes listen there too."""
+    """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
+    processes listen there as well."""
     resolver = Resolver(store, vm_networks)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     edge = Edge(edge_settings(config, api_socket), resolver, pool)
     resolver.start()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: EdgeProtocol(edge),
-        config.server.host,
-        config.server.port,
-        reuse_address=True,
-        reuse_port=reuse_port or None,
-        backlog=4096,
-    )
+    servers = [
+        await loop.create_server(
+            lambda: EdgeProtocol(edge),
+            config.server.host,
+            config.server.port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=4096,
+        )
+    ]
+    if sni is not None:
+        host, port = split_host_port(config.tls.listen)
+        servers.append(
+            await loop.create_server(
+                lambda: EdgeProtocol(edge, tls=True),
+                host,
+                port,
+                ssl=sni.context,
+                ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=4096,
+            )
+        )
     try:
         yield edge
     finally:
-        server.close()
+        for server in servers:
+            server.close()
         await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
         await resolver.stop()
-        await server.wait_closed()
+        for server in servers:
+            await server.wait_closed()

@@ -92,6 +92,18 @@ class Keys:
     def slot_cursor(self, driver: str) -> str:
         return f"{self.prefix}slot-cursor:{driver}"
 
+    def cert(self, cert_id: str) -> str:
+        return f"{self.prefix}cert:{cert_id}"
+
+    def cert_index(self) -> str:
+        return f"{self.prefix}certs"
+
+    def cert_lock(self, cert_id: str) -> str:
+        return f"{self.prefix}cert-lock:{cert_id}"
+
+    def acme_account(self, directory_url: str) -> str:
+        return f"{self.prefix}acme-account:{directory_url}"
+
     def events(self) -> str:
         """Pub/sub channel: VM and route changes, for every edge's route cache."""
         return f"{self.prefix}events"

@@ -1,0 +1,98 @@
+"""Certificates in Redis, so every edge process and machine serves the same ones.
+
+One hash per certificate (``Keys.cert(cert_id)``; the id is the certificate's first name, e.g.
+``*.sandbox.example.com``) with the chain, the private key encrypted with the storage key (Fernet:
+AES-128-CBC + HMAC-SHA256), the names and the expiry; an index set of ids; and an event on the gateway's
+events channel for every change, so each edge's SNI table follows within moments.
+
+A bundle is checked (``parse_bundle``) before it is stored and again when it is read: a corrupt or
+mismatched record is never served, and ``put`` refuses one without touching what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from cryptography.fernet import Fernet, InvalidToken
+
+from gateway.routes.model import Keys
+from gateway.routes.store import guarded
+from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
+
+CERT_EVENT = "cert"
+
+
+@dataclass(frozen=True)
+class StoredCert:
+    cert_id: str
+    bundle: CertBundle
+    source: str  # "acme", "import" or "self-signed"
+    updated_at: float
+
+
+class CertStore:
+    def __init__(self, client: aioredis.Redis, keys: Keys, storage_key: bytes) -> None:
+        self.client = client
+        self.keys = keys
+        self._fernet = Fernet(storage_key)
+
+    async def put(self, bundle: CertBundle, *, source: str, cert_id: str | None = None) -> str:
+        """Store (or replace) a certificate and tell every edge. Returns its id."""
+        checked = parse_bundle(bundle.chain_pem, bundle.key_pem)  # raises BadCertificate: nothing stored
+        cert_id = cert_id or checked.primary_name
+        record = {
+            "chain_pem": checked.chain_pem.decode("ascii"),
+            "key_enc": self._fernet.encrypt(checked.key_pem).decode("ascii"),
+            "names": ",".join(checked.names),
+            "not_after": repr(checked.not_after),
+            "source": source,
+            "updated_at": repr(time.time()),
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.cert(cert_id))
+        pipe.hset(self.keys.cert(cert_id), mapping=record)
+        pipe.sadd(self.keys.cert_index(), cert_id)
+        pipe.publish(self.keys.events(), _event(cert_id))
+        await guarded(pipe.execute())
+        return cert_id
+
+    async def get(self, cert_id: str) -> StoredCert | None:
+        """The stored certificate, checked; None when absent. Raises BadCertificate when it is unusable."""
+        raw = await guarded(self.client.hgetall(self.keys.cert(cert_id)))
+        if not raw:
+            return None
+        try:
+            key_pem = self._fernet.decrypt(raw["key_enc"].encode("ascii"))
+        except (InvalidToken, KeyError):
+            raise BadCertificate(
+                f"{cert_id}: the private key does not decrypt with this storage key"
+            ) from None
+        bundle = parse_bundle(raw.get("chain_pem", "").encode("ascii"), key_pem)
+        return StoredCert(cert_id, bundle, raw.get("source", ""), float(raw.get("updated_at", 0)))
+
+    async def ids(self) -> set[str]:
+        return set(await guarded(self.client.smembers(self.keys.cert_index())))
+
+    async def expiries(self) -> dict[str, float]:
+        """Each stored certificate's expiry, without decrypting anything (for renewal checks)."""
+        ids = sorted(await self.ids())
+        pipe = self.client.pipeline(transaction=False)
+        for cert_id in ids:
+            pipe.hget(self.keys.cert(cert_id), "not_after")
+        values = await guarded(pipe.execute())
+        return {cert_id: float(v) for cert_id, v in zip(ids, values, strict=True) if v is not None}
+
+    async def delete(self, cert_id: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.cert(cert_id))
+        pipe.srem(self.keys.cert_index(), cert_id)
+        pipe.publish(self.keys.events(), _event(cert_id))
+        deleted, _, _ = await guarded(pipe.execute())
+        return bool(deleted)
+
+
+def _event(cert_id: str) -> str:
+    return json.dumps({"type": CERT_EVENT, "cert_id": cert_id}, separators=(",", ":"))
