@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,8 +28,16 @@ class TlsServing:
 
 def operator_names(config: Config) -> list[str]:
     """The names the default certificate covers: the API hosts and each sandbox domain's wildcard."""
-    api_hosts = [h.lower() for h in EdgeConfig.split(config.edge.api_hosts)] or ["localhost"]
-    return [*api_hosts, *(f"*.{domain}" for domain in config.sandbox_domains)]
+    api_hosts = [h.lower() for h in EdgeConfig.split(config.edge.api_hosts) if not _is_ip(h)]
+    return [*(api_hosts or ["localhost"]), *(f"*.{domain}" for domain in config.sandbox_domains)]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def cert_store(config: Config, routes: RedisStore) -> CertStore:
