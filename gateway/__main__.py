@@ -1,4 +1,5 @@
-"""Command line: ``gateway serve``, ``gateway edge``, ``gateway keys create|list|revoke``.
+"""Command line: ``gateway serve``, ``gateway edge``, ``gateway keys create|list|revoke``,
+``gateway certs import|list|delete``.
 
 The only place that exits.
 """
@@ -11,7 +12,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
@@ -22,6 +25,9 @@ from gateway.embedded_redis import EmbeddedRedisError
 from gateway.errors import GatewayError
 from gateway.keys import ApiKeyStore
 from gateway.routes.model import Keys
+from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
+from gateway.tls.local import StorageKeyError
+from gateway.tls.serving import cert_store
 
 log = logging.getLogger("gateway")
 
@@ -100,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke", parents=[common], help="revoke a key by id, or every key with a name"
     )
     revoke.add_argument("key", metavar="ID_OR_NAME")
+
+    certs = commands.add_parser("certs", parents=[common], help="manage the certificates the edge serves")
+    cert_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    add = cert_commands.add_parser(
+        "import", parents=[common], help="store a certificate chain and key; every edge serves it at once"
+    )
+    add.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
+    add.add_argument("--key", required=True, metavar="FILE", help="PEM private key (unencrypted)")
+    cert_commands.add_parser("list", parents=[common], help="list stored certificates and their expiry")
+    delete = cert_commands.add_parser("delete", parents=[common], help="stop serving a certificate")
+    delete.add_argument("cert_id", metavar="ID")
     return parser
 
 
@@ -130,8 +147,9 @@ async def serve(config: Config, config_file: str | None) -> None:
     async with running_gateway(config, config_file) as svc:
         redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
         workers = f", {config.server.workers} edge processes" if config.server.workers > 1 else ""
+        tls = f" and https://{config.tls.listen}" if config.tls.listen else ""
         print(
-            f"gateway listening on http://{config.server.listen} "
+            f"gateway listening on http://{config.server.listen}{tls} "
             f"(VM driver {svc.orchestrator.driver.name}, {redis_where}{workers}); Ctrl-C stops it",
             flush=True,
         )
@@ -164,6 +182,35 @@ async def keys_command(config: Config, args: argparse.Namespace) -> None:
                 print(f"revoked {rec.key_id} ({rec.name})")
 
 
+async def certs_command(config: Config, args: argparse.Namespace) -> None:
+    async with admin_client(config) as client:
+        store = await asyncio.to_thread(cert_store, config, client)
+        if args.certs_command == "import":
+            try:
+                bundle = await asyncio.to_thread(_read_bundle, args.cert, args.key)
+            except OSError as exc:
+                raise SystemExit(f"gateway: {exc.filename}: {exc.strerror}") from None
+            except BadCertificate as exc:
+                raise SystemExit(f"gateway: certificate refused: {exc}") from None
+            cert_id = await store.put(bundle, source="import")
+            print(f"stored {cert_id} for {', '.join(bundle.names)}, valid until {_utc(bundle.not_after)}")
+        elif args.certs_command == "list":
+            for cert_id, not_after in sorted((await store.expiries()).items()):
+                print(f"{cert_id}\tvalid until {_utc(not_after)}")
+        elif args.certs_command == "delete":
+            if not await store.delete(args.cert_id):
+                raise SystemExit(f"gateway: no certificate {args.cert_id!r}")
+            print(f"deleted {args.cert_id}")
+
+
+def _read_bundle(cert_file: str, key_file: str) -> CertBundle:
+    return parse_bundle(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
@@ -178,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             uvloop.run(edge_only(config, args.api_socket))
         elif args.command == "keys":
             uvloop.run(keys_command(config, args))
-    except (ConfigError, DataDirBusy, EmbeddedRedisError, GatewayError) as exc:
+        elif args.command == "certs":
+            uvloop.run(certs_command(config, args))
+    except (ConfigError, DataDirBusy, EmbeddedRedisError, GatewayError, StorageKeyError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
 from gateway.config import Config, ConfigError, EdgeConfig
 from gateway.routes.model import Keys
 from gateway.routes.store import RedisStore
@@ -40,17 +42,18 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def cert_store(config: Config, routes: RedisStore) -> CertStore:
+def cert_store(config: Config, client: aioredis.Redis) -> CertStore:
+    """The certificate store with this deployment's storage key (blocking: may make the key file)."""
     try:
         key = storage_key(config.tls.storage_key, config.tls.storage_key_file, config.data_path)
     except StorageKeyError as exc:
         raise ConfigError(f"tls storage key: {exc}") from None
-    return CertStore(routes.client, Keys(config.redis.key_prefix), key)
+    return CertStore(client, Keys(config.redis.key_prefix), key)
 
 
 @asynccontextmanager
 async def serving_tls(config: Config, routes: RedisStore) -> AsyncIterator[TlsServing]:
-    store = await asyncio.to_thread(cert_store, config, routes)
+    store = await asyncio.to_thread(cert_store, config, routes.client)
     default = await asyncio.to_thread(default_certificate, Path(config.tls.certs_dir), operator_names(config))
     table = SniTable(await asyncio.to_thread(server_context, default))
     async with following(store, table, routes.subscribe) as follower:

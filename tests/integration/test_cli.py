@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import trustme
 
 from tests.conftest import free_port
 
@@ -102,7 +104,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 def test_help_documents_every_command() -> None:
     out = gateway("--help").stdout
-    assert "serve" in out and "edge" in out and "keys" in out and "GATEWAY_" in out
+    assert all(word in out for word in ("serve", "edge", "keys", "certs", "GATEWAY_"))
     out = gateway("keys", "--help").stdout
     assert all(word in out for word in ("create", "list", "revoke"))
 
@@ -184,3 +186,28 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "vms.default_memory_mb" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_certs_import_list_and_delete(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    ca = trustme.CA()
+    leaf, other = ca.issue_cert("api.example.test"), ca.issue_cert("other.example.test")
+    chain, key, wrong_key = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "wrong.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    wrong_key.write_bytes(other.private_key_pem.bytes())
+
+    refused = gateway("--data-dir", data, "certs", "import", "--cert", str(chain), "--key", str(wrong_key))
+    assert refused.returncode != 0 and "does not belong" in refused.stderr
+    stored = gateway("--data-dir", data, "certs", "import", "--cert", str(chain), "--key", str(key))
+    assert stored.returncode == 0, stored.stderr
+    assert "stored api.example.test" in stored.stdout
+    listed = gateway("--data-dir", data, "certs", "list")
+    assert listed.stdout.startswith("api.example.test\tvalid until ")
+    # The private key was made into a storage key in the data folder, readable by its owner only.
+    assert stat.S_IMODE((tmp_path / "data" / "tls" / "storage.key").stat().st_mode) == 0o600
+    deleted = gateway("--data-dir", data, "certs", "delete", "api.example.test")
+    assert deleted.returncode == 0
+    assert gateway("--data-dir", data, "certs", "list").stdout == ""
+    missing = gateway("--data-dir", data, "certs", "delete", "api.example.test")
+    assert missing.returncode != 0 and "no certificate" in missing.stderr
