@@ -25,6 +25,7 @@ from gateway.config import Config, load_config, override
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
+from tests.acme_env import AcmeTestEnv
 
 IS_ROOT = os.geteuid() == 0
 # VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
@@ -190,3 +191,14 @@ async def gateway(request: pytest.FixtureRequest, gateway_factory: object) -> Ga
 async def gw(gateway_factory: object) -> GatewayUnderTest:
     """A gateway on the process driver: for API behaviour that does not depend on the driver."""
     return await gateway_factory("process")  # type: ignore[operator]
+
+
+@pytest.fixture(scope="session")
+def acme_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AcmeTestEnv]:
+    """pebble + bind9 on loopback for the whole session (zones example.test and example.org.test)."""
+    env = AcmeTestEnv(tmp_path_factory.mktemp("acme-env"))
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
