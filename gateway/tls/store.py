@@ -93,6 +93,26 @@ class CertStore:
         deleted, _, _ = await guarded(pipe.execute())
         return bool(deleted)
 
+    async def account_key(self, directory_url: str) -> bytes | None:
+        """The ACME account key for a directory (PEM), if one was made; encrypted at rest like the rest."""
+        token = await guarded(self.client.hget(self.keys.acme_account(directory_url), "key_enc"))
+        if token is None:
+            return None
+        try:
+            return self._fernet.decrypt(token.encode("ascii"))
+        except InvalidToken:
+            raise BadCertificate(
+                f"the ACME account key for {directory_url} does not decrypt with this storage key"
+            ) from None
+
+    async def save_account_key(self, directory_url: str, key_pem: bytes) -> bytes:
+        """Keep the first account key saved for a directory (two processes may race); returns it."""
+        token = self._fernet.encrypt(key_pem).decode("ascii")
+        await guarded(self.client.hsetnx(self.keys.acme_account(directory_url), "key_enc", token))
+        saved = await self.account_key(directory_url)
+        assert saved is not None
+        return saved
+
 
 def _event(cert_id: str) -> str:
     return json.dumps({"type": CERT_EVENT, "cert_id": cert_id}, separators=(",", ":"))

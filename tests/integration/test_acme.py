@@ -1,0 +1,107 @@
+"""Issuance against a real ACME server (pebble) with DNS-01 over RFC 2136 (bind9), both on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from cryptography import x509
+from cryptography.fernet import Fernet
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from gateway.routes.model import Keys
+from gateway.routes.store import connect
+from gateway.tls.acme import AcmeIssuer, AcmeSettings, IssueError
+from gateway.tls.dns01 import DnsProvider
+from gateway.tls.store import CertStore
+from tests.acme_env import AcmeTestEnv
+from tests.integration.test_dns_providers import lookup_for, rfc2136, txt_values
+
+
+@pytest.fixture
+async def cert_store(redis_url: str) -> AsyncIterator[CertStore]:
+    client: aioredis.Redis = connect(redis_url, 5.0)
+    yield CertStore(client, Keys("gw:"), Fernet.generate_key())
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def acme_env_rejecting_nonces(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AcmeTestEnv]:
+    """Pebble with its default 5 % of good nonces rejected (the other tests turn that off)."""
+    env = AcmeTestEnv(Path(tmp_path_factory.mktemp("acme-nonces")), nonce_reject_percent=5)
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+def issuer_for(env: AcmeTestEnv, store: CertStore) -> AcmeIssuer:
+    settings = AcmeSettings(env.directory_url, email="ops@example.test", ca_bundle=str(env.ca_pem_path))
+    return AcmeIssuer(settings, store, lookup_for(env))
+
+
+def verify(env: AcmeTestEnv, chain_pem: bytes, name: str) -> None:
+    root = x509.load_pem_x509_certificate(env.root_pem())
+    leaf, *intermediates = x509.load_pem_x509_certificates(chain_pem)
+    verifier = PolicyBuilder().store(Store([root])).build_server_verifier(x509.DNSName(name))
+    verifier.verify(leaf, intermediates)
+
+
+async def test_a_wildcard_and_its_base_name_are_issued_over_rfc2136(
+    acme_env: AcmeTestEnv, cert_store: CertStore
+) -> None:
+    issuer = issuer_for(acme_env, cert_store)
+    bundle = await issuer.issue(["*.sandbox.example.test", "sandbox.example.test"], rfc2136(acme_env))
+    assert bundle.names == ("*.sandbox.example.test", "sandbox.example.test")
+    verify(acme_env, bundle.chain_pem, "vmid-abc-3000.sandbox.example.test")
+    verify(acme_env, bundle.chain_pem, "sandbox.example.test")
+    with pytest.raises(VerificationError):
+        verify(acme_env, bundle.chain_pem, "a.b.sandbox.example.test")
+    # The account was made once and is reused: a second order works with the stored key.
+    account = await cert_store.account_key(acme_env.directory_url)
+    again = await issuer.issue(["app.example.test"], rfc2136(acme_env))
+    assert await cert_store.account_key(acme_env.directory_url) == account
+    verify(acme_env, again.chain_pem, "app.example.test")
+
+
+class WrongValue:
+    """A provider that publishes a wrong TXT value (as a misconfigured DNS setup would)."""
+
+    name = "wrong"
+
+    def __init__(self, inner: DnsProvider) -> None:
+        self.inner = inner
+
+    async def present(self, fqdn: str, value: str) -> None:
+        await self.inner.present(fqdn, "not-" + value)
+
+    async def cleanup(self, fqdn: str, value: str) -> None:
+        await self.inner.cleanup(fqdn, "not-" + value)
+
+
+class NoPropagationCheck(AcmeIssuer):
+    async def propagated(self, fqdn: str, value: str) -> None:
+        return None  # let the ACME server see the wrong value instead of waiting for the right one
+
+
+async def test_a_failed_validation_reports_the_acme_error_and_cleans_up(
+    acme_env: AcmeTestEnv, cert_store: CertStore
+) -> None:
+    issuer = issuer_for(acme_env, cert_store)
+    failing = NoPropagationCheck(issuer.settings, cert_store, issuer.lookup)
+    with pytest.raises(IssueError, match="Correct value not found for DNS challenge"):
+        await failing.issue(["fails.example.test"], WrongValue(rfc2136(acme_env)))
+    assert await txt_values(acme_env, "_acme-challenge.fails.example.test.") == set()
+
+
+async def test_issuance_survives_the_acme_servers_rejected_nonces(
+    acme_env_rejecting_nonces: AcmeTestEnv, cert_store: CertStore
+) -> None:
+    env = acme_env_rejecting_nonces
+    issuer = issuer_for(env, cert_store)
+    for n in range(3):  # about 15 signed requests each; at 5 % some nonce is rejected most runs
+        bundle = await issuer.issue([f"n{n}.example.test"], rfc2136(env))
+        verify(env, bundle.chain_pem, f"n{n}.example.test")
