@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gateway.background import stop_loop
 from gateway.routes.model import VM_ACTIVE, is_session_id, is_vm_id
 from gateway.routes.store import RedisStore
 
@@ -27,7 +28,6 @@ POSITIVE_TTL_S = 2.0
 NEGATIVE_TTL_S = 1.0
 MAX_ENTRIES = 100_000
 RESUBSCRIBE_DELAY_S = 0.5
-STOP_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +218,5 @@ class Resolver:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
-            self._task = None
+        await stop_loop(self._task)
+        self._task = None

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from gateway.background import stop_loop
 from gateway.errors import GatewayError
 from gateway.orchestrator.service import Orchestrator
 from gateway.routes.model import VM_KILLED
@@ -19,7 +20,6 @@ from gateway.routes.store import is_live
 log = logging.getLogger(__name__)
 
 BATCH = 100
-STOP_TIMEOUT_S = 2.0
 
 
 class Reaper:
@@ -68,7 +68,5 @@ class Reaper:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
-            self._task = None
+        await stop_loop(self._task)
+        self._task = None

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from gateway.background import stop_loop
 from gateway.errors import GatewayError
 from gateway.tls.bundle import BadCertificate
 from gateway.tls.context import server_context
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL_S = 60.0
 RESUBSCRIBE_DELAY_S = 1.0
-STOP_TIMEOUT_S = 2.0
 
 Subscribe = Callable[[], AbstractAsyncContextManager[Callable[[float], Awaitable[dict[str, Any] | None]]]]
 
@@ -74,12 +74,9 @@ class CertFollower:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def stop(self) -> None:
-        # A flag as well as the cancel: redis-py's get_message can swallow a cancellation (see Resolver).
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
-            self._task = None
+        await stop_loop(self._task)
+        self._task = None
 
     async def _follow(self) -> None:
         while not self._stopping:
