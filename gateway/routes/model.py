@@ -101,6 +101,9 @@ class Keys:
     def cert_lock(self, cert_id: str) -> str:
         return f"{self.prefix}cert-lock:{cert_id}"
 
+    def cert_state(self, cert_id: str) -> str:
+        return f"{self.prefix}cert-state:{cert_id}"
+
     def acme_account(self, directory_url: str) -> str:
         return f"{self.prefix}acme-account:{directory_url}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from gateway.routes.model import Keys
 from gateway.routes.store import connect
 from gateway.tls.acme import AcmeIssuer, AcmeSettings, IssueError
 from gateway.tls.dns01 import DnsProvider
+from gateway.tls.renewal import Renewer
 from gateway.tls.store import CertStore
 from tests.acme_env import AcmeTestEnv
 from tests.integration.test_dns_providers import lookup_for, rfc2136, txt_values
@@ -105,3 +107,54 @@ async def test_issuance_survives_the_acme_servers_rejected_nonces(
     for n in range(3):  # about 15 signed requests each; at 5 % some nonce is rejected most runs
         bundle = await issuer.issue([f"n{n}.example.test"], rfc2136(env))
         verify(env, bundle.chain_pem, f"n{n}.example.test")
+
+
+class Counting:
+    """Counts the DNS-01 records an issuance publishes (one per new order here)."""
+
+    def __init__(self, inner: DnsProvider) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.presented = 0
+
+    async def present(self, fqdn: str, value: str) -> None:
+        self.presented += 1
+        await self.inner.present(fqdn, value)
+
+    async def cleanup(self, fqdn: str, value: str) -> None:
+        await self.inner.cleanup(fqdn, value)
+
+
+async def test_two_processes_racing_to_renew_issue_once_and_failures_back_off(
+    acme_env: AcmeTestEnv, cert_store: CertStore, redis_url: str
+) -> None:
+    keys = Keys("gw:")
+    provider = Counting(rfc2136(acme_env))
+    # Two edges: each its own issuer and renewer (its own lock token), on the one Redis.
+    renewers = [
+        Renewer(cert_store, issuer_for(acme_env, cert_store), cert_store.client, keys) for _ in range(2)
+    ]
+    cert_id, names = "race.example.test", ["race.example.test"]
+
+    issued = await asyncio.gather(*(r.ensure(cert_id, names, provider) for r in renewers))
+    assert sorted(issued) == [False, True] and provider.presented == 1
+    first = await cert_store.get(cert_id)
+    assert first is not None and (await renewers[0].state(cert_id)).status == "issued"
+
+    # Not due: nothing happens. Due (time moved past two thirds of the lifetime): renewed once.
+    assert not await renewers[1].ensure(cert_id, names, provider)
+    later = first.bundle.not_after - 1
+    issued = await asyncio.gather(*(r.ensure(cert_id, names, provider, now=later) for r in renewers))
+    assert sorted(issued) == [False, True] and provider.presented == 2
+    second = await cert_store.get(cert_id)
+    assert second is not None and second.bundle.chain_pem != first.bundle.chain_pem
+
+    # A failure is recorded with the ACME error and backs off: no new attempt before its time.
+    failing = NoPropagationCheck(renewers[0].issuer.settings, cert_store, renewers[0].issuer.lookup)
+    renewer = Renewer(cert_store, failing, cert_store.client, keys)
+    bad = Counting(WrongValue(rfc2136(acme_env)))
+    assert not await renewer.ensure("bad.example.test", ["bad.example.test"], bad)
+    state = await renewer.state("bad.example.test")
+    assert state.status == "failed" and "Correct value not found" in state.last_error and state.failures == 1
+    assert not await renewer.ensure("bad.example.test", ["bad.example.test"], bad)
+    assert bad.presented == 1  # the back-off held the second call
