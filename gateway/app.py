@@ -31,6 +31,7 @@ from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.routes.model import Keys
 from gateway.routes.store import RedisStore, connect, guarded
+from gateway.tls.keeper import CertKeeper, keeping_operator_certs
 from gateway.tls.serving import TlsServing, serving_tls
 from gateway.workers import EdgeWorkers
 
@@ -61,6 +62,7 @@ class Services:
     app: web.Application
     edge: Edge | None = None
     tls: TlsServing | None = None
+    cert_keeper: CertKeeper | None = None
 
 
 @asynccontextmanager
@@ -131,10 +133,13 @@ async def running_gateway(config: Config, config_file: str | None = None) -> Asy
             workers = edge_workers(config, config_file, str(api_socket))
             workers_stopped: asyncio.Future[None] | None = None
             try:
-                async with running_public_edge(
-                    config, svc.store, str(api_socket), reuse_port=workers is not None
-                ) as (edge, tls):
-                    svc.edge, svc.tls = edge, tls
+                async with (
+                    running_public_edge(
+                        config, svc.store, str(api_socket), reuse_port=workers is not None
+                    ) as (edge, tls),
+                    keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
+                ):
+                    svc.edge, svc.tls, svc.cert_keeper = edge, tls, keeper
                     if workers is not None:
                         await workers.start()
                     try:

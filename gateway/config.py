@@ -146,6 +146,30 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    # The ACME directory (e.g. https://acme-v02.api.letsencrypt.org/directory); empty: no issuance.
+    directory_url: str = ""
+    email: str = ""
+    # A CA file trusted for the ACME server's HTTPS (a private ACME server); empty: the system's.
+    ca_bundle: str = ""
+    # Where zones and their name servers are looked up (comma-separated IPs; empty: the system's
+    # resolvers), on this port; authoritative servers are asked on authoritative_port.
+    dns_resolvers: str = ""
+    dns_port: int = 53
+    authoritative_port: int = 53
+    propagation_timeout_s: float = 120.0
+    # RFC 2136 updates (TSIG) for the operator's own certificates: the API hosts and the sandbox
+    # wildcards. The secret comes from GATEWAY_ACME_RFC2136_KEY_SECRET.
+    rfc2136_server: str = ""
+    rfc2136_key_name: str = ""
+    rfc2136_key_algorithm: str = "hmac-sha256"
+    rfc2136_key_secret: str = ""
+    # How often every certificate is checked for renewal (and failed ones retried when their back-off
+    # allows).
+    check_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class ExecuteConfig:
     default_timeout_s: float = 30.0
     max_timeout_s: float = 3600.0
@@ -163,6 +187,7 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     execute: ExecuteConfig = field(default_factory=ExecuteConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
 
     @property
     def data_path(self) -> Path:
@@ -285,5 +310,11 @@ def validate(config: Config) -> None:
         split_host_port(config.tls.listen)
     if not 0 <= config.tls.public_port < 65536:
         raise ConfigError("tls.public_port must be between 0 and 65535")
+    if config.acme.directory_url:
+        if not config.tls.listen:
+            raise ConfigError("acme.directory_url needs tls.listen (certificates are for the TLS listener)")
+        if not config.acme.rfc2136_server or not config.acme.rfc2136_key_name:
+            raise ConfigError("acme: set rfc2136_server and rfc2136_key_name (the operator's DNS zone)")
+        split_host_port(config.acme.rfc2136_server)
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet
 
 from gateway.tls.bundle import BadCertificate, dns_names, parse_bundle
+from tests.acme_env import TSIG_KEY_NAME, AcmeTestEnv
 from tests.conftest import GatewayUnderTest, free_port
 from tests.integration.test_edge import APP_PORT, start_app
 
@@ -255,4 +256,38 @@ async def test_the_default_certificate_is_made_once_and_slow_handshakes_are_cut(
     try:
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
+        writer.close()
+
+
+async def test_operator_certificates_are_issued_at_start_over_acme(
+    gateway_factory: object, tmp_path: Path, acme_env: AcmeTestEnv
+) -> None:
+    sections = tls_sections(tmp_path)
+    sections["acme"] = {
+        "directory_url": acme_env.directory_url,
+        "ca_bundle": str(acme_env.ca_pem_path),
+        "dns_resolvers": "127.0.0.1",
+        "dns_port": acme_env.dns_port,
+        "authoritative_port": acme_env.dns_port,
+        "rfc2136_server": f"127.0.0.1:{acme_env.dns_port}",
+        "rfc2136_key_name": TSIG_KEY_NAME,
+        "rfc2136_key_secret": acme_env.tsig_secret,
+    }
+    gw: GatewayUnderTest = await gateway_factory("process", **sections)  # type: ignore[operator]
+    keeper, tls = gw.services.cert_keeper, gw.services.tls
+    assert keeper is not None and tls is not None
+    if keeper.rounds == 0:
+        await asyncio.wait_for(keeper.next_round(), 30)
+    for cert_id in (API_HOST, f"*.{SANDBOX}"):
+        assert (await keeper.renewer.state(cert_id)).status == "issued", await keeper.renewer.state(cert_id)
+        stored = await tls.store.get(cert_id)
+        assert stored is not None
+        await served(gw, cert_id, stored.bundle.chain_pem)
+
+    # A client that trusts only pebble's root accepts both names.
+    root = acme_env.root_pem()
+    for name in (API_HOST, f"vmid-abc-3000.{SANDBOX}"):
+        ctx = ssl.create_default_context(cadata=root.decode())
+        host, port = tls_address(gw)
+        _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=name)
         writer.close()
