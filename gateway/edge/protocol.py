@@ -132,13 +132,6 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 
-def _host_name(host: bytes) -> bytes:
-    """A validated Host value without its port (and an IPv6 literal without its brackets)."""
-    if host.startswith(b"["):
-        return host[1 : host.index(b"]")]
-    return host.rpartition(b":")[0] if b":" in host else host
-
-
 def _head(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([b"%s: %s\r\n" % header for header in headers])
 
@@ -600,13 +593,13 @@ class EdgeProtocol(asyncio.Protocol):
                 return
             self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
             return
-        if self.sni_name is not None and _host_name(target.host) != self.sni_name:
+        if self.sni_name is not None and target.host_name != self.sni_name:
             # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
             message = "this connection was opened for another host name; open a new one for this host"
             self._reply(ex, 421, "misdirected_request", message, close=True)
             return
         if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
-            location = self._https_url(target.host, ex.url)
+            location = self._https_url(target.host_name, ex.url)
             self._write_and_finish(ex, pages.redirect_response(308, location, close=not ex.keep_alive))
             return
         if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
@@ -665,12 +658,9 @@ class EdgeProtocol(asyncio.Protocol):
     def _plain_http_allowed(self, ex: Exchange) -> bool:
         return any(ex.url.startswith(prefix) for prefix in self.settings.plain_http_paths)
 
-    def _https_url(self, host: bytes, target: bytes) -> bytes:
+    def _https_url(self, host_name: bytes, target: bytes) -> bytes:
         port = self.settings.https_redirect_port
-        name = _host_name(host)
-        if b":" in name:
-            name = b"[" + name + b"]"  # an IPv6 literal
-        return b"https://" + name + (b"" if port == 443 else b":%d" % port) + target
+        return b"https://" + host_name + (b"" if port == 443 else b":%d" % port) + target
 
     def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
         client = self.client_info

@@ -62,11 +62,13 @@ class AppTarget:
     upstream_target: bytes  # the request-target sent to the VM; at least b"/"
     prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
     host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
+    host_name: bytes  # that value without port or trailing dot (an IPv6 literal keeps its brackets)
 
 
 @dataclass(frozen=True, slots=True)
 class ApiTarget:
     host: bytes
+    host_name: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +110,12 @@ def parse_target(
             if name == suffix[1:]:
                 return _NO_ROUTE  # the bare sandbox domain names no VM
             if name.endswith(suffix):
-                return _host_form(target, host_value, name[: -len(suffix)])
+                return _host_form(target, host_value, name, name[: -len(suffix)])
         if config._api:
             return _NO_ROUTE
     if target.startswith(APP_PATH_PREFIX):
-        return _path_form(target, host_value)
-    return ApiTarget(host=host_value)
+        return _path_form(target, host_value, name)
+    return ApiTarget(host=host_value, host_name=name)
 
 
 def _check_target(target: bytes) -> Rejection | None:
@@ -183,7 +185,7 @@ def _app_port(text: bytes) -> int | None:
     return port if port <= 65535 else None
 
 
-def _host_form(target: bytes, host_value: bytes, label: bytes) -> AppTarget | Rejection:
+def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> AppTarget | Rejection:
     # A well-formed host under a sandbox domain that names no VM is "not found", not a bad request.
     if b"." in label:
         return _NO_ROUTE
@@ -201,10 +203,11 @@ def _host_form(target: bytes, host_value: bytes, label: bytes) -> AppTarget | Re
         upstream_target=target,
         prefix=None,
         host=host_value,
+        host_name=name,
     )
 
 
-def _path_form(target: bytes, host_value: bytes) -> AppTarget | Rejection:
+def _path_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rejection:
     path, question, query = target.partition(b"?")
     after = path[len(APP_PATH_PREFIX) :]
     session, slash, after = after.partition(b"/")
@@ -230,6 +233,7 @@ def _path_form(target: bytes, host_value: bytes) -> AppTarget | Rejection:
         upstream_target=b"/" + rest + question + query,
         prefix=prefix,
         host=host_value,
+        host_name=name,
     )
 
 

@@ -80,11 +80,13 @@ def test_path_form_without_slash_redirects(target: bytes, location: bytes) -> No
     [b"/", b"/v1/sessions", b"/v1/app", b"/V1/app/x", b"/v1/apps/x", b"/docs?x=/../", b"/a/../b"],
 )
 def test_other_paths_go_to_the_api(target: bytes) -> None:
-    assert parse_target(b"GET", target, API, CONFIG) == ApiTarget(host=API)
+    assert parse_target(b"GET", target, API, CONFIG) == ApiTarget(host=API, host_name=API)
 
 
 def test_open_config_any_non_sandbox_host_is_the_api() -> None:
-    assert parse_target(b"GET", b"/v1/x", b"anything.test", OPEN_CONFIG) == ApiTarget(host=b"anything.test")
+    assert parse_target(b"GET", b"/v1/x", b"anything.test", OPEN_CONFIG) == ApiTarget(
+        host=b"anything.test", host_name=b"anything.test"
+    )
     result = app(f"/v1/app/{SID}/80/".encode(), host=b"whatever:1", config=OPEN_CONFIG)
     assert result.session_id == SID
 
@@ -370,8 +372,10 @@ def test_good_api_hosts(host: bytes) -> None:
 
 def test_ipv6_host() -> None:
     config = RoutingConfig(api_hosts=("[::1]",), sandbox_domains=())
-    assert parse_target(b"GET", b"/", b"[::1]:8080", config) == ApiTarget(host=b"[::1]:8080")
-    assert parse_target(b"GET", b"/", b"[::1]", OPEN_CONFIG) == ApiTarget(host=b"[::1]")
+    assert parse_target(b"GET", b"/", b"[::1]:8080", config) == ApiTarget(
+        host=b"[::1]:8080", host_name=b"[::1]"
+    )
+    assert parse_target(b"GET", b"/", b"[::1]", OPEN_CONFIG) == ApiTarget(host=b"[::1]", host_name=b"[::1]")
 
 
 def test_config_names_are_normalised() -> None:
