@@ -2,7 +2,9 @@
 
 At start every stored certificate is loaded; then each ``cert`` event on the events channel reloads that
 one certificate, and a full comparison runs every ``RESYNC_INTERVAL_S`` and after every (re)subscription,
-so a missed event costs at most that long. A certificate that fails its checks is logged and the one
+so a missed event costs at most that long. The comparison reads only each certificate's version (when
+it was written) and reloads those that changed: decrypting and loading thousands of certificates every
+minute in every process would be work for nothing. A certificate that fails its checks is logged and the one
 already served keeps serving; connections in progress are never touched (a new context only affects new
 handshakes).
 """
@@ -42,6 +44,7 @@ class CertFollower:
         self._stopping = False
         self.refused = 0  # certificates that failed their checks (the old one kept serving)
         self._handled = asyncio.Event()  # replaced after each refresh: see next_refresh
+        self._served_versions: dict[str, float] = {}  # cert id -> updated_at of what the table serves
 
     async def refresh(self, cert_id: str) -> None:
         """Serve the stored version of one certificate (or stop serving it when it was deleted)."""
@@ -49,9 +52,11 @@ class CertFollower:
             stored = await self.store.get(cert_id)
             if stored is None:
                 self.table.remove(cert_id)
+                self._served_versions.pop(cert_id, None)
             else:
                 context = await asyncio.to_thread(server_context, stored.bundle)
                 self.table.put(cert_id, stored.bundle.names, context)
+                self._served_versions[cert_id] = stored.updated_at
         except (BadCertificate, ssl.SSLError) as exc:
             self.refused += 1
             log.error("certificate %s refused, the one being served is kept: %s", cert_id, exc)
@@ -64,11 +69,15 @@ class CertFollower:
         await self._handled.wait()
 
     async def resync(self) -> None:
-        stored = await self.store.ids()
-        for cert_id in self.table.cert_ids() - stored:
+        """Serve what the store holds: drop what it no longer has, (re)load what is new or changed (a
+        refused certificate is tried again each time)."""
+        versions = await self.store.versions()
+        for cert_id in self.table.cert_ids() - set(versions):
             self.table.remove(cert_id)
-        for cert_id in sorted(stored):
-            await self.refresh(cert_id)
+            self._served_versions.pop(cert_id, None)
+        for cert_id, version in sorted(versions.items()):
+            if self._served_versions.get(cert_id) != version:
+                await self.refresh(cert_id)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._follow())

@@ -77,11 +77,18 @@ class CertStore:
         return set(await guarded(self.client.smembers(self.keys.cert_index())))
 
     async def expiries(self) -> dict[str, float]:
-        """Each stored certificate's expiry, without decrypting anything (for renewal checks)."""
+        """Each stored certificate's expiry, without decrypting anything."""
+        return await self._field_of_each("not_after")
+
+    async def versions(self) -> dict[str, float]:
+        """When each stored certificate was last written (``StoredCert.updated_at``): what changed."""
+        return await self._field_of_each("updated_at")
+
+    async def _field_of_each(self, field: str) -> dict[str, float]:
         ids = sorted(await self.ids())
         pipe = self.client.pipeline(transaction=False)
         for cert_id in ids:
-            pipe.hget(self.keys.cert(cert_id), "not_after")
+            pipe.hget(self.keys.cert(cert_id), field)
         values = await guarded(pipe.execute())
         return {cert_id: float(v) for cert_id, v in zip(ids, values, strict=True) if v is not None}
 

@@ -210,6 +210,21 @@ async def test_a_renewed_certificate_is_served_without_restart_and_open_connecti
     finally:
         writer.close()
 
+    # The periodic comparison reloads only what changed: nothing here (it reads versions alone).
+    tls = gw.services.tls
+    assert tls is not None
+    loads = 0
+    load = tls.store.get
+
+    async def counted_load(cert_id: str) -> object:
+        nonlocal loads
+        loads += 1
+        return await load(cert_id)
+
+    tls.store.get = counted_load  # type: ignore[method-assign]
+    await tls.follower.resync()
+    assert loads == 0
+
 
 async def test_a_bad_certificate_is_refused_and_the_old_one_keeps_serving(
     gateway_factory: object, tmp_path: Path, ca: trustme.CA
