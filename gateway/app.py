@@ -26,13 +26,15 @@ from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import StoreUnavailable
 from gateway.keys import ApiKeyStore
+from gateway.orchestrator.domains import DomainService
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.routes.model import Keys
 from gateway.routes.store import RedisStore, connect, guarded
-from gateway.tls.keeper import CertKeeper, keeping_operator_certs
-from gateway.tls.serving import TlsServing, serving_tls
+from gateway.tls.domains import DomainKeeper, keeping_domain_certs
+from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
+from gateway.tls.serving import TlsServing, cert_store, serving_tls
 from gateway.workers import EdgeWorkers
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Services:
     edge: Edge | None = None
     tls: TlsServing | None = None
     cert_keeper: CertKeeper | None = None
+    domain_keeper: DomainKeeper | None = None
 
 
 @asynccontextmanager
@@ -97,7 +100,7 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     store = RedisStore(client, keys, config.vms.retention_s)
     key_store = ApiKeyStore(client, keys)
     driver = make_driver(config)
-    orchestrator = Orchestrator(store, driver, config)
+    orchestrator = Orchestrator(store, driver, config, domains=await domain_service(config, store))
     await orchestrator.start()
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
@@ -109,6 +112,14 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
         await reaper.stop()
         await orchestrator.close()
         await driver.close()
+
+
+async def domain_service(config: Config, store: RedisStore) -> DomainService:
+    """Custom domains; without ACME it only explains (422) that they need it."""
+    if not config.acme.directory_url:
+        return DomainService(store, config, None, None)
+    certs = await asyncio.to_thread(cert_store, config, store.client)
+    return DomainService(store, config, certs.sealer, provider_settings(config))
 
 
 @asynccontextmanager
@@ -138,8 +149,9 @@ async def running_gateway(config: Config, config_file: str | None = None) -> Asy
                         config, svc.store, str(api_socket), reuse_port=workers is not None
                     ) as (edge, tls),
                     keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
+                    keeping_domain_certs(config, tls.store if tls else None, svc.store) as domains,
                 ):
-                    svc.edge, svc.tls, svc.cert_keeper = edge, tls, keeper
+                    svc.edge, svc.tls, svc.cert_keeper, svc.domain_keeper = edge, tls, keeper, domains
                     if workers is not None:
                         await workers.start()
                     try:

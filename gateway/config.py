@@ -167,6 +167,20 @@ class AcmeConfig:
     # How often every certificate is checked for renewal (and failed ones retried when their back-off
     # allows).
     check_interval_s: float = 3600.0
+    # Custom domains without credentials (dns_provider "delegated" or none): the customer adds
+    # _acme-challenge.<domain> CNAME <hash>.<delegation_zone>, a zone the rfc2136 key may update.
+    # Empty: the delegated mode is off.
+    delegation_zone: str = ""
+    # A released custom domain's certificate is deleted this long after (a domain moved or re-added
+    # within it keeps its certificate).
+    domain_grace_s: float = 86400.0
+    # API base URLs for dns-lexicon providers, "name=url" comma-separated (an API proxy, or tests'
+    # local stand-in); empty: each provider's own.
+    lexicon_api_endpoints: str = ""
+
+    def lexicon_endpoints(self) -> dict[str, str]:
+        pairs = (item.partition("=") for item in self.lexicon_api_endpoints.split(",") if item.strip())
+        return {name.strip().lower(): url.strip() for name, _, url in pairs}
 
 
 @dataclass(frozen=True)
@@ -316,5 +330,8 @@ def validate(config: Config) -> None:
         if not config.acme.rfc2136_server or not config.acme.rfc2136_key_name:
             raise ConfigError("acme: set rfc2136_server and rfc2136_key_name (the operator's DNS zone)")
         split_host_port(config.acme.rfc2136_server)
+        for name, url in config.acme.lexicon_endpoints().items():
+            if not name or not url.startswith(("http://", "https://")):
+                raise ConfigError("acme.lexicon_api_endpoints: expected name=http(s)://... items")
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")

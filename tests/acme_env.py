@@ -22,9 +22,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.asyncquery
 import dns.message
+import dns.name
 import dns.query
+import dns.rcode
 import dns.rdatatype
+import dns.tsigkeyring
+import dns.update
 import trustme
 
 from gateway.subprocesses import die_with_parent
@@ -98,6 +103,17 @@ class AcmeTestEnv:
                     proc.wait()
         self._procs.clear()
 
+    async def add_cname(self, name: str, target: str) -> None:
+        """Point ``name`` at ``target`` (what a customer does in their zone for the delegated mode)."""
+        fqdn = dns.name.from_text(name)
+        zone = next(dns.name.from_text(z) for z in ZONES if fqdn.is_subdomain(dns.name.from_text(z)))
+        keyring = dns.tsigkeyring.from_text({TSIG_KEY_NAME: (TSIG_ALGORITHM, self.tsig_secret)})
+        update = dns.update.UpdateMessage(zone, keyring=keyring, keyname=TSIG_KEY_NAME)
+        update.replace(fqdn.relativize(zone), 60, "CNAME", dns.name.from_text(target).to_text())
+        response = await dns.asyncquery.tcp(update, "127.0.0.1", port=self.dns_port, timeout=5)
+        if response.rcode() != dns.rcode.NOERROR:
+            raise RuntimeError(f"CNAME update refused: {dns.rcode.to_text(response.rcode())}")
+
     def root_pem(self) -> bytes:
         """Pebble's root for the certificates it issues (made anew at every pebble start)."""
         ctx = ssl.create_default_context(cafile=str(self.ca_pem_path))
@@ -142,12 +158,22 @@ class AcmeTestEnv:
                 f'zone "{zone}." {{ type primary; file "{zones}/{zone}.zone"; '
                 f"update-policy {{ grant {TSIG_KEY_NAME} zonesub TXT CNAME; }}; }};"
             )
+        # A local root zone: with recursion on (below) every name falls under a zone this server holds,
+        # so resolving never leaves loopback.
+        (zones / "root.zone").write_text(
+            "$ORIGIN .\n$TTL 60\n@ IN SOA ns1.example.test. hostmaster.example.test. 1 3600 600 86400 60\n"
+            "@ IN NS ns1.example.test.\n"
+        )
+        zone_blocks.append(f'zone "." {{ type primary; file "{zones}/root.zone"; }};')
         conf = self.workdir / "named.conf"
         conf.write_text(
             f'options {{ directory "{self.workdir}"; pid-file "{self.workdir}/named.pid";\n'
             f'  session-keyfile "{self.workdir}/session.key"; managed-keys-directory "{self.workdir}";\n'
             f"  listen-on port {self.dns_port} {{ 127.0.0.1; }}; listen-on-v6 {{ none; }};\n"
-            "  recursion no; dnssec-validation no; notify no; };\n"
+            # Recursion for loopback: pebble's VA asks one server and does not follow CNAMEs itself, as
+            # a real ACME server's resolver does (the delegated mode's CNAME leads into another zone).
+            "  recursion yes; allow-recursion { 127.0.0.1; }; allow-query-cache { 127.0.0.1; };\n"
+            "  dnssec-validation no; notify no; };\n"
             "controls { };\n"
             f'key "{TSIG_KEY_NAME}" {{ algorithm {TSIG_ALGORITHM}; secret "{self.tsig_secret}"; }};\n'
             + "\n".join(zone_blocks)

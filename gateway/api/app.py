@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import execute, sessions, vms
+from gateway.api import domains, execute, sessions, vms
 from gateway.api.context import CONFIG, KEY_STORE, ORCHESTRATOR
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
@@ -60,6 +60,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(vms.routes)
+    app.add_routes(domains.routes)
     app.add_routes(execute.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     return app

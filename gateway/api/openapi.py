@@ -22,6 +22,10 @@ OPERATIONS: list[
     ("get", "/v1/sessions/status/{session_id}", "Get Session Status", None, s.SessionStatusResponse, None),
     ("get", "/v1/sessions/app-url/{session_id}", "Get App Url", None, s.AppURLResponse, s.AppUrlQuery),
     ("post", "/execute", "Execute", s.ExecuteRequest, s.ExecuteResponse, None),
+    ("get", "/v1/custom-domains", "List Custom Domains", None, s.CustomDomainListResponse, None),
+    ("get", "/v1/custom-domains/{domain}", "Get Custom Domain", None, s.CustomDomainResponse, None),
+    ("post", "/v1/custom-domains/{domain}/retry", "Retry Custom Domain", None, s.CustomDomainResponse, None),
+    ("delete", "/v1/custom-domains/{domain}", "Delete Custom Domain", None, None, None),
 ]
 
 VALIDATION_ERROR = {
@@ -64,7 +68,7 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
     for method, path, summary, request, response, query in OPERATIONS:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("session_id", "vm_id")
+            for name in ("session_id", "vm_id", "domain")
             if "{" + name + "}" in path
         ]
         if query is not None:
@@ -77,7 +81,11 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
             "parameters": params,
             "security": [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}],
             "responses": {
-                "200": {"description": "Successful Response", **_json(_ref(response))} if response else {},
+                **(
+                    {"200": {"description": "Successful Response", **_json(_ref(response))}}
+                    if response
+                    else {"204": {"description": "Done"}}
+                ),
                 "401": {"description": "Invalid or missing API key", **_json(_ref(s.ErrorResponse))},
                 "422": {
                     "description": "Validation Error",

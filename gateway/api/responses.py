@@ -12,8 +12,10 @@ from pydantic import BaseModel
 
 from gateway.api.schemas import VmResponse
 from gateway.config import Config
-from gateway.routes.model import VM_ACTIVE, VmRecord
+from gateway.routes.model import VM_ACTIVE, DomainRecord, VmRecord
 from gateway.routes.store import is_live
+from gateway.tls.providers.delegated import challenge_name, delegation_target
+from gateway.tls.providers.registry import DELEGATED
 
 
 def iso(ts: float | None) -> str | None:
@@ -66,7 +68,24 @@ def share_view(config: Config, vm: VmRecord, token: str | None = None) -> dict[s
     return view
 
 
-def vm_view(config: Config, vm: VmRecord, exposed_ports: set[int] | None = None) -> VmResponse:
+def domain_view(config: Config, rec: DomainRecord) -> dict[str, Any]:
+    """A custom domain as the API shows it: never its credentials. A delegated one shows the record the
+    customer must add."""
+    view: dict[str, Any] = {
+        "domain": rec.domain, "vm_id": rec.vm_id, "dns_provider": rec.dns_provider, "state": rec.state,
+        "last_error": rec.last_error, "expires_at": iso(rec.not_after), "created_at": iso(rec.created_at),
+        "url": f"https://{rec.domain}/",
+    }  # fmt: skip
+    if rec.dns_provider == DELEGATED:
+        target = delegation_target(rec.domain, config.acme.delegation_zone)
+        view["dns_record"] = {"name": challenge_name(rec.domain).rstrip("."), "type": "CNAME",
+                              "value": target.rstrip(".")}  # fmt: skip
+    return view
+
+
+def vm_view(
+    config: Config, vm: VmRecord, exposed_ports: set[int] | None = None, domain: DomainRecord | None = None
+) -> VmResponse:
     now = time.time()
     return VmResponse(
         vm_id=vm.vm_id,
@@ -85,5 +104,6 @@ def vm_view(config: Config, vm: VmRecord, exposed_ports: set[int] | None = None)
         metadata=vm.metadata,
         share=share_view(config, vm),
         exposed_ports=sorted(exposed_ports or ()),
+        custom_domain=domain_view(config, domain) if domain is not None else None,
         error=vm.error,
     )

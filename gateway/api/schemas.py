@@ -169,7 +169,33 @@ class VmResponse(_Model):
     metadata: dict[str, Any] = Field(default_factory=dict)
     share: dict[str, Any] | None = None
     exposed_ports: list[int] = Field(default_factory=list)
+    custom_domain: dict[str, Any] | None = None
     error: str | None = None
+
+
+class DnsRecordView(_Model):
+    name: str
+    type: str
+    value: str
+
+
+class CustomDomainResponse(_Model):
+    """A custom domain and its certificate's state; ``dns_record`` is the CNAME a delegated one needs."""
+
+    domain: str
+    vm_id: str
+    dns_provider: str
+    state: Literal["pending", "verifying", "issued", "failed"]
+    last_error: str | None = None
+    expires_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    created_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    url: str
+    dns_record: DnsRecordView | None = None
+
+
+class CustomDomainListResponse(_Model):
+    custom_domains: list[CustomDomainResponse]
+    total: int
 
 
 class VmListResponse(_Model):

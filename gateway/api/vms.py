@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any
 
@@ -9,11 +10,12 @@ from aiohttp import web
 
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
-from gateway.api.responses import json_response, share_view, vm_view
+from gateway.api.responses import domain_view, json_response, share_view, vm_view
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.edge import access
+from gateway.orchestrator.domains import DomainRequest, DomainService
 
 routes = web.RouteTableDef()
 
@@ -36,14 +38,30 @@ def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
         problems.append(("vault_ids", "vaults are not supported by this gateway"))
     if body.egress_policy:
         problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
-    if body.custom_domain is not None:
-        problems.append(("custom_domain", "custom domains are not supported by this gateway yet"))
     if body.image_variant not in (None, "", "default"):
         problems.append(
             ("image_variant", f"unknown image variant {body.image_variant!r}; available: default")
         )
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
+
+
+def domain_request(body: VMCreateRequest, domains: DomainService | None) -> DomainRequest | None:
+    """The custom domain asked for, checked (422 naming the field), or None."""
+    if body.custom_domain is None:
+        return None
+    requested = body.custom_domain
+    request = DomainRequest(requested.domain, requested.dns_provider, requested.dns_credentials)
+    if domains is None:
+        problems = [("custom_domain", "custom domains are not available on this gateway")]
+    else:
+        problems = domains.problems(request)
+    if problems:
+        where = [["body", "custom_domain", *([] if f == "custom_domain" else [f])] for f, _ in problems]
+        raise RequestValidationError(
+            [detail_item(loc, msg, "value_error") for loc, (_, msg) in zip(where, problems, strict=True)]
+        )
+    return request
 
 
 def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -63,9 +81,13 @@ async def create_vm(request: web.Request) -> web.Response:
     body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
     orchestrator = request.app[ORCHESTRATOR]
     refuse_unsupported(body, orchestrator.driver.name)
+    domain = domain_request(body, orchestrator.domains)
     share, token = share_for(body.share.model_dump() if body.share else None)
-    params = vm_params(body, share=share)
+    params = dataclasses.replace(vm_params(body, share=share), custom_domain=domain)
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
+    domain_rec = (
+        await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
+    )
     env_status = session.env_status
     if body.env:
         env_status = "configured" if vm.status in ("creating", "active") else "failed"
@@ -75,6 +97,7 @@ async def create_vm(request: web.Request) -> web.Response:
             session_id=session.session_id,
             status=vm.status,
             share=share_view(request.app[CONFIG], vm, token),
+            custom_domain=domain_view(request.app[CONFIG], domain_rec) if domain_rec else None,
             env_status=env_status,
             env_error=vm.error if env_status == "failed" else None,
         )
@@ -86,7 +109,9 @@ async def get_vm(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
-    return json_response(vm_view(request.app[CONFIG], vm, await orchestrator.store.exposed_ports(vm.vm_id)))
+    domain = await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
+    exposed = await orchestrator.store.exposed_ports(vm.vm_id)
+    return json_response(vm_view(request.app[CONFIG], vm, exposed, domain))
 
 
 def metadata_filter(request: web.Request) -> dict[str, str]:

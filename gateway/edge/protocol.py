@@ -609,11 +609,12 @@ class EdgeProtocol(asyncio.Protocol):
             self._send(ex, API_POOL_KEY, self.settings.api_socket, head)
             return
         assert isinstance(target, AppTarget)
-        key = (
-            ("s", target.session_id, target.port)
-            if target.kind == "path"
-            else ("v", target.vm_id, target.port)
-        )
+        if target.kind == "path":
+            key = ("s", target.session_id, target.port)
+        elif target.kind == "host":
+            key = ("v", target.vm_id, target.port)
+        else:
+            key = ("d", target.host_name.decode("ascii"), 0)
         route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
         if route is MISS:
             self._spawn(self._resolve_then_route(ex, target, key))  # type: ignore[arg-type]

@@ -41,7 +41,10 @@ class Route:
     token_sha256: str | None = None
 
 
-CacheKey = tuple[str, str, int]  # ("s", session id, port) or ("v", VM id, port)
+# ("s", session id, port), ("v", VM id, port) or ("d", custom domain, 0)
+CacheKey = tuple[str, str, int]
+# A custom domain serves its VM's share port, or this one when the VM shares none.
+DEFAULT_DOMAIN_PORT = 80
 MISS = object()  # peek(): nothing usable cached
 
 
@@ -111,15 +114,21 @@ class Resolver:
 
     async def _load(self, key: CacheKey) -> Route | None:
         kind, ident, port = key
-        # One Redis round trip either way: a miss costs the edge as little Redis as it can.
+        # One Redis round trip in each case: a miss costs the edge as little Redis as it can.
+        exposed = False
         if kind == "s":
             if not is_session_id(ident):
                 return None
             vm, exposed = await self.store.session_vm_and_port(ident, port)
-        else:
+        elif kind == "v":
             if not is_vm_id(ident):
                 return None
             vm, exposed = await self.store.vm_and_port(ident, port)
+        else:
+            vm = await self.store.domain_vm(ident)
+            if vm is None or vm.custom_domain != ident:
+                return None  # the domain moved to another VM of its owner: this one is not it
+            port = (vm.share or {}).get("port") or DEFAULT_DOMAIN_PORT
         if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
             return None
         if vm.expires_at is not None and vm.expires_at <= time.time():
@@ -128,7 +137,8 @@ class Resolver:
         if not exposed:
             share = vm.share or {}
             if share.get("port") != port:
-                return None
+                # Only a custom domain reaches a port nobody shared: the customer published it.
+                return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at) if kind == "d" else None
             if not share.get("is_public"):
                 token_sha256 = share.get("token_sha256")
                 if not isinstance(token_sha256, str):
@@ -152,8 +162,9 @@ class Resolver:
             self._by_session.setdefault(route.session_id, set()).add(key)
         elif key[0] == "v":
             self._by_vm.setdefault(key[1], set()).add(key)
-        else:
+        elif key[0] == "s":
             self._by_session.setdefault(key[1], set()).add(key)
+        # a domain's "no route" is dropped by its own event (handle_event)
 
     # invalidation ---------------------------------------------------------------------------------
 
@@ -182,6 +193,11 @@ class Resolver:
             if event.get("status") != VM_ACTIVE and vm_id:
                 for callback in self.on_vm_gone:
                     callback(vm_id)
+        elif kind == "domain" and isinstance(event.get("domain"), str):
+            # Claimed, moved or released: whatever was cached for the name is stale.
+            self._generation += 1
+            if self._cache.pop(("d", event["domain"], 0), None) is not None:
+                self.invalidations += 1
         elif kind == "vm_ports":
             # A newly exposed port: cached "no route" answers (by VM or by session) may be wrong now.
             # Exposures are rare, so dropping every negative entry is cheaper than indexing them.

@@ -55,10 +55,10 @@ class RoutingConfig:
 
 @dataclass(frozen=True, slots=True)
 class AppTarget:
-    kind: Literal["path", "host"]
+    kind: Literal["path", "host", "domain"]
     session_id: str | None  # path form
     vm_id: str | None  # host form: "vmid-<hex>"
-    port: int
+    port: int  # 0 for a custom domain: its VM's record says which port it serves
     upstream_target: bytes  # the request-target sent to the VM; at least b"/"
     prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
     host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
@@ -112,7 +112,8 @@ def parse_target(
             if name.endswith(suffix):
                 return _host_form(target, host_value, name, name[: -len(suffix)])
         if config._api:
-            return _NO_ROUTE
+            # Any other name may be a customer's own domain: only the route store can tell.
+            return _domain_form(target, host_value, name)
     if target.startswith(APP_PATH_PREFIX):
         return _path_form(target, host_value, name)
     return ApiTarget(host=host_value, host_name=name)
@@ -200,6 +201,23 @@ def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> A
         session_id=None,
         vm_id=vm_id.decode("ascii"),
         port=port,
+        upstream_target=target,
+        prefix=None,
+        host=host_value,
+        host_name=name,
+    )
+
+
+def _domain_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rejection:
+    if b"." not in name or name.rpartition(b".")[2].isdigit() or name.startswith(b"["):
+        return _NO_ROUTE  # a single label or an IP address is never a custom domain
+    if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
+        return _invalid("dot segments are not allowed in app paths")
+    return AppTarget(
+        kind="domain",
+        session_id=None,
+        vm_id=None,
+        port=0,
         upstream_target=target,
         prefix=None,
         host=host_value,

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.errors import CapacityExhausted, Conflict, DriverError, GatewayError, NotFound, Timeout
+from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmSpec
 from gateway.routes.model import (
     VM_ACTIVE,
@@ -58,6 +59,7 @@ class VmParams:
     metadata: Mapping[str, Any] | None = None
     env: Mapping[str, str] | None = None
     share: Mapping[str, Any] | None = None
+    custom_domain: DomainRequest | None = None
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Orchestrator:
     store: RedisStore
     driver: VmDriver
     config: Config
+    domains: DomainService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
 
     async def start(self) -> None:
@@ -121,32 +124,53 @@ class Orchestrator:
     async def create_vm(
         self, owner: str, session_id: str | None, params: VmParams, *, wait: bool
     ) -> tuple[SessionRecord, VmRecord]:
-        if session_id is None:
-            session = await self.create_session(
-                owner,
-                VmParams(
-                    vm_lifetime_seconds=params.vm_lifetime_seconds,
-                    memory_mb=params.memory_mb,
-                    vcpu_count=params.vcpu_count,
-                    metadata=params.metadata,
-                ),
-            )
-        else:
-            session = await self._owned_session(owner, session_id)
-        if session.vm_id:
+        session = None if session_id is None else await self._owned_session(owner, session_id)
+        if session is not None and session.vm_id:
             current = await self.store.get_vm(session.vm_id)
             if current is not None and is_live(current):
                 raise Conflict(
                     f"session already has a live VM ({current.vm_id}); kill it first",
                     code="session_has_vm",
                 )
-        vm = await self._create_vm(owner, session, params, wait=wait)
+        vm_id = new_vm_id()
+        # The domain first: a 409 must leave nothing behind (no session, no VM).
+        domain = await self._claim_domain(owner, vm_id, params.custom_domain)
+        try:
+            if session is None:
+                session = await self.create_session(
+                    owner,
+                    VmParams(
+                        vm_lifetime_seconds=params.vm_lifetime_seconds,
+                        memory_mb=params.memory_mb,
+                        vcpu_count=params.vcpu_count,
+                        metadata=params.metadata,
+                    ),
+                )
+            vm = await self._create_vm(owner, session, params, wait=wait, vm_id=vm_id, domain=domain)
+        except BaseException:
+            if domain is not None:
+                await asyncio.shield(self.store.release_domain(domain, owner, vm_id))
+            raise
         return session, vm
 
+    async def _claim_domain(self, owner: str, vm_id: str, request: DomainRequest | None) -> str | None:
+        if request is None:
+            return None
+        if self.domains is None:
+            raise GatewayError("custom domains are not available", code="unsupported")
+        return (await self.domains.claim(owner, vm_id, request)).domain
+
     async def _create_vm(
-        self, owner: str, session: SessionRecord, params: VmParams, *, wait: bool
+        self,
+        owner: str,
+        session: SessionRecord,
+        params: VmParams,
+        *,
+        wait: bool,
+        vm_id: str | None = None,
+        domain: str | None = None,
     ) -> VmRecord:
-        vm_id = new_vm_id()
+        vm_id = vm_id or new_vm_id()
         slot = await self.store.claim_slot(self.driver.name, self.driver.capacity, vm_id)
         if slot is None:
             raise CapacityExhausted(f"no free VM slots ({self.driver.capacity} in use)")
@@ -168,6 +192,7 @@ class Orchestrator:
             expires_at=now + lifetime,
             metadata=metadata,
             share=dict(params.share or {}),
+            custom_domain=domain,
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )

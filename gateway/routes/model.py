@@ -104,6 +104,21 @@ class Keys:
     def cert_state(self, cert_id: str) -> str:
         return f"{self.prefix}cert-state:{cert_id}"
 
+    def domain(self, name: str) -> str:
+        """Hash: a customer's custom domain (``DomainRecord``)."""
+        return f"{self.prefix}domain:{name}"
+
+    def domains(self) -> str:
+        """Set of every claimed custom domain: what the domain keeper issues and renews."""
+        return f"{self.prefix}domains"
+
+    def owner_domains(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:domains"
+
+    def retired_domains(self) -> str:
+        """Sorted set: released domain -> when; its certificate is deleted after a grace period."""
+        return f"{self.prefix}domains-retired"
+
     def acme_account(self, directory_url: str) -> str:
         return f"{self.prefix}acme-account:{directory_url}"
 
@@ -195,7 +210,32 @@ class VmRecord(_Record):
     metadata: dict[str, Any] = field(default_factory=dict)
     share: dict[str, Any] = field(default_factory=dict)
     handle: dict[str, Any] = field(default_factory=dict)
+    custom_domain: str | None = None
 
     @property
     def alive(self) -> bool:
         return self.status == VM_ACTIVE
+
+
+# Custom-domain certificate states, as the API shows them.
+DOMAIN_PENDING = "pending"  # claimed; no attempt yet (or a retry was asked for)
+DOMAIN_VERIFYING = "verifying"  # an ACME order is running
+DOMAIN_ISSUED = "issued"
+DOMAIN_FAILED = "failed"  # last_error says why; retried after a back-off, or at once on request
+
+
+@dataclass
+class DomainRecord(_Record):
+    """A customer's own domain, routed to one VM and served with its own certificate."""
+
+    domain: str
+    owner: str
+    vm_id: str
+    dns_provider: str  # "delegated", "rfc2136" or a dns-lexicon provider
+    state: str
+    created_at: float
+    # The customer's dns_credentials as JSON, sealed with the storage key; "" for delegated.
+    credentials_sealed: str = ""
+    last_error: str | None = None
+    not_after: float | None = None
+    updated_at: float | None = None

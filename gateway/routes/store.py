@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from gateway.errors import StoreUnavailable
 from gateway.routes.model import (
     VM_LIVE_STATES,
+    DomainRecord,
     Keys,
     SessionRecord,
     VmRecord,
@@ -44,10 +45,11 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL'
 return 0
 """
 
-# The edge's route lookup by session in one round trip: the session's VM record and whether the port is
-# exposed. The VM's keys are made here from the templates Keys gives (ARGV 1-4), so Keys stays the one
-# place that spells them. Returns false for no session, else {flat VM hash, exposed (0/1)}.
-_SESSION_VM_AND_PORT = """
+# The edge's route lookup by session (or custom domain) in one round trip: the VM record named by the
+# hash's vm_id field and whether the port is exposed. The VM's keys are made here from the templates Keys
+# gives (ARGV 1-4), so Keys stays the one place that spells them. Returns false for no session (domain),
+# else {flat VM hash, exposed (0/1)}.
+_HELD_VM_AND_PORT = """
 local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
 if not vm_id then return false end
 local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
@@ -55,6 +57,35 @@ local exposed = redis.call('SISMEMBER', ARGV[3] .. vm_id .. ARGV[4], ARGV[5])
 return {vm, exposed}
 """
 
+# Claim a custom domain for a VM: refused (0) while another owner holds it; the same owner moves it.
+# KEYS: domain hash, all-domains set, owner's domains set, retired set. ARGV: owner, domain, fields...
+_CLAIM_DOMAIN = """
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+"""
+# Release a custom domain if it is still held for this VM (or for any VM when ARGV[1] is empty), and
+# mark it retired (its certificate goes after a grace period). Same KEYS; ARGV: VM id, domain, now.
+_RELEASE_DOMAIN = """
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
+if not vm_id or (ARGV[1] ~= '' and vm_id ~= ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+return 1
+"""
+# Set fields of a hash only while its vm_id is ARGV[1]. KEYS: the hash. ARGV: VM id, fields...
+_UPDATE_IF_HELD = """
+if redis.call('HGET', KEYS[1], 'vm_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
 # creating -> active only: a VM killed while it booted stays killed.
 _ACTIVATE_VM = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'creating' then return 0 end
@@ -114,7 +145,10 @@ class RedisStore:
         self._release_slot = client.register_script(_RELEASE_SLOT)
         self._activate_vm = client.register_script(_ACTIVATE_VM)
         self._end_vm = client.register_script(_END_VM)
-        self._session_vm_and_port = client.register_script(_SESSION_VM_AND_PORT)
+        self._held_vm_and_port = client.register_script(_HELD_VM_AND_PORT)
+        self._claim_domain = client.register_script(_CLAIM_DOMAIN)
+        self._update_if_held = client.register_script(_UPDATE_IF_HELD)
+        self._release_domain = client.register_script(_RELEASE_DOMAIN)
         vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
 
@@ -173,6 +207,8 @@ class RedisStore:
         )
         if done:
             await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
+            if rec.custom_domain:
+                await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
             await self.publish(
                 {"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status}
             )
@@ -217,10 +253,16 @@ class RedisStore:
 
     async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
         """``vm_and_port`` for the session's VM, also in one round trip (a server-side script)."""
+        return await self._held_vm(self.keys.session(session_id), port)
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        """The VM a custom domain is routed to, in one round trip."""
+        vm, _ = await self._held_vm(self.keys.domain(domain), 0)
+        return vm
+
+    async def _held_vm(self, holder_key: str, port: int) -> tuple[VmRecord | None, bool]:
         found = await guarded(
-            self._session_vm_and_port(
-                keys=[self.keys.session(session_id)], args=[*self._vm_key_templates, str(port)]
-            )
+            self._held_vm_and_port(keys=[holder_key], args=[*self._vm_key_templates, str(port)])
         )
         if not found:
             return None, False
@@ -234,6 +276,69 @@ class RedisStore:
     async def next_expiry(self) -> float | None:
         first = await guarded(self.client.zrange(self.keys.vm_expiry(), 0, 0, withscores=True))
         return float(first[0][1]) if first else None
+
+    # custom domains -------------------------------------------------------------------------------
+
+    def _domain_keys(self, domain: str, owner: str) -> list[str]:
+        k = self.keys
+        return [k.domain(domain), k.domains(), k.owner_domains(owner), k.retired_domains()]
+
+    async def claim_domain(self, rec: DomainRecord) -> bool:
+        """Store a domain for ``rec.owner``; False when another owner holds it. Edges hear of it."""
+        fields = [text for pair in rec.to_hash().items() for text in pair]
+        claimed = await guarded(
+            self._claim_domain(
+                keys=self._domain_keys(rec.domain, rec.owner), args=[rec.owner, rec.domain, *fields]
+            )
+        )
+        if claimed:
+            await self.publish({"type": "domain", "domain": rec.domain})
+        return bool(claimed)
+
+    async def release_domain(self, domain: str, owner: str, vm_id: str | None = None) -> bool:
+        """Drop a domain (only if still held for ``vm_id``, when given) and retire its certificate."""
+        released = await guarded(
+            self._release_domain(
+                keys=self._domain_keys(domain, owner), args=[vm_id or "", domain, repr(time.time())]
+            )
+        )
+        if released:
+            await self.publish({"type": "domain", "domain": domain})
+        return bool(released)
+
+    async def get_domain(self, domain: str) -> DomainRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.domain(domain)))
+        return DomainRecord.from_hash(raw) if raw else None
+
+    async def get_domains(self, domains: list[str]) -> list[DomainRecord]:
+        pipe = self.client.pipeline(transaction=False)
+        for domain in domains:
+            pipe.hgetall(self.keys.domain(domain))
+        raws = await guarded(pipe.execute()) if domains else []
+        return [DomainRecord.from_hash(raw) for raw in raws if raw]
+
+    async def update_domain(self, domain: str, vm_id: str, **values: Any) -> bool:
+        """Set fields of a domain still held for ``vm_id`` (a released or moved one is left alone)."""
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        return bool(
+            await guarded(
+                self._update_if_held(
+                    keys=[self.keys.domain(domain)], args=[vm_id, *[t for kv in mapping.items() for t in kv]]
+                )
+            )
+        )
+
+    async def domain_names(self) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.domains())))
+
+    async def owner_domain_names(self, owner: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.owner_domains(owner))))
+
+    async def retired_domains(self, before: float) -> list[str]:
+        return list(await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before)))
+
+    async def forget_retired_domain(self, domain: str) -> None:
+        await guarded(self.client.zrem(self.keys.retired_domains(), domain))
 
     # slots ----------------------------------------------------------------------------------------
 

@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.tls.bundle import BadCertificate, CertBundle, new_private_key_pem, parse_bundle
-from gateway.tls.dns01 import DnsLookup, DnsProvider, DnsProviderError, wait_until_served
+from gateway.tls.dns01 import (
+    DnsLookup,
+    DnsProvider,
+    DnsProviderError,
+    RedirectingProvider,
+    wait_until_served,
+)
 from gateway.tls.store import CertStore
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,8 @@ class AcmeIssuer:
                 published.append((fqdn, value))
                 pending.append((authz, challb))
             for fqdn, value in published:
-                await self.propagated(fqdn, value)
+                written = provider.record_name(fqdn) if isinstance(provider, RedirectingProvider) else fqdn
+                await self.propagated(written, value)
             for _, challb in pending:
                 await asyncio.to_thread(acme.answer_challenge, challb, challb.response(account_key))
             for authz, _ in pending:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -47,6 +47,16 @@ class DnsProvider(Protocol):
 
     async def cleanup(self, fqdn: str, value: str) -> None:
         """Remove ``value`` from the TXT record at ``fqdn``; succeeds when it is not there."""
+        ...
+
+
+@runtime_checkable
+class RedirectingProvider(Protocol):
+    """Optional: a provider that writes the record somewhere else than the challenge's name (the delegated
+    mode writes it at the target of the customer's CNAME). Propagation is checked where it is written."""
+
+    def record_name(self, fqdn: str) -> str:
+        """The absolute name where ``present(fqdn, ...)`` writes."""
         ...
 
 

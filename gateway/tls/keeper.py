@@ -21,6 +21,7 @@ from gateway.errors import GatewayError
 from gateway.routes.model import Keys
 from gateway.tls.acme import AcmeIssuer, AcmeSettings
 from gateway.tls.dns01 import DnsLookup, DnsProvider
+from gateway.tls.providers.registry import ProviderSettings
 from gateway.tls.providers.rfc2136 import Rfc2136Provider, Rfc2136Settings
 from gateway.tls.renewal import Renewer
 from gateway.tls.serving import operator_names
@@ -52,6 +53,23 @@ def operator_provider(config: Config, lookup: DnsLookup) -> Rfc2136Provider:
         key_algorithm=acme.rfc2136_key_algorithm,
     )  # fmt: skip
     return Rfc2136Provider(settings, lookup)
+
+
+def provider_settings(config: Config) -> ProviderSettings:
+    """What customers' DNS providers are made with (``acme.directory_url`` set: the operator's too)."""
+    lookup = dns_lookup(config)
+    acme = config.acme
+    return ProviderSettings(
+        lookup=lookup, operator=operator_provider(config, lookup) if acme.directory_url else None,
+        delegation_zone=acme.delegation_zone, lexicon_api_endpoints=acme.lexicon_endpoints(),
+    )  # fmt: skip
+
+
+def acme_renewer(config: Config, store: CertStore, client: aioredis.Redis) -> Renewer:
+    acme = config.acme
+    settings = AcmeSettings(acme.directory_url, acme.email, acme.ca_bundle, acme.propagation_timeout_s)
+    issuer = AcmeIssuer(settings, store, dns_lookup(config))
+    return Renewer(store, issuer, client, Keys(config.redis.key_prefix))
 
 
 class CertKeeper:
@@ -100,11 +118,9 @@ async def keeping_operator_certs(
     if not acme.directory_url or store is None:
         yield None
         return
-    lookup = dns_lookup(config)
-    settings = AcmeSettings(acme.directory_url, acme.email, acme.ca_bundle, acme.propagation_timeout_s)
-    renewer = Renewer(store, AcmeIssuer(settings, store, lookup), client, Keys(config.redis.key_prefix))
-    provider = operator_provider(config, lookup)
+    provider = operator_provider(config, dns_lookup(config))
     wanted = [WantedCert(name, [name], provider) for name in operator_names(config)]
+    renewer = acme_renewer(config, store, client)
     keeper = CertKeeper(renewer, wanted, acme.check_interval_s)
     keeper.start()
     try:

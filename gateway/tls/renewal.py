@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -62,9 +63,13 @@ class Renewer:
         )
 
     async def ensure(
-        self, cert_id: str, names: list[str], provider: DnsProvider, *, now: float | None = None
+        self, cert_id: str, names: list[str], provider: DnsProvider, *, now: float | None = None,
+        on_issuing: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
-        """Issue or renew ``cert_id`` when due. True when this call stored a new certificate."""
+        """Issue or renew ``cert_id`` when due. True when this call stored a new certificate.
+
+        ``on_issuing`` is awaited once this process has decided to issue (under the lock).
+        """  # fmt: skip
         now = time.time() if now is None else now
         if not await self._due(cert_id, now):
             return False
@@ -74,6 +79,8 @@ class Renewer:
         try:
             if not await self._due(cert_id, now):
                 return False  # it finished just before we took the lock
+            if on_issuing is not None:
+                await on_issuing()
             try:
                 bundle = await self.issuer.issue(names, provider)
             except IssueError as exc:

@@ -33,11 +33,31 @@ class StoredCert:
     updated_at: float
 
 
+class Unsealable(Exception):
+    """A sealed value does not open with this storage key (another key, or corrupt)."""
+
+
+class Sealer:
+    """Secrets at rest (private keys, customers' DNS credentials): sealed with the storage key."""
+
+    def __init__(self, storage_key: bytes) -> None:
+        self._fernet = Fernet(storage_key)
+
+    def seal(self, secret: bytes) -> str:
+        return self._fernet.encrypt(secret).decode("ascii")
+
+    def open(self, sealed: str) -> bytes:
+        try:
+            return self._fernet.decrypt(sealed.encode("ascii"))
+        except InvalidToken:
+            raise Unsealable("does not decrypt with this storage key") from None
+
+
 class CertStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, storage_key: bytes) -> None:
         self.client = client
         self.keys = keys
-        self._fernet = Fernet(storage_key)
+        self.sealer = Sealer(storage_key)
 
     async def put(self, bundle: CertBundle, *, source: str, cert_id: str | None = None) -> str:
         """Store (or replace) a certificate and tell every edge. Returns its id."""
@@ -45,7 +65,7 @@ class CertStore:
         cert_id = cert_id or checked.primary_name
         record = {
             "chain_pem": checked.chain_pem.decode("ascii"),
-            "key_enc": self._fernet.encrypt(checked.key_pem).decode("ascii"),
+            "key_enc": self.sealer.seal(checked.key_pem),
             "names": ",".join(checked.names),
             "not_after": repr(checked.not_after),
             "source": source,
@@ -65,8 +85,8 @@ class CertStore:
         if not raw:
             return None
         try:
-            key_pem = self._fernet.decrypt(raw["key_enc"].encode("ascii"))
-        except (InvalidToken, KeyError):
+            key_pem = self.sealer.open(raw["key_enc"])
+        except (Unsealable, KeyError):
             raise BadCertificate(
                 f"{cert_id}: the private key does not decrypt with this storage key"
             ) from None
@@ -79,6 +99,11 @@ class CertStore:
     async def expiries(self) -> dict[str, float]:
         """Each stored certificate's expiry, without decrypting anything."""
         return await self._field_of_each("not_after")
+
+    async def expiry(self, cert_id: str) -> float | None:
+        """One certificate's expiry (unix seconds), without decrypting it; None when absent."""
+        value = await guarded(self.client.hget(self.keys.cert(cert_id), "not_after"))
+        return float(value) if value is not None else None
 
     async def versions(self) -> dict[str, float]:
         """When each stored certificate was last written (``StoredCert.updated_at``): what changed."""
@@ -106,15 +131,15 @@ class CertStore:
         if token is None:
             return None
         try:
-            return self._fernet.decrypt(token.encode("ascii"))
-        except InvalidToken:
+            return self.sealer.open(token)
+        except Unsealable:
             raise BadCertificate(
                 f"the ACME account key for {directory_url} does not decrypt with this storage key"
             ) from None
 
     async def save_account_key(self, directory_url: str, key_pem: bytes) -> bytes:
         """Keep the first account key saved for a directory (two processes may race); returns it."""
-        token = self._fernet.encrypt(key_pem).decode("ascii")
+        token = self.sealer.seal(key_pem)
         await guarded(self.client.hsetnx(self.keys.acme_account(directory_url), "key_enc", token))
         saved = await self.account_key(directory_url)
         assert saved is not None

@@ -204,6 +204,10 @@ async def test_openapi_document_lists_every_endpoint(gw: GatewayUnderTest) -> No
         "/v1/sessions/status/{session_id}",
         "/v1/sessions/app-url/{session_id}",
         "/execute",
+        "/v1/custom-domains",
+        "/v1/custom-domains/{domain}",
+        "/v1/custom-domains/{domain}/retry",
     }
+    assert doc["paths"]["/v1/custom-domains/{domain}"]["delete"]["responses"]["204"]
     create_vm = doc["components"]["schemas"]["VMCreateRequest"]["properties"]
     assert {"session_id", "share", "custom_domain", "volumes", "vault_ids", "egress_policy"} <= set(create_vm)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import dns.asyncquery
 import dns.message
 import dns.rdatatype
 import pytest
 
-from gateway.tls.dns01 import DnsLookup, DnsProvider, DnsProviderError, wait_until_served
+from gateway.tls.dns01 import (
+    DnsLookup,
+    DnsProvider,
+    DnsProviderError,
+    RedirectingProvider,
+    wait_until_served,
+)
+from gateway.tls.providers.delegated import DelegatedProvider
+from gateway.tls.providers.lexicon import LexiconProvider
 from gateway.tls.providers.rfc2136 import Rfc2136Provider, Rfc2136Settings
-from tests.acme_env import TSIG_ALGORITHM, TSIG_KEY_NAME, AcmeTestEnv
+from tests.acme_env import TSIG_ALGORITHM, TSIG_KEY_NAME, ZONES, AcmeTestEnv
+from tests.cloudflare_stub import CloudflareStub
+
+DELEGATION_ZONE = "acme-delegation.example.test"
 
 
 def lookup_for(env: AcmeTestEnv) -> DnsLookup:
@@ -27,19 +39,75 @@ def rfc2136(env: AcmeTestEnv, secret: str | None = None) -> Rfc2136Provider:
     return Rfc2136Provider(settings, lookup_for(env))
 
 
-PROVIDERS: dict[str, Callable[[AcmeTestEnv], DnsProvider]] = {"rfc2136": rfc2136}
+def lexicon_cloudflare(env: AcmeTestEnv, stub: CloudflareStub, **credentials: str) -> LexiconProvider:
+    return LexiconProvider(
+        "cloudflare", {"auth_token": stub.token, **credentials}, lookup_for(env), api_endpoint=stub.url
+    )
+
+
+@contextlib.asynccontextmanager
+async def rfc2136_provider(env: AcmeTestEnv) -> AsyncIterator[DnsProvider]:
+    yield rfc2136(env)
+
+
+@contextlib.asynccontextmanager
+async def lexicon_cloudflare_provider(env: AcmeTestEnv) -> AsyncIterator[DnsProvider]:
+    async with CloudflareStub(mirror=rfc2136(env)) as stub:
+        yield lexicon_cloudflare(env, stub)
+
+
+class CnameAddedByCustomer:
+    """The delegated mode as a customer sets it up: their CNAME exists before the first challenge."""
+
+    name = "delegated"
+
+    def __init__(self, env: AcmeTestEnv) -> None:
+        self.env = env
+        self.inner = DelegatedProvider(rfc2136(env), DELEGATION_ZONE, lookup_for(env))
+
+    def record_name(self, fqdn: str) -> str:
+        return self.inner.record_name(fqdn)
+
+    async def present(self, fqdn: str, value: str) -> None:
+        await self.env.add_cname(fqdn, self.record_name(fqdn))
+        await self.inner.present(fqdn, value)
+
+    async def cleanup(self, fqdn: str, value: str) -> None:
+        await self.inner.cleanup(fqdn, value)
+
+
+@contextlib.asynccontextmanager
+async def delegated_provider(env: AcmeTestEnv) -> AsyncIterator[DnsProvider]:
+    yield CnameAddedByCustomer(env)
+
+
+# Each provider with whatever it needs running (a local API for cloud providers), for the shared contract.
+PROVIDERS: dict[str, Callable[[AcmeTestEnv], contextlib.AbstractAsyncContextManager[DnsProvider]]] = {
+    "rfc2136": rfc2136_provider,
+    "lexicon-cloudflare": lexicon_cloudflare_provider,
+    "delegated": delegated_provider,
+}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))
-def provider(request: pytest.FixtureRequest, acme_env: AcmeTestEnv) -> DnsProvider:
-    return PROVIDERS[request.param](acme_env)
+async def provider(request: pytest.FixtureRequest, acme_env: AcmeTestEnv) -> AsyncIterator[DnsProvider]:
+    async with PROVIDERS[request.param](acme_env) as made:
+        yield made
+
+
+@pytest.fixture
+async def cloudflare(acme_env: AcmeTestEnv) -> AsyncIterator[CloudflareStub]:
+    async with CloudflareStub(mirror=rfc2136(acme_env)) as stub:
+        yield stub
 
 
 async def txt_values(env: AcmeTestEnv, fqdn: str) -> set[str]:
+    """The TXT values a resolver finds at ``fqdn``, following a CNAME as ACME servers do."""
     answer = await dns.asyncquery.tcp(
         dns.message.make_query(fqdn, dns.rdatatype.TXT), "127.0.0.1", port=env.dns_port, timeout=2
     )
-    return {b"".join(r.strings).decode() for rrset in answer.answer for r in rrset}
+    txt = [rrset for rrset in answer.answer if rrset.rdtype == dns.rdatatype.TXT]
+    return {b"".join(r.strings).decode() for rrset in txt for r in rrset}
 
 
 async def test_present_adds_cleanup_removes_exactly_one_value(
@@ -49,8 +117,9 @@ async def test_present_adds_cleanup_removes_exactly_one_value(
     first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     await provider.present(fqdn, first)
     await provider.present(fqdn, second)  # a wildcard and its bare name share one record name
-    await wait_until_served(fqdn, first, lookup_for(acme_env), timeout_s=5)
-    await wait_until_served(fqdn, second, lookup_for(acme_env), timeout_s=5)
+    written = provider.record_name(fqdn) if isinstance(provider, RedirectingProvider) else fqdn
+    await wait_until_served(written, first, lookup_for(acme_env), timeout_s=5)
+    await wait_until_served(written, second, lookup_for(acme_env), timeout_s=5)
     await provider.cleanup(fqdn, first)
     assert await txt_values(acme_env, fqdn) == {second}
     await provider.cleanup(fqdn, second)
@@ -72,3 +141,55 @@ async def test_rfc2136_errors_name_the_provider(acme_env: AcmeTestEnv) -> None:
     outside = rfc2136(acme_env)
     with pytest.raises(DnsProviderError, match="rfc2136: no zone found"):
         await outside.present("_acme-challenge.app.not-served.test.", "v")
+
+
+async def test_lexicon_wrong_token_names_the_provider_and_hides_the_token(
+    acme_env: AcmeTestEnv, cloudflare: CloudflareStub
+) -> None:
+    wrong_token = secrets.token_urlsafe(30)
+    wrong = LexiconProvider(
+        "cloudflare", {"auth_token": wrong_token}, lookup_for(acme_env), api_endpoint=cloudflare.url
+    )
+    with pytest.raises(DnsProviderError, match=r"^cloudflare: .*refused the credentials: HTTP 403") as caught:
+        await wrong.present("_acme-challenge.app.example.test.", "v")
+    assert caught.value.provider == "cloudflare"
+    assert wrong_token not in str(caught.value) and cloudflare.token not in str(caught.value)
+    assert cloudflare.calls and not any(c.startswith("POST") for c in cloudflare.calls)
+
+
+async def test_lexicon_zone_missing_from_the_account_or_from_dns(acme_env: AcmeTestEnv) -> None:
+    async with CloudflareStub(mirror=rfc2136(acme_env), zones=[ZONES[0]]) as stub:
+        provider = lexicon_cloudflare(acme_env, stub)
+        with pytest.raises(DnsProviderError, match=f"cloudflare: .*does not hold the zone {ZONES[1]}"):
+            await provider.present(f"_acme-challenge.app.{ZONES[1]}.", "v")
+        with pytest.raises(DnsProviderError, match="cloudflare: no zone found"):
+            await provider.present("_acme-challenge.app.not-served.test.", "v")
+
+
+async def test_lexicon_token_scoped_to_one_zone_by_its_id(
+    acme_env: AcmeTestEnv, cloudflare: CloudflareStub
+) -> None:
+    scoped = lexicon_cloudflare(acme_env, cloudflare, zone_id=cloudflare.zone_ids[ZONES[0]])
+    fqdn, value = f"_acme-challenge.s{secrets.token_hex(4)}.{ZONES[0]}.", secrets.token_urlsafe(32)
+    await scoped.present(fqdn, value)
+    await wait_until_served(fqdn, value, lookup_for(acme_env), timeout_s=5)
+    await scoped.cleanup(fqdn, value)
+    assert await txt_values(acme_env, fqdn) == set()
+    assert f"GET /client/v4/zones/{cloudflare.zone_ids[ZONES[0]]}" in cloudflare.calls
+    assert "GET /client/v4/zones" not in cloudflare.calls  # no account-wide listing with a scoped token
+
+
+async def test_lexicon_endpoint_override_needs_a_provider_that_has_one(acme_env: AcmeTestEnv) -> None:
+    duckdns = LexiconProvider(
+        "duckdns", {"auth_token": "t0ken-value"}, lookup_for(acme_env), api_endpoint="http://127.0.0.1:9"
+    )
+    with pytest.raises(DnsProviderError, match="duckdns: its lexicon provider has no API endpoint"):
+        await duckdns.present("_acme-challenge.app.example.test.", "v")
+
+
+async def test_lexicon_unreachable_api(acme_env: AcmeTestEnv) -> None:
+    async with CloudflareStub(mirror=rfc2136(acme_env)) as stub:
+        provider = lexicon_cloudflare(acme_env, stub)
+    # The stub is closed: its port refuses connections.
+    with pytest.raises(DnsProviderError, match=r"cloudflare: .*the API at 127\.0\.0\.1 could not be reached"):
+        await provider.cleanup("_acme-challenge.app.example.test.", "v")

@@ -91,10 +91,24 @@ def test_open_config_any_non_sandbox_host_is_the_api() -> None:
     assert result.session_id == SID
 
 
-@pytest.mark.parametrize("host", [b"other.example.com", b"example.com", b"127.0.0.2"])
-def test_unknown_host_is_not_found_when_api_hosts_are_listed(host: bytes) -> None:
+@pytest.mark.parametrize("host", [b"127.0.0.2", b"intranet", b"[::2]", b"10.1.2.3:8080"])
+def test_ip_and_single_label_hosts_are_not_found_when_api_hosts_are_listed(host: bytes) -> None:
     result = rejected(b"/", host=host)
     assert (result.status, result.code) == (404, "no_route")
+
+
+@pytest.mark.parametrize("host", [b"other.example.com", b"Shop.Example.ORG.", b"example.com:8443"])
+def test_other_names_are_custom_domain_candidates_when_api_hosts_are_listed(host: bytes) -> None:
+    result = parse_target(b"GET", b"/a/b?c=1", host, CONFIG)
+    assert isinstance(result, AppTarget)
+    name = host.lower().partition(b":")[0].rstrip(b".")
+    assert (result.kind, result.host_name, result.port, result.prefix) == ("domain", name, 0, None)
+    assert result.upstream_target == b"/a/b?c=1"  # the whole target: a custom domain has no prefix
+
+
+def test_custom_domain_paths_refuse_dot_segments() -> None:
+    result = rejected(b"/a/%2e%2e/b", host=b"shop.example.org")
+    assert (result.status, result.code) == (400, "invalid_target")
 
 
 @pytest.mark.parametrize(
