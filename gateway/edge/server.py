@@ -68,31 +68,33 @@ async def running_edge(
     edge = Edge(edge_settings(config, api_socket), resolver, pool)
     resolver.start()
     loop = asyncio.get_running_loop()
-    servers = [
-        await loop.create_server(
-            lambda: EdgeProtocol(edge),
-            config.server.host,
-            config.server.port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=4096,
-        )
-    ]
-    if sni is not None:
-        host, port = split_host_port(config.tls.listen)
+    servers: list[asyncio.Server] = []
+    try:
+        # Inside the try: when a listener cannot bind, what was started is stopped again.
         servers.append(
             await loop.create_server(
-                lambda: EdgeProtocol(edge, tls=True),
-                host,
-                port,
-                ssl=sni.context,
-                ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                lambda: EdgeProtocol(edge),
+                config.server.host,
+                config.server.port,
                 reuse_address=True,
                 reuse_port=reuse_port or None,
                 backlog=4096,
             )
         )
-    try:
+        if sni is not None:
+            host, port = split_host_port(config.tls.listen)
+            servers.append(
+                await loop.create_server(
+                    lambda: EdgeProtocol(edge, tls=True),
+                    host,
+                    port,
+                    ssl=sni.context,
+                    ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    backlog=4096,
+                )
+            )
         yield edge
     finally:
         for server in servers:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import josepy as jose
 from acme import challenges, client, crypto_util, errors, messages
@@ -27,6 +29,7 @@ from gateway.tls.dns01 import (
     RedirectingProvider,
     wait_until_served,
 )
+from gateway.tls.renewal_policy import parse_retry_after
 from gateway.tls.store import CertStore
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,32 @@ ORDER_TIMEOUT_S = 300.0
 USER_AGENT = "sandbox-gateway"
 
 
+# A rate-limited order waits at least this long, whatever else the server says.
+RATE_LIMITED_RETRY_S = 3600.0
+# When the renewal window could not be asked for (server unreachable, no answer), ask again after this.
+ARI_RETRY_S = 3600.0
+
+
 class IssueError(Exception):
-    """Issuance failed; the message is what an operator or customer needs (e.g. the ACME error)."""
+    """Issuance failed; the message is what an operator or customer needs (e.g. the ACME error).
+    ``retry_after_s``: how long the ACME server asked us to wait (Retry-After, rate limits), if it did."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class _RetryAfterNetwork(client.ClientNetwork):
+    """Remembers the Retry-After of the last error answer: the library's errors do not carry headers."""
+
+    last_retry_after_s: float | None = None
+
+    def _check_response(self, response: Any, content_type: str | None = None) -> Any:
+        try:
+            return super()._check_response(response, content_type=content_type)
+        except messages.Error:
+            self.last_retry_after_s = parse_retry_after(response.headers.get("Retry-After"), time.time())
+            raise
 
 
 @dataclass(frozen=True)
@@ -67,14 +94,39 @@ class AcmeIssuer:
             ) from None
         except DnsProviderError as exc:
             raise IssueError(f"DNS: {exc}") from None
+        except _ServerRefused as refused:
+            raise _issue_error(refused.error, refused.retry_after_s) from None
         except errors.Error as exc:
-            raise _issue_error(exc) from None
+            raise _issue_error(exc, None) from None
         except OSError as exc:  # requests' errors are OSErrors: the ACME server is unreachable
             raise IssueError(f"the ACME server is unreachable: {exc}") from None
+
+    async def renewal_window(self, chain_pem: bytes) -> tuple[float | None, float]:
+        """The ACME server's suggested renewal time for a certificate (ARI), or None when it offers none,
+        and when to ask again (the server's Retry-After, six hours by default)."""
+        try:
+            acme = await asyncio.to_thread(self._client, await self._account_key())
+            suggested, next_poll = await asyncio.to_thread(acme.renewal_time, chain_pem)
+        except errors.ARIError as exc:
+            log.warning("renewal info unavailable: %s", exc)
+            return None, exc.retry_after.timestamp()
+        except (errors.Error, OSError) as exc:
+            log.warning("renewal info unavailable: %s", exc)
+            return None, time.time() + ARI_RETRY_S
+        return (suggested.timestamp() if suggested is not None else None), next_poll.timestamp()
 
     async def _issue(self, names: list[str], provider: DnsProvider) -> CertBundle:
         account_key = await self._account_key()
         acme = await asyncio.to_thread(self._client, account_key)
+        try:
+            return await self._order(acme, account_key, names, provider)
+        except messages.Error as exc:
+            assert isinstance(acme.net, _RetryAfterNetwork)
+            raise _ServerRefused(exc, acme.net.last_retry_after_s) from None
+
+    async def _order(
+        self, acme: client.ClientV2, account_key: jose.JWKEC, names: list[str], provider: DnsProvider
+    ) -> CertBundle:
         key_pem = new_private_key_pem()
         csr_pem = crypto_util.make_csr(key_pem, names)
         order = await asyncio.to_thread(acme.new_order, csr_pem)
@@ -128,7 +180,7 @@ class AcmeIssuer:
     def _client(self, account_key: jose.JWKEC) -> client.ClientV2:
         """Directory and account (blocking). The account is created once; later calls find it."""
         verify: bool | str = self.settings.ca_bundle or True
-        net = client.ClientNetwork(account_key, alg=jose.ES256, verify_ssl=verify, user_agent=USER_AGENT)
+        net = _RetryAfterNetwork(account_key, alg=jose.ES256, verify_ssl=verify, user_agent=USER_AGENT)
         directory = client.ClientV2.get_directory(self.settings.directory_url, net)
         acme = client.ClientV2(directory, net)
         registration = messages.NewRegistration.from_data(
@@ -179,7 +231,18 @@ def _dns01(authz: messages.AuthorizationResource) -> messages.ChallengeBody:
     raise IssueError(f"the ACME server offers no dns-01 challenge for {authz.body.identifier.value}")
 
 
-def _issue_error(exc: errors.Error) -> IssueError:
+class _ServerRefused(Exception):
+    """An ACME error answer with the Retry-After it came with."""
+
+    def __init__(self, error: messages.Error, retry_after_s: float | None) -> None:
+        self.error = error
+        self.retry_after_s = retry_after_s
+
+
+def _issue_error(exc: errors.Error, retry_after_s: float | None) -> IssueError:
+    if isinstance(exc, messages.Error) and exc.code == "rateLimited":
+        wait = max(retry_after_s or 0.0, RATE_LIMITED_RETRY_S)
+        return IssueError(f"the ACME server's rate limit was hit: {exc}", retry_after_s=wait)
     if isinstance(exc, errors.IssuanceError):
-        return IssueError(f"the ACME server refused to issue: {exc.error}")
-    return IssueError(f"ACME: {exc}")
+        return IssueError(f"the ACME server refused to issue: {exc.error}", retry_after_s=retry_after_s)
+    return IssueError(f"ACME: {exc}", retry_after_s=retry_after_s)

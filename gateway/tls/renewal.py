@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,8 @@ class CertState:
     failures: int = 0
     next_attempt_at: float = 0.0
     not_after: float = 0.0
+    ari_renew_at: float = 0.0  # the ACME server's suggested renewal time (ARI); 0: none offered
+    ari_next_poll: float = 0.0  # when to ask it again
 
 
 class Renewer:
@@ -60,6 +63,8 @@ class Renewer:
             failures=int(raw.get("failures", 0)),
             next_attempt_at=float(raw.get("next_attempt_at", 0)),
             not_after=float(raw.get("not_after", 0)),
+            ari_renew_at=float(raw.get("ari_renew_at", 0)),
+            ari_next_poll=float(raw.get("ari_next_poll", 0)),
         )
 
     async def ensure(
@@ -71,24 +76,28 @@ class Renewer:
         ``on_issuing`` is awaited once this process has decided to issue (under the lock).
         """  # fmt: skip
         now = time.time() if now is None else now
-        if not await self._due(cert_id, now):
+        due, seen = await self._due(cert_id, now)
+        if not due:
             return False
         lock = self.client.lock(self.keys.cert_lock(cert_id), timeout=LOCK_TTL_S)
         if not await guarded(lock.acquire(blocking=False)):
             return False  # another process is issuing this certificate
         try:
-            if not await self._due(cert_id, now):
-                return False  # it finished just before we took the lock
+            due, stored_now = await self._due(cert_id, now)
+            if not due or stored_now != seen:
+                return False  # another process stored one just before we took the lock
             if on_issuing is not None:
                 await on_issuing()
             try:
                 bundle = await self.issuer.issue(names, provider)
             except IssueError as exc:
-                await self._failed(cert_id, str(exc), now)
+                await self._failed(cert_id, str(exc), now, exc.retry_after_s)
                 return False
             await self.store.put(bundle, source="acme", cert_id=cert_id)
             issued = {"status": "issued", "last_error": "", "failures": 0, "next_attempt_at": 0}
-            await self._record(cert_id, {**issued, "not_after": repr(bundle.not_after)})
+            # A new certificate: ask the ACME server about its renewal window afresh (ARI).
+            ari = {"ari_renew_at": 0, "ari_next_poll": 0}
+            await self._record(cert_id, {**issued, **ari, "not_after": repr(bundle.not_after)})
             log.info("certificate %s issued for %s", cert_id, ", ".join(bundle.names))
             return True
         finally:
@@ -97,12 +106,27 @@ class Renewer:
             except LockError:
                 log.warning("the lock on certificate %s expired during issuance", cert_id)
 
-    async def _due(self, cert_id: str, now: float) -> bool:
+    async def _due(self, cert_id: str, now: float) -> tuple[bool, float]:
+        """Whether to issue now, and the stored certificate's version (0: none), to notice a change."""
         state = await self.state(cert_id)
-        if state.status == "failed" and now < state.next_attempt_at:
-            return False
         stored = await self._stored(cert_id)
-        return stored is None or now >= renew_at(stored.bundle.not_before, stored.bundle.not_after)
+        version = stored.updated_at if stored is not None else 0.0
+        if state.status == "failed" and now < state.next_attempt_at:
+            return False, version
+        if stored is None:
+            return True, version
+        if state.ari_next_poll <= now:
+            state = await self._ask_renewal_window(cert_id, stored, state)
+        if state.ari_renew_at:
+            return now >= state.ari_renew_at, version
+        return now >= renew_at(stored.bundle.not_before, stored.bundle.not_after), version
+
+    async def _ask_renewal_window(self, cert_id: str, stored: StoredCert, state: CertState) -> CertState:
+        """The ACME server's suggested renewal time (ARI), when it offers one; asked again when it says."""
+        suggested, next_poll = await self.issuer.renewal_window(stored.bundle.chain_pem)
+        fields = {"ari_renew_at": repr(suggested or 0.0), "ari_next_poll": repr(next_poll)}
+        await self._record(cert_id, fields)
+        return dataclasses.replace(state, ari_renew_at=suggested or 0.0, ari_next_poll=next_poll)
 
     async def _stored(self, cert_id: str) -> StoredCert | None:
         try:
@@ -111,9 +135,9 @@ class Renewer:
             log.error("stored certificate %s is unusable, issuing a new one: %s", cert_id, exc)
             return None
 
-    async def _failed(self, cert_id: str, error: str, now: float) -> None:
+    async def _failed(self, cert_id: str, error: str, now: float, retry_after_s: float | None) -> None:
         failures = (await self.state(cert_id)).failures + 1
-        delay = retry_delay(failures)
+        delay = retry_delay(failures, retry_after_s=retry_after_s)
         log.warning("certificate %s failed (attempt %d, next in %.0f s): %s", cert_id, failures, delay, error)
         await self._record(cert_id, {"status": "failed", "last_error": error, "failures": failures,
                                      "next_attempt_at": repr(now + delay)})  # fmt: skip

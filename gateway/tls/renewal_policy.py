@@ -1,30 +1,21 @@
 """When to renew a certificate and when to try again after a failure. Pure: numbers in, a time out.
 
 Renewal is due with one third of the certificate's lifetime left (certmagic's and Let's Encrypt's
-advice), or, when the ACME server suggests a window (ARI, RFC 9773), at a point inside that window that
-the caller picks once per certificate (``window_fraction``), so a fleet does not renew all at once.
+advice), unless the ACME server suggests a window (ARI, RFC 9773): then at the random moment inside it
+that the ``acme`` library picks (``Renewer`` keeps it per certificate).
 Failures back off from a minute, doubling, to a day; a server's ``Retry-After`` is a floor.
 """
 
 from __future__ import annotations
 
+import email.utils
+
 FIRST_RETRY_S = 60.0
 MAX_RETRY_S = 86400.0
 
 
-def renew_at(
-    not_before: float,
-    not_after: float,
-    *,
-    ari_window: tuple[float, float] | None = None,
-    window_fraction: float = 0.5,
-) -> float:
-    """The moment renewal is due (epoch seconds)."""
-    if ari_window is not None:
-        start, end = ari_window
-        if end > start:
-            return start + (end - start) * min(max(window_fraction, 0.0), 1.0)
-        return start
+def renew_at(not_before: float, not_after: float) -> float:
+    """The moment renewal is due (epoch seconds) when the ACME server suggests no window."""
     return not_after - (not_after - not_before) / 3
 
 
@@ -34,3 +25,19 @@ def retry_delay(failures: int, *, retry_after_s: float | None = None) -> float:
     if retry_after_s is not None and retry_after_s > delay:
         return min(retry_after_s, MAX_RETRY_S * 7)  # a server asking for more than a week is capped
     return delay
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # RFC 9110 dates are GMT; one without a zone is not one
+    return max(0.0, when.timestamp() - now)

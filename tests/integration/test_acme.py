@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -143,6 +144,9 @@ async def test_two_processes_racing_to_renew_issue_once_and_failures_back_off(
 
     # Not due: nothing happens. Due (time moved past two thirds of the lifetime): renewed once.
     assert not await renewers[1].ensure(cert_id, names, provider)
+    # That check asked pebble for a renewal window (ARI): it offers none, so ask again in six hours.
+    state = await renewers[1].state(cert_id)
+    assert state.ari_renew_at == 0 and state.ari_next_poll > time.time() + 5 * 3600
     later = first.bundle.not_after - 1
     issued = await asyncio.gather(*(r.ensure(cert_id, names, provider, now=later) for r in renewers))
     assert sorted(issued) == [False, True] and provider.presented == 2

@@ -16,8 +16,10 @@ from gateway.tls.acme import AcmeIssuer
 from gateway.tls.dns01 import DnsProvider
 from gateway.tls.domains import DomainKeeper
 from tests.acme_env import TSIG_KEY_NAME, AcmeTestEnv
+from tests.cloudflare_stub import CloudflareStub
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_acme import WrongValue
+from tests.integration.test_dns_providers import rfc2136
 from tests.integration.test_edge import APP_PORT, ECHO_APP
 from tests.integration.test_tls import API_HOST, http_over, tls_address, tls_sections
 
@@ -205,6 +207,27 @@ async def test_the_delegated_mode_says_which_cname_to_add_then_issues_once_it_ex
     assert issued["state"] == "issued", issued
     status, body = await https_get(gw, acme_env, domain, "/echo")
     assert status == 200 and json.loads(body)["path"] == "/echo"
+
+
+async def test_a_custom_domain_at_a_cloud_dns_provider_is_issued_through_dns_lexicon(
+    gateway_factory: object, tmp_path: Path, acme_env: AcmeTestEnv
+) -> None:
+    async with CloudflareStub(mirror=rfc2136(acme_env)) as cloudflare:
+        sections = acme_sections(tmp_path, acme_env, lexicon_api_endpoints=f"cloudflare={cloudflare.url}")
+        gw: GatewayUnderTest = await gateway_factory("process", **sections)  # type: ignore[operator]
+        domain = "cloud.example.org.test"
+        body = {"domain": domain, "dns_provider": "cloudflare", "dns_credentials": {"auth_tokn": "x"}}
+        status, refused = await gw.request("POST", "/v1/vms", json={"custom_domain": body})
+        assert status == 422 and "allowed: " in refused["detail"][0]["msg"], refused  # type: ignore[index]
+
+        body["dns_credentials"] = {"auth_token": cloudflare.token}
+        await vm_with_domain(gw, body)
+        issued = await domain_state(gw, domain, "issued", "failed")
+        assert issued["state"] == "issued", issued
+        assert any("dns_records" in call for call in cloudflare.calls)  # the records went through its API
+        status, response = await https_get(gw, acme_env, domain, "/echo")
+        assert status == 200 and json.loads(response)["path"] == "/echo"
+        assert cloudflare.token not in await all_redis_text(gw.services.client)
 
 
 class _SkipPropagation(AcmeIssuer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import ssl
 import stat
 from pathlib import Path
@@ -14,9 +15,10 @@ import trustme
 from cryptography import x509
 from cryptography.fernet import Fernet
 
+from gateway.app import running_gateway
 from gateway.tls.bundle import BadCertificate, dns_names, parse_bundle
 from tests.acme_env import TSIG_KEY_NAME, AcmeTestEnv
-from tests.conftest import GatewayUnderTest, free_port
+from tests.conftest import GatewayUnderTest, free_port, make_config
 from tests.integration.test_edge import APP_PORT, start_app
 
 API_HOST = "api.example.test"
@@ -308,3 +310,22 @@ async def test_operator_certificates_are_issued_at_start_over_acme(
         host, port = tls_address(gw)
         _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=name)
         writer.close()
+
+
+async def test_a_tls_port_in_use_fails_the_start_cleanly_and_leaves_nothing_running(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Regression: the plain listener and the route follower started before the TLS bind failed were left
+    running (the test run then hung at exit on the follower)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        sections = tls_sections(tmp_path, listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        config = make_config(tmp_path, redis_url, "process", **sections)
+        before = asyncio.all_tasks()
+        with pytest.raises(OSError, match="address already in use"):
+            async with running_gateway(config):
+                pytest.fail("started on a port in use")
+    assert asyncio.all_tasks() == before  # no follower, keeper or server task left behind
+    with socket.socket() as plain:  # and the plain listener was closed again
+        plain.bind((config.server.host, config.server.port))
