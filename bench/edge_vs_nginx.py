@@ -349,12 +349,17 @@ class Gateway:
 
 
 @asynccontextmanager
-async def served_gateway(workers: int) -> AsyncIterator[Gateway]:
-    """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards."""
+async def served_gateway(
+    workers: int, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Gateway]:
+    """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards.
+
+    ``extra_env`` adds GATEWAY_* settings; "{data_dir}" in a value is replaced by the data folder."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(BENCH_ENV)
+        env.update({k: v.replace("{data_dir}", data_dir) for k, v in (extra_env or {}).items()})
         gateway = [sys.executable, "-m", "gateway", "--data-dir", data_dir]
         log_path = Path(data_dir) / "gateway.log"
         # The gateway's stdout and stderr go to one file (read at the end for errors), not to a pipe
