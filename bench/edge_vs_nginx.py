@@ -155,7 +155,7 @@ http {{
     }}
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{listen_tls} backlog=4096;{tls}
 
         # Streaming both ways, like the edge: nothing is spooled to memory or disk.
         proxy_buffering off;
@@ -426,8 +426,12 @@ async def app_in_vm(gw: Gateway) -> AsyncIterator[App]:
 
 
 @asynccontextmanager
-async def running_nginx(app: App, workers: int) -> AsyncIterator[tuple[Proxy, Path]]:
-    """nginx in the foreground with its own config and logs in a temporary folder; stopped by PID."""
+async def running_nginx(
+    app: App, workers: int, tls: str = ""
+) -> AsyncIterator[tuple[Proxy, Path]]:
+    """nginx in the foreground with its own config and logs in a temporary folder; stopped by PID.
+
+    ``tls``: ssl_* directives; the listener then speaks TLS (``bench/tls_vs_nginx.py``)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="nginx-bench-") as tmp:
         folder = Path(tmp)
@@ -435,6 +439,8 @@ async def running_nginx(app: App, workers: int) -> AsyncIterator[tuple[Proxy, Pa
         conf = folder / "nginx.conf"
         conf.write_text(
             NGINX_CONF.format(
+                listen_tls=" ssl" if tls else "",
+                tls=tls,
                 workers=workers,
                 worker_nofile=NGINX_WORKER_NOFILE,
                 worker_connections=NGINX_WORKER_CONNECTIONS,

@@ -22,13 +22,7 @@ Every load loop is bounded in time; nginx, the VM and the gateway are stopped by
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_vs_nginx import (
     CLOCK_TICKS_PER_S,
-    NGINX_STREAM_BUFFER,
     SMALL_PATH,
     START_TIMEOUT_S,
     WRK_CONNECTIONS,
@@ -50,14 +43,13 @@ from edge_vs_nginx import (
     App,
     Proxy,
     app_in_vm,
-    children_of,
     cpu_ticks,
     edge_processes,
     free_port,
     parse_wrk,
     run_bounded,
+    running_nginx,
     served_gateway,
-    stop_process,
     wait_accepting,
 )
 
@@ -66,78 +58,22 @@ from gateway.tls.local import DEFAULT_CERT_FILE, DEFAULT_KEY_FILE
 
 HOST = "localhost"  # the name the default certificate carries, and wrk's SNI and Host
 
-NGINX_TLS_CONF = """\
-daemon off;
-master_process on;
-worker_processes {workers};
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    upstream app {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
-    server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+NGINX_TLS = """
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_ciphers {ciphers};
-        ssl_prefer_server_ciphers off;
-        proxy_buffering off;
-        proxy_buffer_size {stream_buffer};
-        proxy_buffers 4 {stream_buffer};
-        proxy_busy_buffers_size {stream_buffer};
-        proxy_http_version 1.1;
-        proxy_set_header Host $http_host;
-        proxy_set_header X-Forwarded-For $remote_addr;
-        proxy_set_header X-Forwarded-Proto $scheme;
-        proxy_set_header X-Forwarded-Host $http_host;
-        proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=$http_host";
-        location / {{ proxy_set_header Connection ""; proxy_pass http://app; }}
-    }}
-}}
-"""
+        ssl_prefer_server_ciphers off;"""
 
 
 @asynccontextmanager
 async def tls_nginx(app: App, workers: int, cert: Path, key: Path) -> AsyncIterator[Proxy]:
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="nginx-tls-bench-") as tmp:
-        folder = Path(tmp)
-        folder.chmod(0o755)  # noqa: ASYNC240 - workers run as nginx's unprivileged user
-        conf = folder / "nginx.conf"
-        conf.write_text(
-            NGINX_TLS_CONF.format(
-                workers=workers, dir=folder, upstream=f"{app.vm_ip}:{app.port}", port=port, cert=cert,
-                key=key, ciphers=INTERMEDIATE_CIPHERS, stream_buffer=NGINX_STREAM_BUFFER,
-            )
-        )  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            "nginx", "-c", str(conf), "-p", str(folder), "-e", str(folder / "error.log"),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            try:
-                await wait_accepting("127.0.0.1", port, START_TIMEOUT_S, proc)
-            except (RuntimeError, TimeoutError) as exc:
-                log = (folder / "error.log").read_text(errors="replace").strip()
-                raise RuntimeError(f"nginx did not start ({exc!r}): {log}") from None
-            master = proc.pid
-            # nginx proxies its root to the app (the edge strips its /v1/app/... prefix the same way).
-            yield Proxy("nginx", f"https://{HOST}:{port}", lambda: [master, *children_of(master)])
-        finally:
-            if proc.returncode is None:
-                left = children_of(proc.pid)
-                await stop_process(proc)
-                for pid in left:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+    """``edge_vs_nginx``'s nginx, its listener speaking TLS with the given certificate."""
+    tls = NGINX_TLS.format(cert=cert, key=key, ciphers=INTERMEDIATE_CIPHERS)
+    async with running_nginx(app, workers, tls) as (plain, _):
+        _, port = plain.host_port
+        # nginx proxies its root to the app (the edge strips its /v1/app/... prefix the same way).
+        yield Proxy("nginx", f"https://{HOST}:{port}", plain.pids)
 
 
 async def wrk_run(proxy: Proxy, seconds: float, *, new_connections: bool) -> tuple[float, float, int]:
