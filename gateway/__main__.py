@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "create", parents=[common], help="create a key; prints the key alone on the last line"
     )
     create.add_argument("--name", required=True, help="a label for the key (who or what uses it)")
+    create.add_argument(
+        "--org",
+        metavar="ORG_UUID",
+        help="an organisation's key: opens /orgs/<ORG_UUID>/api/instances and that organisation's instances",
+    )
     key_commands.add_parser(
         "list", parents=[common], help="list keys (ids, names, creation times; never the keys)"
     )
@@ -168,12 +173,17 @@ async def keys_command(config: Config, args: argparse.Namespace) -> None:
     async with admin_client(config) as client:
         store = ApiKeyStore(client, Keys(config.redis.key_prefix))
         if args.keys_command == "create":
-            key, rec = await store.create(args.name)
-            print(f"created key {rec.key_id} named {rec.name!r}; it is shown only now:")
+            try:
+                key, rec = await store.create(args.name, org=args.org)
+            except ValueError as exc:
+                raise SystemExit(f"gateway: {exc}") from None
+            org = f" for organisation {rec.org}" if rec.org else ""
+            print(f"created key {rec.key_id} named {rec.name!r}{org}; it is shown only now:")
             print(key)
         elif args.keys_command == "list":
             for rec in await store.list():
-                print(f"{rec.key_id}\t{rec.name}\t{rec.created_at:.0f}")
+                org = f"\torg {rec.org}" if rec.org else ""
+                print(f"{rec.key_id}\t{rec.name}\t{rec.created_at:.0f}{org}")
         elif args.keys_command == "revoke":
             revoked = await store.revoke(args.key)
             if not revoked:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gatew
 
 
 MAX_WORKERS = 64
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})+")
+_CATALOG_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -191,6 +195,64 @@ class ExecuteConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """One entry of the browser-instance image catalog: what a VM of this image runs."""
+
+    description: str = ""
+    # argv the VM runs as its init (the image's program); "{python}" stands for this gateway's Python.
+    command: tuple[str, ...] = ()
+    # The port inside the VM that the instance's access_url reaches; the VM counts as started once it
+    # accepts connections there.
+    port: int = 0
+    # VM drivers that can run it; on any other, creating it is refused with ``unavailable``.
+    drivers: tuple[str, ...] = ()
+    unavailable: str = ""
+
+
+@dataclass(frozen=True)
+class SizeConfig:
+    vcpu_count: int = 1
+    memory_mb: int = 1024
+
+
+# The shipped catalog (config/gateway.toml spells the same): Debian's chromium runs on the embedded
+# drivers; Windows is listed so that asking for it gets a clear refusal rather than a fake.
+DEFAULT_IMAGES = {
+    "debian-12": ImageConfig(
+        description=(
+            "Chromium from Debian 12, headless; its DevTools protocol (HTTP and WebSocket) at the access URL"
+        ),
+        command=("{python}", "-m", "gateway.guest.browser", "--port", "9222"),
+        port=9222,
+        drivers=("netns", "process"),
+    ),
+    "windows-10": ImageConfig(
+        description="Windows 10 with a desktop browser",
+        unavailable=(
+            "Windows guests need a hypervisor that boots Windows; this gateway's VM drivers run Linux only"
+        ),
+    ),
+}
+DEFAULT_SIZES = {
+    "small": SizeConfig(vcpu_count=1, memory_mb=1024),
+    "medium": SizeConfig(vcpu_count=2, memory_mb=2048),
+    "large": SizeConfig(vcpu_count=4, memory_mb=4096),
+}
+
+
+@dataclass(frozen=True)
+class InstancesConfig:
+    # Browser instances (the Instances API): each one's access_url is
+    # <scheme of public_url>://instance-<uuid>.<domain>[:<port of public_url>]/ on the edge.
+    domain: str = "browser.localhost"
+    default_lifetime_s: int = 3600
+    # The catalog: [instances.images.<name>] and [instances.sizes.<name>] tables.
+    # A table given in the TOML replaces the shipped one as a whole.
+    images: Mapping[str, ImageConfig] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
+    sizes: Mapping[str, SizeConfig] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -202,6 +264,7 @@ class Config:
     execute: ExecuteConfig = field(default_factory=ExecuteConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
 
     @property
     def data_path(self) -> Path:
@@ -240,7 +303,18 @@ def _coerce(section: str, key: str, raw: object, kind: type) -> object:
         if not isinstance(raw, str):
             raise ConfigError(f"{where}: expected a string, got {raw!r}")
         return raw
+    if kind == tuple[str, ...]:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+        return tuple(raw)
     raise ConfigError(f"{where}: unsupported setting type {kind!r}")
+
+
+# Settings that are tables of named entries (the instance catalog): field -> the entries' dataclass.
+_CATALOGS: dict[tuple[str, str], type] = {
+    ("instances", "images"): ImageConfig,
+    ("instances", "sizes"): SizeConfig,
+}
 
 
 def _build_section(name: str, cls: type, values: Mapping[str, object]) -> object:
@@ -249,7 +323,18 @@ def _build_section(name: str, cls: type, values: Mapping[str, object]) -> object
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items()}
+    kwargs: dict[str, object] = {}
+    for key, value in values.items():
+        entry_cls = _CATALOGS.get((name, key))
+        if entry_cls is None:
+            kwargs[key] = _coerce(name, key, value, hints[key])
+        elif not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+            raise ConfigError(f"{name}.{key}: expected tables [{name}.{key}.<name>]")
+        else:
+            kwargs[key] = {
+                entry: _build_section(f"{name}.{key}.{entry}", entry_cls, fields)
+                for entry, fields in value.items()
+            }
     return cls(**kwargs)
 
 
@@ -335,3 +420,31 @@ def validate(config: Config) -> None:
                 raise ConfigError("acme.lexicon_api_endpoints: expected name=http(s)://... items")
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
+    _validate_instances(config)
+
+
+def _validate_instances(config: Config) -> None:
+    instances = config.instances
+    if not _DOMAIN_RE.fullmatch(instances.domain):
+        raise ConfigError(f"instances.domain: {instances.domain!r} is not a lower-case DNS name")
+    if instances.domain in config.sandbox_domains:
+        raise ConfigError("instances.domain must differ from the sandbox domains")
+    if not vms_lifetime_ok(config, instances.default_lifetime_s):
+        raise ConfigError("instances.default_lifetime_s must be within vms.min_lifetime_s..max_lifetime_s")
+    for name, image in instances.images.items():
+        where = f"instances.images.{name}"
+        if not _CATALOG_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: names are letters, digits, '.', '_' and '-'")
+        if image.drivers and (not image.command or not 1 <= image.port <= 65535):
+            raise ConfigError(f"{where}: an image that runs needs a command and a port (1-65535)")
+        if not image.drivers and not image.unavailable:
+            raise ConfigError(f"{where}: list the drivers it runs on, or say why it is unavailable")
+    for name, size in instances.sizes.items():
+        if not _CATALOG_NAME_RE.fullmatch(name):
+            raise ConfigError(f"instances.sizes.{name}: names are letters, digits, '.', '_' and '-'")
+        if size.vcpu_count < 1 or size.memory_mb < 64:
+            raise ConfigError(f"instances.sizes.{name}: needs vcpu_count >= 1 and memory_mb >= 64")
+
+
+def vms_lifetime_ok(config: Config, seconds: int) -> bool:
+    return config.vms.min_lifetime_s <= seconds <= config.vms.max_lifetime_s

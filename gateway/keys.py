@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
 
 import redis.asyncio as aioredis
 
-from gateway.routes.model import ApiKeyRecord, Keys
+from gateway.routes.model import ApiKeyRecord, Keys, is_uuid
 from gateway.routes.store import guarded
 
 KEY_PREFIX = "gk_"
@@ -32,17 +33,26 @@ class ApiKeyStore:
         self.client = client
         self.keys = keys
 
-    async def create(self, name: str) -> tuple[str, ApiKeyRecord]:
-        """Make a new key; the clear key is returned once and never stored."""
+    async def create(self, name: str, org: str | None = None) -> tuple[str, ApiKeyRecord]:
+        """Make a new key (of an organisation, when given); the clear key is returned once, never stored."""
+        if org is not None and not is_uuid(org):
+            raise ValueError(f"organisation ids are lower-case UUIDs, got {org!r}")
         key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         digest = hash_key(key)
-        rec = ApiKeyRecord(key_id="key_" + secrets.token_hex(6), name=name, created_at=time.time())
+        rec = ApiKeyRecord(key_id="key_" + secrets.token_hex(6), name=name, created_at=time.time(), org=org)
         fields = rec.to_hash() | {"hash": digest}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.keys.api_key(digest), mapping=fields)
         pipe.hset(self.keys.api_key_index(), rec.key_id, digest)
+        if org is not None:
+            pipe.sadd(self.keys.org_keys(org), digest)
+            self._announce(pipe, org)
         await guarded(pipe.execute())
         return key, rec
+
+    def _announce(self, pipe: aioredis.client.Pipeline, org: str) -> None:
+        """Edges cache which keys open an organisation's instances: tell them the set changed."""
+        pipe.publish(self.keys.events(), json.dumps({"type": "org_keys", "org": org}))
 
     async def authenticate(self, key: str | None) -> ApiKeyRecord | None:
         if not key or len(key) > MAX_KEY_LENGTH:
@@ -73,6 +83,9 @@ class ApiKeyStore:
                 pipe = self.client.pipeline(transaction=True)
                 pipe.delete(self.keys.api_key(digest))
                 pipe.hdel(self.keys.api_key_index(), key_id)
+                if rec is not None and rec.org is not None:
+                    pipe.srem(self.keys.org_keys(rec.org), digest)
+                    self._announce(pipe, rec.org)
                 await guarded(pipe.execute())
                 if rec is not None:
                     revoked.append(rec)

@@ -11,13 +11,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import domains, execute, sessions, vms
-from gateway.api.context import CONFIG, KEY_STORE, ORCHESTRATOR
+from gateway.api import domains, execute, instances, sessions, vms
+from gateway.api.context import CONFIG, INSTANCES, KEY_STORE, ORCHESTRATOR
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
 from gateway.config import Config
 from gateway.errors import GatewayError, Unauthorized
 from gateway.keys import ApiKeyStore
+from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.service import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[CONFIG] = config
     app[ORCHESTRATOR] = orchestrator
     app[KEY_STORE] = key_store
+    app[INSTANCES] = InstanceService(orchestrator, config)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(vms.routes)
     app.add_routes(domains.routes)
     app.add_routes(execute.routes)
+    app.add_routes(instances.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     return app

@@ -26,6 +26,17 @@ OPERATIONS: list[
     ("get", "/v1/custom-domains/{domain}", "Get Custom Domain", None, s.CustomDomainResponse, None),
     ("post", "/v1/custom-domains/{domain}/retry", "Retry Custom Domain", None, s.CustomDomainResponse, None),
     ("delete", "/v1/custom-domains/{domain}", "Delete Custom Domain", None, None, None),
+    ("get", "/orgs/{org_uuid}/api/instances", "List Instances", None, s.InstanceListResponse, None),
+    (
+        "post",
+        "/orgs/{org_uuid}/api/instances",
+        "Create Instance",
+        s.CreateInstanceRequest,
+        s.InstanceResponse,
+        None,
+    ),
+    ("get", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Get Instance", None, s.InstanceResponse, None),
+    ("delete", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Destroy Instance", None, None, None),
 ]
 
 VALIDATION_ERROR = {
@@ -68,7 +79,7 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
     for method, path, summary, request, response, query in OPERATIONS:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("session_id", "vm_id", "domain")
+            for name in ("session_id", "vm_id", "domain", "org_uuid", "instance_uuid")
             if "{" + name + "}" in path
         ]
         if query is not None:

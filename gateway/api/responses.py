@@ -51,6 +51,17 @@ def direct_url(config: Config, vm_id: str, port: int) -> str:
     return f"{public.scheme}://{vm_id}-{port}.{config.api.sandbox_domain}{suffix}/"
 
 
+def instance_url(config: Config, instance_uuid: str) -> str:
+    public = urlsplit(config.server.public_url)
+    suffix = f":{public.port}" if public.port else ""
+    return f"{public.scheme}://instance-{instance_uuid}.{config.instances.domain}{suffix}/"
+
+
+def iso_z(ts: float) -> str:
+    """UTC time with a Z, as the Instances API's document shows it: 2025-01-10T12:00:00Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def share_view(config: Config, vm: VmRecord, token: str | None = None) -> dict[str, Any] | None:
     """The share as the API shows it: port, visibility, URLs; the token only in the create answer."""
     if not vm.share:

@@ -226,6 +226,27 @@ class ExecuteResponse(_Model):
     vm_id: str
 
 
+class CreateInstanceRequest(_Model):
+    """The Instances API's create body: both names come from the gateway's catalog."""
+
+    image: str = Field(min_length=1, max_length=64, examples=["debian-12"])
+    size: str = Field(min_length=1, max_length=64, examples=["small"])
+
+
+class InstanceResponse(_Model):
+    instance_uuid: str
+    status: Literal["running", "stopped", "terminated"]
+    image: str
+    size: str
+    created_at: str = Field(json_schema_extra={"format": "date-time"}, examples=["2025-01-10T12:00:00Z"])
+    access_url: str
+
+
+class InstanceListResponse(_Model):
+    instances: list[InstanceResponse]
+    total: int
+
+
 class ErrorResponse(_Model):
     detail: str
     code: str

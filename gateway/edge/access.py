@@ -1,18 +1,25 @@
-"""Private shares: the access token a client shows, and the cookie the edge trades it for (pure).
+"""Private routes: the access token a client shows, and the cookie the edge trades it for (pure).
 
-A private port is opened with its token in a header, in a cookie the edge set, or once in the query
-(``?gw_access_token=...``): the edge then answers with a redirect to the same URL without the token and
-an HttpOnly cookie scoped to that app (host-only, and to the app's path prefix in the path form), so the
-token does not linger in the address bar, history or the app's logs. None of these reach the VM.
+A private share is opened with its token, a browser instance with any API key of its organisation. The
+token comes in a header (``X-Access-Token``; for an instance also ``Authorization: Bearer``), in a cookie
+the edge set, or once in the query (``?gw_access_token=...``): the edge then answers with a redirect to
+the same URL without the token and an HttpOnly cookie scoped to that app (host-only, and to the app's
+path prefix in the path form), so the token does not linger in the address bar, history or the app's
+logs. None of these reach the VM.
+
+Tokens are compared by their SHA-256 hashes (what Redis holds), so a route never carries a usable secret.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Sequence
 
 TOKEN_HEADER = b"x-access-token"
+AUTHORIZATION = b"authorization"
+# Request headers that carry the gateway's credentials, lower-case: never forwarded to the VM.
+TOKEN_HEADERS = frozenset({TOKEN_HEADER})
+BEARER_TOKEN_HEADERS = frozenset({TOKEN_HEADER, AUTHORIZATION})
 TOKEN_QUERY_PARAM = b"gw_access_token"
 COOKIE_NAME = b"gw_access"
 COOKIE_NAMES = frozenset({COOKIE_NAME})
@@ -22,8 +29,9 @@ def token_hash(token: str | bytes) -> str:
     return hashlib.sha256(token.encode() if isinstance(token, str) else token).hexdigest()
 
 
-def token_matches(token: bytes | None, expected_sha256: str) -> bool:
-    return token is not None and hmac.compare_digest(token_hash(token), expected_sha256)
+def token_matches(token: bytes | None, accepted_sha256: frozenset[str]) -> bool:
+    """Whether the token is one of those accepted (looked up by hash: nothing secret is compared)."""
+    return token is not None and token_hash(token) in accepted_sha256
 
 
 def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:
@@ -44,11 +52,16 @@ def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:
     return (path + b"?" + b"&".join(kept)) if kept else path, token
 
 
-def presented_token(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The token from the header, else from the edge's cookie."""
+def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = False) -> bytes | None:
+    """The token from the header (or ``Authorization: Bearer`` when ``bearer``), else the edge's cookie."""
     for name, value in headers:
-        if name.lower() == TOKEN_HEADER:
+        lower = name.lower()
+        if lower == TOKEN_HEADER:
             return value.strip()
+        if bearer and lower == AUTHORIZATION:
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
     for name, value in headers:
         if name.lower() == b"cookie":
             for pair in value.split(b";"):

@@ -211,18 +211,17 @@ def is_websocket_upgrade(headers: Headers) -> bool:
 
 
 def strip_gateway_credentials(
-    headers: Headers, cookie_names: frozenset[bytes], token_header: bytes
+    headers: Headers, cookie_names: frozenset[bytes], token_headers: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
     """Remove the gateway's own credentials so the app in the VM never sees them.
 
-    Cookie names are case-sensitive (RFC 6265); other cookies are kept byte for byte, in order, and a
-    Cookie header that loses nothing is kept exactly as received.
+    ``token_headers`` are lower-case names. Cookie names are case-sensitive (RFC 6265); other cookies are
+    kept byte for byte, in order, and a Cookie header that loses nothing is kept exactly as received.
     """
-    token_lower = token_header.lower()
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lower = name.lower()
-        if lower == token_lower:
+        if lower in token_headers:
             continue
         if lower == b"cookie" and cookie_names:
             pairs = value.split(b";")

@@ -186,7 +186,7 @@ class Exchange:
                 length = value
             elif low == b"transfer-encoding":
                 chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
-            elif low == b"cookie" or low == access.TOKEN_HEADER:
+            elif low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION:
                 credentials = True
         self.host = host if hosts == 1 else None
         self.chunked_in = chunked
@@ -613,6 +613,8 @@ class EdgeProtocol(asyncio.Protocol):
             key = ("s", target.session_id, target.port)
         elif target.kind == "host":
             key = ("v", target.vm_id, target.port)
+        elif target.kind == "instance":
+            key = ("i", target.instance_id, 0)
         else:
             key = ("d", target.host_name.decode("ascii"), 0)
         route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
@@ -635,12 +637,13 @@ class EdgeProtocol(asyncio.Protocol):
             self._no_route(ex)
             return
         request_target = target.upstream_target
-        if route.token_sha256 is not None:
+        if route.tokens is not None:
             request_target, token = access.split_token_from_target(request_target)
             if token is not None:
                 self._trade_token_for_cookie(ex, target, route, token)
                 return
-            if not access.token_matches(access.presented_token(ex.headers), route.token_sha256):
+            presented = access.presented_token(ex.headers, bearer=route.bearer)
+            if not access.token_matches(presented, route.tokens):
                 self._no_route(ex)  # the same answer as an unknown app: no oracle
                 return
         elif access.TOKEN_QUERY_PARAM in request_target:
@@ -650,7 +653,8 @@ class EdgeProtocol(asyncio.Protocol):
             return
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.has_credentials:
-            headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, access.TOKEN_HEADER)
+            token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
+            headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
         ex.vm_id = route.vm_id
         self._send(
             ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, request_target, headers)
@@ -800,7 +804,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> None:
         """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
-        if not access.token_matches(token, route.token_sha256 or ""):
+        if not access.token_matches(token, route.tokens or frozenset()):
             self._no_route(ex)
             return
         clean, _ = access.split_token_from_target(ex.url)

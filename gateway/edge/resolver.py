@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.background import stop_loop
-from gateway.routes.model import VM_ACTIVE, is_session_id, is_vm_id
+from gateway.routes.model import VM_ACTIVE, VmRecord, is_session_id, is_vm_id
 from gateway.routes.store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,14 @@ class Route:
     ip: str
     port: int
     expires_at: float | None
-    # A private share's token hash: the client must present the token. None: public.
-    token_sha256: str | None = None
+    # SHA-256 hashes of the tokens that open it: a private share's token, or every API key of the
+    # instance's organisation. None: public.
+    tokens: frozenset[str] | None = None
+    # An instance also takes its organisation's key as Authorization: Bearer (then not forwarded).
+    bearer: bool = False
 
 
-# ("s", session id, port), ("v", VM id, port) or ("d", custom domain, 0)
+# ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
 CacheKey = tuple[str, str, int]
 # A custom domain serves its VM's share port, or this one when the VM shares none.
 DEFAULT_DOMAIN_PORT = 80
@@ -116,6 +119,8 @@ class Resolver:
         kind, ident, port = key
         # One Redis round trip in each case: a miss costs the edge as little Redis as it can.
         exposed = False
+        if kind == "i":
+            return await self._load_instance(ident)
         if kind == "s":
             if not is_session_id(ident):
                 return None
@@ -129,11 +134,10 @@ class Resolver:
             if vm is None or vm.custom_domain != ident:
                 return None  # the domain moved to another VM of its owner: this one is not it
             port = (vm.share or {}).get("port") or DEFAULT_DOMAIN_PORT
-        if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
+        if not self._routable(vm):
             return None
-        if vm.expires_at is not None and vm.expires_at <= time.time():
-            return None
-        token_sha256 = None
+        assert vm is not None
+        tokens = None
         if not exposed:
             share = vm.share or {}
             if share.get("port") != port:
@@ -143,7 +147,22 @@ class Resolver:
                 token_sha256 = share.get("token_sha256")
                 if not isinstance(token_sha256, str):
                     return None  # a private share without a token can never be opened
-        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, token_sha256)
+                tokens = frozenset((token_sha256,))
+        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens)
+
+    async def _load_instance(self, instance_id: str) -> Route | None:
+        if not is_session_id(instance_id):
+            return None
+        instance, vm, key_hashes = await self.store.instance_route(instance_id)
+        if instance is None or vm is None or vm.vm_id != instance.vm_id or not self._routable(vm):
+            return None
+        # Private to the organisation: with no keys left, nobody can open it (an empty set, not None).
+        return Route(vm.vm_id, vm.session_id, vm.ip, instance.port, vm.expires_at, key_hashes, bearer=True)
+
+    def _routable(self, vm: VmRecord | None) -> bool:
+        if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
+            return False
+        return vm.expires_at is None or vm.expires_at > time.time()
 
     def _dialable(self, ip: str) -> bool:
         try:
@@ -193,6 +212,12 @@ class Resolver:
             if event.get("status") != VM_ACTIVE and vm_id:
                 for callback in self.on_vm_gone:
                     callback(vm_id)
+        elif kind == "org_keys":
+            # An organisation's keys changed: cached instance routes carry the old set. Rare: drop them all.
+            self._generation += 1
+            for key in [key for key in self._cache if key[0] == "i"]:
+                if self._cache.pop(key, None) is not None:
+                    self.invalidations += 1
         elif kind == "domain" and isinstance(event.get("domain"), str):
             # Claimed, moved or released: whatever was cached for the name is stale.
             self._generation += 1

@@ -26,6 +26,7 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
             api_hosts=EdgeConfig.split(edge.api_hosts),
             sandbox_domains=config.sandbox_domains,
             max_target_bytes=edge.max_target_bytes,
+            instance_domains=(config.instances.domain,),
         ),
         api_socket=api_socket,
         scheme=config.server.public_url.partition(":")[0] or "http",

@@ -15,6 +15,7 @@ from typing import Literal
 
 MAX_TARGET_BYTES = 8192
 APP_PATH_PREFIX = b"/v1/app/"
+INSTANCE_LABEL_PREFIX = b"instance-"
 
 _SESSION_ID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _VM_ID_RE = re.compile(rb"vmid-[0-9a-f]{16,64}")
@@ -39,9 +40,12 @@ class RoutingConfig:
     api_hosts: tuple[str, ...]  # empty: every host that is not a sandbox host is the API host
     sandbox_domains: tuple[str, ...]
     max_target_bytes: int = MAX_TARGET_BYTES
+    # Base domains of browser instances: instance-<uuid>.<domain>.
+    instance_domains: tuple[str, ...] = ()
     # Normalised byte forms, computed once so parse_target does no per-request encoding of config.
     _api: frozenset[bytes] = field(init=False, repr=False, compare=False)
     _suffixes: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    _instance_suffixes: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         api = frozenset(_norm_name(h) for h in self.api_hosts if h)
@@ -49,20 +53,23 @@ class RoutingConfig:
         suffixes = tuple(
             sorted({b"." + _norm_name(d) for d in self.sandbox_domains if d}, key=len, reverse=True)
         )
+        instance_suffixes = tuple(b"." + _norm_name(d) for d in self.instance_domains if d)
         object.__setattr__(self, "_api", api)
         object.__setattr__(self, "_suffixes", suffixes)
+        object.__setattr__(self, "_instance_suffixes", instance_suffixes)
 
 
 @dataclass(frozen=True, slots=True)
 class AppTarget:
-    kind: Literal["path", "host", "domain"]
+    kind: Literal["path", "host", "domain", "instance"]
     session_id: str | None  # path form
     vm_id: str | None  # host form: "vmid-<hex>"
-    port: int  # 0 for a custom domain: its VM's record says which port it serves
+    port: int  # 0 for a custom domain or an instance: its record says which port it serves
     upstream_target: bytes  # the request-target sent to the VM; at least b"/"
     prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
     host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
     host_name: bytes  # that value without port or trailing dot (an IPv6 literal keeps its brackets)
+    instance_id: str | None = None  # instance form: instance-<uuid>.<instance domain>
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,9 @@ def parse_target(
     host_value, name = split
 
     if name not in config._api:
+        for suffix in config._instance_suffixes:
+            if name.endswith(suffix):
+                return _instance_form(target, host_value, name, name[: -len(suffix)])
         for suffix in config._suffixes:
             if name == suffix[1:]:
                 return _NO_ROUTE  # the bare sandbox domain names no VM
@@ -205,6 +215,27 @@ def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> A
         prefix=None,
         host=host_value,
         host_name=name,
+    )
+
+
+def _instance_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> AppTarget | Rejection:
+    if not label.startswith(INSTANCE_LABEL_PREFIX):
+        return _NO_ROUTE
+    instance_id = label[len(INSTANCE_LABEL_PREFIX) :]
+    if _SESSION_ID_RE.fullmatch(instance_id) is None:
+        return _NO_ROUTE
+    if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
+        return _invalid("dot segments are not allowed in app paths")
+    return AppTarget(
+        kind="instance",
+        session_id=None,
+        vm_id=None,
+        port=0,
+        upstream_target=target,
+        prefix=None,
+        host=host_value,
+        host_name=name,
+        instance_id=instance_id.decode("ascii"),
     )
 
 

@@ -47,7 +47,7 @@ def domain_problem(domain: str, config: Config) -> str | None:
         return "not a valid DNS name (letters, digits and dashes in at least two dot-separated labels)"
     if labels[-1].isdigit():
         return "an IP address cannot be a custom domain"
-    reserved = [*EdgeConfig.split(config.edge.api_hosts), *config.sandbox_domains]
+    reserved = [*EdgeConfig.split(config.edge.api_hosts), *config.sandbox_domains, config.instances.domain]
     if config.acme.delegation_zone:
         reserved.append(normalise_domain(config.acme.delegation_zone))
     for name in reserved:

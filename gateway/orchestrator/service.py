@@ -21,7 +21,7 @@ from typing import Any
 from gateway.config import Config
 from gateway.errors import CapacityExhausted, Conflict, DriverError, GatewayError, NotFound, Timeout
 from gateway.orchestrator.domains import DomainRequest, DomainService
-from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.routes.model import (
     VM_ACTIVE,
     VM_CREATING,
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # A VM still 'creating' this long after boot_timeout_s has no live booter anywhere: it failed.
 STALE_BOOT_FACTOR = 2
 ACTIVE_POLL_S = 0.05
+# How often a booting image's port is tried until it accepts connections.
+READY_POLL_S = 0.05
 
 
 def _matches(metadata: Mapping[str, Any], key: str, text: str) -> bool:
@@ -60,6 +62,9 @@ class VmParams:
     env: Mapping[str, str] | None = None
     share: Mapping[str, Any] | None = None
     custom_domain: DomainRequest | None = None
+    # An image's init program, and the port it serves: the VM is active once that port accepts.
+    command: tuple[str, ...] = ()
+    ready_port: int | None = None
 
 
 @dataclass
@@ -206,7 +211,8 @@ class Orchestrator:
             await self.store.release_slot(self.driver.name, slot, vm_id)
             raise
         session.vm_id = vm_id
-        task = asyncio.create_task(self._boot(rec, env), name=f"boot {vm_id}")
+        boot = self._boot(rec, env, params.command, params.ready_port)
+        task = asyncio.create_task(boot, name=f"boot {vm_id}")
         self._boots[vm_id] = task
         task.add_done_callback(lambda _t: self._boots.pop(vm_id, None))
         if not wait:
@@ -214,7 +220,9 @@ class Orchestrator:
         # shield: a caller that goes away must not cancel the boot half-way.
         return await asyncio.shield(task)
 
-    async def _boot(self, rec: VmRecord, env: Mapping[str, str]) -> VmRecord:
+    async def _boot(
+        self, rec: VmRecord, env: Mapping[str, str], command: tuple[str, ...], ready_port: int | None
+    ) -> VmRecord:
         spec = VmSpec(
             vm_id=rec.vm_id,
             slot=rec.slot,
@@ -222,9 +230,10 @@ class Orchestrator:
             memory_mb=rec.memory_mb,
             env=env,
             metadata=rec.metadata,
+            command=command,
         )
         try:
-            info = await asyncio.wait_for(self.driver.create(spec), self.config.vms.boot_timeout_s)
+            info = await asyncio.wait_for(self._start(spec, ready_port), self.config.vms.boot_timeout_s)
         except (DriverError, TimeoutError) as exc:
             reason = str(exc) or f"boot timed out after {self.config.vms.boot_timeout_s} s"
             log.warning("VM %s failed to boot: %s", rec.vm_id, reason)
@@ -241,6 +250,31 @@ class Orchestrator:
             await self.driver.destroy(rec.vm_id, handle)
             await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
         return await self._reload(rec)
+
+    async def _start(self, spec: VmSpec, ready_port: int | None) -> VmInfo:
+        """Create the VM and, for an image that serves a port, wait until it accepts connections there."""
+        info = await self.driver.create(spec)
+        if ready_port is None:
+            return info
+        try:
+            await self._wait_listening(info, ready_port)
+        except BaseException:
+            await asyncio.shield(self.driver.destroy(spec.vm_id, info.handle))
+            raise
+        return info
+
+    async def _wait_listening(self, info: VmInfo, port: int) -> None:
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(info.ip, port)
+            except OSError:
+                pass
+            else:
+                writer.close()
+                return
+            if not (await self.driver.inspect(info.vm_id, info.handle)).running:
+                raise DriverError(f"the VM's program exited before port {port} accepted connections")
+            await asyncio.sleep(READY_POLL_S)
 
     async def _fail_cancelled(self, rec: VmRecord) -> None:
         await self.store.end_vm(rec, VM_FAILED, "boot cancelled (gateway stopping)")

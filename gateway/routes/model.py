@@ -41,6 +41,14 @@ def is_session_id(value: str) -> bool:
     return str(parsed) == value and parsed.version == 4
 
 
+def is_uuid(value: str) -> bool:
+    """Canonical lowercase UUID text of any version (organisation ids come from operators)."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def is_vm_id(value: str) -> bool:
     rest = value[len(VM_ID_PREFIX) :]
     return (
@@ -62,6 +70,18 @@ class Keys:
     def api_key_index(self) -> str:
         """Hash: key id -> key hash, for listing and revoking."""
         return f"{self.prefix}apikeys"
+
+    def org_keys(self, org: str) -> str:
+        """Set of the key hashes of an organisation's API keys: what opens its instances at the edge."""
+        return f"{self.prefix}org:{org}:keys"
+
+    def org_instances(self, org: str) -> str:
+        """Set of an organisation's browser-instance ids."""
+        return f"{self.prefix}org:{org}:instances"
+
+    def instance(self, instance_id: str) -> str:
+        """Hash: a browser instance (``InstanceRecord``)."""
+        return f"{self.prefix}instance:{instance_id}"
 
     def session(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -171,6 +191,29 @@ class _Record:
 class ApiKeyRecord(_Record):
     key_id: str
     name: str
+    created_at: float
+    # The organisation (a UUID) whose Instances API the key opens; None: a sandbox API key only.
+    org: str | None = None
+
+
+ORG_OWNER_PREFIX = "org:"
+
+
+def org_owner(org: str) -> str:
+    """The owner of an organisation's VMs: never a key id, so no sandbox API key sees them."""
+    return ORG_OWNER_PREFIX + org
+
+
+@dataclass
+class InstanceRecord(_Record):
+    """A browser instance: a VM of a catalog image, owned by an organisation."""
+
+    instance_uuid: str
+    org: str
+    vm_id: str
+    image: str
+    size: str
+    port: int  # the image's port inside the VM, reached through access_url
     created_at: float
 
 

@@ -20,6 +20,7 @@ from gateway.errors import StoreUnavailable
 from gateway.routes.model import (
     VM_LIVE_STATES,
     DomainRecord,
+    InstanceRecord,
     Keys,
     SessionRecord,
     VmRecord,
@@ -55,6 +56,19 @@ if not vm_id then return false end
 local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
 local exposed = redis.call('SISMEMBER', ARGV[3] .. vm_id .. ARGV[4], ARGV[5])
 return {vm, exposed}
+"""
+
+# The edge's route lookup for a browser instance in one round trip: the instance, its VM, and the key
+# hashes of its organisation (who may open it). ARGV 1-4: VM and org-keys key templates. Returns false
+# for no instance, else {flat instance hash, flat VM hash, key hashes}.
+_INSTANCE_ROUTE = """
+local inst = redis.call('HGETALL', KEYS[1])
+if #inst == 0 then return false end
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id') or ''
+local org = redis.call('HGET', KEYS[1], 'org') or ''
+local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
+local keys = redis.call('SMEMBERS', ARGV[3] .. org .. ARGV[4])
+return {inst, vm, keys}
 """
 
 # Claim a custom domain for a VM: refused (0) while another owner holds it; the same owner moves it.
@@ -149,8 +163,10 @@ class RedisStore:
         self._claim_domain = client.register_script(_CLAIM_DOMAIN)
         self._update_if_held = client.register_script(_UPDATE_IF_HELD)
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
+        self._instance_route = client.register_script(_INSTANCE_ROUTE)
         vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
+        self._instance_key_templates = [*vm_key.split(_ID_MARK), *keys.org_keys(_ID_MARK).split(_ID_MARK)]
 
     # sessions -------------------------------------------------------------------------------------
 
@@ -267,7 +283,7 @@ class RedisStore:
         if not found:
             return None, False
         flat, exposed = found
-        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        raw = _pairs(flat)
         return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
 
     async def exposed_ports(self, vm_id: str) -> set[int]:
@@ -340,6 +356,54 @@ class RedisStore:
     async def forget_retired_domain(self, domain: str) -> None:
         await guarded(self.client.zrem(self.keys.retired_domains(), domain))
 
+    # browser instances ----------------------------------------------------------------------------
+
+    async def put_instance(self, rec: InstanceRecord) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=rec.to_hash())
+        pipe.sadd(self.keys.org_instances(rec.org), rec.instance_uuid)
+        await guarded(pipe.execute())
+
+    async def get_instance(self, instance_uuid: str) -> InstanceRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.instance(instance_uuid)))
+        return InstanceRecord.from_hash(raw) if raw else None
+
+    async def get_instances(self, ids: list[str]) -> list[InstanceRecord]:
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for instance_uuid in ids:
+            pipe.hgetall(self.keys.instance(instance_uuid))
+        return [InstanceRecord.from_hash(raw) for raw in await guarded(pipe.execute()) if raw]
+
+    async def org_instance_ids(self, org: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.org_instances(org))))
+
+    async def delete_instance(self, org: str, instance_uuid: str) -> bool:
+        """Forget an instance; False when it was already gone (so only one of two deletes proceeds)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.instance(instance_uuid))
+        pipe.srem(self.keys.org_instances(org), instance_uuid)
+        deleted, _ = await guarded(pipe.execute())
+        return bool(deleted)
+
+    async def instance_route(
+        self, instance_uuid: str
+    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
+        """An instance, its VM and its organisation's key hashes, in one round trip (the edge's lookup)."""
+        found = await guarded(
+            self._instance_route(keys=[self.keys.instance(instance_uuid)], args=self._instance_key_templates)
+        )
+        if not found:
+            return None, None, frozenset()
+        inst, vm, key_hashes = found
+        vm_raw = _pairs(vm)
+        return (
+            InstanceRecord.from_hash(_pairs(inst)),
+            VmRecord.from_hash(vm_raw) if vm_raw else None,
+            frozenset(key_hashes),
+        )
+
     # slots ----------------------------------------------------------------------------------------
 
     async def claim_slot(self, driver: str, capacity: int, vm_id: str) -> int | None:
@@ -378,6 +442,11 @@ class RedisStore:
             yield next_event
         finally:
             await pubsub.aclose()
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as HGETALL answers inside a script: [field, value, field, value, ...]."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def is_live(rec: VmRecord) -> bool:

@@ -68,7 +68,12 @@ class Renewer:
         )
 
     async def ensure(
-        self, cert_id: str, names: list[str], provider: DnsProvider, *, now: float | None = None,
+        self,
+        cert_id: str,
+        names: list[str],
+        provider: DnsProvider,
+        *,
+        now: float | None = None,
         on_issuing: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
         """Issue or renew ``cert_id`` when due. True when this call stored a new certificate.

@@ -31,7 +31,8 @@ class TlsServing:
 def operator_names(config: Config) -> list[str]:
     """The names the default certificate covers: the API hosts and each sandbox domain's wildcard."""
     api_hosts = [h.lower() for h in EdgeConfig.split(config.edge.api_hosts) if not _is_ip(h)]
-    return [*(api_hosts or ["localhost"]), *(f"*.{domain}" for domain in config.sandbox_domains)]
+    domains = (*config.sandbox_domains, config.instances.domain)
+    return [*(api_hosts or ["localhost"]), *(f"*.{domain}" for domain in domains)]
 
 
 def _is_ip(host: str) -> bool:

@@ -24,6 +24,9 @@ class VmSpec:
     memory_mb: int
     env: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # The VM's init program (an image's, e.g. a browser); empty: the driver's idle init. The VM runs
+    # while it does.
+    command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,7 @@ class NetnsVmDriver:
         made.cgroups = self._cgroups.create(vm_id, memory_mb=spec.memory_mb, vcpu_count=spec.vcpu_count)
         env = {**_host.base_env(home), **spec.env, "VM_ID": vm_id, "VM_IP": plan.vm_ip}
         pid, ticks = await _host.spawn_detached(
-            self._enter_prefix(plan.namespace, made.cgroups), INIT_COMMAND, env=env, cwd=home
+            self._enter_prefix(plan.namespace, made.cgroups), spec.command or INIT_COMMAND, env=env, cwd=home
         )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)

@@ -133,7 +133,7 @@ class ProcessVmDriver:
             }
             _host.write_json(vm_dir / _host.VM_FILE, handle)
             env = {**self._vm_env(vm_id, spec.slot, ip, spec.env), **self._markers(vm_id, spec.slot)}
-            pid, ticks = await _host.spawn_detached((), INIT_COMMAND, env=env, cwd=home)
+            pid, ticks = await _host.spawn_detached((), spec.command or INIT_COMMAND, env=env, cwd=home)
             handle.update(init_pid=pid, init_start_ticks=ticks)
             _host.write_json(vm_dir / _host.VM_FILE, handle)
         except BaseException as exc:
