@@ -349,9 +349,7 @@ class Gateway:
 
 
 @asynccontextmanager
-async def served_gateway(
-    workers: int, extra_env: dict[str, str] | None = None
-) -> AsyncIterator[Gateway]:
+async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
     """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards.
 
     ``extra_env`` adds GATEWAY_* settings; "{data_dir}" in a value is replaced by the data folder."""
@@ -426,9 +424,7 @@ async def app_in_vm(gw: Gateway) -> AsyncIterator[App]:
 
 
 @asynccontextmanager
-async def running_nginx(
-    app: App, workers: int, tls: str = ""
-) -> AsyncIterator[tuple[Proxy, Path]]:
+async def running_nginx(app: App, workers: int, tls: str = "") -> AsyncIterator[tuple[Proxy, Path]]:
     """nginx in the foreground with its own config and logs in a temporary folder; stopped by PID.
 
     ``tls``: ssl_* directives; the listener then speaks TLS (``bench/tls_vs_nginx.py``)."""

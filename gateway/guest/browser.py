@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -166,21 +167,19 @@ class DevToolsProxy:
         return client
 
 
-async def run(port: int, host: str, home: Path) -> int:
+async def run(port: int, host: str, home: Path, chromium_log: BinaryIO) -> int:
     binary = next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
     if binary is None:
         log.error("no chromium binary (install Debian's chromium package)")
         return 127
     profile = home / "chromium-profile"
     profile.mkdir(parents=True, exist_ok=True)
-    with open(home / "browser.log", "ab") as chromium_log:
-        chromium = await asyncio.create_subprocess_exec(
-            *chromium_argv(binary, profile),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=chromium_log,
-            stderr=chromium_log,
-            start_new_session=False,
-        )
+    chromium = await asyncio.create_subprocess_exec(
+        *chromium_argv(binary, profile),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=chromium_log,
+        stderr=chromium_log,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         filename=home / "browser.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
-        return asyncio.run(run(args.port, args.host, home))
+        with open(home / "browser.log", "ab") as chromium_log:
+            return asyncio.run(run(args.port, args.host, home, chromium_log))
     except Exception:
         log.exception("the browser image failed")
         return 1

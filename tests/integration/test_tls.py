@@ -23,6 +23,7 @@ from tests.integration.test_edge import APP_PORT, start_app
 
 API_HOST = "api.example.test"
 SANDBOX = "sandbox.example.test"
+BROWSER = "browser.example.test"
 
 
 def tls_sections(tmp_path: Path, **tls: object) -> dict[str, dict[str, object]]:
@@ -37,6 +38,7 @@ def tls_sections(tmp_path: Path, **tls: object) -> dict[str, dict[str, object]]:
         },
         "edge": {"api_hosts": f"{API_HOST},127.0.0.1"},  # the tests' API calls use 127.0.0.1
         "api": {"sandbox_domain": SANDBOX},
+        "instances": {"domain": BROWSER},
     }
 
 
@@ -140,7 +142,7 @@ async def test_sni_serves_the_exact_name_then_the_wildcard_then_the_default(
     assert dns_names(await peer_cert(gw, f"vmid-abc-3000.{SANDBOX}")) == (f"*.{SANDBOX}",)
     default = await peer_cert(gw, "unknown.customer.test")
     assert default.issuer == default.subject  # the self-signed default, naming only the operator's names
-    assert set(dns_names(default)) == {API_HOST, f"*.{SANDBOX}"}
+    assert set(dns_names(default)) == {API_HOST, f"*.{SANDBOX}", f"*.{BROWSER}"}
     assert dns_names(await peer_cert(gw, None)) == dns_names(default)  # no SNI at all
 
     # The chain verifies against the CA, and a request goes through to the control plane over TLS 1.3.
