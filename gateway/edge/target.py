@@ -114,6 +114,8 @@ def parse_target(
 
     if name not in config._api:
         for suffix in config._instance_suffixes:
+            if name == suffix[1:]:
+                return _NO_ROUTE
             if name.endswith(suffix):
                 return _instance_form(target, host_value, name, name[: -len(suffix)])
         for suffix in config._suffixes:

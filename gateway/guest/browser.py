@@ -74,6 +74,15 @@ async def wait_devtools_port(profile: Path, chromium: asyncio.subprocess.Process
             await asyncio.sleep(POLL_S)
 
 
+def public_urls(body: bytes, internal: str, host: str, secure: bool) -> bytes:
+    """Chromium's URLs name its loopback address: make them the public host's (wss:// behind TLS)."""
+    loopback = internal.encode()
+    if secure:
+        body = body.replace(b"ws://" + loopback, b"wss://" + loopback)
+        body = body.replace(b"ws=" + loopback, b"wss=" + loopback)  # devtoolsFrontendUrl's parameter
+    return body.replace(loopback, host.encode())
+
+
 class DevToolsProxy:
     """Relays HTTP and WebSocket requests from the VM's address to Chromium's loopback DevTools server."""
 
@@ -101,16 +110,6 @@ class DevToolsProxy:
         host = request.headers.get("X-Forwarded-Host") or request.host
         return host, request.headers.get("X-Forwarded-Proto", "http") == "https"
 
-    def rewrite(self, body: bytes, request: web.Request) -> bytes:
-        """Chromium's URLs name its loopback address: make them the public host's."""
-        host, secure = self.public_host(request)
-        internal = self.internal.encode()
-        if secure:
-            body = body.replace(b"ws://" + internal, b"wss://" + internal).replace(
-                b"ws=" + internal, b"wss=" + internal
-            )
-        return body.replace(internal, host.encode())
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self.relay_websocket(request)
@@ -127,7 +126,7 @@ class DevToolsProxy:
         ) as upstream:
             body = await upstream.read()
             if upstream.content_type == "application/json":
-                body = self.rewrite(body, request)
+                body = public_urls(body, self.internal, *self.public_host(request))
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
             out.pop("Content-Length", None)
             return web.Response(status=upstream.status, body=body, headers=out)

@@ -178,6 +178,24 @@ def test_keys_without_a_running_gateway_use_the_folder_redis(tmp_path: Path) -> 
     assert missing.returncode != 0 and "no key" in missing.stderr
 
 
+def test_organisation_keys_open_only_their_organisations_instances(server: Server) -> None:
+    data = str(server.data_dir)
+    org = "6f1f7c34-0d55-4f43-8a3b-3f4a2b2c9d10"
+    created = gateway("--data-dir", data, "keys", "create", "--name", "acme", "--org", org)
+    assert created.returncode == 0, created.stderr
+    assert f"for organisation {org}" in created.stdout
+    key = created.stdout.strip().splitlines()[-1]
+    assert f"org {org}" in gateway("--data-dir", data, "keys", "list").stdout
+    bad = gateway("--data-dir", data, "keys", "create", "--name", "x", "--org", "ACME")
+    assert bad.returncode != 0 and "lower-case UUIDs" in bad.stderr
+
+    status, body = server.call("GET", f"/orgs/{org}/api/instances", None, key)
+    assert (status, body) == (200, {"instances": [], "total": 0})
+    other = "0b0e5f63-88a4-4a5b-9f6c-0b8f3c6b1a77"
+    status, body = server.call("GET", f"/orgs/{other}/api/instances", None, key)
+    assert (status, body["code"]) == (404, "org_not_found")
+
+
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[vms]\ndefault_memory_mb = 'lots'\n")

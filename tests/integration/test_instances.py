@@ -23,7 +23,8 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway.config import ImageConfig
-from tests.conftest import GatewayUnderTest
+from tests.conftest import GatewayUnderTest, free_port
+from tests.integration.test_edge import ECHO_APP
 
 ORG_A = str(uuid.uuid4())
 ORG_B = str(uuid.uuid4())
@@ -343,3 +344,28 @@ async def test_an_image_that_fails_to_start_leaves_nothing_behind(gateway_factor
 async def test_keys_are_made_only_for_organisation_uuids(gw: GatewayUnderTest, org: str) -> None:
     with pytest.raises(ValueError, match="lower-case UUIDs"):
         await gw.services.key_store.create("bad", org=org)
+
+
+async def test_the_edge_keeps_the_organisations_credentials_from_the_instance(
+    gateway_factory: object,
+) -> None:
+    # An image that runs the echo app instead of a browser, so the test sees what reaches the VM.
+    port = free_port()
+    echo = ImageConfig(command=("{python}", str(ECHO_APP), str(port)), port=port, drivers=("process",))
+    gw: GatewayUnderTest = await gateway_factory(  # type: ignore[operator]
+        "process", instances={"images": {"echo": echo}}
+    )
+    token = await org_key(gw, ORG_A)
+    status, created = await create_instance(gw, token, image="echo")
+    assert status == 201, created
+    headers = bearer(token) | {"X-Access-Token": token, "Cookie": f"theme=dark; gw_access={token}"}
+    async with loopback_client() as client:
+        async with client.get(created["access_url"] + "echo/x?y=1", headers=headers) as resp:
+            assert resp.status == 200
+            seen = await resp.json()
+    forwarded = {name.lower(): value for name, value in seen["headers"]}
+    assert token not in json.dumps(seen)
+    assert "authorization" not in forwarded and "x-access-token" not in forwarded
+    assert forwarded["cookie"] == "theme=dark"
+    assert forwarded["x-forwarded-host"] == created["access_url"].split("/")[2]
+    assert seen["path"] == "/echo/x?y=1"

@@ -42,6 +42,15 @@ def test_environment_overrides_typed_settings() -> None:
         ("[process]\ncidr = '10.0.0.0/16'\n", "127.0.0.0/8"),
         ("[vms]\nmin_lifetime_s = 500\n", "min_lifetime_s"),
         ("not toml = = 1", "gateway"),
+        ("[instances]\ndomain = 'Browser'\n", "instances.domain"),
+        ("[instances]\ndomain = 'sandbox.localhost'\n", "differ from the sandbox"),
+        ("[instances]\ndefault_lifetime_s = 5\n", "instances.default_lifetime_s"),
+        ("[instances]\nimages = 1\n", r"tables \[instances.images.<name>\]"),
+        ("[instances.images.x]\ndrivers = ['netns']\n", "needs a command and a port"),
+        ("[instances.images.x]\ndescription = 'no way to run it'\n", "why it is unavailable"),
+        ("[instances.images.x]\ncommand = 'chromium'\n", "list of strings"),
+        ("[instances.images.x]\ncolour = 'red'\n", r"unknown setting\(s\) in \[instances.images.x\]"),
+        ("[instances.sizes.tiny]\nmemory_mb = 1\n", "instances.sizes.tiny"),
     ],
 )
 def test_invalid_settings_name_the_setting(tmp_path: Path, toml: str, message: str) -> None:
@@ -49,6 +58,19 @@ def test_invalid_settings_name_the_setting(tmp_path: Path, toml: str, message: s
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(path, environ={})
+
+
+def test_a_catalog_table_replaces_the_shipped_one(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        "[instances.images.kiosk]\ncommand = ['{python}', '-m', 'kiosk']\nport = 8000\ndrivers = ['netns']\n"
+        "[instances.sizes.xl]\nvcpu_count = 8\nmemory_mb = 16384\n"
+    )
+    instances = load_config(path, environ={"GATEWAY_INSTANCES_DOMAIN": "b.example.com"}).instances
+    assert set(instances.images) == {"kiosk"}
+    assert instances.images["kiosk"].command == ("{python}", "-m", "kiosk")
+    assert {name: (s.vcpu_count, s.memory_mb) for name, s in instances.sizes.items()} == {"xl": (8, 16384)}
+    assert instances.domain == "b.example.com"
 
 
 def test_env_values_are_validated_too() -> None:

@@ -438,3 +438,41 @@ def test_never_raises_with_prefixed_garbage(target: bytes) -> None:
         if isinstance(result, AppTarget):
             assert result.upstream_target.startswith(b"/")
             assert all(0x21 <= b <= 0x7E for b in result.upstream_target)
+
+
+INSTANCE_ID = "1c0c6b4e-2b1f-4a55-9d44-7d8f0f4b1e10"
+WITH_INSTANCES = RoutingConfig(
+    api_hosts=("api.example.com",),
+    sandbox_domains=("sandbox.example.com",),
+    instance_domains=("browser.example.com",),
+)
+
+
+def test_instance_hosts_route_by_instance_id() -> None:
+    host = f"instance-{INSTANCE_ID}.browser.example.com:8443".encode()
+    result = parse_target(b"GET", b"/json/version?x=1", host, WITH_INSTANCES)
+    assert isinstance(result, AppTarget)
+    assert (result.kind, result.instance_id, result.port) == ("instance", INSTANCE_ID, 0)
+    assert result.upstream_target == b"/json/version?x=1"  # the whole target, as sent
+    assert result.host_name == f"instance-{INSTANCE_ID}.browser.example.com".encode()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"browser.example.com",  # the bare domain
+        b"instance-1C0C6B4E-2B1F-4A55-9D44-7D8F0F4B1E10x.browser.example.com",
+        b"instance-1c0c6b4e2b1f4a559d447d8f0f4b1e10.browser.example.com",  # not the canonical form
+        b"vmid-" + b"a" * 20 + b"-3000.browser.example.com",  # a VM host name under the instance domain
+        b"x.instance-" + INSTANCE_ID.encode() + b".browser.example.com",  # one label deeper
+    ],
+)
+def test_other_names_under_the_instance_domain_name_no_route(host: bytes) -> None:
+    result = parse_target(b"GET", b"/", host, WITH_INSTANCES)
+    assert isinstance(result, Rejection) and result.code == "no_route"
+
+
+def test_instance_paths_with_dot_segments_are_refused() -> None:
+    host = f"instance-{INSTANCE_ID}.browser.example.com".encode()
+    result = parse_target(b"GET", b"/json/../x", host, WITH_INSTANCES)
+    assert isinstance(result, Rejection) and result.code == "invalid_target"

@@ -1,0 +1,47 @@
+"""Private routes' credentials (pure): where a token may come from, and how it is checked."""
+
+from __future__ import annotations
+
+from gateway.edge.access import (
+    cookie_header,
+    presented_token,
+    split_token_from_target,
+    token_hash,
+    token_matches,
+)
+
+
+def test_a_token_matches_when_its_hash_is_accepted() -> None:
+    accepted = frozenset({token_hash("gk_one"), token_hash("gk_two")})
+    assert token_matches(b"gk_two", accepted)
+    assert not token_matches(b"gk_three", accepted)
+    assert not token_matches(None, accepted)
+    assert not token_matches(b"gk_one", frozenset())  # an organisation without keys: nobody
+
+
+def test_the_header_wins_over_the_cookie() -> None:
+    headers = [(b"Cookie", b"a=1; gw_access=from-cookie"), (b"X-Access-Token", b" from-header ")]
+    assert presented_token(headers) == b"from-header"
+    assert presented_token([(b"Cookie", b"a=1; gw_access=from-cookie")]) == b"from-cookie"
+    assert presented_token([(b"Cookie", b"gw_accessx=no")]) is None
+
+
+def test_a_bearer_token_counts_only_where_the_route_takes_one() -> None:
+    headers = [(b"Authorization", b"Bearer gk_org")]
+    assert presented_token(headers) is None  # a private share: the app's own Authorization is not ours
+    assert presented_token(headers, bearer=True) == b"gk_org"
+    assert presented_token([(b"authorization", b"bearer  gk_org ")], bearer=True) == b"gk_org"
+    assert presented_token([(b"Authorization", b"Basic Zm9vOmJhcg==")], bearer=True) is None
+    assert presented_token([(b"Authorization", b"Bearer ")], bearer=True) is None
+
+
+def test_the_query_token_is_taken_out_of_the_target() -> None:
+    assert split_token_from_target(b"/a?x=1&gw_access_token=t&y=2") == (b"/a?x=1&y=2", b"t")
+    assert split_token_from_target(b"/a?gw_access_token=t") == (b"/a", b"t")
+    assert split_token_from_target(b"/a?x=1") == (b"/a?x=1", None)
+
+
+def test_the_cookie_is_host_only_and_http_only() -> None:
+    name, value = cookie_header(b"gk_tok", b"/", secure=True)
+    assert name == b"Set-Cookie"
+    assert value == b"gw_access=gk_tok; Path=/; HttpOnly; SameSite=Lax; Secure"
