@@ -82,6 +82,17 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[str], s
         await make_driver(config).sweep(set())
 
 
+async def refused_by_every_edge(base: str) -> None:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        await asyncio.sleep(0.02)  # still accepting: the signal has not reached every process yet
+
+
 async def test_sigterm_drains_uploads_and_closes_websockets_cleanly(
     served: tuple[subprocess.Popen[str], str, str],
 ) -> None:
@@ -107,7 +118,12 @@ async def test_sigterm_drains_uploads_and_closes_websockets_cleanly(
 
     async def upload(client: aiohttp.ClientSession, started: asyncio.Event) -> tuple[int, dict, str]:
         headers = {"Content-Length": str(2 * len(PART))}
-        async with client.post(url + "discard", data=half_now_half_later(started), headers=headers) as resp:
+        # Expect: 100-continue: the body starts (and ``started`` is set) only once the app has the
+        # request, so the gateway is surely mid-request when SIGTERM comes. Without it, under load the
+        # request head could still be in flight then, and a request that arrives while the gateway is
+        # stopping rightly gets 503.
+        body = half_now_half_later(started)
+        async with client.post(url + "discard", data=body, headers=headers, expect100=True) as resp:
             return resp.status, await resp.json(), resp.headers.get("Connection", "")
 
     async with aiohttp.ClientSession() as client:
@@ -127,10 +143,13 @@ async def test_sigterm_drains_uploads_and_closes_websockets_cleanly(
                 msg = await ws.receive()
                 assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001), msg
                 await ws.close()
+            # Every edge process is draining once none accepts: only then may the uploads finish
+            # (an edge that had not heard the signal yet would rightly answer without Connection: close).
+            await refused_by_every_edge(base)
         go.set()
         for task in uploads:
             status, body, connection = await asyncio.wait_for(task, GRACE_S)
-            assert (status, body["body_length"]) == (200, 2 * len(PART))
+            assert (status, body.get("body_length")) == (200, 2 * len(PART)), body
             assert connection.lower() == "close"
     code = await asyncio.wait_for(asyncio.to_thread(proc.wait), GRACE_S + 5)
     assert code == 0
