@@ -52,8 +52,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @asynccontextmanager
-async def served_gateway(driver: str) -> AsyncIterator[tuple[str, str]]:
-    """Start ``gateway serve`` on the driver; yield (base URL, API key); stop it by PID afterwards."""
+async def served_gateway(driver: str, *key_args: str) -> AsyncIterator[tuple[str, str]]:
+    """Start ``gateway serve`` on the driver; yield (base URL, API key made with ``gateway keys create
+    --name bench *key_args``); stop it by PID afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -70,7 +71,7 @@ async def served_gateway(driver: str) -> AsyncIterator[tuple[str, str]]:
                     if not line:
                         raise RuntimeError(f"gateway serve exited with {await proc.wait()}")
             keys = await asyncio.create_subprocess_exec(
-                *gateway, "keys", "create", "--name", "bench", env=env, stdout=subprocess.PIPE
+                *gateway, "keys", "create", "--name", "bench", *key_args, env=env, stdout=subprocess.PIPE
             )
             out, _ = await keys.communicate()
             if keys.returncode != 0:
