@@ -58,7 +58,7 @@ async def served_gateway(driver: str, *key_args: str) -> AsyncIterator[tuple[str
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(BENCH_ENV, GATEWAY_VMS_DRIVER=driver)
+        env.update(BENCH_ENV, GATEWAY_VMS_DRIVER=driver, GATEWAY_ADMIN_LISTEN="")
         gateway = [sys.executable, "-m", "gateway", "--data-dir", data_dir]
         proc = await asyncio.create_subprocess_exec(
             *gateway, "serve", "--listen", f"127.0.0.1:{port}",

@@ -24,6 +24,7 @@ from gateway.datadir import DataDirBusy
 from gateway.embedded_redis import EmbeddedRedisError
 from gateway.errors import GatewayError
 from gateway.keys import ApiKeyStore
+from gateway.log import configure_logging
 from gateway.routes.model import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 from gateway.tls.local import StorageKeyError
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-socket",
         metavar="PATH",
         help="the control plane's unix socket, for API requests (default <data-dir>/api.sock)",
+    )
+    edge.add_argument(
+        "--stats-dir",
+        metavar="DIR",
+        help="as a worker of gateway serve: leave counters there for the serving process's /metrics",
     )
 
     keys = commands.add_parser("keys", parents=[common], help="manage API keys")
@@ -162,9 +168,10 @@ async def serve(config: Config, config_file: str | None) -> None:
         log.info("stopping")
 
 
-async def edge_only(config: Config, api_socket: str | None) -> None:
+async def edge_only(config: Config, api_socket: str | None, stats_dir: str | None) -> None:
     stop = _stop_on_signals()
-    async with running_edge_only(config, api_socket or str(config.data_path / API_SOCKET)):
+    socket_path = api_socket or str(config.data_path / API_SOCKET)
+    async with running_edge_only(config, socket_path, Path(stats_dir) if stats_dir else None):
         print(f"edge listening on http://{config.server.listen} (pid {os.getpid()})", flush=True)
         await stop.wait()
 
@@ -229,10 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         config = configure(args)
+        configure_logging(config.log.format, "debug" if args.verbose else config.log.level)
         if args.command == "serve":
             uvloop.run(serve(config, args.config))
         elif args.command == "edge":
-            uvloop.run(edge_only(config, args.api_socket))
+            uvloop.run(edge_only(config, args.api_socket, args.stats_dir))
         elif args.command == "keys":
             uvloop.run(keys_command(config, args))
         elif args.command == "certs":

@@ -14,11 +14,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.admin import AdminView, running_admin
 from gateway.api.app import make_api_app
+from gateway.background import stop_loop
 from gateway.config import Config, ConfigError
 from gateway.datadir import DataDirBusy, DataDirLock
 from gateway.edge.protocol import Edge
@@ -26,6 +29,7 @@ from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import StoreUnavailable
 from gateway.keys import ApiKeyStore
+from gateway.metrics import write_snapshots
 from gateway.orchestrator.domains import DomainService
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
@@ -150,6 +154,12 @@ async def running_gateway(config: Config, config_file: str | None = None) -> Asy
                     ) as (edge, tls),
                     keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
                     keeping_domain_certs(config, tls.store if tls else None, svc.store) as domains,
+                    running_admin(
+                        config,
+                        AdminView(
+                            client, edge, svc.store, tls, worker_stats_dir(config) if workers else None
+                        ),
+                    ),
                 ):
                     svc.edge, svc.tls, svc.cert_keeper, svc.domain_keeper = edge, tls, keeper, domains
                     if workers is not None:
@@ -186,30 +196,46 @@ async def running_public_edge(
             yield edge, tls
 
 
+def worker_stats_dir(config: Config) -> Path:
+    """Where edge workers leave their counters for the serving process's /metrics."""
+    return config.data_path / "run" / "metrics"
+
+
 def edge_workers(config: Config, config_file: str | None, api_socket: str) -> EdgeWorkers | None:
     if config.server.workers <= 1:
         return None
     args = ["--config", config_file] if config_file else []
     args += ["--data-dir", str(config.data_path), "edge", "--listen", config.server.listen]
-    args += ["--api-socket", api_socket]
+    args += ["--api-socket", api_socket, "--stats-dir", str(worker_stats_dir(config))]
     env = {
         **os.environ,
         "GATEWAY_REDIS_URL": config.redis.url or embedded_redis_for(config).url,
         "GATEWAY_SERVER_PUBLIC_URL": config.server.public_url,
         "GATEWAY_SERVER_WORKERS": "1",
+        "GATEWAY_ADMIN_LISTEN": "",  # the serving process's /metrics covers its workers
     }
     return EdgeWorkers(config.server.workers - 1, args, env)
 
 
 @asynccontextmanager
-async def running_edge_only(config: Config, api_socket: str) -> AsyncIterator[Edge]:
-    """Only the data plane, on a running control plane's Redis (``gateway edge``)."""
+async def running_edge_only(
+    config: Config, api_socket: str, stats_dir: Path | None = None
+) -> AsyncIterator[Edge]:
+    """Only the data plane, on a running control plane's Redis (``gateway edge``). A worker of
+    ``gateway serve`` leaves its counters in ``stats_dir``; a standalone edge has its own admin listener."""
     if not config.redis.url:
         raise ConfigError("gateway edge needs the control plane's Redis: set GATEWAY_REDIS_URL")
     async with redis_client(config, None) as client:
         store = RedisStore(client, Keys(config.redis.key_prefix), config.vms.retention_s)
-        async with running_public_edge(config, store, api_socket, reuse_port=True) as (edge, _):
-            yield edge
+        async with (
+            running_public_edge(config, store, api_socket, reuse_port=True) as (edge, tls),
+            running_admin(config, AdminView(client, edge, None, tls)),
+        ):
+            snapshots = asyncio.create_task(write_snapshots(edge, stats_dir)) if stats_dir else None
+            try:
+                yield edge
+            finally:
+                await stop_loop(snapshots)
 
 
 @asynccontextmanager

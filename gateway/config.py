@@ -215,6 +215,23 @@ class SizeConfig:
     memory_mb: int = 1024
 
 
+@dataclass(frozen=True)
+class LogConfig:
+    # "text": human-readable lines (development); "json": one JSON object per line (production).
+    format: str = "text"
+    level: str = "info"
+    # One line per request through the edge (request id, route, ids, status, bytes, times), on stderr
+    # with the application log. Never a query string, header value, token or key.
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # HOST:PORT of the admin listener: /metrics (Prometheus), /healthz, /readyz. Keep it off the public
+    # network. Empty: none.
+    listen: str = "127.0.0.1:9091"
+
+
 # The shipped catalog (config/gateway.toml spells the same): Debian's chromium runs on the embedded
 # drivers; Windows is listed so that asking for it gets a clear refusal rather than a fake.
 DEFAULT_IMAGES = {
@@ -265,6 +282,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     instances: InstancesConfig = field(default_factory=InstancesConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     @property
     def data_path(self) -> Path:
@@ -421,6 +440,12 @@ def validate(config: Config) -> None:
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
     _validate_instances(config)
+    if config.log.format not in ("text", "json"):
+        raise ConfigError(f"log.format: expected text or json, got {config.log.format!r}")
+    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level: expected debug, info, warning or error, got {config.log.level!r}")
+    if config.admin.listen:
+        split_host_port(config.admin.listen)
 
 
 def _validate_instances(config: Config) -> None:

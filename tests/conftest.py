@@ -94,6 +94,7 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
         vms={"driver": driver, "reaper_interval_s": 0.1, "boot_timeout_s": 15.0},
         netns={"cidr": TEST_NETNS_CIDR, "name_prefix": TEST_NETNS_PREFIX, "cgroup_name": TEST_CGROUP},
         process={"cidr": TEST_PROCESS_CIDR},
+        admin={"listen": f"127.0.0.1:{free_port()}"},
     )
     return override(base, **sections) if sections else base
 

@@ -18,6 +18,7 @@ from gateway.api.validation import RequestValidationError
 from gateway.config import Config
 from gateway.errors import GatewayError, Unauthorized
 from gateway.keys import ApiKeyStore
+from gateway.log import REQUEST_ID
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.service import Orchestrator
 
@@ -36,6 +37,8 @@ def error_response(status: int, detail: object, code: str) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # The edge's id for this request: every log record made while handling it carries it.
+    REQUEST_ID.set(request.headers.get("X-Request-Id"))
     try:
         return await handler(request)
     except RequestValidationError as exc:

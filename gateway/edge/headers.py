@@ -40,6 +40,7 @@ _FORWARDING = frozenset(
         b"x-forwarded-prefix",
         b"x-real-ip",
         b"forwarded",
+        b"x-request-id",  # the edge sets its own, keeping a trusted proxy's
     }
 )
 _OWS = b" \t"

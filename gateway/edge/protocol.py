@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import httptools
 from gateway.edge import access, pages
 from gateway.edge import headers as hdr
 from gateway.edge.deadline import Deadline
+from gateway.edge.observe import AccessLog, EdgeStats
 from gateway.edge.resolver import MISS, Resolver, Route
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
 from gateway.edge.upstream import PoolKey, UpstreamConnection, UpstreamPool
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 BODY_BUFFER_HIGH = 256 * 1024
 # Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
 MAX_PIPELINED = 8
+# The status an exchange is logged with when the client left before its answer was complete (nginx's).
+CLIENT_CLOSED = 499
 API_POOL_KEY: PoolKey = ("api", "unix", 0)
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
@@ -71,10 +75,21 @@ class EdgeSettings:
 class Edge:
     """What every connection of one edge process shares."""
 
-    def __init__(self, settings: EdgeSettings, resolver: Resolver, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        resolver: Resolver,
+        pool: UpstreamPool,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
+        self.stats = EdgeStats()
+        self.access_log = access_log
+        # Request ids: this process's random prefix and a counter (unique without a random call each).
+        self._request_prefix = secrets.token_hex(4).encode()
+        self._request_count = 0
         self.parse_target = TargetParser(settings.routing)
         self.connections: set[EdgeProtocol] = set()
         self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
@@ -92,6 +107,33 @@ class Edge:
                 self._client_infos.clear()
             info = self._client_infos[key] = hdr.ClientInfo(peer_ip, scheme, host, trusted)
         return info
+
+    def next_request_id(self) -> bytes:
+        self._request_count += 1
+        return b"%s-%x" % (self._request_prefix, self._request_count)
+
+    def observe(self, ex: Exchange, peer_ip: str) -> None:
+        """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
+        self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
+        log_ = self.access_log
+        if log_ is None:
+            return
+        upstream_s = ex.upstream_s
+        log_.write(
+            request_id=ex.request_id.decode("latin-1"),
+            client=peer_ip,
+            method=ex.method.decode("latin-1"),
+            host=(ex.host or b"").decode("latin-1"),
+            path=ex.url.partition(b"?")[0].decode("latin-1"),  # never the query: it may hold tokens
+            kind=ex.kind,
+            route_id=ex.route_id,
+            status=ex.status,
+            code=ex.code,
+            bytes_in=ex.sent_bytes,
+            bytes_out=ex.bytes_out,
+            upstream_ms=None if upstream_s is None else round(upstream_s * 1000, 2),
+            duration_ms=round((self.loop.time() - ex.started) * 1000, 2),
+        )
 
     def vm_gone(self, vm_id: str) -> None:
         self.pool.close_vm(vm_id)
@@ -143,24 +185,34 @@ class Exchange:
         "body",
         "body_bytes",
         "body_done",
+        "bytes_out",
         "chunked_in",
         "chunked_out",
+        "code",
         "content_length",
         "finished",
         "has_credentials",
         "head_received",
         "headers",
         "host",
+        "incoming_request_id",
         "keep_alive",
+        "kind",
         "max_body",
         "method",
         "no_body_out",
         "pending_head",
         "proto",
+        "request_id",
+        "route_id",
         "sent_bytes",
+        "started",
+        "status",
         "tunnel",
         "upgrade",
         "upstream",
+        "upstream_s",
+        "upstream_started",
         "url",
         "vm_id",
     )  # fmt: skip
@@ -175,7 +227,7 @@ class Exchange:
         self.upgrade = upgrade
         # One pass over the head for what the edge itself needs from it.
         hosts = 0
-        host = length = None
+        host = length = request_id = None
         chunked = credentials = False
         for name, value in headers:
             low = name.lower()
@@ -188,7 +240,10 @@ class Exchange:
                 chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
             elif low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION:
                 credentials = True
+            elif low == b"x-request-id":
+                request_id = value
         self.host = host if hosts == 1 else None
+        self.incoming_request_id = request_id
         self.chunked_in = chunked
         self.content_length = None if chunked or length is None else int(length)  # llhttp checked it
         self.has_credentials = credentials
@@ -205,6 +260,16 @@ class Exchange:
         self.tunnel = False
         self.max_body = 0
         self.finished = False  # the response is complete; waiting for the request's end to move on
+        # For the metrics and the access log (gateway.edge.observe).
+        self.started = proto.loop.time()
+        self.kind = "rejected"  # until routed: "api", "path", "host", "domain" or "instance"
+        self.route_id: str | None = None
+        self.request_id = b""
+        self.status = 0
+        self.code: str | None = None  # the edge's own error code, when the edge answered
+        self.bytes_out = 0
+        self.upstream_started = 0.0
+        self.upstream_s: float | None = None
 
     @property
     def has_body(self) -> bool:
@@ -253,6 +318,7 @@ class Exchange:
             self.body_bytes = 0
         if self.body_done and self.chunked_in:
             head += b"0\r\n\r\n"
+        self.upstream_started = self.proto.loop.time()
         conn.start(self, head, head_only=self.method == b"HEAD", request_sent=self.body_done)
 
     # ResponseSink ---------------------------------------------------------------------------------
@@ -266,6 +332,8 @@ class Exchange:
             transport.write(_STATUS_LINES[status] + _head(hdr.strip_hop_by_hop(headers)) + b"\r\n")
             return
         self.head_received = True
+        self.status = status
+        self.upstream_s = proto.loop.time() - self.upstream_started
         if status == 101 and not (self.upgrade and hdr.valid_upgrade_response(self.headers, headers)):
             proto.bad_upgrade(self)
             return
@@ -301,6 +369,7 @@ class Exchange:
         transport = proto.transport
         if transport is None or self.no_body_out or not data:
             return
+        self.bytes_out += len(data)
         out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data
         if self.pending_head:
             out, self.pending_head = self.pending_head + out, b""
@@ -434,9 +503,15 @@ class EdgeProtocol(asyncio.Protocol):
         self.transport = None
         if self.tunnel_to is not None:
             self.tunnel_to.close()
+            self.edge.stats.tunnels_open -= 1
         ex = self.current
-        if ex is not None and ex.upstream is not None and not ex.finished:
-            ex.upstream.close()  # the client left: the VM's request ends too (SSE, long polls)
+        if ex is not None and not ex.finished:
+            if ex.upstream is not None:
+                ex.upstream.close()  # the client left: the VM's request ends too (SSE, long polls)
+            ex.finished = True
+            if not ex.tunnel:
+                ex.status = ex.status or CLIENT_CLOSED  # cut before (or while) the answer went out
+            self.edge.observe(ex, self.peer_ip)
         if self.task is not None:
             self.task.cancel()
 
@@ -584,11 +659,15 @@ class EdgeProtocol(asyncio.Protocol):
             self._abort_exchange(ex)
 
     def _route(self, ex: Exchange) -> None:
+        incoming = ex.incoming_request_id
+        ex.request_id = incoming if incoming and self.trusted else self.edge.next_request_id()
         target = self.edge.parse_target(ex.method, ex.url, ex.host)
         if type(target) is Rejection:
             if target.location is not None:
                 self._write_and_finish(
-                    ex, pages.redirect_response(target.status, target.location, close=not ex.keep_alive)
+                    ex,
+                    target.status,
+                    pages.redirect_response(target.status, target.location, close=not ex.keep_alive),
                 )
                 return
             self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
@@ -600,15 +679,17 @@ class EdgeProtocol(asyncio.Protocol):
             return
         if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
             location = self._https_url(target.host_name, ex.url)
-            self._write_and_finish(ex, pages.redirect_response(308, location, close=not ex.keep_alive))
+            self._write_and_finish(ex, 308, pages.redirect_response(308, location, close=not ex.keep_alive))
             return
         if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
             ex.upgrade = False
         if type(target) is ApiTarget:
+            ex.kind = "api"
             head = self._request_head(ex, ex.url, self._forwarded(ex, target.host, None))
             self._send(ex, API_POOL_KEY, self.settings.api_socket, head)
             return
         assert isinstance(target, AppTarget)
+        ex.kind = target.kind
         if target.kind == "path":
             key = ("s", target.session_id, target.port)
         elif target.kind == "host":
@@ -617,6 +698,7 @@ class EdgeProtocol(asyncio.Protocol):
             key = ("i", target.instance_id, 0)
         else:
             key = ("d", target.host_name.decode("ascii"), 0)
+        ex.route_id = key[1]
         route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
         if route is MISS:
             self._spawn(self._resolve_then_route(ex, target, key))  # type: ignore[arg-type]
@@ -688,9 +770,11 @@ class EdgeProtocol(asyncio.Protocol):
         try:
             conn = await self.edge.pool.connect(key, unix_path)
         except TimeoutError:
+            self.edge.stats.connect_failed("timeout")
             self._reply(ex, 504, "upstream_connect_timeout", "the app did not accept a connection in time")
             return
         except OSError:
+            self.edge.stats.connect_failed("refused")
             self._reply(ex, 502, "upstream_refused", "nothing is listening on this port in the VM")
             return
         if self.current is not ex or self.transport is None:
@@ -790,11 +874,13 @@ class EdgeProtocol(asyncio.Protocol):
         if self.transport is None or self.current is not ex:
             return
         keep = ex.keep_alive and not close and not ex.upgrade and not self.draining
+        ex.status, ex.code = status, code
         self.transport.write(pages.error_response(status, code, message, accept=ex.accept(), close=not keep))
         self._finish(ex, keep)
 
-    def _write_and_finish(self, ex: Exchange, response: bytes) -> None:
+    def _write_and_finish(self, ex: Exchange, status: int, response: bytes) -> None:
         assert self.transport is not None
+        ex.status = status
         self.transport.write(response)
         self._finish(ex, ex.keep_alive)
 
@@ -811,7 +897,7 @@ class EdgeProtocol(asyncio.Protocol):
         cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
         cookie = access.cookie_header(token, cookie_path, secure=self.scheme == "https")
         self._write_and_finish(
-            ex, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
+            ex, 303, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
         )
 
     def _finish(self, ex: Exchange, keep: bool) -> None:
@@ -819,6 +905,7 @@ class EdgeProtocol(asyncio.Protocol):
         if self.current is not ex or ex.finished:
             return
         ex.finished = True
+        self.edge.observe(ex, self.peer_ip)
         if self.transport is None:
             return
         if not keep or self.closing or self.draining:
@@ -886,6 +973,8 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.upgrade:
             headers.append((b"Connection", b"Upgrade"))
             headers += [(n, v) for n, v in ex.headers if n.lower() == b"upgrade"]
+        if not (self.trusted and ex.incoming_request_id):  # a trusted proxy's id is kept as it came
+            headers.append((b"X-Request-Id", ex.request_id))
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (ex.method, target, _head(headers))
 
     # VM gone, drain -------------------------------------------------------------------------------
@@ -924,6 +1013,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.ws_frames = (FrameTracker(), FrameTracker())
         conn.tunnel = self._tunnel_to_client
         self.tunnel_to = conn
+        self.edge.stats.tunnels_open += 1
+        self.edge.stats.tunnels_opened += 1
         self.deadline.stop()
         if self.settings.tunnel_idle_timeout_s > 0:
             self._silence_deadline().start_idle(self.settings.tunnel_idle_timeout_s)
@@ -939,6 +1030,8 @@ class EdgeProtocol(asyncio.Protocol):
         assert conn is not None
         if self.ws_frames is not None and not self._follow_frames(0, data, conn.write):
             return
+        if self.current is not None:
+            self.current.sent_bytes += len(data)
         conn.write(data)
         self.activity()
         if not conn.can_write:
@@ -950,6 +1043,8 @@ class EdgeProtocol(asyncio.Protocol):
             return
         if self.ws_frames is not None and not self._follow_frames(1, data, transport.write):
             return
+        if self.current is not None:
+            self.current.bytes_out += len(data)
         transport.write(data)
         self.activity()
 

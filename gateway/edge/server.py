@@ -7,10 +7,13 @@ is left (tunnels included) -> close pooled upstream connections.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from gateway.background import stop_loop
 from gateway.config import Config, EdgeConfig, split_host_port
+from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog
 from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
 from gateway.edge.resolver import Resolver
 from gateway.edge.target import RoutingConfig
@@ -52,6 +55,12 @@ def https_redirect_port(config: Config) -> int:
     return config.tls.public_port or split_host_port(config.tls.listen)[1]
 
 
+async def flush_access_log(access_log: AccessLog) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        access_log.flush()
+
+
 @asynccontextmanager
 async def running_edge(
     config: Config,
@@ -66,8 +75,10 @@ async def running_edge(
     processes listen there as well."""
     resolver = Resolver(store, vm_networks)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
-    edge = Edge(edge_settings(config, api_socket), resolver, pool)
+    access_log = AccessLog(config.log.format, sys.stderr.buffer) if config.log.access_log else None
+    edge = Edge(edge_settings(config, api_socket), resolver, pool, access_log)
     resolver.start()
+    flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     try:
@@ -103,5 +114,8 @@ async def running_edge(
         await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
         await resolver.stop()
+        if access_log is not None:
+            await stop_loop(flusher)
+            await asyncio.to_thread(access_log.close)
         for server in servers:
             await server.wait_closed()

@@ -7,6 +7,7 @@ crash between two commands never leaves an index that points at nothing. Redis f
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -142,12 +143,40 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+class RedisCallStats:
+    """Latency and failures of this process's Redis calls (every one goes through ``guarded``), as plain
+    numbers that ``gateway.metrics`` exports."""
+
+    BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(self.BUCKETS_S) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.errors = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets), "sum": self.sum, "count": self.count, "errors": self.errors}
+
+
+REDIS_STATS = RedisCallStats()
+
+
 async def guarded(call: Awaitable[T]) -> T:
     """Await a Redis call, translating its failures to StoreUnavailable."""
+    started = time.perf_counter()
     try:
         return await call
     except RedisError as exc:
+        REDIS_STATS.errors += 1
         raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
+    finally:
+        REDIS_STATS.observe(time.perf_counter() - started)
 
 
 class RedisStore:

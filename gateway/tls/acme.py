@@ -44,6 +44,8 @@ USER_AGENT = "sandbox-gateway"
 RATE_LIMITED_RETRY_S = 3600.0
 # When the renewal window could not be asked for (server unreachable, no answer), ask again after this.
 ARI_RETRY_S = 3600.0
+# ACME orders of this process by outcome ("issued", "failed"), for gateway.metrics.
+ORDER_OUTCOMES: dict[str, int] = {}
 # Tries of one signed request while the server answers badNonce (each answer carries a fresh nonce).
 BAD_NONCE_ATTEMPTS = 8
 
@@ -100,6 +102,15 @@ class AcmeIssuer:
 
     async def issue(self, names: list[str], provider: DnsProvider) -> CertBundle:
         """A certificate for ``names`` (the first is its id), checked; raises IssueError."""
+        outcome = "failed"
+        try:
+            bundle = await self._issue_or_raise(names, provider)
+            outcome = "issued"
+            return bundle
+        finally:
+            ORDER_OUTCOMES[outcome] = ORDER_OUTCOMES.get(outcome, 0) + 1
+
+    async def _issue_or_raise(self, names: list[str], provider: DnsProvider) -> CertBundle:
         try:
             async with asyncio.timeout(ORDER_TIMEOUT_S):
                 return await self._issue(names, provider)

@@ -28,6 +28,7 @@ def cli_env() -> dict[str, str]:
     # The process driver keeps this test independent of root; the netns driver has its own suites.
     env["GATEWAY_VMS_DRIVER"] = "process"
     env["GATEWAY_PROCESS_CIDR"] = "127.78.0.0/24"
+    env["GATEWAY_ADMIN_LISTEN"] = ""  # the default port may be a developer's running gateway
     return env
 
 
