@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import uvloop
 
+from gateway.edge.observe import AccessLog
 from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
 from gateway.edge.resolver import Resolver, Route
 from gateway.edge.target import RoutingConfig
@@ -64,7 +66,7 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-def build_edge() -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edge]:
+def build_edge(access_log_format: str) -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edge]:
     settings = EdgeSettings(
         routing=RoutingConfig(api_hosts=("gateway.example.test",), sandbox_domains=("sandbox.example.test",)),
         api_socket="/nonexistent/api.sock",
@@ -75,7 +77,11 @@ def build_edge() -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edg
     route = Route(VM_ID, SESSION_ID, VM_IP, PORT, expires_at=None)
     resolver._cache[("s", SESSION_ID, PORT)] = (time.monotonic() + 1e9, route)
     pool = UpstreamPool(connect_timeout_s=5.0)
-    edge = Edge(settings, resolver, pool)
+    access_log = None
+    if access_log_format != "off":
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        access_log = AccessLog(access_log_format, devnull)  # the line is built and written, to nowhere
+    edge = Edge(settings, resolver, pool, access_log)
     upstream = UpstreamConnection((VM_ID, VM_IP, PORT), pool)
     upstream.connection_made(MemoryTransport((VM_IP, PORT)))
     pool.release(upstream)
@@ -85,8 +91,8 @@ def build_edge() -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edg
     return client, upstream, client_transport, edge
 
 
-def run_round(requests: int) -> tuple[float, int, int, int]:
-    client, upstream, client_transport, edge = build_edge()
+def run_round(requests: int, access_log_format: str) -> tuple[float, int, int, int]:
+    client, upstream, client_transport, edge = build_edge(access_log_format)
     start = time.perf_counter()
     for _ in range(requests):
         client.data_received(REQUEST)
@@ -101,10 +107,13 @@ def run_round(requests: int) -> tuple[float, int, int, int]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    results = [run_round(args.requests) for _ in range(args.rounds)]
+    results = [run_round(args.requests, args.access_log) for _ in range(args.rounds)]
     best = min(results)
     _, hits, reuses, requests = best
-    print(f"edge hot path: {best[0]:.2f} us per request (best of {args.rounds} rounds of {requests:,})")
+    print(
+        f"edge hot path: {best[0]:.2f} us per request (best of {args.rounds} rounds of {requests:,}), "
+        f"access log {args.access_log}"
+    )
     print(f"  rounds: {', '.join(f'{r[0]:.2f}' for r in results)} us")
     print(f"  cached routes {hits / requests:.0%}, pooled connections {reuses / requests:.0%}")
 
@@ -113,4 +122,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--access-log", choices=("off", "text", "json"), default="text", help="(default: %(default)s)"
+    )
     uvloop.run(main(parser.parse_args()))

@@ -115,25 +115,8 @@ class Edge:
     def observe(self, ex: Exchange, peer_ip: str) -> None:
         """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
         self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
-        log_ = self.access_log
-        if log_ is None:
-            return
-        upstream_s = ex.upstream_s
-        log_.write(
-            request_id=ex.request_id.decode("latin-1"),
-            client=peer_ip,
-            method=ex.method.decode("latin-1"),
-            host=(ex.host or b"").decode("latin-1"),
-            path=ex.url.partition(b"?")[0].decode("latin-1"),  # never the query: it may hold tokens
-            kind=ex.kind,
-            route_id=ex.route_id,
-            status=ex.status,
-            code=ex.code,
-            bytes_in=ex.sent_bytes,
-            bytes_out=ex.bytes_out,
-            upstream_ms=None if upstream_s is None else round(upstream_s * 1000, 2),
-            duration_ms=round((self.loop.time() - ex.started) * 1000, 2),
-        )
+        if self.access_log is not None:
+            self.access_log.write(ex, peer_ip, self.loop.time() - ex.started)
 
     def vm_gone(self, vm_id: str) -> None:
         self.pool.close_vm(vm_id)

@@ -75,7 +75,7 @@ async def running_edge(
     processes listen there as well."""
     resolver = Resolver(store, vm_networks)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
-    access_log = AccessLog(config.log.format, sys.stderr.buffer) if config.log.access_log else None
+    access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
     edge = Edge(edge_settings(config, api_socket), resolver, pool, access_log)
     resolver.start()
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
