@@ -69,7 +69,7 @@ class MemoryTransport(asyncio.Transport):
 def build_edge(access_log_format: str) -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edge]:
     settings = EdgeSettings(
         routing=RoutingConfig(api_hosts=("gateway.example.test",), sandbox_domains=("sandbox.example.test",)),
-        api_socket="/nonexistent/api.sock",
+        api_upstream="/nonexistent/api.sock",
     )
     resolver = Resolver(store=None, vm_networks=["10.200.0.0/16"])  # type: ignore[arg-type]
     # As if the events channel were followed and the route had been looked up once.

@@ -1,5 +1,5 @@
-"""Command line: ``gateway serve``, ``gateway edge``, ``gateway keys create|list|revoke``,
-``gateway certs import|list|delete``.
+"""Command line: ``gateway serve`` (all in one), ``gateway api`` and ``gateway edge`` (the two planes
+apart), ``gateway keys create|list|revoke``, ``gateway certs import|list|delete``.
 
 The only place that exits.
 """
@@ -18,7 +18,13 @@ from pathlib import Path
 
 import uvloop
 
-from gateway.app import API_SOCKET, admin_client, running_edge_only, running_gateway
+from gateway.app import (
+    API_SOCKET,
+    admin_client,
+    running_control_plane,
+    running_edge_only,
+    running_gateway,
+)
 from gateway.config import Config, ConfigError, load_config, override
 from gateway.datadir import DataDirBusy
 from gateway.embedded_redis import EmbeddedRedisError
@@ -81,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="edge processes sharing the listener (SO_REUSEPORT), this one included (default 1)",
     )
 
+    api = commands.add_parser(
+        "api",
+        parents=[common],
+        help="run only the control plane (API, VMs, reaper, certificates) for separate gateway edge "
+        "processes to forward API requests to",
+    )
+    api.add_argument("--listen", metavar="HOST:PORT", help="address of the API (default: server.listen)")
     edge = commands.add_parser(
         "edge",
         parents=[common],
@@ -89,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edge.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (SO_REUSEPORT)")
     edge.add_argument(
+        "--api-upstream",
         "--api-socket",
-        metavar="PATH",
-        help="the control plane's unix socket, for API requests (default <data-dir>/api.sock)",
+        metavar="HOST:PORT|PATH",
+        help="the control plane, for API requests: gateway api's address or a unix socket "
+        "(default: edge.api_upstream, else <data-dir>/api.sock)",
     )
     edge.add_argument(
         "--stats-dir",
@@ -138,7 +153,8 @@ def configure(args: argparse.Namespace) -> Config:
         server["data_dir"] = args.data_dir
     if getattr(args, "listen", None):
         server["listen"] = args.listen
-        if config.server.public_url == "http://127.0.0.1:8080":
+        if config.server.public_url == "http://127.0.0.1:8080" and args.command != "api":
+            # (gateway api's address is not where clients go: app URLs name the edges')
             server["public_url"] = f"http://{args.listen}"
     if getattr(args, "workers", None) is not None:
         server["workers"] = args.workers
@@ -168,10 +184,24 @@ async def serve(config: Config, config_file: str | None) -> None:
         log.info("stopping")
 
 
-async def edge_only(config: Config, api_socket: str | None, stats_dir: str | None) -> None:
+async def api_only(config: Config) -> None:
     stop = _stop_on_signals()
-    socket_path = api_socket or str(config.data_path / API_SOCKET)
-    async with running_edge_only(config, socket_path, Path(stats_dir) if stats_dir else None):
+    async with running_control_plane(config) as svc:
+        redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
+        print(
+            f"control plane listening on http://{config.server.listen} (VM driver "
+            f"{svc.orchestrator.driver.name}, {redis_where}); edges: gateway edge --api-upstream "
+            f"{config.server.listen}",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("stopping")
+
+
+async def edge_only(config: Config, api_upstream: str | None, stats_dir: str | None) -> None:
+    stop = _stop_on_signals()
+    upstream = api_upstream or config.edge.api_upstream or str(config.data_path / API_SOCKET)
+    async with running_edge_only(config, upstream, Path(stats_dir) if stats_dir else None):
         print(f"edge listening on http://{config.server.listen} (pid {os.getpid()})", flush=True)
         await stop.wait()
 
@@ -240,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "serve":
             uvloop.run(serve(config, args.config))
         elif args.command == "edge":
-            uvloop.run(edge_only(config, args.api_socket, args.stats_dir))
+            uvloop.run(edge_only(config, args.api_upstream, args.stats_dir))
+        elif args.command == "api":
+            uvloop.run(api_only(config))
         elif args.command == "keys":
             uvloop.run(keys_command(config, args))
         elif args.command == "certs":

@@ -196,6 +196,33 @@ async def running_public_edge(
             yield edge, tls
 
 
+@asynccontextmanager
+async def running_control_plane(config: Config) -> AsyncIterator[Services]:
+    """Only the control plane (``gateway api``): the API on server.listen for edges to forward to, the
+    orchestrator and its reaper, and the certificate keepers; no edge. Edges (``gateway edge``) on any
+    machine share its Redis and set edge.api_upstream to its address."""
+    lock = DataDirLock(config.data_path)
+    lock.acquire()
+    try:
+        async with redis_client(config, lock) as client, services(config, client) as svc:
+            certs = await asyncio.to_thread(cert_store, config, client) if config.tls.listen else None
+            runner = web.AppRunner(svc.app, shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True).start()
+                async with (
+                    keeping_operator_certs(config, certs, client) as keeper,
+                    keeping_domain_certs(config, certs, svc.store) as domains,
+                    running_admin(config, AdminView(client, None, svc.store)),
+                ):
+                    svc.cert_keeper, svc.domain_keeper = keeper, domains
+                    yield svc
+            finally:
+                await runner.cleanup()
+    finally:
+        lock.release()
+
+
 def worker_stats_dir(config: Config) -> Path:
     """Where edge workers leave their counters for the serving process's /metrics."""
     return config.data_path / "run" / "metrics"
@@ -206,7 +233,7 @@ def edge_workers(config: Config, config_file: str | None, api_socket: str) -> Ed
         return None
     args = ["--config", config_file] if config_file else []
     args += ["--data-dir", str(config.data_path), "edge", "--listen", config.server.listen]
-    args += ["--api-socket", api_socket, "--stats-dir", str(worker_stats_dir(config))]
+    args += ["--api-upstream", api_socket, "--stats-dir", str(worker_stats_dir(config))]
     env = {
         **os.environ,
         "GATEWAY_REDIS_URL": config.redis.url or embedded_redis_for(config).url,

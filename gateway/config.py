@@ -70,6 +70,9 @@ class EdgeConfig:
     # Host names (comma-separated) that serve the API and path-form app URLs; empty: any host that is
     # not under a sandbox domain.
     api_hosts: str = ""
+    # Where `gateway edge` sends API requests: the control plane's HOST:PORT (`gateway api`) or unix
+    # socket path. Empty: <data_dir>/api.sock, the control plane of `gateway serve` on this machine.
+    api_upstream: str = ""
     # Extra base domains for host-form app URLs, besides api.sandbox_domain (comma-separated).
     extra_sandbox_domains: str = ""
     # Peers whose X-Forwarded-* / Forwarded headers are trusted (comma-separated IPs): a load balancer.
@@ -446,6 +449,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log.level: expected debug, info, warning or error, got {config.log.level!r}")
     if config.admin.listen:
         split_host_port(config.admin.listen)
+    if config.edge.api_upstream and not config.edge.api_upstream.startswith("/"):
+        split_host_port(config.edge.api_upstream)
 
 
 def _validate_instances(config: Config) -> None:

@@ -44,7 +44,16 @@ BODY_BUFFER_HIGH = 256 * 1024
 MAX_PIPELINED = 8
 # The status an exchange is logged with when the client left before its answer was complete (nginx's).
 CLIENT_CLOSED = 499
-API_POOL_KEY: PoolKey = ("api", "unix", 0)
+
+
+def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
+    """The pool key and unix path for the control plane: a socket path, or HOST:PORT over TCP."""
+    if api_upstream.startswith("/"):
+        return ("api", "unix", 0), api_upstream
+    host, _, port = api_upstream.rpartition(":")
+    return ("api", host.strip("[]"), int(port)), None
+
+
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
 
@@ -52,7 +61,8 @@ MAX_SHARED_CLIENT_INFOS = 4096
 @dataclass(frozen=True)
 class EdgeSettings:
     routing: RoutingConfig
-    api_socket: str
+    # The control plane: its unix socket's path, or HOST:PORT (``gateway api`` on another machine).
+    api_upstream: str
     scheme: str = "http"
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
@@ -85,6 +95,7 @@ class Edge:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
+        self.api_key, self.api_unix_path = api_pool_key(settings.api_upstream)
         self.stats = EdgeStats()
         self.access_log = access_log
         # Request ids: this process's random prefix and a counter (unique without a random call each).
@@ -669,7 +680,7 @@ class EdgeProtocol(asyncio.Protocol):
         if type(target) is ApiTarget:
             ex.kind = "api"
             head = self._request_head(ex, ex.url, self._forwarded(ex, target.host, None))
-            self._send(ex, API_POOL_KEY, self.settings.api_socket, head)
+            self._send(ex, self.edge.api_key, self.edge.api_unix_path, head)
             return
         assert isinstance(target, AppTarget)
         ex.kind = target.kind

@@ -22,7 +22,7 @@ from gateway.routes.store import RedisStore
 from gateway.tls.sni import SniTable
 
 
-def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
+def edge_settings(config: Config, api_upstream: str) -> EdgeSettings:
     edge = config.edge
     return EdgeSettings(
         routing=RoutingConfig(
@@ -31,7 +31,7 @@ def edge_settings(config: Config, api_socket: str) -> EdgeSettings:
             max_target_bytes=edge.max_target_bytes,
             instance_domains=(config.instances.domain,),
         ),
-        api_socket=api_socket,
+        api_upstream=api_upstream,
         scheme=config.server.public_url.partition(":")[0] or "http",
         header_timeout_s=edge.header_timeout_s,
         keepalive_timeout_s=edge.keepalive_timeout_s,
@@ -66,7 +66,7 @@ async def running_edge(
     config: Config,
     store: RedisStore,
     vm_networks: list[str],
-    api_socket: str,
+    api_upstream: str,
     *,
     reuse_port: bool = False,
     sni: SniTable | None = None,
@@ -76,7 +76,7 @@ async def running_edge(
     resolver = Resolver(store, vm_networks)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
-    edge = Edge(edge_settings(config, api_socket), resolver, pool, access_log)
+    edge = Edge(edge_settings(config, api_upstream), resolver, pool, access_log)
     resolver.start()
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     loop = asyncio.get_running_loop()
