@@ -86,6 +86,9 @@ class EdgeConfig:
     # may stay quiet) or an upgraded connection such as a WebSocket.
     stream_idle_timeout_s: float = 0.0
     tunnel_idle_timeout_s: float = 3600.0
+    # Redis unreachable: routes the edge knew keep being served this long from the first failed lookup,
+    # then requests get 503 until Redis is back (0: fail closed at once).
+    redis_grace_s: float = 30.0
     # Largest request body for app URLs (413); 0: no limit. The API has its own (api.max_body_bytes).
     max_body_bytes: int = 0
     max_header_count: int = 100

@@ -51,6 +51,7 @@ def process_snapshot(edge: Edge | None) -> dict[str, Any]:
             cache_hits=resolver.hits,
             cache_misses=resolver.misses,
             cache_invalidations=resolver.invalidations,
+            cache_stale_hits=resolver.stale_hits,
         )
         snap["edge"] = stats
     return snap
@@ -169,6 +170,11 @@ def _edge_metrics(snap: dict[str, Any] | None) -> Iterator[Metric]:
         ("gateway_route_cache_hits", "cache_hits", "Route lookups answered from the edge's cache"),
         ("gateway_route_cache_misses", "cache_misses", "Route lookups that went to Redis"),
         ("gateway_route_cache_invalidations", "cache_invalidations", "Cached routes dropped by events"),
+        (
+            "gateway_route_cache_stale_hits",
+            "cache_stale_hits",
+            "Routes served from the cache while Redis failed",
+        ),
     ):
         yield CounterMetricFamily(name, text, value=extra.get(key, 0))
 
@@ -207,7 +213,13 @@ async def gather(
     merged: dict[str, Any] | None = None
     if edges:
         merged = EdgeStats.merge(edges).snapshot()
-        for key in ("open_connections", "cache_hits", "cache_misses", "cache_invalidations"):
+        for key in (
+            "open_connections",
+            "cache_hits",
+            "cache_misses",
+            "cache_invalidations",
+            "cache_stale_hits",
+        ):
             merged[key] = sum(int(s.get(key, 0)) for s in edges)
     vms: Counter[tuple[str, str]] = Counter()
     if store is not None:

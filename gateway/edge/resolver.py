@@ -7,6 +7,13 @@ bypassed, so a missed event can never keep a dead route alive.
 
 Only addresses inside the configured VM networks are returned: a corrupt or hostile record can never make
 the edge dial anything else.
+
+Redis down: a lookup that fails falls back to what the cache last knew of that target (even past its
+TTL) for ``stale_grace_s`` from the first failure, so apps keep being served through a short outage or a
+failover (while Redis is down nothing can change a route: every change is written there first). After
+the grace the edge fails closed (503). While lookups fail, Redis is tried again at most every
+``RETRY_AFTER_FAILURE_S`` per process; in between, requests get the stale answer at once instead of
+each waiting for Redis's timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.background import stop_loop
+from gateway.errors import StoreUnavailable
 from gateway.routes.model import VM_ACTIVE, VmRecord, is_session_id, is_vm_id
 from gateway.routes.store import RedisStore
 
@@ -28,6 +36,7 @@ POSITIVE_TTL_S = 2.0
 NEGATIVE_TTL_S = 1.0
 MAX_ENTRIES = 100_000
 RESUBSCRIBE_DELAY_S = 0.5
+RETRY_AFTER_FAILURE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +61,11 @@ MISS = object()  # peek(): nothing usable cached
 
 
 class Resolver:
-    def __init__(self, store: RedisStore, vm_networks: Iterable[str]) -> None:
+    def __init__(self, store: RedisStore, vm_networks: Iterable[str], stale_grace_s: float = 0.0) -> None:
         self.store = store
+        self.stale_grace_s = stale_grace_s
+        self._failing_since: float | None = None  # first failed lookup of the current outage
+        self._last_failure = 0.0
         self.networks = [ipaddress.ip_network(n) for n in vm_networks]
         self._cache: dict[CacheKey, tuple[float, Route | None]] = {}
         self._by_vm: dict[str, set[CacheKey]] = {}
@@ -66,7 +78,7 @@ class Resolver:
         self._generation = 0
         self._task: asyncio.Task[None] | None = None
         self.on_vm_gone: list[Callable[[str], None]] = []
-        self.hits = self.misses = self.invalidations = 0
+        self.hits = self.misses = self.invalidations = self.stale_hits = 0
 
     # lookups --------------------------------------------------------------------------------------
 
@@ -98,18 +110,33 @@ class Resolver:
             return cached  # type: ignore[return-value]
         now = time.monotonic()
         self.misses += 1
+        if self._failing_since is not None and now - self._last_failure < RETRY_AFTER_FAILURE_S:
+            stale = self._stale(key, now)
+            if stale is not MISS:
+                return stale  # type: ignore[return-value]
         # One Redis lookup per key at a time: a burst of requests after an entry expired shares it.
         generation = self._generation
         pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        task = asyncio.get_running_loop().create_task(self._load(key))
-        self._loading[key] = task
         try:
-            route = await asyncio.shield(task)
-        finally:
-            if self._loading.get(key) is task:
-                del self._loading[key]
+            if pending is not None:
+                return await asyncio.shield(pending)
+            task = asyncio.get_running_loop().create_task(self._load(key))
+            self._loading[key] = task
+            try:
+                route = await asyncio.shield(task)
+            finally:
+                if self._loading.get(key) is task:
+                    del self._loading[key]
+        except StoreUnavailable:
+            failed_at = time.monotonic()
+            self._last_failure = failed_at
+            if self._failing_since is None:
+                self._failing_since = failed_at
+            stale = self._stale(key, failed_at)
+            if stale is MISS:
+                raise
+            return stale  # type: ignore[return-value]
+        self._failing_since = None
         if self._subscribed and generation == self._generation:
             # Not when an invalidation arrived meanwhile: the answer may predate it (a VM just killed).
             self._remember(key, route, now)
@@ -163,6 +190,19 @@ class Resolver:
         if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
             return False
         return vm.expires_at is None or vm.expires_at > time.time()
+
+    def _stale(self, key: CacheKey, now: float) -> Route | object | None:
+        """What the cache last knew of ``key`` while Redis fails, within the grace; else MISS."""
+        if self._failing_since is None or now - self._failing_since > self.stale_grace_s:
+            return MISS
+        cached = self._cache.get(key)
+        if cached is None:
+            return MISS
+        route = cached[1]
+        if route is not None and route.expires_at is not None and route.expires_at <= time.time():
+            return None  # its VM's lifetime is over, outage or not
+        self.stale_hits += 1
+        return route
 
     def _dialable(self, ip: str) -> bool:
         try:
@@ -249,9 +289,10 @@ class Resolver:
                     return
                 log.warning("route events unavailable, cache bypassed: %s", exc)
             finally:
+                # The cache stays for stale answers while Redis fails (it is bypassed while unsubscribed,
+                # and emptied when the subscription is back: events may have been missed meanwhile).
                 self._subscribed = False
                 self.following.clear()
-                self.clear()
             await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
     def start(self) -> None:

@@ -73,7 +73,7 @@ async def running_edge(
 ) -> AsyncIterator[Edge]:
     """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
     processes listen there as well."""
-    resolver = Resolver(store, vm_networks)
+    resolver = Resolver(store, vm_networks, config.edge.redis_grace_s)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
     edge = Edge(edge_settings(config, api_upstream), resolver, pool, access_log)

@@ -146,6 +146,51 @@ async def test_readiness_follows_redis_down_and_back(
         own.stop()
 
 
+async def test_the_edge_serves_known_routes_through_a_redis_outage_then_fails_closed(
+    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
+    own.start()
+    gw: GatewayUnderTest | None = None
+    grace_s = 2.0
+    try:
+        gw = await gateway_factory(  # type: ignore[operator]
+            "process", redis={"url": own.url, "call_timeout_s": 0.5}, edge={"redis_grace_s": grace_s}
+        )
+        sid, _, url = await start_app(gw)
+        unknown = f"{gw.url}/v1/app/{sid}/{APP_PORT + 7}/"  # never looked up: nothing cached
+        async with aiohttp.ClientSession() as client:
+
+            async def status_of(target: str) -> int:
+                async with client.get(target) as resp:
+                    return resp.status
+
+            assert await status_of(url + "echo") == 200  # cached now
+            own.stop()
+            outage = time.monotonic()
+            assert await status_of(url + "echo") == 200  # served from what the edge knew
+            assert await status_of(unknown) == 503  # nothing known: fails closed at once
+            while (status := await status_of(url + "echo")) == 200:
+                assert time.monotonic() - outage < grace_s + 2.0, "the grace did not end"
+                await asyncio.sleep(0.05)
+            assert status == 503  # fails closed once the grace is over
+            assert time.monotonic() - outage >= grace_s - 0.1
+            samples = await scrape(gw)
+            assert value(samples, "gateway_route_cache_stale_hits_total") >= 1
+            own.start()
+            deadline = time.monotonic() + WAIT_S
+            while await status_of(url + "echo") != 200:  # recovers by itself
+                assert time.monotonic() < deadline, "the edge did not recover"
+                await asyncio.sleep(0.05)
+    finally:
+        if gw is not None:
+            if own.process is None:
+                own.start()
+            await destroy_all(gw.services)
+            await gw.stop()
+        own.stop()
+
+
 async def test_one_access_log_line_per_request_with_ids_and_no_secrets(
     gateway_factory: object, capfd: pytest.CaptureFixture[str]
 ) -> None:
