@@ -273,3 +273,25 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_driver_failure_during_create_is_a_clear_error_and_leaves_nothing(
+    gw: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.errors import DriverError
+
+    async def failing_create(spec: object) -> object:
+        raise DriverError("no veth left on this host")
+
+    driver = gw.services.orchestrator.driver
+    monkeypatch.setattr(driver, "create", failing_create)
+    status, body = await gw.request("POST", "/v1/vms", json={})
+    assert status == 502
+    assert body["code"] == "vm_failed" and "no veth left on this host" in body["detail"]
+    vm_id = body["detail"].split()[1]
+    status, shown = await gw.request("GET", f"/v1/vms/{vm_id}")
+    assert (status, shown["status"]) == (200, "failed")
+    store = gw.services.store
+    assert await store.live_vm_ids() == []
+    assert await store.held_slots(driver.name) == {}
+    assert await store.next_expiry() is None  # the reaper has nothing of it to do
