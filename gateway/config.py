@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.redis_url import RedisUrlError, parse_sentinel_url
+
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 
@@ -410,6 +412,10 @@ def override(config: Config, **sections: Mapping[str, object]) -> Config:
 
 def validate(config: Config) -> None:
     split_host_port(config.server.listen)
+    try:
+        parse_sentinel_url(config.redis.url)
+    except RedisUrlError as exc:
+        raise ConfigError(f"redis.url: {exc}") from None
     vms = config.vms
     if config.vms.driver not in ("auto", "netns", "process"):
         raise ConfigError(f"vms.driver: expected auto, netns or process, got {vms.driver!r}")

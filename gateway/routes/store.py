@@ -15,9 +15,11 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreUnavailable
+from gateway.redis_url import parse_sentinel_url
 from gateway.routes.model import (
     VM_LIVE_STATES,
     DomainRecord,
@@ -125,12 +127,43 @@ REDIS_MAX_CONNECTIONS = 64
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
 
+class _SentinelMaster(aioredis.Redis):
+    """The primary named by Sentinels; closing it closes the connections to the Sentinels as well."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            await sentinel.aclose()
+
+
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
     """A client with bounded calls; decode_responses because every value we store is text.
 
-    A blocking pool: a burst of callers beyond its size waits (up to the call timeout) for a connection
-    instead of failing at once, as redis-py's default pool does.
+    ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+sentinel://`` names Sentinels
+    that say which server is the primary (see ``gateway.redis_url``); the client asks them again after a
+    failover. A blocking pool for one server: a burst of callers beyond its size waits (up to the call
+    timeout) for a connection instead of failing at once, as redis-py's default pool does.
     """
+    target = parse_sentinel_url(url)
+    if target is not None:
+        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        sentinel = Sentinel(
+            target.sentinels,
+            sentinel_kwargs={**timeouts, "password": target.sentinel_password},
+            **timeouts,
+        )
+        return sentinel.master_for(
+            target.service,
+            redis_class=_SentinelMaster,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            decode_responses=True,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            health_check_interval=30,
+            **timeouts,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,

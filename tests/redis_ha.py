@@ -1,0 +1,116 @@
+"""A Redis primary, a replica and a Sentinel on loopback, for failover tests (Debian's redis-server, the
+Sentinel being ``redis-server --sentinel``). Every process is the test's own and is stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+SERVICE = "mymaster"
+START_TIMEOUT_S = 20.0
+DOWN_AFTER_MS = 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(condition, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(redis.RedisError, OSError):
+            if condition():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class RedisHA:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ports = {"primary": _free_port(), "replica": _free_port(), "sentinel": _free_port()}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.ports['sentinel']}/{SERVICE}/0"
+
+    def client(self, role: str) -> redis.Redis:
+        return redis.Redis(port=self.ports[role], socket_timeout=1, decode_responses=True)
+
+    def _server(self, role: str, *extra: str) -> None:
+        folder = self.folder / role
+        folder.mkdir(parents=True, exist_ok=True)
+        argv = ["redis-server", "--port", str(self.ports[role]), "--bind", "127.0.0.1", "--dir", str(folder)]
+        argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *extra]
+        log = open(folder / "redis.log", "wb")
+        self.procs[role] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def start(self) -> None:
+        primary = self.ports["primary"]
+        self._server("primary", "--repl-diskless-sync-delay", "0")
+        _wait(lambda: self.client("primary").ping(), "the primary")
+        self._server("replica", "--replicaof", "127.0.0.1", str(primary))
+        _wait(
+            lambda: self.client("replica").info("replication").get("master_link_status") == "up",
+            "the replica to sync",
+        )
+        # Online only once the primary has the replica's first acknowledgement (up to a second later):
+        # until then it streams nothing to it.
+        _wait(
+            lambda: self.client("primary").info("replication").get("slave0", {}).get("state") == "online",
+            "the primary to stream to the replica",
+        )
+        folder = self.folder / "sentinel"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "sentinel.conf"
+        config.write_text(
+            f"port {self.ports['sentinel']}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SERVICE} 10000\n"
+        )
+        log = open(folder / "sentinel.log", "wb")
+        self.procs["sentinel"] = subprocess.Popen(
+            ["redis-server", str(config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        _wait(lambda: self.replicas_known() > 0, "the Sentinel to find the replica")
+
+    def replicas_known(self) -> int:
+        return len(self.client("sentinel").execute_command("SENTINEL", "REPLICAS", SERVICE))
+
+    def primary_port(self) -> int:
+        _, port = self.client("sentinel").execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        return int(port)
+
+    def kill_primary(self) -> None:
+        """SIGKILL the primary once the replica has every write so far (replication is asynchronous:
+        this tests the gateway through a failover, not Redis's window for losing the last writes)."""
+        self.client("primary").wait(1, 5000)
+        self.procs["primary"].kill()
+        self.procs["primary"].wait()
+
+    def wait_failover(self, timeout_s: float) -> None:
+        old = self.ports["primary"]
+        _wait(lambda: self.primary_port() != old, "the failover", timeout_s)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
