@@ -76,7 +76,6 @@ STOP_TIMEOUT_S = 15.0
 BENCH_ENV = {
     "GATEWAY_VMS_DRIVER": "process",
     "GATEWAY_PROCESS_CIDR": "127.79.0.0/22",
-    "GATEWAY_ADMIN_LISTEN": "",
 }
 VM_LIFETIME_S = 3600
 APP_PORT = 8000
@@ -350,6 +349,18 @@ class Gateway:
     key: str
     pid: int
     log_path: Path
+    admin_url: str  # /metrics, /healthz, /readyz
+
+
+async def edge_requests_counted(gw: Gateway) -> float:
+    """The sum of gateway_edge_requests_total over every route and status, from the admin listener."""
+    async with aiohttp.ClientSession() as http, http.get(gw.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("gateway_edge_requests_total{")
+    )
 
 
 @asynccontextmanager
@@ -361,6 +372,8 @@ async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) 
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(BENCH_ENV)
+        admin = f"127.0.0.1:{free_port()}"
+        env["GATEWAY_ADMIN_LISTEN"] = admin
         env.update({k: v.replace("{data_dir}", data_dir) for k, v in (extra_env or {}).items()})
         gateway = [sys.executable, "-m", "gateway", "--data-dir", data_dir]
         log_path = Path(data_dir) / "gateway.log"
@@ -380,7 +393,8 @@ async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) 
             code, out, _ = await run_bounded([*gateway, "keys", "create", "--name", "bench"], START_TIMEOUT_S)
             if code != 0:
                 raise RuntimeError("gateway keys create failed")
-            yield Gateway(f"http://127.0.0.1:{port}", out.strip().splitlines()[-1], proc.pid, log_path)
+            key = out.strip().splitlines()[-1]
+            yield Gateway(f"http://127.0.0.1:{port}", key, proc.pid, log_path, f"http://{admin}")
         finally:
             await stop_process(proc)
 
@@ -837,6 +851,7 @@ async def bench(args: argparse.Namespace) -> None:
             fh.truncate(TRANSFER_BYTES)  # sparse: reading it costs no disk I/O
         async with served_gateway(args.workers) as gw, app_in_vm(gw) as app:
             edge = Proxy("edge", app.edge_url, lambda: edge_processes(gw.pid))
+            counted_before = await edge_requests_counted(gw)
             async with running_nginx(app, args.workers) as (nginx, nginx_dir):
                 for round_index in range(args.rounds):
                     # ABBA order, so neither proxy always runs on a warmer (or busier) machine; the idle
@@ -846,6 +861,8 @@ async def bench(args: argparse.Namespace) -> None:
                     for proxy in order:
                         runs[proxy.name].append(await run_metrics(proxy, wanted, args, upload_source, notes))
                 notes += log_problems(gw.log_path, nginx_dir / "error.log")
+            counted = await edge_requests_counted(gw) - counted_before
+            notes.append(f"the edge's /metrics counted {counted:,.0f} requests during the run")
             if not args.no_direct:
                 app_direct = Proxy("direct", f"http://{app.vm_ip}:{app.port}", list)
                 wanted = metrics & {"rps", "download", "upload", "ws"}
