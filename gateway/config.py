@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.redis_url import RedisUrlError, parse_sentinel_url
+from gateway.redis_url import RedisUrlError, has_hash_tag, parse_cluster_url, parse_sentinel_url
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
@@ -414,8 +414,14 @@ def validate(config: Config) -> None:
     split_host_port(config.server.listen)
     try:
         parse_sentinel_url(config.redis.url)
+        cluster = parse_cluster_url(config.redis.url)
     except RedisUrlError as exc:
         raise ConfigError(f"redis.url: {exc}") from None
+    if cluster is not None and not has_hash_tag(config.redis.key_prefix):
+        raise ConfigError(
+            "redis.key_prefix: a Redis Cluster needs a hash tag in it, e.g. {gw}: (the gateway's scripts "
+            "touch several keys, which must share one slot)"
+        )
     vms = config.vms
     if config.vms.driver not in ("auto", "netns", "process"):
         raise ConfigError(f"vms.driver: expected auto, netns or process, got {vms.driver!r}")

@@ -16,10 +16,22 @@ START_TIMEOUT_S = 20.0
 DOWN_AFTER_MS = 1000
 
 
-def _free_port() -> int:
+def _free_port(below: int = 65536) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < below and _is_free(port + 10000 if below < 65536 else port):
+            return port
+
+
+def _is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _wait(condition, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -109,6 +121,60 @@ class RedisHA:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class RedisClusterNodes:
+    """Three Redis Cluster primaries on loopback (no replicas), joined with ``redis-cli --cluster create``."""
+
+    def __init__(self, folder: Path, count: int = 3) -> None:
+        self.folder = folder
+        # A cluster node also listens on its port + 10000 (the cluster bus).
+        self.ports = [_free_port(below=55535) for _ in range(count)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> None:
+        for port in self.ports:
+            folder = self.folder / str(port)
+            folder.mkdir(parents=True, exist_ok=True)
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", ""]
+            argv += ["--appendonly", "no", "--protected-mode", "no"]
+            log = open(folder / "redis.log", "wb")
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+            _wait(lambda p=port: redis.Redis(port=p, socket_timeout=1).ping(), f"cluster node {port}")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=START_TIMEOUT_S,
+        )
+        _wait(
+            lambda: (
+                redis.Redis(port=self.ports[0], decode_responses=True).cluster("info")["cluster_state"]
+                == "ok"
+            ),
+            "the cluster to be ok",
+        )
+
+    def keys_per_node(self) -> list[list[str]]:
+        return [redis.Redis(port=port, decode_responses=True).keys("*") for port in self.ports]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

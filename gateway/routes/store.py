@@ -15,11 +15,12 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreUnavailable
-from gateway.redis_url import parse_sentinel_url
+from gateway.redis_url import parse_cluster_url, parse_sentinel_url
 from gateway.routes.model import (
     VM_LIVE_STATES,
     DomainRecord,
@@ -145,6 +146,17 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
     failover. A blocking pool for one server: a burst of callers beyond its size waits (up to the call
     timeout) for a connection instead of failing at once, as redis-py's default pool does.
     """
+    cluster = parse_cluster_url(url)
+    if cluster is not None:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+            username=cluster.username,
+            password=cluster.password,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=REDIS_MAX_CONNECTIONS,
+        )  # type: ignore[return-value]  # the commands the gateway uses are the same
     target = parse_sentinel_url(url)
     if target is not None:
         timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}

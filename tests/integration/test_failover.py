@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import GatewayUnderTest, destroy_all
 from tests.integration.test_edge import start_app
-from tests.redis_ha import RedisHA
+from tests.redis_ha import RedisClusterNodes, RedisHA
 
 FAILOVER_TIMEOUT_S = 30.0
 TRAFFIC_PAUSE_S = 0.02
@@ -92,3 +92,39 @@ async def test_a_primary_failover_loses_no_app_request_and_no_route(
                 await destroy_all(gw.services)
             await gw.stop()
         ha.stop()
+
+
+async def test_a_redis_cluster_serves_the_whole_gateway(
+    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Keys, VMs, scripts, pub/sub and locks on a three-node Redis Cluster (all keys in one slot)."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    gw: GatewayUnderTest | None = None
+    try:
+        gw = await gateway_factory(  # type: ignore[operator]
+            "process", redis={"url": cluster.url, "key_prefix": "{gwt}:", "call_timeout_s": 2.0}
+        )
+        sid, vm_id, url = await start_app(gw)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(url + "echo") as resp:
+                assert resp.status == 200
+            async with client.get(gw.url + f"/v1/sessions/status/{sid}", headers=gw.auth) as resp:
+                assert (await resp.json())["vm_alive"] is True
+            status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
+            assert status == 200
+            deadline = time.monotonic() + 1.0
+            while True:  # the kill reaches the edge through the cluster's pub/sub
+                async with client.get(url + "echo") as resp:
+                    if resp.status == 404:
+                        break
+                assert time.monotonic() < deadline, "the killed VM is still routed"
+                await asyncio.sleep(TRAFFIC_PAUSE_S)
+        per_node = cluster.keys_per_node()
+        assert sum(1 for keys in per_node if keys) == 1  # one slot, so one node holds them all
+        assert all(key.startswith("{gwt}:") for keys in per_node for key in keys)
+    finally:
+        if gw is not None and gw.running:
+            await destroy_all(gw.services)
+            await gw.stop()
+        cluster.stop()

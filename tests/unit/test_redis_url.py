@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.redis_url import RedisUrlError, SentinelTarget, parse_sentinel_url
+from gateway.redis_url import (
+    ClusterTarget,
+    RedisUrlError,
+    SentinelTarget,
+    has_hash_tag,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,3 +54,24 @@ def test_malformed_sentinel_urls_are_config_errors(url: str) -> None:
         parse_sentinel_url(url)
     with pytest.raises(ConfigError, match=r"redis\.url"):
         load_config(environ={"GATEWAY_REDIS_URL": url})
+
+
+def test_cluster_urls_name_their_nodes() -> None:
+    target = parse_cluster_url("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2,[::1]:7002")
+    assert target == ClusterTarget([("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002)], None, "pw")
+    assert parse_cluster_url("redis://h") is None
+    with pytest.raises(RedisUrlError, match="database 0"):
+        parse_cluster_url("redis+cluster://h:7000/1")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "tagged"), [("{gw}:", True), ("app:{x}:", True), ("gw:", False), ("{}:", False)]
+)
+def test_a_cluster_needs_a_hash_tag_in_the_key_prefix(prefix: str, tagged: bool) -> None:
+    assert has_hash_tag(prefix) is tagged
+    environ = {"GATEWAY_REDIS_URL": "redis+cluster://127.0.0.1:7000", "GATEWAY_REDIS_KEY_PREFIX": prefix}
+    if tagged:
+        assert load_config(environ=environ).redis.key_prefix == prefix
+    else:
+        with pytest.raises(ConfigError, match="hash tag"):
+            load_config(environ=environ)
