@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded_redis import EmbeddedRedis
@@ -295,3 +296,41 @@ async def test_a_driver_failure_during_create_is_a_clear_error_and_leaves_nothin
     assert await store.live_vm_ids() == []
     assert await store.held_slots(driver.name) == {}
     assert await store.next_expiry() is None  # the reaper has nothing of it to do
+
+
+async def test_a_slow_redis_gets_503_in_bounded_time_while_known_apps_are_served(
+    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
+    own.start()
+    gw: GatewayUnderTest | None = None
+    call_timeout_s = 0.5
+    try:
+        gw = await gateway_factory(  # type: ignore[operator]
+            "process", redis={"url": own.url, "call_timeout_s": call_timeout_s}
+        )
+        _, _, url = await start_app(gw)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(url + "echo") as resp:
+                assert resp.status == 200  # the route is known
+            pause_s = 4.0
+            admin = redis.Redis.from_url(own.url)
+            await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
+            admin.close()
+            started = time.monotonic()
+            status, body = await gw.request("GET", "/v1/vms")
+            took = time.monotonic() - started
+            assert (status, body["code"]) == (503, "store_unavailable")
+            assert took < call_timeout_s * 4, f"the API took {took:.2f} s to say Redis is too slow"
+            for _ in range(5):
+                async with client.get(url + "echo") as resp:
+                    assert resp.status == 200  # served from what the edge knows, Redis or not
+            deadline = time.monotonic() + WAIT_S
+            while (await gw.request("GET", "/v1/vms"))[0] != 200:
+                assert time.monotonic() < deadline, "the API did not recover after the pause"
+                await asyncio.sleep(0.05)
+    finally:
+        if gw is not None:
+            await destroy_all(gw.services)
+            await gw.stop()
+        own.stop()
