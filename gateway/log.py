@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -51,9 +52,9 @@ def _add_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
-def configure_logging(fmt: str = "text", level: str = "info") -> None:
-    """Route every log record to stderr in ``fmt``; replaces any handlers set before (``basicConfig``)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
+    """Route every log record to stderr (or ``stream``) in ``fmt``; replaces any handlers set before."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_add_request_id)
     root = logging.getLogger()
