@@ -10,9 +10,10 @@ How lexicon is used, and why:
 - Lexicon 3.x keeps its providers under ``lexicon._private.providers`` (the public ``lexicon.providers``
   is deprecated, warns, and imports all of them); we load them with ``lexicon._private.discovery``, the
   functions lexicon's own Client uses, one module at a time.
-- It is synchronous (requests), so every call runs in ``asyncio.to_thread``. Its providers call requests
-  without a timeout: ``CALL_TIMEOUT_S`` bounds our wait, and a thread stuck past it ends when its socket
-  gives up.
+- It is synchronous (requests), so every call runs in a thread. Its providers call requests without a
+  timeout: ``CALL_TIMEOUT_S`` bounds our wait, and the thread is a daemon of its own, not one of the
+  loop's executor: a call stuck on an API that never answers must not hold up the gateway's shutdown
+  (the loop's executor is joined when the loop closes; a test run hung there once).
 - The customer's credentials never reach a message: lexicon's exception texts (request URLs can carry
   keys) are not passed on, and whatever we quote of an API's answer is scrubbed of every credential value.
 """
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import functools
+import threading
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -33,6 +37,32 @@ from lexicon.exceptions import AuthenticationError
 from lexicon.interfaces import Provider as LexiconApi
 
 from gateway.tls.dns01 import DnsLookup, DnsProviderError, zone_of
+
+T = TypeVar("T")
+
+
+def _in_daemon_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """``asyncio.to_thread`` on a daemon thread of its own (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # handed to the awaiting task, not lost in the thread
+            report = functools.partial(settle, functools.partial(future.set_exception, exc))
+        else:
+            report = functools.partial(settle, functools.partial(future.set_result, result))
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(report)
+
+    threading.Thread(target=run, name="lexicon-call", daemon=True).start()
+    return future
+
 
 # Short, so that a challenge retried soon after is not answered from a resolver's cache of the previous
 # value. Providers whose API has a higher minimum raise it themselves (godaddy, desec, hetzner...).
@@ -176,7 +206,7 @@ class LexiconProvider:
         action = f"{verb} the TXT record at {fqdn}"
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                done = await asyncio.to_thread(self._run, zone, fqdn.rstrip("."), action, operation)
+                done = await _in_daemon_thread(self._run, zone, fqdn.rstrip("."), action, operation)
         except TimeoutError:
             raise DnsProviderError(self.name, f"{action}: no answer within {CALL_TIMEOUT_S:g} s") from None
         if not done:
