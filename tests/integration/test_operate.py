@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +41,34 @@ async def scrape(gw: GatewayUnderTest) -> dict[tuple[str, tuple[tuple[str, str],
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+async def on_own_redis(
+    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Callable[..., Awaitable[tuple[GatewayUnderTest, EmbeddedRedis]]]]:
+    """Start a gateway on a Redis of the test's own, which the test may stop and start again. Afterwards
+    the gateway stops (its VMs removed) with that Redis running, and then the Redis stops."""
+    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
+    own.start()
+    started: list[GatewayUnderTest] = []
+
+    async def start(**sections: dict) -> tuple[GatewayUnderTest, EmbeddedRedis]:
+        redis_section = {"url": own.url, "call_timeout_s": 0.5} | sections.pop("redis", {})
+        gw = await gateway_factory("process", redis=redis_section, **sections)  # type: ignore[operator]
+        started.append(gw)
+        return gw, own
+
+    try:
+        yield start
+    finally:
+        if own.process is None:
+            own.start()
+        for gw in started:
+            if gw.running:
+                await destroy_all(gw.services)
+                await gw.stop()
+        own.stop()
 
 
 async def test_metrics_count_requests_failures_cache_and_vms(gw: GatewayUnderTest) -> None:
@@ -99,97 +128,67 @@ async def test_open_connections_and_tunnels_are_gauges(gw: GatewayUnderTest) -> 
             await asyncio.sleep(0.02)
 
 
-async def test_readiness_follows_redis_down_and_back(
-    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
-    own.start()
-    gw: GatewayUnderTest | None = None
-    try:
-        gw = await gateway_factory(  # type: ignore[operator]
-            "process", redis={"url": own.url, "call_timeout_s": 0.5}
-        )
-        async with aiohttp.ClientSession() as client:
+async def test_readiness_follows_redis_down_and_back(on_own_redis) -> None:
+    gw, own = await on_own_redis()
+    async with aiohttp.ClientSession() as client:
 
-            async def ready() -> tuple[int, dict]:
-                async with client.get(admin_url(gw) + "/readyz") as resp:
-                    return resp.status, await resp.json()
+        async def ready() -> tuple[int, dict]:
+            async with client.get(admin_url(gw) + "/readyz") as resp:
+                return resp.status, await resp.json()
 
-            async def wait_ready(expected: int) -> dict:
-                deadline = time.monotonic() + WAIT_S
-                while (answer := await ready())[0] != expected:
-                    assert time.monotonic() < deadline, f"readyz stayed {answer}"
-                    await asyncio.sleep(0.05)
-                return answer[1]
-
-            body = await wait_ready(200)
-            assert body == {"ready": True, "checks": {"redis": True, "routes": True, "listeners": True}}
-            own.stop()
-            body = await wait_ready(503)
-            assert body["checks"]["redis"] is False
-            async with client.get(admin_url(gw) + "/healthz") as resp:
-                assert (resp.status, await resp.json()) == (200, {"status": "ok"})  # alive all along
-            async with client.get(admin_url(gw) + "/metrics") as resp:
-                assert resp.status == 200  # the process's own counters, Redis failures included
-                assert "gateway_redis_errors_total" in await resp.text()
-            status, body = await gw.request("GET", "/v1/vms")
-            assert (status, body["code"]) == (503, "store_unavailable")
-            own.start()  # the same socket and data folder: the gateway reconnects by itself
-            assert (await wait_ready(200))["ready"] is True
-            status, _ = await gw.request("GET", "/v1/vms")
-            assert status == 200
-    finally:
-        if gw is not None:
-            if own.process is None:
-                own.start()  # the gateway stops (and its VMs are cleaned up) with its Redis up
-            await destroy_all(gw.services)
-            await gw.stop()
-        own.stop()
-
-
-async def test_the_edge_serves_known_routes_through_a_redis_outage_then_fails_closed(
-    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
-    own.start()
-    gw: GatewayUnderTest | None = None
-    grace_s = 2.0
-    try:
-        gw = await gateway_factory(  # type: ignore[operator]
-            "process", redis={"url": own.url, "call_timeout_s": 0.5}, edge={"redis_grace_s": grace_s}
-        )
-        sid, _, url = await start_app(gw)
-        unknown = f"{gw.url}/v1/app/{sid}/{APP_PORT + 7}/"  # never looked up: nothing cached
-        async with aiohttp.ClientSession() as client:
-
-            async def status_of(target: str) -> int:
-                async with client.get(target) as resp:
-                    return resp.status
-
-            assert await status_of(url + "echo") == 200  # cached now
-            own.stop()
-            outage = time.monotonic()
-            assert await status_of(url + "echo") == 200  # served from what the edge knew
-            assert await status_of(unknown) == 503  # nothing known: fails closed at once
-            while (status := await status_of(url + "echo")) == 200:
-                assert time.monotonic() - outage < grace_s + 2.0, "the grace did not end"
-                await asyncio.sleep(0.05)
-            assert status == 503  # fails closed once the grace is over
-            assert time.monotonic() - outage >= grace_s - 0.1
-            samples = await scrape(gw)
-            assert value(samples, "gateway_route_cache_stale_hits_total") >= 1
-            own.start()
+        async def wait_ready(expected: int) -> dict:
             deadline = time.monotonic() + WAIT_S
-            while await status_of(url + "echo") != 200:  # recovers by itself
-                assert time.monotonic() < deadline, "the edge did not recover"
+            while (answer := await ready())[0] != expected:
+                assert time.monotonic() < deadline, f"readyz stayed {answer}"
                 await asyncio.sleep(0.05)
-    finally:
-        if gw is not None:
-            if own.process is None:
-                own.start()
-            await destroy_all(gw.services)
-            await gw.stop()
+            return answer[1]
+
+        body = await wait_ready(200)
+        assert body == {"ready": True, "checks": {"redis": True, "routes": True, "listeners": True}}
         own.stop()
+        body = await wait_ready(503)
+        assert body["checks"]["redis"] is False
+        async with client.get(admin_url(gw) + "/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})  # alive all along
+        async with client.get(admin_url(gw) + "/metrics") as resp:
+            assert resp.status == 200  # the process's own counters, Redis failures included
+            assert "gateway_redis_errors_total" in await resp.text()
+        status, body = await gw.request("GET", "/v1/vms")
+        assert (status, body["code"]) == (503, "store_unavailable")
+        own.start()  # the same socket and data folder: the gateway reconnects by itself
+        assert (await wait_ready(200))["ready"] is True
+        status, _ = await gw.request("GET", "/v1/vms")
+        assert status == 200
+
+
+async def test_the_edge_serves_known_routes_through_a_redis_outage_then_fails_closed(on_own_redis) -> None:
+    grace_s = 2.0
+    gw, own = await on_own_redis(edge={"redis_grace_s": grace_s})
+    sid, _, url = await start_app(gw)
+    unknown = f"{gw.url}/v1/app/{sid}/{APP_PORT + 7}/"  # never looked up: nothing cached
+    async with aiohttp.ClientSession() as client:
+
+        async def status_of(target: str) -> int:
+            async with client.get(target) as resp:
+                return resp.status
+
+        assert await status_of(url + "echo") == 200  # cached now
+        own.stop()
+        outage = time.monotonic()
+        assert await status_of(url + "echo") == 200  # served from what the edge knew
+        assert await status_of(unknown) == 503  # nothing known: fails closed at once
+        while (status := await status_of(url + "echo")) == 200:
+            assert time.monotonic() - outage < grace_s + 2.0, "the grace did not end"
+            await asyncio.sleep(0.05)
+        assert status == 503  # fails closed once the grace is over
+        assert time.monotonic() - outage >= grace_s - 0.1
+        samples = await scrape(gw)
+        assert value(samples, "gateway_route_cache_stale_hits_total") >= 1
+        own.start()
+        deadline = time.monotonic() + WAIT_S
+        while await status_of(url + "echo") != 200:  # recovers by itself
+            assert time.monotonic() < deadline, "the edge did not recover"
+            await asyncio.sleep(0.05)
 
 
 async def test_one_access_log_line_per_request_with_ids_and_no_secrets(
@@ -298,39 +297,26 @@ async def test_a_driver_failure_during_create_is_a_clear_error_and_leaves_nothin
     assert await store.next_expiry() is None  # the reaper has nothing of it to do
 
 
-async def test_a_slow_redis_gets_503_in_bounded_time_while_known_apps_are_served(
-    gateway_factory: object, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    own = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
-    own.start()
-    gw: GatewayUnderTest | None = None
+async def test_a_slow_redis_gets_503_in_bounded_time_while_known_apps_are_served(on_own_redis) -> None:
     call_timeout_s = 0.5
-    try:
-        gw = await gateway_factory(  # type: ignore[operator]
-            "process", redis={"url": own.url, "call_timeout_s": call_timeout_s}
-        )
-        _, _, url = await start_app(gw)
-        async with aiohttp.ClientSession() as client:
+    gw, own = await on_own_redis(redis={"call_timeout_s": call_timeout_s})
+    _, _, url = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "echo") as resp:
+            assert resp.status == 200  # the route is known
+        pause_s = 4.0
+        admin = redis.Redis.from_url(own.url)
+        await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
+        admin.close()
+        started = time.monotonic()
+        status, body = await gw.request("GET", "/v1/vms")
+        took = time.monotonic() - started
+        assert (status, body["code"]) == (503, "store_unavailable")
+        assert took < call_timeout_s * 4, f"the API took {took:.2f} s to say Redis is too slow"
+        for _ in range(5):
             async with client.get(url + "echo") as resp:
-                assert resp.status == 200  # the route is known
-            pause_s = 4.0
-            admin = redis.Redis.from_url(own.url)
-            await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
-            admin.close()
-            started = time.monotonic()
-            status, body = await gw.request("GET", "/v1/vms")
-            took = time.monotonic() - started
-            assert (status, body["code"]) == (503, "store_unavailable")
-            assert took < call_timeout_s * 4, f"the API took {took:.2f} s to say Redis is too slow"
-            for _ in range(5):
-                async with client.get(url + "echo") as resp:
-                    assert resp.status == 200  # served from what the edge knows, Redis or not
-            deadline = time.monotonic() + WAIT_S
-            while (await gw.request("GET", "/v1/vms"))[0] != 200:
-                assert time.monotonic() < deadline, "the API did not recover after the pause"
-                await asyncio.sleep(0.05)
-    finally:
-        if gw is not None:
-            await destroy_all(gw.services)
-            await gw.stop()
-        own.stop()
+                assert resp.status == 200  # served from what the edge knows, Redis or not
+        deadline = time.monotonic() + WAIT_S
+        while (await gw.request("GET", "/v1/vms"))[0] != 200:
+            assert time.monotonic() < deadline, "the API did not recover after the pause"
+            await asyncio.sleep(0.05)
