@@ -226,28 +226,27 @@ def _instance_form(target: bytes, host_value: bytes, name: bytes, label: bytes) 
     instance_id = label[len(INSTANCE_LABEL_PREFIX) :]
     if _SESSION_ID_RE.fullmatch(instance_id) is None:
         return _NO_ROUTE
-    if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
-        return _invalid("dot segments are not allowed in app paths")
-    return AppTarget(
-        kind="instance",
-        session_id=None,
-        vm_id=None,
-        port=0,
-        upstream_target=target,
-        prefix=None,
-        host=host_value,
-        host_name=name,
-        instance_id=instance_id.decode("ascii"),
-    )
+    return _named_host("instance", target, host_value, name, instance_id.decode("ascii"))
 
 
 def _domain_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rejection:
     if b"." not in name or name.rpartition(b".")[2].isdigit() or name.startswith(b"["):
         return _NO_ROUTE  # a single label or an IP address is never a custom domain
+    return _named_host("domain", target, host_value, name)
+
+
+def _named_host(
+    kind: Literal["domain", "instance"],
+    target: bytes,
+    host_value: bytes,
+    name: bytes,
+    instance_id: str | None = None,
+) -> AppTarget | Rejection:
+    """A host whose record says which VM and port (a custom domain, an instance): the whole target goes."""
     if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
         return _invalid("dot segments are not allowed in app paths")
     return AppTarget(
-        kind="domain",
+        kind=kind,
         session_id=None,
         vm_id=None,
         port=0,
@@ -255,6 +254,7 @@ def _domain_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | R
         prefix=None,
         host=host_value,
         host_name=name,
+        instance_id=instance_id,
     )
 
 
