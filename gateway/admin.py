@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway import metrics
 from gateway.config import Config, split_host_port
 from gateway.edge.protocol import Edge
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ListenFailed
 from gateway.routes.store import RedisStore, guarded
 from gateway.tls.serving import TlsServing
 
@@ -90,7 +90,10 @@ async def running_admin(config: Config, view: AdminView) -> AsyncIterator[None]:
     await runner.setup()
     try:
         host, port = split_host_port(config.admin.listen)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            raise ListenFailed("admin.listen", config.admin.listen, exc) from exc
         yield
     finally:
         await runner.cleanup()

@@ -27,7 +27,7 @@ from gateway.datadir import DataDirBusy, DataDirLock
 from gateway.edge.protocol import Edge
 from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
-from gateway.errors import StoreUnavailable
+from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.keys import ApiKeyStore
 from gateway.metrics import write_snapshots
 from gateway.orchestrator.domains import DomainService
@@ -209,7 +209,11 @@ async def running_control_plane(config: Config) -> AsyncIterator[Services]:
             runner = web.AppRunner(svc.app, shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
             await runner.setup()
             try:
-                await web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True).start()
+                site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise ListenFailed("server.listen", config.server.listen, exc) from exc
                 async with (
                     keeping_operator_certs(config, certs, client) as keeper,
                     keeping_domain_certs(config, certs, svc.store) as domains,

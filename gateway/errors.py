@@ -49,6 +49,17 @@ class Unsupported(GatewayError):
     status, code, message = 422, "unsupported", "not supported"
 
 
+class ListenFailed(GatewayError):
+    """A listener could not be opened (the address is in use or not ours): the setting is named."""
+
+    status, code, message = 500, "listen_failed", "cannot listen"
+
+    def __init__(self, setting: str, address: str, exc: OSError) -> None:
+        # uvloop's text repeats the address before the reason; the reason is the part after the last colon.
+        reason = (exc.strerror or str(exc)).rpartition(": ")[2]
+        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
+
+
 class VmNotRunning(GatewayError):
     status, code, message = 410, "vm_not_running", "VM is not running"
 

@@ -18,6 +18,7 @@ from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
 from gateway.edge.resolver import Resolver
 from gateway.edge.target import RoutingConfig
 from gateway.edge.upstream import UpstreamPool
+from gateway.errors import ListenFailed
 from gateway.routes.store import RedisStore
 from gateway.tls.sni import SniTable
 
@@ -83,30 +84,36 @@ async def running_edge(
     servers: list[asyncio.Server] = []
     try:
         # Inside the try: when a listener cannot bind, what was started is stopped again.
-        servers.append(
-            await loop.create_server(
-                lambda: EdgeProtocol(edge),
-                config.server.host,
-                config.server.port,
-                reuse_address=True,
-                reuse_port=reuse_port or None,
-                backlog=4096,
-            )
-        )
-        if sni is not None:
-            host, port = split_host_port(config.tls.listen)
+        try:
             servers.append(
                 await loop.create_server(
-                    lambda: EdgeProtocol(edge, tls=True),
-                    host,
-                    port,
-                    ssl=sni.context,
-                    ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                    lambda: EdgeProtocol(edge),
+                    config.server.host,
+                    config.server.port,
                     reuse_address=True,
                     reuse_port=reuse_port or None,
                     backlog=4096,
                 )
             )
+        except OSError as exc:
+            raise ListenFailed("server.listen", config.server.listen, exc) from exc
+        if sni is not None:
+            host, port = split_host_port(config.tls.listen)
+            try:
+                servers.append(
+                    await loop.create_server(
+                        lambda: EdgeProtocol(edge, tls=True),
+                        host,
+                        port,
+                        ssl=sni.context,
+                        ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                        reuse_address=True,
+                        reuse_port=reuse_port or None,
+                        backlog=4096,
+                    )
+                )
+            except OSError as exc:
+                raise ListenFailed("tls.listen", config.tls.listen, exc) from exc
         yield edge
     finally:
         for server in servers:

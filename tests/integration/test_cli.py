@@ -311,3 +311,34 @@ def test_sigkill_mid_traffic_loses_no_route_vm_or_certificate(tmp_path: Path) ->
             process={"cidr": cli_env()["GATEWAY_PROCESS_CIDR"]},
         )
         asyncio.run(make_driver(config).sweep(set()))
+
+
+@pytest.mark.parametrize("setting", ["server.listen", "admin.listen"])
+def test_a_busy_address_is_a_clear_error_naming_the_setting(tmp_path: Path, setting: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        listen = busy if setting == "server.listen" else f"127.0.0.1:{free_port()}"
+        env = cli_env() | ({"GATEWAY_ADMIN_LISTEN": busy} if setting == "admin.listen" else {})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "serve",
+                "--listen",
+                listen,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"gateway: cannot listen on {busy} ({setting}): address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -326,7 +326,11 @@ async def test_the_status_follows_the_browser_and_the_lifetime(gateway_factory: 
 
 
 async def test_an_image_that_fails_to_start_leaves_nothing_behind(gateway_factory: object) -> None:
-    broken = ImageConfig(description="exits at once", command=("false",), port=9222, drivers=("process",))
+    # Starts, then exits without ever listening (a program that exits at once can also fail the
+    # driver's own start, a different message).
+    broken = ImageConfig(
+        description="never listens", command=("sleep", "0.3"), port=9222, drivers=("process",)
+    )
     gw: GatewayUnderTest = await gateway_factory(  # type: ignore[operator]
         "process", instances={"images": {"broken": broken}}
     )

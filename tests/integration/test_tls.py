@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet
 
 from gateway.app import running_gateway
+from gateway.errors import ListenFailed
 from gateway.tls.bundle import BadCertificate, dns_names, parse_bundle
 from tests.acme_env import TSIG_KEY_NAME, AcmeTestEnv
 from tests.conftest import GatewayUnderTest, free_port, make_config
@@ -325,7 +326,8 @@ async def test_a_tls_port_in_use_fails_the_start_cleanly_and_leaves_nothing_runn
         sections = tls_sections(tmp_path, listen=f"127.0.0.1:{taken.getsockname()[1]}")
         config = make_config(tmp_path, redis_url, "process", **sections)
         before = asyncio.all_tasks()
-        with pytest.raises(OSError, match="address already in use"):
+        in_use = r"cannot listen on .* \(tls\.listen\): address already in use"
+        with pytest.raises(ListenFailed, match=in_use):
             async with running_gateway(config):
                 pytest.fail("started on a port in use")
     assert asyncio.all_tasks() == before  # no follower, keeper or server task left behind
