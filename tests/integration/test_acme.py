@@ -139,9 +139,20 @@ async def test_two_processes_racing_to_renew_issue_once_and_failures_back_off(
         Renewer(cert_store, issuer_for(acme_env, cert_store), cert_store.client, keys) for _ in range(2)
     ]
     cert_id, names = "race.example.test", ["race.example.test"]
+    # Orders are counted at the issuer: DNS records presented would undercount when the ACME server
+    # reuses a still-valid authorization (pebble did once, in CI), which is legitimate.
+    orders: list[list[str]] = []
+    for renewer in renewers:
+        real_issue = renewer.issuer.issue
+
+        async def counted(names: list[str], provider: DnsProvider, real_issue=real_issue) -> object:
+            orders.append(names)
+            return await real_issue(names, provider)
+
+        renewer.issuer.issue = counted  # type: ignore[method-assign]
 
     issued = await asyncio.gather(*(r.ensure(cert_id, names, provider) for r in renewers))
-    assert sorted(issued) == [False, True] and provider.presented == 1
+    assert sorted(issued) == [False, True] and len(orders) == 1
     first = await cert_store.get(cert_id)
     assert first is not None and (await renewers[0].state(cert_id)).status == "issued"
 
@@ -152,7 +163,7 @@ async def test_two_processes_racing_to_renew_issue_once_and_failures_back_off(
     assert state.ari_renew_at == 0 and state.ari_next_poll > time.time() + 5 * 3600
     later = first.bundle.not_after - 1
     issued = await asyncio.gather(*(r.ensure(cert_id, names, provider, now=later) for r in renewers))
-    assert sorted(issued) == [False, True] and provider.presented == 2
+    assert sorted(issued) == [False, True] and len(orders) == 2
     second = await cert_store.get(cert_id)
     assert second is not None and second.bundle.chain_pem != first.bundle.chain_pem
 
