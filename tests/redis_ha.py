@@ -68,6 +68,14 @@ class RedisHA:
         log.close()
 
     def start(self) -> None:
+        """Start all three, or none: what started is stopped again when a step fails."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         primary = self.ports["primary"]
         self._server("primary", "--repl-diskless-sync-delay", "0")
         _wait(lambda: self.client("primary").ping(), "the primary")
@@ -142,6 +150,14 @@ class RedisClusterNodes:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def start(self) -> None:
+        """Start the nodes and join them, or leave none running when a step fails."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         for port in self.ports:
             folder = self.folder / str(port)
             folder.mkdir(parents=True, exist_ok=True)
