@@ -45,11 +45,44 @@ def _wait(condition, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
         time.sleep(0.05)
 
 
-class RedisHA:
+class _RedisProcesses:
+    """Named redis-server processes of a test: started all or none, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        """Start every process, or leave none running when a step fails."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
+        with open(log_path, "wb") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class RedisHA(_RedisProcesses):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        super().__init__()
         self.ports = {"primary": _free_port(), "replica": _free_port(), "sentinel": _free_port()}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -63,17 +96,7 @@ class RedisHA:
         folder.mkdir(parents=True, exist_ok=True)
         argv = ["redis-server", "--port", str(self.ports[role]), "--bind", "127.0.0.1", "--dir", str(folder)]
         argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *extra]
-        log = open(folder / "redis.log", "wb")
-        self.procs[role] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def start(self) -> None:
-        """Start all three, or none: what started is stopped again when a step fails."""
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(role, argv, folder / "redis.log")
 
     def _start(self) -> None:
         primary = self.ports["primary"]
@@ -99,11 +122,7 @@ class RedisHA:
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
         )
-        log = open(folder / "sentinel.log", "wb")
-        self.procs["sentinel"] = subprocess.Popen(
-            ["redis-server", str(config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        self._spawn("sentinel", ["redis-server", str(config), "--sentinel"], folder / "sentinel.log")
         _wait(lambda: self.replicas_known() > 0, "the Sentinel to find the replica")
 
     def replicas_known(self) -> int:
@@ -124,38 +143,19 @@ class RedisHA:
         old = self.ports["primary"]
         _wait(lambda: self.primary_port() != old, "the failover", timeout_s)
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
-
-class RedisClusterNodes:
+class RedisClusterNodes(_RedisProcesses):
     """Three Redis Cluster primaries on loopback (no replicas), joined with ``redis-cli --cluster create``."""
 
     def __init__(self, folder: Path, count: int = 3) -> None:
+        super().__init__()
         self.folder = folder
         # A cluster node also listens on its port + 10000 (the cluster bus).
         self.ports = [_free_port(below=55535) for _ in range(count)]
-        self.procs: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
-
-    def start(self) -> None:
-        """Start the nodes and join them, or leave none running when a step fails."""
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
 
     def _start(self) -> None:
         for port in self.ports:
@@ -164,9 +164,7 @@ class RedisClusterNodes:
             argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", ""]
             argv += ["--appendonly", "no", "--protected-mode", "no"]
-            log = open(folder / "redis.log", "wb")
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-            log.close()
+            self._spawn(str(port), argv, folder / "redis.log")
             _wait(lambda p=port: redis.Redis(port=p, socket_timeout=1).ping(), f"cluster node {port}")
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
@@ -185,14 +183,3 @@ class RedisClusterNodes:
 
     def keys_per_node(self) -> list[list[str]]:
         return [redis.Redis(port=port, decode_responses=True).keys("*") for port in self.ports]
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
