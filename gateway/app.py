@@ -31,6 +31,7 @@ from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.keys import ApiKeyStore
 from gateway.metrics import write_snapshots
 from gateway.orchestrator.domains import DomainService
+from gateway.orchestrator.drivers.qemu_net import guest_half
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
@@ -48,8 +49,14 @@ API_SOCKET = "api.sock"
 
 
 def vm_networks(config: Config) -> list[str]:
-    """The only addresses the edge may dial: the configured driver's VM range."""
-    return [config.netns.cidr if choose_driver(config.vms.driver) == "netns" else config.process.cidr]
+    """The only addresses the edge may dial: the configured driver's VM range.
+
+    For qemu only the guest half: the other half holds the host's own side of each VM's veth.
+    """
+    driver = choose_driver(config.vms.driver)
+    if driver == "qemu":
+        return [str(guest_half(config.qemu.cidr))]
+    return [config.netns.cidr if driver == "netns" else config.process.cidr]
 
 
 def embedded_redis_for(config: Config) -> EmbeddedRedis:

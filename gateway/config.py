@@ -129,6 +129,23 @@ class NetnsConfig:
 
 
 @dataclass(frozen=True)
+class QemuConfig:
+    # Private range for VM addresses. The guest half (the lower /n+1) holds the VMs' addresses, the
+    # host half the host side of each VM's veth; blackholed as a whole like netns.cidr.
+    cidr: str = "172.29.0.0/16"
+    name_prefix: str = "gq"
+    cgroup_name: str = "gateway-qemu"
+    # The guest image (`gateway image build`); empty: <data_dir>/images/qemu.
+    image_dir: str = ""
+    # "auto": KVM when a probe VM boots under it (the result is kept per host kernel and image),
+    # otherwise TCG (software emulation); or "kvm" / "tcg".
+    accel: str = "auto"
+    # The in-guest agent's port (POST /execute goes there, with the VM's own token).
+    agent_port: int = 49983
+    qemu_binary: str = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
 class ProcessConfig:
     cidr: str = "127.100.0.0/16"
     # Conventional port put in $PORT for apps that read it.
@@ -286,6 +303,7 @@ class Config:
     vms: VmsConfig = field(default_factory=VmsConfig)
     netns: NetnsConfig = field(default_factory=NetnsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    qemu: QemuConfig = field(default_factory=QemuConfig)
     execute: ExecuteConfig = field(default_factory=ExecuteConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
@@ -423,11 +441,20 @@ def validate(config: Config) -> None:
             "touch several keys, which must share one slot)"
         )
     vms = config.vms
-    if config.vms.driver not in ("auto", "netns", "process"):
-        raise ConfigError(f"vms.driver: expected auto, netns or process, got {vms.driver!r}")
+    if config.vms.driver not in ("auto", "netns", "process", "qemu"):
+        raise ConfigError(f"vms.driver: expected auto, netns, process or qemu, got {vms.driver!r}")
+    if config.qemu.accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"qemu.accel: expected auto, kvm or tcg, got {config.qemu.accel!r}")
+    if not 0 < config.qemu.agent_port < 65536:
+        raise ConfigError("qemu.agent_port must be between 1 and 65535")
     if not 1 <= vms.min_lifetime_s <= vms.default_lifetime_s <= vms.max_lifetime_s:
         raise ConfigError("vms: need 1 <= min_lifetime_s <= default_lifetime_s <= max_lifetime_s")
-    for name, cidr in (("netns.cidr", config.netns.cidr), ("process.cidr", config.process.cidr)):
+    cidrs = (
+        ("netns.cidr", config.netns.cidr),
+        ("process.cidr", config.process.cidr),
+        ("qemu.cidr", config.qemu.cidr),
+    )
+    for name, cidr in cidrs:
         try:
             net = ipaddress.IPv4Network(cidr)
         except ValueError as exc:
@@ -436,8 +463,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name}: {cidr} is too small for VM slots")
     if not ipaddress.IPv4Network(config.process.cidr).subnet_of(ipaddress.IPv4Network("127.0.0.0/8")):
         raise ConfigError("process.cidr must be inside 127.0.0.0/8")
-    if not ipaddress.IPv4Network(config.netns.cidr).is_private:
-        raise ConfigError("netns.cidr must be a private range")
+    for name in ("netns", "qemu"):
+        if not ipaddress.IPv4Network(getattr(config, name).cidr).is_private:
+            raise ConfigError(f"{name}.cidr must be a private range")
     if config.execute.default_timeout_s > config.execute.max_timeout_s:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.api.max_body_bytes < 1024:

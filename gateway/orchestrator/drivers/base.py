@@ -27,6 +27,8 @@ class VmSpec:
     # The VM's init program (an image's, e.g. a browser); empty: the driver's idle init. The VM runs
     # while it does.
     command: tuple[str, ...] = ()
+    # A snapshot folder to resume instead of booting (drivers that support snapshots; others refuse).
+    restore_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class VmDriver(Protocol):
     """
 
     name: str
+    # True when ``snapshot(vm_id, handle, dest)`` and ``VmSpec.restore_from`` are supported.
+    snapshots: bool
 
     @property
     def capacity(self) -> int:

@@ -97,6 +97,8 @@ class NetnsVmDriver:
     """VmDriver on network namespaces and cgroups (root only). See the module docstring."""
 
     name = "netns"
+    # Whether ``snapshot`` and ``VmSpec.restore_from`` work (the qemu driver on top of this one).
+    snapshots = False
 
     def __init__(self, config: NetnsConfig, work_dir: Path, *, cgroup_root: Path | None = None) -> None:
         self._config = config
@@ -117,7 +119,7 @@ class NetnsVmDriver:
         return self._capacity
 
     def address(self, slot: int) -> str:
-        return plan_slot(self._config.cidr, self._config.name_prefix, slot).vm_ip
+        return self.plan(slot).vm_ip
 
     def plan(self, slot: int) -> NetnsSlot:
         return plan_slot(self._config.cidr, self._config.name_prefix, slot)
@@ -138,6 +140,8 @@ class NetnsVmDriver:
         plan = self.plan(spec.slot)
         if spec.memory_mb < 1 or spec.vcpu_count < 1:
             raise DriverError("memory_mb and vcpu_count must be positive")
+        if spec.restore_from and not self.snapshots:
+            raise DriverError(f"the {self.name} driver has no snapshots to restore")
         made = _Parts(vm_id)
         try:
             handle = await self._build(spec, plan, made)
@@ -188,28 +192,46 @@ class NetnsVmDriver:
         made.veth = plan.veth
         host_side = (
             f"link set dev {plan.veth} alias {vm_id}\n"
-            f"addr add {plan.host_ip}/{SLOT_PREFIXLEN} dev {plan.veth}\n"
+            f"addr add {self._host_address(plan)} dev {plan.veth}\n"
             f"link set dev {plan.veth} up\n"
         )
         await _host.run_host([self._ip, "-batch", "-"], input=host_side.encode())
-        vm_side = (
-            f"link set dev {VM_DEVICE} alias {vm_id}\n"
-            "link set dev lo up\n"
+        vm_side = f"link set dev {VM_DEVICE} alias {vm_id}\nlink set dev lo up\n{self._namespace_setup(plan)}"
+        await _host.run_host([self._ip, "-n", plan.namespace, "-batch", "-"], input=vm_side.encode())
+
+        made.cgroups = self._cgroups.create(
+            vm_id, memory_mb=self._memory_limit_mb(spec), vcpu_count=spec.vcpu_count
+        )
+        await self._start_init(spec, plan, made, handle)
+        _host.write_json(vm_dir / _host.VM_FILE, handle)
+        return handle
+
+    # --- what a driver on top of this one's namespaces changes ----------------------------------------
+
+    def _host_address(self, plan: NetnsSlot) -> str:
+        """The host side's address (``ip addr add`` syntax)."""
+        return f"{plan.host_ip}/{SLOT_PREFIXLEN}"
+
+    def _namespace_setup(self, plan: NetnsSlot) -> str:
+        """``ip -batch`` lines run in the namespace once eth0 (the veth's VM side) is there."""
+        return (
             f"addr add {plan.vm_ip}/{SLOT_PREFIXLEN} dev {VM_DEVICE}\n"
             f"link set dev {VM_DEVICE} up\n"
             f"route add default via {plan.host_ip} dev {VM_DEVICE}\n"
         )
-        await _host.run_host([self._ip, "-n", plan.namespace, "-batch", "-"], input=vm_side.encode())
 
-        made.cgroups = self._cgroups.create(vm_id, memory_mb=spec.memory_mb, vcpu_count=spec.vcpu_count)
-        env = {**_host.base_env(home), **spec.env, "VM_ID": vm_id, "VM_IP": plan.vm_ip}
+    def _memory_limit_mb(self, spec: VmSpec) -> int:
+        return spec.memory_mb
+
+    async def _start_init(self, spec: VmSpec, plan: NetnsSlot, made: _Parts, handle: dict[str, Any]) -> None:
+        """Start the VM's init in its namespace and cgroups; record its PID in ``made`` and ``handle``."""
+        home = Path(handle["vm_dir"]) / _host.HOME_DIR
+        env = {**_host.base_env(home), **spec.env, "VM_ID": spec.vm_id, "VM_IP": plan.vm_ip}
         pid, ticks = await _host.spawn_detached(
             self._enter_prefix(plan.namespace, made.cgroups), spec.command or INIT_COMMAND, env=env, cwd=home
         )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
-        _host.write_json(vm_dir / _host.VM_FILE, handle)
-        return handle
 
     def _enter_prefix(self, namespace: str, cgroups: Sequence[Path]) -> list[str]:
         """argv prefix that puts what follows into the VM's cgroups and namespace before it runs."""

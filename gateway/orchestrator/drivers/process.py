@@ -75,6 +75,7 @@ class ProcessVmDriver:
     """VmDriver on plain processes. See the module docstring."""
 
     name = "process"
+    snapshots = False
 
     def __init__(self, config: ProcessConfig, work_dir: Path) -> None:
         self._config = config
@@ -110,6 +111,8 @@ class ProcessVmDriver:
 
     async def create(self, spec: VmSpec) -> VmInfo:
         vm_id = _host.check_vm_id(spec.vm_id)
+        if spec.restore_from:
+            raise DriverError("the process driver has no snapshots to restore")
         ip = self.address(spec.slot)
         vm_dir = self._work_dir / vm_id
         made_dir = False
