@@ -117,4 +117,9 @@ def vm_view(
         exposed_ports=sorted(exposed_ports or ()),
         custom_domain=domain_view(config, domain) if domain is not None else None,
         error=vm.error,
+        accel=vm.handle.get("accel"),
+        snapshot_on_terminate=vm.snapshot_on_terminate,
+        snapshot_id=vm.snapshot_id,
+        snapshot_error=vm.snapshot_error,
+        restored_from=vm.restored_from,
     )

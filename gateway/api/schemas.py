@@ -171,6 +171,29 @@ class VmResponse(_Model):
     exposed_ports: list[int] = Field(default_factory=list)
     custom_domain: dict[str, Any] | None = None
     error: str | None = None
+    # How the VM runs: "kvm" or "tcg" for the qemu driver, null for the others.
+    accel: str | None = None
+    snapshot_on_terminate: bool = False
+    # The snapshot made when this VM terminated (or why it could not be made), and the one it resumed.
+    snapshot_id: str | None = None
+    snapshot_error: str | None = None
+    restored_from: str | None = None
+
+
+class SnapshotResponse(_Model):
+    snapshot_id: str
+    name: str | None = None
+    vm_id: str
+    driver: str
+    vcpu_count: int
+    memory_mb: int
+    size_bytes: int
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class SnapshotListResponse(_Model):
+    snapshots: list[SnapshotResponse]
+    total: int
 
 
 class DnsRecordView(_Model):

@@ -17,17 +17,18 @@ from gateway.api.validation import RequestValidationError, detail_item, parse_bo
 from gateway.edge import access
 from gateway.errors import DriverError
 from gateway.orchestrator.domains import DomainRequest, DomainService
-from gateway.routes.model import VM_FAILED
+from gateway.orchestrator.snapshots import SnapshotService
+from gateway.routes.model import VM_FAILED, SnapshotRecord
 
 routes = web.RouteTableDef()
 
 METADATA_FILTER_PREFIX = "metadata."
 
 
-def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
+def refuse_unsupported(body: VMCreateRequest, driver: str, snapshots: bool = False) -> None:
     """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op."""
     problems = []
-    if body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name:
+    if (body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name) and not snapshots:
         field = (
             "snapshot_id"
             if body.snapshot_id
@@ -46,6 +47,31 @@ def refuse_unsupported(body: VMCreateRequest, driver: str) -> None:
         )
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
+
+
+async def snapshot_to_restore(
+    body: VMCreateRequest, snapshots: SnapshotService, owner: str
+) -> SnapshotRecord | None:
+    """The owner's snapshot named by ``snapshot_id`` (404 if none), checked against the request (422).
+
+    A migration stream resumes only on the machine shape it was taken on, so memory_mb and vcpu_count
+    come from the snapshot; a request that asks for others is refused rather than silently overridden.
+    """
+    if not body.snapshot_id:
+        return None
+    snap = await snapshots.get(owner, body.snapshot_id)
+    problems = []
+    if snap.driver != snapshots.driver.name:
+        problems.append(("snapshot_id", f"the snapshot was taken by the {snap.driver!r} driver"))
+    for name in ("memory_mb", "vcpu_count"):
+        asked, taken = getattr(body, name), getattr(snap, name)
+        if asked is not None and asked != taken:
+            problems.append(
+                (name, f"the snapshot was taken with {name} {taken}; leave it out or ask {taken}")
+            )
+    if problems:
+        raise RequestValidationError([detail_item(["body", f], msg, "value_error") for f, msg in problems])
+    return snap
 
 
 def domain_request(body: VMCreateRequest, domains: DomainService | None) -> DomainRequest | None:
@@ -82,10 +108,17 @@ async def create_vm(request: web.Request) -> web.Response:
     query = parse_query(request, VmCreateQuery)
     body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
     orchestrator = request.app[ORCHESTRATOR]
-    refuse_unsupported(body, orchestrator.driver.name)
+    refuse_unsupported(body, orchestrator.driver.name, orchestrator.snapshots.available)
     domain = domain_request(body, orchestrator.domains)
+    restore = await snapshot_to_restore(body, orchestrator.snapshots, owner)
     share, token = share_for(body.share.model_dump() if body.share else None)
-    params = dataclasses.replace(vm_params(body, share=share), custom_domain=domain)
+    params = dataclasses.replace(
+        vm_params(body, share=share),
+        custom_domain=domain,
+        snapshot_on_terminate=bool(body.snapshot_on_terminate),
+        snapshot_name=body.snapshot_name,
+        restore=restore,
+    )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if vm.status == VM_FAILED and not body.env:
         # (With env the spec's answer carries the failure: env_status "failed" and env_error.)

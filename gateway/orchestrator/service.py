@@ -22,12 +22,14 @@ from gateway.config import Config
 from gateway.errors import CapacityExhausted, Conflict, DriverError, GatewayError, NotFound, Timeout
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
+from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.routes.model import (
     VM_ACTIVE,
     VM_CREATING,
     VM_FAILED,
     VM_KILLED,
     SessionRecord,
+    SnapshotRecord,
     VmRecord,
     new_session_id,
     new_vm_id,
@@ -65,6 +67,10 @@ class VmParams:
     # An image's init program, and the port it serves: the VM is active once that port accepts.
     command: tuple[str, ...] = ()
     ready_port: int | None = None
+    # Snapshot the VM when it is killed or expires; or resume a snapshot instead of booting.
+    snapshot_on_terminate: bool = False
+    snapshot_name: str | None = None
+    restore: SnapshotRecord | None = None
 
 
 @dataclass
@@ -74,6 +80,10 @@ class Orchestrator:
     config: Config
     domains: DomainService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
+    snapshots: SnapshotService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshots = SnapshotService(self.store, self.driver, self.config.data_path / SNAPSHOTS_SUBDIR)
 
     async def start(self) -> None:
         await self.driver.start()
@@ -192,12 +202,17 @@ class Orchestrator:
             status=VM_CREATING,
             created_at=now,
             vm_lifetime_seconds=lifetime,
-            memory_mb=params.memory_mb or session.memory_mb,
-            vcpu_count=params.vcpu_count or session.vcpu_count,
+            memory_mb=params.restore.memory_mb if params.restore else params.memory_mb or session.memory_mb,
+            vcpu_count=params.restore.vcpu_count
+            if params.restore
+            else params.vcpu_count or session.vcpu_count,
             expires_at=now + lifetime,
             metadata=metadata,
             share=dict(params.share or {}),
             custom_domain=domain,
+            snapshot_on_terminate=params.snapshot_on_terminate,
+            snapshot_name=params.snapshot_name,
+            restored_from=params.restore.snapshot_id if params.restore else None,
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )
@@ -211,7 +226,8 @@ class Orchestrator:
             await self.store.release_slot(self.driver.name, slot, vm_id)
             raise
         session.vm_id = vm_id
-        boot = self._boot(rec, env, params.command, params.ready_port)
+        restore_from = str(self.snapshots.path(params.restore)) if params.restore else ""
+        boot = self._boot(rec, env, params.command, params.ready_port, restore_from)
         task = asyncio.create_task(boot, name=f"boot {vm_id}")
         self._boots[vm_id] = task
         task.add_done_callback(lambda _t: self._boots.pop(vm_id, None))
@@ -221,7 +237,12 @@ class Orchestrator:
         return await asyncio.shield(task)
 
     async def _boot(
-        self, rec: VmRecord, env: Mapping[str, str], command: tuple[str, ...], ready_port: int | None
+        self,
+        rec: VmRecord,
+        env: Mapping[str, str],
+        command: tuple[str, ...],
+        ready_port: int | None,
+        restore_from: str = "",
     ) -> VmRecord:
         spec = VmSpec(
             vm_id=rec.vm_id,
@@ -231,6 +252,7 @@ class Orchestrator:
             env=env,
             metadata=rec.metadata,
             command=command,
+            restore_from=restore_from,
         )
         try:
             info = await asyncio.wait_for(self._start(spec, ready_port), self.config.vms.boot_timeout_s)
@@ -307,11 +329,18 @@ class Orchestrator:
         return await self._reload(rec)
 
     async def end(self, rec: VmRecord, status: str, reason: str) -> None:
-        """End a VM: record first (routes stop), then destroy, then free the slot. Idempotent."""
-        await self.store.end_vm(rec, status, reason)
+        """End a VM: record first (routes stop), then destroy, then free the slot. Idempotent.
+
+        A VM created with ``snapshot_on_terminate`` is snapshotted between the two, by the call that
+        ended it, when it is killed or expires (not when it failed).
+        """
+        ended = await self.store.end_vm(rec, status, reason)
         if rec.vm_id in self._boots:
             return  # the boot task sees the VM ended when it tries to activate it, and cleans up
         fresh = await self._reload(rec)
+        wanted = fresh.snapshot_on_terminate and status == VM_KILLED and fresh.started_at is not None
+        if ended and wanted and self.snapshots.available:
+            await self.snapshots.take(fresh)
         try:
             await self.driver.destroy(fresh.vm_id, fresh.handle)
         except DriverError as exc:

@@ -139,6 +139,13 @@ class Keys:
         """Sorted set: released domain -> when; its certificate is deleted after a grace period."""
         return f"{self.prefix}domains-retired"
 
+    def snapshot(self, snapshot_id: str) -> str:
+        """Hash: a VM snapshot (``SnapshotRecord``)."""
+        return f"{self.prefix}snapshot:{snapshot_id}"
+
+    def owner_snapshots(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:snapshots"
+
     def acme_account(self, directory_url: str) -> str:
         return f"{self.prefix}acme-account:{directory_url}"
 
@@ -254,10 +261,40 @@ class VmRecord(_Record):
     share: dict[str, Any] = field(default_factory=dict)
     handle: dict[str, Any] = field(default_factory=dict)
     custom_domain: str | None = None
+    # Snapshots: asked for at create, made when the VM is killed or expires (not when it failed).
+    snapshot_on_terminate: bool = False
+    snapshot_name: str | None = None
+    snapshot_id: str | None = None  # the snapshot made of this VM
+    snapshot_error: str | None = None
+    restored_from: str | None = None  # the snapshot this VM resumed
 
     @property
     def alive(self) -> bool:
         return self.status == VM_ACTIVE
+
+
+SNAPSHOT_ID_PREFIX = "snap-"
+SNAPSHOT_ID_RANDOM_BYTES = 10
+
+
+def new_snapshot_id() -> str:
+    return SNAPSHOT_ID_PREFIX + secrets.token_hex(SNAPSHOT_ID_RANDOM_BYTES)
+
+
+@dataclass
+class SnapshotRecord(_Record):
+    """A VM's whole state (memory, devices, and with it the in-RAM root file system), kept in
+    ``<data_dir>/snapshots/<id>`` on the host that made it; a VM created with its id resumes it."""
+
+    snapshot_id: str
+    owner: str
+    vm_id: str  # the VM it was taken of
+    driver: str
+    created_at: float
+    vcpu_count: int
+    memory_mb: int
+    size_bytes: int
+    name: str | None = None
 
 
 # Custom-domain certificate states, as the API shows them.

@@ -27,6 +27,7 @@ from gateway.routes.model import (
     InstanceRecord,
     Keys,
     SessionRecord,
+    SnapshotRecord,
     VmRecord,
     dump_field,
 )
@@ -318,6 +319,30 @@ class RedisStore:
 
     async def forget_owner_vm(self, owner: str, vm_id: str) -> None:
         await guarded(self.client.srem(self.keys.owner_vms(owner), vm_id))
+
+    # snapshots --------------------------------------------------------------------------------------
+
+    async def put_snapshot(self, rec: SnapshotRecord) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=rec.to_hash())
+        pipe.sadd(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
+        await guarded(pipe.execute())
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.snapshot(snapshot_id)))
+        return SnapshotRecord.from_hash(raw) if raw else None
+
+    async def owner_snapshots(self, owner: str) -> list[SnapshotRecord]:
+        ids = sorted(await guarded(self.client.smembers(self.keys.owner_snapshots(owner))))
+        found = [await self.get_snapshot(snapshot_id) for snapshot_id in ids]
+        return sorted((r for r in found if r is not None), key=lambda r: r.created_at)
+
+    async def delete_snapshot(self, rec: SnapshotRecord) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.snapshot(rec.snapshot_id))
+        pipe.srem(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
+        deleted, _ = await guarded(pipe.execute())
+        return bool(deleted)
 
     async def live_vm_ids(self) -> list[str]:
         return sorted(await guarded(self.client.smembers(self.keys.live_vms())))
