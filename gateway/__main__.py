@@ -27,10 +27,13 @@ from gateway.app import (
 )
 from gateway.config import Config, ConfigError, load_config, override
 from gateway.datadir import DataDirBusy
+from gateway.doctor import diagnose
 from gateway.embedded_redis import EmbeddedRedisError
 from gateway.errors import GatewayError
 from gateway.keys import ApiKeyStore
 from gateway.log import configure_logging
+from gateway.orchestrator.drivers.qemu_image import ImageError, build_image
+from gateway.orchestrator.drivers.registry import qemu_image_dir
 from gateway.routes.model import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 from gateway.tls.local import StorageKeyError
@@ -143,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     cert_commands.add_parser("list", parents=[common], help="list stored certificates and their expiry")
     delete = cert_commands.add_parser("delete", parents=[common], help="stop serving a certificate")
     delete.add_argument("cert_id", metavar="ID")
+    image = commands.add_parser("image", parents=[common], help="the qemu driver's guest image")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_commands.add_parser(
+        "build",
+        parents=[common],
+        help="build the guest image from Debian packages (apt-get download) into qemu.image_dir",
+    )
+    build.add_argument("--into", metavar="DIR", help="build here instead of qemu.image_dir")
+    commands.add_parser(
+        "doctor", parents=[common], help="check what the configured VM driver needs (KVM or TCG, image)"
+    )
     return parser
 
 
@@ -277,6 +291,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             uvloop.run(keys_command(config, args))
         elif args.command == "certs":
             uvloop.run(certs_command(config, args))
+        elif args.command == "image":
+            into = Path(args.into) if args.into else qemu_image_dir(config)
+            try:
+                build_image(into)
+            except ImageError as exc:
+                raise SystemExit(f"gateway: {exc}") from None
+        elif args.command == "doctor":
+            lines, ok = uvloop.run(diagnose(config))
+            print("\n".join(lines))
+            sys.exit(0 if ok else 1)
     except (ConfigError, DataDirBusy, EmbeddedRedisError, GatewayError, StorageKeyError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         sys.exit(2)

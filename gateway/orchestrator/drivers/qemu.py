@@ -112,15 +112,28 @@ class QemuVmDriver(NetnsVmDriver):
         return str(self._manifest.get("image_id", ""))
 
     async def start(self) -> None:
+        await self.detect()
+        await super().start()
+
+    async def detect(self) -> dict[str, Any]:
+        """Check QEMU and the image, and choose the accelerator (what ``gateway doctor`` shows)."""
         if shutil.which(self._qemu.qemu_binary) is None:
             raise DriverError(f"{self._qemu.qemu_binary} is missing: apt-get install qemu-system-x86")
         try:
             self._manifest = qemu_image.load_manifest(self._image_dir)
         except qemu_image.ImageError as exc:
             raise DriverError(str(exc)) from None
-        await super().start()
         if self._accel is None:
             self._accel = await self._choose_accel()
+        return {
+            "qemu": await asyncio.to_thread(self._qemu_version),
+            "kvm_device": os.access("/dev/kvm", os.R_OK | os.W_OK),
+            "accel": self._accel,
+            "image_id": self.image_id,
+            "image_dir": str(self._image_dir),
+            "kernel": self._manifest.get("kernel_release"),
+            "image_built_at": self._manifest.get("built_at"),
+        }
 
     # --- create ---------------------------------------------------------------------------------------
 
