@@ -199,6 +199,10 @@ class QemuVmDriver(NetnsVmDriver):
             "rdinit=/init",
             # Freed pages are zeroed, and QEMU's migration skips zero pages: smaller snapshots.
             "init_on_free=1",
+            # microvm has no PCI bus; and the guest is isolated by the hypervisor, not by its own kernel's
+            # side-channel mitigations, which cost much under emulation.
+            "pci=off",
+            "mitigations=off",
             f"gw.anyip={qemu_net.guest_half(self._qemu.cidr)}",
         ]
         if accel == "tcg":

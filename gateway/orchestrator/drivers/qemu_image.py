@@ -63,6 +63,9 @@ TRIMMED = (
     "usr/lib/python3.11/turtledemo",
     "usr/lib/python3.11/ensurepip",
     "usr/lib/python3.11/lib2to3",
+    "usr/lib/python3.11/pydoc_data",
+    # glibc's character-set converters (iconv): 8 MiB the guest's programs do not use.
+    "usr/lib/x86_64-linux-gnu/gconv",
 )
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 GUEST_DIR = Path(__file__).resolve().parents[2] / "guest"
