@@ -30,6 +30,7 @@ from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.drivers.registry import make_driver
+from tests.qemu_env import guest_image, qemu_missing
 
 IS_ROOT = os.geteuid() == 0
 HAS_IP = shutil.which("ip") is not None
@@ -37,16 +38,22 @@ NETNS_CIDR = "172.31.254.0/24"
 NETNS_PREFIX = "gwd"
 CGROUP_NAME = "gateway-drvtest"
 PROCESS_CIDR = "127.78.0.0/24"
+QEMU_CIDR = "172.31.252.0/23"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 APP_PORT = 3000
 EXEC_TIMEOUT_S = 20.0
 GONE_TIMEOUT_S = 5.0
 MAX_OUTPUT_BYTES = 64 * 1024
 NEEDS_ROOT = pytest.mark.skipif(not (IS_ROOT and HAS_IP), reason="the netns driver needs root and iproute2")
+NEEDS_QEMU = pytest.mark.skipif(qemu_missing() is not None, reason=qemu_missing() or "")
 DRIVERS = [
     pytest.param("process", id="process"),
     pytest.param("netns", id="netns", marks=[pytest.mark.root, NEEDS_ROOT]),
+    pytest.param("qemu", id="qemu", marks=[pytest.mark.root, pytest.mark.slow, NEEDS_QEMU]),
 ]
+# Host drivers start a VM in well under a second; qemu boots a kernel under emulation (TCG here).
+BOOT_BUDGET_S = {"process": 5.0, "netns": 5.0, "qemu": 60.0}
+QEMU_GUEST_HOME = "/home/vm"
 
 # Binds, listens, forks a server into the background and exits: once execute returns, it accepts.
 SERVER = r"""
@@ -80,6 +87,32 @@ class Harness:
     @property
     def work_dir(self) -> Path:
         return self.config.data_path / "vms"
+
+    def home(self, vm_id: str) -> str:
+        """The VM's working folder as its commands see it."""
+        return QEMU_GUEST_HOME if self.kind == "qemu" else str(self.work_dir / vm_id / "home")
+
+    async def gone(self, info: VmInfo, pids: set[int]) -> set[int]:
+        """Which of the VM's processes still run (inside the guest for qemu, on the host otherwise)."""
+        if self.kind != "qemu":
+            return await await_gone(pids)
+        script = (
+            "for p in "
+            + " ".join(map(str, pids))
+            + '; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done'
+        )
+        await self.run(info, script, timeout_s=GONE_TIMEOUT_S)
+        alive = await self.run(
+            info,
+            "for p in " + " ".join(map(str, pids)) + '; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true',
+        )
+        return {int(p) for p in alive.stdout.split()}
+
+    async def session_of(self, info: VmInfo, pid: int) -> int:
+        if self.kind != "qemu":
+            return os.getsid(pid)
+        # Field 6 of /proc/<pid>/stat (the command name, field 2, has no spaces here).
+        return int((await self.run(info, f"cut -d' ' -f6 /proc/{pid}/stat")).stdout)
 
     def new_driver(self) -> VmDriver:
         """A second driver on the same host state: what a restarted gateway builds."""
@@ -122,7 +155,7 @@ class Harness:
         found = []
         if (self.work_dir / vm_id).exists():
             found.append("work folder")
-        if self.kind == "netns":
+        if self.kind in ("netns", "qemu"):
             if Path(f"/var/run/netns/{NETNS_PREFIX}-{slot}").exists():
                 found.append("namespace")
             if Path(f"/sys/class/net/{NETNS_PREFIX}h{slot}").exists():
@@ -140,6 +173,12 @@ def make_config(tmp_path: Path, kind: str) -> Config:
         vms={"driver": kind},
         netns={"cidr": NETNS_CIDR, "name_prefix": NETNS_PREFIX, "cgroup_name": CGROUP_NAME},
         process={"cidr": PROCESS_CIDR, "app_port": 8123},
+        qemu={
+            "cidr": QEMU_CIDR,
+            "name_prefix": NETNS_PREFIX,
+            "cgroup_name": CGROUP_NAME,
+            "image_dir": str(guest_image()) if kind == "qemu" else "",
+        },
     )
 
 
@@ -198,7 +237,8 @@ def host_guard(tmp_path: Path) -> Iterator[None]:
                     child.rmdir()
             with contextlib.suppress(FileNotFoundError):
                 d.rmdir()
-        subprocess.run(["ip", "route", "del", "blackhole", NETNS_CIDR], capture_output=True)
+        for cidr in (NETNS_CIDR, QEMU_CIDR):
+            subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
     assert not leaked, f"left on the host after the test: {leaked}"
 
 
@@ -281,7 +321,7 @@ async def test_start_is_idempotent(h: Harness) -> None:
 async def test_create_inspect_destroy(h: Harness) -> None:
     started = time.monotonic()
     info = await h.create("vm-life", 1)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < BOOT_BUDGET_S[h.kind]
     assert (info.vm_id, info.ip, info.running) == ("vm-life", h.driver.address(1), True)
     handle = roundtrip(info.handle)
     assert handle["slot"] == 1 and isinstance(handle["init_pid"], int)
@@ -311,7 +351,7 @@ async def test_execute_output_exit_code_env_and_folder(h: Harness) -> None:
         'echo "$GREETING|$KEEP|$EXTRA|$VM_ID|$VM_IP|$LANG"; pwd; echo "$HOME"; echo oops >&2; exit 7',
         env={"EXTRA": "call", "GREETING": "override"},
     )
-    home = str(h.work_dir / "vm-exec" / "home")
+    home = h.home("vm-exec")
     assert result.stdout.decode().splitlines() == [
         f"override|spec|call|vm-exec|{info.ip}|C.UTF-8",
         home,
@@ -334,12 +374,13 @@ async def test_execute_output_exit_code_env_and_folder(h: Harness) -> None:
 async def test_vm_processes_inherit_no_gateway_descriptors(h: Harness) -> None:
     """No socket or pipe of the gateway (its listener, Redis, other VMs' pipes) reaches a VM."""
     info = await h.create("vm-fds", 1, env={})
-    fd_dir = Path(f"/proc/{info.handle['init_pid']}/fd")
-    init_links = []
-    for fd in os.listdir(fd_dir):
-        with contextlib.suppress(FileNotFoundError):  # a shell's short-lived descriptor during exec
-            init_links.append(os.readlink(fd_dir / fd))
-    assert init_links and not [link for link in init_links if link.startswith(("socket:", "pipe:"))]
+    if h.kind != "qemu":  # (qemu's init is QEMU, whose own control socket is no gateway descriptor)
+        fd_dir = Path(f"/proc/{info.handle['init_pid']}/fd")
+        init_links = []
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(FileNotFoundError):  # a shell's short-lived descriptor during exec
+                init_links.append(os.readlink(fd_dir / fd))
+        assert init_links and not [link for link in init_links if link.startswith(("socket:", "pipe:"))]
     # A command sees its stdio (stdout is a file here) and nothing else of the gateway's.
     listed = await h.run(info, 'for fd in /proc/self/fd/*; do [ -e "$fd" ] && readlink "$fd"; done; true')
     links = listed.stdout.decode().split()
@@ -356,7 +397,7 @@ async def test_execute_timeout_kills_the_command_group(h: Harness) -> None:
     assert 0.5 <= result.duration_s < 5 and time.monotonic() - started < 5
     pids = {int(p) for p in (await h.run(info, "cat fg.pid bg.pid")).stdout.split()}
     assert len(pids) == 2
-    assert await await_gone(pids) == set()
+    assert await h.gone(info, pids) == set()
     # The VM itself is unharmed.
     assert (await h.driver.inspect(info.vm_id, info.handle)).running
     assert (await h.run(info, "echo still")).stdout == b"still\n"
@@ -395,10 +436,13 @@ async def test_background_server_survives_execute_and_dies_with_destroy(h: Harne
         "while [ ! -s esc.pid ]; do sleep 0.01; done; cat esc.pid",
     )
     escaped_pid = int(escaped.stdout)
-    assert os.getsid(escaped_pid) != os.getsid(server_pid)
+    assert await h.session_of(info, escaped_pid) != await h.session_of(info, server_pid)
 
     await h.driver.destroy(info.vm_id, info.handle)
-    assert await await_gone({server_pid, escaped_pid}) == set()
+    if h.kind == "qemu":  # the guest's processes end with the machine
+        assert await await_gone({info.handle["init_pid"]}) == set()
+    else:
+        assert await await_gone({server_pid, escaped_pid}) == set()
     with pytest.raises(OSError):
         await read_line(info.ip, APP_PORT)
 
