@@ -26,12 +26,16 @@ from gateway.embedded_redis import EmbeddedRedis
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.acme_env import AcmeTestEnv
+from tests.qemu_env import guest_image
 
 IS_ROOT = os.geteuid() == 0
 # VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
 TEST_NETNS_CIDR = "172.31.240.0/22"
 TEST_NETNS_PREFIX = "gwt"
 TEST_CGROUP = "gateway-test"
+TEST_QEMU_CIDR = "172.31.236.0/23"
+TEST_QEMU_PREFIX = "gwq"
+TEST_QEMU_CGROUP = "gateway-qtest"
 TEST_PROCESS_CIDR = "127.77.0.0/22"
 
 DRIVERS = [
@@ -94,6 +98,13 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
         vms={"driver": driver, "reaper_interval_s": 0.1, "boot_timeout_s": 15.0},
         netns={"cidr": TEST_NETNS_CIDR, "name_prefix": TEST_NETNS_PREFIX, "cgroup_name": TEST_CGROUP},
         process={"cidr": TEST_PROCESS_CIDR},
+        qemu={
+            "cidr": TEST_QEMU_CIDR,
+            "name_prefix": TEST_QEMU_PREFIX,
+            "cgroup_name": TEST_QEMU_CGROUP,
+            # Built (once per content) only when a test asks for the qemu driver.
+            "image_dir": str(guest_image()) if driver == "qemu" else "",
+        },
         admin={"listen": f"127.0.0.1:{free_port()}"},
     )
     return override(base, **sections) if sections else base
@@ -180,7 +191,9 @@ async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[objec
             await make_driver(config).sweep(set())
         if IS_ROOT:
             remove_blackhole(TEST_NETNS_CIDR)
+            remove_blackhole(TEST_QEMU_CIDR)
             remove_empty_cgroup_parents(TEST_CGROUP)
+            remove_empty_cgroup_parents(TEST_QEMU_CGROUP)
 
 
 @pytest.fixture(params=DRIVERS)
