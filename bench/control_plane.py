@@ -31,12 +31,18 @@ from pathlib import Path
 
 import aiohttp
 
-START_TIMEOUT_S = 30.0
+# (A first qemu run builds the guest image before the gateway listens.)
+START_TIMEOUT_S = 120.0
 BENCH_ENV = {
     "GATEWAY_NETNS_CIDR": "172.31.248.0/22",
     "GATEWAY_NETNS_NAME_PREFIX": "gwb",
     "GATEWAY_NETNS_CGROUP_NAME": "gateway-bench",
     "GATEWAY_PROCESS_CIDR": "127.79.0.0/22",
+    "GATEWAY_QEMU_CIDR": "172.31.244.0/23",
+    "GATEWAY_QEMU_NAME_PREFIX": "gwbq",
+    "GATEWAY_QEMU_CGROUP_NAME": "gateway-qbench",
+    # Built on the first qemu run (as `gateway serve` does when it finds none) and kept for the next.
+    "GATEWAY_QEMU_IMAGE_DIR": "/var/tmp/gateway-bench-qemu-image",
 }
 
 
@@ -142,10 +148,12 @@ def remove_bench_host_state() -> None:
     """The gateway keeps its blackhole route and parent cgroups on purpose; the bench leaves none behind."""
     if os.geteuid() != 0:
         return
-    subprocess.run(["ip", "route", "del", "blackhole", BENCH_ENV["GATEWAY_NETNS_CIDR"]], capture_output=True)
-    for controller in ("", "memory/", "cpu/"):
-        with contextlib.suppress(OSError):
-            Path(f"/sys/fs/cgroup/{controller}{BENCH_ENV['GATEWAY_NETNS_CGROUP_NAME']}").rmdir()
+    for driver in ("NETNS", "QEMU"):
+        cidr, cgroup = BENCH_ENV[f"GATEWAY_{driver}_CIDR"], BENCH_ENV[f"GATEWAY_{driver}_CGROUP_NAME"]
+        subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
+        for controller in ("", "memory/", "cpu/"):
+            with contextlib.suppress(OSError):
+                Path(f"/sys/fs/cgroup/{controller}{cgroup}").rmdir()
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self._authorised():
             return
-        if self.path != "/execute":
+        if self.path not in ("/execute", "/token"):
             self._reply(404, {"error": "not found"})
             return
         length = int(self.headers.get("Content-Length") or 0)
@@ -120,11 +120,19 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             request = json.loads(self.rfile.read(length))
-            reply = run(request)
+            reply = self._new_token(request) if self.path == "/token" else run(request)
         except (ValueError, KeyError, TypeError) as exc:
             self._reply(400, {"error": f"bad request: {exc}"})
             return
         self._reply(400 if "error" in reply else 200, reply)
+
+    def _new_token(self, request: dict) -> dict:
+        """A VM resumed from a snapshot gets a token of its own (the snapshot's is in every copy)."""
+        token = str(request["token"])
+        if len(token) < 32:
+            return {"error": "token too short"}
+        Handler.token = token
+        return {"ok": True}
 
 
 def main() -> None:

@@ -119,6 +119,9 @@ async def test_a_vm_serves_through_the_edge_and_resumes_from_its_snapshot(gatewa
     )
     assert (status, out["stdout"], out["vm_id"]) == (200, f"{PAGE}\n", new_id), out
     assert resumed_in < BOOT_TIMEOUT_S
+    # The resumed VM's agent answers to a token of its own, not to the snapshot's.
+    handles = [(await gw.services.store.get_vm(i)).handle for i in (vm_id, new_id)]  # type: ignore[union-attr]
+    assert handles[0]["agent_token"] != handles[1]["agent_token"]
 
     status, _ = await gw.request("DELETE", f"/v1/snapshots/{snapshot_id}")
     assert status == 204
@@ -131,3 +134,46 @@ async def test_snapshots_are_refused_where_the_driver_has_none(gw: GatewayUnderT
     status, body = await gw.request("POST", "/v1/vms", json={"snapshot_on_terminate": True})
     assert status == 422 and body["detail"][0]["loc"] == ["body", "snapshot_on_terminate"], body
     assert (await gw.request("GET", "/v1/snapshots")) == (200, {"snapshots": [], "total": 0})
+
+
+async def test_a_vm_survives_a_gateway_restart_and_is_snapshotted_when_its_lifetime_ends(
+    gateway_factory: Any,
+) -> None:
+    sections = {"vms": {"driver": "qemu", "boot_timeout_s": BOOT_TIMEOUT_S}}
+    first: GatewayUnderTest = await gateway_factory("qemu", **sections)
+    status, created = await first.request("POST", "/v1/vms", json={"snapshot_on_terminate": True})
+    assert status == 200 and created["status"] == "active", created
+    session = created["session_id"]
+    status, out = await first.request(
+        "POST", "/execute", json={"session_id": session, "command": "echo before > mark"}
+    )
+    assert out["exit_code"] == 0, out
+    await first.stop()  # as SIGTERM: the VM keeps running
+
+    second: GatewayUnderTest = await gateway_factory("qemu", **sections)
+    second.api_key, second.key_id = first.api_key, first.key_id
+    status, out = await second.request(
+        "POST",
+        "/execute",
+        json={"session_id": session, "language": "python", "command": "print(open('mark').read())"},
+    )
+    assert (status, out["stdout"], out["vm_id"]) == (200, "before\n\n", created["vm_id"]), out
+
+    # The second gateway's reaper ends it at its lifetime, and snapshots it on the way. (The lifetime
+    # is brought forward in Redis rather than waited for: a boot under TCG takes a varying while.)
+    store = second.services.store
+    await store.client.zadd(store.keys.vm_expiry(), {created["vm_id"]: time.time()})
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while True:
+        status, vm = await second.request("GET", f"/v1/vms/{created['vm_id']}")
+        if vm["status"] == "killed" and (vm["snapshot_id"] or vm["snapshot_error"]):
+            break
+        assert time.monotonic() < deadline, vm
+        await asyncio.sleep(0.1)
+    assert vm["error"] == "lifetime expired", vm
+    assert vm["snapshot_id"] and vm["snapshot_error"] is None, vm
+    rec = await second.services.store.get_vm(vm["vm_id"])
+    assert (
+        rec is not None
+        and not (await second.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)).running
+    )

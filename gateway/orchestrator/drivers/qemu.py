@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import platform
 import secrets
@@ -42,6 +43,8 @@ from gateway.orchestrator.drivers import _host, qemu_image, qemu_net
 from gateway.orchestrator.drivers.base import ExecResult, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
 from gateway.orchestrator.drivers.qmp import Qmp, QmpError
+
+log = logging.getLogger(__name__)
 
 # QEMU's own memory beside the guest's: TCG's translation cache (capped below) and device buffers.
 QEMU_OVERHEAD_MB = 192
@@ -121,8 +124,15 @@ class QemuVmDriver(NetnsVmDriver):
             raise DriverError(f"{self._qemu.qemu_binary} is missing: apt-get install qemu-system-x86")
         try:
             self._manifest = qemu_image.load_manifest(self._image_dir)
-        except qemu_image.ImageError as exc:
-            raise DriverError(str(exc)) from None
+        except qemu_image.ImageError:
+            # First start: build it (about 15 s, from the machine's apt sources), as `gateway image build`.
+            log.warning("no qemu guest image in %s: building it now", self._image_dir)
+            try:
+                self._manifest = await asyncio.to_thread(
+                    qemu_image.build_image, self._image_dir, say=lambda line: log.info("image: %s", line)
+                )
+            except qemu_image.ImageError as exc:
+                raise DriverError(f"cannot build the qemu guest image: {exc}") from None
         if self._accel is None:
             self._accel = await self._choose_accel()
         return {
@@ -189,6 +199,9 @@ class QemuVmDriver(NetnsVmDriver):
         if restore is not None:
             await asyncio.to_thread(self._incoming, vm_dir / QMP_SOCKET, restore / SNAPSHOT_STATE)
         await self._wait_agent(spec.vm_id, handle)
+        if restore is not None:
+            # Every VM resumed from one snapshot would otherwise share its agent token.
+            handle["agent_token"] = await self._rotate_token(spec.vm_id, handle)
 
     def _qemu_argv(self, spec: VmSpec, vm_dir: Path) -> list[str]:
         accel = self._accel or "tcg"
@@ -270,6 +283,21 @@ class QemuVmDriver(NetnsVmDriver):
                         f"{self._console_tail(handle)}"
                     )
                 await asyncio.sleep(READY_POLL_S)
+
+    async def _rotate_token(self, vm_id: str, handle: Mapping[str, Any]) -> str:
+        token = secrets.token_urlsafe(32)
+        url = f"http://{handle['ip']}:{self._qemu.agent_port}/token"
+        headers = {"Authorization": f"Bearer {handle['agent_token']}"}
+        try:
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=EXECUTE_MARGIN_S)
+            ) as session:
+                async with session.post(url, json={"token": token}, headers=headers) as response:
+                    if response.status != 200:
+                        raise DriverError(f"VM {vm_id}'s agent refused a new token: {response.status}")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise DriverError(f"VM {vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        return token
 
     def _console_tail(self, handle: Mapping[str, Any], lines: int = 5) -> str:
         try:

@@ -1,0 +1,107 @@
+"""qemu driver bench: boot-to-ready, snapshot and restore-to-ready times of real microVMs, via the API.
+
+Runs ``gateway serve`` with ``vms.driver = "qemu"`` as a user would (its own process, embedded Redis,
+loopback only; control_plane.py's ``served_gateway``), then for each of N rounds, one after another:
+
+- boot: ``POST /v1/vms`` with ``snapshot_on_terminate`` until its answer (``active``: the guest's kernel
+  booted and its agent answers), then a first ``POST /execute`` (``true``) round trip;
+- snapshot: ``DELETE /v1/vms/<id>`` until its answer (the migration stream written, the VM destroyed);
+- restore: ``POST /v1/vms`` with that ``snapshot_id`` until ``active``, and a first execute;
+
+and prints the median and p90 of each, the snapshot size, and the accelerator (KVM or TCG).
+
+    .venv/bin/python bench/qemu_vms.py [--rounds 5] [--memory-mb 512] [--vcpus 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+from control_plane import percentile, remove_bench_host_state, served_gateway
+
+
+async def timed(client: aiohttp.ClientSession, method: str, url: str, **kwargs: object) -> tuple[float, dict]:
+    started = time.perf_counter()
+    async with client.request(method, url, **kwargs) as resp:  # type: ignore[arg-type]
+        body = await resp.json(content_type=None) if resp.status != 204 else {}
+        if resp.status >= 300:
+            raise RuntimeError(f"{method} {url} -> {resp.status}: {body}")
+    return time.perf_counter() - started, body
+
+
+async def bench(args: argparse.Namespace) -> None:
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("boot", "boot_exec", "snapshot", "restore", "restore_exec")
+    }
+    sizes: list[int] = []
+    accel = "?"
+    async with served_gateway("qemu") as (url, key):
+        headers = {"X-API-Key": key}
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as client:
+            shape = {"memory_mb": args.memory_mb, "vcpu_count": args.vcpus}
+            for _ in range(args.rounds):
+                took, vm = await timed(
+                    client, "POST", f"{url}/v1/vms", json={**shape, "snapshot_on_terminate": True}
+                )
+                rows["boot"].append(took)
+                run = {"session_id": vm["session_id"], "command": "true"}
+                rows["boot_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
+                _, view = await timed(client, "GET", f"{url}/v1/vms/{vm['vm_id']}")
+                accel = view["accel"]
+                rows["snapshot"].append((await timed(client, "DELETE", f"{url}/v1/vms/{vm['vm_id']}"))[0])
+                _, ended = await timed(client, "GET", f"{url}/v1/vms/{vm['vm_id']}")
+                snapshot_id = ended["snapshot_id"]
+                _, snap = await timed(client, "GET", f"{url}/v1/snapshots/{snapshot_id}")
+                sizes.append(snap["size_bytes"])
+                took, restored = await timed(
+                    client, "POST", f"{url}/v1/vms", json={"snapshot_id": snapshot_id}
+                )
+                rows["restore"].append(took)
+                run = {"session_id": restored["session_id"], "command": "true"}
+                rows["restore_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
+                await timed(client, "DELETE", f"{url}/v1/vms/{restored['vm_id']}")
+                await timed(client, "DELETE", f"{url}/v1/snapshots/{snapshot_id}")
+    print(
+        f"qemu microVMs, accelerator {accel}, {args.vcpus} vCPU, {args.memory_mb} MiB, {args.rounds} rounds"
+    )
+    print(f"{'':34} {'median':>10} {'p90':>10}")
+    labels = {
+        "boot": "boot to ready (create answered)",
+        "boot_exec": "then first execute",
+        "snapshot": "kill with snapshot",
+        "restore": "restore to ready (create answered)",
+        "restore_exec": "then first execute",
+    }
+    for key, label in labels.items():
+        values = rows[key]
+        print(
+            f"{label:34} {statistics.median(values) * 1000:>8.0f}ms {percentile(values, 0.9) * 1000:>8.0f}ms"
+        )
+    print(f"{'snapshot size':34} {statistics.median(sizes) / 2**20:>8.0f}MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="boots and restores (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=int, default=512, help="guest memory (default: %(default)s)")
+    parser.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default: %(default)s)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("the qemu driver needs root")
+    os.chdir(Path(__file__).resolve().parent.parent)
+    try:
+        asyncio.run(bench(args))
+    finally:
+        remove_bench_host_state()
+
+
+if __name__ == "__main__":
+    main()
