@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import DriverError, NotFound
-from gateway.orchestrator.drivers.base import VmDriver
+from gateway.orchestrator.drivers.base import VmDriver, VmSnapshots
 from gateway.routes.model import SnapshotRecord, VmRecord, new_snapshot_id
 from gateway.routes.store import RedisStore
 
@@ -32,7 +32,7 @@ class SnapshotService:
 
     @property
     def available(self) -> bool:
-        return bool(getattr(self.driver, "snapshots", False))
+        return isinstance(self.driver, VmSnapshots)
 
     async def take(self, rec: VmRecord) -> SnapshotRecord | None:
         """Snapshot a VM that is ending (already out of the routes, not yet destroyed).
@@ -42,7 +42,8 @@ class SnapshotService:
         snapshot_id = new_snapshot_id()
         dest = self.folder / snapshot_id
         try:
-            meta = await self.driver.snapshot(rec.vm_id, rec.handle, dest)  # type: ignore[attr-defined]
+            assert isinstance(self.driver, VmSnapshots)
+            meta = await self.driver.snapshot(rec.vm_id, rec.handle, dest)
         except DriverError as exc:
             log.error("snapshot of VM %s failed: %s", rec.vm_id, exc)
             await self.store.update_vm(rec.vm_id, snapshot_error=str(exc))

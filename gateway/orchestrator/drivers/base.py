@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -77,8 +78,6 @@ class VmDriver(Protocol):
     """
 
     name: str
-    # True when ``snapshot(vm_id, handle, dest)`` and ``VmSpec.restore_from`` are supported.
-    snapshots: bool
 
     @property
     def capacity(self) -> int:
@@ -111,3 +110,19 @@ class VmDriver(Protocol):
     async def sweep(self, live_slots: set[int]) -> int: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class VmSnapshots(Protocol):
+    """An optional capability of a VmDriver: whole-VM snapshots, and VMs resumed from them.
+
+    Contract:
+    - ``snapshot`` writes the running VM's state into ``dest`` (a folder it creates) and returns the
+      metadata a restore needs (at least ``vcpu_count`` and ``memory_mb``, and ``size_bytes``). The VM is
+      left paused, for the caller to destroy. On failure it raises ``DriverError`` and leaves no ``dest``.
+    - ``create`` with ``VmSpec.restore_from`` set to such a folder resumes that state instead of booting,
+      with the spec's slot (and so its address); it refuses a snapshot whose machine shape differs.
+    - Drivers without this capability refuse ``restore_from`` with ``DriverError``.
+    """
+
+    async def snapshot(self, vm_id: str, handle: Mapping[str, Any], dest: Path) -> dict[str, Any]: ...

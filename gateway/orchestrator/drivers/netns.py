@@ -27,7 +27,7 @@ from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host
 from gateway.orchestrator.drivers._cgroups import CgroupTree
-from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
 
 NETNS_RUN_DIR = Path("/var/run/netns")
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -97,8 +97,6 @@ class NetnsVmDriver:
     """VmDriver on network namespaces and cgroups (root only). See the module docstring."""
 
     name = "netns"
-    # Whether ``snapshot`` and ``VmSpec.restore_from`` work (the qemu driver on top of this one).
-    snapshots = False
 
     def __init__(self, config: NetnsConfig, work_dir: Path, *, cgroup_root: Path | None = None) -> None:
         self._config = config
@@ -140,7 +138,7 @@ class NetnsVmDriver:
         plan = self.plan(spec.slot)
         if spec.memory_mb < 1 or spec.vcpu_count < 1:
             raise DriverError("memory_mb and vcpu_count must be positive")
-        if spec.restore_from and not self.snapshots:
+        if spec.restore_from and not isinstance(self, VmSnapshots):
             raise DriverError(f"the {self.name} driver has no snapshots to restore")
         made = _Parts(vm_id)
         try:

@@ -75,7 +75,6 @@ class ProcessVmDriver:
     """VmDriver on plain processes. See the module docstring."""
 
     name = "process"
-    snapshots = False
 
     def __init__(self, config: ProcessConfig, work_dir: Path) -> None:
         self._config = config

@@ -83,7 +83,6 @@ class QemuVmDriver(NetnsVmDriver):
     """VmDriver on QEMU microvms in network namespaces (root only). See the module docstring."""
 
     name = "qemu"
-    snapshots = True
 
     def __init__(
         self,
