@@ -27,13 +27,16 @@ CONFIG_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/gateway/config/raw")
 SCRATCH = Path("/run/agent")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# The VM's own env (given at create, handed over with the config); each request may override it.
+VM_ENV: dict[str, str] = {}
 
 
 def run(request: dict) -> dict:
     """Run one command; the reply mirrors the host drivers' ExecResult."""
     argv = [str(a) for a in request["argv"]]
     cwd = str(request.get("cwd") or "/")
-    env = {**BASE_ENV, "HOME": cwd, **{str(k): str(v) for k, v in (request.get("env") or {}).items()}}
+    given = {str(k): str(v) for k, v in (request.get("env") or {}).items()}
+    env = {**BASE_ENV, "HOME": cwd, **VM_ENV, **given}
     timeout_s = float(request["timeout_s"])
     cap = max(0, int(request["max_output_bytes"]))
     token = secrets.token_hex(8)
@@ -139,6 +142,7 @@ def main() -> None:
     config = json.loads(CONFIG_PATH.read_bytes())
     SCRATCH.mkdir(parents=True, exist_ok=True)
     Handler.token = config["token"]
+    VM_ENV.update({str(k): str(v) for k, v in (config.get("env") or {}).items()})
     server = ThreadingHTTPServer(("0.0.0.0", int(config["agent_port"])), Handler)
     server.daemon_threads = True
     print("gateway-agent: ready", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayUnderTest
+from tests.integration.test_lifecycle import wait_for_release
 from tests.qemu_env import qemu_missing
 
 pytestmark = [
@@ -172,8 +173,8 @@ async def test_a_vm_survives_a_gateway_restart_and_is_snapshotted_when_its_lifet
         await asyncio.sleep(0.1)
     assert vm["error"] == "lifetime expired", vm
     assert vm["snapshot_id"] and vm["snapshot_error"] is None, vm
+    # The slot is released last, once the VM is destroyed.
     rec = await second.services.store.get_vm(vm["vm_id"])
-    assert (
-        rec is not None
-        and not (await second.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)).running
-    )
+    assert rec is not None
+    await wait_for_release(second, rec)
+    assert not (await second.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)).running

@@ -169,15 +169,19 @@ class QemuVmDriver(NetnsVmDriver):
             raise DriverError("the qemu guest image runs no image programs (only /execute commands)")
         vm_dir = Path(handle["vm_dir"])
         restore = Path(spec.restore_from) if spec.restore_from else None
+        config_path = vm_dir / GUEST_CONFIG_FILE
         if restore is not None:
             meta = read_snapshot_meta(restore)
             self._check_restorable(meta, spec)
             token = str(meta["token"])
+            # The resumed machine gets the fw_cfg it was started with, byte for byte.
+            shutil.copyfile(restore / GUEST_CONFIG_FILE, config_path)
         else:
             token = secrets.token_urlsafe(32)
-        guest_config = {"token": token, "agent_port": self._qemu.agent_port}
-        config_path = vm_dir / GUEST_CONFIG_FILE
-        config_path.write_text(json.dumps(guest_config))
+            # The VM's env goes into the guest with its config (fw_cfg); each execute sends the current
+            # env on top, as the other drivers apply it (so a resumed VM runs commands with its own).
+            guest_config = {"token": token, "agent_port": self._qemu.agent_port, "env": dict(spec.env)}
+            config_path.write_text(json.dumps(guest_config))
         config_path.chmod(0o600)
         handle.update(
             agent_token=token,
@@ -379,8 +383,12 @@ class QemuVmDriver(NetnsVmDriver):
         try:
             size = await asyncio.to_thread(self._outgoing, parts.vm_dir / QMP_SOCKET, dest / SNAPSHOT_STATE)
             meta["size_bytes"] = size
+            await asyncio.to_thread(
+                shutil.copyfile, parts.vm_dir / GUEST_CONFIG_FILE, dest / GUEST_CONFIG_FILE
+            )
             _host.write_json(dest / SNAPSHOT_META, meta)
-            (dest / SNAPSHOT_META).chmod(0o600)
+            for name in (SNAPSHOT_META, GUEST_CONFIG_FILE):
+                (dest / name).chmod(0o600)
         except BaseException:
             await _host.remove_tree(dest)
             raise
@@ -504,6 +512,6 @@ class QemuVmDriver(NetnsVmDriver):
 
 def read_snapshot_meta(folder: Path) -> dict[str, Any]:
     meta = _host.read_json(folder / SNAPSHOT_META)
-    if not meta or not (folder / SNAPSHOT_STATE).is_file():
+    if not meta or not all((folder / name).is_file() for name in (SNAPSHOT_STATE, GUEST_CONFIG_FILE)):
         raise DriverError(f"no snapshot in {folder}")
     return meta
