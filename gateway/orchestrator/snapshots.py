@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.errors import DriverError, NotFound
+from gateway.errors import DriverError, NotFound, VmNotRunning
 from gateway.orchestrator.drivers.base import VmDriver, VmSnapshots
 from gateway.routes.model import SnapshotRecord, VmRecord, new_snapshot_id
 from gateway.routes.store import RedisStore
@@ -44,7 +44,7 @@ class SnapshotService:
         try:
             assert isinstance(self.driver, VmSnapshots)
             meta = await self.driver.snapshot(rec.vm_id, rec.handle, dest)
-        except DriverError as exc:
+        except (DriverError, VmNotRunning) as exc:  # (a VM that died has no state left to save)
             log.error("snapshot of VM %s failed: %s", rec.vm_id, exc)
             await self.store.update_vm(rec.vm_id, snapshot_error=str(exc))
             return None

@@ -6,6 +6,8 @@ snapshotted when it is killed and resumed as a new VM that still serves the same
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayUnderTest
+from tests.integration.test_driver_contract import await_gone
 from tests.integration.test_lifecycle import wait_for_release
 from tests.qemu_env import qemu_missing
 
@@ -178,3 +181,20 @@ async def test_a_vm_survives_a_gateway_restart_and_is_snapshotted_when_its_lifet
     assert rec is not None
     await wait_for_release(second, rec)
     assert not (await second.services.orchestrator.driver.inspect(rec.vm_id, rec.handle)).running
+
+
+async def test_a_vm_that_died_is_ended_without_a_snapshot_and_says_why(gateway_factory: Any) -> None:
+    gw = await start_qemu(gateway_factory)
+    status, created = await gw.request("POST", "/v1/vms", json={"snapshot_on_terminate": True})
+    assert status == 200 and created["status"] == "active", created
+    rec = await gw.services.store.get_vm(created["vm_id"])
+    assert rec is not None
+    os.kill(rec.handle["init_pid"], signal.SIGKILL)  # QEMU, started by this test's gateway
+    assert await await_gone({rec.handle["init_pid"]}) == set()
+
+    status, killed = await gw.request("DELETE", f"/v1/vms/{rec.vm_id}")
+    assert (status, killed["status"]) == (200, "killed"), killed
+    status, vm = await gw.request("GET", f"/v1/vms/{rec.vm_id}")
+    assert vm["snapshot_id"] is None and "not running" in vm["snapshot_error"], vm
+    await wait_for_release(gw, rec)
+    assert (await gw.request("GET", "/v1/snapshots"))[1]["total"] == 0

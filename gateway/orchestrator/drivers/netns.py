@@ -257,11 +257,10 @@ class NetnsVmDriver:
         timeout_s: float,
         max_output_bytes: int,
     ) -> ExecResult:
-        parts = self._parts(_host.check_vm_id(vm_id), handle)
         if not argv:
             raise DriverError("empty command")
-        if not self._running(parts) or parts.namespace is None or parts.vm_dir is None:
-            raise VmNotRunning(f"VM {vm_id} is not running")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.namespace is not None and parts.vm_dir is not None
         cgroups = self._cgroups.vm_dirs(vm_id)
         if not all(d.is_dir() for d in cgroups):
             raise VmNotRunning(f"VM {vm_id} has lost its cgroup")
@@ -355,6 +354,13 @@ class NetnsVmDriver:
                 parts.cgroups.append(path)
         parts.init_pid = _host.as_int(data.get("init_pid"))
         parts.init_ticks = _host.as_int(data.get("init_start_ticks"))
+        return parts
+
+    def _running_parts(self, vm_id: str, handle: Mapping[str, Any]) -> _Parts:
+        """The parts of a VM that runs (its namespace and folder known), or VmNotRunning."""
+        parts = self._parts(_host.check_vm_id(vm_id), handle)
+        if not self._running(parts) or parts.namespace is None or parts.vm_dir is None:
+            raise VmNotRunning(f"VM {vm_id} is not running")
         return parts
 
     def _running(self, parts: _Parts) -> bool:

@@ -321,11 +321,10 @@ class QemuVmDriver(NetnsVmDriver):
         timeout_s: float,
         max_output_bytes: int,
     ) -> ExecResult:
-        parts = self._parts(_host.check_vm_id(vm_id), handle)
         if not argv:
             raise DriverError("empty command")
-        if not self._running(parts) or parts.vm_dir is None:
-            raise VmNotRunning(f"VM {vm_id} is not running")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.vm_dir is not None
         record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
         ip = self._ip_of(record)
         body = {
@@ -365,9 +364,8 @@ class QemuVmDriver(NetnsVmDriver):
 
         Returns the snapshot's metadata (what a restore needs). On failure nothing is left in ``dest``.
         """
-        parts = self._parts(_host.check_vm_id(vm_id), handle)
-        if not self._running(parts) or parts.vm_dir is None:
-            raise VmNotRunning(f"VM {vm_id} is not running")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.vm_dir is not None
         record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
         meta = {
             "vm_id": vm_id,
