@@ -58,13 +58,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @asynccontextmanager
-async def served_gateway(driver: str, *key_args: str) -> AsyncIterator[tuple[str, str]]:
+async def served_gateway(
+    driver: str, *key_args: str, settings: dict[str, str] | None = None
+) -> AsyncIterator[tuple[str, str]]:
     """Start ``gateway serve`` on the driver; yield (base URL, API key made with ``gateway keys create
     --name bench *key_args``); stop it by PID afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(BENCH_ENV, GATEWAY_VMS_DRIVER=driver, GATEWAY_ADMIN_LISTEN="")
+        env.update(BENCH_ENV, GATEWAY_VMS_DRIVER=driver, GATEWAY_ADMIN_LISTEN="", **(settings or {}))
         gateway = [sys.executable, "-m", "gateway", "--data-dir", data_dir]
         proc = await asyncio.create_subprocess_exec(
             *gateway, "serve", "--listen", f"127.0.0.1:{port}",

@@ -3,10 +3,13 @@
 Runs ``gateway serve`` with ``vms.driver = "qemu"`` as a user would (its own process, embedded Redis,
 loopback only; control_plane.py's ``served_gateway``), then for each of N rounds, one after another:
 
-- boot: ``POST /v1/vms`` with ``snapshot_on_terminate`` until its answer (``active``: the guest's kernel
-  booted and its agent answers), then a first ``POST /execute`` (``true``) round trip;
+- boot (boot templates off): ``POST /v1/vms`` with ``snapshot_on_terminate`` until its answer
+  (``active``: the guest's kernel booted and its agent answers), then a first ``POST /execute``
+  (``true``) round trip;
 - snapshot: ``DELETE /v1/vms/<id>`` until its answer (the migration stream written, the VM destroyed);
 - restore: ``POST /v1/vms`` with that ``snapshot_id`` until ``active``, and a first execute;
+- template (a second gateway, boot templates on, after one create that saves the template): ``POST
+  /v1/vms`` of the same shape until ``active``, and a first execute;
 
 and prints the median and p90 of each, the snapshot size, and the accelerator (KVM or TCG).
 
@@ -35,23 +38,38 @@ async def timed(client: aiohttp.ClientSession, method: str, url: str, **kwargs: 
     return time.perf_counter() - started, body
 
 
-async def bench(args: argparse.Namespace) -> None:
-    rows: dict[str, list[float]] = {
-        k: [] for k in ("boot", "boot_exec", "snapshot", "restore", "restore_exec")
-    }
+ROWS = {
+    "boot": "boot to ready (kernel boot, create answered)",
+    "boot_exec": "then first execute",
+    "template": "create from the shape's boot template",
+    "template_exec": "then first execute",
+    "snapshot": "kill with snapshot",
+    "restore": "restore to ready (create answered)",
+    "restore_exec": "then first execute",
+}
+
+
+async def create_and_run(
+    client: aiohttp.ClientSession, url: str, body: dict, rows: dict[str, list[float]], row: str
+) -> dict:
+    took, vm = await timed(client, "POST", f"{url}/v1/vms", json=body)
+    rows[row].append(took)
+    run = {"session_id": vm["session_id"], "command": "true"}
+    rows[f"{row}_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
+    return vm
+
+
+async def bench(args: argparse.Namespace) -> tuple[dict[str, list[float]], list[int], str]:
+    rows: dict[str, list[float]] = {k: [] for k in ROWS}
     sizes: list[int] = []
     accel = "?"
-    async with served_gateway("qemu") as (url, key):
-        headers = {"X-API-Key": key}
-        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as client:
-            shape = {"memory_mb": args.memory_mb, "vcpu_count": args.vcpus}
+    shape = {"memory_mb": args.memory_mb, "vcpu_count": args.vcpus}
+    timeout = aiohttp.ClientTimeout(total=300)
+    # Cold boots: templates off, so every create boots the kernel.
+    async with served_gateway("qemu", settings={"GATEWAY_QEMU_BOOT_TEMPLATES": "false"}) as (url, key):
+        async with aiohttp.ClientSession(headers={"X-API-Key": key}, timeout=timeout) as client:
             for _ in range(args.rounds):
-                took, vm = await timed(
-                    client, "POST", f"{url}/v1/vms", json={**shape, "snapshot_on_terminate": True}
-                )
-                rows["boot"].append(took)
-                run = {"session_id": vm["session_id"], "command": "true"}
-                rows["boot_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
+                vm = await create_and_run(client, url, {**shape, "snapshot_on_terminate": True}, rows, "boot")
                 _, view = await timed(client, "GET", f"{url}/v1/vms/{vm['vm_id']}")
                 accel = view["accel"]
                 rows["snapshot"].append((await timed(client, "DELETE", f"{url}/v1/vms/{vm['vm_id']}"))[0])
@@ -59,31 +77,31 @@ async def bench(args: argparse.Namespace) -> None:
                 snapshot_id = ended["snapshot_id"]
                 _, snap = await timed(client, "GET", f"{url}/v1/snapshots/{snapshot_id}")
                 sizes.append(snap["size_bytes"])
-                took, restored = await timed(
-                    client, "POST", f"{url}/v1/vms", json={"snapshot_id": snapshot_id}
-                )
-                rows["restore"].append(took)
-                run = {"session_id": restored["session_id"], "command": "true"}
-                rows["restore_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
+                restored = await create_and_run(client, url, {"snapshot_id": snapshot_id}, rows, "restore")
                 await timed(client, "DELETE", f"{url}/v1/vms/{restored['vm_id']}")
                 await timed(client, "DELETE", f"{url}/v1/snapshots/{snapshot_id}")
+    # Templates on (the default): the first create of the shape boots and saves it; the rest resume it.
+    async with served_gateway("qemu") as (url, key):
+        async with aiohttp.ClientSession(headers={"X-API-Key": key}, timeout=timeout) as client:
+            warm_up = await create_and_run(client, url, shape, {"warm": [], "warm_exec": []}, "warm")
+            await timed(client, "DELETE", f"{url}/v1/vms/{warm_up['vm_id']}")
+            for _ in range(args.rounds):
+                vm = await create_and_run(client, url, shape, rows, "template")
+                await timed(client, "DELETE", f"{url}/v1/vms/{vm['vm_id']}")
+    return rows, sizes, accel
+
+
+def report(args: argparse.Namespace, rows: dict[str, list[float]], sizes: list[int], accel: str) -> None:
     print(
         f"qemu microVMs, accelerator {accel}, {args.vcpus} vCPU, {args.memory_mb} MiB, {args.rounds} rounds"
     )
-    print(f"{'':34} {'median':>10} {'p90':>10}")
-    labels = {
-        "boot": "boot to ready (create answered)",
-        "boot_exec": "then first execute",
-        "snapshot": "kill with snapshot",
-        "restore": "restore to ready (create answered)",
-        "restore_exec": "then first execute",
-    }
-    for key, label in labels.items():
+    print(f"{'':44} {'median':>10} {'p90':>10}")
+    for key, label in ROWS.items():
         values = rows[key]
         print(
-            f"{label:34} {statistics.median(values) * 1000:>8.0f}ms {percentile(values, 0.9) * 1000:>8.0f}ms"
+            f"{label:44} {statistics.median(values) * 1000:>8.0f}ms {percentile(values, 0.9) * 1000:>8.0f}ms"
         )
-    print(f"{'snapshot size':34} {statistics.median(sizes) / 2**20:>8.0f}MiB")
+    print(f"{'snapshot size':44} {statistics.median(sizes) / 2**20:>8.0f}MiB")
 
 
 def main() -> None:
@@ -98,7 +116,7 @@ def main() -> None:
         raise SystemExit("the qemu driver needs root")
     os.chdir(Path(__file__).resolve().parent.parent)
     try:
-        asyncio.run(bench(args))
+        report(args, *asyncio.run(bench(args)))
     finally:
         remove_bench_host_state()
 

@@ -142,6 +142,9 @@ class QemuConfig:
     accel: str = "auto"
     # The in-guest agent's port (POST /execute goes there, with the VM's own token).
     agent_port: int = 49983
+    # The first VM of each shape (vCPUs, memory) is saved right after it boots, and later VMs of that
+    # shape resume that template instead of booting (then get their own token, env and entropy).
+    boot_templates: bool = True
     qemu_binary: str = "qemu-system-x86_64"
 
 

@@ -2,8 +2,9 @@
 
 It runs inside the VM as root, on the guest's own Python (standard library only: the image has nothing
 else), and listens on every address of the guest on ``agent_port``. Only the host can reach the guest
-(its network namespace holds nothing else), and every call must carry the VM's agent token, which the
-host hands over through QEMU's fw_cfg (never on the kernel command line, which ``ps`` shows on the host).
+(its network namespace holds nothing else), and every call must carry the VM's agent token: a first
+one handed over through QEMU's fw_cfg (never on the kernel command line, which ``ps`` shows on the host),
+then the VM's own, with its env and fresh entropy, through ``POST /configure``.
 
 A command runs like the other drivers run it: its own process group, stdout and stderr in files (so a
 background child that inherits them does not hold the call open), killed as a group at its timeout.
@@ -12,6 +13,7 @@ background child that inherits them does not hold the call open), killed as a gr
 from __future__ import annotations
 
 import base64
+import fcntl
 import hmac
 import json
 import os
@@ -26,8 +28,10 @@ from pathlib import Path
 CONFIG_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/gateway/config/raw")
 SCRATCH = Path("/run/agent")
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# linux/random.h: _IO('R', 0x07)
+RNDRESEEDCRNG = 0x5207
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-# The VM's own env (given at create, handed over with the config); each request may override it.
+# The VM's own env (sent by /configure); each request may override it.
 VM_ENV: dict[str, str] = {}
 
 
@@ -114,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self._authorised():
             return
-        if self.path not in ("/execute", "/token"):
+        if self.path not in ("/execute", "/configure"):
             self._reply(404, {"error": "not found"})
             return
         length = int(self.headers.get("Content-Length") or 0)
@@ -123,26 +127,38 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             request = json.loads(self.rfile.read(length))
-            reply = self._new_token(request) if self.path == "/token" else run(request)
+            reply = configure(request) if self.path == "/configure" else run(request)
         except (ValueError, KeyError, TypeError) as exc:
             self._reply(400, {"error": f"bad request: {exc}"})
             return
         self._reply(400 if "error" in reply else 200, reply)
 
-    def _new_token(self, request: dict) -> dict:
-        """A VM resumed from a snapshot gets a token of its own (the snapshot's is in every copy)."""
-        token = str(request["token"])
-        if len(token) < 32:
-            return {"error": "token too short"}
-        Handler.token = token
-        return {"ok": True}
+
+def configure(request: dict) -> dict:
+    """What makes this VM itself, sent by the host once the agent answers (after a boot or a resume):
+    its own token, its env, and fresh entropy. A resumed VM is a copy of a snapshot's memory, token and
+    random state included, so every copy is told apart here before it runs anything."""
+    token = str(request["token"])
+    if len(token) < 32:
+        return {"error": "token too short"}
+    seed = base64.b64decode(request["seed"])
+    if len(seed) < 32:
+        return {"error": "seed too short"}
+    with open("/dev/urandom", "wb") as pool:
+        pool.write(seed)
+        pool.flush()
+        # Reseed the kernel's generator from the pool now, not at its next scheduled reseed.
+        fcntl.ioctl(pool.fileno(), RNDRESEEDCRNG)
+    VM_ENV.clear()
+    VM_ENV.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    Handler.token = token
+    return {"ok": True}
 
 
 def main() -> None:
     config = json.loads(CONFIG_PATH.read_bytes())
     SCRATCH.mkdir(parents=True, exist_ok=True)
     Handler.token = config["token"]
-    VM_ENV.update({str(k): str(v) for k, v in (config.get("env") or {}).items()})
     server = ThreadingHTTPServer(("0.0.0.0", int(config["agent_port"])), Handler)
     server.daemon_threads = True
     print("gateway-agent: ready", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_driver_contract import await_gone
 from tests.integration.test_lifecycle import wait_for_release
-from tests.qemu_env import qemu_missing
+from tests.qemu_env import guest_image, qemu_missing
 
 pytestmark = [
     pytest.mark.root,
@@ -192,3 +193,38 @@ async def test_a_vm_that_died_is_ended_without_a_snapshot_and_says_why(gateway_f
     assert vm["snapshot_id"] is None and "not running" in vm["snapshot_error"], vm
     await wait_for_release(gw, rec)
     assert (await gw.request("GET", "/v1/snapshots"))[1]["total"] == 0
+
+
+async def test_later_vms_of_a_shape_resume_its_boot_template_each_as_itself(gateway_factory: Any) -> None:
+    gw = await start_qemu(gateway_factory)
+    shape = {"memory_mb": 320, "vcpu_count": 1}
+    # This shape's template may be left from an earlier run (it lives beside the cached image).
+    for old in (guest_image() / "templates").glob("*-1cpu-320mb-*"):
+        shutil.rmtree(old)
+
+    async def create(env: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        status, created = await gw.request("POST", "/v1/vms", json={**shape, "env": env})
+        assert status == 200 and created["status"] == "active", created
+        rec = await gw.services.store.get_vm(created["vm_id"])
+        assert rec is not None
+        return created, rec.handle
+
+    async def run(created: dict[str, Any], command: str) -> str:
+        status, out = await gw.request(
+            "POST", "/execute", json={"session_id": created["session_id"], "command": command}
+        )
+        assert (status, out["exit_code"]) == (200, 0), out
+        return out["stdout"]
+
+    first, first_handle = await create({"WHO": "first"})
+    assert first_handle["booted_from"] == "kernel"
+    await run(first, "echo first > mark")
+    second, second_handle = await create({"WHO": "second"})
+    assert second_handle["booted_from"] == "template"
+    # Nothing of the first VM's use is in the template: it was saved before anything ran.
+    assert await run(second, 'ls; echo "$WHO"') == "second\n"
+    assert await run(first, 'cat mark; echo "$WHO"') == "first\nfirst\n"
+    # Each copy has its own token and its own kernel randomness (copies of one memory would agree).
+    assert first_handle["agent_token"] != second_handle["agent_token"]
+    draw = 'python3 -c "import os; print(os.urandom(16).hex())"'
+    assert await run(first, draw) != await run(second, draw)

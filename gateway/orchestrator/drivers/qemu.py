@@ -60,6 +60,7 @@ FW_CFG_NAME = "opt/gateway/config"
 SNAPSHOT_STATE = "state.bin"
 SNAPSHOT_META = "snapshot.json"
 ACCEL_FILE = "accel.json"
+TEMPLATES_SUBDIR = "templates"
 PROBE_TIMEOUT_S = 20.0
 READY_POLL_S = 0.05
 AGENT_PROBE_TIMEOUT_S = 1.0
@@ -169,19 +170,18 @@ class QemuVmDriver(NetnsVmDriver):
             raise DriverError("the qemu guest image runs no image programs (only /execute commands)")
         vm_dir = Path(handle["vm_dir"])
         restore = Path(spec.restore_from) if spec.restore_from else None
+        template = None if restore is not None else self._template_for(spec)
+        source = restore or template
         config_path = vm_dir / GUEST_CONFIG_FILE
-        if restore is not None:
-            meta = read_snapshot_meta(restore)
+        if source is not None:
+            meta = read_snapshot_meta(source)
             self._check_restorable(meta, spec)
             token = str(meta["token"])
             # The resumed machine gets the fw_cfg it was started with, byte for byte.
-            shutil.copyfile(restore / GUEST_CONFIG_FILE, config_path)
+            shutil.copyfile(source / GUEST_CONFIG_FILE, config_path)
         else:
             token = secrets.token_urlsafe(32)
-            # The VM's env goes into the guest with its config (fw_cfg); each execute sends the current
-            # env on top, as the other drivers apply it (so a resumed VM runs commands with its own).
-            guest_config = {"token": token, "agent_port": self._qemu.agent_port, "env": dict(spec.env)}
-            config_path.write_text(json.dumps(guest_config))
+            config_path.write_text(json.dumps({"token": token, "agent_port": self._qemu.agent_port}))
         config_path.chmod(0o600)
         handle.update(
             agent_token=token,
@@ -189,22 +189,81 @@ class QemuVmDriver(NetnsVmDriver):
             image_id=self.image_id,
             vcpu_count=spec.vcpu_count,
             memory_mb=spec.memory_mb,
+            booted_from="snapshot" if restore else ("template" if template else "kernel"),
         )
         argv = [
             *(INIT_COMMAND or self._qemu_argv(spec, vm_dir)),
-            *(["-incoming", "defer"] if restore else []),
+            *(["-incoming", "defer"] if source else []),
         ]
         pid, ticks = await _host.spawn_detached(
             self._enter_prefix(plan.namespace, made.cgroups), argv, env=_host.base_env(vm_dir), cwd=vm_dir
         )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
-        if restore is not None:
-            await asyncio.to_thread(self._incoming, vm_dir / QMP_SOCKET, restore / SNAPSHOT_STATE)
+        if source is not None:
+            await asyncio.to_thread(self._incoming, vm_dir / QMP_SOCKET, source / SNAPSHOT_STATE)
         await self._wait_agent(spec.vm_id, handle)
-        if restore is not None:
-            # Every VM resumed from one snapshot would otherwise share its agent token.
-            handle["agent_token"] = await self._rotate_token(spec.vm_id, handle)
+        if source is None and self._qemu.boot_templates:
+            await self._save_template(spec, handle)
+        # Before anything runs in it, the VM becomes itself: a token, env and entropy of its own (a
+        # resumed VM is otherwise a copy of its snapshot's or template's).
+        handle["agent_token"] = await self._configure(spec, handle)
+
+    # --- boot templates -------------------------------------------------------------------------------
+
+    def _template_dir(self, spec: VmSpec) -> Path:
+        """One template per machine shape, accelerator, image and guest network."""
+        half = str(qemu_net.guest_half(self._qemu.cidr)).replace("/", "_")
+        name = f"{self.image_id}-{self._accel}-{spec.vcpu_count}cpu-{spec.memory_mb}mb-{half}"
+        return self._image_dir / TEMPLATES_SUBDIR / name
+
+    def _template_for(self, spec: VmSpec) -> Path | None:
+        """The template a new VM of this shape resumes instead of booting, if one was saved."""
+        if not self._qemu.boot_templates or INIT_COMMAND:
+            return None
+        folder = self._template_dir(spec)
+        return folder if (folder / SNAPSHOT_META).is_file() else None
+
+    async def _save_template(self, spec: VmSpec, handle: Mapping[str, Any]) -> None:
+        """Right after the first boot of a shape (nothing has run in it yet): save it, then let it go on.
+
+        Written beside the final folder and renamed into place, so a racing VM of the same shape or
+        another gateway process never sees half a template; the loser's copy is dropped. A failure only
+        costs the next VM a full boot.
+        """
+        final = self._template_dir(spec)
+        scratch = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
+        try:
+            await asyncio.to_thread(scratch.mkdir, parents=True)
+            meta = await self._save_state(handle, scratch, resume=True)
+            meta["template"] = True
+            _host.write_json(scratch / SNAPSHOT_META, meta)
+            try:
+                await asyncio.to_thread(scratch.rename, final)
+            except OSError:
+                pass  # another VM saved this shape's template first
+        except (DriverError, OSError) as exc:
+            log.warning("could not save the boot template %s: %s", final.name, exc)
+        finally:
+            await _host.remove_tree(scratch)
+
+    async def _configure(self, spec: VmSpec, handle: Mapping[str, Any]) -> str:
+        token = secrets.token_urlsafe(32)
+        body = {"token": token, "env": dict(spec.env), "seed": base64.b64encode(os.urandom(64)).decode()}
+        url = f"http://{handle['ip']}:{self._qemu.agent_port}/configure"
+        headers = {"Authorization": f"Bearer {handle['agent_token']}"}
+        try:
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=EXECUTE_MARGIN_S)
+            ) as session:
+                async with session.post(url, json=body, headers=headers) as response:
+                    if response.status != 200:
+                        raise DriverError(
+                            f"VM {spec.vm_id}'s agent refused its configuration: {response.status}"
+                        )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise DriverError(f"VM {spec.vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        return token
 
     def _qemu_argv(self, spec: VmSpec, vm_dir: Path) -> list[str]:
         accel = self._accel or "tcg"
@@ -287,21 +346,6 @@ class QemuVmDriver(NetnsVmDriver):
                     )
                 await asyncio.sleep(READY_POLL_S)
 
-    async def _rotate_token(self, vm_id: str, handle: Mapping[str, Any]) -> str:
-        token = secrets.token_urlsafe(32)
-        url = f"http://{handle['ip']}:{self._qemu.agent_port}/token"
-        headers = {"Authorization": f"Bearer {handle['agent_token']}"}
-        try:
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=EXECUTE_MARGIN_S)
-            ) as session:
-                async with session.post(url, json={"token": token}, headers=headers) as response:
-                    if response.status != 200:
-                        raise DriverError(f"VM {vm_id}'s agent refused a new token: {response.status}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise DriverError(f"VM {vm_id}'s agent failed: {exc or type(exc).__name__}") from None
-        return token
-
     def _console_tail(self, handle: Mapping[str, Any], lines: int = 5) -> str:
         try:
             text = (Path(handle["vm_dir"]) / CONSOLE_FILE).read_text(errors="replace")
@@ -367,8 +411,18 @@ class QemuVmDriver(NetnsVmDriver):
         parts = self._running_parts(vm_id, handle)
         assert parts.vm_dir is not None
         record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+        await asyncio.to_thread(dest.mkdir, parents=True)
+        try:
+            return await self._save_state(record, dest, resume=False)
+        except BaseException:
+            await _host.remove_tree(dest)
+            raise
+
+    async def _save_state(self, record: Mapping[str, Any], dest: Path, *, resume: bool) -> dict[str, Any]:
+        """The VM's migration stream, fw_cfg config and metadata into ``dest`` (an existing folder)."""
+        vm_dir = Path(record["vm_dir"])
         meta = {
-            "vm_id": vm_id,
+            "vm_id": record["vm_id"],
             "token": record["agent_token"],
             "vcpu_count": record["vcpu_count"],
             "memory_mb": record["memory_mb"],
@@ -377,22 +431,15 @@ class QemuVmDriver(NetnsVmDriver):
             "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
             "created_at": time.time(),
         }
-        await asyncio.to_thread(dest.mkdir, parents=True)
-        try:
-            size = await asyncio.to_thread(self._outgoing, parts.vm_dir / QMP_SOCKET, dest / SNAPSHOT_STATE)
-            meta["size_bytes"] = size
-            await asyncio.to_thread(
-                shutil.copyfile, parts.vm_dir / GUEST_CONFIG_FILE, dest / GUEST_CONFIG_FILE
-            )
-            _host.write_json(dest / SNAPSHOT_META, meta)
-            for name in (SNAPSHOT_META, GUEST_CONFIG_FILE):
-                (dest / name).chmod(0o600)
-        except BaseException:
-            await _host.remove_tree(dest)
-            raise
+        state = dest / SNAPSHOT_STATE
+        meta["size_bytes"] = await asyncio.to_thread(self._outgoing, vm_dir / QMP_SOCKET, state, resume)
+        await asyncio.to_thread(shutil.copyfile, vm_dir / GUEST_CONFIG_FILE, dest / GUEST_CONFIG_FILE)
+        _host.write_json(dest / SNAPSHOT_META, meta)
+        for name in (SNAPSHOT_META, GUEST_CONFIG_FILE):
+            (dest / name).chmod(0o600)
         return meta
 
-    def _outgoing(self, qmp_path: Path, state: Path) -> int:
+    def _outgoing(self, qmp_path: Path, state: Path, resume: bool) -> int:
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with Qmp(qmp_path) as qmp:
@@ -402,6 +449,8 @@ class QemuVmDriver(NetnsVmDriver):
                 qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
                 qmp.call("migrate", uri="fd:snapshot")
                 self._await_migration(qmp)
+                if resume:
+                    qmp.call("cont")
         except QmpError as exc:
             raise DriverError(f"snapshot failed: {exc}") from None
         finally:
@@ -439,6 +488,8 @@ class QemuVmDriver(NetnsVmDriver):
             "memory_mb": spec.memory_mb,
             "accel": self._accel,
             "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
+            # The kernel and initramfs are part of the machine's memory map: another image's differ.
+            "image_id": self.image_id,
         }
         different = [f"{k} {meta.get(k)} (now {v})" for k, v in wanted.items() if meta.get(k) != v]
         if different:
