@@ -1,13 +1,13 @@
-"""The qemu driver's guest image for tests: built once per content of its sources, then reused.
+"""The qemu driver's guest image for tests: built once per version of its sources, then reused.
 
-Keyed by a hash of the builder, the init and the agent, so a change to any of them rebuilds it; kept
-under /var/tmp so repeated local runs skip the ~15 s build (CI machines start without it).
+Kept under /var/tmp, keyed by ``qemu_image.sources_digest()`` (the builder, the init and the agent), so
+repeated local runs skip the ~10 s build and a change to any source builds a new one (CI machines start
+without any).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -15,11 +15,6 @@ from pathlib import Path
 from gateway.orchestrator.drivers import qemu_image
 
 CACHE_ROOT = Path(os.environ.get("GATEWAY_TEST_IMAGE_CACHE", "/var/tmp/gateway-test-qemu-image"))
-SOURCES = (
-    Path(qemu_image.__file__),
-    qemu_image.GUEST_DIR / "qemu_init.sh",
-    qemu_image.GUEST_DIR / "agent.py",
-)
 
 
 def qemu_missing() -> str | None:
@@ -34,8 +29,7 @@ def qemu_missing() -> str | None:
 
 @functools.cache
 def guest_image() -> Path:
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    target = CACHE_ROOT / digest
+    target = CACHE_ROOT / qemu_image.sources_digest()
     try:
         qemu_image.load_manifest(target)
     except qemu_image.ImageError:

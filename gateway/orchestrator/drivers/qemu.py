@@ -124,9 +124,10 @@ class QemuVmDriver(NetnsVmDriver):
             raise DriverError(f"{self._qemu.qemu_binary} is missing: apt-get install qemu-system-x86")
         try:
             self._manifest = qemu_image.load_manifest(self._image_dir)
-        except qemu_image.ImageError:
-            # First start: build it (about 15 s, from the machine's apt sources), as `gateway image build`.
-            log.warning("no qemu guest image in %s: building it now", self._image_dir)
+        except qemu_image.ImageError as missing:
+            # First start, or a gateway upgrade: build it (about 15 s, from the machine's apt sources),
+            # as `gateway image build` does. (Its boot templates go with the old image.)
+            log.warning("%s: building it now", missing)
             try:
                 self._manifest = await asyncio.to_thread(
                     qemu_image.build_image, self._image_dir, say=lambda line: log.info("image: %s", line)

@@ -75,6 +75,15 @@ INITRD = "initrd.cpio"
 COMMAND_TIMEOUT_S = 600
 
 
+def sources_digest() -> str:
+    """What the image is made by: this builder, the guest's init and its agent. An image made by other
+    versions of them is stale (an agent that does not speak this gateway's protocol)."""
+    digest = hashlib.sha256()
+    for path in (Path(__file__), GUEST_DIR / "qemu_init.sh", GUEST_DIR / "agent.py"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class ImageError(Exception):
     """The image cannot be built or is not usable; the message says what to do."""
 
@@ -269,6 +278,7 @@ def build_image(target: Path, *, say: Callable[[str], None] = print) -> dict:
             "modules": [name for name, _ in modules],
             "files": {name: sha256(out / name) for name in (KERNEL, INITRD)},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": sources_digest(),
         }
         manifest["image_id"] = hashlib.sha256(
             json.dumps(manifest["files"], sort_keys=True).encode()
@@ -297,4 +307,9 @@ def load_manifest(image_dir: Path) -> dict:
     for name in (KERNEL, INITRD):
         if not (image_dir / name).is_file():
             raise ImageError(f"the qemu guest image in {image_dir} lacks {name}: run `gateway image build`")
+    if manifest.get("sources") != sources_digest():
+        raise ImageError(
+            f"the qemu guest image in {image_dir} was built by another version of the gateway: "
+            "run `gateway image build`"
+        )
     return manifest
