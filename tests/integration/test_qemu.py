@@ -10,12 +10,17 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayUnderTest
+from gateway.config import Config, override
+from gateway.errors import DriverError
+from gateway.orchestrator.drivers.base import VmSpec
+from gateway.orchestrator.drivers.registry import make_driver
+from tests.conftest import GatewayUnderTest, remove_blackhole, remove_empty_cgroup_parents
 from tests.integration.test_driver_contract import await_gone
 from tests.integration.test_lifecycle import wait_for_release
 from tests.qemu_env import guest_image, qemu_missing
@@ -228,3 +233,28 @@ async def test_later_vms_of_a_shape_resume_its_boot_template_each_as_itself(gate
     assert first_handle["agent_token"] != second_handle["agent_token"]
     draw = 'python3 -c "import os; print(os.urandom(16).hex())"'
     assert await run(first, draw) != await run(second, draw)
+
+
+async def test_a_data_dir_too_long_for_qemus_control_socket_is_refused_cleanly(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    config = override(
+        Config(),
+        server={"data_dir": str(deep)},
+        vms={"driver": "qemu"},
+        qemu={
+            "cidr": "172.31.234.0/23",
+            "name_prefix": "gwql",
+            "cgroup_name": "gateway-qltest",
+            "image_dir": str(guest_image()),
+        },
+    )
+    driver = make_driver(config)
+    await driver.start()
+    try:
+        with pytest.raises(DriverError, match="shorter data_dir"):
+            await driver.create(VmSpec(vm_id="vm-long", slot=0, vcpu_count=1, memory_mb=256))
+        assert not any(map(os.path.exists, ("/var/run/netns/gwql-0", deep / "vms" / "vm-long")))
+    finally:
+        await driver.close()
+        remove_blackhole("172.31.234.0/23")
+        remove_empty_cgroup_parents("gateway-qltest")

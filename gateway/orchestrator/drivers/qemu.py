@@ -55,6 +55,8 @@ TAP_DEVICE = "tap0"
 BRIDGE_DEVICE = "br0"
 CONSOLE_FILE = "console.log"
 QMP_SOCKET = "qmp.sock"
+# sun_path's size (with its terminating NUL): a longer unix socket path cannot be bound.
+UNIX_PATH_MAX = 108
 GUEST_CONFIG_FILE = "guest.json"
 FW_CFG_NAME = "opt/gateway/config"
 SNAPSHOT_STATE = "state.bin"
@@ -170,6 +172,10 @@ class QemuVmDriver(NetnsVmDriver):
         if spec.command:
             raise DriverError("the qemu guest image runs no image programs (only /execute commands)")
         vm_dir = Path(handle["vm_dir"])
+        if len(bytes(vm_dir / QMP_SOCKET)) >= UNIX_PATH_MAX:
+            raise DriverError(
+                f"QEMU's control socket in {vm_dir} would be too long a path: use a shorter data_dir"
+            )
         restore = Path(spec.restore_from) if spec.restore_from else None
         template = None if restore is not None else self._template_for(spec)
         source = restore or template
