@@ -220,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         filename=home / "browser.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
+    # Chromium's own output and this program's errors go to stderr, the VM init's log, whose end the
+    # gateway shows when the browser fails to start.
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    logging.getLogger().addHandler(errors)
     try:
-        with open(home / "browser.log", "ab") as chromium_log:
-            return asyncio.run(run(args.port, args.host, home, chromium_log))
+        return asyncio.run(run(args.port, args.host, home, sys.stderr.buffer))
+    except RuntimeError as exc:
+        log.error("the browser image failed: %s", exc)
+        return 1
     except Exception:
         log.exception("the browser image failed")
         return 1

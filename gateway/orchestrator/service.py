@@ -294,8 +294,10 @@ class Orchestrator:
             else:
                 writer.close()
                 return
-            if not (await self.driver.inspect(info.vm_id, info.handle)).running:
-                raise DriverError(f"the VM's program exited before port {port} accepted connections")
+            now = await self.driver.inspect(info.vm_id, info.handle)
+            if not now.running:
+                said = f": {now.detail}" if now.detail else ""
+                raise DriverError(f"the VM's program exited before port {port} accepted connections{said}")
             await asyncio.sleep(READY_POLL_S)
 
     async def _fail_cancelled(self, rec: VmRecord) -> None:

@@ -328,9 +328,8 @@ async def test_the_status_follows_the_browser_and_the_lifetime(gateway_factory: 
 async def test_an_image_that_fails_to_start_leaves_nothing_behind(gateway_factory: object) -> None:
     # Starts, then exits without ever listening (a program that exits at once can also fail the
     # driver's own start, a different message).
-    broken = ImageConfig(
-        description="never listens", command=("sleep", "0.3"), port=9222, drivers=("process",)
-    )
+    program = ("sh", "-c", "echo 'no display: giving up' >&2; sleep 0.3")
+    broken = ImageConfig(description="never listens", command=program, port=9222, drivers=("process",))
     gw: GatewayUnderTest = await gateway_factory(  # type: ignore[operator]
         "process", instances={"images": {"broken": broken}}
     )
@@ -338,7 +337,8 @@ async def test_an_image_that_fails_to_start_leaves_nothing_behind(gateway_factor
     status, answer = await create_instance(gw, token, image="broken")
     assert status == 503, answer
     assert answer["code"] == "instance_failed"
-    assert "exited before port 9222 accepted connections" in answer["detail"]
+    # What the program said is part of the answer: the operator sees why without a shell on the host.
+    assert "exited before port 9222 accepted connections: no display: giving up" in answer["detail"]
     status, listed = await gw.request("GET", INSTANCES.format(org=ORG_A), headers=bearer(token))
     assert listed == {"instances": [], "total": 0}
     assert await gw.services.store.live_vm_ids() == []

@@ -38,13 +38,19 @@ VM_FILE = "vm.json"
 HOME_DIR = "home"
 # Captured output lives outside the VM's home so the user's files never show it.
 RUN_DIR = "run"
+# The VM init's own output (an image's program, QEMU), in RUN_DIR: what says why a VM stopped.
+INIT_LOG = "init.log"
+INIT_LOG_TAIL_BYTES = 600
 
 _VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Runs a command detached from the caller: the background child is reparented to init, so it outlives
 # the gateway and leaves no asyncio transport whose garbage collection would kill it.
 _LAUNCH_SCRIPT = '"$@" </dev/null 2>&1 & echo "pid $!"'
-# The last step before the VM's init runs: report readiness on the launcher's pipe, then drop the pipe.
-_READY_SCRIPT = 'command -v "$1" >/dev/null || exit 127; echo ready; exec "$@" </dev/null >/dev/null 2>&1'
+# The last step before the VM's init runs: report readiness on the launcher's pipe, then drop the pipe
+# for the init's log file (its first argument).
+_READY_SCRIPT = (
+    'log=$1; shift; command -v "$1" >/dev/null || exit 127; echo ready; exec "$@" </dev/null >>"$log" 2>&1'
+)
 # Background cleanups must not be garbage-collected while a cancelled caller has already left.
 _CLEANUPS: set[asyncio.Task[None]] = set()
 
@@ -195,6 +201,7 @@ async def spawn_detached(
     *,
     env: Mapping[str, str],
     cwd: Path,
+    log_path: Path,
     timeout_s: float = INIT_START_TIMEOUT_S,
 ) -> tuple[int, int]:
     """Start ``prefix + command`` as a long-lived process that is not our child; return (pid, start ticks).
@@ -203,7 +210,7 @@ async def spawn_detached(
     same through every exec. Returns once ``command`` is about to run, i.e. every wrapper succeeded.
     """
     argv = [SH, "-c", _LAUNCH_SCRIPT, "gateway-launch", *prefix, SH, "-c", _READY_SCRIPT, "gateway-vm-init"]
-    argv += command
+    argv += [str(log_path), *command]
     pid: int | None = None
     lines: list[bytes] = []
     try:
@@ -253,6 +260,19 @@ async def spawn_detached(
         raise
     finally:
         _spawn.close_pipes(proc)
+
+
+def init_log_tail(vm_dir: Path | None) -> str:
+    """The end of a VM init's output, on one line ('' when there is none)."""
+    if vm_dir is None:
+        return ""
+    try:
+        with open(vm_dir / RUN_DIR / INIT_LOG, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - INIT_LOG_TAIL_BYTES))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in tail.splitlines() if line.strip())
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:

@@ -39,6 +39,8 @@ class VmInfo:
     running: bool
     # Opaque, driver-defined, JSON-serialisable; stored by the orchestrator and handed back on every call.
     handle: Mapping[str, Any]
+    # For a VM that is not running: what its init last said, when the driver knows ('' otherwise).
+    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,11 @@ class NetnsVmDriver:
         home = Path(handle["vm_dir"]) / _host.HOME_DIR
         env = {**_host.base_env(home), **spec.env, "VM_ID": spec.vm_id, "VM_IP": plan.vm_ip}
         pid, ticks = await _host.spawn_detached(
-            self._enter_prefix(plan.namespace, made.cgroups), spec.command or INIT_COMMAND, env=env, cwd=home
+            self._enter_prefix(plan.namespace, made.cgroups),
+            spec.command or INIT_COMMAND,
+            env=env,
+            cwd=home,
+            log_path=Path(handle["vm_dir"]) / _host.RUN_DIR / _host.INIT_LOG,
         )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
@@ -245,7 +249,9 @@ class NetnsVmDriver:
             parts = self._parts(_host.check_vm_id(vm_id), handle)
         except DriverError:
             return VmInfo(vm_id=vm_id, ip=str(handle.get("ip", "")), running=False, handle=handle)
-        return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=self._running(parts), handle=handle)
+        running = self._running(parts)
+        detail = "" if running else _host.init_log_tail(parts.vm_dir)
+        return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=running, handle=handle, detail=detail)
 
     async def execute(
         self,

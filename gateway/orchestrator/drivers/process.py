@@ -135,7 +135,9 @@ class ProcessVmDriver:
             }
             _host.write_json(vm_dir / _host.VM_FILE, handle)
             env = {**self._vm_env(vm_id, spec.slot, ip, spec.env), **self._markers(vm_id, spec.slot)}
-            pid, ticks = await _host.spawn_detached((), spec.command or INIT_COMMAND, env=env, cwd=home)
+            log_path = vm_dir / _host.RUN_DIR / _host.INIT_LOG
+            command = spec.command or INIT_COMMAND
+            pid, ticks = await _host.spawn_detached((), command, env=env, cwd=home, log_path=log_path)
             handle.update(init_pid=pid, init_start_ticks=ticks)
             _host.write_json(vm_dir / _host.VM_FILE, handle)
         except BaseException as exc:
@@ -156,7 +158,9 @@ class ProcessVmDriver:
         if not _host.is_vm_id(vm_id):
             return VmInfo(vm_id=vm_id, ip=str(handle.get("ip", "")), running=False, handle=handle)
         record = self._record(vm_id, handle)
-        return VmInfo(vm_id=vm_id, ip=self._ip_of(record), running=self._running(record), handle=handle)
+        running = self._running(record)
+        detail = "" if running else _host.init_log_tail(self._work_dir / vm_id)
+        return VmInfo(vm_id=vm_id, ip=self._ip_of(record), running=running, handle=handle, detail=detail)
 
     async def execute(
         self,

@@ -203,7 +203,11 @@ class QemuVmDriver(NetnsVmDriver):
             *(["-incoming", "defer"] if source else []),
         ]
         pid, ticks = await _host.spawn_detached(
-            self._enter_prefix(plan.namespace, made.cgroups), argv, env=_host.base_env(vm_dir), cwd=vm_dir
+            self._enter_prefix(plan.namespace, made.cgroups),
+            argv,
+            env=_host.base_env(vm_dir),
+            cwd=vm_dir,
+            log_path=vm_dir / _host.RUN_DIR / _host.INIT_LOG,
         )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
@@ -345,7 +349,8 @@ class QemuVmDriver(NetnsVmDriver):
                         if response.status == 200:
                             return
                 if not _host.is_running(int(handle["init_pid"]), handle.get("init_start_ticks")):
-                    raise DriverError(f"QEMU exited while VM {vm_id} booted: {self._console_tail(handle)}")
+                    said = _host.init_log_tail(Path(handle["vm_dir"])) or self._console_tail(handle)
+                    raise DriverError(f"QEMU exited while VM {vm_id} booted: {said}")
                 if time.monotonic() >= deadline:
                     raise DriverError(
                         f"VM {vm_id}'s agent did not answer within {self._boot_timeout_s} s: "
