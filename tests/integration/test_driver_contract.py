@@ -325,6 +325,8 @@ async def test_create_inspect_destroy(h: Harness) -> None:
     assert (info.vm_id, info.ip, info.running) == ("vm-life", h.driver.address(1), True)
     handle = roundtrip(info.handle)
     assert handle["slot"] == 1 and isinstance(handle["init_pid"], int)
+    # The VM's record is the gateway's alone (a qemu VM's holds the token that runs commands in it).
+    assert (h.work_dir / "vm-life" / _host.VM_FILE).stat().st_mode & 0o077 == 0
     now = await h.new_driver().inspect("vm-life", handle)
     assert (now.running, now.ip) == (True, info.ip)
     # The orchestrator's half-made record holds only the slot; the VM's own record completes it.

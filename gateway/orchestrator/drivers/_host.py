@@ -371,9 +371,13 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write atomically, so a crash never leaves a torn record for sweep to misread."""
+    """Write atomically, so a crash never leaves a torn record for sweep to misread; readable by the
+    gateway's user only (a qemu VM's record holds its agent token, which runs commands in the VM)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # (a stale temporary file keeps its old mode through O_CREAT)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, sort_keys=True))
     tmp.replace(path)
 
 
