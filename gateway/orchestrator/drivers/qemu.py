@@ -69,6 +69,8 @@ AGENT_PROBE_TIMEOUT_S = 1.0
 # An execute's HTTP call outlives the command's own timeout by this much (the agent kills at the timeout).
 EXECUTE_MARGIN_S = 10.0
 MIGRATION_POLL_S = 0.01
+# What a call to a VM's agent can fail with (ValueError: a reply that is not JSON).
+AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 # Not a program: the monkeypatchable seam the contract's failed-start test uses (as in the other drivers).
 INIT_COMMAND: tuple[str, ...] = ()
 
@@ -261,20 +263,23 @@ class QemuVmDriver(NetnsVmDriver):
     async def _configure(self, spec: VmSpec, handle: Mapping[str, Any]) -> str:
         token = secrets.token_urlsafe(32)
         body = {"token": token, "env": dict(spec.env), "seed": base64.b64encode(os.urandom(64)).decode()}
-        url = f"http://{handle['ip']}:{self._qemu.agent_port}/configure"
-        headers = {"Authorization": f"Bearer {handle['agent_token']}"}
         try:
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=EXECUTE_MARGIN_S)
-            ) as session:
-                async with session.post(url, json=body, headers=headers) as response:
-                    if response.status != 200:
-                        raise DriverError(
-                            f"VM {spec.vm_id}'s agent refused its configuration: {response.status}"
-                        )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            status, reply = await self._agent_post(handle, "/configure", body, EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
             raise DriverError(f"VM {spec.vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        if status != 200:
+            raise DriverError(f"VM {spec.vm_id}'s agent refused its configuration: {status} {reply}")
         return token
+
+    async def _agent_post(
+        self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> tuple[int, Any]:
+        """POST JSON to the VM's agent with its token; (status, the reply's JSON)."""
+        url = f"http://{self._ip_of(record)}:{self._qemu.agent_port}{path}"
+        headers = {"Authorization": f"Bearer {record.get('agent_token', '')}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.post(url, json=body, headers=headers) as response:
+                return response.status, await response.json(content_type=None)
 
     def _qemu_argv(self, spec: VmSpec, vm_dir: Path) -> list[str]:
         accel = self._accel or "tcg"
@@ -390,15 +395,9 @@ class QemuVmDriver(NetnsVmDriver):
             "timeout_s": timeout_s,
             "max_output_bytes": max_output_bytes,
         }
-        url = f"http://{ip}:{self._qemu.agent_port}/execute"
-        headers = {"Authorization": f"Bearer {record.get('agent_token', '')}"}
-        timeout = aiohttp.ClientTimeout(total=timeout_s + EXECUTE_MARGIN_S)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.post(url, json=body, headers=headers) as response:
-                    reply = await response.json(content_type=None)
-                    status = response.status
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            status, reply = await self._agent_post(record, "/execute", body, timeout_s + EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
             if not self._running(parts):
                 raise VmNotRunning(f"VM {vm_id} is not running") from None
             raise DriverError(f"the agent of VM {vm_id} failed: {exc or type(exc).__name__}") from None
