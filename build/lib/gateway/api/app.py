@@ -1,0 +1,73 @@
+"""The control-plane application: routes, the error middleware, limits.
+
+Every failure leaves as JSON with a precise status: ``{"detail": ..., "code": ...}`` for errors and the
+spec's ``{"detail": [{"loc", "msg", "type"}]}`` for validation, never an HTML page or a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.api import domains, execute, instances, sessions, snapshots, vms
+from gateway.api.context import CONFIG, INSTANCES, KEY_STORE, ORCHESTRATOR
+from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
+from gateway.api.validation import RequestValidationError
+from gateway.config import Config
+from gateway.errors import GatewayError, Unauthorized
+from gateway.keys import ApiKeyStore
+from gateway.log import REQUEST_ID
+from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.service import Orchestrator
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, detail: object, code: str) -> web.Response:
+    body = {"detail": detail} if isinstance(detail, list) else {"detail": detail, "code": code}
+    response = web.json_response(body, status=status, headers={"X-Gateway-Error": code})
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # The edge's id for this request: every log record made while handling it carries it.
+    REQUEST_ID.set(request.headers.get("X-Request-Id"))
+    try:
+        return await handler(request)
+    except RequestValidationError as exc:
+        return error_response(422, exc.detail, exc.code)
+    except Unauthorized as exc:
+        return error_response(exc.status, exc.message, exc.code)
+    except GatewayError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s -> %s %s", request.method, request.path, exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return error_response(exc.status, exc.reason, code)
+
+
+def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeyStore) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.api.max_body_bytes)
+    app[CONFIG] = config
+    app[ORCHESTRATOR] = orchestrator
+    app[KEY_STORE] = key_store
+    app[INSTANCES] = InstanceService(orchestrator, config)
+    app[OPENAPI] = build_openapi()
+    app.add_routes(sessions.routes)
+    app.add_routes(vms.routes)
+    app.add_routes(domains.routes)
+    app.add_routes(execute.routes)
+    app.add_routes(instances.routes)
+    app.add_routes(snapshots.routes)
+    app.router.add_get("/openapi.json", openapi_handler)
+    return app

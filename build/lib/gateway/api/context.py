@@ -1,0 +1,15 @@
+"""Typed application keys: what the composition root hands to the API handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.keys import ApiKeyStore
+from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.service import Orchestrator
+
+CONFIG = web.AppKey("config", Config)
+KEY_STORE = web.AppKey("key_store", ApiKeyStore)
+ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
+INSTANCES = web.AppKey("instances", InstanceService)

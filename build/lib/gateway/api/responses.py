@@ -1,0 +1,125 @@
+"""Rendering shared by the API handlers: JSON bodies, timestamps, VM views."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway.api.schemas import VmResponse
+from gateway.config import Config
+from gateway.routes.model import VM_ACTIVE, DomainRecord, VmRecord
+from gateway.routes.store import is_live
+from gateway.tls.providers.delegated import challenge_name, delegation_target
+from gateway.tls.providers.registry import DELEGATED
+
+
+def iso(ts: float | None) -> str | None:
+    """UTC time as the spec's examples show it: 2025-01-10T12:34:56 (no offset, always UTC)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def remaining_s(vm: VmRecord, now: float) -> float:
+    """Seconds until a live VM is reaped; 0 once it has ended."""
+    return max(0.0, (vm.expires_at or now) - now) if is_live(vm) else 0.0
+
+
+def uptime_s(vm: VmRecord, now: float) -> float | None:
+    """Seconds since the VM became active, while it is active."""
+    if vm.status != VM_ACTIVE:
+        return None
+    return round(now - (vm.started_at or vm.created_at), 2)
+
+
+def json_response(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
+
+
+def app_url_for(config: Config, session_id: str, port: int) -> str:
+    return f"{config.server.public_url.rstrip('/')}/v1/app/{session_id}/{port}/"
+
+
+def direct_url(config: Config, vm_id: str, port: int) -> str:
+    public = urlsplit(config.server.public_url)
+    suffix = f":{public.port}" if public.port else ""
+    return f"{public.scheme}://{vm_id}-{port}.{config.api.sandbox_domain}{suffix}/"
+
+
+def instance_url(config: Config, instance_uuid: str) -> str:
+    public = urlsplit(config.server.public_url)
+    suffix = f":{public.port}" if public.port else ""
+    return f"{public.scheme}://instance-{instance_uuid}.{config.instances.domain}{suffix}/"
+
+
+def iso_z(ts: float) -> str:
+    """UTC time with a Z, as the Instances API's document shows it: 2025-01-10T12:00:00Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def share_view(config: Config, vm: VmRecord, token: str | None = None) -> dict[str, Any] | None:
+    """The share as the API shows it: port, visibility, URLs; the token only in the create answer."""
+    if not vm.share:
+        return None
+    port = vm.share["port"]
+    view: dict[str, Any] = {
+        "port": port,
+        "is_public": bool(vm.share.get("is_public")),
+        "url": app_url_for(config, vm.session_id, port),
+        "direct_url": direct_url(config, vm.vm_id, port),
+    }
+    if token is not None:
+        view["access_token"] = token
+        view["access"] = "send it as X-Access-Token, or once as ?gw_access_token=... to get a cookie"
+    return view
+
+
+def domain_view(config: Config, rec: DomainRecord) -> dict[str, Any]:
+    """A custom domain as the API shows it: never its credentials. A delegated one shows the record the
+    customer must add."""
+    view: dict[str, Any] = {
+        "domain": rec.domain, "vm_id": rec.vm_id, "dns_provider": rec.dns_provider, "state": rec.state,
+        "last_error": rec.last_error, "expires_at": iso(rec.not_after), "created_at": iso(rec.created_at),
+        "url": f"https://{rec.domain}/",
+    }  # fmt: skip
+    if rec.dns_provider == DELEGATED:
+        target = delegation_target(rec.domain, config.acme.delegation_zone)
+        view["dns_record"] = {"name": challenge_name(rec.domain).rstrip("."), "type": "CNAME",
+                              "value": target.rstrip(".")}  # fmt: skip
+    return view
+
+
+def vm_view(
+    config: Config, vm: VmRecord, exposed_ports: set[int] | None = None, domain: DomainRecord | None = None
+) -> VmResponse:
+    now = time.time()
+    return VmResponse(
+        vm_id=vm.vm_id,
+        session_id=vm.session_id,
+        status=vm.status,
+        vm_ip=vm.ip,
+        driver=vm.driver,
+        vcpu_count=vm.vcpu_count,
+        memory_mb=vm.memory_mb,
+        vm_lifetime_seconds=vm.vm_lifetime_seconds,
+        created_at=iso(vm.created_at) or "",
+        expires_at=iso(vm.expires_at),
+        ended_at=iso(vm.ended_at),
+        uptime_seconds=uptime_s(vm, now),
+        expires_in_seconds=round(remaining_s(vm, now), 2),
+        metadata=vm.metadata,
+        share=share_view(config, vm),
+        exposed_ports=sorted(exposed_ports or ()),
+        custom_domain=domain_view(config, domain) if domain is not None else None,
+        error=vm.error,
+        accel=vm.handle.get("accel"),
+        snapshot_on_terminate=vm.snapshot_on_terminate,
+        snapshot_id=vm.snapshot_id,
+        snapshot_error=vm.snapshot_error,
+        restored_from=vm.restored_from,
+    )

@@ -1,0 +1,275 @@
+"""Request and response models of the control-plane API, field for field as the spec documents them.
+
+Validation errors come out of pydantic in exactly the spec's ``detail[].loc/msg/type`` shape. Limits that
+the operator configures (the lifetime bounds, the execute timeout) are checked against values passed
+in the validation context, with pydantic's own error types and messages, so they read like the rest.
+Unknown fields are ignored, as the spec's models do, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+VCPU_COUNTS = (1, 2, 4, 6, 8)
+MEMORY_MB_MIN, MEMORY_MB_MAX = 128, 8192
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_ENV_NAME_LENGTH = 255
+
+
+def _bounded(value: float | None, info: ValidationInfo, low_key: str, high_key: str) -> float | None:
+    if value is None or info.context is None:
+        return value
+    low, high = info.context[low_key], info.context[high_key]
+    if value < low:
+        raise PydanticCustomError(
+            "greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": low}
+        )
+    if value > high:
+        raise PydanticCustomError(
+            "less_than_equal", "Input should be less than or equal to {le}", {"le": high}
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class VmResources(_Model):
+    vm_lifetime_seconds: int | None = None
+    memory_mb: int | None = Field(None, ge=MEMORY_MB_MIN, le=MEMORY_MB_MAX)
+    vcpu_count: Literal[1, 2, 4, 6, 8] | None = None
+    metadata: dict[str, Any] | None = None
+    env: dict[str, str] | None = None
+
+    @field_validator("vm_lifetime_seconds")
+    @classmethod
+    def _lifetime(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _bounded(value, info, "min_lifetime_s", "max_lifetime_s")  # type: ignore[return-value]
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, text in (value or {}).items():
+            if len(name) > MAX_ENV_NAME_LENGTH or not ENV_NAME.match(name):
+                raise PydanticCustomError(
+                    "env_name",
+                    "Environment variable names must match [A-Za-z_][A-Za-z0-9_]*: {name!r}",
+                    {"name": name[:64]},
+                )
+            if "\0" in text:
+                raise PydanticCustomError(
+                    "env_value", "Environment variable {name} contains a NUL byte", {"name": name}
+                )
+        return value
+
+
+class CreateSessionRequest(VmResources):
+    api_key: str
+
+
+class CreateSessionResponse(_Model):
+    session_id: str = Field(json_schema_extra={"format": "uuid"})
+
+
+class ShareRequest(_Model):
+    port: int = Field(ge=1, le=65535)
+    is_public: bool = False
+
+
+class CustomDomainRequest(_Model):
+    domain: str
+    dns_provider: str | None = None
+    dns_credentials: dict[str, str] | None = None
+
+
+class VMVolumeMountRequest(_Model):
+    volume_id: str
+    mount_path: str
+    mode: str = "rw"
+    checkpoint_id: str | None = None
+
+
+class VMCreateRequest(VmResources):
+    session_id: str | None = None
+    egress_policy: dict[str, Any] | None = None
+    snapshot_id: str | None = None
+    snapshot_on_terminate: bool | None = None
+    snapshot_name: str | None = None
+    share: ShareRequest | None = None
+    custom_domain: CustomDomainRequest | None = None
+    image_variant: str | None = None
+    volumes: list[VMVolumeMountRequest] | None = None
+    vault_ids: list[str] | None = None
+
+
+class VMCreateResponse(_Model):
+    vm_id: str | None = None
+    session_id: str
+    status: str
+    share: dict[str, Any] | None = None
+    custom_domain: dict[str, Any] | None = None
+    env_status: str = "none"
+    env_error: str | None = None
+
+
+class VmCreateQuery(_Model):
+    wait: bool = True
+
+
+class SessionStatusResponse(_Model):
+    session_id: str
+    exists: bool
+    vm_assigned: bool
+    vm_status: str | None = None
+    vm_id: str | None = None
+    vm_alive: bool = False
+    uptime_seconds: float | None = None
+    expires_in_seconds: float | None = None
+    created_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    env_status: str = "none"
+    env_error: str | None = None
+
+
+class AppUrlQuery(_Model):
+    port: int = Field(80, ge=1, le=65535)
+
+
+class AppURLResponse(_Model):
+    url: str
+    direct_url: str
+    vm_ip: str
+    port: int
+    vm_id: str
+    session_id: str
+    status: str
+    expires_in_seconds: int | None = None
+
+
+class VmResponse(_Model):
+    """One VM, as GET /v1/vms/{vm_id} and the list show it."""
+
+    vm_id: str
+    session_id: str
+    status: str
+    vm_ip: str
+    driver: str
+    vcpu_count: int
+    memory_mb: int
+    vm_lifetime_seconds: int
+    created_at: str
+    expires_at: str | None = None
+    ended_at: str | None = None
+    uptime_seconds: float | None = None
+    expires_in_seconds: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    share: dict[str, Any] | None = None
+    exposed_ports: list[int] = Field(default_factory=list)
+    custom_domain: dict[str, Any] | None = None
+    error: str | None = None
+    # How the VM runs: "kvm" or "tcg" for the qemu driver, null for the others.
+    accel: str | None = None
+    snapshot_on_terminate: bool = False
+    # The snapshot made when this VM terminated (or why it could not be made), and the one it resumed.
+    snapshot_id: str | None = None
+    snapshot_error: str | None = None
+    restored_from: str | None = None
+
+
+class SnapshotResponse(_Model):
+    snapshot_id: str
+    name: str | None = None
+    vm_id: str
+    driver: str
+    vcpu_count: int
+    memory_mb: int
+    size_bytes: int
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class SnapshotListResponse(_Model):
+    snapshots: list[SnapshotResponse]
+    total: int
+
+
+class DnsRecordView(_Model):
+    name: str
+    type: str
+    value: str
+
+
+class CustomDomainResponse(_Model):
+    """A custom domain and its certificate's state; ``dns_record`` is the CNAME a delegated one needs."""
+
+    domain: str
+    vm_id: str
+    dns_provider: str
+    state: Literal["pending", "verifying", "issued", "failed"]
+    last_error: str | None = None
+    expires_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    created_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    url: str
+    dns_record: DnsRecordView | None = None
+
+
+class CustomDomainListResponse(_Model):
+    custom_domains: list[CustomDomainResponse]
+    total: int
+
+
+class VmListResponse(_Model):
+    vms: list[VmResponse]
+    total: int
+
+
+class ExecuteRequest(_Model):
+    command: str = Field(min_length=1)
+    language: Literal["bash", "python"] = "bash"
+    session_id: str | None = None
+    timeout: float | None = Field(None, gt=0)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return _bounded(value, info, "min_timeout_s", "max_timeout_s")
+
+
+class ExecuteResponse(_Model):
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    timed_out: bool
+    truncated: bool
+    execution_time: float
+    session_id: str
+    vm_id: str
+
+
+class CreateInstanceRequest(_Model):
+    """The Instances API's create body: both names come from the gateway's catalog."""
+
+    image: str = Field(min_length=1, max_length=64, examples=["debian-12"])
+    size: str = Field(min_length=1, max_length=64, examples=["small"])
+
+
+class InstanceResponse(_Model):
+    instance_uuid: str
+    status: Literal["running", "stopped", "terminated"]
+    image: str
+    size: str
+    created_at: str = Field(json_schema_extra={"format": "date-time"}, examples=["2025-01-10T12:00:00Z"])
+    access_url: str
+
+
+class InstanceListResponse(_Model):
+    instances: list[InstanceResponse]
+    total: int
+
+
+class ErrorResponse(_Model):
+    detail: str
+    code: str

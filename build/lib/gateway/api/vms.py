@@ -1,0 +1,178 @@
+"""VMs: create (the spec's POST /v1/vms), get, list with a metadata filter, kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.auth import authenticate
+from gateway.api.context import CONFIG, ORCHESTRATOR
+from gateway.api.responses import domain_view, json_response, share_view, vm_view
+from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
+from gateway.api.sessions import lifetime_context, vm_params
+from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
+from gateway.edge import access
+from gateway.errors import DriverError
+from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.snapshots import SnapshotService
+from gateway.routes.model import VM_FAILED, SnapshotRecord
+
+routes = web.RouteTableDef()
+
+METADATA_FILTER_PREFIX = "metadata."
+
+
+def refuse_unsupported(body: VMCreateRequest, driver: str, snapshots: bool = False) -> None:
+    """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op."""
+    problems = []
+    if (body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name) and not snapshots:
+        field = (
+            "snapshot_id"
+            if body.snapshot_id
+            else ("snapshot_on_terminate" if body.snapshot_on_terminate else "snapshot_name")
+        )
+        problems.append((field, f"snapshots are not supported by the {driver!r} VM driver"))
+    if body.volumes:
+        problems.append(("volumes", "volumes are not supported by this gateway"))
+    if body.vault_ids:
+        problems.append(("vault_ids", "vaults are not supported by this gateway"))
+    if body.egress_policy:
+        problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
+    if body.image_variant not in (None, "", "default"):
+        problems.append(
+            ("image_variant", f"unknown image variant {body.image_variant!r}; available: default")
+        )
+    if problems:
+        raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
+
+
+async def snapshot_to_restore(
+    body: VMCreateRequest, snapshots: SnapshotService, owner: str
+) -> SnapshotRecord | None:
+    """The owner's snapshot named by ``snapshot_id`` (404 if none), checked against the request (422).
+
+    A migration stream resumes only on the machine shape it was taken on, so memory_mb and vcpu_count
+    come from the snapshot; a request that asks for others is refused rather than silently overridden.
+    """
+    if not body.snapshot_id:
+        return None
+    snap = await snapshots.get(owner, body.snapshot_id)
+    problems = []
+    if snap.driver != snapshots.driver.name:
+        problems.append(("snapshot_id", f"the snapshot was taken by the {snap.driver!r} driver"))
+    for name in ("memory_mb", "vcpu_count"):
+        asked, taken = getattr(body, name), getattr(snap, name)
+        if asked is not None and asked != taken:
+            problems.append(
+                (name, f"the snapshot was taken with {name} {taken}; leave it out or ask {taken}")
+            )
+    if problems:
+        raise RequestValidationError([detail_item(["body", f], msg, "value_error") for f, msg in problems])
+    return snap
+
+
+def domain_request(body: VMCreateRequest, domains: DomainService | None) -> DomainRequest | None:
+    """The custom domain asked for, checked (422 naming the field), or None."""
+    if body.custom_domain is None:
+        return None
+    requested = body.custom_domain
+    request = DomainRequest(requested.domain, requested.dns_provider, requested.dns_credentials)
+    if domains is None:
+        problems = [("custom_domain", "custom domains are not available on this gateway")]
+    else:
+        problems = domains.problems(request)
+    if problems:
+        where = [["body", "custom_domain", *([] if f == "custom_domain" else [f])] for f, _ in problems]
+        raise RequestValidationError(
+            [detail_item(loc, msg, "value_error") for loc, (_, msg) in zip(where, problems, strict=True)]
+        )
+    return request
+
+
+def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The share to store, and for a private one its access token (stored only as a hash)."""
+    if not requested:
+        return None, None
+    if requested.get("is_public"):
+        return requested, None
+    token = secrets.token_urlsafe(32)
+    return {**requested, "token_sha256": access.token_hash(token)}, token
+
+
+@routes.post("/v1/vms")
+async def create_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    query = parse_query(request, VmCreateQuery)
+    body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
+    orchestrator = request.app[ORCHESTRATOR]
+    refuse_unsupported(body, orchestrator.driver.name, orchestrator.snapshots.available)
+    domain = domain_request(body, orchestrator.domains)
+    restore = await snapshot_to_restore(body, orchestrator.snapshots, owner)
+    share, token = share_for(body.share.model_dump() if body.share else None)
+    params = dataclasses.replace(
+        vm_params(body, share=share),
+        custom_domain=domain,
+        snapshot_on_terminate=bool(body.snapshot_on_terminate),
+        snapshot_name=body.snapshot_name,
+        restore=restore,
+    )
+    session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
+    if vm.status == VM_FAILED and not body.env:
+        # (With env the spec's answer carries the failure: env_status "failed" and env_error.)
+        raise DriverError(f"VM {vm.vm_id} failed to start: {vm.error}", code="vm_failed")
+    domain_rec = (
+        await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
+    )
+    env_status = session.env_status
+    if body.env:
+        env_status = "configured" if vm.status in ("creating", "active") else "failed"
+    return json_response(
+        VMCreateResponse(
+            vm_id=vm.vm_id,
+            session_id=session.session_id,
+            status=vm.status,
+            share=share_view(request.app[CONFIG], vm, token),
+            custom_domain=domain_view(request.app[CONFIG], domain_rec) if domain_rec else None,
+            env_status=env_status,
+            env_error=vm.error if env_status == "failed" else None,
+        )
+    )
+
+
+@routes.get("/v1/vms/{vm_id}")
+async def get_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    orchestrator = request.app[ORCHESTRATOR]
+    vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
+    domain = await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
+    exposed = await orchestrator.store.exposed_ports(vm.vm_id)
+    return json_response(vm_view(request.app[CONFIG], vm, exposed, domain))
+
+
+def metadata_filter(request: web.Request) -> dict[str, str]:
+    """?metadata.team=red -> {"team": "red"}."""
+    return {
+        name[len(METADATA_FILTER_PREFIX) :]: text
+        for name, text in request.query.items()
+        if name.startswith(METADATA_FILTER_PREFIX) and len(name) > len(METADATA_FILTER_PREFIX)
+    }
+
+
+@routes.get("/v1/vms")
+async def list_vms(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    orchestrator = request.app[ORCHESTRATOR]
+    status = request.query.get("status")
+    records = await orchestrator.list_vms(owner, metadata_filter(request))
+    views = [vm_view(request.app[CONFIG], r) for r in records if status is None or r.status == status]
+    return json_response(VmListResponse(vms=views, total=len(views)))
+
+
+@routes.delete("/v1/vms/{vm_id}")
+async def kill_vm(request: web.Request) -> web.Response:
+    owner = await authenticate(request)
+    vm = await request.app[ORCHESTRATOR].kill_vm(owner, request.match_info["vm_id"])
+    return json_response(vm_view(request.app[CONFIG], vm))

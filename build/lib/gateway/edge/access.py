@@ -1,0 +1,79 @@
+"""Private routes: the access token a client shows, and the cookie the edge trades it for (pure).
+
+A private share is opened with its token, a browser instance with any API key of its organisation. The
+token comes in a header (``X-Access-Token``; for an instance also ``Authorization: Bearer``), in a cookie
+the edge set, or once in the query (``?gw_access_token=...``): the edge then answers with a redirect to
+the same URL without the token and an HttpOnly cookie scoped to that app (host-only, and to the app's
+path prefix in the path form), so the token does not linger in the address bar, history or the app's
+logs. None of these reach the VM.
+
+Tokens are compared by their SHA-256 hashes (what Redis holds), so a route never carries a usable secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+TOKEN_HEADER = b"x-access-token"
+AUTHORIZATION = b"authorization"
+# Request headers that carry the gateway's credentials, lower-case: never forwarded to the VM.
+TOKEN_HEADERS = frozenset({TOKEN_HEADER})
+BEARER_TOKEN_HEADERS = frozenset({TOKEN_HEADER, AUTHORIZATION})
+TOKEN_QUERY_PARAM = b"gw_access_token"
+COOKIE_NAME = b"gw_access"
+COOKIE_NAMES = frozenset({COOKIE_NAME})
+
+
+def token_hash(token: str | bytes) -> str:
+    return hashlib.sha256(token.encode() if isinstance(token, str) else token).hexdigest()
+
+
+def token_matches(token: bytes | None, accepted_sha256: frozenset[str]) -> bool:
+    """Whether the token is one of those accepted (looked up by hash: nothing secret is compared)."""
+    return token is not None and token_hash(token) in accepted_sha256
+
+
+def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:
+    """Remove the token parameter from a request target; returns (clean target, token or None)."""
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return target, None
+    token = None
+    kept = []
+    for param in query.split(b"&"):
+        name, _, value = param.partition(b"=")
+        if name == TOKEN_QUERY_PARAM:
+            token = value
+        else:
+            kept.append(param)
+    if token is None:
+        return target, None
+    return (path + b"?" + b"&".join(kept)) if kept else path, token
+
+
+def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = False) -> bytes | None:
+    """The token from the header (or ``Authorization: Bearer`` when ``bearer``), else the edge's cookie."""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == TOKEN_HEADER:
+            return value.strip()
+        if bearer and lower == AUTHORIZATION:
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+    for name, value in headers:
+        if name.lower() == b"cookie":
+            for pair in value.split(b";"):
+                key, _, cookie = pair.strip().partition(b"=")
+                if key == COOKIE_NAME:
+                    return cookie
+    return None
+
+
+def cookie_header(token: bytes, path: bytes, *, secure: bool) -> tuple[bytes, bytes]:
+    """Host-only (no Domain), HttpOnly, scoped to the app's path; Secure over HTTPS."""
+    if any(c in token for c in b";\r\n ,"):
+        raise ValueError("token has characters a cookie cannot carry")
+    attributes = b"; Path=%s; HttpOnly; SameSite=Lax" % path + (b"; Secure" if secure else b"")
+    return b"Set-Cookie", COOKIE_NAME + b"=" + token + attributes

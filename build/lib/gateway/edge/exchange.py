@@ -1,0 +1,252 @@
+"""One request and its response on a client connection: the edge's ``Exchange``.
+
+The connection (``EdgeProtocol``) creates one per parsed request head; the upstream connection feeds the
+response into it (it is the upstream's ``ResponseSink``). It re-frames both bodies, keeps what the
+metrics and the access log report, and tells its connection about progress.
+"""
+
+from __future__ import annotations
+
+import http
+from typing import TYPE_CHECKING
+
+from gateway.edge import access
+from gateway.edge import headers as hdr
+from gateway.edge.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.edge.protocol import EdgeProtocol
+
+# Request body bytes buffered while no upstream connection is attached yet, before reading pauses.
+BODY_BUFFER_HIGH = 256 * 1024
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+def head_bytes(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
+
+
+class Exchange:
+    """One request and its response; the response side is the upstream's ``ResponseSink``."""
+
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "body_done",
+        "bytes_out",
+        "chunked_in",
+        "chunked_out",
+        "code",
+        "content_length",
+        "finished",
+        "has_credentials",
+        "head_received",
+        "headers",
+        "host",
+        "incoming_request_id",
+        "keep_alive",
+        "kind",
+        "max_body",
+        "method",
+        "no_body_out",
+        "pending_head",
+        "proto",
+        "request_id",
+        "route_id",
+        "sent_bytes",
+        "started",
+        "status",
+        "tunnel",
+        "upgrade",
+        "upstream",
+        "upstream_s",
+        "upstream_started",
+        "url",
+        "vm_id",
+    )  # fmt: skip
+
+    def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool, upgrade: bool) -> None:  # fmt: skip
+        self.proto = proto
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        # One pass over the head for what the edge itself needs from it.
+        hosts = 0
+        host = length = request_id = None
+        chunked = credentials = False
+        for name, value in headers:
+            low = name.lower()
+            if low == b"host":
+                hosts += 1
+                host = value
+            elif low == b"content-length":
+                length = value
+            elif low == b"transfer-encoding":
+                chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
+            elif low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION:
+                credentials = True
+            elif low == b"x-request-id":
+                request_id = value
+        self.host = host if hosts == 1 else None
+        self.incoming_request_id = request_id
+        self.chunked_in = chunked
+        self.content_length = None if chunked or length is None else int(length)  # llhttp checked it
+        self.has_credentials = credentials
+        self.body: list[bytes] = []
+        self.body_bytes = 0  # buffered while no upstream is attached
+        self.sent_bytes = 0  # whole body so far, for the size limit
+        self.body_done = False
+        self.upstream: UpstreamConnection | None = None
+        self.vm_id: str | None = None
+        self.head_received = False
+        self.pending_head = b""
+        self.chunked_out = False
+        self.no_body_out = False
+        self.tunnel = False
+        self.max_body = 0
+        self.finished = False  # the response is complete; waiting for the request's end to move on
+        # For the metrics and the access log (gateway.edge.observe).
+        self.started = proto.loop.time()
+        self.kind = "rejected"  # until routed: "api", "path", "host", "domain" or "instance"
+        self.route_id: str | None = None
+        self.request_id = b""
+        self.status = 0
+        self.code: str | None = None  # the edge's own error code, when the edge answered
+        self.bytes_out = 0
+        self.upstream_started = 0.0
+        self.upstream_s: float | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked_in or bool(self.content_length)
+
+    def accept(self) -> bytes | None:
+        return next((v for n, v in self.headers if n.lower() == b"accept"), None)
+
+    # request body (from the client parser) ---------------------------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        self.sent_bytes += len(data)
+        if self.max_body and self.sent_bytes > self.max_body:
+            self.proto.body_too_large(self)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            if self.chunked_in:
+                upstream.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                upstream.write(data)
+            if not upstream.can_write:
+                self.proto.pause_reading()
+            self.proto.upload_progress()
+            return
+        self.body.append(data)
+        self.body_bytes += len(data)
+        if self.body_bytes > BODY_BUFFER_HIGH:
+            self.proto.pause_reading()
+
+    def end_body(self) -> None:
+        self.body_done = True
+        upstream = self.upstream
+        if upstream is not None:
+            if self.chunked_in:
+                upstream.write(b"0\r\n\r\n")
+            upstream.end_request()
+            self.proto.request_sent(self)
+
+    def attach(self, conn: UpstreamConnection, head: bytes) -> None:
+        self.upstream = conn
+        if self.body:
+            chunked = self.chunked_in
+            head += b"".join([b"%x\r\n%s\r\n" % (len(c), c) for c in self.body] if chunked else self.body)
+            self.body.clear()
+            self.body_bytes = 0
+        if self.body_done and self.chunked_in:
+            head += b"0\r\n\r\n"
+        self.upstream_started = self.proto.loop.time()
+        conn.start(self, head, head_only=self.method == b"HEAD", request_sent=self.body_done)
+
+    # ResponseSink ---------------------------------------------------------------------------------
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        proto = self.proto
+        transport = proto.transport
+        if transport is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            transport.write(_STATUS_LINES[status] + head_bytes(hdr.strip_hop_by_hop(headers)) + b"\r\n")
+            return
+        self.head_received = True
+        self.status = status
+        self.upstream_s = proto.loop.time() - self.upstream_started
+        if status == 101 and not (self.upgrade and hdr.valid_upgrade_response(self.headers, headers)):
+            proto.bad_upgrade(self)
+            return
+        out = hdr.strip_hop_by_hop(headers)
+        if status == 101:
+            upgrade = [(n, v) for n, v in headers if n.lower() == b"upgrade"]
+            out += [(b"Connection", b"Upgrade"), *upgrade]
+            self.tunnel = True
+            transport.write(_STATUS_LINES[101] + head_bytes(out) + b"\r\n")
+            proto.start_tunnel(self)
+            return
+        head = (_STATUS_LINES.get(status) or _status_line(status)) + head_bytes(out)
+        self.no_body_out = self.method == b"HEAD" or status in (204, 304)
+        assert self.upstream is not None
+        if not self.no_body_out and not self.upstream.length_known:
+            self.chunked_out = True
+            head += b"Transfer-Encoding: chunked\r\n"
+        if not self.keep_alive or (self.has_body and not self.body_done) or proto.draining:
+            # An answer before the request's end closes the connection (the rest of it is not read).
+            head += b"Connection: close\r\n"
+        # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
+        # small response leaves in one write instead of two.
+        self.pending_head = head + b"\r\n"
+        proto.response_started(self)
+
+    def flush_head(self) -> None:
+        if self.pending_head and self.proto.transport is not None:
+            self.proto.transport.write(self.pending_head)
+        self.pending_head = b""
+
+    def on_response_body(self, data: bytes) -> None:
+        proto = self.proto
+        transport = proto.transport
+        if transport is None or self.no_body_out or not data:
+            return
+        self.bytes_out += len(data)
+        out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data
+        if self.pending_head:
+            out, self.pending_head = self.pending_head + out, b""
+        transport.write(out)
+        if proto.silence_deadline is not None:
+            proto.activity()
+        if not proto.can_write and self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.tunnel:
+            return
+        if self.chunked_out and self.proto.transport is not None:
+            self.pending_head += b"0\r\n" + head_bytes(hdr.strip_hop_by_hop(trailers)) + b"\r\n"
+        self.flush_head()
+        self.proto.response_complete(self)
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        self.proto.upstream_lost(self)
+
+    def on_upstream_writable(self) -> None:
+        self.proto.upstream_writable(self)

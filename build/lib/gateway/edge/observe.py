@@ -1,0 +1,330 @@
+"""What the edge records about each exchange: counters for the metrics, and the access log.
+
+The hot path only adds to plain numbers here (a dict increment and a bisect, well under a microsecond);
+``gateway.metrics`` turns them into Prometheus families when scraped, so no metrics-library call sits on
+the request path. Edge worker processes write ``snapshot()`` to a file that the process serving
+``/metrics`` adds in (``merge``).
+
+The access log is one line per exchange, buffered and written in whole lines at most every
+``FLUSH_INTERVAL_S`` (or when the buffer fills), so several processes sharing stdout never interleave a
+line. It holds no query string (apps put tokens there), no header value and no credential.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import queue
+import re
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, BinaryIO, Protocol
+
+# Upstream time (request sent -> response head) buckets, seconds: from a VM on this host to a slow app.
+UPSTREAM_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+FLUSH_INTERVAL_S = 0.5
+# Writes to a pipe up to PIPE_BUF (4096 on Linux) are atomic: each write is whole lines within it.
+MAX_WRITE_BYTES = 4096
+MAX_BUFFER_LINES = 1000
+# Chunks waiting for the writer thread; beyond this (about 1 MiB) lines are dropped, not queued.
+MAX_PENDING_CHUNKS = 256
+# Bytes kept for a pipe that is full; beyond this, they are dropped.
+MAX_PENDING_BYTES = 1 << 20
+
+
+class EdgeStats:
+    """Counters of one edge process. Keys are small strings; values plain ints and floats."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connect_failures",
+        "requests",
+        "tunnels_open",
+        "tunnels_opened",
+        "upstream_buckets",
+        "upstream_count",
+        "upstream_sum",
+    )
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}  # (route kind, status) -> count
+        self.bytes_in: dict[str, int] = {}  # route kind -> request body bytes (and tunnel bytes up)
+        self.bytes_out: dict[str, int] = {}  # route kind -> response body bytes (and tunnel bytes down)
+        self.connect_failures: dict[str, int] = {}  # "refused" / "timeout" -> count
+        self.upstream_buckets = [0] * (len(UPSTREAM_BUCKETS_S) + 1)  # the last one is +Inf
+        self.upstream_sum = 0.0
+        self.upstream_count = 0
+        self.tunnels_open = 0
+        self.tunnels_opened = 0
+
+    def count(self, kind: str, status: int, bytes_in: int, bytes_out: int, upstream_s: float | None) -> None:
+        key = (kind, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        if bytes_in:
+            self.bytes_in[kind] = self.bytes_in.get(kind, 0) + bytes_in
+        if bytes_out:
+            self.bytes_out[kind] = self.bytes_out.get(kind, 0) + bytes_out
+        if upstream_s is not None:
+            self.upstream_buckets[bisect.bisect_left(UPSTREAM_BUCKETS_S, upstream_s)] += 1
+            self.upstream_sum += upstream_s
+            self.upstream_count += 1
+
+    def connect_failed(self, reason: str) -> None:
+        self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able counters (tuple keys become "kind status")."""
+        return {
+            "requests": {f"{kind} {status}": n for (kind, status), n in self.requests.items()},
+            "bytes_in": dict(self.bytes_in),
+            "bytes_out": dict(self.bytes_out),
+            "connect_failures": dict(self.connect_failures),
+            "upstream_buckets": list(self.upstream_buckets),
+            "upstream_sum": self.upstream_sum,
+            "upstream_count": self.upstream_count,
+            "tunnels_open": self.tunnels_open,
+            "tunnels_opened": self.tunnels_opened,
+        }
+
+    @classmethod
+    def merge(cls, snapshots: Iterable[dict[str, Any]]) -> EdgeStats:
+        """The sum of several processes' snapshots (a malformed one is skipped)."""
+        total = cls()
+        for snap in snapshots:
+            try:
+                for key, n in snap["requests"].items():
+                    kind, _, status = key.partition(" ")
+                    total.requests[(kind, int(status))] = total.requests.get((kind, int(status)), 0) + int(n)
+                for name in ("bytes_in", "bytes_out", "connect_failures"):
+                    mine = getattr(total, name)
+                    for key, n in snap[name].items():
+                        mine[key] = mine.get(key, 0) + int(n)
+                for i, n in enumerate(snap["upstream_buckets"][: len(total.upstream_buckets)]):
+                    total.upstream_buckets[i] += int(n)
+                total.upstream_sum += float(snap["upstream_sum"])
+                total.upstream_count += int(snap["upstream_count"])
+                total.tunnels_open += int(snap["tunnels_open"])
+                total.tunnels_opened += int(snap["tunnels_opened"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+        return total
+
+
+_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # C: "text" with escapes
+# Bytes that may stand in a JSON string as they are (printable ASCII but '"' and '\\').
+_JSON_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_JSON_LINE = (
+    b'{"ts":%.3f,"type":"access","request_id":%s,"client":%s,"method":%s,"host":%s,"path":%s,'
+    b'"route":%s,"id":%s,"status":%d,"error":%s,"bytes_in":%d,"bytes_out":%d,"upstream_ms":%s,'
+    b'"duration_ms":%.2f}\n'
+)
+_TEXT_LINE = b"%s %s %s %s%s -> %d %s%s in=%d out=%d%s %.2fms%s rid=%s\n"
+
+
+def _json(value: bytes) -> bytes:
+    """A JSON string of raw bytes (read as Latin-1, as HTTP heads are)."""
+    if _JSON_UNSAFE.search(value) is None:
+        return b'"' + value + b'"'
+    return _quote(value.decode("latin-1")).encode()
+
+
+def _printable(value: bytes) -> bytes:
+    return value if _JSON_UNSAFE.search(value) is None else _json(value)[1:-1]
+
+
+class LoggedExchange(Protocol):
+    """What the access log reads from an exchange (``gateway.edge.protocol.Exchange``)."""
+
+    request_id: bytes
+    method: bytes
+    url: bytes
+    host: bytes | None
+    kind: str
+    route_id: str | None
+    status: int
+    code: str | None
+    sent_bytes: int
+    bytes_out: int
+    upstream_s: float | None
+
+
+class AccessLog:
+    """Buffered access-log lines, JSON or human-readable, that never make the event loop wait.
+
+    Given a file descriptor (stderr), lines are written from the loop itself, which costs least: to a
+    regular file or a character device directly, to a pipe through a non-blocking descriptor of its own
+    (a full pipe nobody reads keeps up to ``MAX_PENDING_BYTES`` waiting, then drops lines and counts
+    them in ``dropped``). A descriptor that cannot be made non-blocking alone (a socket) or a Python
+    stream is written by a thread instead (dearer: the two threads trade the GIL).
+    """
+
+    def __init__(self, fmt: str = "json", target: int | BinaryIO | None = None) -> None:
+        self.json = fmt == "json"
+        self.lines: list[bytes] = []
+        self.dropped = 0
+        self._second = 0
+        self._clock = b""
+        self._pending = b""  # not yet accepted by a full pipe
+        self._fd: int | None = None
+        self._own_fd = False
+        self._stream: BinaryIO | None = None
+        self._chunks: queue.Queue[bytes | None] | None = None
+        target = sys.stderr.buffer if target is None else target
+        if isinstance(target, int):
+            self._fd, self._own_fd = _loop_writable(target)
+        if self._fd is None:
+            self._stream = target if not isinstance(target, int) else os.fdopen(target, "wb", closefd=False)
+            self._chunks = queue.Queue(MAX_PENDING_CHUNKS)
+            self._writer = threading.Thread(target=self._write_chunks, name="access-log", daemon=True)
+            self._writer.start()
+
+    def write(self, ex: LoggedExchange, client: str, duration_s: float) -> None:
+        """One line for an exchange that ended. Built from bytes with %-formatting: the cheapest way in
+        CPython, which matters at tens of thousands of lines a second."""
+        now = time.time()
+        path = ex.url.partition(b"?")[0]  # never the query: apps put tokens there
+        upstream_s = ex.upstream_s
+        kind = ex.kind.encode()
+        route_id = ex.route_id.encode("ascii", "replace") if ex.route_id else None
+        code = ex.code.encode() if ex.code else None
+        if self.json:
+            line = _JSON_LINE % (
+                now,
+                _json(ex.request_id),
+                _json(client.encode()),
+                _json(ex.method),
+                _json(ex.host or b""),
+                _json(path),
+                _json(kind),
+                _json(route_id) if route_id else b"null",
+                ex.status,
+                _json(code) if code else b"null",
+                ex.sent_bytes,
+                ex.bytes_out,
+                b"null" if upstream_s is None else b"%.2f" % (upstream_s * 1000),
+                duration_s * 1000,
+            )
+        else:
+            second = int(now)
+            if second != self._second:
+                clock = time.strftime("%H:%M:%S", time.localtime(second))
+                self._second, self._clock = second, clock.encode()
+            line = _TEXT_LINE % (
+                self._clock,
+                client.encode(),
+                _printable(ex.method),
+                _printable(ex.host or b""),
+                _printable(path),
+                ex.status,
+                kind,
+                b" " + route_id if route_id else b"",
+                ex.sent_bytes,
+                ex.bytes_out,
+                b"" if upstream_s is None else b" upstream=%.2fms" % (upstream_s * 1000),
+                duration_s * 1000,
+                b" error=" + code if code else b"",
+                _printable(ex.request_id),
+            )
+        self.lines.append(line)
+        if len(self.lines) >= MAX_BUFFER_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write (or hand over) the buffered lines, in chunks of whole lines up to ``MAX_WRITE_BYTES``."""
+        lines, self.lines = self.lines, []
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > MAX_WRITE_BYTES:
+                self._out(b"".join(chunk), len(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._out(b"".join(chunk), len(chunk))
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Flush, then let a writer thread finish what it has (at most ``timeout_s``)."""
+        self.flush()
+        if self._chunks is not None:
+            with contextlib.suppress(queue.Full):
+                self._chunks.put_nowait(None)
+            self._writer.join(timeout_s)
+        if self._own_fd and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _out(self, chunk: bytes, lines: int) -> None:
+        if self._chunks is not None:
+            try:
+                self._chunks.put_nowait(chunk)
+            except queue.Full:
+                self.dropped += lines
+            return
+        if self._pending:
+            if len(self._pending) > MAX_PENDING_BYTES:
+                self.dropped += self._pending.count(b"\n")
+                self._pending = b""
+            chunk, self._pending = self._pending + chunk, b""
+        try:
+            while chunk:
+                # Pieces of at most PIPE_BUF on a whole-line boundary: each lands whole or not at all.
+                piece = chunk[:MAX_WRITE_BYTES]
+                if len(chunk) > MAX_WRITE_BYTES:
+                    piece = piece[: piece.rfind(b"\n") + 1] or piece
+                assert self._fd is not None
+                written = os.write(self._fd, piece)
+                chunk = chunk[written:]
+        except BlockingIOError:
+            self._pending = chunk  # the reader is behind: try again at the next flush
+        except OSError:
+            self.dropped += chunk.count(b"\n")  # stderr is gone: the edge keeps serving without it
+
+    def _write_chunks(self) -> None:
+        assert self._chunks is not None and self._stream is not None
+        while (chunk := self._chunks.get()) is not None:
+            try:
+                self._stream.write(chunk)
+                self._stream.flush()
+            except (OSError, ValueError):
+                return  # the stream is closed: the edge keeps serving, without its access log
+
+
+def _loop_writable(fd: int) -> tuple[int | None, bool]:
+    """(a descriptor the loop may write ``fd``'s lines to without blocking, whether it is our own)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return None, False
+    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        return fd, False  # a file or /dev/null (or a terminal): writes complete at once
+    if stat.S_ISFIFO(mode):
+        # A pipe opened again is a new open-file description: non-blocking for us alone.
+        try:
+            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), True
+        except OSError:
+            return None, False
+    return None, False

@@ -1,0 +1,97 @@
+"""Responses the edge makes itself: error pages and redirects, as complete HTTP/1.1 messages.
+
+Browsers get a small HTML page, everything else JSON. Every edge-made error carries
+``X-Gateway-Error: <code>`` so a user can tell it from their app's own errors, and ``no-store`` so a
+transient failure is never cached in front of a VM that comes back.
+"""
+
+from __future__ import annotations
+
+import html
+import http
+import json
+from collections.abc import Sequence
+
+_HTML_TEMPLATE = (
+    "<!doctype html>\n"
+    '<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+    "<body><h1>{title}</h1>\n<p>{message}</p>\n"
+    "<p>Error code: <code>{code}</code></p>\n{extra}</body></html>\n"
+)
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _check_header_value(value: bytes) -> bytes:
+    # A CR or LF in a header value would let it end the head early and inject headers or a body.
+    if b"\r" in value or b"\n" in value or b"\0" in value:
+        raise ValueError("header value contains CR, LF or NUL")
+    return value
+
+
+def _message(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode("ascii"))]
+    lines += [name + b": " + _check_header_value(value) + b"\r\n" for name, value in headers]
+    return b"".join(lines) + b"\r\n" + body
+
+
+def _prefers_html(accept: bytes | None) -> bool:
+    return accept is not None and b"text/html" in accept.lower()
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    accept: bytes | None,
+    request_id: str | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    close: bool = False,
+) -> bytes:
+    """A complete error response. Raises ValueError if a header value would contain CR, LF or NUL."""
+    if _prefers_html(accept):
+        title = f"{status} {_reason(status)}"
+        extra = f"<p>Request id: <code>{html.escape(request_id)}</code></p>\n" if request_id else ""
+        body = _HTML_TEMPLATE.format(
+            title=html.escape(title), message=html.escape(message), code=html.escape(code), extra=extra
+        ).encode("utf-8")
+        content_type = b"text/html; charset=utf-8"
+    else:
+        doc: dict[str, object] = {"error": code, "message": message, "status": status}
+        if request_id is not None:
+            doc["request_id"] = request_id
+        body = json.dumps(doc).encode("ascii")  # ensure_ascii: the body is plain ASCII
+        content_type = b"application/json"
+    headers = [
+        (b"Content-Type", content_type),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"X-Gateway-Error", code.encode("ascii")),
+        (b"Cache-Control", b"no-store"),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    if request_id is not None:
+        headers.append((b"X-Request-Id", request_id.encode("ascii")))
+    headers.extend(extra_headers)
+    return _message(status, headers, body)
+
+
+def redirect_response(
+    status: int,
+    location: bytes,
+    *,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    close: bool = False,
+) -> bytes:
+    """A redirect with an empty body. Raises ValueError if a header value contains CR, LF or NUL."""
+    headers = [(b"Location", _check_header_value(location)), (b"Content-Length", b"0")]
+    headers.extend((name, _check_header_value(value)) for name, value in extra_headers)
+    if close:
+        headers.append((b"Connection", b"close"))
+    return _message(status, headers, b"")

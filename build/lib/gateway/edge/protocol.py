@@ -1,0 +1,847 @@
+"""The client side of the edge: one asyncio protocol per connection, parsing with httptools (llhttp).
+
+Each request becomes an ``Exchange``. The hot path runs inside the parser's and the upstream's
+callbacks, with no task, future or timeout object per request: as soon as a head is parsed its target
+is decided by the pure ``TargetParser``, the route comes from the resolver's cache, an idle upstream
+connection from the pool, and the request head is written. Only a cache miss (a Redis lookup) or a new
+upstream connection leaves the callbacks for a short task. From then on bytes flow by callbacks in
+both directions: bodies are re-framed (never passed through as raw framing), and each side's flow
+control pauses the other. Requests on one connection are answered in order; a few pipelined requests
+are parsed ahead, then reading pauses.
+
+Timeouts are ``Deadline``s, moved rather than re-created per request: one per connection whose
+meaning follows the connection's state (request head, the app's answer or upload progress, keep-alive),
+and one for stream or tunnel idleness when those limits are set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+
+from gateway.edge import access, pages
+from gateway.edge import headers as hdr
+from gateway.edge.deadline import Deadline
+from gateway.edge.exchange import Exchange, head_bytes
+from gateway.edge.observe import AccessLog, EdgeStats
+from gateway.edge.resolver import MISS, Resolver, Route
+from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
+from gateway.edge.upstream import PoolKey, UpstreamConnection, UpstreamPool
+from gateway.edge.websocket import FrameTracker, close_frame
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+# Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
+MAX_PIPELINED = 8
+# The status an exchange is logged with when the client left before its answer was complete (nginx's).
+CLIENT_CLOSED = 499
+
+
+def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
+    """The pool key and unix path for the control plane: a socket path, or HOST:PORT over TCP."""
+    if api_upstream.startswith("/"):
+        return ("api", "unix", 0), api_upstream
+    host, _, port = api_upstream.rpartition(":")
+    return ("api", host.strip("[]"), int(port)), None
+
+
+# Forwarding headers per (client address, Host), shared by connections; emptied when this many.
+MAX_SHARED_CLIENT_INFOS = 4096
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    routing: RoutingConfig
+    # The control plane: its unix socket's path, or HOST:PORT (``gateway api`` on another machine).
+    api_upstream: str
+    scheme: str = "http"
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    first_byte_timeout_s: float = 60.0
+    # No bytes either way for this long ends a streaming response / a tunnel; 0: no limit.
+    stream_idle_timeout_s: float = 0.0
+    tunnel_idle_timeout_s: float = 0.0
+    # Largest request body for app routes (413); 0: no limit. The API enforces its own.
+    max_body_bytes: int = 0
+    max_header_count: int = 100
+    max_header_bytes: int = 32 * 1024
+    max_connections: int = 10000
+    trusted_proxies: frozenset[str] = frozenset()
+    # With TLS on: plain-HTTP requests get a 308 to https on this port (0: none), except under these
+    # path prefixes.
+    https_redirect_port: int = 0
+    plain_http_paths: tuple[bytes, ...] = ()
+
+
+class Edge:
+    """What every connection of one edge process shares."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        resolver: Resolver,
+        pool: UpstreamPool,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.pool = pool
+        self.api_key, self.api_unix_path = api_pool_key(settings.api_upstream)
+        self.stats = EdgeStats()
+        self.access_log = access_log
+        # Request ids: this process's random prefix and a counter (unique without a random call each).
+        self._request_prefix = secrets.token_hex(4).encode()
+        self._request_count = 0
+        self.parse_target = TargetParser(settings.routing)
+        self.connections: set[EdgeProtocol] = set()
+        self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
+        self.draining = False
+        self._drained: asyncio.Event | None = None
+        # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
+        self.loop = asyncio.get_running_loop()
+        resolver.on_vm_gone.append(self.vm_gone)
+
+    def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
+        key = (peer_ip, scheme, host, trusted)
+        info = self._client_infos.get(key)
+        if info is None:
+            if len(self._client_infos) >= MAX_SHARED_CLIENT_INFOS:
+                self._client_infos.clear()
+            info = self._client_infos[key] = hdr.ClientInfo(peer_ip, scheme, host, trusted)
+        return info
+
+    def next_request_id(self) -> bytes:
+        self._request_count += 1
+        return b"%s-%x" % (self._request_prefix, self._request_count)
+
+    def observe(self, ex: Exchange, peer_ip: str) -> None:
+        """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
+        self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
+        if self.access_log is not None:
+            self.access_log.write(ex, peer_ip, self.loop.time() - ex.started)
+
+    def vm_gone(self, vm_id: str) -> None:
+        self.pool.close_vm(vm_id)
+        for conn in list(self.connections):
+            conn.vm_gone(vm_id)
+
+    async def drain(self, grace_s: float) -> None:
+        """Finish what is in flight, then close: idle connections at once, busy ones after their
+        response, tunnels with a WebSocket close frame; whatever remains after the grace is cut."""
+        self.draining = True
+        self._drained = asyncio.Event()
+        for conn in list(self.connections):
+            conn.drain()
+        if self.connections:
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("drain: %d connections still open after %.1f s, closing them",
+                            len(self.connections), grace_s)  # fmt: skip
+        for conn in list(self.connections):
+            conn.abort()
+
+    def connection_closed(self, conn: EdgeProtocol) -> None:
+        self.connections.discard(conn)
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+
+
+class EdgeProtocol(asyncio.Protocol):
+    # Slots: an idle keep-alive connection is this object, its parser and its deadline; a __dict__
+    # would be the largest part of it.
+    __slots__ = (
+        "can_write",
+        "client_info",
+        "closing",
+        "current",
+        "deadline",
+        "draining",
+        "early_tunnel_data",
+        "edge",
+        "head_timed",
+        "header_bytes",
+        "headers",
+        "in_head",
+        "loop",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "pending",
+        "reading_paused",
+        "scheme",
+        "settings",
+        "silence_deadline",
+        "sni_name",
+        "task",
+        "task_coro",
+        "transport",
+        "trusted",
+        "tunnel_to",
+        "url",
+        "ws_frames",
+    )
+
+    def __init__(self, edge: Edge, *, tls: bool = False) -> None:
+        self.edge = edge
+        self.settings = edge.settings
+        # The scheme clients used: https on the TLS listener; else what server.public_url says (a TLS
+        # load balancer in front may make the plain listener public as https).
+        self.scheme = "https" if tls else edge.settings.scheme
+        self.sni_name: bytes | None = None  # the name the TLS client asked for, if any
+        self.loop = edge.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.trusted = False
+        self.pending: list[Exchange] = []  # parsed, waiting for the current one (a deque is 600 bytes)
+        self.parsing: Exchange | None = None  # the request whose body the parser is reading
+        self.current: Exchange | None = None  # the request being answered
+        self.task: asyncio.Task[None] | None = None  # a route lookup or upstream connect, if any
+        self.task_coro: Coroutine[Any, Any, None] | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.in_head = False
+        self.can_write = True
+        self.reading_paused = False
+        # The connection's state decides what an expiry means (see _deadline_expired): a request head
+        # due, the app's answer due (or upload progress), or keep-alive idleness. One timer serves all
+        # three, so an idle connection holds one; each new deadline is usually later than the timer.
+        self.deadline = Deadline(self.loop, self._deadline_expired)
+        self.head_timed = False  # the deadline currently times a request head
+        # A streaming response's or a tunnel's idleness, when limited; made on first use.
+        self.silence_deadline: Deadline | None = None
+        self.client_info: hdr.ClientInfo | None = None
+        self.tunnel_to: UpstreamConnection | None = None
+        self.ws_frames: tuple[FrameTracker, FrameTracker] | None = None  # (to the VM, to the client)
+        self.early_tunnel_data = b""
+        self.closing = False
+        self.draining = False
+
+    # connection -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            name = getattr(ssl_object, "sni_name", None)  # set by the SNI table's callback
+            self.sni_name = name.lower().encode("ascii") if name else None
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.trusted = self.peer_ip in self.settings.trusted_proxies
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self.edge.connections) >= self.settings.max_connections or self.edge.draining:
+            # Refused cleanly rather than left unaccepted in the backlog: the client learns at once.
+            self.closing = True
+            code, message = (
+                ("shutting_down", "this gateway process is shutting down; try again")
+                if self.edge.draining
+                else ("too_many_connections", "too many open connections; try again later")
+            )
+            self.transport.write(pages.error_response(503, code, message, accept=None, close=True))
+            self.transport.close()
+            return
+        self.edge.connections.add(self)
+        self.deadline.start(self.settings.header_timeout_s)
+        self.head_timed = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.edge.connection_closed(self)
+        self.deadline.cancel()
+        if self.silence_deadline is not None:
+            self.silence_deadline.cancel()
+        self.transport = None
+        if self.tunnel_to is not None:
+            self.tunnel_to.close()
+            self.edge.stats.tunnels_open -= 1
+        ex = self.current
+        if ex is not None and not ex.finished:
+            if ex.upstream is not None:
+                ex.upstream.close()  # the client left: the VM's request ends too (SSE, long polls)
+            ex.finished = True
+            if not ex.tunnel:
+                ex.status = ex.status or CLIENT_CLOSED  # cut before (or while) the answer went out
+            self.edge.observe(ex, self.peer_ip)
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # answered and closing: nothing more on this connection is read
+        if self.tunnel_to is not None:
+            self._tunnel_to_vm(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self.early_tunnel_data += data[offset:]
+            self.pause_reading()  # nothing more is parsed: the rest belongs to the tunnel
+        except httptools.HttpParserError as exc:
+            self._protocol_error(400, "bad_request", f"malformed request: {exc}")
+            return
+        # Requests start once this read is parsed: a framing error anywhere in it is answered before
+        # any of it reaches an app.
+        if self.current is None and self.pending and not self.closing:
+            self._begin(self.pending.pop(0))
+        if self.in_head and self.current is None and not self.head_timed:
+            # A head split over packets; when a head arrives whole (the usual case) no timer moves.
+            self.deadline.start(self.settings.header_timeout_s)
+            self.head_timed = True
+
+    def pause_writing(self) -> None:
+        self.can_write = False
+        if self.tunnel_to is not None and self.tunnel_to.transport is not None:
+            self.tunnel_to.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.can_write = True
+        if self.tunnel_to is not None and self.tunnel_to.transport is not None:
+            self.tunnel_to.transport.resume_reading()
+            return
+        ex = self.current
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def activity(self) -> None:
+        deadline = self.silence_deadline
+        if deadline is not None and deadline.armed:
+            deadline.touch()
+
+    def upload_progress(self) -> None:
+        # Each counts only while it measures silence (start_idle): the body is still streaming up.
+        self.deadline.touch()
+        if self.silence_deadline is not None:
+            self.silence_deadline.touch()
+
+    # deadlines ------------------------------------------------------------------------------------
+
+    def _silence_deadline(self) -> Deadline:
+        if self.silence_deadline is None:
+            self.silence_deadline = Deadline(self.loop, self._close_quietly)
+        return self.silence_deadline
+
+    def _close_quietly(self) -> None:
+        """Stream or tunnel idleness: the connection just ends."""
+        if self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _deadline_expired(self) -> None:
+        if self.transport is None:
+            return
+        ex = self.current
+        if ex is None:
+            self._close_quietly()  # the request head is late, or keep-alive idleness
+        elif not ex.head_received and not ex.finished:
+            self._drop_upstream(ex)
+            self._reply(ex, 504, "upstream_timeout", "the app did not answer in time", close=True)
+
+    # the request side (httptools callbacks) -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.settings.routing.max_target_bytes:
+            raise httptools.HttpParserError("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.header_bytes += len(name) + len(value)
+        if (
+            len(self.headers) > self.settings.max_header_count
+            or self.header_bytes > self.settings.max_header_bytes
+        ):
+            self._protocol_error(431, "headers_too_large", "request headers too large")
+            raise httptools.HttpParserError("headers too large")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_timed = False
+        parser = self.parser
+        ex = Exchange(
+            self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
+            parser.should_upgrade(),
+        )  # fmt: skip
+        self.parsing = ex
+        self.pending.append(ex)
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            return
+        ex.end_body()
+        if ex.finished and ex is self.current and not self.closing and self.transport is not None:
+            self._next(ex)  # answered before its body ended (e.g. a rejection of a GET)
+        elif len(self.pending) >= MAX_PIPELINED:
+            self.pause_reading()
+
+    # one exchange ---------------------------------------------------------------------------------
+
+    def _begin(self, ex: Exchange) -> None:
+        self.current = ex
+        # Covers the route lookup and the connect too; restarted when the request is sent.
+        self.deadline.start(self.settings.first_byte_timeout_s)
+        try:
+            self._route(ex)
+        except Exception:
+            log.exception("edge exchange failed")
+            self._abort_exchange(ex)
+
+    def _route(self, ex: Exchange) -> None:
+        incoming = ex.incoming_request_id
+        ex.request_id = incoming if incoming and self.trusted else self.edge.next_request_id()
+        target = self.edge.parse_target(ex.method, ex.url, ex.host)
+        if type(target) is Rejection:
+            if target.location is not None:
+                self._write_and_finish(
+                    ex,
+                    target.status,
+                    pages.redirect_response(target.status, target.location, close=not ex.keep_alive),
+                )
+                return
+            self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
+            return
+        if self.sni_name is not None and target.host_name != self.sni_name:
+            # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
+            message = "this connection was opened for another host name; open a new one for this host"
+            self._reply(ex, 421, "misdirected_request", message, close=True)
+            return
+        if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
+            location = self._https_url(target.host_name, ex.url)
+            self._write_and_finish(ex, 308, pages.redirect_response(308, location, close=not ex.keep_alive))
+            return
+        if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+            ex.upgrade = False
+        if type(target) is ApiTarget:
+            ex.kind = "api"
+            head = self._request_head(ex, ex.url, self._forwarded(ex, target.host, None))
+            self._send(ex, self.edge.api_key, self.edge.api_unix_path, head)
+            return
+        assert isinstance(target, AppTarget)
+        ex.kind = target.kind
+        if target.kind == "path":
+            key = ("s", target.session_id, target.port)
+        elif target.kind == "host":
+            key = ("v", target.vm_id, target.port)
+        elif target.kind == "instance":
+            key = ("i", target.instance_id, 0)
+        else:
+            key = ("d", target.host_name.decode("ascii"), 0)
+        ex.route_id = key[1]
+        route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
+        if route is MISS:
+            self._spawn(self._resolve_then_route(ex, target, key))  # type: ignore[arg-type]
+        else:
+            self._routed(ex, target, route)  # type: ignore[arg-type]
+
+    async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: tuple[str, str, int]) -> None:
+        try:
+            route = await self.edge.resolver.resolve(key)
+        except GatewayError as exc:
+            self._reply(ex, 503, "store_unavailable", f"routing unavailable: {exc}")
+            return
+        if self.current is ex and self.transport is not None:
+            self._routed(ex, target, route)
+
+    def _routed(self, ex: Exchange, target: AppTarget, route: Route | None) -> None:
+        if route is None:
+            self._no_route(ex)
+            return
+        request_target = target.upstream_target
+        if route.tokens is not None:
+            request_target, token = access.split_token_from_target(request_target)
+            if token is not None:
+                self._trade_token_for_cookie(ex, target, route, token)
+                return
+            presented = access.presented_token(ex.headers, bearer=route.bearer)
+            if not access.token_matches(presented, route.tokens):
+                self._no_route(ex)  # the same answer as an unknown app: no oracle
+                return
+        elif access.TOKEN_QUERY_PARAM in request_target:
+            request_target, _ = access.split_token_from_target(request_target)
+        ex.max_body = self.settings.max_body_bytes
+        if self._body_too_large_up_front(ex):
+            return
+        headers = self._forwarded(ex, target.host, target.prefix)
+        if ex.has_credentials:
+            token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
+            headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
+        ex.vm_id = route.vm_id
+        self._send(
+            ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, request_target, headers)
+        )
+
+    def _plain_http_allowed(self, ex: Exchange) -> bool:
+        return any(ex.url.startswith(prefix) for prefix in self.settings.plain_http_paths)
+
+    def _https_url(self, host_name: bytes, target: bytes) -> bytes:
+        port = self.settings.https_redirect_port
+        return b"https://" + host_name + (b"" if port == 443 else b":%d" % port) + target
+
+    def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
+        client = self.client_info
+        if client is None or client.host != host:
+            # Kept per connection (a client sends the same Host on every request) and shared between
+            # connections: the many idle connections of one client hold one ClientInfo.
+            client = self.client_info = self.edge.client_info(self.peer_ip, self.scheme, host, self.trusted)
+        return hdr.forwarded_headers(ex.headers, client, prefix)
+
+    def _send(self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes) -> None:
+        conn = self.edge.pool.take_idle(key)
+        if conn is None:
+            self._spawn(self._connect_then_send(ex, key, unix_path, head))
+        else:
+            self._attach(ex, conn, head)
+
+    async def _connect_then_send(
+        self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes
+    ) -> None:
+        try:
+            conn = await self.edge.pool.connect(key, unix_path)
+        except TimeoutError:
+            self.edge.stats.connect_failed("timeout")
+            self._reply(ex, 504, "upstream_connect_timeout", "the app did not accept a connection in time")
+            return
+        except OSError:
+            self.edge.stats.connect_failed("refused")
+            self._reply(ex, 502, "upstream_refused", "nothing is listening on this port in the VM")
+            return
+        if self.current is not ex or self.transport is None:
+            conn.close()
+            return
+        self._attach(ex, conn, head)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:
+        ex.attach(conn, head)
+        if ex.has_body and not ex.body_done:
+            # While a body streams up, the limit is on silence (a 1 GiB upload may take minutes);
+            # the answer is timed from the body's end (request_sent).
+            self.deadline.start_idle(self.settings.first_byte_timeout_s)
+            if self.parsing is ex:
+                self.resume_reading()  # a body buffered while routing may have paused reading
+        elif self.task is not None:
+            self.deadline.start(self.settings.first_byte_timeout_s)  # after a lookup or a connect
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task_coro = coro
+        self.task = self.loop.create_task(self._guarded(coro))
+
+    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        ex = self.current
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("edge exchange failed")
+            if ex is not None:
+                self._abort_exchange(ex)
+        finally:
+            if self.task_coro is coro:  # not when this task started the next one (lookup -> connect)
+                self.task = self.task_coro = None
+
+    # progress reported by the exchange -----------------------------------------------------------
+
+    def request_sent(self, ex: Exchange) -> None:
+        if self.current is ex and not ex.head_received and ex.has_body:
+            self.deadline.start(self.settings.first_byte_timeout_s)
+
+    def response_started(self, ex: Exchange) -> None:
+        if self.current is ex:
+            self.deadline.stop()
+            if self.settings.stream_idle_timeout_s > 0:
+                self._silence_deadline().start_idle(self.settings.stream_idle_timeout_s)
+
+    def response_complete(self, ex: Exchange) -> None:
+        self._finish(ex, ex.keep_alive and not ex.upgrade)  # a refused upgrade: the rest is not HTTP
+
+    def upstream_lost(self, ex: Exchange) -> None:
+        if ex.tunnel or ex.head_received:
+            if self.transport is not None:
+                self.transport.close()  # mid-response or a tunnel: the client sees the end too
+            return
+        self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
+
+    def upstream_writable(self, ex: Exchange) -> None:
+        if ex.tunnel or self.parsing is ex:
+            self.resume_reading()  # the VM's socket has room for more of the tunnel or the body
+
+    def bad_upgrade(self, ex: Exchange) -> None:
+        """A 101 without a valid handshake for what was asked: no tunnel, a 502, and both sides closed."""
+        ex.head_received = False
+        self._drop_upstream(ex)
+        self._reply(
+            ex, 502, "upstream_bad_upgrade", "the app's upgrade response is not a valid handshake", close=True
+        )
+
+    def body_too_large(self, ex: Exchange) -> None:
+        """A body passed the route's limit while streaming: 413 if nothing was answered yet, then close."""
+        if self.closing:
+            return
+        self._drop_upstream(ex)
+        if not ex.head_received and self.current is ex:
+            self._too_large(ex)
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _body_too_large_up_front(self, ex: Exchange) -> bool:
+        limit = ex.max_body
+        # The length says so, or a chunked body read before the route was known already passed it.
+        if limit and ((ex.content_length or 0) > limit or ex.sent_bytes > limit):
+            self._too_large(ex)
+            return True
+        return False
+
+    def _too_large(self, ex: Exchange) -> None:
+        message = f"the request body is larger than {ex.max_body} bytes"
+        self._reply(ex, 413, "body_too_large", message, close=True)
+
+    # ending an exchange ---------------------------------------------------------------------------
+
+    def _reply(self, ex: Exchange, status: int, code: str, message: str, *, close: bool = False) -> None:
+        if self.transport is None or self.current is not ex:
+            return
+        keep = ex.keep_alive and not close and not ex.upgrade and not self.draining
+        ex.status, ex.code = status, code
+        self.transport.write(pages.error_response(status, code, message, accept=ex.accept(), close=not keep))
+        self._finish(ex, keep)
+
+    def _write_and_finish(self, ex: Exchange, status: int, response: bytes) -> None:
+        assert self.transport is not None
+        ex.status = status
+        self.transport.write(response)
+        self._finish(ex, ex.keep_alive)
+
+    def _no_route(self, ex: Exchange) -> None:
+        message = "no such app: the VM does not exist, has ended, or this port is not exposed"
+        self._reply(ex, 404, "no_route", message)
+
+    def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> None:
+        """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
+        if not access.token_matches(token, route.tokens or frozenset()):
+            self._no_route(ex)
+            return
+        clean, _ = access.split_token_from_target(ex.url)
+        cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
+        cookie = access.cookie_header(token, cookie_path, secure=self.scheme == "https")
+        self._write_and_finish(
+            ex, 303, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
+        )
+
+    def _finish(self, ex: Exchange, keep: bool) -> None:
+        """The response is complete. Next request, keep-alive wait, or close."""
+        if self.current is not ex or ex.finished:
+            return
+        ex.finished = True
+        self.edge.observe(ex, self.peer_ip)
+        if self.transport is None:
+            return
+        if not keep or self.closing or self.draining:
+            self.closing = True
+            self.transport.close()
+            return
+        if not ex.body_done:
+            if ex.has_body:
+                # Answered before the body ended: the rest of it would have to be read and thrown
+                # away; closing is what the client can rely on.
+                self.closing = True
+                self.transport.close()
+            # else: its end arrives in this same parse (on_message_complete moves on)
+            return
+        self._next(ex)
+
+    def _next(self, ex: Exchange) -> None:
+        self.current = None
+        if self.silence_deadline is not None:
+            self.silence_deadline.stop()
+        if self.pending:
+            self._begin(self.pending.pop(0))
+            if self.current is None:
+                return
+            if len(self.pending) < MAX_PIPELINED and self.parsing is None:
+                self.resume_reading()
+            return
+        if self.in_head:
+            self.deadline.start(self.settings.header_timeout_s)
+            self.head_timed = True
+        else:
+            self.deadline.start(self.settings.keepalive_timeout_s)
+        self.resume_reading()
+
+    def _drop_upstream(self, ex: Exchange) -> None:
+        conn = ex.upstream
+        if conn is not None:
+            conn.sink = None  # its loss is not news: the client is answered here
+            conn.close()
+
+    def _abort_exchange(self, ex: Exchange) -> None:
+        self._drop_upstream(ex)
+        if self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def _protocol_error(self, status: int, code: str, message: str) -> None:
+        """Answer a malformed request and close: after a framing error nothing on it is trusted."""
+        if self.closing:
+            return  # already answered (e.g. 431 from a callback, then the parser's own error)
+        self.closing = True
+        if self.transport is not None:
+            ex = self.current
+            if ex is None or ex.finished or not ex.head_received:
+                if ex is not None and not ex.finished:
+                    self._drop_upstream(ex)  # the app saw at most the start of it: it is cut short
+                self.transport.write(pages.error_response(status, code, message, accept=None, close=True))
+            self.transport.close()
+
+    def _request_head(self, ex: Exchange, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        if ex.chunked_in:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        elif ex.content_length is not None:
+            headers.append((b"Content-Length", b"%d" % ex.content_length))
+        if ex.upgrade:
+            headers.append((b"Connection", b"Upgrade"))
+            headers += [(n, v) for n, v in ex.headers if n.lower() == b"upgrade"]
+        if not (self.trusted and ex.incoming_request_id):  # a trusted proxy's id is kept as it came
+            headers.append((b"X-Request-Id", ex.request_id))
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (ex.method, target, head_bytes(headers))
+
+    # VM gone, drain -------------------------------------------------------------------------------
+
+    def vm_gone(self, vm_id: str) -> None:
+        ex = self.current
+        if ex is not None and ex.vm_id == vm_id and self.transport is not None:
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Stop taking requests on this connection: close it now if idle, else after its response."""
+        self.draining = True
+        if self.transport is None:
+            return
+        if self.tunnel_to is not None:
+            self._close_tunnel()
+        elif self.current is None and not self.in_head:
+            self.closing = True
+            self.transport.close()
+        # else: the response in flight carries Connection: close (if its head is not out yet) and the
+        # connection closes when it is complete (_finish)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.tunnel_to is not None:
+            self.tunnel_to.close()
+
+    # tunnel ---------------------------------------------------------------------------------------
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        """The VM accepted an upgrade: from now on bytes flow unparsed both ways."""
+        conn = ex.upstream
+        assert conn is not None and self.transport is not None
+        if hdr.is_websocket_upgrade(ex.headers):
+            self.ws_frames = (FrameTracker(), FrameTracker())
+        conn.tunnel = self._tunnel_to_client
+        self.tunnel_to = conn
+        self.edge.stats.tunnels_open += 1
+        self.edge.stats.tunnels_opened += 1
+        self.deadline.stop()
+        if self.settings.tunnel_idle_timeout_s > 0:
+            self._silence_deadline().start_idle(self.settings.tunnel_idle_timeout_s)
+        if self.early_tunnel_data:
+            data, self.early_tunnel_data = self.early_tunnel_data, b""
+            self._tunnel_to_vm(data)
+        self.resume_reading()
+        if self.draining:
+            self._close_tunnel()
+
+    def _tunnel_to_vm(self, data: bytes) -> None:
+        conn = self.tunnel_to
+        assert conn is not None
+        if self.ws_frames is not None and not self._follow_frames(0, data, conn.write):
+            return
+        if self.current is not None:
+            self.current.sent_bytes += len(data)
+        conn.write(data)
+        self.activity()
+        if not conn.can_write:
+            self.pause_reading()
+
+    def _tunnel_to_client(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.ws_frames is not None and not self._follow_frames(1, data, transport.write):
+            return
+        if self.current is not None:
+            self.current.bytes_out += len(data)
+        transport.write(data)
+        self.activity()
+
+    def _follow_frames(self, direction: int, data: bytes, write: Callable[[bytes], None]) -> bool:
+        """WebSocket bookkeeping for one direction (0: to the VM, 1: to the client). False when the
+        caller must not forward ``data``: after the edge's close frame, or because it was forwarded up
+        to a frame boundary here and a close frame put after it (draining)."""
+        assert self.ws_frames is not None
+        frames = self.ws_frames[direction]
+        if frames.closed:
+            return False
+        cut = frames.feed(data, stop_at_boundary=self.draining)
+        if self.draining and frames.at_boundary:
+            write(data[:cut])
+            self._send_close(frames, to_vm=direction == 0)
+            return False
+        return True
+
+    def _close_tunnel(self) -> None:
+        """Shutting down: a WebSocket gets a close frame (1001, going away) each way at the next frame
+        boundary, then the peers close; any other tunnel is closed at once."""
+        if self.transport is None or self.tunnel_to is None:
+            return
+        if self.ws_frames is None:
+            self.transport.close()
+            return
+        for frames, to_vm in zip(self.ws_frames, (True, False), strict=True):
+            if frames.at_boundary and not frames.closed:
+                self._send_close(frames, to_vm=to_vm)
+
+    def _send_close(self, frames: FrameTracker, *, to_vm: bool) -> None:
+        frames.closed = True
+        frame = close_frame(1001, b"gateway shutting down", masked=to_vm)
+        if to_vm:
+            assert self.tunnel_to is not None
+            self.tunnel_to.write(frame)
+        elif self.transport is not None:
+            self.transport.write(frame)

@@ -1,0 +1,128 @@
+"""The edge listener: builds the shared Edge from the config, accepts connections, drains on stop.
+
+Stop order (uvicorn's): stop accepting -> let in-flight exchanges finish -> after the grace, close what
+is left (tunnels included) -> close pooled upstream connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from gateway.background import stop_loop
+from gateway.config import Config, EdgeConfig, split_host_port
+from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog
+from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
+from gateway.edge.resolver import Resolver
+from gateway.edge.target import RoutingConfig
+from gateway.edge.upstream import UpstreamPool
+from gateway.errors import ListenFailed
+from gateway.routes.store import RedisStore
+from gateway.tls.sni import SniTable
+
+
+def edge_settings(config: Config, api_upstream: str) -> EdgeSettings:
+    edge = config.edge
+    return EdgeSettings(
+        routing=RoutingConfig(
+            api_hosts=EdgeConfig.split(edge.api_hosts),
+            sandbox_domains=config.sandbox_domains,
+            max_target_bytes=edge.max_target_bytes,
+            instance_domains=(config.instances.domain,),
+        ),
+        api_upstream=api_upstream,
+        scheme=config.server.public_url.partition(":")[0] or "http",
+        header_timeout_s=edge.header_timeout_s,
+        keepalive_timeout_s=edge.keepalive_timeout_s,
+        first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
+        stream_idle_timeout_s=edge.stream_idle_timeout_s,
+        tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
+        max_body_bytes=edge.max_body_bytes,
+        max_header_count=edge.max_header_count,
+        max_header_bytes=edge.max_header_bytes,
+        max_connections=edge.max_connections,
+        trusted_proxies=frozenset(EdgeConfig.split(edge.trusted_proxies)),
+        https_redirect_port=https_redirect_port(config),
+        plain_http_paths=tuple(p.encode() for p in EdgeConfig.split(config.tls.plain_http_paths)),
+    )
+
+
+def https_redirect_port(config: Config) -> int:
+    """The port plain-HTTP requests are redirected to; 0: no redirect (no TLS, or turned off)."""
+    if not config.tls.listen or not config.tls.redirect_http:
+        return 0
+    return config.tls.public_port or split_host_port(config.tls.listen)[1]
+
+
+async def flush_access_log(access_log: AccessLog) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        access_log.flush()
+
+
+@asynccontextmanager
+async def running_edge(
+    config: Config,
+    store: RedisStore,
+    vm_networks: list[str],
+    api_upstream: str,
+    *,
+    reuse_port: bool = False,
+    sni: SniTable | None = None,
+) -> AsyncIterator[Edge]:
+    """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
+    processes listen there as well."""
+    resolver = Resolver(store, vm_networks, config.edge.redis_grace_s)
+    pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
+    access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
+    edge = Edge(edge_settings(config, api_upstream), resolver, pool, access_log)
+    resolver.start()
+    flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    try:
+        # Inside the try: when a listener cannot bind, what was started is stopped again.
+        try:
+            servers.append(
+                await loop.create_server(
+                    lambda: EdgeProtocol(edge),
+                    config.server.host,
+                    config.server.port,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    backlog=4096,
+                )
+            )
+        except OSError as exc:
+            raise ListenFailed("server.listen", config.server.listen, exc) from exc
+        if sni is not None:
+            host, port = split_host_port(config.tls.listen)
+            try:
+                servers.append(
+                    await loop.create_server(
+                        lambda: EdgeProtocol(edge, tls=True),
+                        host,
+                        port,
+                        ssl=sni.context,
+                        ssl_handshake_timeout=config.tls.handshake_timeout_s,
+                        reuse_address=True,
+                        reuse_port=reuse_port or None,
+                        backlog=4096,
+                    )
+                )
+            except OSError as exc:
+                raise ListenFailed("tls.listen", config.tls.listen, exc) from exc
+        yield edge
+    finally:
+        for server in servers:
+            server.close()
+        await edge.drain(config.server.shutdown_grace_s)
+        pool.close_all()
+        await resolver.stop()
+        if access_log is not None:
+            await stop_loop(flusher)
+            await asyncio.to_thread(access_log.close)
+        for server in servers:
+            await server.wait_closed()

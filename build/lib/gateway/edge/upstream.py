@@ -1,0 +1,272 @@
+"""Connections to VMs (and to the control plane): an asyncio protocol per connection, pooled per VM.
+
+The pool key includes the VM id, so a keep-alive connection is never reused for another VM, even when
+the address is recycled; when a VM ends, every idle connection to it is closed.
+
+The response parser hands everything to a ``ResponseSink`` (the client side of the exchange) as it
+arrives: nothing is buffered here beyond what one ``data_received`` holds, and flow control is mutual
+(a slow client pauses reading from the VM; a slow VM pauses the client's request body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+# As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
+UPSTREAM_MAX_IDLE_PER_KEY = 256
+UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge closes first
+# Idle connections are closed by one sweep per pool, not a timer each (a timer per request costs more
+# than the rest of the pooling): an idle connection lives between the timeout and the timeout + this.
+UPSTREAM_IDLE_SWEEP_S = 5.0
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_upstream_lost(self, exc: Exception | None) -> None: ...
+    def on_upstream_writable(self) -> None: ...
+    def flush_head(self) -> None: ...
+
+
+PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
+        self.key = key
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.in_trailers = False
+        self.head_only = False
+        self.close_delimited = False
+        self.complete = True
+        self.reusable = True
+        self.closed = False
+        self.tunnel: Callable[[bytes], None] | None = None
+        self.can_write = True
+        self.idle_since = 0.0
+        # The request's last byte was written: until then the connection is mid-request and can never
+        # go back to the pool, even when the app answered early (its next reader would see our rest).
+        self.request_sent = True
+        self.length_known = False  # the response head had a Content-Length
+
+    # asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel(data)
+            return
+        if self.sink is None:
+            # Bytes while idle: the VM broke the protocol (or closed with a message); not reusable.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+            if self.sink is not None:
+                self.sink.flush_head()  # a head without body bytes yet (SSE, slow apps) goes out now
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            rest = data[offset:]
+            if rest and self.tunnel is not None:
+                self.tunnel(rest)
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            sink, self.sink = self.sink, None
+            self.close()
+            if sink is not None:
+                sink.on_upstream_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        if self.sink is None:
+            return
+        if self.close_delimited and not self.complete and self.tunnel is None and exc is None:
+            self._finish()  # a body without length or chunking ends with the connection
+            return
+        sink, self.sink = self.sink, None
+        sink.on_upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.can_write = False
+
+    def resume_writing(self) -> None:
+        self.can_write = True
+        if self.sink is not None:
+            self.sink.on_upstream_writable()
+
+    # httptools callbacks --------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.trailers = []
+        self.in_trailers = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        (self.trailers if self.in_trailers else self.headers).append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_trailers = True
+        status = self.parser.get_status_code()
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        length = framed = False
+        for name, _ in self.headers:
+            low = name.lower()
+            if low == b"content-length":
+                length = framed = True
+            elif low == b"transfer-encoding":
+                framed = True
+        self.length_known = length
+        self.close_delimited = (
+            not framed and status not in (204, 304) and status >= 200 and not self.head_only
+        )
+        if self.close_delimited:
+            self.reusable = False
+        if self.sink is not None:
+            self.sink.on_response_head(status, self.headers)
+        if 100 <= status < 200 and status != 101:
+            # Interim response: the real one follows on the same connection.
+            self.in_trailers = False
+            self.headers = []
+            return
+        if self.head_only and self.sink is not None:
+            # llhttp cannot be told a response answers HEAD: finish here and start a fresh parser.
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.complete:
+            return
+        self.complete = True
+        sink = self.sink
+        if self.tunnel is None:
+            self.sink = None  # a tunnel keeps its sink: it still needs to hear about the close
+        if sink is not None:
+            sink.on_response_complete(self.trailers)
+        if self.tunnel is None:
+            if not self.request_sent:
+                self.reusable = False
+            self.pool.release(self)
+
+    # use ------------------------------------------------------------------------------------------
+
+    def start(self, sink: ResponseSink, head: bytes, *, head_only: bool, request_sent: bool) -> None:
+        """Send a request head; ``request_sent`` False: a body follows, ended by ``end_request``."""
+        self.sink = sink
+        self.head_only = head_only
+        self.request_sent = request_sent
+        self.complete = False
+        self.write(head)
+
+    def end_request(self) -> None:
+        self.request_sent = True
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.pool.discard(self)
+
+
+class UpstreamPool:
+    def __init__(self, connect_timeout_s: float) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
+        self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.connects = self.reuses = 0
+
+    def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
+        """A pooled connection for this key, if one is open and reusable (no await: the common case)."""
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.reusable:
+                self.reuses += 1
+                return conn
+        return None
+
+    async def connect(self, key: PoolKey, unix_path: str | None = None) -> UpstreamConnection:
+        """A new connection. Raises TimeoutError past the connect timeout, OSError when refused."""
+        loop = self.loop
+        self.connects += 1
+        async with asyncio.timeout(self.connect_timeout_s):
+            if unix_path is not None:
+                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(key, self), unix_path)
+            else:
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(key, self), key[1], key[2])
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or not conn.reusable:
+            conn.close()
+            return
+        idle = self.idle.setdefault(conn.key, [])
+        if len(idle) >= UPSTREAM_MAX_IDLE_PER_KEY:
+            conn.close()
+            return
+        idle.append(conn)
+        conn.idle_since = self.loop.time()
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = self.loop.time() - UPSTREAM_IDLE_TIMEOUT_S
+        for conns in list(self.idle.values()):
+            for conn in [c for c in conns if c.idle_since < cutoff]:
+                conn.close()
+        if self.idle:
+            self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self.idle[conn.key]
+
+    def close_vm(self, vm_id: str) -> None:
+        """Close every idle connection to a VM that ended (busy ones end with their VM)."""
+        for key in [k for k in self.idle if k[0] == vm_id]:
+            for conn in list(self.idle.get(key, ())):
+                conn.close()
+
+    def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                conn.close()

@@ -1,0 +1,82 @@
+"""The GatewayError tree: every failure the gateway reports has a status, a stable code and a message.
+
+Both planes render from these attributes, so a code means the same thing on the API and at the edge.
+Library exceptions are translated at the boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    message: str = "internal error"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        self.message = message or type(self).message
+        if code:
+            self.code = code
+        super().__init__(self.message)
+
+
+class BadRequest(GatewayError):
+    status, code, message = 400, "bad_request", "bad request"
+
+
+class Unauthorized(GatewayError):
+    status, code, message = 401, "unauthorized", "Invalid or missing API key"
+
+
+class NotFound(GatewayError):
+    status, code, message = 404, "not_found", "not found"
+
+
+class Conflict(GatewayError):
+    status, code, message = 409, "conflict", "conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code, message = 413, "payload_too_large", "request body too large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, code, message = 415, "unsupported_media_type", "Content-Type must be application/json"
+
+
+class Unsupported(GatewayError):
+    """A valid request for a capability this deployment does not have."""
+
+    status, code, message = 422, "unsupported", "not supported"
+
+
+class ListenFailed(GatewayError):
+    """A listener could not be opened (the address is in use or not ours): the setting is named."""
+
+    status, code, message = 500, "listen_failed", "cannot listen"
+
+    def __init__(self, setting: str, address: str, exc: OSError) -> None:
+        # uvloop's text repeats the address before the reason; the reason is the part after the last colon.
+        reason = (exc.strerror or str(exc)).rpartition(": ")[2]
+        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
+
+
+class VmNotRunning(GatewayError):
+    status, code, message = 410, "vm_not_running", "VM is not running"
+
+
+class DriverError(GatewayError):
+    """The VM driver failed to create, inspect or destroy a VM."""
+
+    status, code, message = 502, "driver_error", "VM driver failed"
+
+
+class CapacityExhausted(GatewayError):
+    status, code, message = 503, "capacity_exhausted", "no free VM slots"
+
+
+class StoreUnavailable(GatewayError):
+    status, code, message = 503, "store_unavailable", "state store unavailable"
+
+
+class Timeout(GatewayError):
+    status, code, message = 504, "timeout", "timed out"

@@ -1,0 +1,1 @@
+"""Programs that run inside VMs (the images' init programs), not in the gateway process."""

@@ -1,0 +1,1 @@
+"""VM orchestration: use cases, lifetimes, and the VmDriver plug-ins."""

@@ -1,0 +1,130 @@
+"""The VmDriver protocol: what the orchestrator needs from anything that runs VMs.
+
+A driver owns host-side resources only (namespaces, veths, cgroups, processes, work folders). It keeps
+no state of its own between calls: everything needed to find a VM again is in the ``handle`` it returns,
+which the orchestrator stores in Redis, so a restarted gateway can inspect, execute in and destroy VMs
+created by an earlier process.
+
+Slots are allocated by the orchestrator (in Redis, shared by every gateway process); a driver derives
+the VM's IP and host-side names from its slot, so two VMs never share either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    vm_id: str
+    slot: int
+    vcpu_count: int
+    memory_mb: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    # The VM's init program (an image's, e.g. a browser); empty: the driver's idle init. The VM runs
+    # while it does.
+    command: tuple[str, ...] = ()
+    # A snapshot folder to resume instead of booting (drivers that support snapshots; others refuse).
+    restore_from: str = ""
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    vm_id: str
+    ip: str
+    running: bool
+    # Opaque, driver-defined, JSON-serialisable; stored by the orchestrator and handed back on every call.
+    handle: Mapping[str, Any]
+    # For a VM that is not running: what its init last said, when the driver knows ('' otherwise).
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    # None when the command was killed for its timeout.
+    exit_code: int | None
+    timed_out: bool
+    # True when stdout or stderr was cut at max_output_bytes.
+    truncated: bool
+    duration_s: float
+
+
+@runtime_checkable
+class VmDriver(Protocol):
+    """Runs VMs.
+
+    Contract:
+    - ``start`` prepares the host once (idempotent; e.g. the blackhole route for the VM CIDR); it runs
+      before any ``create``.
+    - ``create`` returns when the VM is running and reachable at ``VmInfo.ip``. On any failure or
+      cancellation it removes everything it made before re-raising: no half-made VM is left.
+      It raises ``gateway.errors.DriverError`` for host failures.
+    - ``destroy`` is idempotent: destroying a VM that is gone, half-made or never existed succeeds.
+      Afterwards no process of the VM runs and no host resource of it remains.
+    - ``inspect`` never raises for a missing VM: it reports ``running=False``.
+    - ``execute`` runs argv inside the VM with the VM's network, limits and working folder; processes
+      the command leaves in the background keep running (and keep the VM's limits) after it returns.
+      On timeout it kills the command's process group and reports ``timed_out``. ``env`` overrides
+      the VM's create-time env for this command only; ``max_output_bytes`` caps stdout and stderr
+      each. On a VM that is not running it raises ``gateway.errors.VmNotRunning``.
+    - ``sweep`` removes host resources of this driver whose slot is not in ``live_slots`` (orphans of a
+      crash); it never touches resources that belong to other drivers or other name prefixes. It
+      tries every orphan and may raise ``DriverError`` at the end, after removing what it could.
+    - All methods are safe to call concurrently for different VMs.
+    """
+
+    name: str
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots (0 .. capacity-1) this driver can address."""
+        ...
+
+    def address(self, slot: int) -> str:
+        """The VM IP for a slot (pure)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def create(self, spec: VmSpec) -> VmInfo: ...
+
+    async def destroy(self, vm_id: str, handle: Mapping[str, Any]) -> None: ...
+
+    async def inspect(self, vm_id: str, handle: Mapping[str, Any]) -> VmInfo: ...
+
+    async def execute(
+        self,
+        vm_id: str,
+        handle: Mapping[str, Any],
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        timeout_s: float,
+        max_output_bytes: int,
+    ) -> ExecResult: ...
+
+    async def sweep(self, live_slots: set[int]) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class VmSnapshots(Protocol):
+    """An optional capability of a VmDriver: whole-VM snapshots, and VMs resumed from them.
+
+    Contract:
+    - ``snapshot`` writes the running VM's state into ``dest`` (a folder it creates) and returns the
+      metadata a restore needs (at least ``vcpu_count`` and ``memory_mb``, and ``size_bytes``). The VM is
+      left paused, for the caller to destroy. On failure it raises ``DriverError`` and leaves no ``dest``.
+    - ``create`` with ``VmSpec.restore_from`` set to such a folder resumes that state instead of booting,
+      with the spec's slot (and so its address); it refuses a snapshot whose machine shape differs.
+    - Drivers without this capability refuse ``restore_from`` with ``DriverError``.
+    """
+
+    async def snapshot(self, vm_id: str, handle: Mapping[str, Any], dest: Path) -> dict[str, Any]: ...

@@ -1,0 +1,460 @@
+"""Network-namespace VM driver: a VM is a namespace + veth /30 + cgroup, sharing the host's kernel and files.
+
+Why this shape:
+- The VM's network is real (its own stack, so two VMs can both listen on 0.0.0.0:3000) and reachable
+  from the host at its slot's IP; a blackhole route for the whole CIDR means traffic for a VM whose
+  namespace is gone dies on this machine instead of following the default route out.
+- Every VM process joins the VM's cgroup from its first instruction (a ``sh`` wrapper writes ``$$`` into
+  cgroup.procs and then ``exec``s ``ip netns exec``), so limits and ``destroy`` cover all of it.
+- No state lives here: names derive from the slot, and the handle (also mirrored to ``vm.json`` in the
+  VM's work folder) lets a restarted gateway find, use and remove the VM.
+- We never touch ip_forward, NAT or iptables: a VM reaches the host and nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import NetnsConfig
+from gateway.errors import DriverError, VmNotRunning
+from gateway.orchestrator.drivers import _host
+from gateway.orchestrator.drivers._cgroups import CgroupTree
+from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
+
+NETNS_RUN_DIR = Path("/var/run/netns")
+SYS_CLASS_NET = Path("/sys/class/net")
+# Linux interface names are at most IFNAMSIZ - 1 characters.
+IFNAME_MAX_CHARS = 15
+SLOT_BLOCK_ADDRESSES = 4
+SLOT_PREFIXLEN = 30
+VM_DEVICE = "eth0"
+INIT_COMMAND = ("sleep", "infinity")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Joins each cgroup named on the command line, then execs the rest; the PID never changes.
+_JOIN_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
+)
+
+
+@dataclass(frozen=True)
+class NetnsSlot:
+    """Everything a slot determines: the VM's /30 and the host-side names."""
+
+    slot: int
+    namespace: str
+    veth: str
+    host_ip: str
+    vm_ip: str
+
+
+def slot_capacity(cidr: str) -> int:
+    """Number of /30 blocks in the CIDR."""
+    return ipaddress.IPv4Network(cidr).num_addresses // SLOT_BLOCK_ADDRESSES
+
+
+def plan_slot(cidr: str, name_prefix: str, slot: int) -> NetnsSlot:
+    """Pure: slot s -> block base + 4*s, host side .1, VM side .2; names ``<prefix>-<s>``, ``<prefix>h<s>``.
+
+    The host-side name is ``<prefix>h<s>`` (not ``<prefix>-h<s>``) to stay within IFNAMSIZ.
+    """
+    network = ipaddress.IPv4Network(cidr)
+    if not 0 <= slot < slot_capacity(cidr):
+        raise DriverError(f"slot {slot} outside 0..{slot_capacity(cidr) - 1} for {cidr}")
+    base = network.network_address + SLOT_BLOCK_ADDRESSES * slot
+    return NetnsSlot(
+        slot=slot,
+        namespace=f"{name_prefix}-{slot}",
+        veth=f"{name_prefix}h{slot}",
+        host_ip=str(base + 1),
+        vm_ip=str(base + 2),
+    )
+
+
+@dataclass
+class _Parts:
+    """The host resources of one VM that a teardown may remove (None/empty: not ours or unknown)."""
+
+    vm_id: str
+    namespace: str | None = None
+    veth: str | None = None
+    cgroups: list[Path] = field(default_factory=list)
+    vm_dir: Path | None = None
+    init_pid: int | None = None
+    init_ticks: int | None = None
+    # Sweep removes a non-live slot's namespace/veth whoever labelled it; destroy checks the label.
+    check_owner: bool = True
+
+
+class NetnsVmDriver:
+    """VmDriver on network namespaces and cgroups (root only). See the module docstring."""
+
+    name = "netns"
+
+    def __init__(self, config: NetnsConfig, work_dir: Path, *, cgroup_root: Path | None = None) -> None:
+        self._config = config
+        self._work_dir = Path(work_dir)
+        self._network = ipaddress.IPv4Network(config.cidr)
+        self._capacity = slot_capacity(config.cidr)
+        if not re.fullmatch(r"[a-z][a-z0-9]*", config.name_prefix):
+            raise DriverError(f"netns.name_prefix {config.name_prefix!r}: use lowercase letters and digits")
+        if self._capacity and len(f"{config.name_prefix}h{self._capacity - 1}") > IFNAME_MAX_CHARS:
+            raise DriverError(f"netns.name_prefix {config.name_prefix!r} too long for interface names")
+        self._ns_re = re.compile(rf"{re.escape(config.name_prefix)}-([0-9]+)")
+        self._veth_re = re.compile(rf"{re.escape(config.name_prefix)}h([0-9]+)")
+        self._cgroups = CgroupTree(cgroup_root or CgroupTree.DEFAULT_ROOT, config.cgroup_name)
+        self._ip = shutil.which("ip") or "/usr/sbin/ip"
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def address(self, slot: int) -> str:
+        return self.plan(slot).vm_ip
+
+    def plan(self, slot: int) -> NetnsSlot:
+        return plan_slot(self._config.cidr, self._config.name_prefix, slot)
+
+    async def start(self) -> None:
+        """Blackhole the CIDR (connected /30s stay more specific) and prepare the parent cgroups."""
+        if os.geteuid() != 0:
+            raise DriverError("the netns driver needs root")
+        await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
+        self._cgroups.prepare()
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        """Nothing to release: VMs and the blackhole route outlive the gateway on purpose."""
+
+    async def create(self, spec: VmSpec) -> VmInfo:
+        vm_id = _host.check_vm_id(spec.vm_id)
+        plan = self.plan(spec.slot)
+        if spec.memory_mb < 1 or spec.vcpu_count < 1:
+            raise DriverError("memory_mb and vcpu_count must be positive")
+        if spec.restore_from and not isinstance(self, VmSnapshots):
+            raise DriverError(f"the {self.name} driver has no snapshots to restore")
+        made = _Parts(vm_id)
+        try:
+            handle = await self._build(spec, plan, made)
+        except BaseException as exc:
+            try:
+                await _host.run_cleanup(self._teardown(made))
+            except Exception as cleanup_exc:
+                exc.add_note(f"cleanup after failed create also failed: {cleanup_exc}")
+            if isinstance(exc, OSError):
+                raise DriverError(f"creating VM {vm_id} failed: {exc}") from exc
+            raise
+        return VmInfo(vm_id=vm_id, ip=plan.vm_ip, running=True, handle=handle)
+
+    async def _build(self, spec: VmSpec, plan: NetnsSlot, made: _Parts) -> dict[str, Any]:
+        """Make the VM step by step, recording in ``made`` each thing that exists because of us."""
+        vm_id = spec.vm_id
+        if (NETNS_RUN_DIR / plan.namespace).exists() or (SYS_CLASS_NET / plan.veth).exists():
+            raise DriverError(f"slot {plan.slot} is in use on this host ({plan.namespace} / {plan.veth})")
+        vm_dir = self._work_dir / vm_id
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            vm_dir.mkdir()
+        except FileExistsError:
+            raise DriverError(f"work folder for VM {vm_id} already exists") from None
+        made.vm_dir = vm_dir
+        home = vm_dir / _host.HOME_DIR
+        home.mkdir()
+        (vm_dir / _host.RUN_DIR).mkdir()
+        handle: dict[str, Any] = {
+            "driver": self.name,
+            "vm_id": vm_id,
+            "slot": plan.slot,
+            "ip": plan.vm_ip,
+            "host_ip": plan.host_ip,
+            "namespace": plan.namespace,
+            "veth": plan.veth,
+            "cgroups": [str(d) for d in self._cgroups.vm_dirs(vm_id)],
+            "vm_dir": str(vm_dir),
+            "env": dict(spec.env),
+        }
+        # Written before any host resource exists, so sweep can always map a cgroup back to its slot.
+        _host.write_json(vm_dir / _host.VM_FILE, handle)
+
+        await _host.run_host([self._ip, "netns", "add", plan.namespace])
+        made.namespace = plan.namespace
+        peer = ["peer", "name", VM_DEVICE, "netns", plan.namespace]
+        await _host.run_host([self._ip, "link", "add", plan.veth, "type", "veth", *peer])
+        made.veth = plan.veth
+        host_side = (
+            f"link set dev {plan.veth} alias {vm_id}\n"
+            f"addr add {self._host_address(plan)} dev {plan.veth}\n"
+            f"link set dev {plan.veth} up\n"
+        )
+        await _host.run_host([self._ip, "-batch", "-"], input=host_side.encode())
+        vm_side = f"link set dev {VM_DEVICE} alias {vm_id}\nlink set dev lo up\n{self._namespace_setup(plan)}"
+        await _host.run_host([self._ip, "-n", plan.namespace, "-batch", "-"], input=vm_side.encode())
+
+        made.cgroups = self._cgroups.create(
+            vm_id, memory_mb=self._memory_limit_mb(spec), vcpu_count=spec.vcpu_count
+        )
+        await self._start_init(spec, plan, made, handle)
+        _host.write_json(vm_dir / _host.VM_FILE, handle)
+        return handle
+
+    # --- what a driver on top of this one's namespaces changes ----------------------------------------
+
+    def _host_address(self, plan: NetnsSlot) -> str:
+        """The host side's address (``ip addr add`` syntax)."""
+        return f"{plan.host_ip}/{SLOT_PREFIXLEN}"
+
+    def _namespace_setup(self, plan: NetnsSlot) -> str:
+        """``ip -batch`` lines run in the namespace once eth0 (the veth's VM side) is there."""
+        return (
+            f"addr add {plan.vm_ip}/{SLOT_PREFIXLEN} dev {VM_DEVICE}\n"
+            f"link set dev {VM_DEVICE} up\n"
+            f"route add default via {plan.host_ip} dev {VM_DEVICE}\n"
+        )
+
+    def _memory_limit_mb(self, spec: VmSpec) -> int:
+        return spec.memory_mb
+
+    async def _start_init(self, spec: VmSpec, plan: NetnsSlot, made: _Parts, handle: dict[str, Any]) -> None:
+        """Start the VM's init in its namespace and cgroups; record its PID in ``made`` and ``handle``."""
+        home = Path(handle["vm_dir"]) / _host.HOME_DIR
+        env = {**_host.base_env(home), **spec.env, "VM_ID": spec.vm_id, "VM_IP": plan.vm_ip}
+        pid, ticks = await _host.spawn_detached(
+            self._enter_prefix(plan.namespace, made.cgroups),
+            spec.command or INIT_COMMAND,
+            env=env,
+            cwd=home,
+            log_path=Path(handle["vm_dir"]) / _host.RUN_DIR / _host.INIT_LOG,
+        )
+        made.init_pid, made.init_ticks = pid, ticks
+        handle.update(init_pid=pid, init_start_ticks=ticks)
+
+    def _enter_prefix(self, namespace: str, cgroups: Sequence[Path]) -> list[str]:
+        """argv prefix that puts what follows into the VM's cgroups and namespace before it runs."""
+        procs = [str(d / "cgroup.procs") for d in cgroups]
+        join = [_host.SH, "-c", _JOIN_SCRIPT, "gateway-vm", str(len(procs)), *procs]
+        return [*join, self._ip, "netns", "exec", namespace]
+
+    async def destroy(self, vm_id: str, handle: Mapping[str, Any]) -> None:
+        await self._teardown(self._parts(_host.check_vm_id(vm_id), handle))
+
+    async def inspect(self, vm_id: str, handle: Mapping[str, Any]) -> VmInfo:
+        try:
+            parts = self._parts(_host.check_vm_id(vm_id), handle)
+        except DriverError:
+            return VmInfo(vm_id=vm_id, ip=str(handle.get("ip", "")), running=False, handle=handle)
+        running = self._running(parts)
+        detail = "" if running else _host.init_log_tail(parts.vm_dir)
+        return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=running, handle=handle, detail=detail)
+
+    async def execute(
+        self,
+        vm_id: str,
+        handle: Mapping[str, Any],
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        timeout_s: float,
+        max_output_bytes: int,
+    ) -> ExecResult:
+        if not argv:
+            raise DriverError("empty command")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.namespace is not None and parts.vm_dir is not None
+        cgroups = self._cgroups.vm_dirs(vm_id)
+        if not all(d.is_dir() for d in cgroups):
+            raise VmNotRunning(f"VM {vm_id} has lost its cgroup")
+        home = parts.vm_dir / _host.HOME_DIR
+        spec_env = handle.get("env") or _host.read_json(parts.vm_dir / _host.VM_FILE).get("env") or {}
+        full_env = {**_host.base_env(home), **spec_env, "VM_ID": vm_id, "VM_IP": self._ip_of(handle), **env}
+        return await _host.run_captured(
+            [*self._enter_prefix(parts.namespace, cgroups), *argv],
+            env=full_env,
+            cwd=home,
+            scratch_dir=parts.vm_dir / _host.RUN_DIR,
+            timeout_s=timeout_s,
+            max_output_bytes=max_output_bytes,
+        )
+
+    async def sweep(self, live_slots: set[int]) -> int:
+        """Destroy VMs, namespaces, veths and cgroups of this prefix whose slot is not live.
+
+        Returns the number of orphans removed (a VM and its slot's network count once).
+        """
+        removed: set[str] = set()
+        failures: list[str] = []
+        live_vm_ids: set[str] = set()
+
+        async def remove(key: str, parts: _Parts) -> None:
+            # One stubborn orphan must not keep the others around: try all, report at the end.
+            try:
+                await self._teardown(parts)
+            except DriverError as exc:
+                failures.append(str(exc))
+            else:
+                removed.add(key)
+
+        for vm_id, record in self._records().items():
+            slot = _host.as_int(record.get("slot"))
+            if slot is not None and slot in live_slots:
+                live_vm_ids.add(vm_id)
+                continue
+            await remove(f"slot:{slot}" if slot is not None else f"vm:{vm_id}", self._parts(vm_id, record))
+        slots: set[int] = set()
+        for directory, pattern in ((NETNS_RUN_DIR, self._ns_re), (SYS_CLASS_NET, self._veth_re)):
+            for entry in _listdir(directory):
+                if (match := pattern.fullmatch(entry)) and int(match[1]) not in live_slots:
+                    slots.add(int(match[1]))
+        for slot in sorted(s for s in slots if s < self._capacity):
+            plan = self.plan(slot)
+            orphan = _Parts(vm_id="", namespace=plan.namespace, veth=plan.veth, check_owner=False)
+            await remove(f"slot:{slot}", orphan)
+        for vm_id in self._cgroups.vm_ids() - live_vm_ids:
+            if _host.is_vm_id(vm_id):
+                await remove(f"vm:{vm_id}", _Parts(vm_id=vm_id, cgroups=self._cgroups.vm_dirs(vm_id)))
+        if failures:
+            raise DriverError(f"sweep removed {len(removed)} orphan(s) but failed on: {'; '.join(failures)}")
+        return len(removed)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _records(self) -> dict[str, dict[str, Any]]:
+        """This driver's VM records in the work folder, by VM id."""
+        records = {}
+        for entry in _listdir(self._work_dir):
+            record = _host.read_json(self._work_dir / entry / _host.VM_FILE)
+            if record.get("driver") == self.name and record.get("vm_id") == entry:
+                records[entry] = record
+        return records
+
+    def _ip_of(self, handle: Mapping[str, Any]) -> str:
+        slot = _host.as_int(handle.get("slot"))
+        if isinstance(handle.get("ip"), str):
+            return str(handle["ip"])
+        return self.address(slot) if slot is not None and 0 <= slot < self._capacity else ""
+
+    def _parts(self, vm_id: str, handle: Mapping[str, Any]) -> _Parts:
+        """Resolve a handle (possibly partial) plus the on-disk record into validated resource names."""
+        vm_dir = self._work_dir / vm_id
+        data = {**_host.read_json(vm_dir / _host.VM_FILE), **handle}
+        parts = _Parts(vm_id=vm_id, vm_dir=vm_dir, cgroups=self._cgroups.vm_dirs(vm_id))
+        slot = _host.as_int(data.get("slot"))
+        if slot is not None and 0 <= slot < self._capacity:
+            plan = self.plan(slot)
+            parts.namespace, parts.veth = plan.namespace, plan.veth
+        for key in ("namespace", "veth"):
+            value = data.get(key)
+            if isinstance(value, str):
+                if not _NAME_RE.fullmatch(value) or (key == "veth" and len(value) > IFNAME_MAX_CHARS):
+                    raise DriverError(f"handle of VM {vm_id} has an invalid {key}")
+                setattr(parts, key, value)
+        for raw in data.get("cgroups") or ():
+            path = Path(str(raw))
+            if path.name == vm_id and self._cgroups.root in path.parents and path not in parts.cgroups:
+                parts.cgroups.append(path)
+        parts.init_pid = _host.as_int(data.get("init_pid"))
+        parts.init_ticks = _host.as_int(data.get("init_start_ticks"))
+        return parts
+
+    def _running_parts(self, vm_id: str, handle: Mapping[str, Any]) -> _Parts:
+        """The parts of a VM that runs (its namespace and folder known), or VmNotRunning."""
+        parts = self._parts(_host.check_vm_id(vm_id), handle)
+        if not self._running(parts) or parts.namespace is None or parts.vm_dir is None:
+            raise VmNotRunning(f"VM {vm_id} is not running")
+        return parts
+
+    def _running(self, parts: _Parts) -> bool:
+        if parts.namespace is None or parts.init_pid is None or parts.init_ticks is None:
+            return False
+        return (NETNS_RUN_DIR / parts.namespace).exists() and _host.is_running(
+            parts.init_pid, parts.init_ticks
+        )
+
+    async def _namespace_owner(self, namespace: str) -> str | None:
+        """The VM id labelled on the namespace's eth0 (None: no label yet, a half-made VM)."""
+        result = await _host.run_host(
+            [self._ip, "-j", "-n", namespace, "link", "show", "dev", VM_DEVICE], check=False
+        )
+        if result.returncode != 0:
+            return None
+        try:
+            return json.loads(result.stdout)[0].get("ifalias") or None
+        except (ValueError, IndexError, AttributeError):
+            return None
+
+    async def _teardown(self, parts: _Parts) -> None:
+        """Kill every process of the VM, then remove veth, namespace, cgroups and work folder.
+
+        A namespace or veth labelled with another VM's id is left alone: the slot has been reused.
+        """
+        namespace, veth = parts.namespace, parts.veth
+        if namespace and not (NETNS_RUN_DIR / namespace).exists():
+            namespace = None
+        if namespace and parts.check_owner:
+            if await self._namespace_owner(namespace) not in (None, parts.vm_id):
+                namespace = None
+        if veth and parts.check_owner and _read(SYS_CLASS_NET / veth / "ifalias") not in ("", parts.vm_id):
+            veth = None
+        ns_ident = _ns_ident(NETNS_RUN_DIR / namespace) if namespace else None
+
+        async def candidates() -> set[int]:
+            pids = self._cgroups.pids(parts.cgroups)
+            if namespace:
+                result = await _host.run_host([self._ip, "netns", "pids", namespace], check=False)
+                pids.update(int(x) for x in result.stdout.split() if x.isdigit())
+            if parts.init_pid is not None and _host.is_running(parts.init_pid, parts.init_ticks):
+                pids.add(parts.init_pid)
+            return pids
+
+        def is_member(pid: int) -> bool:
+            if parts.vm_id and self._cgroups.contains(pid, parts.vm_id):
+                return True
+            if ns_ident is not None and _ns_ident(Path(f"/proc/{pid}/ns/net")) == ns_ident:
+                return True
+            return pid == parts.init_pid and _host.is_running(pid, parts.init_ticks)
+
+        all_dead = await _host.kill_until_gone(candidates, is_member)
+        if veth and (SYS_CLASS_NET / veth).exists():
+            await _host.run_host([self._ip, "link", "del", veth], check=False)
+        if namespace:
+            await _host.run_host([self._ip, "netns", "del", namespace], check=False)
+        left = await self._cgroups.remove(parts.cgroups)
+        if parts.vm_dir is not None:
+            await _host.remove_tree(parts.vm_dir)
+        problems = [f"cgroup {p}" for p in left]
+        if veth and (SYS_CLASS_NET / veth).exists():
+            problems.append(f"veth {veth}")
+        if namespace and (NETNS_RUN_DIR / namespace).exists():
+            problems.append(f"namespace {namespace}")
+        if not all_dead:
+            problems.append("processes that would not die")
+        if problems:
+            raise DriverError(f"destroying VM {parts.vm_id or namespace} left: {', '.join(problems)}")
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ns_ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -1,0 +1,577 @@
+"""QEMU microvm driver: every VM is a real virtual machine with its own kernel, in its own namespace.
+
+It is the netns driver with a different inside: the same slots, namespace, veth, cgroups, blackhole
+route, teardown and sweep (inherited), but the namespace holds a bridge joining the veth's VM end to a
+tap device, and the VM's init is a QEMU process (``-M microvm``) on that tap. Inside the guest
+(``gateway image build``) a busybox init brings the network up and runs the agent
+(``gateway/guest/agent.py``), which runs ``execute`` commands; the host reaches it at the VM's address
+with the VM's token.
+
+- Acceleration: KVM when it works, TCG otherwise. ``auto`` boots a probe VM under KVM once per host
+  kernel, QEMU and image (kept in the image folder), because a usable ``/dev/kvm`` does not mean the
+  guest boots under it. Under TCG the kernel is told the TSC rate and loops-per-jiffy, without which
+  boots hung under load while calibrating.
+- Snapshots: QEMU's own migration stream, written to a file (``snapshot``); a VM created with
+  ``restore_from`` starts QEMU with ``-incoming`` and resumes it. The root file system lives in guest RAM,
+  so the stream holds the files too. The guest's network needs no per-VM settings (``qemu_net``), so a
+  restored guest works unchanged in whichever slot it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.config import QemuConfig
+from gateway.errors import DriverError, VmNotRunning
+from gateway.orchestrator.drivers import _host, qemu_image, qemu_net
+from gateway.orchestrator.drivers.base import ExecResult, VmSpec
+from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
+from gateway.orchestrator.drivers.qmp import Qmp, QmpError
+
+log = logging.getLogger(__name__)
+
+# QEMU's own memory beside the guest's: TCG's translation cache (capped below) and device buffers.
+QEMU_OVERHEAD_MB = 192
+TCG_CACHE_MB = 64
+GUEST_MAC = "52:54:00:00:00:02"
+GUEST_HOME = "/home/vm"
+TAP_DEVICE = "tap0"
+BRIDGE_DEVICE = "br0"
+CONSOLE_FILE = "console.log"
+QMP_SOCKET = "qmp.sock"
+# sun_path's size (with its terminating NUL): a longer unix socket path cannot be bound.
+UNIX_PATH_MAX = 108
+GUEST_CONFIG_FILE = "guest.json"
+FW_CFG_NAME = "opt/gateway/config"
+SNAPSHOT_STATE = "state.bin"
+SNAPSHOT_META = "snapshot.json"
+ACCEL_FILE = "accel.json"
+TEMPLATES_SUBDIR = "templates"
+PROBE_TIMEOUT_S = 20.0
+READY_POLL_S = 0.05
+AGENT_PROBE_TIMEOUT_S = 1.0
+# An execute's HTTP call outlives the command's own timeout by this much (the agent kills at the timeout).
+EXECUTE_MARGIN_S = 10.0
+MIGRATION_POLL_S = 0.01
+# What a call to a VM's agent can fail with (ValueError: a reply that is not JSON).
+AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
+# Not a program: the monkeypatchable seam the contract's failed-start test uses (as in the other drivers).
+INIT_COMMAND: tuple[str, ...] = ()
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate (TCG's guest TSC runs at it), from /proc/cpuinfo."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    return None
+
+
+class QemuVmDriver(NetnsVmDriver):
+    """VmDriver on QEMU microvms in network namespaces (root only). See the module docstring."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        config: QemuConfig,
+        work_dir: Path,
+        *,
+        image_dir: Path,
+        boot_timeout_s: float,
+        cgroup_root: Path | None = None,
+    ) -> None:
+        super().__init__(config, work_dir, cgroup_root=cgroup_root)  # type: ignore[arg-type]
+        self._qemu = config
+        self._capacity = qemu_net.slot_capacity(config.cidr)
+        self._image_dir = Path(image_dir)
+        self._boot_timeout_s = boot_timeout_s
+        self._accel: str | None = None
+        self._manifest: dict[str, Any] = {}
+
+    def plan(self, slot: int) -> NetnsSlot:
+        return qemu_net.plan_slot(self._qemu.cidr, self._qemu.name_prefix, slot)
+
+    @property
+    def accel(self) -> str | None:
+        """ "kvm" or "tcg" once started."""
+        return self._accel
+
+    @property
+    def image_id(self) -> str:
+        return str(self._manifest.get("image_id", ""))
+
+    async def start(self) -> None:
+        await self.detect()
+        await super().start()
+
+    async def detect(self) -> dict[str, Any]:
+        """Check QEMU and the image, and choose the accelerator (what ``gateway doctor`` shows)."""
+        if shutil.which(self._qemu.qemu_binary) is None:
+            raise DriverError(f"{self._qemu.qemu_binary} is missing: apt-get install qemu-system-x86")
+        try:
+            self._manifest = qemu_image.load_manifest(self._image_dir)
+        except qemu_image.ImageError as missing:
+            # First start, or a gateway upgrade: build it (about 15 s, from the machine's apt sources),
+            # as `gateway image build` does. (Its boot templates go with the old image.)
+            log.warning("%s: building it now", missing)
+            try:
+                self._manifest = await asyncio.to_thread(
+                    qemu_image.build_image, self._image_dir, say=lambda line: log.info("image: %s", line)
+                )
+            except qemu_image.ImageError as exc:
+                raise DriverError(f"cannot build the qemu guest image: {exc}") from None
+        if self._accel is None:
+            self._accel = await self._choose_accel()
+        return {
+            "qemu": await asyncio.to_thread(self._qemu_version),
+            "kvm_device": os.access("/dev/kvm", os.R_OK | os.W_OK),
+            "accel": self._accel,
+            "image_id": self.image_id,
+            "image_dir": str(self._image_dir),
+            "kernel": self._manifest.get("kernel_release"),
+            "image_built_at": self._manifest.get("built_at"),
+        }
+
+    # --- create ---------------------------------------------------------------------------------------
+
+    def _host_address(self, plan: NetnsSlot) -> str:
+        return f"{plan.host_ip} peer {plan.vm_ip}"
+
+    def _namespace_setup(self, plan: NetnsSlot) -> str:
+        # Pure layer 2 inside the namespace: the veth's VM end and QEMU's tap on one bridge, no address.
+        return (
+            f"link add {BRIDGE_DEVICE} type bridge\n"
+            f"link set dev {VM_DEVICE} master {BRIDGE_DEVICE}\n"
+            f"tuntap add dev {TAP_DEVICE} mode tap\n"
+            f"link set dev {TAP_DEVICE} master {BRIDGE_DEVICE}\n"
+            f"link set dev {VM_DEVICE} up\n"
+            f"link set dev {TAP_DEVICE} up\n"
+            f"link set dev {BRIDGE_DEVICE} up\n"
+        )
+
+    def _memory_limit_mb(self, spec: VmSpec) -> int:
+        return spec.memory_mb + QEMU_OVERHEAD_MB + TCG_CACHE_MB
+
+    async def _start_init(self, spec: VmSpec, plan: NetnsSlot, made: _Parts, handle: dict[str, Any]) -> None:
+        if spec.command:
+            raise DriverError("the qemu guest image runs no image programs (only /execute commands)")
+        vm_dir = Path(handle["vm_dir"])
+        if len(bytes(vm_dir / QMP_SOCKET)) >= UNIX_PATH_MAX:
+            raise DriverError(
+                f"QEMU's control socket in {vm_dir} would be too long a path: use a shorter data_dir"
+            )
+        restore = Path(spec.restore_from) if spec.restore_from else None
+        template = None if restore is not None else self._template_for(spec)
+        source = restore or template
+        config_path = vm_dir / GUEST_CONFIG_FILE
+        if source is not None:
+            meta = read_snapshot_meta(source)
+            self._check_restorable(meta, spec)
+            token = str(meta["token"])
+            # The resumed machine gets the fw_cfg it was started with, byte for byte.
+            shutil.copyfile(source / GUEST_CONFIG_FILE, config_path)
+        else:
+            token = secrets.token_urlsafe(32)
+            config_path.write_text(json.dumps({"token": token, "agent_port": self._qemu.agent_port}))
+        config_path.chmod(0o600)
+        handle.update(
+            agent_token=token,
+            accel=self._accel,
+            image_id=self.image_id,
+            vcpu_count=spec.vcpu_count,
+            memory_mb=spec.memory_mb,
+            booted_from="snapshot" if restore else ("template" if template else "kernel"),
+        )
+        argv = [
+            *(INIT_COMMAND or self._qemu_argv(spec, vm_dir)),
+            *(["-incoming", "defer"] if source else []),
+        ]
+        pid, ticks = await _host.spawn_detached(
+            self._enter_prefix(plan.namespace, made.cgroups),
+            argv,
+            env=_host.base_env(vm_dir),
+            cwd=vm_dir,
+            log_path=vm_dir / _host.RUN_DIR / _host.INIT_LOG,
+        )
+        made.init_pid, made.init_ticks = pid, ticks
+        handle.update(init_pid=pid, init_start_ticks=ticks)
+        if source is not None:
+            await asyncio.to_thread(self._incoming, vm_dir / QMP_SOCKET, source / SNAPSHOT_STATE)
+        await self._wait_agent(spec.vm_id, handle)
+        if source is None and self._qemu.boot_templates:
+            await self._save_template(spec, handle)
+        # Before anything runs in it, the VM becomes itself: a token, env and entropy of its own (a
+        # resumed VM is otherwise a copy of its snapshot's or template's).
+        handle["agent_token"] = await self._configure(spec, handle)
+
+    # --- boot templates -------------------------------------------------------------------------------
+
+    def _template_dir(self, spec: VmSpec) -> Path:
+        """One template per machine shape, accelerator, image and guest network."""
+        half = str(qemu_net.guest_half(self._qemu.cidr)).replace("/", "_")
+        name = f"{self.image_id}-{self._accel}-{spec.vcpu_count}cpu-{spec.memory_mb}mb-{half}"
+        return self._image_dir / TEMPLATES_SUBDIR / name
+
+    def _template_for(self, spec: VmSpec) -> Path | None:
+        """The template a new VM of this shape resumes instead of booting, if one was saved."""
+        if not self._qemu.boot_templates or INIT_COMMAND:
+            return None
+        folder = self._template_dir(spec)
+        return folder if (folder / SNAPSHOT_META).is_file() else None
+
+    async def _save_template(self, spec: VmSpec, handle: Mapping[str, Any]) -> None:
+        """Right after the first boot of a shape (nothing has run in it yet): save it, then let it go on.
+
+        Written beside the final folder and renamed into place, so a racing VM of the same shape or
+        another gateway process never sees half a template; the loser's copy is dropped. A failure only
+        costs the next VM a full boot.
+        """
+        final = self._template_dir(spec)
+        scratch = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
+        try:
+            await asyncio.to_thread(scratch.mkdir, parents=True)
+            meta = await self._save_state(handle, scratch, resume=True)
+            meta["template"] = True
+            _host.write_json(scratch / SNAPSHOT_META, meta)
+            try:
+                await asyncio.to_thread(scratch.rename, final)
+            except OSError:
+                pass  # another VM saved this shape's template first
+        except (DriverError, OSError) as exc:
+            log.warning("could not save the boot template %s: %s", final.name, exc)
+        finally:
+            await _host.remove_tree(scratch)
+
+    async def _configure(self, spec: VmSpec, handle: Mapping[str, Any]) -> str:
+        token = secrets.token_urlsafe(32)
+        body = {"token": token, "env": dict(spec.env), "seed": base64.b64encode(os.urandom(64)).decode()}
+        try:
+            status, reply = await self._agent_post(handle, "/configure", body, EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
+            raise DriverError(f"VM {spec.vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        if status != 200:
+            raise DriverError(f"VM {spec.vm_id}'s agent refused its configuration: {status} {reply}")
+        return token
+
+    async def _agent_post(
+        self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> tuple[int, Any]:
+        """POST JSON to the VM's agent with its token; (status, the reply's JSON)."""
+        url = f"http://{self._ip_of(record)}:{self._qemu.agent_port}{path}"
+        headers = {"Authorization": f"Bearer {record.get('agent_token', '')}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.post(url, json=body, headers=headers) as response:
+                return response.status, await response.json(content_type=None)
+
+    def _qemu_argv(self, spec: VmSpec, vm_dir: Path) -> list[str]:
+        accel = self._accel or "tcg"
+        cmdline = [
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",
+            "rdinit=/init",
+            # Freed pages are zeroed, and QEMU's migration skips zero pages: smaller snapshots.
+            "init_on_free=1",
+            # microvm has no PCI bus; and the guest is isolated by the hypervisor, not by its own kernel's
+            # side-channel mitigations, which cost much under emulation.
+            "pci=off",
+            "mitigations=off",
+            f"gw.anyip={qemu_net.guest_half(self._qemu.cidr)}",
+        ]
+        if accel == "tcg":
+            cmdline += self._tcg_timing()
+            accel_args = ["-accel", f"tcg,thread=multi,tb-size={TCG_CACHE_MB}", "-cpu", "max"]
+        else:
+            accel_args = ["-accel", "kvm", "-cpu", "host"]
+        return [
+            self._qemu.qemu_binary,
+            "-M",
+            "microvm,pit=off,pic=off,isa-serial=on,rtc=off",
+            *accel_args,
+            "-smp",
+            str(spec.vcpu_count),
+            "-m",
+            str(spec.memory_mb),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            f"file:{vm_dir / CONSOLE_FILE}",
+            "-monitor",
+            "none",
+            "-qmp",
+            f"unix:{vm_dir / QMP_SOCKET},server=on,wait=off",
+            "-kernel",
+            str(self._image_dir / qemu_image.KERNEL),
+            "-initrd",
+            str(self._image_dir / qemu_image.INITRD),
+            "-append",
+            " ".join(cmdline),
+            "-fw_cfg",
+            f"name={FW_CFG_NAME},file={vm_dir / GUEST_CONFIG_FILE}",
+            "-netdev",
+            f"tap,id=net0,ifname={TAP_DEVICE},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+        ]
+
+    def _tcg_timing(self) -> list[str]:
+        khz = host_tsc_khz()
+        if not khz:
+            return []
+        hz = int(self._manifest.get("kernel_hz") or 250)
+        return [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // hz}"]
+
+    async def _wait_agent(self, vm_id: str, handle: Mapping[str, Any]) -> None:
+        """Until the guest's agent answers; a QEMU that exits first fails the create with its console."""
+        url = f"http://{handle['ip']}:{self._qemu.agent_port}/health"
+        headers = {"Authorization": f"Bearer {handle['agent_token']}"}
+        deadline = time.monotonic() + self._boot_timeout_s
+        timeout = aiohttp.ClientTimeout(total=AGENT_PROBE_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                    async with session.get(url, headers=headers) as response:
+                        if response.status == 200:
+                            return
+                if not _host.is_running(int(handle["init_pid"]), handle.get("init_start_ticks")):
+                    said = _host.init_log_tail(Path(handle["vm_dir"])) or self._console_tail(handle)
+                    raise DriverError(f"QEMU exited while VM {vm_id} booted: {said}")
+                if time.monotonic() >= deadline:
+                    raise DriverError(
+                        f"VM {vm_id}'s agent did not answer within {self._boot_timeout_s} s: "
+                        f"{self._console_tail(handle)}"
+                    )
+                await asyncio.sleep(READY_POLL_S)
+
+    def _console_tail(self, handle: Mapping[str, Any], lines: int = 5) -> str:
+        try:
+            text = (Path(handle["vm_dir"]) / CONSOLE_FILE).read_text(errors="replace")
+        except OSError:
+            return "no console output"
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip()) or "no output"
+
+    # --- execute --------------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        vm_id: str,
+        handle: Mapping[str, Any],
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        timeout_s: float,
+        max_output_bytes: int,
+    ) -> ExecResult:
+        if not argv:
+            raise DriverError("empty command")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.vm_dir is not None
+        record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+        ip = self._ip_of(record)
+        body = {
+            "argv": list(argv),
+            "env": {**(record.get("env") or {}), "VM_ID": vm_id, "VM_IP": ip, **env},
+            "cwd": GUEST_HOME,
+            "timeout_s": timeout_s,
+            "max_output_bytes": max_output_bytes,
+        }
+        try:
+            status, reply = await self._agent_post(record, "/execute", body, timeout_s + EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
+            if not self._running(parts):
+                raise VmNotRunning(f"VM {vm_id} is not running") from None
+            raise DriverError(f"the agent of VM {vm_id} failed: {exc or type(exc).__name__}") from None
+        if status != 200 or not isinstance(reply, dict):
+            raise DriverError(f"the agent of VM {vm_id} refused the command: {reply}")
+        return ExecResult(
+            stdout=base64.b64decode(reply["stdout"]),
+            stderr=base64.b64decode(reply["stderr"]),
+            exit_code=reply["exit_code"],
+            timed_out=bool(reply["timed_out"]),
+            truncated=bool(reply["truncated"]),
+            duration_s=float(reply["duration_s"]),
+        )
+
+    # --- snapshots ------------------------------------------------------------------------------------
+
+    async def snapshot(self, vm_id: str, handle: Mapping[str, Any], dest: Path) -> dict[str, Any]:
+        """Stop the VM and write its whole state to ``dest`` (a new folder); the VM stays paused.
+
+        Returns the snapshot's metadata (what a restore needs). On failure nothing is left in ``dest``.
+        """
+        parts = self._running_parts(vm_id, handle)
+        assert parts.vm_dir is not None
+        record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+        await asyncio.to_thread(dest.mkdir, parents=True)
+        try:
+            return await self._save_state(record, dest, resume=False)
+        except BaseException:
+            await _host.remove_tree(dest)
+            raise
+
+    async def _save_state(self, record: Mapping[str, Any], dest: Path, *, resume: bool) -> dict[str, Any]:
+        """The VM's migration stream, fw_cfg config and metadata into ``dest`` (an existing folder)."""
+        vm_dir = Path(record["vm_dir"])
+        meta = {
+            "vm_id": record["vm_id"],
+            "token": record["agent_token"],
+            "vcpu_count": record["vcpu_count"],
+            "memory_mb": record["memory_mb"],
+            "accel": record.get("accel"),
+            "image_id": record.get("image_id"),
+            "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
+            "created_at": time.time(),
+        }
+        state = dest / SNAPSHOT_STATE
+        meta["size_bytes"] = await asyncio.to_thread(self._outgoing, vm_dir / QMP_SOCKET, state, resume)
+        await asyncio.to_thread(shutil.copyfile, vm_dir / GUEST_CONFIG_FILE, dest / GUEST_CONFIG_FILE)
+        _host.write_json(dest / SNAPSHOT_META, meta)
+        for name in (SNAPSHOT_META, GUEST_CONFIG_FILE):
+            (dest / name).chmod(0o600)
+        return meta
+
+    def _outgoing(self, qmp_path: Path, state: Path, resume: bool) -> int:
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with Qmp(qmp_path) as qmp:
+                qmp.call("getfd", fds=[fd], fdname="snapshot")
+                qmp.call("stop")
+                # The default cap (32 MiB/s) is for live migration over a network; this is a local file.
+                qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+                qmp.call("migrate", uri="fd:snapshot")
+                self._await_migration(qmp)
+                if resume:
+                    qmp.call("cont")
+        except QmpError as exc:
+            raise DriverError(f"snapshot failed: {exc}") from None
+        finally:
+            os.close(fd)
+        return state.stat().st_size
+
+    def _incoming(self, qmp_path: Path, state: Path) -> None:
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with Qmp(qmp_path) as qmp:
+                qmp.call("getfd", fds=[fd], fdname="snapshot")
+                qmp.call("migrate-incoming", uri="fd:snapshot")
+                self._await_migration(qmp)
+                qmp.call("cont")
+        except QmpError as exc:
+            raise DriverError(f"restore failed: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def _await_migration(self, qmp: Qmp) -> None:
+        deadline = time.monotonic() + self._boot_timeout_s
+        while time.monotonic() < deadline:
+            status = (qmp.call("query-migrate") or {}).get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"migration {status}")
+            time.sleep(MIGRATION_POLL_S)
+        raise QmpError(f"migration did not finish within {self._boot_timeout_s} s")
+
+    def _check_restorable(self, meta: Mapping[str, Any], spec: VmSpec) -> None:
+        """A migration stream resumes only on the same machine shape, accelerator and guest network."""
+        wanted = {
+            "vcpu_count": spec.vcpu_count,
+            "memory_mb": spec.memory_mb,
+            "accel": self._accel,
+            "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
+            # The kernel and initramfs are part of the machine's memory map: another image's differ.
+            "image_id": self.image_id,
+        }
+        different = [f"{k} {meta.get(k)} (now {v})" for k, v in wanted.items() if meta.get(k) != v]
+        if different:
+            raise DriverError(f"the snapshot cannot resume here: {', '.join(different)}")
+
+    # --- acceleration ---------------------------------------------------------------------------------
+
+    async def _choose_accel(self) -> str:
+        if self._qemu.accel != "auto":
+            return self._qemu.accel
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        key = {
+            "host_kernel": platform.release(),
+            "qemu": await asyncio.to_thread(self._qemu_version),
+            "image_id": self.image_id,
+        }
+        cache = self._image_dir / ACCEL_FILE
+        known = _host.read_json(cache)
+        if known.get("key") == key and known.get("accel") in ("kvm", "tcg"):
+            return str(known["accel"])
+        accel = "kvm" if await self._kvm_boots() else "tcg"
+        with contextlib.suppress(OSError):
+            _host.write_json(cache, {"key": key, "accel": accel, "probed_at": time.time()})
+        return accel
+
+    def _qemu_version(self) -> str:
+        done = subprocess.run([self._qemu.qemu_binary, "--version"], capture_output=True, text=True)
+        return done.stdout.splitlines()[0] if done.stdout else ""
+
+    async def _kvm_boots(self) -> bool:
+        """Boot the image under KVM with ``gw.probe`` (its init reports and powers off at once)."""
+        with tempfile.TemporaryDirectory(prefix=".probe-", dir=self._image_dir) as scratch:
+            console = Path(scratch) / CONSOLE_FILE
+            argv = [
+                self._qemu.qemu_binary,
+                "-M",
+                "microvm,pit=off,pic=off,isa-serial=on,rtc=off",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                f"file:{console}",
+                "-monitor",
+                "none",
+                "-kernel",
+                str(self._image_dir / qemu_image.KERNEL),
+                "-initrd",
+                str(self._image_dir / qemu_image.INITRD),
+                "-append",
+                "console=ttyS0 quiet panic=-1 rdinit=/init gw.probe",
+            ]
+            try:
+                # A guest that hangs under KVM (seen on nested hosts) ends with the timeout: TCG then.
+                await _host.run_host(argv, check=False, timeout_s=PROBE_TIMEOUT_S)
+            except DriverError:
+                return False
+            with contextlib.suppress(OSError):
+                return "gateway-probe: booted" in console.read_text(errors="replace")
+        return False
+
+
+def read_snapshot_meta(folder: Path) -> dict[str, Any]:
+    meta = _host.read_json(folder / SNAPSHOT_META)
+    if not meta or not all((folder / name).is_file() for name in (SNAPSHOT_STATE, GUEST_CONFIG_FILE)):
+        raise DriverError(f"no snapshot in {folder}")
+    return meta

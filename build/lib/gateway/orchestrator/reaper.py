@@ -1,0 +1,72 @@
+"""Lifetimes: kill every VM at its expiry, in whichever gateway process gets there first.
+
+Expiries live in a Redis sorted set, so a restarted gateway reaps what expired while it was down.
+Ending a VM is a compare-and-set in Redis (``RedisStore.end_vm``), so when several processes reap at
+once exactly one marks it killed; destroying twice is harmless (drivers' destroy is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from gateway.background import stop_loop
+from gateway.errors import GatewayError
+from gateway.orchestrator.service import Orchestrator
+from gateway.routes.model import VM_KILLED
+from gateway.routes.store import is_live
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+
+
+class Reaper:
+    def __init__(self, orchestrator: Orchestrator, interval_s: float) -> None:
+        self.orchestrator = orchestrator
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def reap_due(self, now: float | None = None) -> int:
+        """Kill every VM whose expiry has passed; returns how many this call ended."""
+        store = self.orchestrator.store
+        now = time.time() if now is None else now
+        ended = 0
+        for vm_id in await store.due_vm_ids(now, BATCH):
+            rec = await store.get_vm(vm_id)
+            if rec is None or not is_live(rec):
+                await store.drop_expiry(vm_id)
+                continue
+            await self.orchestrator.end(rec, VM_KILLED, "lifetime expired")
+            ended += 1
+        return ended
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.reap_due()
+                next_at = await self.orchestrator.store.next_expiry()
+            except GatewayError as exc:
+                # redis-py may turn a cancellation mid-read into a connection error: stopping decides.
+                if self._stopping:
+                    return
+                log.warning("reaper: %s", exc)
+                next_at = None
+            except Exception:
+                if self._stopping:
+                    return
+                # A supervisor loop: one bad VM record must not stop every other VM's expiry.
+                log.exception("reaper iteration failed")
+                next_at = None
+            delay = self.interval_s if next_at is None else min(self.interval_s, next_at - time.time())
+            await asyncio.sleep(max(delay, 0.0))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reaper")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await stop_loop(self._task)
+        self._task = None

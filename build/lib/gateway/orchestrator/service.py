@@ -1,0 +1,425 @@
+"""Use cases of the control plane: sessions, VMs, execute, kill, expire, recover after a restart.
+
+Tenancy is enforced here: every call takes the caller's key id (``owner``), and a record owned by
+another key is reported exactly like one that does not exist.
+
+Order of effects when a VM ends: first the record (status, indexes, pub/sub event, so edges stop
+routing to it at once), then the driver destroys it, then its slot is released. A slot is never
+released while host resources of its VM may remain, so a slot's IP is never handed to a new VM early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import Config
+from gateway.errors import CapacityExhausted, Conflict, DriverError, GatewayError, NotFound, Timeout
+from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
+from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
+from gateway.routes.model import (
+    VM_ACTIVE,
+    VM_CREATING,
+    VM_FAILED,
+    VM_KILLED,
+    SessionRecord,
+    SnapshotRecord,
+    VmRecord,
+    new_session_id,
+    new_vm_id,
+)
+from gateway.routes.store import RedisStore, is_live
+
+log = logging.getLogger(__name__)
+
+# A VM still 'creating' this long after boot_timeout_s has no live booter anywhere: it failed.
+STALE_BOOT_FACTOR = 2
+ACTIVE_POLL_S = 0.05
+# How often a booting image's port is tried until it accepts connections.
+READY_POLL_S = 0.05
+
+
+def _matches(metadata: Mapping[str, Any], key: str, text: str) -> bool:
+    """A filter's text matches a string value as is and any other value by its JSON form (1, true)."""
+    if key not in metadata:
+        return False
+    value = metadata[key]
+    return value == text if isinstance(value, str) else json.dumps(value) == text
+
+
+@dataclass(frozen=True)
+class VmParams:
+    """What a caller may choose for a VM; None means 'the session's value or the default'."""
+
+    vm_lifetime_seconds: int | None = None
+    memory_mb: int | None = None
+    vcpu_count: int | None = None
+    metadata: Mapping[str, Any] | None = None
+    env: Mapping[str, str] | None = None
+    share: Mapping[str, Any] | None = None
+    custom_domain: DomainRequest | None = None
+    # An image's init program, and the port it serves: the VM is active once that port accepts.
+    command: tuple[str, ...] = ()
+    ready_port: int | None = None
+    # Snapshot the VM when it is killed or expires; or resume a snapshot instead of booting.
+    snapshot_on_terminate: bool = False
+    snapshot_name: str | None = None
+    restore: SnapshotRecord | None = None
+
+
+@dataclass
+class Orchestrator:
+    store: RedisStore
+    driver: VmDriver
+    config: Config
+    domains: DomainService | None = None
+    _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
+    snapshots: SnapshotService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshots = SnapshotService(self.store, self.driver, self.config.data_path / SNAPSHOTS_SUBDIR)
+
+    async def start(self) -> None:
+        await self.driver.start()
+        await self.recover()
+
+    async def close(self) -> None:
+        """Stop boots in flight; their drivers clean up what they made, their records end as failed."""
+        tasks = list(self._boots.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # sessions -------------------------------------------------------------------------------------
+
+    async def create_session(self, owner: str, params: VmParams) -> SessionRecord:
+        vms = self.config.vms
+        session = SessionRecord(
+            session_id=new_session_id(),
+            owner=owner,
+            created_at=time.time(),
+            vm_lifetime_seconds=params.vm_lifetime_seconds or vms.default_lifetime_s,
+            memory_mb=params.memory_mb or vms.default_memory_mb,
+            vcpu_count=params.vcpu_count or vms.default_vcpu_count,
+            metadata=dict(params.metadata or {}),
+            env=dict(params.env or {}),
+            env_status="none",
+        )
+        await self.store.put_session(session)
+        if params.env:
+            # The spec: a session created with env spawns its VM at once, with the env configured.
+            vm = await self._create_vm(owner, session, VmParams(), wait=True)
+            session.vm_id = vm.vm_id
+            session.env_status, session.env_error = (
+                ("configured", None) if vm.status == VM_ACTIVE else ("failed", vm.error)
+            )
+            await self.store.update_session(
+                session.session_id, env_status=session.env_status, env_error=session.env_error
+            )
+        return session
+
+    async def get_session(self, owner: str, session_id: str) -> SessionRecord | None:
+        session = await self.store.get_session(session_id)
+        return session if session is not None and session.owner == owner else None
+
+    async def _owned_session(self, owner: str, session_id: str) -> SessionRecord:
+        session = await self.get_session(owner, session_id)
+        if session is None:
+            raise NotFound("Session not found", code="session_not_found")
+        return session
+
+    # VMs ------------------------------------------------------------------------------------------
+
+    async def create_vm(
+        self, owner: str, session_id: str | None, params: VmParams, *, wait: bool
+    ) -> tuple[SessionRecord, VmRecord]:
+        session = None if session_id is None else await self._owned_session(owner, session_id)
+        if session is not None and session.vm_id:
+            current = await self.store.get_vm(session.vm_id)
+            if current is not None and is_live(current):
+                raise Conflict(
+                    f"session already has a live VM ({current.vm_id}); kill it first",
+                    code="session_has_vm",
+                )
+        vm_id = new_vm_id()
+        # The domain first: a 409 must leave nothing behind (no session, no VM).
+        domain = await self._claim_domain(owner, vm_id, params.custom_domain)
+        try:
+            if session is None:
+                session = await self.create_session(
+                    owner,
+                    VmParams(
+                        vm_lifetime_seconds=params.vm_lifetime_seconds,
+                        memory_mb=params.memory_mb,
+                        vcpu_count=params.vcpu_count,
+                        metadata=params.metadata,
+                    ),
+                )
+            vm = await self._create_vm(owner, session, params, wait=wait, vm_id=vm_id, domain=domain)
+        except BaseException:
+            if domain is not None:
+                await asyncio.shield(self.store.release_domain(domain, owner, vm_id))
+            raise
+        return session, vm
+
+    async def _claim_domain(self, owner: str, vm_id: str, request: DomainRequest | None) -> str | None:
+        if request is None:
+            return None
+        if self.domains is None:
+            raise GatewayError("custom domains are not available", code="unsupported")
+        return (await self.domains.claim(owner, vm_id, request)).domain
+
+    async def _create_vm(
+        self,
+        owner: str,
+        session: SessionRecord,
+        params: VmParams,
+        *,
+        wait: bool,
+        vm_id: str | None = None,
+        domain: str | None = None,
+    ) -> VmRecord:
+        vm_id = vm_id or new_vm_id()
+        slot = await self.store.claim_slot(self.driver.name, self.driver.capacity, vm_id)
+        if slot is None:
+            raise CapacityExhausted(f"no free VM slots ({self.driver.capacity} in use)")
+        now = time.time()
+        lifetime = params.vm_lifetime_seconds or session.vm_lifetime_seconds
+        metadata = dict(session.metadata) | dict(params.metadata or {})
+        rec = VmRecord(
+            vm_id=vm_id,
+            session_id=session.session_id,
+            owner=owner,
+            driver=self.driver.name,
+            slot=slot,
+            ip=self.driver.address(slot),
+            status=VM_CREATING,
+            created_at=now,
+            vm_lifetime_seconds=lifetime,
+            memory_mb=params.restore.memory_mb if params.restore else params.memory_mb or session.memory_mb,
+            vcpu_count=params.restore.vcpu_count
+            if params.restore
+            else params.vcpu_count or session.vcpu_count,
+            expires_at=now + lifetime,
+            metadata=metadata,
+            share=dict(params.share or {}),
+            custom_domain=domain,
+            snapshot_on_terminate=params.snapshot_on_terminate,
+            snapshot_name=params.snapshot_name,
+            restored_from=params.restore.snapshot_id if params.restore else None,
+            # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
+            handle={"slot": slot},
+        )
+        env = dict(session.env) | dict(params.env or {})
+        if params.env:
+            await self.store.update_session(session.session_id, env=env)
+            session.env = env
+        try:
+            await self.store.add_vm(rec)
+        except BaseException:
+            await self.store.release_slot(self.driver.name, slot, vm_id)
+            raise
+        session.vm_id = vm_id
+        restore_from = str(self.snapshots.path(params.restore)) if params.restore else ""
+        boot = self._boot(rec, env, params.command, params.ready_port, restore_from)
+        task = asyncio.create_task(boot, name=f"boot {vm_id}")
+        self._boots[vm_id] = task
+        task.add_done_callback(lambda _t: self._boots.pop(vm_id, None))
+        if not wait:
+            return rec
+        # shield: a caller that goes away must not cancel the boot half-way.
+        return await asyncio.shield(task)
+
+    async def _boot(
+        self,
+        rec: VmRecord,
+        env: Mapping[str, str],
+        command: tuple[str, ...],
+        ready_port: int | None,
+        restore_from: str = "",
+    ) -> VmRecord:
+        spec = VmSpec(
+            vm_id=rec.vm_id,
+            slot=rec.slot,
+            vcpu_count=rec.vcpu_count,
+            memory_mb=rec.memory_mb,
+            env=env,
+            metadata=rec.metadata,
+            command=command,
+            restore_from=restore_from,
+        )
+        try:
+            info = await asyncio.wait_for(self._start(spec, ready_port), self.config.vms.boot_timeout_s)
+        except (DriverError, TimeoutError) as exc:
+            reason = str(exc) or f"boot timed out after {self.config.vms.boot_timeout_s} s"
+            log.warning("VM %s failed to boot: %s", rec.vm_id, reason)
+            await self.store.end_vm(rec, VM_FAILED, reason)
+            await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+            return await self._reload(rec)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._fail_cancelled(rec))
+            raise
+        started = time.time()
+        handle = dict(info.handle)
+        if not await self.store.activate_vm(rec.vm_id, ip=info.ip, handle=handle, started_at=started):
+            # Killed while it booted: the killer could not destroy what did not exist yet.
+            await self.driver.destroy(rec.vm_id, handle)
+            await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+        return await self._reload(rec)
+
+    async def _start(self, spec: VmSpec, ready_port: int | None) -> VmInfo:
+        """Create the VM and, for an image that serves a port, wait until it accepts connections there."""
+        info = await self.driver.create(spec)
+        if ready_port is None:
+            return info
+        try:
+            await self._wait_listening(info, ready_port)
+        except BaseException:
+            await asyncio.shield(self.driver.destroy(spec.vm_id, info.handle))
+            raise
+        return info
+
+    async def _wait_listening(self, info: VmInfo, port: int) -> None:
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(info.ip, port)
+            except OSError:
+                pass
+            else:
+                writer.close()
+                return
+            now = await self.driver.inspect(info.vm_id, info.handle)
+            if not now.running:
+                said = f": {now.detail}" if now.detail else ""
+                raise DriverError(f"the VM's program exited before port {port} accepted connections{said}")
+            await asyncio.sleep(READY_POLL_S)
+
+    async def _fail_cancelled(self, rec: VmRecord) -> None:
+        await self.store.end_vm(rec, VM_FAILED, "boot cancelled (gateway stopping)")
+        await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+
+    async def _reload(self, rec: VmRecord) -> VmRecord:
+        fresh = await self.store.get_vm(rec.vm_id)
+        return fresh if fresh is not None else rec
+
+    async def get_vm(self, owner: str, vm_id: str) -> VmRecord:
+        rec = await self.store.get_vm(vm_id)
+        if rec is None or rec.owner != owner:
+            raise NotFound("VM not found", code="vm_not_found")
+        return rec
+
+    async def list_vms(self, owner: str, metadata: Mapping[str, str] | None = None) -> list[VmRecord]:
+        """The owner's VMs (retained ones included), oldest first, whose metadata matches every filter."""
+        ids = await self.store.owner_vm_ids(owner)
+        records = await self.store.get_vms(ids)
+        present = {r.vm_id for r in records}
+        for gone in set(ids) - present:  # expired past retention
+            await self.store.forget_owner_vm(owner, gone)
+        wanted = dict(metadata or {})
+        matching = [r for r in records if all(_matches(r.metadata, k, v) for k, v in wanted.items())]
+        return sorted(matching, key=lambda r: r.created_at)
+
+    async def kill_vm(self, owner: str, vm_id: str) -> VmRecord:
+        rec = await self.get_vm(owner, vm_id)
+        await self.end(rec, VM_KILLED, "killed by request")
+        return await self._reload(rec)
+
+    async def end(self, rec: VmRecord, status: str, reason: str) -> None:
+        """End a VM: record first (routes stop), then destroy, then free the slot. Idempotent.
+
+        A VM created with ``snapshot_on_terminate`` is snapshotted between the two, by the call that
+        ended it, when it is killed or expires (not when it failed).
+        """
+        ended = await self.store.end_vm(rec, status, reason)
+        if rec.vm_id in self._boots:
+            return  # the boot task sees the VM ended when it tries to activate it, and cleans up
+        fresh = await self._reload(rec)
+        wanted = fresh.snapshot_on_terminate and status == VM_KILLED and fresh.started_at is not None
+        if ended and wanted and self.snapshots.available:
+            await self.snapshots.take(fresh)
+        try:
+            await self.driver.destroy(fresh.vm_id, fresh.handle)
+        except DriverError as exc:
+            # Keep the slot held: recovery retries the destroy, and the IP is not reused meanwhile.
+            log.error("destroying VM %s failed: %s", fresh.vm_id, exc)
+            return
+        await self.store.release_slot(fresh.driver, fresh.slot, fresh.vm_id)
+
+    async def wait_active(self, rec: VmRecord) -> VmRecord:
+        """Wait for a creating VM to finish booting (in this process or another)."""
+        task = self._boots.get(rec.vm_id)
+        if task is not None:
+            return await asyncio.shield(task)
+        deadline = time.monotonic() + self.config.vms.boot_timeout_s
+        while rec.status == VM_CREATING and time.monotonic() < deadline:
+            await asyncio.sleep(ACTIVE_POLL_S)
+            rec = await self._reload(rec)
+        return rec
+
+    # execute --------------------------------------------------------------------------------------
+
+    async def execute(
+        self, owner: str, session_id: str | None, argv: Sequence[str], timeout_s: float | None
+    ) -> tuple[SessionRecord, VmRecord, ExecResult]:
+        if session_id is None:
+            session = await self.create_session(owner, VmParams())
+        else:
+            session = await self._owned_session(owner, session_id)
+        vm = await self.store.get_vm(session.vm_id) if session.vm_id else None
+        if vm is None or not is_live(vm):
+            vm = await self._create_vm(owner, session, VmParams(), wait=True)
+        if vm.status == VM_CREATING:
+            vm = await self.wait_active(vm)
+        if vm.status != VM_ACTIVE:
+            raise GatewayError(
+                f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}", code="vm_not_running"
+            )
+        limit = self.config.execute
+        timeout = min(timeout_s or limit.default_timeout_s, limit.max_timeout_s)
+        remaining = (vm.expires_at or 0) - time.time()
+        if remaining <= 0:
+            raise Timeout("the VM reached the end of its lifetime", code="vm_expired")
+        result = await self.driver.execute(
+            vm.vm_id,
+            vm.handle,
+            argv,
+            env=session.env,
+            timeout_s=min(timeout, remaining),
+            max_output_bytes=limit.max_output_bytes,
+        )
+        return session, vm, result
+
+    # restart recovery -----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Reconcile Redis with the host after a restart or crash."""
+        now = time.time()
+        stale_boot_s = self.config.vms.boot_timeout_s * STALE_BOOT_FACTOR
+        for vm_id in await self.store.live_vm_ids():
+            rec = await self.store.get_vm(vm_id)
+            if rec is None or rec.driver != self.driver.name:
+                continue
+            if rec.status == VM_CREATING and vm_id not in self._boots and now - rec.created_at > stale_boot_s:
+                await self.end(rec, VM_FAILED, "boot did not finish (gateway restarted)")
+            elif rec.status == VM_ACTIVE:
+                info = await self.driver.inspect(vm_id, rec.handle)
+                if not info.running:
+                    await self.end(rec, VM_KILLED, "VM stopped unexpectedly")
+        live = set(await self.store.live_vm_ids())
+        for slot, vm_id in (await self.store.held_slots(self.driver.name)).items():
+            if vm_id in live:
+                continue
+            rec = await self.store.get_vm(vm_id)
+            await self.end(rec, VM_KILLED, "cleanup") if rec else await self.store.release_slot(
+                self.driver.name, slot, vm_id
+            )
+        held = set((await self.store.held_slots(self.driver.name)).keys())
+        removed = await self.driver.sweep(held)
+        if removed:
+            log.warning("removed %d orphaned VM(s) left on the host", removed)

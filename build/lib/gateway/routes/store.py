@@ -1,0 +1,552 @@
+"""Session and VM state in Redis, shared by every gateway process.
+
+Writes that must agree (a VM and its indexes, a slot claim) go through one MULTI or one Lua script, so a
+crash between two commands never leaves an index that points at nothing. Redis failures surface as
+``StoreUnavailable``; callers never see a redis-py exception.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from gateway.errors import StoreUnavailable
+from gateway.redis_url import parse_cluster_url, parse_sentinel_url
+from gateway.routes.model import (
+    VM_LIVE_STATES,
+    DomainRecord,
+    InstanceRecord,
+    Keys,
+    SessionRecord,
+    SnapshotRecord,
+    VmRecord,
+    dump_field,
+)
+
+T = TypeVar("T")
+
+# Claim the next free slot after a rotating cursor, so a just-freed slot (and its IP) is reused last.
+_CLAIM_SLOT = """
+local cap = tonumber(ARGV[1])
+local start = tonumber(redis.call('INCR', KEYS[2])) % cap
+for i = 0, cap - 1 do
+  local s = (start + i) % cap
+  if redis.call('HSETNX', KEYS[1], s, ARGV[2]) == 1 then return s end
+end
+return -1
+"""
+
+# Release a slot only if it is still held by this VM.
+_RELEASE_SLOT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# The edge's route lookup by session (or custom domain) in one round trip: the VM record named by the
+# hash's vm_id field and whether the port is exposed. The VM's keys are made here from the templates Keys
+# gives (ARGV 1-4), so Keys stays the one place that spells them. Returns false for no session (domain),
+# else {flat VM hash, exposed (0/1)}.
+_HELD_VM_AND_PORT = """
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
+if not vm_id then return false end
+local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
+local exposed = redis.call('SISMEMBER', ARGV[3] .. vm_id .. ARGV[4], ARGV[5])
+return {vm, exposed}
+"""
+
+# The edge's route lookup for a browser instance in one round trip: the instance, its VM, and the key
+# hashes of its organisation (who may open it). ARGV 1-4: VM and org-keys key templates. Returns false
+# for no instance, else {flat instance hash, flat VM hash, key hashes}.
+_INSTANCE_ROUTE = """
+local inst = redis.call('HGETALL', KEYS[1])
+if #inst == 0 then return false end
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id') or ''
+local org = redis.call('HGET', KEYS[1], 'org') or ''
+local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
+local keys = redis.call('SMEMBERS', ARGV[3] .. org .. ARGV[4])
+return {inst, vm, keys}
+"""
+
+# Claim a custom domain for a VM: refused (0) while another owner holds it; the same owner moves it.
+# KEYS: domain hash, all-domains set, owner's domains set, retired set. ARGV: owner, domain, fields...
+_CLAIM_DOMAIN = """
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+"""
+# Release a custom domain if it is still held for this VM (or for any VM when ARGV[1] is empty), and
+# mark it retired (its certificate goes after a grace period). Same KEYS; ARGV: VM id, domain, now.
+_RELEASE_DOMAIN = """
+local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
+if not vm_id or (ARGV[1] ~= '' and vm_id ~= ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+return 1
+"""
+# Set fields of a hash only while its vm_id is ARGV[1]. KEYS: the hash. ARGV: VM id, fields...
+_UPDATE_IF_HELD = """
+if redis.call('HGET', KEYS[1], 'vm_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+# creating -> active only: a VM killed while it booted stays killed.
+_ACTIVATE_VM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'creating' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'active', 'ip', ARGV[1], 'handle', ARGV[2], 'started_at', ARGV[3])
+return 1
+"""
+
+# Move a VM to an end state once: returns 0 if it had already ended (another process won the race).
+_END_VM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or (status ~= 'creating' and status ~= 'active') then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'ended_at', ARGV[2], 'error', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('SREM', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
+REDIS_MAX_CONNECTIONS = 64
+_ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
+
+
+class _SentinelMaster(aioredis.Redis):
+    """The primary named by Sentinels; closing it closes the connections to the Sentinels as well."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            await sentinel.aclose()
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client with bounded calls; decode_responses because every value we store is text.
+
+    ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+sentinel://`` names Sentinels
+    that say which server is the primary (see ``gateway.redis_url``); the client asks them again after a
+    failover. A blocking pool for one server: a burst of callers beyond its size waits (up to the call
+    timeout) for a connection instead of failing at once, as redis-py's default pool does.
+    """
+    cluster = parse_cluster_url(url)
+    if cluster is not None:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+            username=cluster.username,
+            password=cluster.password,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=REDIS_MAX_CONNECTIONS,
+        )  # type: ignore[return-value]  # the commands the gateway uses are the same
+    target = parse_sentinel_url(url)
+    if target is not None:
+        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        sentinel = Sentinel(
+            target.sentinels,
+            sentinel_kwargs={**timeouts, "password": target.sentinel_password},
+            **timeouts,
+        )
+        return sentinel.master_for(
+            target.service,
+            redis_class=_SentinelMaster,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            decode_responses=True,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            health_check_interval=30,
+            **timeouts,
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=timeout_s,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+class RedisCallStats:
+    """Latency and failures of this process's Redis calls (every one goes through ``guarded``), as plain
+    numbers that ``gateway.metrics`` exports."""
+
+    BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(self.BUCKETS_S) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.errors = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets), "sum": self.sum, "count": self.count, "errors": self.errors}
+
+
+REDIS_STATS = RedisCallStats()
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a Redis call, translating its failures to StoreUnavailable."""
+    started = time.perf_counter()
+    try:
+        return await call
+    except RedisError as exc:
+        REDIS_STATS.errors += 1
+        raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
+    finally:
+        REDIS_STATS.observe(time.perf_counter() - started)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, keys: Keys, retention_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.retention_s = retention_s
+        self._claim_slot = client.register_script(_CLAIM_SLOT)
+        self._release_slot = client.register_script(_RELEASE_SLOT)
+        self._activate_vm = client.register_script(_ACTIVATE_VM)
+        self._end_vm = client.register_script(_END_VM)
+        self._held_vm_and_port = client.register_script(_HELD_VM_AND_PORT)
+        self._claim_domain = client.register_script(_CLAIM_DOMAIN)
+        self._update_if_held = client.register_script(_UPDATE_IF_HELD)
+        self._release_domain = client.register_script(_RELEASE_DOMAIN)
+        self._instance_route = client.register_script(_INSTANCE_ROUTE)
+        vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
+        self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
+        self._instance_key_templates = [*vm_key.split(_ID_MARK), *keys.org_keys(_ID_MARK).split(_ID_MARK)]
+
+    # sessions -------------------------------------------------------------------------------------
+
+    async def put_session(self, rec: SessionRecord) -> None:
+        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=rec.to_hash()))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.session(session_id)))
+        return SessionRecord.from_hash(raw) if raw else None
+
+    async def update_session(self, session_id: str, **values: Any) -> None:
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        await guarded(self.client.hset(self.keys.session(session_id), mapping=mapping))
+
+    # VMs ------------------------------------------------------------------------------------------
+
+    async def add_vm(self, rec: VmRecord) -> None:
+        """Store a new VM with its indexes and its expiry, atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.vm(rec.vm_id), mapping=rec.to_hash())
+        pipe.sadd(self.keys.owner_vms(rec.owner), rec.vm_id)
+        pipe.sadd(self.keys.live_vms(), rec.vm_id)
+        pipe.zadd(self.keys.vm_expiry(), {rec.vm_id: rec.expires_at or time.time()})
+        pipe.hset(self.keys.session(rec.session_id), "vm_id", rec.vm_id)
+        await guarded(pipe.execute())
+
+    async def get_vm(self, vm_id: str) -> VmRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.vm(vm_id)))
+        return VmRecord.from_hash(raw) if raw else None
+
+    async def update_vm(self, vm_id: str, **values: Any) -> None:
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=mapping))
+
+    async def activate_vm(self, vm_id: str, *, ip: str, handle: dict[str, Any], started_at: float) -> bool:
+        """creating -> active, unless the VM ended meanwhile (killed during boot). Returns success."""
+        done = await guarded(
+            self._activate_vm(keys=[self.keys.vm(vm_id)], args=[ip, dump_field(handle), str(started_at)])
+        )
+        return bool(done)
+
+    async def end_vm(self, rec: VmRecord, status: str, error: str | None = None) -> bool:
+        """Mark a live VM killed or failed, drop it from the live indexes; True if this call did it."""
+        done = await guarded(
+            self._end_vm(
+                keys=[
+                    self.keys.vm(rec.vm_id),
+                    self.keys.vm_expiry(),
+                    self.keys.live_vms(),
+                    self.keys.vm_ports(rec.vm_id),
+                ],
+                args=[status, str(time.time()), error or "", rec.vm_id, self.retention_s],
+            )
+        )
+        if done:
+            await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
+            if rec.custom_domain:
+                await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
+            await self.publish(
+                {"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status}
+            )
+        return bool(done)
+
+    async def owner_vm_ids(self, owner: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.owner_vms(owner))))
+
+    async def get_vms(self, vm_ids: list[str]) -> list[VmRecord]:
+        if not vm_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for vm_id in vm_ids:
+            pipe.hgetall(self.keys.vm(vm_id))
+        raws = await guarded(pipe.execute())
+        return [VmRecord.from_hash(raw) for raw in raws if raw]
+
+    async def forget_owner_vm(self, owner: str, vm_id: str) -> None:
+        await guarded(self.client.srem(self.keys.owner_vms(owner), vm_id))
+
+    # snapshots --------------------------------------------------------------------------------------
+
+    async def put_snapshot(self, rec: SnapshotRecord) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=rec.to_hash())
+        pipe.sadd(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
+        await guarded(pipe.execute())
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.snapshot(snapshot_id)))
+        return SnapshotRecord.from_hash(raw) if raw else None
+
+    async def owner_snapshots(self, owner: str) -> list[SnapshotRecord]:
+        ids = sorted(await guarded(self.client.smembers(self.keys.owner_snapshots(owner))))
+        found = [await self.get_snapshot(snapshot_id) for snapshot_id in ids]
+        return sorted((r for r in found if r is not None), key=lambda r: r.created_at)
+
+    async def delete_snapshot(self, rec: SnapshotRecord) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.snapshot(rec.snapshot_id))
+        pipe.srem(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
+        deleted, _ = await guarded(pipe.execute())
+        return bool(deleted)
+
+    async def live_vm_ids(self) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.live_vms())))
+
+    async def due_vm_ids(self, now: float, limit: int = 100) -> list[str]:
+        return list(await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit)))
+
+    async def drop_expiry(self, vm_id: str) -> None:
+        await guarded(self.client.zrem(self.keys.vm_expiry(), vm_id))
+
+    async def expose_port(self, vm_id: str, port: int) -> None:
+        """Make a port public; announced so that edges drop a cached "not exposed" answer at once."""
+        if await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port)):
+            await self.publish({"type": "vm_ports", "vm_id": vm_id, "port": port})
+
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """The VM and whether ``port`` is exposed, in one round trip (the edge's route lookup)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.vm(vm_id))
+        pipe.sismember(self.keys.vm_ports(vm_id), str(port))
+        raw, exposed = await guarded(pipe.execute())
+        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
+
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """``vm_and_port`` for the session's VM, also in one round trip (a server-side script)."""
+        return await self._held_vm(self.keys.session(session_id), port)
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        """The VM a custom domain is routed to, in one round trip."""
+        vm, _ = await self._held_vm(self.keys.domain(domain), 0)
+        return vm
+
+    async def _held_vm(self, holder_key: str, port: int) -> tuple[VmRecord | None, bool]:
+        found = await guarded(
+            self._held_vm_and_port(keys=[holder_key], args=[*self._vm_key_templates, str(port)])
+        )
+        if not found:
+            return None, False
+        flat, exposed = found
+        raw = _pairs(flat)
+        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
+
+    async def exposed_ports(self, vm_id: str) -> set[int]:
+        return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}
+
+    async def next_expiry(self) -> float | None:
+        first = await guarded(self.client.zrange(self.keys.vm_expiry(), 0, 0, withscores=True))
+        return float(first[0][1]) if first else None
+
+    # custom domains -------------------------------------------------------------------------------
+
+    def _domain_keys(self, domain: str, owner: str) -> list[str]:
+        k = self.keys
+        return [k.domain(domain), k.domains(), k.owner_domains(owner), k.retired_domains()]
+
+    async def claim_domain(self, rec: DomainRecord) -> bool:
+        """Store a domain for ``rec.owner``; False when another owner holds it. Edges hear of it."""
+        fields = [text for pair in rec.to_hash().items() for text in pair]
+        claimed = await guarded(
+            self._claim_domain(
+                keys=self._domain_keys(rec.domain, rec.owner), args=[rec.owner, rec.domain, *fields]
+            )
+        )
+        if claimed:
+            await self.publish({"type": "domain", "domain": rec.domain})
+        return bool(claimed)
+
+    async def release_domain(self, domain: str, owner: str, vm_id: str | None = None) -> bool:
+        """Drop a domain (only if still held for ``vm_id``, when given) and retire its certificate."""
+        released = await guarded(
+            self._release_domain(
+                keys=self._domain_keys(domain, owner), args=[vm_id or "", domain, repr(time.time())]
+            )
+        )
+        if released:
+            await self.publish({"type": "domain", "domain": domain})
+        return bool(released)
+
+    async def get_domain(self, domain: str) -> DomainRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.domain(domain)))
+        return DomainRecord.from_hash(raw) if raw else None
+
+    async def get_domains(self, domains: list[str]) -> list[DomainRecord]:
+        pipe = self.client.pipeline(transaction=False)
+        for domain in domains:
+            pipe.hgetall(self.keys.domain(domain))
+        raws = await guarded(pipe.execute()) if domains else []
+        return [DomainRecord.from_hash(raw) for raw in raws if raw]
+
+    async def update_domain(self, domain: str, vm_id: str, **values: Any) -> bool:
+        """Set fields of a domain still held for ``vm_id`` (a released or moved one is left alone)."""
+        mapping = {k: dump_field(v) for k, v in values.items()}
+        return bool(
+            await guarded(
+                self._update_if_held(
+                    keys=[self.keys.domain(domain)], args=[vm_id, *[t for kv in mapping.items() for t in kv]]
+                )
+            )
+        )
+
+    async def domain_names(self) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.domains())))
+
+    async def owner_domain_names(self, owner: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.owner_domains(owner))))
+
+    async def retired_domains(self, before: float) -> list[str]:
+        return list(await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before)))
+
+    async def forget_retired_domain(self, domain: str) -> None:
+        await guarded(self.client.zrem(self.keys.retired_domains(), domain))
+
+    # browser instances ----------------------------------------------------------------------------
+
+    async def put_instance(self, rec: InstanceRecord) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=rec.to_hash())
+        pipe.sadd(self.keys.org_instances(rec.org), rec.instance_uuid)
+        await guarded(pipe.execute())
+
+    async def get_instance(self, instance_uuid: str) -> InstanceRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.instance(instance_uuid)))
+        return InstanceRecord.from_hash(raw) if raw else None
+
+    async def get_instances(self, ids: list[str]) -> list[InstanceRecord]:
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for instance_uuid in ids:
+            pipe.hgetall(self.keys.instance(instance_uuid))
+        return [InstanceRecord.from_hash(raw) for raw in await guarded(pipe.execute()) if raw]
+
+    async def org_instance_ids(self, org: str) -> list[str]:
+        return sorted(await guarded(self.client.smembers(self.keys.org_instances(org))))
+
+    async def delete_instance(self, org: str, instance_uuid: str) -> bool:
+        """Forget an instance; False when it was already gone (so only one of two deletes proceeds)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.instance(instance_uuid))
+        pipe.srem(self.keys.org_instances(org), instance_uuid)
+        deleted, _ = await guarded(pipe.execute())
+        return bool(deleted)
+
+    async def instance_route(
+        self, instance_uuid: str
+    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
+        """An instance, its VM and its organisation's key hashes, in one round trip (the edge's lookup)."""
+        found = await guarded(
+            self._instance_route(keys=[self.keys.instance(instance_uuid)], args=self._instance_key_templates)
+        )
+        if not found:
+            return None, None, frozenset()
+        inst, vm, key_hashes = found
+        vm_raw = _pairs(vm)
+        return (
+            InstanceRecord.from_hash(_pairs(inst)),
+            VmRecord.from_hash(vm_raw) if vm_raw else None,
+            frozenset(key_hashes),
+        )
+
+    # slots ----------------------------------------------------------------------------------------
+
+    async def claim_slot(self, driver: str, capacity: int, vm_id: str) -> int | None:
+        slot = await guarded(
+            self._claim_slot(
+                keys=[self.keys.slots(driver), self.keys.slot_cursor(driver)], args=[capacity, vm_id]
+            )
+        )
+        return None if int(slot) < 0 else int(slot)
+
+    async def release_slot(self, driver: str, slot: int, vm_id: str) -> None:
+        """Free a destroyed VM's slot (its IP may be reused from now on) and announce it."""
+        await guarded(self._release_slot(keys=[self.keys.slots(driver)], args=[slot, vm_id]))
+        await self.publish({"type": "vm_released", "vm_id": vm_id, "driver": driver, "slot": slot})
+
+    async def held_slots(self, driver: str) -> dict[int, str]:
+        raw = await guarded(self.client.hgetall(self.keys.slots(driver)))
+        return {int(k): v for k, v in raw.items()}
+
+    # events ---------------------------------------------------------------------------------------
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        await guarded(self.client.publish(self.keys.events(), json.dumps(event, separators=(",", ":"))))
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Callable[[float], Awaitable[dict[str, Any] | None]]]:
+        """Yield a function that waits up to N seconds for the next event."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        await guarded(pubsub.subscribe(self.keys.events()))
+        try:
+
+            async def next_event(timeout_s: float) -> dict[str, Any] | None:
+                msg = await guarded(pubsub.get_message(timeout=timeout_s))
+                return json.loads(msg["data"]) if msg else None
+
+            yield next_event
+        finally:
+            await pubsub.aclose()
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as HGETALL answers inside a script: [field, value, field, value, ...]."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def is_live(rec: VmRecord) -> bool:
+    return rec.status in VM_LIVE_STATES

@@ -1,0 +1,110 @@
+"""Child processes for VMs and host commands: spawned by the standard library, awaited on the loop.
+
+Why not ``asyncio.create_subprocess_exec``: uvloop (the gateway's loop) does not implement
+``close_fds``, so a child inherits every inheritable descriptor of the gateway, among them the loop's
+own socketpairs for other children's stdio. A VM's init then holds the launcher's pipe open (the read
+never sees EOF) and could reach descriptors no VM may see. ``subprocess.Popen`` closes every descriptor
+above 2 in the child. Waiting uses a pidfd (Linux >= 5.3): it works on any event loop and needs neither
+a child watcher nor a thread per child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from typing import IO, Any
+
+READ_CHUNK = 65536
+PR_SET_PDEATHSIG = 1
+# Strong references: the loop keeps only weak ones to tasks.
+_REAPING: set[asyncio.Task[int]] = set()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children that must not outlive the gateway, even one killed with SIGKILL.
+
+    Runs in the child between fork and exec. The signal follows the *thread* that forked: spawn from
+    one that outlives the child (the loop's own).
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` with every descriptor above 2 closed in the child (never overridable)."""
+    return subprocess.Popen(argv, close_fds=True, **kwargs)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def wait(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the child to exit (and reap it); cancellable, and the child keeps running if cancelled."""
+    if proc.poll() is not None:
+        return proc.returncode
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        while proc.poll() is None:
+            await _readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.returncode
+
+
+def reap_in_background(proc: subprocess.Popen[bytes]) -> None:
+    """Reap a child that was just killed, without making a cancelled caller wait for it."""
+    task = asyncio.get_running_loop().create_task(wait(proc))
+    _REAPING.add(task)
+    task.add_done_callback(_REAPING.discard)
+
+
+async def chunks(stream: IO[bytes]) -> AsyncIterator[bytes]:
+    """Yield what a child writes to a pipe until every writer closed it, without blocking the loop."""
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            await _readable(fd)
+            continue
+        if not chunk:
+            return
+        yield chunk
+
+
+async def read_to_end(stream: IO[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks(stream)])
+
+
+async def communicate(proc: subprocess.Popen[bytes], input: bytes | None = None) -> tuple[bytes, bytes]:
+    """Feed ``input`` (small: it must fit the pipe buffer), then collect stdout and stderr and reap."""
+    if proc.stdin is not None:
+        with proc.stdin:
+            if input:
+                proc.stdin.write(input)
+    out, err = await asyncio.gather(_read_if_piped(proc.stdout), _read_if_piped(proc.stderr))
+    await wait(proc)
+    return out, err
+
+
+async def _read_if_piped(stream: IO[bytes] | None) -> bytes:
+    return b"" if stream is None else await read_to_end(stream)
+
+
+def close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()

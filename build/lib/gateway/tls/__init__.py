@@ -1,0 +1,1 @@
+"""TLS at the edge: certificates (checked, stored encrypted in Redis), the SNI table, ACME issuance."""
