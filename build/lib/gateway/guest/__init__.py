@@ -1,1 +1,0 @@
-"""Programs that run inside VMs (the images' init programs), not in the gateway process."""

@@ -1,1 +1,0 @@
-"""VM orchestration: use cases, lifetimes, and the VmDriver plug-ins."""
