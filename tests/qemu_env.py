@@ -34,4 +34,8 @@ def guest_image() -> Path:
         qemu_image.load_manifest(target)
     except qemu_image.ImageError:
         qemu_image.build_image(target, say=lambda _line: None)
+    # Images (and their boot templates) of other versions of the sources are never used again.
+    for stale in CACHE_ROOT.iterdir():
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
