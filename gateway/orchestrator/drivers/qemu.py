@@ -64,6 +64,7 @@ SNAPSHOT_META = "snapshot.json"
 ACCEL_FILE = "accel.json"
 TEMPLATES_SUBDIR = "templates"
 PROBE_TIMEOUT_S = 20.0
+PROBE_MEMORY_MB = 256
 READY_POLL_S = 0.05
 AGENT_PROBE_TIMEOUT_S = 1.0
 # An execute's HTTP call outlives the command's own timeout by this much (the agent kills at the timeout).
@@ -248,9 +249,7 @@ class QemuVmDriver(NetnsVmDriver):
         scratch = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
         try:
             await asyncio.to_thread(scratch.mkdir, parents=True)
-            meta = await self._save_state(handle, scratch, resume=True)
-            meta["template"] = True
-            _host.write_json(scratch / SNAPSHOT_META, meta)
+            await self._save_state(handle, scratch, resume=True)
             try:
                 await asyncio.to_thread(scratch.rename, final)
             except OSError:
@@ -298,6 +297,23 @@ class QemuVmDriver(NetnsVmDriver):
         ]
         if accel == "tcg":
             cmdline += self._tcg_timing()
+        return [
+            *self._machine_argv(accel, spec.vcpu_count, spec.memory_mb, vm_dir / CONSOLE_FILE, cmdline),
+            "-qmp",
+            f"unix:{vm_dir / QMP_SOCKET},server=on,wait=off",
+            "-fw_cfg",
+            f"name={FW_CFG_NAME},file={vm_dir / GUEST_CONFIG_FILE}",
+            "-netdev",
+            f"tap,id=net0,ifname={TAP_DEVICE},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+        ]
+
+    def _machine_argv(
+        self, accel: str, vcpus: int, memory_mb: int, console: Path, cmdline: list[str]
+    ) -> list[str]:
+        """The microvm, its CPUs, memory, serial console and the image's kernel: every VM and the probe."""
+        if accel == "tcg":
             accel_args = ["-accel", f"tcg,thread=multi,tb-size={TCG_CACHE_MB}", "-cpu", "max"]
         else:
             accel_args = ["-accel", "kvm", "-cpu", "host"]
@@ -307,31 +323,23 @@ class QemuVmDriver(NetnsVmDriver):
             "microvm,pit=off,pic=off,isa-serial=on,rtc=off",
             *accel_args,
             "-smp",
-            str(spec.vcpu_count),
+            str(vcpus),
             "-m",
-            str(spec.memory_mb),
+            str(memory_mb),
             "-nodefaults",
             "-no-user-config",
             "-nographic",
             "-no-reboot",
             "-serial",
-            f"file:{vm_dir / CONSOLE_FILE}",
+            f"file:{console}",
             "-monitor",
             "none",
-            "-qmp",
-            f"unix:{vm_dir / QMP_SOCKET},server=on,wait=off",
             "-kernel",
             str(self._image_dir / qemu_image.KERNEL),
             "-initrd",
             str(self._image_dir / qemu_image.INITRD),
             "-append",
             " ".join(cmdline),
-            "-fw_cfg",
-            f"name={FW_CFG_NAME},file={vm_dir / GUEST_CONFIG_FILE}",
-            "-netdev",
-            f"tap,id=net0,ifname={TAP_DEVICE},script=no,downscript=no",
-            "-device",
-            f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
         ]
 
     def _tcg_timing(self) -> list[str]:
@@ -370,6 +378,12 @@ class QemuVmDriver(NetnsVmDriver):
             return "no console output"
         return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip()) or "no output"
 
+    def _running_record(self, vm_id: str, handle: Mapping[str, Any]) -> tuple[_Parts, dict[str, Any]]:
+        """A running VM's parts, and its record on disk completed by the handle (which wins)."""
+        parts = self._running_parts(vm_id, handle)
+        assert parts.vm_dir is not None
+        return parts, {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+
     # --- execute --------------------------------------------------------------------------------------
 
     async def execute(
@@ -384,9 +398,7 @@ class QemuVmDriver(NetnsVmDriver):
     ) -> ExecResult:
         if not argv:
             raise DriverError("empty command")
-        parts = self._running_parts(vm_id, handle)
-        assert parts.vm_dir is not None
-        record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+        parts, record = self._running_record(vm_id, handle)
         ip = self._ip_of(record)
         body = {
             "argv": list(argv),
@@ -419,9 +431,7 @@ class QemuVmDriver(NetnsVmDriver):
 
         Returns the snapshot's metadata (what a restore needs). On failure nothing is left in ``dest``.
         """
-        parts = self._running_parts(vm_id, handle)
-        assert parts.vm_dir is not None
-        record = {**_host.read_json(parts.vm_dir / _host.VM_FILE), **handle}
+        _, record = self._running_record(vm_id, handle)
         await asyncio.to_thread(dest.mkdir, parents=True)
         try:
             return await self._save_state(record, dest, resume=False)
@@ -445,9 +455,8 @@ class QemuVmDriver(NetnsVmDriver):
         state = dest / SNAPSHOT_STATE
         meta["size_bytes"] = await asyncio.to_thread(self._outgoing, vm_dir / QMP_SOCKET, state, resume)
         await asyncio.to_thread(shutil.copyfile, vm_dir / GUEST_CONFIG_FILE, dest / GUEST_CONFIG_FILE)
-        _host.write_json(dest / SNAPSHOT_META, meta)
-        for name in (SNAPSHOT_META, GUEST_CONFIG_FILE):
-            (dest / name).chmod(0o600)
+        (dest / GUEST_CONFIG_FILE).chmod(0o600)
+        _host.write_json(dest / SNAPSHOT_META, meta)  # (0600 too)
         return meta
 
     def _outgoing(self, qmp_path: Path, state: Path, resume: bool) -> int:
@@ -535,31 +544,8 @@ class QemuVmDriver(NetnsVmDriver):
         """Boot the image under KVM with ``gw.probe`` (its init reports and powers off at once)."""
         with tempfile.TemporaryDirectory(prefix=".probe-", dir=self._image_dir) as scratch:
             console = Path(scratch) / CONSOLE_FILE
-            argv = [
-                self._qemu.qemu_binary,
-                "-M",
-                "microvm,pit=off,pic=off,isa-serial=on,rtc=off",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host",
-                "-m",
-                "256",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-no-reboot",
-                "-serial",
-                f"file:{console}",
-                "-monitor",
-                "none",
-                "-kernel",
-                str(self._image_dir / qemu_image.KERNEL),
-                "-initrd",
-                str(self._image_dir / qemu_image.INITRD),
-                "-append",
-                "console=ttyS0 quiet panic=-1 rdinit=/init gw.probe",
-            ]
+            probe = ["console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "gw.probe"]
+            argv = self._machine_argv("kvm", 1, PROBE_MEMORY_MB, console, probe)
             try:
                 # A guest that hangs under KVM (seen on nested hosts) ends with the timeout: TCG then.
                 await _host.run_host(argv, check=False, timeout_s=PROBE_TIMEOUT_S)
