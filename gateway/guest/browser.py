@@ -69,9 +69,24 @@ async def wait_devtools_port(profile: Path, chromium: asyncio.subprocess.Process
                 raise RuntimeError(
                     f"chromium exited with status {chromium.returncode} before DevTools started"
                 )
-            with contextlib.suppress(OSError, ValueError):
-                return int(port_file.read_text().split()[0])
+            with contextlib.suppress(OSError):
+                port = devtools_port(port_file.read_text())
+                if port is not None:
+                    return port
             await asyncio.sleep(POLL_S)
+
+
+def devtools_port(text: str) -> int | None:
+    """The port in a DevToolsActivePort file, or None while Chromium is still writing it.
+
+    Chromium writes "<port>\n<browser path>" in place, not atomically: the file can be read empty or
+    cut inside the port ("92"), so only a first line ended by its newline counts.
+    """
+    first, newline, _rest = text.partition("\n")
+    if not newline or not first.isascii() or not first.isdigit():
+        return None
+    port = int(first)
+    return port if 0 < port < 65536 else None
 
 
 def public_urls(body: bytes, internal: str, host: str, secure: bool) -> bytes:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.guest.browser import chromium_argv, public_urls
+from gateway.guest.browser import chromium_argv, devtools_port, public_urls
 
 VERSION = {
     "Browser": "Chrome/156.0.8078.79",
@@ -38,3 +38,21 @@ def test_chromium_runs_headless_on_loopback_with_its_own_profile(tmp_path) -> No
     assert "--headless" in argv and "--remote-debugging-address=127.0.0.1" in argv
     assert f"--user-data-dir={tmp_path / 'profile'}" in argv
     assert argv[-1] == "about:blank"
+
+
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [
+        ("41234\n/devtools/browser/abc", 41234),
+        ("41234\n", 41234),
+        ("", None),  # created, not yet written (CI saw this: an IndexError killed the instance's start)
+        ("412", None),  # cut inside the port: the newline has not been written yet
+        ("41234", None),
+        ("0\n/devtools/browser/abc", None),
+        ("70000\n/devtools/browser/abc", None),
+        ("-1\n/devtools/browser/abc", None),
+        ("\u0664\u0661\n/x", None),  # non-ASCII digits
+    ],
+)
+def test_the_devtools_port_is_read_only_once_its_line_is_whole(text: str, port: int | None) -> None:
+    assert devtools_port(text) == port
