@@ -209,6 +209,10 @@ class AcmeConfig:
     # API base URLs for dns-lexicon providers, "name=url" comma-separated (an API proxy, or tests'
     # local stand-in); empty: each provider's own.
     lexicon_api_endpoints: str = ""
+    # Customers' own RFC 2136 servers may be loopback, private or link-local addresses. Off: a
+    # customer could otherwise point the gateway's TCP connections at its own network (Redis, the VM
+    # range, a metadata service). On only where customers' DNS servers are on a private network.
+    customer_dns_private_ok: bool = False
 
     def lexicon_endpoints(self) -> dict[str, str]:
         pairs = (item.partition("=") for item in self.lexicon_api_endpoints.split(",") if item.strip())

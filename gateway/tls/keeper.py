@@ -62,6 +62,7 @@ def provider_settings(config: Config) -> ProviderSettings:
     return ProviderSettings(
         lookup=lookup, operator=operator_provider(config, lookup) if acme.directory_url else None,
         delegation_zone=acme.delegation_zone, lexicon_api_endpoints=acme.lexicon_endpoints(),
+        customer_dns_private_ok=acme.customer_dns_private_ok,
     )  # fmt: skip
 
 

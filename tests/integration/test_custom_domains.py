@@ -39,6 +39,7 @@ def acme_sections(tmp_path: Path, env: AcmeTestEnv, **acme: object) -> dict[str,
         "rfc2136_key_name": TSIG_KEY_NAME,
         "rfc2136_key_secret": env.tsig_secret,
         "delegation_zone": DELEGATION_ZONE,
+        "customer_dns_private_ok": True,  # the customers' DNS server here is bind9 on loopback
         **acme,
     }
     return sections
@@ -286,6 +287,23 @@ async def test_bad_custom_domains_get_a_422_naming_the_field(
     assert status == 422, body
     (item,) = body["detail"]  # type: ignore[index]
     assert item["loc"] == ["body", "custom_domain", loc] and fragment in item["msg"], item
+    assert (await gw.request("GET", "/v1/vms"))[1]["total"] == 0  # type: ignore[index]
+
+
+async def test_a_customer_dns_server_on_a_private_address_is_refused_by_default(
+    gateway_factory: object, tmp_path: Path, acme_env: AcmeTestEnv
+) -> None:
+    sections = acme_sections(tmp_path, acme_env, customer_dns_private_ok=False)
+    gw: GatewayUnderTest = await gateway_factory("process", **sections)  # type: ignore[operator]
+    for server in ("127.0.0.1:6379", "169.254.169.254:80", "172.30.0.2"):
+        credentials = {**rfc2136_credentials(acme_env), "server": server}
+        custom_domain = {"domain": "a.example.org.test", "dns_provider": "rfc2136"}
+        custom_domain["dns_credentials"] = credentials
+        status, body = await gw.request("POST", "/v1/vms", json={"custom_domain": custom_domain})
+        assert status == 422, body
+        (item,) = body["detail"]  # type: ignore[index]
+        assert item["loc"] == ["body", "custom_domain", "dns_credentials"], item
+        assert "updates go only to public addresses" in item["msg"], item
     assert (await gw.request("GET", "/v1/vms"))[1]["total"] == 0  # type: ignore[index]
 
 

@@ -31,10 +31,12 @@ def lookup_for(env: AcmeTestEnv) -> DnsLookup:
     return DnsLookup(nameservers=("127.0.0.1",), port=env.dns_port, authoritative_port=env.dns_port)
 
 
-def rfc2136(env: AcmeTestEnv, secret: str | None = None) -> Rfc2136Provider:
+def rfc2136(
+    env: AcmeTestEnv, secret: str | None = None, *, server: str = "127.0.0.1", private_ok: bool = True
+) -> Rfc2136Provider:
     settings = Rfc2136Settings(
-        server="127.0.0.1", port=env.dns_port, key_name=TSIG_KEY_NAME,
-        key_secret=secret or env.tsig_secret, key_algorithm=TSIG_ALGORITHM,
+        server=server, port=env.dns_port, key_name=TSIG_KEY_NAME,
+        key_secret=secret or env.tsig_secret, key_algorithm=TSIG_ALGORITHM, private_ok=private_ok,
     )  # fmt: skip
     return Rfc2136Provider(settings, lookup_for(env))
 
@@ -125,6 +127,37 @@ async def test_present_adds_cleanup_removes_exactly_one_value(
     await provider.cleanup(fqdn, second)
     await provider.cleanup(fqdn, second)  # already gone: still fine (cleanup runs in finally blocks)
     assert await txt_values(acme_env, fqdn) == set()
+
+
+async def test_an_rfc2136_server_named_by_its_host_name_is_resolved(acme_env: AcmeTestEnv) -> None:
+    # dnspython dials IP addresses only: a name given as the server failed every update (a bare ValueError).
+    named = rfc2136(acme_env, server="ns1.example.test")
+    fqdn = f"_acme-challenge.n{secrets.token_hex(4)}.example.test."
+    await named.present(fqdn, "by-name")
+    assert await txt_values(acme_env, fqdn) == {"by-name"}
+    await named.cleanup(fqdn, "by-name")
+    assert await txt_values(acme_env, fqdn) == set()
+    unknown = rfc2136(acme_env, server="nowhere.example.test")
+    unresolved = r"rfc2136: the server nowhere\.example\.test could not be resolved"
+    with pytest.raises(DnsProviderError, match=unresolved):
+        await unknown.present(fqdn, "v")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("127.0.0.1", "the server 127.0.0.1 is a loopback address"),
+        ("ns1.example.test", r"the server ns1.example.test \(127.0.0.1\) is a loopback address"),
+    ],
+)
+async def test_a_customers_server_on_the_gateways_own_network_gets_no_update(
+    acme_env: AcmeTestEnv, server: str, message: str
+) -> None:
+    customer = rfc2136(acme_env, server=server, private_ok=False)
+    fqdn = f"_acme-challenge.p{secrets.token_hex(4)}.example.test."
+    with pytest.raises(DnsProviderError, match=message):
+        await customer.present(fqdn, "never-sent")
+    assert await txt_values(acme_env, fqdn) == set()  # bind9 on loopback would have taken it
 
 
 async def test_a_value_never_published_is_not_reported_as_served(acme_env: AcmeTestEnv) -> None:

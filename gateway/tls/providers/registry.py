@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.tls.dns01 import DnsLookup, DnsProvider
+from gateway.tls.providers.addresses import is_ip_literal, refusal
 from gateway.tls.providers.delegated import DelegatedProvider
 from gateway.tls.providers.rfc2136 import Rfc2136Provider, Rfc2136Settings
 
@@ -33,6 +34,8 @@ class ProviderSettings:
     operator: DnsProvider | None = None  # writes delegated challenges; None: no ACME configured
     delegation_zone: str = ""
     lexicon_api_endpoints: Mapping[str, str] = field(default_factory=dict)
+    # Customers' own DNS servers may be private, loopback or link-local (acme.customer_dns_private_ok).
+    customer_dns_private_ok: bool = False
 
 
 def provider_name(requested: str | None) -> str:
@@ -52,8 +55,8 @@ def credential_problems(name: str, credentials: Mapping[str, str], settings: Pro
         if unknown:
             allowed = ", ".join((*RFC2136_REQUIRED, *RFC2136_OPTIONAL))
             problems.append(f"unknown rfc2136 credentials {', '.join(unknown)}; allowed: {allowed}")
-        if credentials.get("server") and _host_port(credentials["server"]) is None:
-            problems.append("rfc2136 server must be HOST or HOST:PORT")
+        if credentials.get("server"):
+            problems += _server_problems(credentials["server"], settings)
         return problems
     from gateway.tls.providers import lexicon  # imported when used: it loads dns-lexicon
 
@@ -70,6 +73,7 @@ def make_provider(name: str, credentials: Mapping[str, str], settings: ProviderS
         rfc = Rfc2136Settings(
             server=host, port=port, key_name=credentials["key_name"], key_secret=credentials["key_secret"],
             key_algorithm=credentials.get("key_algorithm") or "hmac-sha256", zone=credentials.get("zone", ""),
+            private_ok=settings.customer_dns_private_ok,
         )  # fmt: skip
         return Rfc2136Provider(rfc, settings.lookup)
     from gateway.tls.providers import lexicon
@@ -77,6 +81,16 @@ def make_provider(name: str, credentials: Mapping[str, str], settings: ProviderS
     return lexicon.LexiconProvider(
         name, dict(credentials), settings.lookup, api_endpoint=settings.lexicon_api_endpoints.get(name)
     )
+
+
+def _server_problems(server: str, settings: ProviderSettings) -> list[str]:
+    """An address refused at once; a name is checked when it is resolved, before each update."""
+    host_port = _host_port(server)
+    if host_port is None:
+        return ["rfc2136 server must be HOST or HOST:PORT"]
+    host = host_port[0]
+    why = None if settings.customer_dns_private_ok or not is_ip_literal(host) else refusal(host)
+    return [f"rfc2136 server {host} is {why}: updates go only to public addresses"] if why else []
 
 
 def _host_port(server: str) -> tuple[str, int] | None:

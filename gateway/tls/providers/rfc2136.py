@@ -14,6 +14,7 @@ import dns.tsigkeyring
 import dns.update
 
 from gateway.tls.dns01 import DnsLookup, DnsProviderError, zone_of
+from gateway.tls.providers.addresses import is_ip_literal, refusal
 
 UPDATE_TIMEOUT_S = 10.0
 RECORD_TTL_S = 60
@@ -21,12 +22,14 @@ RECORD_TTL_S = 60
 
 @dataclass(frozen=True)
 class Rfc2136Settings:
-    server: str  # the primary that accepts updates
+    server: str  # the primary that accepts updates: an IP address or a name
     port: int
     key_name: str
     key_secret: str  # base64
     key_algorithm: str = "hmac-sha256"
     zone: str = ""  # empty: found from the record's name (SOA lookup)
+    # False for customers' servers: only public unicast addresses are dialled (providers/addresses.py).
+    private_ok: bool = True
 
 
 class Rfc2136Provider:
@@ -62,9 +65,10 @@ class Rfc2136Provider:
             update.add(name.relativize(zone), RECORD_TTL_S, "TXT", quoted)
         else:
             update.delete(name.relativize(zone), "TXT", quoted)
+        address = await self._server_address()
         try:
             response = await dns.asyncquery.tcp(
-                update, self.settings.server, port=self.settings.port, timeout=UPDATE_TIMEOUT_S
+                update, address, port=self.settings.port, timeout=UPDATE_TIMEOUT_S
             )
         except dns.tsig.PeerError as exc:
             raise DnsProviderError(self.name, f"the server refused our TSIG key: {exc!r}") from None
@@ -73,3 +77,26 @@ class Rfc2136Provider:
         rcode = response.rcode()
         if rcode != dns.rcode.NOERROR:
             raise DnsProviderError(self.name, f"update of {fqdn} refused: {dns.rcode.to_text(rcode)}")
+
+    async def _server_address(self) -> str:
+        """The address updates go to: the server itself when it is an IP, else its name resolved; the
+        first one allowed (dnspython dials IPs only)."""
+        server = self.settings.server
+        if is_ip_literal(server):
+            addresses = [server]
+        else:
+            try:
+                answer = await self.lookup.resolver().resolve_name(server)
+            except dns.exception.DNSException as exc:
+                message = f"the server {server} could not be resolved: {exc}"
+                raise DnsProviderError(self.name, message) from None
+            addresses = list(answer.addresses())
+        if self.settings.private_ok:
+            return addresses[0]
+        for address in addresses:
+            if refusal(address) is None:
+                return address
+        named = server if server == addresses[0] else f"{server} ({addresses[0]})"
+        raise DnsProviderError(
+            self.name, f"the server {named} is {refusal(addresses[0])}: updates go only to public addresses"
+        )
