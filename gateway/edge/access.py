@@ -8,12 +8,16 @@ path prefix in the path form), so the token does not linger in the address bar, 
 logs. None of these reach the VM.
 
 Tokens are compared by their SHA-256 hashes (what Redis holds), so a route never carries a usable secret.
+The cookie does not hold the token either: it holds a MAC of the app (VM and port) keyed by the token's
+hash. So a cookie opens only the app it was set for (an instance's cookie is no organisation API key),
+and stops opening it when the token is revoked, like the token itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import hmac
+from collections.abc import Iterable, Sequence
 
 TOKEN_HEADER = b"x-access-token"
 AUTHORIZATION = b"authorization"
@@ -52,8 +56,23 @@ def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:
     return (path + b"?" + b"&".join(kept)) if kept else path, token
 
 
+def cookie_scope(vm_id: str, port: int) -> bytes:
+    """What a cookie is bound to: one app (a VM's port), whatever host form reached it."""
+    return b"%s:%d" % (vm_id.encode(), port)
+
+
+def cookie_value(token_sha256: str, scope: bytes) -> bytes:
+    """The edge's cookie for a token (by its hash) and an app: HMAC-SHA256, hex."""
+    return hmac.new(token_sha256.encode(), scope, hashlib.sha256).hexdigest().encode()
+
+
+def cookie_values(tokens_sha256: Iterable[str], scope: bytes) -> frozenset[bytes]:
+    """Every cookie that opens the app: one per accepted token (computed once per cached route)."""
+    return frozenset(cookie_value(token, scope) for token in tokens_sha256)
+
+
 def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = False) -> bytes | None:
-    """The token from the header (or ``Authorization: Bearer`` when ``bearer``), else the edge's cookie."""
+    """The token from the header, or from ``Authorization: Bearer`` when ``bearer``."""
     for name, value in headers:
         lower = name.lower()
         if lower == TOKEN_HEADER:
@@ -62,6 +81,10 @@ def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = Fa
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 return token.strip()
+    return None
+
+
+def presented_cookie(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name.lower() == b"cookie":
             for pair in value.split(b";"):
@@ -71,9 +94,22 @@ def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = Fa
     return None
 
 
-def cookie_header(token: bytes, path: bytes, *, secure: bool) -> tuple[bytes, bytes]:
+def opens(
+    headers: Sequence[tuple[bytes, bytes]], tokens_sha256: frozenset[str], cookies: frozenset[bytes],
+    *, bearer: bool = False,
+) -> bool:  # fmt: skip
+    """Whether the request may use a private app: its token (a header wins over the cookie), else the
+    edge's cookie for this app."""
+    token = presented_token(headers, bearer=bearer)
+    if token is not None:
+        return token_hash(token) in tokens_sha256
+    cookie = presented_cookie(headers)
+    return cookie is not None and cookie in cookies
+
+
+def cookie_header(value: bytes, path: bytes, *, secure: bool) -> tuple[bytes, bytes]:
     """Host-only (no Domain), HttpOnly, scoped to the app's path; Secure over HTTPS."""
-    if any(c in token for c in b";\r\n ,"):
-        raise ValueError("token has characters a cookie cannot carry")
+    if any(c in value for c in b";\r\n ,"):
+        raise ValueError("the value has characters a cookie cannot carry")
     attributes = b"; Path=%s; HttpOnly; SameSite=Lax" % path + (b"; Secure" if secure else b"")
-    return b"Set-Cookie", COOKIE_NAME + b"=" + token + attributes
+    return b"Set-Cookie", COOKIE_NAME + b"=" + value + attributes

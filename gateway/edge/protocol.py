@@ -486,8 +486,7 @@ class EdgeProtocol(asyncio.Protocol):
             if token is not None:
                 self._trade_token_for_cookie(ex, target, route, token)
                 return
-            presented = access.presented_token(ex.headers, bearer=route.bearer)
-            if not access.token_matches(presented, route.tokens):
+            if not access.opens(ex.headers, route.tokens, route.cookies, bearer=route.bearer):
                 self._no_route(ex)  # the same answer as an unknown app: no oracle
                 return
         elif access.TOKEN_QUERY_PARAM in request_target:
@@ -657,7 +656,8 @@ class EdgeProtocol(asyncio.Protocol):
             return
         clean, _ = access.split_token_from_target(ex.url)
         cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
-        cookie = access.cookie_header(token, cookie_path, secure=self.scheme == "https")
+        value = access.cookie_value(access.token_hash(token), access.cookie_scope(route.vm_id, route.port))
+        cookie = access.cookie_header(value, cookie_path, secure=self.scheme == "https")
         self._write_and_finish(
             ex, 303, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
         )

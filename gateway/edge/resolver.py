@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.background import stop_loop
+from gateway.edge import access
 from gateway.errors import StoreUnavailable
 from gateway.routes.model import VM_ACTIVE, VmRecord, is_session_id, is_vm_id
 from gateway.routes.store import RedisStore
@@ -51,6 +52,8 @@ class Route:
     tokens: frozenset[str] | None = None
     # An instance also takes its organisation's key as Authorization: Bearer (then not forwarded).
     bearer: bool = False
+    # The edge cookies that open it (gateway.edge.access.cookie_values), when private.
+    cookies: frozenset[bytes] = frozenset()
 
 
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
@@ -58,6 +61,11 @@ CacheKey = tuple[str, str, int]
 # A custom domain serves its VM's share port, or this one when the VM shares none.
 DEFAULT_DOMAIN_PORT = 80
 MISS = object()  # peek(): nothing usable cached
+
+
+def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
+    cookies = access.cookie_values(tokens, access.cookie_scope(vm.vm_id, port)) if tokens else frozenset()
+    return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens, bearer, cookies)
 
 
 class Resolver:
@@ -175,7 +183,7 @@ class Resolver:
                 if not isinstance(token_sha256, str):
                     return None  # a private share without a token can never be opened
                 tokens = frozenset((token_sha256,))
-        return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens)
+        return _route(vm, port, tokens)
 
     async def _load_instance(self, instance_id: str) -> Route | None:
         if not is_session_id(instance_id):
@@ -184,7 +192,7 @@ class Resolver:
         if instance is None or vm is None or vm.vm_id != instance.vm_id or not self._routable(vm):
             return None
         # Private to the organisation: with no keys left, nobody can open it (an empty set, not None).
-        return Route(vm.vm_id, vm.session_id, vm.ip, instance.port, vm.expires_at, key_hashes, bearer=True)
+        return _route(vm, instance.port, key_hashes, bearer=True)
 
     def _routable(self, vm: VmRecord | None) -> bool:
         if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):

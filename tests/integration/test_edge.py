@@ -350,10 +350,15 @@ async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: Gate
             assert resp.headers["Location"] == f"/v1/app/{vm['session_id']}/{APP_PORT}/echo?x=1"
             cookie = resp.headers["Set-Cookie"]
             assert f"Path=/v1/app/{vm['session_id']}/{APP_PORT}/" in cookie and "HttpOnly" in cookie
-        async with client.get(url + "echo?x=1", headers={"Cookie": f"mine=1; gw_access={token}"}) as resp:
+            assert token not in cookie  # the cookie opens this app only; it is not the share's token
+            value = resp.cookies["gw_access"].value
+        async with client.get(url + "echo?x=1", headers={"Cookie": f"mine=1; gw_access={value}"}) as resp:
             seen = await resp.json()
         assert seen["path"] == "/echo?x=1"
         assert [v for k, v in seen["headers"] if k.lower() == "cookie"] == ["mine=1"]
+    async with aiohttp.ClientSession() as fresh:  # no jar: the token itself in the cookie is no credential
+        async with fresh.get(url + "echo", headers={"Cookie": f"gw_access={token}"}) as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
 
 
 async def test_connections_beyond_the_limit_are_refused_cleanly(gateway_factory: object) -> None:

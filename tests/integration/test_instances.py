@@ -252,11 +252,14 @@ async def test_an_instance_is_private_to_its_organisation_at_the_edge(gw: Gatewa
             assert resp.headers["Location"] == "/json/version"
             cookie = resp.headers["Set-Cookie"]
             assert "HttpOnly" in cookie and "Domain" not in cookie
+            assert token_a not in cookie  # the cookie opens this instance only: it is no API key
+            browser_cookie = {"Cookie": f"gw_access={resp.cookies['gw_access'].value}"}
         async with browser.get(url) as resp:
             assert resp.status == 200
             assert "webSocketDebuggerUrl" in await resp.json()
 
-    # Revoking the key closes the instance to it at once (edges drop the cached key set).
+    # Revoking the key closes the instance to it at once (edges drop the cached key set), and to the
+    # cookie it was traded for.
     await gw.services.key_store.revoke("org key")
     async with loopback_client() as client:
 
@@ -265,6 +268,8 @@ async def test_an_instance_is_private_to_its_organisation_at_the_edge(gw: Gatewa
                 return resp.status == 404
 
         await wait_for(refused, "the revoked key to be refused")
+        async with client.get(url, headers=browser_cookie) as resp:
+            assert resp.status == 404
 
 
 async def test_images_and_sizes_come_from_the_catalog(gw: GatewayUnderTest) -> None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from gateway.edge.access import (
     cookie_header,
+    cookie_scope,
+    cookie_value,
+    cookie_values,
+    opens,
+    presented_cookie,
     presented_token,
     split_token_from_target,
     token_hash,
@@ -19,11 +24,37 @@ def test_a_token_matches_when_its_hash_is_accepted() -> None:
     assert not token_matches(b"gk_one", frozenset())  # an organisation without keys: nobody
 
 
-def test_the_header_wins_over_the_cookie() -> None:
+def test_the_token_comes_from_its_header_and_the_cookie_from_the_cookie_header() -> None:
     headers = [(b"Cookie", b"a=1; gw_access=from-cookie"), (b"X-Access-Token", b" from-header ")]
     assert presented_token(headers) == b"from-header"
-    assert presented_token([(b"Cookie", b"a=1; gw_access=from-cookie")]) == b"from-cookie"
-    assert presented_token([(b"Cookie", b"gw_accessx=no")]) is None
+    assert presented_cookie(headers) == b"from-cookie"
+    assert presented_token([(b"Cookie", b"a=1; gw_access=from-cookie")]) is None
+    assert presented_cookie([(b"Cookie", b"gw_accessx=no")]) is None
+
+
+ACCEPTED = frozenset({token_hash("gk_one"), token_hash("gk_two")})
+SCOPE = cookie_scope("0123456789abcdef", 3000)
+COOKIES = cookie_values(ACCEPTED, SCOPE)
+
+
+def test_a_cookie_opens_only_the_app_it_was_made_for_and_is_not_the_token() -> None:
+    cookie = cookie_value(token_hash("gk_one"), SCOPE)
+    assert b"gk_one" not in cookie and token_hash("gk_one").encode() != cookie
+    assert opens([(b"Cookie", b"gw_access=" + cookie)], ACCEPTED, COOKIES)
+    other_app = cookie_value(token_hash("gk_one"), cookie_scope("0123456789abcdef", 3001))
+    assert not opens([(b"Cookie", b"gw_access=" + other_app)], ACCEPTED, COOKIES)
+    # The token itself in the cookie (what the edge set before): no longer a credential there.
+    assert not opens([(b"Cookie", b"gw_access=gk_one")], ACCEPTED, COOKIES)
+    # Revoked (its hash gone from the accepted set): its cookie stops opening the app.
+    assert not opens([(b"Cookie", b"gw_access=" + cookie)], frozenset(), cookie_values(frozenset(), SCOPE))
+
+
+def test_a_header_token_wins_over_the_cookie() -> None:
+    cookie = cookie_value(token_hash("gk_two"), SCOPE)
+    assert opens([(b"X-Access-Token", b"gk_two")], ACCEPTED, COOKIES)
+    assert not opens([(b"X-Access-Token", b"wrong"), (b"Cookie", b"gw_access=" + cookie)], ACCEPTED, COOKIES)
+    assert opens([(b"Authorization", b"Bearer gk_one")], ACCEPTED, COOKIES, bearer=True)
+    assert not opens([(b"Authorization", b"Bearer gk_one")], ACCEPTED, COOKIES)
 
 
 def test_a_bearer_token_counts_only_where_the_route_takes_one() -> None:
