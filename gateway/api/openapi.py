@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +43,34 @@ OPERATIONS: list[
     ("delete", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Destroy Instance", None, None, None),
 ]
 
+# Success statuses other than 200 (or 204 for operations without a response body).
+SUCCESS_STATUS = {
+    ("post", "/orgs/{org_uuid}/api/instances"): "201",
+    ("post", "/v1/custom-domains/{domain}/retry"): "202",
+}
+ERROR_DESCRIPTIONS = {
+    "401": "Invalid or missing API key",
+    "404": "Not found (or not this API key's)",
+    "409": "Conflict with the current state",
+    "410": "The VM is not running",
+    "413": "Request body too large",
+    "415": "Content-Type must be application/json",
+    "502": "The VM failed (its driver's error)",
+    "503": "Unavailable: the state store, or no capacity left",
+    "504": "Timed out",
+}
+# Errors beyond those every operation can answer (401, 422, 503; 413 and 415 with a body; 404 with a
+# path parameter).
+EXTRA_ERRORS = {
+    ("post", "/v1/vms"): ("404", "409", "502"),
+    ("get", "/v1/sessions/app-url/{session_id}"): ("409",),
+    ("post", "/execute"): ("404", "410", "502", "504"),
+    ("post", "/orgs/{org_uuid}/api/instances"): ("404",),
+    ("get", "/orgs/{org_uuid}/api/instances"): ("404",),
+}
+VALIDATION_ERROR_REF = {"$ref": "#/components/schemas/HTTPValidationError"}
+PATH_PARAMETER = re.compile(r"\{(\w+)\}")
+
 VALIDATION_ERROR = {
     "type": "object",
     "title": "HTTPValidationError",
@@ -71,6 +100,27 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _responses(
+    method: str, path: str, request: type[BaseModel] | None, response: type[BaseModel] | None,
+    *, has_path_params: bool,
+) -> dict[str, Any]:  # fmt: skip
+    success = SUCCESS_STATUS.get((method, path), "200" if response else "204")
+    responses: dict[str, Any] = {
+        success: {"description": "Successful Response", **_json(_ref(response))}
+        if response
+        else {"description": "Done"},
+        "422": {"description": "Validation Error", **_json(VALIDATION_ERROR_REF)},
+    }
+    errors = {"401", "503", *EXTRA_ERRORS.get((method, path), ())}
+    if request is not None:
+        errors |= {"413", "415"}
+    if has_path_params:
+        errors.add("404")
+    for status in errors:
+        responses[status] = {"description": ERROR_DESCRIPTIONS[status], **_json(_ref(s.ErrorResponse))}
+    return dict(sorted(responses.items()))
+
+
 def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") -> dict[str, Any]:
     models = {m for op in OPERATIONS for m in op[3:] if m is not None} | {s.ErrorResponse}
     _, defs = models_json_schema(
@@ -82,30 +132,20 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
     for method, path, summary, request, response, query in OPERATIONS:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("session_id", "vm_id", "domain", "org_uuid", "instance_uuid")
-            if "{" + name + "}" in path
+            for name in PATH_PARAMETER.findall(path)
         ]
         if query is not None:
+            # The same constraints the handler validates with (a port is 1..65535...).
+            properties = query.model_json_schema()["properties"]
             for name, field in query.model_fields.items():
                 params.append(
-                    {"name": name, "in": "query", "required": False, "schema": {"default": field.default}}
+                    {"name": name, "in": "query", "required": field.is_required(), "schema": properties[name]}
                 )
         op: dict[str, Any] = {
             "summary": summary,
             "parameters": params,
             "security": [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}],
-            "responses": {
-                **(
-                    {"200": {"description": "Successful Response", **_json(_ref(response))}}
-                    if response
-                    else {"204": {"description": "Done"}}
-                ),
-                "401": {"description": "Invalid or missing API key", **_json(_ref(s.ErrorResponse))},
-                "422": {
-                    "description": "Validation Error",
-                    **_json({"$ref": "#/components/schemas/HTTPValidationError"}),
-                },
-            },
+            "responses": _responses(method, path, request, response, has_path_params=bool(params)),
         }
         if request is not None:
             op["requestBody"] = {"required": True, **_json(_ref(request))}

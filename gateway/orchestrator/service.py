@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
-from gateway.errors import CapacityExhausted, Conflict, DriverError, GatewayError, NotFound, Timeout
+from gateway.errors import (
+    CapacityExhausted,
+    Conflict,
+    DriverError,
+    NotFound,
+    Timeout,
+    Unsupported,
+    VmNotRunning,
+)
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
@@ -172,7 +180,7 @@ class Orchestrator:
         if request is None:
             return None
         if self.domains is None:
-            raise GatewayError("custom domains are not available", code="unsupported")
+            raise Unsupported("custom domains are not available on this gateway (acme.directory_url)")
         return (await self.domains.claim(owner, vm_id, request)).domain
 
     async def _create_vm(
@@ -376,10 +384,11 @@ class Orchestrator:
             vm = await self._create_vm(owner, session, VmParams(), wait=True)
         if vm.status == VM_CREATING:
             vm = await self.wait_active(vm)
+        if vm.status == VM_FAILED:
+            # The same answer as a create whose VM failed to boot (POST /v1/vms): 502 vm_failed.
+            raise DriverError(f"VM {vm.vm_id} failed to start: {vm.error or 'failed'}", code="vm_failed")
         if vm.status != VM_ACTIVE:
-            raise GatewayError(
-                f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}", code="vm_not_running"
-            )
+            raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}")
         limit = self.config.execute
         timeout = min(timeout_s or limit.default_timeout_s, limit.max_timeout_s)
         remaining = (vm.expires_at or 0) - time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import uuid
 
 import aiohttp
@@ -206,5 +207,16 @@ async def test_openapi_document_lists_every_endpoint(gw: GatewayUnderTest) -> No
     assert documented == served  # every endpoint the API serves, and nothing it does not
     assert {"/v1/sessions/session", "/orgs/{org_uuid}/api/instances/{instance_uuid}"} <= set(doc["paths"])
     assert doc["paths"]["/v1/custom-domains/{domain}"]["delete"]["responses"]["204"]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            declared = {p["name"] for p in op["parameters"] if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), (method, path)  # snapshot_id was missing
+            assert {"401", "422", "503"} <= set(op["responses"]), (method, path)
+    # Success statuses as the handlers answer them (tested against the handlers in their own tests).
+    instances = doc["paths"]["/orgs/{org_uuid}/api/instances"]["post"]["responses"]
+    assert "201" in instances and "200" not in instances
+    assert "202" in doc["paths"]["/v1/custom-domains/{domain}/retry"]["post"]["responses"]
+    assert {"404", "409", "413", "415", "502"} <= set(doc["paths"]["/v1/vms"]["post"]["responses"])
+    assert {"404", "410", "502", "504"} <= set(doc["paths"]["/execute"]["post"]["responses"])
     create_vm = doc["components"]["schemas"]["VMCreateRequest"]["properties"]
     assert {"session_id", "share", "custom_domain", "volumes", "vault_ids", "egress_policy"} <= set(create_vm)

@@ -297,6 +297,20 @@ async def test_a_driver_failure_during_create_is_a_clear_error_and_leaves_nothin
     assert await store.next_expiry() is None  # the reaper has nothing of it to do
 
 
+async def test_execute_on_a_vm_that_fails_to_boot_is_a_502_not_an_internal_error(
+    gw: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.errors import DriverError
+
+    async def failing_create(spec: object) -> object:
+        raise DriverError("no veth left on this host")
+
+    monkeypatch.setattr(gw.services.orchestrator.driver, "create", failing_create)
+    status, body = await gw.request("POST", "/execute", json={"command": "true"})
+    assert status == 502, body
+    assert body["code"] == "vm_failed" and "no veth left on this host" in body["detail"]
+
+
 async def test_a_slow_redis_gets_503_in_bounded_time_while_known_apps_are_served(on_own_redis) -> None:
     call_timeout_s = 0.5
     gw, own = await on_own_redis(redis={"call_timeout_s": call_timeout_s})
