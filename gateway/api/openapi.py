@@ -130,9 +130,10 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
     components = defs.get("$defs", {}) | {"HTTPValidationError": VALIDATION_ERROR}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, request, response, query in OPERATIONS:
+        path_names = PATH_PARAMETER.findall(path)
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in PATH_PARAMETER.findall(path)
+            for name in path_names
         ]
         if query is not None:
             # The same constraints the handler validates with (a port is 1..65535...).
@@ -145,7 +146,7 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
             "summary": summary,
             "parameters": params,
             "security": [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}],
-            "responses": _responses(method, path, request, response, has_path_params=bool(params)),
+            "responses": _responses(method, path, request, response, has_path_params=bool(path_names)),
         }
         if request is not None:
             op["requestBody"] = {"required": True, **_json(_ref(request))}

@@ -15,8 +15,8 @@ from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.edge import access
-from gateway.errors import DriverError
 from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.snapshots import SnapshotService
 from gateway.routes.model import VM_FAILED, SnapshotRecord
 
@@ -122,7 +122,7 @@ async def create_vm(request: web.Request) -> web.Response:
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if vm.status == VM_FAILED and not body.env:
         # (With env the spec's answer carries the failure: env_status "failed" and env_error.)
-        raise DriverError(f"VM {vm.vm_id} failed to start: {vm.error}", code="vm_failed")
+        raise boot_failed(vm)
     domain_rec = (
         await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
     )

@@ -102,7 +102,7 @@ def opens(
     edge's cookie for this app."""
     token = presented_token(headers, bearer=bearer)
     if token is not None:
-        return token_hash(token) in tokens_sha256
+        return token_matches(token, tokens_sha256)
     cookie = presented_cookie(headers)
     return cookie is not None and cookie in cookies
 

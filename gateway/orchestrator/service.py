@@ -61,6 +61,11 @@ def _matches(metadata: Mapping[str, Any], key: str, text: str) -> bool:
     return value == text if isinstance(value, str) else json.dumps(value) == text
 
 
+def boot_failed(vm: VmRecord) -> DriverError:
+    """The error for a VM that failed to boot (502 vm_failed), for create and execute alike."""
+    return DriverError(f"VM {vm.vm_id} failed to start: {vm.error}", code="vm_failed")
+
+
 @dataclass(frozen=True)
 class VmParams:
     """What a caller may choose for a VM; None means 'the session's value or the default'."""
@@ -385,8 +390,7 @@ class Orchestrator:
         if vm.status == VM_CREATING:
             vm = await self.wait_active(vm)
         if vm.status == VM_FAILED:
-            # The same answer as a create whose VM failed to boot (POST /v1/vms): 502 vm_failed.
-            raise DriverError(f"VM {vm.vm_id} failed to start: {vm.error or 'failed'}", code="vm_failed")
+            raise boot_failed(vm)  # the same answer as a create whose VM failed to boot
         if vm.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}")
         limit = self.config.execute

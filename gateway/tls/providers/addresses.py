@@ -38,3 +38,9 @@ def refusal(address: str) -> str | None:
     if not ip.is_global:
         return "a private or reserved address"
     return None
+
+
+def refused_server(shown: str, address: str) -> str | None:
+    """``refusal`` as the sentence both the API's 422 and the provider's error give, or None."""
+    why = refusal(address)
+    return f"{shown} is {why}: updates go only to public addresses" if why else None

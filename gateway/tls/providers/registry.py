@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.tls.dns01 import DnsLookup, DnsProvider
-from gateway.tls.providers.addresses import is_ip_literal, refusal
+from gateway.tls.providers.addresses import is_ip_literal, refused_server
 from gateway.tls.providers.delegated import DelegatedProvider
 from gateway.tls.providers.rfc2136 import Rfc2136Provider, Rfc2136Settings
 
@@ -89,8 +89,10 @@ def _server_problems(server: str, settings: ProviderSettings) -> list[str]:
     if host_port is None:
         return ["rfc2136 server must be HOST or HOST:PORT"]
     host = host_port[0]
-    why = None if settings.customer_dns_private_ok or not is_ip_literal(host) else refusal(host)
-    return [f"rfc2136 server {host} is {why}: updates go only to public addresses"] if why else []
+    if settings.customer_dns_private_ok or not is_ip_literal(host):
+        return []
+    refused = refused_server(host, host)
+    return [f"rfc2136 server {refused}"] if refused else []
 
 
 def _host_port(server: str) -> tuple[str, int] | None:

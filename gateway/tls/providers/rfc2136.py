@@ -14,7 +14,7 @@ import dns.tsigkeyring
 import dns.update
 
 from gateway.tls.dns01 import DnsLookup, DnsProviderError, zone_of
-from gateway.tls.providers.addresses import is_ip_literal, refusal
+from gateway.tls.providers.addresses import is_ip_literal, refusal, refused_server
 
 UPDATE_TIMEOUT_S = 10.0
 RECORD_TTL_S = 60
@@ -97,6 +97,4 @@ class Rfc2136Provider:
             if refusal(address) is None:
                 return address
         named = server if server == addresses[0] else f"{server} ({addresses[0]})"
-        raise DnsProviderError(
-            self.name, f"the server {named} is {refusal(addresses[0])}: updates go only to public addresses"
-        )
+        raise DnsProviderError(self.name, f"the server {refused_server(named, addresses[0])}")
