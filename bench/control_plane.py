@@ -106,6 +106,23 @@ async def create_to_ready(http: aiohttp.ClientSession, url: str, count: int) -> 
     return times
 
 
+async def execute_latency(http: aiohttp.ClientSession, url: str, key: str, count: int) -> list[float]:
+    """``POST /execute`` of a trivial command in one session's VM, one after another (the VM is booted by
+    the first call, which is not counted)."""
+    async with http.post(f"{url}/v1/sessions/session", json={"api_key": key}) as resp:
+        session_id = (await resp.json())["session_id"]
+    body = {"command": "echo ok", "language": "bash", "session_id": session_id}
+    times: list[float] = []
+    for _ in range(count + 1):
+        started = time.perf_counter()
+        async with http.post(f"{url}/execute", json=body) as resp:
+            result = await resp.json()
+            if resp.status != 200 or "ok" not in str(result):
+                raise RuntimeError(f"execute failed: {resp.status} {result}")
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
 async def status_calls(
     http: aiohttp.ClientSession, url: str, key: str, seconds: float, concurrency: int
 ) -> tuple[int, list[float]]:
@@ -136,6 +153,12 @@ async def bench_driver(driver: str, args: argparse.Namespace) -> None:
             median_ms = statistics.median(times) * 1000
             print(
                 f"{driver:8} create-to-ready  n={len(times):<4} median={median_ms:7.1f} ms"
+                f"  p90={percentile(times, 0.9) * 1000:7.1f} ms  max={max(times) * 1000:7.1f} ms"
+            )
+            times = await execute_latency(http, url, key, args.vms)
+            median_ms = statistics.median(times) * 1000
+            print(
+                f"{driver:8} /execute         n={len(times):<4} median={median_ms:7.1f} ms"
                 f"  p90={percentile(times, 0.9) * 1000:7.1f} ms  max={max(times) * 1000:7.1f} ms"
             )
             count, latencies = await status_calls(http, url, key, args.seconds, args.concurrency)

@@ -25,6 +25,11 @@ MAX_WORKERS = 64
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})+")
 _CATALOG_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ROOTFS_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# Debian policy 5.6.7: lower case letters, digits, + - and . (at least two characters, a letter or a
+# digit first).
+_DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_DEBIAN_SUITE_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -126,6 +131,14 @@ class NetnsConfig:
     # Each VM gets a /30: host side .1, VM side .2.
     name_prefix: str = "gw"
     cgroup_name: str = "gateway"
+    # The OCI runtime that starts each VM (runc; crun where cgroup v2 is unified).
+    runtime: str = "runc"
+    # Each VM's writable layer over its image: an ext4 file system of this size (its disk limit).
+    disk_mb: int = 2048
+    # Processes and threads a VM may have at once (a fork bomb stops there).
+    pids_max: int = 1024
+    # A VM's root is host uid/gid id_base + slot * 65536 (65536 ids per slot, none of them the host's).
+    id_base: int = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,8 @@ class ImageConfig:
     # VM drivers that can run it; on any other, creating it is refused with ``unavailable``.
     drivers: tuple[str, ...] = ()
     unavailable: str = ""
+    # The root file system image ([images.definitions.<name>]) its VM runs on, where the driver has them.
+    rootfs: str = "default"
 
 
 @dataclass(frozen=True)
@@ -274,6 +289,7 @@ DEFAULT_IMAGES = {
         command=("{python}", "-m", "gateway.guest.browser", "--port", "9222"),
         port=9222,
         drivers=("netns", "process"),
+        rootfs="browser",
     ),
     "windows-10": ImageConfig(
         description="Windows 10 with a desktop browser",

@@ -19,7 +19,7 @@ from gateway.errors import DriverError
 
 CFS_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu")
-V2_CONTROLLERS = "+memory +cpu"
+V2_CONTROLLERS = "+memory +cpu +pids"
 MIB_BYTES = 1024 * 1024
 # rmdir can see EBUSY for a moment after the last process died.
 RMDIR_RETRY_S = 2.0
@@ -93,6 +93,12 @@ class CgroupTree:
             _rmdir_all(made)
             raise
         return made
+
+    def limits_swap(self) -> bool:
+        """Whether memory + swap can be limited here (v1 needs swap accounting in the kernel)."""
+        if self.unified:
+            return True
+        return (self.root / "memory" / self.name / "memory.memsw.limit_in_bytes").exists()
 
     def vm_ids(self) -> set[str]:
         """Names of the VM cgroups currently under any parent."""

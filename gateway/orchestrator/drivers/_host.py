@@ -139,11 +139,13 @@ async def run_captured(
     scratch_dir: Path,
     timeout_s: float,
     max_output_bytes: int,
+    before_kill: Callable[[], None] | None = None,
 ) -> ExecResult:
     """Run argv in its own process group with stdout/stderr in files, and wait for argv only.
 
     Files, not pipes: a background child that inherits them (``server &``) must not keep the call open.
-    On timeout (or cancellation) the whole process group is killed; what was written is still returned.
+    On timeout (or cancellation) the whole process group is killed, after ``before_kill`` (for what runs
+    outside that group, e.g. a command a container runtime started); what was written is still returned.
     """
     token = secrets.token_hex(8)
     out_path, err_path = scratch_dir / f"{token}.out", scratch_dir / f"{token}.err"
@@ -172,9 +174,13 @@ async def run_captured(
                 returncode = await _spawn.wait(proc)
         except TimeoutError:
             timed_out = True
+            if before_kill is not None:
+                before_kill()
             kill_process_group(proc.pid)
             returncode = await _spawn.wait(proc)
         except BaseException:
+            if before_kill is not None:
+                before_kill()
             kill_process_group(proc.pid)
             _spawn.reap_in_background(proc)
             raise
@@ -193,6 +199,30 @@ async def run_captured(
         truncated=cut_out or cut_err,
         duration_s=duration_s,
     )
+
+
+async def run_logged(argv: Sequence[str], *, log_path: Path, what: str) -> None:
+    """Run a short host command whose output goes to a VM's log file (a runtime that hands its stdio
+    on to the VM's init); on failure, DriverError with what the log ends with."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = _spawn.popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+        )
+    except OSError as exc:
+        raise DriverError(f"{what}: cannot run {argv[0]}: {exc}") from exc
+    finally:
+        os.close(fd)
+    try:
+        async with asyncio.timeout(HOST_COMMAND_TIMEOUT_S):
+            returncode = await _spawn.wait(proc)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        _spawn.reap_in_background(proc)
+        raise
+    if returncode != 0:
+        raise DriverError(f"{what} failed: {init_log_tail(log_path.parent.parent) or f'exit {returncode}'}")
 
 
 async def spawn_detached(

@@ -30,6 +30,9 @@ class VmSpec:
     command: tuple[str, ...] = ()
     # A snapshot folder to resume instead of booting (drivers that support snapshots; others refuse).
     restore_from: str = ""
+    # The image the VM's root file system comes from (``image_variant``); "" means the default image.
+    # Drivers without images ignore it.
+    image: str = ""
 
 
 @dataclass(frozen=True)

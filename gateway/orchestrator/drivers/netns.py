@@ -1,11 +1,18 @@
-"""Network-namespace VM driver: a VM is a namespace + veth /30 + cgroup, sharing the host's kernel and files.
+"""Network-namespace VM driver: a VM is an OCI container (runc) in a namespace + veth /30 of its own.
 
 Why this shape:
+- A VM is a tenant boundary, so its processes run under runc with a bundle written here (``oci.py``):
+  a user namespace mapping its root to the slot's unprivileged id range, PID/mount/IPC/UTS/cgroup
+  namespaces, Docker's seccomp profile and capabilities less NET_RAW and MKNOD, no_new_privs, cgroup
+  limits on memory, CPU and pids, and a root file system of its own: the image read-only (idmapped to
+  the slot's ids) under a writable ext4 layer whose size is the VM's disk limit (``rootfs.py``).
 - The VM's network is real (its own stack, so two VMs can both listen on 0.0.0.0:3000) and reachable
   from the host at its slot's IP; a blackhole route for the whole CIDR means traffic for a VM whose
   namespace is gone dies on this machine instead of following the default route out.
-- Every VM process joins the VM's cgroup from its first instruction (a ``sh`` wrapper writes ``$$`` into
-  cgroup.procs and then ``exec``s ``ip netns exec``), so limits and ``destroy`` cover all of it.
+- Every VM process is in the VM's cgroup from its first instruction (runc puts it there), so limits and
+  ``destroy`` cover all of it.
+- The VM's network namespace belongs to the host's user namespace: root in the VM has no power over its
+  own interfaces, addresses, routes or firewall.
 - No state lives here: names derive from the slot, and the handle (also mirrored to ``vm.json`` in the
   VM's work folder) lets a restarted gateway find, use and remove the VM.
 - We never touch ip_forward, NAT or iptables: a VM reaches the host and nothing else.
@@ -21,11 +28,11 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
-from gateway.orchestrator.drivers import _host
+from gateway.orchestrator.drivers import _host, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
 
@@ -37,11 +44,40 @@ SLOT_BLOCK_ADDRESSES = 4
 SLOT_PREFIXLEN = 30
 VM_DEVICE = "eth0"
 INIT_COMMAND = ("sleep", "infinity")
+# PID 1 of every VM: it reaps the orphans of background commands (``sleep`` would leave them zombies,
+# each holding a pid of pids_max) and forwards signals to the init command.
+REAPER = ("/usr/bin/tini", "-s", "--")
+VM_HOME = "/root"
+IDS_PER_VM = 65536
+MAX_HOST_ID = 2**32 - 2
+RUNC_STATE_ROOT = Path("/run/gateway-runc")
+BUNDLE_CONFIG = "config.json"
+INIT_PID_FILE = "init.pid"
+# Where a VM's Python finds the gateway's guest programs (``python3 -m gateway.guest.browser``): a
+# read-only view of this package's ``guest`` folder on the image's own module path.
+GUEST_PACKAGE = Path(__file__).resolve().parents[2] / "guest"
+GUEST_PACKAGE_IN_VM = "/usr/lib/python3/dist-packages/gateway/guest"
+GUEST_PYTHON = "/usr/bin/python3"
+# Set in the VM's network namespace before it starts: ping works with ICMP datagram sockets (it has no
+# raw ones); no IPv6 (link-local addresses would reach the host's [::] listeners past the firewall).
+_NAMESPACE_SYSCTLS = (
+    ("net/ipv4/ping_group_range", "0 2147483647"),
+    ("net/ipv6/conf/all/disable_ipv6", "1"),
+    ("net/ipv6/conf/default/disable_ipv6", "1"),
+)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Joins each cgroup named on the command line, then execs the rest; the PID never changes.
 _JOIN_SCRIPT = (
     'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
 )
+
+
+class ImageSource(Protocol):
+    """Where the root file systems of images are (``gateway.images.store.ImageStore``)."""
+
+    def rootfs(self, name: str) -> Path:
+        """The built image's root folder; DriverError when it is unknown or not built."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -97,9 +133,26 @@ class NetnsVmDriver:
     """VmDriver on network namespaces and cgroups (root only). See the module docstring."""
 
     name = "netns"
+    isolation = (
+        "runc containers (user namespace per slot, seccomp, no_new_privs, reduced capabilities, "
+        "read-only image, pids/memory/CPU/disk limits)"
+    )
+    # The Python that runs gateway guest programs (an image's "{python}") inside this driver's VMs.
+    guest_python = GUEST_PYTHON
+    # False in subclasses that run something else than containers in the namespaces (qemu).
+    runs_containers = True
 
-    def __init__(self, config: NetnsConfig, work_dir: Path, *, cgroup_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: NetnsConfig,
+        work_dir: Path,
+        *,
+        cgroup_root: Path | None = None,
+        images: ImageSource | None = None,
+        runc_state_root: Path | None = None,
+    ) -> None:
         self._config = config
+        self._images = images
         self._work_dir = Path(work_dir)
         self._network = ipaddress.IPv4Network(config.cidr)
         self._capacity = slot_capacity(config.cidr)
@@ -111,6 +164,10 @@ class NetnsVmDriver:
         self._veth_re = re.compile(rf"{re.escape(config.name_prefix)}h([0-9]+)")
         self._cgroups = CgroupTree(cgroup_root or CgroupTree.DEFAULT_ROOT, config.cgroup_name)
         self._ip = shutil.which("ip") or "/usr/sbin/ip"
+        runtime = getattr(config, "runtime", "runc")
+        self._runc = oci.Runc(
+            shutil.which(runtime) or runtime, runc_state_root or RUNC_STATE_ROOT / config.name_prefix
+        )
 
     @property
     def capacity(self) -> int:
@@ -126,9 +183,24 @@ class NetnsVmDriver:
         """Blackhole the CIDR (connected /30s stay more specific) and prepare the parent cgroups."""
         if os.geteuid() != 0:
             raise DriverError("the netns driver needs root")
+        if self.runs_containers:
+            self._check_container_host()
         await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
         self._cgroups.prepare()
         self._work_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_container_host(self) -> None:
+        """What containers need of this host, checked once so a create fails for no host-wide reason."""
+        if shutil.which(self._runc.binary) is None:
+            raise DriverError(f"OCI runtime {self._runc.binary!r} not found: apt-get install runc")
+        if self._images is None:
+            raise DriverError("the netns driver needs an image store (gateway.images)")
+        top = self._config.id_base + self._capacity * IDS_PER_VM
+        if self._config.id_base < IDS_PER_VM or top > MAX_HOST_ID:
+            raise DriverError(f"netns.id_base: the slots' id ranges must lie in 65536..{MAX_HOST_ID}")
+        for tool in ("mkfs.ext4", "mount", "unshare", "nsenter"):
+            if shutil.which(tool) is None:
+                raise DriverError(f"{tool} not found (e2fsprogs / util-linux)")
 
     async def close(self) -> None:
         """Nothing to release: VMs and the blackhole route outlive the gateway on purpose."""
@@ -165,8 +237,6 @@ class NetnsVmDriver:
         except FileExistsError:
             raise DriverError(f"work folder for VM {vm_id} already exists") from None
         made.vm_dir = vm_dir
-        home = vm_dir / _host.HOME_DIR
-        home.mkdir()
         (vm_dir / _host.RUN_DIR).mkdir()
         handle: dict[str, Any] = {
             "driver": self.name,
@@ -183,8 +253,14 @@ class NetnsVmDriver:
         # Written before any host resource exists, so sweep can always map a cgroup back to its slot.
         _host.write_json(vm_dir / _host.VM_FILE, handle)
 
-        await _host.run_host([self._ip, "netns", "add", plan.namespace])
         made.namespace = plan.namespace
+        if self.runs_containers:
+            userns = vm_dir / rootfs.USERNS_FILE
+            await idmap.attach_namespaces(
+                plan.namespace, userns, self._host_ids(plan.slot), IDS_PER_VM, ip=self._ip
+            )
+        else:
+            await _host.run_host([self._ip, "netns", "add", plan.namespace])
         peer = ["peer", "name", VM_DEVICE, "netns", plan.namespace]
         await _host.run_host([self._ip, "link", "add", plan.veth, "type", "veth", *peer])
         made.veth = plan.veth
@@ -197,9 +273,7 @@ class NetnsVmDriver:
         vm_side = f"link set dev {VM_DEVICE} alias {vm_id}\nlink set dev lo up\n{self._namespace_setup(plan)}"
         await _host.run_host([self._ip, "-n", plan.namespace, "-batch", "-"], input=vm_side.encode())
 
-        made.cgroups = self._cgroups.create(
-            vm_id, memory_mb=self._memory_limit_mb(spec), vcpu_count=spec.vcpu_count
-        )
+        made.cgroups = self._make_cgroups(spec)
         await self._start_init(spec, plan, made, handle)
         _host.write_json(vm_dir / _host.VM_FILE, handle)
         return handle
@@ -221,19 +295,65 @@ class NetnsVmDriver:
     def _memory_limit_mb(self, spec: VmSpec) -> int:
         return spec.memory_mb
 
+    def _make_cgroups(self, spec: VmSpec) -> list[Path]:
+        """The VM's cgroup folders: runc makes them (with every controller) from the bundle's cgroupsPath."""
+        return self._cgroups.vm_dirs(spec.vm_id)
+
+    def _host_ids(self, slot: int) -> int:
+        """The host uid (and gid) that is root in the slot's VMs; the next 65535 ids are the VM's too."""
+        return self._config.id_base + slot * IDS_PER_VM
+
+    def _vm_env(self, vm_id: str, ip: str, spec_env: Mapping[str, str]) -> dict[str, str]:
+        return {**_host.base_env(Path(VM_HOME)), **spec_env, "VM_ID": vm_id, "VM_IP": ip}
+
+    def _process(self, argv: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
+        return oci.process_spec(argv, env, VM_HOME, seccomp.DEFAULT_CAPABILITIES)
+
     async def _start_init(self, spec: VmSpec, plan: NetnsSlot, made: _Parts, handle: dict[str, Any]) -> None:
-        """Start the VM's init in its namespace and cgroups; record its PID in ``made`` and ``handle``."""
-        home = Path(handle["vm_dir"]) / _host.HOME_DIR
-        env = {**_host.base_env(home), **spec.env, "VM_ID": spec.vm_id, "VM_IP": plan.vm_ip}
-        pid, ticks = await _host.spawn_detached(
-            self._enter_prefix(plan.namespace, made.cgroups),
-            spec.command or INIT_COMMAND,
-            env=env,
-            cwd=home,
-            log_path=Path(handle["vm_dir"]) / _host.RUN_DIR / _host.INIT_LOG,
+        """Assemble the VM's root, write its bundle and start it with runc; record its init's PID."""
+        assert self._images is not None
+        vm_dir = Path(handle["vm_dir"])
+        image = self._images.rootfs(spec.image or "default")
+        host_ids = self._host_ids(plan.slot)
+        handle.update(container_id=spec.vm_id, image=spec.image or "default", host_ids=host_ids)
+        _host.write_json(vm_dir / _host.VM_FILE, handle)  # before any mount: sweep must find and undo it
+        await self._namespace_sysctls(plan.namespace)
+        root = await rootfs.assemble(image, vm_dir, host_base=host_ids, disk_mb=self._config.disk_mb)
+        command = [GUEST_PYTHON if part == "{python}" else part for part in spec.command or INIT_COMMAND]
+        bundle = oci.container_config(
+            process=self._process([*REAPER, *command], self._vm_env(spec.vm_id, plan.vm_ip, spec.env)),
+            hostname="sandbox",
+            rootfs=root,
+            netns_path=NETNS_RUN_DIR / plan.namespace,
+            userns_path=vm_dir / rootfs.USERNS_FILE,
+            host_base=host_ids,
+            id_count=IDS_PER_VM,
+            cgroups_path=f"/{self._cgroups.name}/{spec.vm_id}",
+            memory_bytes=self._memory_limit_mb(spec) * 1024 * 1024,
+            limit_swap=self._cgroups.limits_swap(),
+            vcpu_count=spec.vcpu_count,
+            pids_max=self._config.pids_max,
+            seccomp=seccomp.oci_seccomp(seccomp.DEFAULT_CAPABILITIES),
+            bind_mounts=[(GUEST_PACKAGE, GUEST_PACKAGE_IN_VM)],
         )
+        _host.write_json(vm_dir / BUNDLE_CONFIG, bundle)
+        pid_file = vm_dir / _host.RUN_DIR / INIT_PID_FILE
+        start = ["run", "--detach", "--bundle", str(vm_dir), "--pid-file", str(pid_file), spec.vm_id]
+        await _host.run_logged(
+            self._runc.argv(*start),
+            log_path=vm_dir / _host.RUN_DIR / _host.INIT_LOG,
+            what="starting the VM's container",
+        )
+        pid = int(pid_file.read_text().strip())
+        ticks = _host.start_ticks(pid)
+        if ticks is None:
+            raise DriverError(f"VM init exited at once: {_host.init_log_tail(vm_dir) or 'no output'}")
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
+
+    async def _namespace_sysctls(self, namespace: str) -> None:
+        script = "".join(f"echo '{value}' > /proc/sys/{key}\n" for key, value in _NAMESPACE_SYSCTLS)
+        await _host.run_host(["nsenter", f"--net={NETNS_RUN_DIR / namespace}", _host.SH, "-ec", script])
 
     def _enter_prefix(self, namespace: str, cgroups: Sequence[Path]) -> list[str]:
         """argv prefix that puts what follows into the VM's cgroups and namespace before it runs."""
@@ -270,17 +390,33 @@ class NetnsVmDriver:
         cgroups = self._cgroups.vm_dirs(vm_id)
         if not all(d.is_dir() for d in cgroups):
             raise VmNotRunning(f"VM {vm_id} has lost its cgroup")
-        home = parts.vm_dir / _host.HOME_DIR
         spec_env = handle.get("env") or _host.read_json(parts.vm_dir / _host.VM_FILE).get("env") or {}
-        full_env = {**_host.base_env(home), **spec_env, "VM_ID": vm_id, "VM_IP": self._ip_of(handle), **env}
-        return await _host.run_captured(
-            [*self._enter_prefix(parts.namespace, cgroups), *argv],
-            env=full_env,
-            cwd=home,
-            scratch_dir=parts.vm_dir / _host.RUN_DIR,
-            timeout_s=timeout_s,
-            max_output_bytes=max_output_bytes,
-        )
+        full_env = {**self._vm_env(vm_id, self._ip_of(handle), spec_env), **env}
+        run_dir = parts.vm_dir / _host.RUN_DIR
+        token = os.urandom(8).hex()
+        process_file, pid_file = run_dir / f"{token}.process.json", run_dir / f"{token}.pid"
+        _host.write_json(process_file, self._process(argv, full_env))  # 0600: the env may hold secrets
+
+        def kill_command() -> None:
+            # runc exec waits for the command, but killing runc does not kill it: kill its process group
+            # (runc makes it a session leader) in the VM, which background children of it share.
+            pid = _host.as_int(_read_int(pid_file))
+            if pid is not None and self._cgroups.contains(pid, vm_id):
+                _host.kill_process_group(pid)
+
+        try:
+            return await _host.run_captured(
+                self._runc.exec_argv(str(handle.get("container_id") or vm_id), process_file, pid_file),
+                env=_host.base_env(run_dir),
+                cwd=run_dir,
+                scratch_dir=run_dir,
+                timeout_s=timeout_s,
+                max_output_bytes=max_output_bytes,
+                before_kill=kill_command,
+            )
+        finally:
+            process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
 
     async def sweep(self, live_slots: set[int]) -> int:
         """Destroy VMs, namespaces, veths and cgroups of this prefix whose slot is not live.
@@ -419,15 +555,20 @@ class NetnsVmDriver:
                 return True
             return pid == parts.init_pid and _host.is_running(pid, parts.init_ticks)
 
+        if parts.vm_id and (self._runc.state_root / parts.vm_id).exists():
+            await self._runc.delete(parts.vm_id)
         all_dead = await _host.kill_until_gone(candidates, is_member)
         if veth and (SYS_CLASS_NET / veth).exists():
             await _host.run_host([self._ip, "link", "del", veth], check=False)
         if namespace:
             await _host.run_host([self._ip, "netns", "del", namespace], check=False)
         left = await self._cgroups.remove(parts.cgroups)
-        if parts.vm_dir is not None:
-            await _host.remove_tree(parts.vm_dir)
         problems = [f"cgroup {p}" for p in left]
+        if parts.vm_dir is not None:
+            problems += [f"mount {m}" for m in rootfs.disassemble(parts.vm_dir)]
+            # Never through a mount: the image (read-only, but still) or a layer still in use.
+            if not rootfs.mounted(parts.vm_dir):
+                await _host.remove_tree(parts.vm_dir)
         if veth and (SYS_CLASS_NET / veth).exists():
             problems.append(f"veth {veth}")
         if namespace and (NETNS_RUN_DIR / namespace).exists():
@@ -443,6 +584,11 @@ def _listdir(path: Path) -> list[str]:
         return os.listdir(path)
     except FileNotFoundError:
         return []
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read(path)
+    return int(text) if text.isdigit() else None
 
 
 def _read(path: Path) -> str:

@@ -1,0 +1,107 @@
+"""A VM's root file system: the image, read-only and idmapped, under a writable layer of its own.
+
+Layout in the VM's work folder:
+- ``disk.img``: a sparse file of ``disk_mb`` holding an ext4 file system (no journal: the layer dies with
+  the VM), loop-mounted on ``disk/``; its size is the VM's disk limit, enforced by the file system, and
+  only the blocks written take space on the host;
+- ``lower/``: the image, mounted read-only with the slot's id map (see ``idmap``);
+- ``rootfs/``: overlayfs of ``lower`` under ``disk/upper``: what runc uses as the container's root.
+
+Why overlay and not a per-VM copy: an image is hundreds of MiB; a copy costs seconds and the space of
+every byte, an overlay costs a mount and only what the VM changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+from pathlib import Path
+
+from gateway.errors import DriverError
+from gateway.orchestrator.drivers import _host, idmap
+
+DISK_FILE = "disk.img"
+DISK_DIR = "disk"
+LOWER_DIR = "lower"
+ROOTFS_DIR = "rootfs"
+# The VM's user namespace, kept alive by a bind mount (``idmap.attach_namespaces``).
+USERNS_FILE = "userns"
+MIB_BYTES = 1024 * 1024
+MNT_DETACH = 2
+# Innermost first: the order a teardown unmounts in.
+MOUNT_POINTS = (ROOTFS_DIR, LOWER_DIR, DISK_DIR, USERNS_FILE)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+async def assemble(image: Path, vm_dir: Path, *, host_base: int, disk_mb: int) -> Path:
+    """Build the VM's root in ``vm_dir`` (whose ``userns`` is the VM's user namespace) and return it.
+
+    On failure, ``disassemble`` removes what was made."""
+    if not (image / "usr").is_dir():
+        raise DriverError(f"image {image} has no /usr: not a root file system")
+    disk, disk_dir, lower, rootfs = (vm_dir / n for n in (DISK_FILE, DISK_DIR, LOWER_DIR, ROOTFS_DIR))
+    for folder in (disk_dir, lower, rootfs):
+        folder.mkdir()
+    os.close(os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    os.truncate(disk, disk_mb * MIB_BYTES)  # sparse: blocks are taken as the VM writes them
+    owner = f"root_owner={host_base}:{host_base}"
+    await _host.run_host(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-E",
+            f"lazy_itable_init=1,{owner}",
+            str(disk),
+        ]
+    )
+    await _host.run_host(["mount", "-o", "loop,nodev,nosuid,noatime", str(disk), str(disk_dir)])
+    for name in ("upper", "work"):
+        (disk_dir / name).mkdir()
+        os.chown(disk_dir / name, host_base, host_base)
+    ns = os.open(vm_dir / USERNS_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await asyncio.to_thread(idmap.mount_idmapped, image, lower, ns)
+    finally:
+        os.close(ns)
+    layers = f"lowerdir={lower},upperdir={disk_dir / 'upper'},workdir={disk_dir / 'work'}"
+    await _host.run_host(["mount", "-t", "overlay", "overlay", "-o", f"{layers},nodev", str(rootfs)])
+    return rootfs
+
+
+def disassemble(vm_dir: Path) -> list[str]:
+    """Unmount what ``assemble`` mounted (idempotent); returns the mount points still mounted.
+
+    Detached unmounts: the kernel lets go once nothing uses them, and the loop device (autoclear) with it.
+    """
+    for name in MOUNT_POINTS:
+        point = vm_dir / name
+        while str(point) in mount_points():  # (mounted twice: once per umount)
+            if _libc.umount2(os.fsencode(point), MNT_DETACH) != 0:
+                break
+    return [str(vm_dir / name) for name in MOUNT_POINTS if str(vm_dir / name) in mount_points()]
+
+
+def mounted(vm_dir: Path) -> bool:
+    """Whether any of the VM's mounts is still there (a work folder must never be removed through one)."""
+    points = mount_points()
+    return any(str(vm_dir / name) in points for name in MOUNT_POINTS)
+
+
+def mount_points() -> set[str]:
+    """This mount namespace's mount points, from mountinfo: ``os.path.ismount`` misses a bind mount of a
+    folder on the same file system (the image, idmapped, usually is one)."""
+    points = set()
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split(b" ", 5)[4])
+            points.add(raw.decode(errors="replace"))
+    return points
