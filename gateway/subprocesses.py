@@ -62,6 +62,18 @@ async def wait(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
+async def wait_exit(pid: int) -> None:
+    """Wait until a process that is not our child exits (a pidfd: no reaping, no polling)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await _readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 def reap_in_background(proc: subprocess.Popen[bytes]) -> None:
     """Reap a child that was just killed, without making a cancelled caller wait for it."""
     task = asyncio.get_running_loop().create_task(wait(proc))

@@ -31,6 +31,7 @@ from gateway.orchestrator.drivers import _host
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.qemu_env import guest_image, qemu_missing
+from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
 
 IS_ROOT = os.geteuid() == 0
 HAS_IP = shutil.which("ip") is not None
@@ -54,6 +55,7 @@ DRIVERS = [
 # Host drivers start a VM in well under a second; qemu boots a kernel under emulation (TCG here).
 BOOT_BUDGET_S = {"process": 5.0, "netns": 5.0, "qemu": 60.0}
 QEMU_GUEST_HOME = "/home/vm"
+NETNS_VM_HOME = "/root"
 
 # Binds, listens, forks a server into the background and exits: once execute returns, it accepts.
 SERVER = r"""
@@ -90,11 +92,14 @@ class Harness:
 
     def home(self, vm_id: str) -> str:
         """The VM's working folder as its commands see it."""
-        return QEMU_GUEST_HOME if self.kind == "qemu" else str(self.work_dir / vm_id / "home")
+        if self.kind == "process":
+            return str(self.work_dir / vm_id / "home")
+        return QEMU_GUEST_HOME if self.kind == "qemu" else NETNS_VM_HOME
 
     async def gone(self, info: VmInfo, pids: set[int]) -> set[int]:
-        """Which of the VM's processes still run (inside the guest for qemu, on the host otherwise)."""
-        if self.kind != "qemu":
+        """Which of the VM's processes still run (inside the VM for netns and qemu, whose commands see
+        their own PID namespace; on the host for process)."""
+        if self.kind == "process":
             return await await_gone(pids)
         script = (
             "for p in "
@@ -109,7 +114,7 @@ class Harness:
         return {int(p) for p in alive.stdout.split()}
 
     async def session_of(self, info: VmInfo, pid: int) -> int:
-        if self.kind != "qemu":
+        if self.kind == "process":
             return os.getsid(pid)
         # Field 6 of /proc/<pid>/stat (the command name, field 2, has no spaces here).
         return int((await self.run(info, f"cut -d' ' -f6 /proc/{pid}/stat")).stdout)
@@ -172,14 +177,22 @@ def make_config(tmp_path: Path, kind: str) -> Config:
         server={"data_dir": str(tmp_path / "data")},
         vms={"driver": kind},
         netns={"cidr": NETNS_CIDR, "name_prefix": NETNS_PREFIX, "cgroup_name": CGROUP_NAME},
-        process={"cidr": PROCESS_CIDR, "app_port": 8123},
+        process={"cidr": PROCESS_CIDR, "app_port": 8123, "allow_root": True},
         qemu={
             "cidr": QEMU_CIDR,
             "name_prefix": NETNS_PREFIX,
             "cgroup_name": CGROUP_NAME,
             "image_dir": str(guest_image()) if kind == "qemu" else "",
         },
+        images={"dir": str(ROOTFS_CACHE)},
     )
+
+
+def proc_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @contextlib.asynccontextmanager
@@ -441,10 +454,10 @@ async def test_background_server_survives_execute_and_dies_with_destroy(h: Harne
     assert await h.session_of(info, escaped_pid) != await h.session_of(info, server_pid)
 
     await h.driver.destroy(info.vm_id, info.handle)
-    if h.kind == "qemu":  # the guest's processes end with the machine
-        assert await await_gone({info.handle["init_pid"]}) == set()
-    else:
+    if h.kind == "process":
         assert await await_gone({server_pid, escaped_pid}) == set()
+    else:  # the VM's processes end with its machine (qemu) or its PID namespace's init (netns)
+        assert await await_gone({info.handle["init_pid"]}) == set()
     with pytest.raises(OSError):
         await read_line(info.ip, APP_PORT)
 
@@ -501,9 +514,12 @@ async def test_cancelled_create_removes_what_it_made(h: Harness, monkeypatch: py
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
+    # Where each driver starts its VM's init: runc for netns, a detached process for the others.
     monkeypatch.setattr(_host, "spawn_detached", hang)
+    monkeypatch.setattr(_host, "run_logged", hang)
     task = asyncio.create_task(h.create("vm-cancel", 1))
-    await reached.wait()
+    async with asyncio.timeout(EXEC_TIMEOUT_S):
+        await reached.wait()
     assert (h.work_dir / "vm-cancel").exists()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -601,12 +617,14 @@ async def test_netns_cgroup_limits_cover_init_and_commands(nh: Harness) -> None:
     assert int((cpu_dir / "cpu.cfs_quota_us").read_text()) == 200_000
     assert int((cpu_dir / "cpu.cfs_period_us").read_text()) == 100_000
     result = await nh.run(info, "sleep 300 >/dev/null 2>&1 & echo $!; cat /proc/self/cgroup")
-    bg_pid, *cgroup_lines = result.stdout.decode().splitlines()
-    mine = {line.split(":")[1] for line in cgroup_lines if line.endswith(f"/{CGROUP_NAME}/vm-cg")}
-    assert mine == {"memory", "cpu"}
+    _bg_pid, *cgroup_lines = result.stdout.decode().splitlines()
+    # The VM has a cgroup namespace of its own: its cgroup is its root, the host's tree is not shown.
+    assert cgroup_lines and {line.split(":", 2)[2] for line in cgroup_lines} == {"/"}
     for directory in (memory_dir, cpu_dir):
         members = {int(p) for p in (directory / "cgroup.procs").read_text().split()}
-        assert {info.handle["init_pid"], int(bg_pid)} <= members
+        assert info.handle["init_pid"] in members
+        sleeping = [p for p in members if b"sleep\x00300" in proc_cmdline(p)]
+        assert len(sleeping) == 1  # the command's background child is in the VM's cgroup too
 
 
 @NEEDS_ROOT

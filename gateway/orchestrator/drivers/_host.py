@@ -139,13 +139,11 @@ async def run_captured(
     scratch_dir: Path,
     timeout_s: float,
     max_output_bytes: int,
-    before_kill: Callable[[], None] | None = None,
 ) -> ExecResult:
     """Run argv in its own process group with stdout/stderr in files, and wait for argv only.
 
     Files, not pipes: a background child that inherits them (``server &``) must not keep the call open.
-    On timeout (or cancellation) the whole process group is killed, after ``before_kill`` (for what runs
-    outside that group, e.g. a command a container runtime started); what was written is still returned.
+    On timeout (or cancellation) the whole process group is killed; what was written is still returned.
     """
     token = secrets.token_hex(8)
     out_path, err_path = scratch_dir / f"{token}.out", scratch_dir / f"{token}.err"
@@ -174,13 +172,9 @@ async def run_captured(
                 returncode = await _spawn.wait(proc)
         except TimeoutError:
             timed_out = True
-            if before_kill is not None:
-                before_kill()
             kill_process_group(proc.pid)
             returncode = await _spawn.wait(proc)
         except BaseException:
-            if before_kill is not None:
-                before_kill()
             kill_process_group(proc.pid)
             _spawn.reap_in_background(proc)
             raise
@@ -195,6 +189,78 @@ async def run_captured(
         stdout=stdout,
         stderr=stderr,
         exit_code=None if timed_out else exit_code(returncode),
+        timed_out=timed_out,
+        truncated=cut_out or cut_err,
+        duration_s=duration_s,
+    )
+
+
+async def run_captured_detached(
+    launch: Sequence[str],
+    *,
+    pid_file: Path,
+    scratch_dir: Path,
+    timeout_s: float,
+    max_output_bytes: int,
+    is_member: Callable[[int], bool],
+) -> ExecResult:
+    """Like ``run_captured``, for a command a runtime starts and leaves running (``runc exec --detach``).
+
+    ``launch`` is run with stdout/stderr on files and a third file as descriptor 3, where the command's
+    wrapper writes its exit status; it returns once the command runs, its PID in ``pid_file``. The
+    command is awaited by PID (it is not our child) and its process group killed on timeout, once
+    ``is_member`` confirms the PID is still the command's.
+    """
+    token = secrets.token_hex(8)
+    out_path, err_path, rc_path = (scratch_dir / f"{token}.{n}" for n in ("out", "err", "rc"))
+    started = time.monotonic()
+    try:
+        try:
+            fds = [_create_file(path) for path in (out_path, err_path, rc_path)]
+            try:
+                # The status file becomes descriptor 3 of the runtime, which hands it on to the command.
+                argv = [SH, "-c", 'exec "$@" 3>>"$0"', str(rc_path), *launch]
+                proc = _spawn.popen(argv, stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[1])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except OSError as exc:
+            raise DriverError(f"cannot start command in VM: {exc}") from exc
+        try:
+            async with asyncio.timeout(HOST_COMMAND_TIMEOUT_S):
+                launched = await _spawn.wait(proc)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            _spawn.reap_in_background(proc)
+            raise
+        if launched != 0:
+            detail = (await asyncio.to_thread(_read_capped, err_path, INIT_LOG_TAIL_BYTES))[0]
+            raise DriverError(f"cannot start command in VM: {detail.decode(errors='replace').strip()}")
+        pid = int((await asyncio.to_thread(_read_capped, pid_file, 32))[0])
+        timed_out = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await _spawn.wait_exit(pid)
+        except BaseException as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            if is_member(pid):
+                kill_process_group(pid)
+            if not timed_out:
+                raise
+        duration_s = time.monotonic() - started
+        cap = max(0, max_output_bytes)
+        stdout, cut_out = await asyncio.to_thread(_read_capped, out_path, cap)
+        stderr, cut_err = await asyncio.to_thread(_read_capped, err_path, cap)
+        status = (await asyncio.to_thread(_read_capped, rc_path, 16))[0].strip()
+    finally:
+        for path in (out_path, err_path, rc_path):
+            path.unlink(missing_ok=True)
+    return ExecResult(
+        stdout=stdout,
+        stderr=stderr,
+        # No status: the command's wrapper was killed (timeout, or by the VM's own processes).
+        exit_code=None if timed_out else (int(status) if status.isdigit() else 137),
         timed_out=timed_out,
         truncated=cut_out or cut_err,
         duration_s=duration_s,

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
-from gateway.orchestrator.drivers import _host, idmap, oci, rootfs, seccomp
+from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
 
@@ -51,11 +51,15 @@ VM_HOME = "/root"
 IDS_PER_VM = 65536
 MAX_HOST_ID = 2**32 - 2
 RUNC_STATE_ROOT = Path("/run/gateway-runc")
+# Each VM's mounts (rootfs.py), and the guest programs it may run: where the VM's root can reach them.
+MOUNT_ROOT = Path("/run/gateway-vms")
+SEARCHABLE_DIR_MODE = 0o711
 BUNDLE_CONFIG = "config.json"
 INIT_PID_FILE = "init.pid"
 # Where a VM's Python finds the gateway's guest programs (``python3 -m gateway.guest.browser``): a
-# read-only view of this package's ``guest`` folder on the image's own module path.
+# read-only copy of this package's ``guest`` folder on the image's own module path.
 GUEST_PACKAGE = Path(__file__).resolve().parents[2] / "guest"
+GUEST_COPY = "guest"
 GUEST_PACKAGE_IN_VM = "/usr/lib/python3/dist-packages/gateway/guest"
 GUEST_PYTHON = "/usr/bin/python3"
 # Set in the VM's network namespace before it starts: ping works with ICMP datagram sockets (it has no
@@ -123,6 +127,8 @@ class _Parts:
     veth: str | None = None
     cgroups: list[Path] = field(default_factory=list)
     vm_dir: Path | None = None
+    # The VM's mounts (container VMs only).
+    mount_dir: Path | None = None
     init_pid: int | None = None
     init_ticks: int | None = None
     # Sweep removes a non-live slot's namespace/veth whoever labelled it; destroy checks the label.
@@ -164,6 +170,7 @@ class NetnsVmDriver:
         self._veth_re = re.compile(rf"{re.escape(config.name_prefix)}h([0-9]+)")
         self._cgroups = CgroupTree(cgroup_root or CgroupTree.DEFAULT_ROOT, config.cgroup_name)
         self._ip = shutil.which("ip") or "/usr/sbin/ip"
+        self._mount_root = MOUNT_ROOT / config.name_prefix
         runtime = getattr(config, "runtime", "runc")
         self._runc = oci.Runc(
             shutil.which(runtime) or runtime, runc_state_root or RUNC_STATE_ROOT / config.name_prefix
@@ -185,7 +192,10 @@ class NetnsVmDriver:
             raise DriverError("the netns driver needs root")
         if self.runs_containers:
             self._check_container_host()
+            self._prepare_mount_root()
         await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
+        # Before any VM: a VM reaches nothing on the host (hostfw.py); fails closed.
+        await hostfw.install(self._config.name_prefix)
         self._cgroups.prepare()
         self._work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -201,6 +211,21 @@ class NetnsVmDriver:
         for tool in ("mkfs.ext4", "mount", "unshare", "nsenter"):
             if shutil.which(tool) is None:
                 raise DriverError(f"{tool} not found (e2fsprogs / util-linux)")
+
+    def _prepare_mount_root(self) -> None:
+        """The VMs' mount folders' parent, and a copy of the guest programs a VM can read (the package
+        itself may sit in a private folder, e.g. a virtualenv under /root)."""
+        for folder in (MOUNT_ROOT, self._mount_root):
+            folder.mkdir(mode=SEARCHABLE_DIR_MODE, exist_ok=True)
+            folder.chmod(SEARCHABLE_DIR_MODE)
+        guest = self._mount_root / GUEST_COPY
+        fresh = guest.with_name(f".{GUEST_COPY}.new")
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.copytree(GUEST_PACKAGE, fresh, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in (fresh, *fresh.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(guest, ignore_errors=True)
+        fresh.rename(guest)
 
     async def close(self) -> None:
         """Nothing to release: VMs and the blackhole route outlive the gateway on purpose."""
@@ -255,15 +280,23 @@ class NetnsVmDriver:
 
         made.namespace = plan.namespace
         if self.runs_containers:
-            userns = vm_dir / rootfs.USERNS_FILE
+            mount_dir = self._mount_root / vm_id
+            if mount_dir.exists() and not rootfs.mounted(mount_dir):  # left by a crash; ours (vm_dir was not)
+                shutil.rmtree(mount_dir)
+            mount_dir.mkdir(mode=SEARCHABLE_DIR_MODE)
+            made.mount_dir = mount_dir
+            userns = mount_dir / rootfs.USERNS_FILE
             await idmap.attach_namespaces(
                 plan.namespace, userns, self._host_ids(plan.slot), IDS_PER_VM, ip=self._ip
             )
         else:
             await _host.run_host([self._ip, "netns", "add", plan.namespace])
+        # Before eth0 exists, so it never gets an IPv6 address.
+        await self._namespace_sysctls(plan.namespace)
         peer = ["peer", "name", VM_DEVICE, "netns", plan.namespace]
         await _host.run_host([self._ip, "link", "add", plan.veth, "type", "veth", *peer])
         made.veth = plan.veth
+        _disable_ipv6(plan.veth)
         host_side = (
             f"link set dev {plan.veth} alias {vm_id}\n"
             f"addr add {self._host_address(plan)} dev {plan.veth}\n"
@@ -317,15 +350,20 @@ class NetnsVmDriver:
         host_ids = self._host_ids(plan.slot)
         handle.update(container_id=spec.vm_id, image=spec.image or "default", host_ids=host_ids)
         _host.write_json(vm_dir / _host.VM_FILE, handle)  # before any mount: sweep must find and undo it
-        await self._namespace_sysctls(plan.namespace)
-        root = await rootfs.assemble(image, vm_dir, host_base=host_ids, disk_mb=self._config.disk_mb)
+        mount_dir = self._mount_root / spec.vm_id
+        disk = vm_dir / rootfs.DISK_FILE
+        root = await rootfs.assemble(image, mount_dir, disk, host_base=host_ids, disk_mb=self._config.disk_mb)
         command = [GUEST_PYTHON if part == "{python}" else part for part in spec.command or INIT_COMMAND]
+        if not rootfs.has_command(root, command[0], _host.BASE_PATH):
+            raise DriverError(
+                f"VM init failed to start: {command[0]}: not found in image {spec.image or 'default'}"
+            )
         bundle = oci.container_config(
             process=self._process([*REAPER, *command], self._vm_env(spec.vm_id, plan.vm_ip, spec.env)),
             hostname="sandbox",
             rootfs=root,
             netns_path=NETNS_RUN_DIR / plan.namespace,
-            userns_path=vm_dir / rootfs.USERNS_FILE,
+            userns_path=mount_dir / rootfs.USERNS_FILE,
             host_base=host_ids,
             id_count=IDS_PER_VM,
             cgroups_path=f"/{self._cgroups.name}/{spec.vm_id}",
@@ -334,7 +372,7 @@ class NetnsVmDriver:
             vcpu_count=spec.vcpu_count,
             pids_max=self._config.pids_max,
             seccomp=seccomp.oci_seccomp(seccomp.DEFAULT_CAPABILITIES),
-            bind_mounts=[(GUEST_PACKAGE, GUEST_PACKAGE_IN_VM)],
+            bind_mounts=[(self._mount_root / GUEST_COPY, GUEST_PACKAGE_IN_VM)],
         )
         _host.write_json(vm_dir / BUNDLE_CONFIG, bundle)
         pid_file = vm_dir / _host.RUN_DIR / INIT_PID_FILE
@@ -352,7 +390,11 @@ class NetnsVmDriver:
         handle.update(init_pid=pid, init_start_ticks=ticks)
 
     async def _namespace_sysctls(self, namespace: str) -> None:
-        script = "".join(f"echo '{value}' > /proc/sys/{key}\n" for key, value in _NAMESPACE_SYSCTLS)
+        # (A kernel without IPv6 has nothing to switch off.)
+        script = "".join(
+            f"[ ! -e /proc/sys/{key} ] || echo '{value}' > /proc/sys/{key}\n"
+            for key, value in _NAMESPACE_SYSCTLS
+        )
         await _host.run_host(["nsenter", f"--net={NETNS_RUN_DIR / namespace}", _host.SH, "-ec", script])
 
     def _enter_prefix(self, namespace: str, cgroups: Sequence[Path]) -> list[str]:
@@ -395,24 +437,20 @@ class NetnsVmDriver:
         run_dir = parts.vm_dir / _host.RUN_DIR
         token = os.urandom(8).hex()
         process_file, pid_file = run_dir / f"{token}.process.json", run_dir / f"{token}.pid"
-        _host.write_json(process_file, self._process(argv, full_env))  # 0600: the env may hold secrets
-
-        def kill_command() -> None:
-            # runc exec waits for the command, but killing runc does not kill it: kill its process group
-            # (runc makes it a session leader) in the VM, which background children of it share.
-            pid = _host.as_int(_read_int(pid_file))
-            if pid is not None and self._cgroups.contains(pid, vm_id):
-                _host.kill_process_group(pid)
-
+        # The wrapper reports the command's status on descriptor 3 (which the command itself does not
+        # get): runc exec --detach hands the command our files as its stdio, so a background child of it
+        # (``server &``) holds no pipe that would keep the call open, and its status is not runc's to tell.
+        wrapped = [_host.SH, "-c", '"$@" 3>&-; echo $? >&3', "gateway-exec", *argv]
+        _host.write_json(process_file, self._process(wrapped, full_env))  # 0600: the env may hold secrets
+        container = str(handle.get("container_id") or vm_id)
         try:
-            return await _host.run_captured(
-                self._runc.exec_argv(str(handle.get("container_id") or vm_id), process_file, pid_file),
-                env=_host.base_env(run_dir),
-                cwd=run_dir,
-                scratch_dir=run_dir,
+            return await _host.run_captured_detached(
+                self._runc.exec_argv(container, process_file, pid_file),
+                pid_file=pid_file,
+                scratch_dir=self._mount_root / vm_id / rootfs.DISK_DIR / rootfs.OUTPUT_DIR,
                 timeout_s=timeout_s,
                 max_output_bytes=max_output_bytes,
-                before_kill=kill_command,
+                is_member=lambda pid: self._cgroups.contains(pid, vm_id),
             )
         finally:
             process_file.unlink(missing_ok=True)
@@ -480,6 +518,8 @@ class NetnsVmDriver:
         vm_dir = self._work_dir / vm_id
         data = {**_host.read_json(vm_dir / _host.VM_FILE), **handle}
         parts = _Parts(vm_id=vm_id, vm_dir=vm_dir, cgroups=self._cgroups.vm_dirs(vm_id))
+        if self.runs_containers:
+            parts.mount_dir = self._mount_root / vm_id
         slot = _host.as_int(data.get("slot"))
         if slot is not None and 0 <= slot < self._capacity:
             plan = self.plan(slot)
@@ -564,11 +604,13 @@ class NetnsVmDriver:
             await _host.run_host([self._ip, "netns", "del", namespace], check=False)
         left = await self._cgroups.remove(parts.cgroups)
         problems = [f"cgroup {p}" for p in left]
-        if parts.vm_dir is not None:
-            problems += [f"mount {m}" for m in rootfs.disassemble(parts.vm_dir)]
+        if parts.mount_dir is not None:
+            problems += [f"mount {m}" for m in rootfs.disassemble(parts.mount_dir)]
             # Never through a mount: the image (read-only, but still) or a layer still in use.
-            if not rootfs.mounted(parts.vm_dir):
-                await _host.remove_tree(parts.vm_dir)
+            if not rootfs.mounted(parts.mount_dir):
+                await _host.remove_tree(parts.mount_dir)
+        if parts.vm_dir is not None and not (parts.mount_dir and rootfs.mounted(parts.mount_dir)):
+            await _host.remove_tree(parts.vm_dir)
         if veth and (SYS_CLASS_NET / veth).exists():
             problems.append(f"veth {veth}")
         if namespace and (NETNS_RUN_DIR / namespace).exists():
@@ -586,9 +628,10 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
-def _read_int(path: Path) -> int | None:
-    text = _read(path)
-    return int(text) if text.isdigit() else None
+def _disable_ipv6(interface: str) -> None:
+    """No IPv6 on a host-side veth: a link-local path would pass around the IPv4 addresses."""
+    if hostfw.ipv6_available():
+        (hostfw.IPV6_SYSCTL_DIR / "conf" / interface / "disable_ipv6").write_text("1")
 
 
 def _read(path: Path) -> str:

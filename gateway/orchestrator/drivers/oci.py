@@ -172,7 +172,12 @@ class Runc:
         return [self.binary, "--root", str(self.state_root), *args]
 
     def exec_argv(self, container_id: str, process_file: Path, pid_file: Path) -> list[str]:
-        return self.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file), container_id)
+        # Detached: the command keeps the caller's stdio (files) and descriptor 3, and runc returns once
+        # it runs.
+        return self.argv(
+            "exec", "--detach", "--preserve-fds", "1", "--process", str(process_file),
+            "--pid-file", str(pid_file), container_id,
+        )  # fmt: skip
 
     async def delete(self, container_id: str) -> None:
         """Kill every process of the container and remove it (and its cgroups); gone already is fine."""

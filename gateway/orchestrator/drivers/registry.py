@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from gateway.config import Config
+from gateway.images.store import image_store
 from gateway.orchestrator.drivers.base import VmDriver
 from gateway.orchestrator.drivers.netns import NetnsVmDriver
 from gateway.orchestrator.drivers.process import ProcessVmDriver
@@ -45,5 +46,5 @@ def make_driver(config: Config) -> VmDriver:
             config.qemu, work_dir, image_dir=qemu_image_dir(config), boot_timeout_s=config.vms.boot_timeout_s
         )
     if kind == "netns":
-        return NetnsVmDriver(config.netns, work_dir)
+        return NetnsVmDriver(config.netns, work_dir, images=image_store(config))
     return ProcessVmDriver(config.process, work_dir)

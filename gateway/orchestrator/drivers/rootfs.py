@@ -1,11 +1,14 @@
 """A VM's root file system: the image, read-only and idmapped, under a writable layer of its own.
 
-Layout in the VM's work folder:
-- ``disk.img``: a sparse file of ``disk_mb`` holding an ext4 file system (no journal: the layer dies with
-  the VM), loop-mounted on ``disk/``; its size is the VM's disk limit, enforced by the file system, and
-  only the blocks written take space on the host;
-- ``lower/``: the image, mounted read-only with the slot's id map (see ``idmap``);
-- ``rootfs/``: overlayfs of ``lower`` under ``disk/upper``: what runc uses as the container's root.
+Layout:
+- ``disk.img`` in the VM's work folder: a sparse file of ``disk_mb`` holding an ext4 file system (no
+  journal: the layer dies with the VM); its size is the VM's disk limit, enforced by the file system,
+  and only the blocks written take space on the host;
+- in the VM's mount folder (under /run, every level searchable by anyone: runc prepares the root as the
+  VM's root, an unprivileged host id, which could not walk into a private data folder):
+  ``disk/`` (the loop-mounted layer), ``lower/`` (the image, read-only, with the slot's id map: see
+  ``idmap``), ``rootfs/`` (overlayfs of ``lower`` under ``disk/upper``: the container's root) and
+  ``userns`` (the VM's user namespace, kept by a bind mount).
 
 Why overlay and not a per-VM copy: an image is hundreds of MiB; a copy costs seconds and the space of
 every byte, an overlay costs a mount and only what the VM changes.
@@ -26,6 +29,7 @@ DISK_FILE = "disk.img"
 DISK_DIR = "disk"
 LOWER_DIR = "lower"
 ROOTFS_DIR = "rootfs"
+OUTPUT_DIR = "output"
 # The VM's user namespace, kept alive by a bind mount (``idmap.attach_namespaces``).
 USERNS_FILE = "userns"
 MIB_BYTES = 1024 * 1024
@@ -36,13 +40,12 @@ MOUNT_POINTS = (ROOTFS_DIR, LOWER_DIR, DISK_DIR, USERNS_FILE)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-async def assemble(image: Path, vm_dir: Path, *, host_base: int, disk_mb: int) -> Path:
-    """Build the VM's root in ``vm_dir`` (whose ``userns`` is the VM's user namespace) and return it.
-
-    On failure, ``disassemble`` removes what was made."""
+async def assemble(image: Path, mount_dir: Path, disk: Path, *, host_base: int, disk_mb: int) -> Path:
+    """Build the VM's root in ``mount_dir`` (whose ``userns`` is the VM's user namespace) with its layer in
+    ``disk``, and return it. On failure, ``disassemble`` removes what was made."""
     if not (image / "usr").is_dir():
         raise DriverError(f"image {image} has no /usr: not a root file system")
-    disk, disk_dir, lower, rootfs = (vm_dir / n for n in (DISK_FILE, DISK_DIR, LOWER_DIR, ROOTFS_DIR))
+    disk_dir, lower, rootfs = (mount_dir / n for n in (DISK_DIR, LOWER_DIR, ROOTFS_DIR))
     for folder in (disk_dir, lower, rootfs):
         folder.mkdir()
     os.close(os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
@@ -66,7 +69,10 @@ async def assemble(image: Path, vm_dir: Path, *, host_base: int, disk_mb: int) -
     for name in ("upper", "work"):
         (disk_dir / name).mkdir()
         os.chown(disk_dir / name, host_base, host_base)
-    ns = os.open(vm_dir / USERNS_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    # Commands' captured output: on the VM's own disk, so a background process that keeps writing to
+    # its inherited stdout fills the VM's layer, not the host's (and never shown in the VM's root).
+    (disk_dir / OUTPUT_DIR).mkdir(mode=0o700)
+    ns = os.open(mount_dir / USERNS_FILE, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await asyncio.to_thread(idmap.mount_idmapped, image, lower, ns)
     finally:
@@ -76,23 +82,32 @@ async def assemble(image: Path, vm_dir: Path, *, host_base: int, disk_mb: int) -
     return rootfs
 
 
-def disassemble(vm_dir: Path) -> list[str]:
+def disassemble(mount_dir: Path) -> list[str]:
     """Unmount what ``assemble`` mounted (idempotent); returns the mount points still mounted.
 
     Detached unmounts: the kernel lets go once nothing uses them, and the loop device (autoclear) with it.
     """
     for name in MOUNT_POINTS:
-        point = vm_dir / name
+        point = mount_dir / name
         while str(point) in mount_points():  # (mounted twice: once per umount)
             if _libc.umount2(os.fsencode(point), MNT_DETACH) != 0:
                 break
-    return [str(vm_dir / name) for name in MOUNT_POINTS if str(vm_dir / name) in mount_points()]
+    return [str(mount_dir / name) for name in MOUNT_POINTS if str(mount_dir / name) in mount_points()]
 
 
-def mounted(vm_dir: Path) -> bool:
+def mounted(mount_dir: Path) -> bool:
     """Whether any of the VM's mounts is still there (a work folder must never be removed through one)."""
     points = mount_points()
-    return any(str(vm_dir / name) in points for name in MOUNT_POINTS)
+    return any(str(mount_dir / name) in points for name in MOUNT_POINTS)
+
+
+def has_command(root: Path, command: str, search_path: str) -> bool:
+    """Whether ``command`` names a file in the VM's root (a path, or a name on ``search_path``), checked
+    before the VM starts so that a missing program fails the create rather than the VM a moment later.
+    Links are not followed (they point into the VM's root, not the host's)."""
+    if "/" in command:
+        return os.path.lexists(root / command.lstrip("/"))
+    return any(os.path.lexists(root / folder.lstrip("/") / command) for folder in search_path.split(":"))
 
 
 def mount_points() -> set[str]:
