@@ -38,11 +38,15 @@ BENCH_ENV = {
     "GATEWAY_NETNS_NAME_PREFIX": "gwb",
     "GATEWAY_NETNS_CGROUP_NAME": "gateway-bench",
     "GATEWAY_PROCESS_CIDR": "127.79.0.0/22",
+    # Benchmarks run as root; the process driver refuses root unless told (it isolates nothing).
+    "GATEWAY_PROCESS_ALLOW_ROOT": "true",
     "GATEWAY_QEMU_CIDR": "172.31.244.0/23",
     "GATEWAY_QEMU_NAME_PREFIX": "gwbq",
     "GATEWAY_QEMU_CGROUP_NAME": "gateway-qbench",
     # Built on the first qemu run (as `gateway serve` does when it finds none) and kept for the next.
     "GATEWAY_QEMU_IMAGE_DIR": "/var/tmp/gateway-bench-qemu-image",
+    # The netns driver's images: built on the first run (about a minute), kept for the next.
+    "GATEWAY_IMAGES_DIR": "/var/tmp/gateway-bench-rootfs",
 }
 
 

@@ -76,6 +76,8 @@ STOP_TIMEOUT_S = 15.0
 BENCH_ENV = {
     "GATEWAY_VMS_DRIVER": "process",
     "GATEWAY_PROCESS_CIDR": "127.79.0.0/22",
+    # Benchmarks run as root; the process driver refuses root unless told (it isolates nothing).
+    "GATEWAY_PROCESS_ALLOW_ROOT": "true",
 }
 VM_LIFETIME_S = 3600
 APP_PORT = 8000

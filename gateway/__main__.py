@@ -1,5 +1,6 @@
 """Command line: ``gateway serve`` (all in one), ``gateway api`` and ``gateway edge`` (the two planes
-apart), ``gateway keys create|list|revoke``, ``gateway certs import|list|delete``.
+apart), ``gateway keys create|list|revoke``, ``gateway certs import|list|delete``, ``gateway image
+build|list``.
 
 The only place that exits.
 """
@@ -27,13 +28,14 @@ from gateway.app import (
 )
 from gateway.config import Config, ConfigError, load_config, override
 from gateway.datadir import DataDirBusy
-from gateway.doctor import diagnose
+from gateway.doctor import diagnose, isolation
 from gateway.embedded_redis import EmbeddedRedisError
 from gateway.errors import GatewayError
+from gateway.images.store import image_store
 from gateway.keys import ApiKeyStore
 from gateway.log import configure_logging
 from gateway.orchestrator.drivers.qemu_image import ImageError, build_image
-from gateway.orchestrator.drivers.registry import qemu_image_dir
+from gateway.orchestrator.drivers.registry import choose_driver, qemu_image_dir
 from gateway.routes.model import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 from gateway.tls.local import StorageKeyError
@@ -146,14 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     cert_commands.add_parser("list", parents=[common], help="list stored certificates and their expiry")
     delete = cert_commands.add_parser("delete", parents=[common], help="stop serving a certificate")
     delete.add_argument("cert_id", metavar="ID")
-    image = commands.add_parser("image", parents=[common], help="the qemu driver's guest image")
+    image = commands.add_parser(
+        "image", parents=[common], help="VM images: root file systems ([images]) and the qemu guest image"
+    )
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
         "build",
         parents=[common],
-        help="build the guest image from Debian packages (apt-get download) into qemu.image_dir",
+        help="build root file system images from Debian packages (mmdebstrap) into images.dir, or the "
+        "qemu guest image (--qemu; also the default with vms.driver = qemu) into qemu.image_dir",
     )
-    build.add_argument("--into", metavar="DIR", help="build here instead of qemu.image_dir")
+    build.add_argument(
+        "names", nargs="*", metavar="NAME", help="images of [images.definitions] (default: images.default)"
+    )
+    build.add_argument("--all", action="store_true", help="every image of [images.definitions]")
+    build.add_argument("--qemu", action="store_true", help="the qemu driver's guest image")
+    build.add_argument("--into", metavar="DIR", help="build here instead of images.dir (qemu.image_dir)")
+    build.add_argument(
+        "--remove-stale",
+        action="store_true",
+        help="also remove builds of older definitions of these images (only when no VM runs on them)",
+    )
+    image_commands.add_parser(
+        "list", parents=[common], help="the defined root file system images: built or not, digest"
+    )
     commands.add_parser(
         "doctor", parents=[common], help="check what the configured VM driver needs (KVM or TCG, image)"
     )
@@ -194,6 +212,8 @@ async def serve(config: Config, config_file: str | None) -> None:
             f"(VM driver {svc.orchestrator.driver.name}, {redis_where}{workers}); Ctrl-C stops it",
             flush=True,
         )
+        # After the readiness line (what scripts wait for): what stands between VMs and this host.
+        print(f"isolation: {isolation(svc.orchestrator.driver)}", flush=True)
         await stop.wait()
         log.info("stopping")
 
@@ -208,6 +228,7 @@ async def api_only(config: Config) -> None:
             f"{config.server.listen}",
             flush=True,
         )
+        print(f"isolation: {isolation(svc.orchestrator.driver)}", flush=True)
         await stop.wait()
         log.info("stopping")
 
@@ -264,6 +285,39 @@ async def certs_command(config: Config, args: argparse.Namespace) -> None:
             print(f"deleted {args.cert_id}")
 
 
+def image_command(config: Config, args: argparse.Namespace) -> None:
+    if args.image_command == "list":
+        for view in image_store(config).describe():
+            state = "built" if view["built"] else "not built"
+            default = " (the default)" if view["default"] else ""
+            print(f"{view['name']}\t{state}\t{view['digest']}\t{view['description']}{default}")
+        return
+    qemu = args.qemu or (not args.names and not args.all and choose_driver(config.vms.driver) == "qemu")
+    if qemu:
+        if args.names or args.all:
+            raise SystemExit("gateway: --qemu builds the qemu guest image only; name no other image")
+        try:
+            build_image(Path(args.into) if args.into else qemu_image_dir(config))
+        except ImageError as exc:
+            raise SystemExit(f"gateway: {exc}") from None
+        return
+    if args.into:
+        config = override(config, images={"dir": args.into})
+    store = image_store(config)
+    names = store.names() if args.all else args.names or [store.default]
+    unknown = [name for name in names if name not in store.names()]
+    if unknown:
+        raise SystemExit(
+            f"gateway: no image {', '.join(unknown)} in [images.definitions]; defined: "
+            f"{', '.join(store.names())}"
+        )
+    for name in names:
+        if store.is_built(name) and not args.remove_stale:
+            print(f"image {name} is built and current ({store.digest(name)}): {store.folder(name)}")
+            continue
+        store.ensure(name, say=lambda line: print(line, flush=True), remove_stale=args.remove_stale)
+
+
 def _read_bundle(cert_file: str, key_file: str) -> CertBundle:
     return parse_bundle(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
 
@@ -292,11 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "certs":
             uvloop.run(certs_command(config, args))
         elif args.command == "image":
-            into = Path(args.into) if args.into else qemu_image_dir(config)
-            try:
-                build_image(into)
-            except ImageError as exc:
-                raise SystemExit(f"gateway: {exc}") from None
+            image_command(config, args)
         elif args.command == "doctor":
             lines, ok = uvloop.run(diagnose(config))
             print("\n".join(lines))

@@ -1,8 +1,9 @@
 """Composition root: builds the stores, the driver, the orchestrator and the servers; starts and stops them.
 
-Start order: data-folder lock -> Redis (embedded unless a URL is configured) -> driver + recovery ->
-reaper -> listener. Stop is the reverse, the listener first, so no request arrives at a half-stopped
-gateway; VMs keep running across a restart (their state is in Redis).
+Start order: data-folder lock -> Redis (embedded unless a URL is configured) -> the default image (drivers
+that run VMs on images; built when missing) -> driver + recovery -> reaper -> listener. Stop is the
+reverse, the listener first, so no request arrives at a half-stopped gateway; VMs keep running across a
+restart (their state is in Redis).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gateway.edge.protocol import Edge
 from gateway.edge.server import running_edge
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import ListenFailed, StoreUnavailable
+from gateway.images.store import ROOTFS_DRIVERS, ensure_default_image
 from gateway.keys import ApiKeyStore
 from gateway.metrics import write_snapshots
 from gateway.orchestrator.domains import DomainService
@@ -112,6 +114,9 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     key_store = ApiKeyStore(client, keys)
     driver = make_driver(config)
     orchestrator = Orchestrator(store, driver, config, domains=await domain_service(config, store))
+    if driver.name in ROOTFS_DRIVERS:
+        # Before the first VM: its root is the default image (built on a first start, about a minute).
+        await ensure_default_image(orchestrator.images, say=lambda line: log.info("image: %s", line))
     await orchestrator.start()
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()

@@ -159,6 +159,9 @@ class QemuConfig:
     # shape resume that template instead of booting (then get their own token, env and entropy).
     boot_templates: bool = True
     qemu_binary: str = "qemu-system-x86_64"
+    # Each QEMU runs as host uid/gid id_base + 1 + slot (the KVM probe as id_base), with no capabilities;
+    # none of these ids may belong to an account or a subordinate-id range of the host.
+    id_base: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ class ProcessConfig:
     cidr: str = "127.100.0.0/16"
     # Conventional port put in $PORT for apps that read it.
     app_port: int = 8080
+    # The process driver isolates nothing: VM code runs as the gateway's user, on the host. As root it
+    # refuses to start unless this is true (development only).
+    allow_root: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,71 @@ class InstancesConfig:
 
 
 @dataclass(frozen=True)
+class RootfsImageConfig:
+    """One root file system image VMs run on: Debian's minbase plus these packages (``gateway.images``)."""
+
+    description: str = ""
+    packages: tuple[str, ...] = ()
+    suite: str = "bookworm"
+
+
+# The shipped image definitions (config/gateway.toml spells the same).
+# tini is every VM's PID 1 on the netns driver (it reaps orphaned background processes): every image
+# lists it.
+_SANDBOX_PACKAGES = (
+    "tini",
+    "bash",
+    "coreutils",
+    "procps",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "git",
+    "curl",
+    "ca-certificates",
+    "build-essential",
+    "util-linux",
+    "iproute2",
+)
+DEFAULT_ROOTFS_IMAGES = {
+    "default": RootfsImageConfig(
+        description="Debian 12 with Python 3, pip and venv, git, curl and a C toolchain",
+        packages=_SANDBOX_PACKAGES,
+    ),
+    "python-data": RootfsImageConfig(
+        description="The default image plus NumPy and pandas",
+        packages=(*_SANDBOX_PACKAGES, "python3-numpy", "python3-pandas"),
+    ),
+    "browser": RootfsImageConfig(
+        description="Debian 12 with Chromium (browser instances)",
+        packages=(
+            "tini",
+            "bash",
+            "coreutils",
+            "procps",
+            "python3",
+            "ca-certificates",
+            "chromium",
+            "fonts-liberation",
+            # gateway.guest.browser (its DevTools proxy) runs on the image's Python.
+            "python3-aiohttp",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # Where built images live (<dir>/<name>/<digest>/rootfs); empty: <data_dir>/images/rootfs.
+    dir: str = ""
+    # The image of a VM whose request names none (image_variant); built at start by drivers that use
+    # images (netns).
+    default: str = "default"
+    # [images.definitions.<name>] tables; a table given in the TOML replaces the shipped one as a whole.
+    definitions: Mapping[str, RootfsImageConfig] = field(default_factory=lambda: dict(DEFAULT_ROOTFS_IMAGES))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -331,6 +402,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     instances: InstancesConfig = field(default_factory=InstancesConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
 
@@ -382,6 +454,7 @@ def _coerce(section: str, key: str, raw: object, kind: type) -> object:
 _CATALOGS: dict[tuple[str, str], type] = {
     ("instances", "images"): ImageConfig,
     ("instances", "sizes"): SizeConfig,
+    ("images", "definitions"): RootfsImageConfig,
 }
 
 
@@ -508,6 +581,7 @@ def validate(config: Config) -> None:
                 raise ConfigError("acme.lexicon_api_endpoints: expected name=http(s)://... items")
     if not 1 <= config.server.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
+    _validate_images(config)
     _validate_instances(config)
     if config.log.format not in ("text", "json"):
         raise ConfigError(f"log.format: expected text or json, got {config.log.format!r}")
@@ -535,11 +609,37 @@ def _validate_instances(config: Config) -> None:
             raise ConfigError(f"{where}: an image that runs needs a command and a port (1-65535)")
         if not image.drivers and not image.unavailable:
             raise ConfigError(f"{where}: list the drivers it runs on, or say why it is unavailable")
+        if image.rootfs not in config.images.definitions:
+            raise ConfigError(
+                f"{where}.rootfs: {image.rootfs!r} is not an image of [images.definitions] "
+                f"(defined: {', '.join(config.images.definitions) or 'none'})"
+            )
     for name, size in instances.sizes.items():
         if not _CATALOG_NAME_RE.fullmatch(name):
             raise ConfigError(f"instances.sizes.{name}: names are letters, digits, '.', '_' and '-'")
         if size.vcpu_count < 1 or size.memory_mb < 64:
             raise ConfigError(f"instances.sizes.{name}: needs vcpu_count >= 1 and memory_mb >= 64")
+
+
+def _validate_images(config: Config) -> None:
+    images = config.images
+    for name, image in images.definitions.items():
+        where = f"images.definitions.{name}"
+        if not _ROOTFS_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: names are lower-case letters, digits and '-' (at most 64)")
+        bad = [p for p in image.packages if not _DEBIAN_PACKAGE_RE.fullmatch(p)]
+        if bad:
+            raise ConfigError(
+                f"{where}.packages: {', '.join(map(repr, bad))} is not a Debian package name "
+                "(lower-case letters, digits, '+', '-' and '.'; two characters or more)"
+            )
+        if not _DEBIAN_SUITE_RE.fullmatch(image.suite):
+            raise ConfigError(f"{where}.suite: {image.suite!r} is not a Debian suite name (e.g. bookworm)")
+    if images.default not in images.definitions:
+        raise ConfigError(
+            f"images.default: {images.default!r} is not an image of [images.definitions] "
+            f"(defined: {', '.join(images.definitions) or 'none'})"
+        )
 
 
 def vms_lifetime_ok(config: Config, seconds: int) -> bool:

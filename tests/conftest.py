@@ -23,10 +23,15 @@ import uvloop
 from gateway.app import Services, running_gateway
 from gateway.config import Config, load_config, override
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.errors import DriverError
+from gateway.images.store import ImageStore
+from gateway.orchestrator.drivers import hostfw
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.acme_env import AcmeTestEnv
 from tests.qemu_env import guest_image
+from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
+from tests.rootfs_env import cached_image_store, ensure_test_images, rootfs_missing
 
 IS_ROOT = os.geteuid() == 0
 # VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
@@ -42,6 +47,36 @@ DRIVERS = [
     pytest.param("process", id="process"),
     pytest.param("netns", id="netns", marks=pytest.mark.skipif(not IS_ROOT, reason="netns needs root")),
 ]
+
+
+def _images_needed(item: pytest.Item) -> set[str]:
+    """Images a collected test may run VMs on (with the netns driver), as far as its fixtures tell."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    uses_images = fixtures & {"gateway_factory", "rootfs_images"} or "netns" in item.nodeid
+    needed = {"default"} if uses_images else set()
+    if "test_instances.py" in item.nodeid and "netns" in item.nodeid:
+        needed.add("browser")  # the browser instances' image (debian-12) runs on it
+    return needed
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the images tests will need now, outside any test's timeout (about a minute each, once per
+    definition: they are kept in ROOTFS_CACHE across runs). Where they cannot be built, or the build
+    fails, the tests that need them fail or skip on their own."""
+    if session.config.option.collectonly or rootfs_missing() is not None:
+        return
+    needed = set().union(*(_images_needed(item) for item in session.items))
+    images = cached_image_store()
+    missing = [name for name in images.names() if name in needed and not images.is_built(name)]
+    if not missing:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter is not None else print
+    say(f"building test images {', '.join(missing)} into {ROOTFS_CACHE} (about a minute each, once)")
+    try:
+        ensure_test_images(*missing)
+    except DriverError as exc:
+        say(f"cannot build test images: {exc}")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
@@ -77,6 +112,11 @@ def remove_blackhole(cidr: str) -> None:
     subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True, check=False)
 
 
+def remove_host_firewall(prefix: str) -> None:
+    """The driver keeps its nftables table on purpose (like the blackhole route); tests remove theirs."""
+    subprocess.run(["nft", "-f", "-"], input=hostfw.render_remove(prefix), text=True, capture_output=True)
+
+
 def remove_empty_cgroup_parents(name: str) -> None:
     """The driver keeps its parent cgroups on purpose; tests leave the host as they found it."""
     for parent in CgroupTree(CgroupTree.DEFAULT_ROOT, name).parents():
@@ -97,7 +137,8 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
         redis={"url": redis_url},
         vms={"driver": driver, "reaper_interval_s": 0.1, "boot_timeout_s": 15.0},
         netns={"cidr": TEST_NETNS_CIDR, "name_prefix": TEST_NETNS_PREFIX, "cgroup_name": TEST_CGROUP},
-        process={"cidr": TEST_PROCESS_CIDR},
+        # Tests run as root here: the process driver refuses root unless told (it isolates nothing).
+        process={"cidr": TEST_PROCESS_CIDR, "allow_root": True},
         qemu={
             "cidr": TEST_QEMU_CIDR,
             "name_prefix": TEST_QEMU_PREFIX,
@@ -105,6 +146,9 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
             # Built (once per content) only when a test asks for the qemu driver.
             "image_dir": str(guest_image()) if driver == "qemu" else "",
         },
+        # netns VMs run on images: the shared cache (see pytest_collection_finish); other drivers' tests
+        # see the data folder's (none built).
+        images={"dir": str(ROOTFS_CACHE) if driver == "netns" else ""},
         admin={"listen": f"127.0.0.1:{free_port()}"},
     )
     return override(base, **sections) if sections else base
@@ -190,6 +234,8 @@ async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[objec
         for config in {gw.config.vms.driver: gw.config for gw in started}.values():
             await make_driver(config).sweep(set())
         if IS_ROOT:
+            remove_host_firewall(TEST_NETNS_PREFIX)
+            remove_host_firewall(TEST_QEMU_PREFIX)
             remove_blackhole(TEST_NETNS_CIDR)
             remove_blackhole(TEST_QEMU_CIDR)
             remove_empty_cgroup_parents(TEST_CGROUP)
@@ -205,6 +251,15 @@ async def gateway(request: pytest.FixtureRequest, gateway_factory: object) -> Ga
 async def gw(gateway_factory: object) -> GatewayUnderTest:
     """A gateway on the process driver: for API behaviour that does not depend on the driver."""
     return await gateway_factory("process")  # type: ignore[operator]
+
+
+@pytest.fixture(scope="session")
+def rootfs_images() -> ImageStore:
+    """The shipped image definitions in the test cache (ROOTFS_CACHE), the default image built."""
+    reason = rootfs_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    return ensure_test_images("default")
 
 
 @pytest.fixture(scope="session")

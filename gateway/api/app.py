@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import domains, execute, instances, sessions, snapshots, vms
+from gateway.api import domains, execute, instances, sessions, snapshots, templates, vms
 from gateway.api.context import CONFIG, INSTANCES, KEY_STORE, ORCHESTRATOR
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
@@ -69,5 +69,6 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(execute.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
+    app.add_routes(templates.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     return app

@@ -41,7 +41,12 @@ OPERATIONS: list[
     ),
     ("get", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Get Instance", None, s.InstanceResponse, None),
     ("delete", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Destroy Instance", None, None, None),
+    ("get", "/v1/templates", "List Templates", None, s.TemplateListResponse, None),
+    ("get", "/v1/templates/{slug}", "Get Template", None, s.TemplateResponse, None),
 ]
+SECURITY = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
+# Operations that take no API key (the SDK lists templates without one): no security, no 401 or 503.
+PUBLIC = {("get", "/v1/templates"), ("get", "/v1/templates/{slug}")}
 
 # Success statuses other than 200 (or 204 for operations without a response body).
 SUCCESS_STATUS = {
@@ -111,7 +116,9 @@ def _responses(
         else {"description": "Done"},
         "422": {"description": "Validation Error", **_json(VALIDATION_ERROR_REF)},
     }
-    errors = {"401", "503", *EXTRA_ERRORS.get((method, path), ())}
+    errors = set(EXTRA_ERRORS.get((method, path), ()))
+    if (method, path) not in PUBLIC:
+        errors |= {"401", "503"}
     if request is not None:
         errors |= {"413", "415"}
     if has_path_params:
@@ -145,7 +152,7 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
         op: dict[str, Any] = {
             "summary": summary,
             "parameters": params,
-            "security": [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}],
+            "security": [] if (method, path) in PUBLIC else SECURITY,
             "responses": _responses(method, path, request, response, has_path_params=bool(path_names)),
         }
         if request is not None:

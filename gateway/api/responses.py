@@ -122,4 +122,5 @@ def vm_view(
         snapshot_id=vm.snapshot_id,
         snapshot_error=vm.snapshot_error,
         restored_from=vm.restored_from,
+        image_variant=vm.image_variant,
     )

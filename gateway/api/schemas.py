@@ -178,6 +178,8 @@ class VmResponse(_Model):
     snapshot_id: str | None = None
     snapshot_error: str | None = None
     restored_from: str | None = None
+    # The image it runs on (GET /v1/templates); null on the qemu driver (its own guest image).
+    image_variant: str | None = None
 
 
 class SnapshotResponse(_Model):
@@ -223,6 +225,31 @@ class CustomDomainListResponse(_Model):
 
 class VmListResponse(_Model):
     vms: list[VmResponse]
+    total: int
+
+
+class TemplateResponse(_Model):
+    """An image VMs can run on: what POST /v1/vms takes as ``image_variant`` (the official SDK's
+    ``templates.list()`` reads ``slug``, ``name`` and ``description``)."""
+
+    slug: str = Field(description="The value of image_variant that names this image")
+    name: str
+    description: str
+    # The Debian packages asked for (their dependencies come with them).
+    packages: list[str]
+    suite: str
+    # The definition's digest: a changed definition or builder is a new digest, built anew.
+    digest: str
+    # Whether this gateway has built it; a VM of an image that is not built is refused (422) by drivers
+    # that run VMs on images (netns).
+    built: bool
+    default: bool = Field(description="The image of VMs whose request names none")
+    size_bytes: int | None = None
+    built_at: str | None = None
+
+
+class TemplateListResponse(_Model):
+    templates: list[TemplateResponse]
     total: int
 
 

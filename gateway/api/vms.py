@@ -25,8 +25,13 @@ routes = web.RouteTableDef()
 METADATA_FILTER_PREFIX = "metadata."
 
 
-def refuse_unsupported(body: VMCreateRequest, driver: str, snapshots: bool = False) -> None:
-    """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op."""
+def refuse_unsupported(
+    body: VMCreateRequest, driver: str, snapshots: bool = False, image_problem: str | None = None
+) -> None:
+    """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op.
+
+    ``image_problem``: why the image_variant asked for cannot run here (``Orchestrator.image_problem``).
+    """
     problems = []
     if (body.snapshot_id or body.snapshot_on_terminate or body.snapshot_name) and not snapshots:
         field = (
@@ -41,10 +46,8 @@ def refuse_unsupported(body: VMCreateRequest, driver: str, snapshots: bool = Fal
         problems.append(("vault_ids", "vaults are not supported by this gateway"))
     if body.egress_policy:
         problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
-    if body.image_variant not in (None, "", "default"):
-        problems.append(
-            ("image_variant", f"unknown image variant {body.image_variant!r}; available: default")
-        )
+    if image_problem:
+        problems.append(("image_variant", image_problem))
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
 
@@ -108,7 +111,12 @@ async def create_vm(request: web.Request) -> web.Response:
     query = parse_query(request, VmCreateQuery)
     body = await parse_body(request, VMCreateRequest, lifetime_context(request.app[CONFIG]))
     orchestrator = request.app[ORCHESTRATOR]
-    refuse_unsupported(body, orchestrator.driver.name, orchestrator.snapshots.available)
+    refuse_unsupported(
+        body,
+        orchestrator.driver.name,
+        orchestrator.snapshots.available,
+        orchestrator.image_problem(body.image_variant),
+    )
     domain = domain_request(body, orchestrator.domains)
     restore = await snapshot_to_restore(body, orchestrator.snapshots, owner)
     share, token = share_for(body.share.model_dump() if body.share else None)
@@ -118,6 +126,7 @@ async def create_vm(request: web.Request) -> web.Response:
         snapshot_on_terminate=bool(body.snapshot_on_terminate),
         snapshot_name=body.snapshot_name,
         restore=restore,
+        image=body.image_variant or "",
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if vm.status == VM_FAILED and not body.env:

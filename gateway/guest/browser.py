@@ -114,7 +114,11 @@ class DevToolsProxy:
 
     async def _open(self, _app: web.Application) -> None:
         # No total timeout: a DevTools WebSocket lives as long as the client keeps it.
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        # Bodies pass through as Chromium encoded them. (A session-wide setting: the images' aiohttp is
+        # Debian 12's 3.8, whose request() takes no auto_decompress.)
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=10), auto_decompress=False
+        )
 
     async def _close(self, _app: web.Application) -> None:
         if self.session is not None:
@@ -137,7 +141,6 @@ class DevToolsProxy:
             headers=headers,
             data=await request.read() if request.body_exists else None,
             allow_redirects=False,
-            auto_decompress=False,
         ) as upstream:
             body = await upstream.read()
             if upstream.content_type == "application/json":

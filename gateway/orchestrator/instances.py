@@ -69,6 +69,9 @@ class InstanceService:
         if driver not in image.drivers:
             reason = image.unavailable or f"it does not run on the {driver!r} VM driver"
             return f"image {name!r} cannot run on this gateway: {reason}; available: {', '.join(runnable)}"
+        rootfs_problem = self.orchestrator.image_problem(image.rootfs)
+        if rootfs_problem:
+            return f"image {name!r} cannot run on this gateway yet: its root file system {rootfs_problem}"
         return None
 
     def size_problem(self, name: str) -> str | None:
@@ -82,7 +85,9 @@ class InstanceService:
         """Start an instance and return once its browser accepts connections (image and size checked)."""
         image: ImageConfig = self.catalog.images[image_name]
         size: SizeConfig = self.catalog.sizes[size_name]
-        command = tuple(part.replace(PYTHON_PLACEHOLDER, sys.executable) for part in image.command)
+        # "{python}": the Python inside the VM where the driver says (netns: the image's), else this one.
+        python = getattr(self.orchestrator.driver, "guest_python", None) or sys.executable
+        command = tuple(part.replace(PYTHON_PLACEHOLDER, python) for part in image.command)
         params = VmParams(
             vm_lifetime_seconds=self.catalog.default_lifetime_s,
             memory_mb=size.memory_mb,
@@ -90,6 +95,7 @@ class InstanceService:
             metadata={"instance_image": image_name, "instance_size": size_name},
             command=command,
             ready_port=image.port,
+            image=image.rootfs,
         )
         _, vm = await self.orchestrator.create_vm(org_owner(org), None, params, wait=False)
         rec = InstanceRecord(

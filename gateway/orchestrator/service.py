@@ -28,6 +28,7 @@ from gateway.errors import (
     Unsupported,
     VmNotRunning,
 )
+from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore, image_store
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
@@ -84,6 +85,8 @@ class VmParams:
     snapshot_on_terminate: bool = False
     snapshot_name: str | None = None
     restore: SnapshotRecord | None = None
+    # The root file system image (image_variant; [images.definitions]): "" is the default one.
+    image: str = ""
 
 
 @dataclass
@@ -94,9 +97,11 @@ class Orchestrator:
     domains: DomainService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
     snapshots: SnapshotService = field(init=False)
+    images: ImageStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotService(self.store, self.driver, self.config.data_path / SNAPSHOTS_SUBDIR)
+        self.images = image_store(self.config)
 
     async def start(self) -> None:
         await self.driver.start()
@@ -148,6 +153,30 @@ class Orchestrator:
         return session
 
     # VMs ------------------------------------------------------------------------------------------
+
+    def image_problem(self, variant: str | None) -> str | None:
+        """Why a VM of image ``variant`` cannot be created on this gateway (a 422's message), or None.
+
+        Drivers that run VMs on images need it built (operators build what they offer: a VM create does
+        not wait a minute for a build); the process driver runs on the host's files whatever the image;
+        the qemu driver has its one guest image, so only the default is accepted there.
+        """
+        name = self.images.resolve(variant)
+        available = self.images.names()
+        if name not in available:
+            return f"unknown image variant {variant!r}; available: {', '.join(available) or 'none'}"
+        driver = self.driver.name
+        if driver in ROOTFS_DRIVERS:
+            if not self.images.is_built(name):
+                return f"image {name!r} is not built on this gateway: run `gateway image build {name}`"
+        elif driver not in HOST_FILES_DRIVERS and name != self.images.default:
+            return f"the {driver!r} VM driver runs its own guest image; image variants need the netns driver"
+        return None
+
+    def image_name(self, variant: str | None) -> str:
+        """The image a VM of ``variant`` runs on (its record's image_variant); "" for drivers without."""
+        driver = self.driver.name
+        return self.images.resolve(variant) if driver in ROOTFS_DRIVERS | HOST_FILES_DRIVERS else ""
 
     async def create_vm(
         self, owner: str, session_id: str | None, params: VmParams, *, wait: bool
@@ -226,6 +255,7 @@ class Orchestrator:
             snapshot_on_terminate=params.snapshot_on_terminate,
             snapshot_name=params.snapshot_name,
             restored_from=params.restore.snapshot_id if params.restore else None,
+            image_variant=self.image_name(params.image) or None,
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )
@@ -266,6 +296,7 @@ class Orchestrator:
             metadata=rec.metadata,
             command=command,
             restore_from=restore_from,
+            image=rec.image_variant or "",
         )
         try:
             info = await asyncio.wait_for(self._start(spec, ready_port), self.config.vms.boot_timeout_s)

@@ -267,6 +267,8 @@ class VmRecord(_Record):
     snapshot_id: str | None = None  # the snapshot made of this VM
     snapshot_error: str | None = None
     restored_from: str | None = None  # the snapshot this VM resumed
+    # The root file system image it runs on (image_variant); None where the driver has no images (qemu).
+    image_variant: str | None = None
 
     @property
     def alive(self) -> bool:

@@ -30,6 +30,7 @@ def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     # The process driver keeps this test independent of root; the netns driver has its own suites.
     env["GATEWAY_VMS_DRIVER"] = "process"
+    env["GATEWAY_PROCESS_ALLOW_ROOT"] = "true"  # (it refuses root otherwise: it isolates nothing)
     env["GATEWAY_PROCESS_CIDR"] = "127.78.0.0/24"
     env["GATEWAY_ADMIN_LISTEN"] = ""  # the default port may be a developer's running gateway
     return env
@@ -73,6 +74,9 @@ class Server:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the readiness line, printed once the listener is up
         assert line.startswith("gateway listening on"), line
+        # Then what stands between VMs and this host: nothing, with the process driver.
+        line = self.proc.stdout.readline()
+        assert line.startswith("isolation: NONE (process driver: development only"), line
 
     def call(self, method: str, path: str, body: object = None, key: str | None = None) -> tuple[int, dict]:
         req = urllib.request.Request(

@@ -27,7 +27,7 @@ import pytest
 
 from gateway.config import Config, override
 from gateway.errors import DriverError, VmNotRunning
-from gateway.orchestrator.drivers import _host
+from gateway.orchestrator.drivers import _host, hostfw
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.qemu_env import guest_image, qemu_missing
@@ -211,6 +211,8 @@ async def harness(kind: str, tmp_path: Path) -> AsyncIterator[Harness]:
             except DriverError as exc:
                 errors.append(str(exc))
         await h.driver.close()
+        if kind != "process":  # the driver keeps its firewall table on purpose; the test removes it
+            await hostfw.remove(NETNS_PREFIX)
         assert not errors, errors
 
 

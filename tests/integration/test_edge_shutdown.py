@@ -34,6 +34,7 @@ def serve_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_VMS_DRIVER="process",
+        GATEWAY_PROCESS_ALLOW_ROOT="true",  # (it refuses root otherwise: it isolates nothing)
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
         GATEWAY_PROCESS_CIDR=VM_CIDR,
         GATEWAY_SERVER_SHUTDOWN_GRACE_S=str(GRACE_S),

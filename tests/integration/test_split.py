@@ -31,6 +31,7 @@ def plane_env(redis_url: str) -> dict[str, str]:
     env.update(
         GATEWAY_REDIS_URL=redis_url,
         GATEWAY_VMS_DRIVER="process",
+        GATEWAY_PROCESS_ALLOW_ROOT="true",  # (it refuses root otherwise: it isolates nothing)
         GATEWAY_PROCESS_CIDR=VM_CIDR,
         GATEWAY_ADMIN_LISTEN="",
         GATEWAY_SERVER_SHUTDOWN_GRACE_S="2",

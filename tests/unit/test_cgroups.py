@@ -27,8 +27,8 @@ def test_v2_delegates_controllers_and_writes_limits(tmp_path: Path) -> None:
     tree = CgroupTree(make_v2_root(tmp_path), "gw")
     assert tree.unified
     tree.prepare()
-    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +cpu"
-    assert (tmp_path / "gw" / "cgroup.subtree_control").read_text() == "+memory +cpu"
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (tmp_path / "gw" / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
     (vm_dir,) = tree.create(VM, memory_mb=256, vcpu_count=2)
     assert vm_dir == tmp_path / "gw" / VM
     assert (vm_dir / "memory.max").read_text() == str(256 * 1024 * 1024)

@@ -83,6 +83,8 @@ class VmDriver(Protocol):
     """
 
     name: str
+    # One sentence: what stands between code in a VM and the host (``gateway doctor``, the start-up line).
+    isolation: str
 
     @property
     def capacity(self) -> int:

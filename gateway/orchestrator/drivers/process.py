@@ -8,6 +8,8 @@ Why this shape:
   children inherit; ``destroy`` and ``sweep`` scan ``/proc/*/environ`` for them. Only environments we
   can read are scanned, and a PID is signalled only after its marker is re-checked on a pinned pidfd.
   A process that clears its own environment escapes; that is the isolation this driver does not give.
+- It isolates nothing: VM code runs as the gateway's own user, with the host's files and network. So run
+  as root it refuses to start unless ``process.allow_root`` says so (VM code would be host root).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ INIT_COMMAND = ("sleep", "infinity")
 MARK_ID = "GATEWAY_VM_ID"
 MARK_DIR = "GATEWAY_VM_DIR"
 MARK_SLOT = "GATEWAY_VM_SLOT"
+ROOT_REFUSED = (
+    "the process driver isolates nothing: VM code would run as root on this host, with all its files "
+    'and network. Use vms.driver = "netns" (or "auto") or "qemu" as root, run the gateway as '
+    "another user, or set process.allow_root = true (GATEWAY_PROCESS_ALLOW_ROOT=true) to accept that "
+    "(development only)"
+)
 
 
 def slot_capacity(cidr: str) -> int:
@@ -75,6 +83,7 @@ class ProcessVmDriver:
     """VmDriver on plain processes. See the module docstring."""
 
     name = "process"
+    isolation = "NONE (process driver: development only; VM code runs as the gateway's user on the host)"
 
     def __init__(self, config: ProcessConfig, work_dir: Path) -> None:
         self._config = config
@@ -89,6 +98,8 @@ class ProcessVmDriver:
         return slot_address(self._config.cidr, slot)
 
     async def start(self) -> None:
+        if os.geteuid() == 0 and not self._config.allow_root:
+            raise DriverError(ROOT_REFUSED)
         self._work_dir.mkdir(parents=True, exist_ok=True)
 
     async def close(self) -> None:

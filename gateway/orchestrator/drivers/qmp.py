@@ -37,8 +37,16 @@ class Qmp:
         sock.settimeout(REPLY_TIMEOUT_S)
         self._sock = sock
         self._lines = sock.makefile("rb")
-        self._read()  # the greeting
-        self.call("qmp_capabilities")
+        try:
+            self._read()  # the greeting
+            self.call("qmp_capabilities")
+        except BaseException as exc:
+            # A QEMU that dies (or hangs up) right after accepting must not leak the socket, and its
+            # reset is a QMP failure like any other (callers turn those into a DriverError).
+            self.close()
+            if isinstance(exc, OSError):
+                raise QmpError(f"QEMU's control socket {path} failed: {exc}") from exc
+            raise
 
     def close(self) -> None:
         self._lines.close()
