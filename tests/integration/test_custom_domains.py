@@ -20,7 +20,7 @@ from tests.cloudflare_stub import CloudflareStub
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_acme import WrongValue
 from tests.integration.test_dns_providers import rfc2136
-from tests.integration.test_edge import APP_PORT, ECHO_APP
+from tests.integration.test_edge import APP_PORT, echo_app_command
 from tests.integration.test_tls import API_HOST, http_over, tls_address, tls_sections
 
 DELEGATION_ZONE = "acme-delegation.example.test"
@@ -61,7 +61,7 @@ async def vm_with_domain(gw: GatewayUnderTest, custom_domain: dict[str, Any], **
     body = {"share": {"port": APP_PORT, "is_public": True}, "custom_domain": custom_domain, **extra}
     status, vm = await gw.request("POST", "/v1/vms", json=body)
     assert status == 200, vm
-    command = f"python3 {ECHO_APP} {APP_PORT}"
+    command = echo_app_command(APP_PORT)
     run = {"session_id": vm["session_id"], "command": command}
     status, out = await gw.request("POST", "/execute", json=run)
     assert (status, out["exit_code"]) == (200, 0), out

@@ -14,6 +14,15 @@ import pytest
 from tests.conftest import GatewayUnderTest, free_port
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
+
+
+def echo_app_command(port: int) -> str:
+    """A shell command that starts the echo app in a VM: the app's source goes in with the command, since
+    a VM sees none of the host's files."""
+    return (
+        f"cat > \"$HOME/echo_app.py\" <<'GATEWAY_APP_EOF'\n{ECHO_APP.read_text()}\nGATEWAY_APP_EOF\n"
+        f'python3 "$HOME/echo_app.py" {port}'
+    )
 APP_PORT = 3000
 RAW_READ_TIMEOUT_S = 2.0
 
@@ -23,7 +32,7 @@ async def start_app(gw: GatewayUnderTest) -> tuple[str, str, str]:
     status, vm = await gw.request("POST", "/v1/vms", json={})
     assert status == 200, vm
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
     )
     assert (status, out["exit_code"]) == (200, 0), out
     status, app = await gw.request("GET", f"/v1/sessions/app-url/{vm['session_id']}?port={APP_PORT}")
@@ -331,7 +340,7 @@ async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: Gate
     token, url = share["access_token"], share["url"]
     assert (share["port"], share["is_public"]) == (APP_PORT, False)
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
     )
     assert (status, out["exit_code"]) == (200, 0)
     status, shown = await gw.request("GET", f"/v1/vms/{vm['vm_id']}")

@@ -21,7 +21,7 @@ import pytest
 from gateway.config import load_config, override
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.conftest import free_port
-from tests.integration.test_edge import APP_PORT, ECHO_APP
+from tests.integration.test_edge import APP_PORT, echo_app_command
 
 GRACE_S = 5.0
 START_TIMEOUT_S = 30.0
@@ -103,7 +103,7 @@ async def test_sigterm_drains_uploads_and_closes_websockets_cleanly(
         async with api.post("/v1/vms", json={}) as resp:
             vm = await resp.json()
             assert resp.status == 200, vm
-        command = f"python3 {ECHO_APP} {APP_PORT}"
+        command = echo_app_command(APP_PORT)
         async with api.post("/execute", json={"session_id": vm["session_id"], "command": command}) as resp:
             assert (await resp.json())["exit_code"] == 0
         async with api.get(f"/v1/sessions/app-url/{vm['session_id']}?port={APP_PORT}") as resp:

@@ -198,10 +198,10 @@ async def test_one_access_log_line_per_request_with_ids_and_no_secrets(
     status, vm = await gw.request("POST", "/v1/vms", json={"share": {"port": APP_PORT, "is_public": False}})
     assert status == 200, vm
     token = vm["share"]["access_token"]
-    from tests.integration.test_edge import ECHO_APP
+    from tests.integration.test_edge import echo_app_command
 
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
     )
     assert out["exit_code"] == 0
     url = f"{gw.url}/v1/app/{vm['session_id']}/{APP_PORT}/"
