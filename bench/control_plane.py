@@ -125,8 +125,6 @@ async def execute_latency(http: aiohttp.ClientSession, url: str, key: str, count
                 raise RuntimeError(f"execute failed: {resp.status} {result}")
         times.append(time.perf_counter() - started)
     # VMs outlive the gateway on purpose: end this one before the bench stops it.
-    async with http.post(f"{url}/kill", json={"session_id": session_id}) as resp:
-        await resp.read()
     async with http.get(f"{url}/v1/sessions/status/{session_id}") as resp:
         vm_id = (await resp.json()).get("vm_id")
     if vm_id:
