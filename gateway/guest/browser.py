@@ -36,6 +36,8 @@ log = logging.getLogger("gateway.guest.browser")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 DEVTOOLS_PORT_FILE = "DevToolsActivePort"
 DEVTOOLS_START_TIMEOUT_S = 30.0
+# How long a stopping proxy lets in-flight requests finish.
+SHUTDOWN_TIMEOUT_S = 1.0
 POLL_S = 0.05
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "proxy-connection"}
@@ -96,6 +98,11 @@ def public_urls(body: bytes, internal: str, host: str, secure: bool) -> bytes:
         body = body.replace(b"ws://" + loopback, b"wss://" + loopback)
         body = body.replace(b"ws=" + loopback, b"wss=" + loopback)  # devtoolsFrontendUrl's parameter
     return body.replace(loopback, host.encode())
+
+
+def aiohttp_version() -> tuple[int, int]:
+    major, minor = aiohttp.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 class DevToolsProxy:
@@ -172,14 +179,15 @@ class DevToolsProxy:
                     await sink.send_bytes(msg.data)
             await sink.close()
 
-        async with upstream:
-            tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+        # (try/finally, not ``async with upstream``: aiohttp 3.8's client WebSocket is no context manager)
+        tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await upstream.close()
         await client.close()
         return client
 
@@ -204,9 +212,16 @@ async def run(port: int, host: str, home: Path, chromium_log: BinaryIO) -> int:
     runner: web.AppRunner | None = None
     try:
         devtools_port = await wait_devtools_port(profile, chromium)
-        runner = web.AppRunner(DevToolsProxy(devtools_port).app(), access_log=None, shutdown_timeout=1)
+        # The drain deadline moved from the site to the runner in aiohttp 3.9; the netns driver's browser
+        # image has Debian 12's 3.8, whose runner hands unknown arguments to every connection's handler
+        # (a TypeError that closed each connection before its request was read).
+        drain = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+        new_aiohttp = aiohttp_version() >= (3, 9)
+        runner = web.AppRunner(
+            DevToolsProxy(devtools_port).app(), access_log=None, **(drain if new_aiohttp else {})
+        )
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, **({} if new_aiohttp else drain)).start()
         log.info("DevTools of chromium (pid %d) served on %s:%d", chromium.pid, host, port)
         exited = asyncio.create_task(chromium.wait())
         stopped = asyncio.create_task(stop.wait())

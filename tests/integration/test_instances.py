@@ -146,13 +146,9 @@ async def wait_for(condition, what: str) -> None:
 
 
 async def test_an_instance_is_created_driven_over_devtools_listed_and_destroyed(
-    gateway: GatewayUnderTest, request: pytest.FixtureRequest
+    gateway: GatewayUnderTest,
 ) -> None:
     gw = gateway
-    if gw.config.vms.driver == "netns":
-        # Known gap (issue 16's note): in the browser image (Debian 12's aiohttp 3.8) the DevTools proxy
-        # closes every connection before its handler runs, although Chromium answers inside the VM.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="DevTools proxy on aiohttp 3.8"))
     token = await org_key(gw, ORG_A)
     status, created = await create_instance(gw, token)
     assert status == 201, created
