@@ -690,6 +690,27 @@ async def test_netns_sweep_removes_orphans_of_this_prefix_only(nh: Harness) -> N
         ip("netns", "del", other, check=False)
 
 
+@NEEDS_ROOT
+async def test_netns_sweep_removes_a_container_whose_work_folder_is_gone(nh: Harness) -> None:
+    """A VM whose record went with its data folder (a lost disk, a deleted data_dir) still has a runc
+    container and mounts: sweep finds them by runc's state and the mount folder, and removes both."""
+    info = await nh.create("vm-lostdir", 1)
+    state = Path(f"/run/gateway-runc/{NETNS_PREFIX}/vm-lostdir")
+    mounts = [line for line in read_mountinfo() if f"/run/gateway-vms/{NETNS_PREFIX}/vm-lostdir/" in line]
+    assert exists(str(state)) and len(mounts) == 4  # userns, disk, image, overlay
+    # The work folder (with vm.json) disappears under the running VM; only its disk file stays open.
+    shutil.rmtree(info.handle["vm_dir"])
+    assert await nh.driver.sweep(set()) >= 1
+    assert not exists(str(state))
+    assert not [line for line in read_mountinfo() if f"/run/gateway-vms/{NETNS_PREFIX}/vm-lostdir" in line]
+    assert await await_gone({info.handle["init_pid"]}) == set()
+    nh.made.pop("vm-lostdir")
+
+
+def read_mountinfo() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
 # --- process only --------------------------------------------------------------------------------------
 
 

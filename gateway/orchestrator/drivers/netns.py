@@ -489,9 +489,17 @@ class NetnsVmDriver:
             plan = self.plan(slot)
             orphan = _Parts(vm_id="", namespace=plan.namespace, veth=plan.veth, check_owner=False)
             await remove(f"slot:{slot}", orphan)
-        for vm_id in self._cgroups.vm_ids() - live_vm_ids:
+        # VMs that left no record (their work folder is gone): their cgroups, and for containers runc's
+        # state and their mount folder, still name them.
+        orphans = self._cgroups.vm_ids()
+        if self.runs_containers:
+            orphans |= set(await self._runc.containers()) | set(_listdir(self._mount_root)) - {GUEST_COPY}
+        for vm_id in sorted(orphans - live_vm_ids):
             if _host.is_vm_id(vm_id):
-                await remove(f"vm:{vm_id}", _Parts(vm_id=vm_id, cgroups=self._cgroups.vm_dirs(vm_id)))
+                parts = _Parts(vm_id=vm_id, cgroups=self._cgroups.vm_dirs(vm_id))
+                if self.runs_containers:
+                    parts.mount_dir = self._mount_root / vm_id
+                await remove(f"vm:{vm_id}", parts)
         if failures:
             raise DriverError(f"sweep removed {len(removed)} orphan(s) but failed on: {'; '.join(failures)}")
         return len(removed)
