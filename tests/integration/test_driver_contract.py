@@ -171,8 +171,8 @@ class Harness:
         return found
 
 
-def make_config(tmp_path: Path, kind: str) -> Config:
-    return override(
+def make_config(tmp_path: Path, kind: str, **sections: dict[str, object]) -> Config:
+    config = override(
         Config(),
         server={"data_dir": str(tmp_path / "data")},
         vms={"driver": kind},
@@ -186,6 +186,7 @@ def make_config(tmp_path: Path, kind: str) -> Config:
         },
         images={"dir": str(ROOTFS_CACHE)},
     )
+    return override(config, **sections) if sections else config
 
 
 def proc_cmdline(pid: int) -> bytes:
@@ -196,8 +197,8 @@ def proc_cmdline(pid: int) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def harness(kind: str, tmp_path: Path) -> AsyncIterator[Harness]:
-    config = make_config(tmp_path, kind)
+async def harness(kind: str, tmp_path: Path, **sections: dict[str, object]) -> AsyncIterator[Harness]:
+    config = make_config(tmp_path, kind, **sections)
     h = Harness(kind, config, make_driver(config), tmp_path)
     assert h.driver.name == kind
     await h.driver.start()
@@ -705,6 +706,26 @@ async def test_netns_sweep_removes_a_container_whose_work_folder_is_gone(nh: Har
     assert not [line for line in read_mountinfo() if f"/run/gateway-vms/{NETNS_PREFIX}/vm-lostdir" in line]
     assert await await_gone({info.handle["init_pid"]}) == set()
     nh.made.pop("vm-lostdir")
+
+
+@NEEDS_ROOT
+async def test_netns_init_output_fills_the_vms_own_disk(tmp_path: Path, host_guard: None) -> None:
+    """An init that logs without end (an image's program) writes on the VM's own layer: it fills that (the
+    host spends at most the layer's size on it), and the VM runs on."""
+    disk_mb = 32
+    async with harness("netns", tmp_path, netns={"disk_mb": disk_mb}) as h:
+        command = ("sh", "-c", "yes init-output-without-end; exec sleep 300")
+        info = await h.create("vm-logs", 1, command=command)
+        async with asyncio.timeout(EXEC_TIMEOUT_S):
+            while int((await h.run(info, "df --output=avail -k / | tail -1")).stdout) > 64:
+                pass  # (each round is an execute: no busy loop)
+        assert (await h.driver.inspect(info.vm_id, info.handle)).running
+        assert folder_bytes(Path(info.handle["vm_dir"])) <= (disk_mb + 1) << 20
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes the folder's files take on disk (allocated blocks, as du counts)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
 
 
 def read_mountinfo() -> list[str]:

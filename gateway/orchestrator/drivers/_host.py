@@ -288,7 +288,7 @@ async def run_logged(argv: Sequence[str], *, log_path: Path, what: str) -> None:
         _spawn.reap_in_background(proc)
         raise
     if returncode != 0:
-        raise DriverError(f"{what} failed: {init_log_tail(log_path.parent.parent) or f'exit {returncode}'}")
+        raise DriverError(f"{what} failed: {log_tail(log_path) or f'exit {returncode}'}")
 
 
 async def spawn_detached(
@@ -359,11 +359,14 @@ async def spawn_detached(
 
 
 def init_log_tail(vm_dir: Path | None) -> str:
-    """The end of a VM init's output, on one line ('' when there is none)."""
-    if vm_dir is None:
-        return ""
+    """The end of a VM init's output in its work folder, on one line ('' when there is none)."""
+    return log_tail(vm_dir / RUN_DIR / INIT_LOG) if vm_dir is not None else ""
+
+
+def log_tail(path: Path) -> str:
+    """The end of a log file, on one line ('' when there is none)."""
     try:
-        with open(vm_dir / RUN_DIR / INIT_LOG, "rb") as fh:
+        with open(path, "rb") as fh:
             fh.seek(max(0, os.fstat(fh.fileno()).st_size - INIT_LOG_TAIL_BYTES))
             tail = fh.read().decode(errors="replace")
     except OSError:

@@ -332,6 +332,11 @@ class NetnsVmDriver:
         """The VM's cgroup folders: runc makes them (with every controller) from the bundle's cgroupsPath."""
         return self._cgroups.vm_dirs(spec.vm_id)
 
+    def _init_log(self, vm_id: str) -> Path:
+        """Where a VM's init writes (an image's program; runc's own errors first): on the VM's own disk, so
+        a program that logs without end fills its own layer, not the host's."""
+        return self._mount_root / vm_id / rootfs.DISK_DIR / rootfs.OUTPUT_DIR / _host.INIT_LOG
+
     def _host_ids(self, slot: int) -> int:
         """The host uid (and gid) that is root in the slot's VMs; the next 65535 ids are the VM's too."""
         return self._config.id_base + slot * IDS_PER_VM
@@ -379,13 +384,15 @@ class NetnsVmDriver:
         start = ["run", "--detach", "--bundle", str(vm_dir), "--pid-file", str(pid_file), spec.vm_id]
         await _host.run_logged(
             self._runc.argv(*start),
-            log_path=vm_dir / _host.RUN_DIR / _host.INIT_LOG,
+            log_path=self._init_log(spec.vm_id),
             what="starting the VM's container",
         )
         pid = int(pid_file.read_text().strip())
         ticks = _host.start_ticks(pid)
         if ticks is None:
-            raise DriverError(f"VM init exited at once: {_host.init_log_tail(vm_dir) or 'no output'}")
+            raise DriverError(
+                f"VM init exited at once: {_host.log_tail(self._init_log(spec.vm_id)) or 'no output'}"
+            )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
 
@@ -412,7 +419,7 @@ class NetnsVmDriver:
         except DriverError:
             return VmInfo(vm_id=vm_id, ip=str(handle.get("ip", "")), running=False, handle=handle)
         running = self._running(parts)
-        detail = "" if running else _host.init_log_tail(parts.vm_dir)
+        detail = "" if running else _host.log_tail(self._init_log(vm_id)) or _host.init_log_tail(parts.vm_dir)
         return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=running, handle=handle, detail=detail)
 
     async def execute(
