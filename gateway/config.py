@@ -125,6 +125,10 @@ class VmsConfig:
     reaper_interval_s: float = 0.5
 
 
+NETNS_MIN_DISK_MB = 16
+NETNS_MIN_PIDS = 16
+
+
 @dataclass(frozen=True)
 class NetnsConfig:
     cidr: str = "172.30.0.0/16"
@@ -562,6 +566,18 @@ def validate(config: Config) -> None:
     for name in ("netns", "qemu"):
         if not ipaddress.IPv4Network(getattr(config, name).cidr).is_private:
             raise ConfigError(f"{name}.cidr must be a private range")
+    netns = config.netns
+    if netns.runtime not in ("runc", "crun") and not netns.runtime.startswith("/"):
+        raise ConfigError(f"netns.runtime: runc, crun or an absolute path, got {netns.runtime!r}")
+    if netns.disk_mb < NETNS_MIN_DISK_MB:
+        raise ConfigError(f"netns.disk_mb must be at least {NETNS_MIN_DISK_MB} (an ext4 layer needs room)")
+    if netns.pids_max < NETNS_MIN_PIDS:
+        raise ConfigError(f"netns.pids_max must be at least {NETNS_MIN_PIDS} (a VM's init and a command)")
+    if (
+        netns.id_base < 65536
+        or netns.id_base + 65536 * ipaddress.IPv4Network(netns.cidr).num_addresses // 4 > 2**32 - 2
+    ):
+        raise ConfigError("netns.id_base: every slot's 65536 ids must lie above 65535 and below 2^32 - 1")
     if config.execute.default_timeout_s > config.execute.max_timeout_s:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.api.max_body_bytes < 1024:

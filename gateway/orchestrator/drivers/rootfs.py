@@ -111,12 +111,19 @@ def has_command(root: Path, command: str, search_path: str) -> bool:
 
 
 def mount_points() -> set[str]:
-    """This mount namespace's mount points, from mountinfo: ``os.path.ismount`` misses a bind mount of a
-    folder on the same file system (the image, idmapped, usually is one)."""
-    points = set()
+    """This mount namespace's mount points: ``os.path.ismount`` misses a bind mount of a folder on the
+    same file system (the image, idmapped, usually is one)."""
     with open("/proc/self/mountinfo", "rb") as fh:
-        for line in fh:
-            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split(b" ", 5)[4])
+        return parse_mount_points(fh.read())
+
+
+def parse_mount_points(mountinfo: bytes) -> set[str]:
+    """Pure: the mount points a mountinfo text lists (its fifth field, with space, tab, newline and
+    backslash octal-escaped)."""
+    points = set()
+    for line in mountinfo.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) > 4:
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
             points.add(raw.decode(errors="replace"))
     return points
