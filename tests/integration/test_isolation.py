@@ -223,6 +223,27 @@ async def test_the_image_is_read_only_under_a_writable_layer_of_the_vms_own(
     assert "rc=0" not in out["stdout"], out
 
 
+async def test_other_vms_traffic_counters_and_cgroups_are_not_readable_in_sys(
+    netns_gateway: GatewayUnderTest,
+) -> None:
+    """/sys is the host's (read-only): the masks keep other tenants' veths and cgroups out of it."""
+    gw = netns_gateway
+    sid_a, _ = await new_vm(gw)
+    _sid_b, vm_b = await new_vm(gw)
+    record = await gw.services.store.get_vm(vm_b["vm_id"])
+    assert record is not None
+    veth_b, cgroup = record.handle["veth"], gw.config.netns.cgroup_name
+    out = await run(
+        gw,
+        sid_a,
+        f"find /sys -maxdepth 6 \\( -name '{veth_b}' -o -name '{vm_b['vm_id']}' -o -name '{cgroup}' \\) "
+        "2>/dev/null; ls /sys/class/net /sys/fs/cgroup 2>&1 | grep -v '^/sys' ; echo end",
+    )
+    assert out["stdout"].strip() == "end", out
+    # (the host itself does have them: the test would see them if the masks were gone)
+    assert read(f"/sys/class/net/{veth_b}/ifindex")
+
+
 # --- processes ------------------------------------------------------------------------------------------
 
 

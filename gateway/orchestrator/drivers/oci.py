@@ -28,7 +28,7 @@ CFS_PERIOD_US = 100_000
 VM_OOM_SCORE_ADJ = 500
 OPEN_FILES_LIMIT = 65536
 DEV_SHM_SIZE = "67108864"  # 64 MiB, as Docker
-# Docker's (moby oci/defaults.go): what /proc must not show or let a VM change.
+# Docker's (moby oci/defaults.go) and ours: what /proc and /sys must not show or let a VM change.
 MASKED_PATHS = (
     "/proc/asound",
     "/proc/acpi",
@@ -41,6 +41,12 @@ MASKED_PATHS = (
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    # Ours, because /sys is the host's: other VMs' veths (with their traffic counters) and cgroups (with
+    # their memory and CPU use) would be readable there.
+    "/sys/class/net",
+    "/sys/devices/virtual/net",
+    "/sys/fs/cgroup",
+    "/sys/kernel",
 )
 READONLY_PATHS = (
     "/proc/bus",
