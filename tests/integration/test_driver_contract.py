@@ -631,6 +631,23 @@ async def test_netns_cgroup_limits_cover_init_and_commands(nh: Harness) -> None:
 
 
 @NEEDS_ROOT
+async def test_netns_root_in_the_vm_listens_below_1024(nh: Harness) -> None:
+    """Web apps on port 80 work: the VM's network namespace is its user namespace's, where its root holds
+    NET_BIND_SERVICE (in a namespace the host's user namespace owned, it would not)."""
+    info = await nh.create("vm-port80", 1, env={"GREETING": "on80"})
+    started = await nh.driver.execute(
+        info.vm_id,
+        info.handle,
+        ["python3", "-c", SERVER, "0.0.0.0", "80"],
+        env={},
+        timeout_s=EXEC_TIMEOUT_S,
+        max_output_bytes=MAX_OUTPUT_BYTES,
+    )
+    assert started.exit_code == 0, started
+    assert await read_line(info.ip, 80) == b"vm-port80 on80\n"
+
+
+@NEEDS_ROOT
 async def test_netns_vms_can_listen_on_the_same_port(nh: Harness) -> None:
     vms = [await nh.create(f"vm-iso{slot}", slot, env={"GREETING": f"g{slot}"}) for slot in (1, 2)]
     for info in vms:
