@@ -13,6 +13,7 @@ import shutil
 from gateway.config import Config
 from gateway.errors import DriverError
 from gateway.orchestrator.drivers.base import VmDriver
+from gateway.orchestrator.drivers.netns import NetnsVmDriver
 from gateway.orchestrator.drivers.process import ROOT_REFUSED
 from gateway.orchestrator.drivers.qemu import QemuVmDriver
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver, qemu_image_dir
@@ -61,6 +62,10 @@ async def diagnose(config: Config) -> tuple[list[str], bool]:
             f"isolation: {found['isolation']}",
         ]
         return lines, ok
+    if isinstance(driver, NetnsVmDriver) and driver.runs_containers:
+        for line, usable in await driver.container_checks():
+            lines.append(line)
+            ok = ok and usable
     if config.vms.driver == "auto":
         lines.append(f'qemu image: {qemu_image_dir(config)} (driver = "qemu" to use it)')
     lines.append(f"isolation: {isolation(driver)}")

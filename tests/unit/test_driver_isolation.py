@@ -71,3 +71,17 @@ async def test_doctor_says_the_isolation_and_fails_for_the_process_driver_as_roo
     assert lines[-1] == f"isolation: {ProcessVmDriver.isolation}"
     lines, ok = await diagnose(override(config, process={"allow_root": True}))
     assert ok and lines[-1].startswith("isolation: NONE")
+
+
+async def test_doctor_checks_what_netns_containers_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.doctor.os.geteuid", lambda: 0)
+    config = override(Config(), server={"data_dir": str(tmp_path)}, vms={"driver": "netns"})
+    lines, ok = await diagnose(config)
+    # An image not built yet is said, and is no failure: `gateway serve` builds the default at start.
+    assert any(line.startswith("default image: image default is not built") for line in lines), lines
+    assert lines[-1] == f"isolation: {NetnsVmDriver.isolation}"
+    lines, ok = await diagnose(override(config, netns={"runtime": "/nonexistent/runc"}))
+    assert not ok
+    assert "OCI runtime: missing (apt-get install runc)" in lines

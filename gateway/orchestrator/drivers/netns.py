@@ -212,6 +212,26 @@ class NetnsVmDriver:
             if shutil.which(tool) is None:
                 raise DriverError(f"{tool} not found (e2fsprogs / util-linux)")
 
+    async def container_checks(self) -> list[tuple[str, bool]]:
+        """What ``gateway doctor`` reports for containers: (line, whether VMs can run with it)."""
+        runtime = shutil.which(self._runc.binary)
+        version = await _host.run_host([runtime, "--version"], check=False) if runtime else None
+        said = version.stdout.splitlines()[0] if version else "missing (apt-get install runc)"
+        checks = [
+            (f"OCI runtime: {said}", version is not None),
+            (f"cgroups: {'v2 (unified)' if self._cgroups.unified else 'v1 (hybrid)'}", True),
+        ]
+        for tool, package in (("nft", "nftables"), ("mkfs.ext4", "e2fsprogs"), ("mmdebstrap", "mmdebstrap")):
+            found = shutil.which(tool)
+            checks.append((f"{tool}: {found or f'missing (apt-get install {package})'}", found is not None))
+        try:
+            image = self._images.rootfs("default") if self._images else None
+            checks.append((f"default image: {image}", image is not None))
+        except DriverError as exc:
+            # Not fatal: `gateway serve` builds it at start.
+            checks.append((f"default image: {exc}", True))
+        return checks
+
     def _prepare_mount_root(self) -> None:
         """The VMs' mount folders' parent, and a copy of the guest programs a VM can read (the package
         itself may sit in a private folder, e.g. a virtualenv under /root)."""
