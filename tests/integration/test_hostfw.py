@@ -218,9 +218,8 @@ def build_slot(slot: int, *, ipv6: bool) -> None:
     """One slot as the driver makes it; with ``ipv6`` False, IPv6 goes off the way the driver is to do it."""
     namespace, veth = f"{PREFIX}-{slot}", f"{PREFIX}h{slot}"
     run("ip", "netns", "add", namespace)
-    if not ipv6:
-        for argv in hostfw.namespace_ipv6_off_commands(namespace):  # before eth0 exists in there
-            run(*argv)
+    if not ipv6:  # before eth0 exists in there
+        run(*hostfw.namespace_sysctl_argv(Path("/var/run/netns") / namespace, hostfw.NAMESPACE_IPV6_OFF))
     run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
     host_side = [f"addr add {Net.host_ip(slot)}/30 dev {veth}", f"link set dev {veth} up"]
     vm_side = [
@@ -237,8 +236,7 @@ def build_slot(slot: int, *, ipv6: bool) -> None:
         ]
         vm_side[:0] = ["link set dev eth0 addrgenmode none", f"addr add {VM_LINK_LOCAL}/64 dev eth0 nodad"]
     else:
-        for argv in hostfw.host_ipv6_off_commands(veth):  # before the link comes up
-            run(*argv)
+        hostfw.disable_host_ipv6(veth)  # before the link comes up
     run("ip", "-batch", "-", input="\n".join(host_side) + "\n")
     run("ip", "-n", namespace, "-batch", "-", input="\n".join(vm_side) + "\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -90,30 +91,23 @@ def test_bad_allow_entries_are_refused(entry: tuple[str, int]) -> None:
         hostfw.render("gw", [entry])
 
 
-def test_host_ipv6_off_is_one_sysctl_per_veth(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hostfw, "ipv6_available", lambda: True)
-    [argv] = hostfw.host_ipv6_off_commands("gwh12")
-    assert argv[0].endswith("sysctl")
-    assert argv[1:] == ["-qw", "net.ipv6.conf.gwh12.disable_ipv6=1"]
-    for bad in ("", "gw.h1", "gw/h1", "a" * 16, "-gwh1"):
+def test_host_ipv6_off_takes_only_interface_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("", "gw.h1", "gw/h1", "../../kernel/panic", "a" * 16, "-gwh1"):
         with pytest.raises(DriverError):
-            hostfw.host_ipv6_off_commands(bad)
+            hostfw.disable_host_ipv6(bad)
 
 
-def test_namespace_ipv6_off_runs_sysctl_inside(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hostfw, "ipv6_available", lambda: True)
-    [argv] = hostfw.namespace_ipv6_off_commands("gw-3", ip="/sbin/ip")
-    assert argv[:4] == ["/sbin/ip", "netns", "exec", "gw-3"]
-    assert argv[4].endswith("sysctl")
-    assert argv[5:] == ["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
-    with pytest.raises(DriverError):
-        hostfw.namespace_ipv6_off_commands("../x")
+def test_namespace_sysctls_are_written_by_a_shell_entered_into_the_namespace() -> None:
+    argv = hostfw.namespace_sysctl_argv(Path("/var/run/netns/gw-3"), hostfw.NAMESPACE_IPV6_OFF)
+    assert argv[:2] == ["nsenter", "--net=/var/run/netns/gw-3"]
+    script = argv[-1]
+    for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
+        # Skipped where the kernel has no such setting (no IPv6), written otherwise.
+        assert f"[ ! -e /proc/sys/{key} ] || echo '1' > /proc/sys/{key}" in script.splitlines()
+    for bad in (("../../kernel/panic", "1"), ("net/ipv4/x", "1; reboot")):
+        with pytest.raises(DriverError):
+            hostfw.namespace_sysctl_argv(Path("/var/run/netns/gw-3"), [bad])
 
-
-def test_no_ipv6_in_the_kernel_means_nothing_to_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hostfw, "ipv6_available", lambda: False)
-    assert hostfw.host_ipv6_off_commands("gwh0") == []
-    assert hostfw.namespace_ipv6_off_commands("gw-0") == []
 
 
 @pytest.mark.root

@@ -21,7 +21,7 @@ that dial the host hang until their own timeout instead of failing at once; no l
 dials the host except the allowed services.
 
 The ``inet`` family covers IPv4 and IPv6 alike. IPv6 is also switched off on both ends of every veth
-(``host_ipv6_off_commands``, ``namespace_ipv6_off_commands``), so there is no link-local path at all.
+(``disable_host_ipv6``, ``NAMESPACE_IPV6_OFF``), so there is no link-local path at all.
 
 The table belongs to one driver (``gateway_<prefix>``): drivers with other prefixes, test suites among
 them, never touch each other's tables. Caveat of the wildcard: prefix ``gw`` also matches the veths of
@@ -46,7 +46,6 @@ from gateway.orchestrator.drivers import _host
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]*")
 # A driver's host-side veth (<prefix>h<slot>); becomes a sysctl key, so no dots or slashes.
 _IFNAME_RE = re.compile(r"[a-z][a-z0-9]{0,14}")
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 PROTOCOLS = ("tcp", "udp")
 # Before the distribution's usual ``filter``-priority chains (a drop anywhere is final, whatever the
 # order, so this only saves them the work) and after conntrack (-200), which ``ct state`` needs.
@@ -140,51 +139,40 @@ async def remove(prefix: str) -> None:
     await _host.run_host([_nft(), "-f", "-"], input=render_remove(prefix).encode())
 
 
-def _sysctl() -> str:
-    return shutil.which("sysctl") or "/usr/sbin/sysctl"
-
-
 def ipv6_available() -> bool:
     """False on a kernel without IPv6 (``ipv6.disable=1``): there is then nothing to switch off."""
     return IPV6_SYSCTL_DIR.is_dir()
 
 
-def host_ipv6_off_commands(veth: str) -> list[list[str]]:
-    """Commands (argv) that switch IPv6 off on a driver's host-side veth: no link-local address, and
-    every IPv6 packet arriving on it is dropped by the kernel (which matters most for qemu guests, whose
-    own kernel sends whatever it likes).
-
-    Run after ``ip link add`` and before ``ip link set ... up``: the link-local address is made when the
-    link comes up, so it then never exists. The setting goes with the veth when it is deleted.
+def disable_host_ipv6(veth: str) -> None:
+    """Switch IPv6 off on a driver's host-side veth: no link-local address, and every IPv6 packet arriving
+    on it is dropped by the kernel (which matters most for qemu guests, whose own kernel sends whatever it
+    likes). Call it after ``ip link add`` and before the link comes up (the link-local address is made
+    then, so it never exists). The setting goes with the veth.
     """
     if not _IFNAME_RE.fullmatch(veth):
         raise DriverError(f"invalid interface name {veth!r}")
-    if not ipv6_available():
-        return []
-    return [[_sysctl(), "-qw", f"net.ipv6.conf.{veth}.disable_ipv6=1"]]
+    if ipv6_available():
+        (IPV6_SYSCTL_DIR / "conf" / veth / "disable_ipv6").write_text("1")
 
 
-def namespace_ipv6_off_commands(namespace: str, *, ip: str | None = None) -> list[list[str]]:
-    """Commands (argv) that switch IPv6 off inside a VM's network namespace, ``lo`` included.
+# IPv6 off inside a VM's network namespace, ``lo`` included: ``all`` for the interfaces already there,
+# ``default`` for those created in or moved into it later (eth0, the qemu driver's bridge and tap).
+# Set right after the namespace is made, so eth0 never has an IPv6 address. Sockets bound to ``[::]``
+# inside still accept IPv4 (dual-stack), so servers that listen that way keep working.
+NAMESPACE_IPV6_OFF = (("net/ipv6/conf/all/disable_ipv6", "1"), ("net/ipv6/conf/default/disable_ipv6", "1"))
 
-    Simplest form: ``ip netns exec <ns> sysctl`` (``ip -n`` sets no sysctls, and ``/proc/sys/net`` shows
-    the namespace of the process that reads it). ``all`` turns it off on the interfaces already there and
-    also sets ``default`` (named too, to be plain about it), which devices created in or moved into the
-    namespace afterwards inherit. So run it right after ``ip netns add``, before the veth's peer is
-    created in the namespace: eth0 (or the qemu driver's bridge and tap) never has an IPv6 address.
-    A VM cannot switch it back: the namespace belongs to the host's user namespace, where VM root has
-    no CAP_NET_ADMIN. Sockets bound to ``[::]`` inside still accept IPv4 (dual-stack), so servers that
-    listen that way keep working.
+
+def namespace_sysctl_argv(namespace_path: Path, settings: Iterable[tuple[str, str]]) -> list[str]:
+    """Pure: the command that writes ``settings`` (``/proc/sys`` paths, values) in a network namespace.
+
+    ``/proc/sys/net`` shows the namespace of the process that reads it, so a shell entered into it
+    (``nsenter --net``) writes them; ``ip -n`` sets no sysctls. A setting the kernel lacks (IPv6 ones on a
+    kernel without IPv6) is skipped.
     """
-    if not _NAMESPACE_RE.fullmatch(namespace):
-        raise DriverError(f"invalid namespace name {namespace!r}")
-    if not ipv6_available():
-        return []
-    keys = ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-    return [[ip or shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", namespace, _sysctl(), "-qw", *keys]]
-
-
-async def disable_ipv6(commands: Iterable[list[str]]) -> None:
-    """Run the commands of ``host_ipv6_off_commands`` / ``namespace_ipv6_off_commands``."""
-    for argv in commands:
-        await _host.run_host(argv)
+    lines = []
+    for key, value in settings:
+        if not re.fullmatch(r"[a-z0-9_/]+", key) or not re.fullmatch(r"[0-9 ]+", value):
+            raise DriverError(f"invalid sysctl {key}={value!r}")
+        lines.append(f"[ ! -e /proc/sys/{key} ] || echo '{value}' > /proc/sys/{key}\n")
+    return ["nsenter", f"--net={namespace_path}", "/bin/sh", "-ec", "".join(lines)]

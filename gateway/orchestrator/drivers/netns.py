@@ -64,11 +64,7 @@ GUEST_PACKAGE_IN_VM = "/usr/lib/python3/dist-packages/gateway/guest"
 GUEST_PYTHON = "/usr/bin/python3"
 # Set in the VM's network namespace before it starts: ping works with ICMP datagram sockets (it has no
 # raw ones); no IPv6 (link-local addresses would reach the host's [::] listeners past the firewall).
-_NAMESPACE_SYSCTLS = (
-    ("net/ipv4/ping_group_range", "0 2147483647"),
-    ("net/ipv6/conf/all/disable_ipv6", "1"),
-    ("net/ipv6/conf/default/disable_ipv6", "1"),
-)
+_NAMESPACE_SYSCTLS = (("net/ipv4/ping_group_range", "0 2147483647"), *hostfw.NAMESPACE_IPV6_OFF)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Joins each cgroup named on the command line, then execs the rest; the PID never changes.
 _JOIN_SCRIPT = (
@@ -316,7 +312,7 @@ class NetnsVmDriver:
         peer = ["peer", "name", VM_DEVICE, "netns", plan.namespace]
         await _host.run_host([self._ip, "link", "add", plan.veth, "type", "veth", *peer])
         made.veth = plan.veth
-        _disable_ipv6(plan.veth)
+        hostfw.disable_host_ipv6(plan.veth)
         host_side = (
             f"link set dev {plan.veth} alias {vm_id}\n"
             f"addr add {self._host_address(plan)} dev {plan.veth}\n"
@@ -417,12 +413,7 @@ class NetnsVmDriver:
         handle.update(init_pid=pid, init_start_ticks=ticks)
 
     async def _namespace_sysctls(self, namespace: str) -> None:
-        # (A kernel without IPv6 has nothing to switch off.)
-        script = "".join(
-            f"[ ! -e /proc/sys/{key} ] || echo '{value}' > /proc/sys/{key}\n"
-            for key, value in _NAMESPACE_SYSCTLS
-        )
-        await _host.run_host(["nsenter", f"--net={NETNS_RUN_DIR / namespace}", _host.SH, "-ec", script])
+        await _host.run_host(hostfw.namespace_sysctl_argv(NETNS_RUN_DIR / namespace, _NAMESPACE_SYSCTLS))
 
     def _enter_prefix(self, namespace: str, cgroups: Sequence[Path]) -> list[str]:
         """argv prefix that puts what follows into the VM's cgroups and namespace before it runs."""
@@ -661,12 +652,6 @@ def _listdir(path: Path) -> list[str]:
         return os.listdir(path)
     except FileNotFoundError:
         return []
-
-
-def _disable_ipv6(interface: str) -> None:
-    """No IPv6 on a host-side veth: a link-local path would pass around the IPv4 addresses."""
-    if hostfw.ipv6_available():
-        (hostfw.IPV6_SYSCTL_DIR / "conf" / interface / "disable_ipv6").write_text("1")
 
 
 def _read(path: Path) -> str:
