@@ -234,8 +234,8 @@ class Exchange:
         transport.write(out)
         if proto.silence_deadline is not None:
             proto.activity()
-        if not proto.can_write and self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+        if not proto.can_write and self.upstream is not None:
+            self.upstream.pause_reading()
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel:

@@ -303,17 +303,17 @@ class EdgeProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.can_write = False
-        if self.tunnel_to is not None and self.tunnel_to.transport is not None:
-            self.tunnel_to.transport.pause_reading()
+        if self.tunnel_to is not None:
+            self.tunnel_to.pause_reading()
 
     def resume_writing(self) -> None:
         self.can_write = True
-        if self.tunnel_to is not None and self.tunnel_to.transport is not None:
-            self.tunnel_to.transport.resume_reading()
+        if self.tunnel_to is not None:
+            self.tunnel_to.resume_reading()
             return
         ex = self.current
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.resume_reading()
+        if ex is not None and ex.upstream is not None and ex.upstream.sink is ex:
+            ex.upstream.resume_reading()  # (not once it went back to the pool: it serves others there)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:

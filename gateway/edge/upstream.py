@@ -54,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel: Callable[[bytes], None] | None = None
         self.can_write = True
+        self.reading_paused = False  # by the client side's back-pressure (pause_reading)
         self.idle_since = 0.0
         # The request's last byte was written: until then the connection is mid-request and can never
         # go back to the pool, even when the app answered early (its next reader would see our rest).
@@ -114,6 +115,11 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks --------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.sink is None and self.tunnel is None:
+            # A second response in the read that completed the first: nothing was asked for it. The
+            # connection is out of step with its requests and is never used again.
+            self.reusable = False
+            self.close()
         self.headers = []
         self.trailers = []
         self.in_trailers = False
@@ -188,6 +194,30 @@ class UpstreamConnection(asyncio.Protocol):
     def end_request(self) -> None:
         self.request_sent = True
 
+    def pause_reading(self) -> None:
+        """The client cannot take more of the response: stop reading from the VM until it can."""
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def ready_for_pool(self) -> bool:
+        """Put in the state a pooled connection must be in; False when it cannot be (then it is closed).
+
+        Reading must be on: paused, it would never see its next response, nor the VM closing it.
+        """
+        transport = self.transport
+        if transport is None or self.closed or not self.reusable:
+            return False
+        self.reading_paused = False
+        if not transport.is_reading():
+            transport.resume_reading()
+        return True
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -229,7 +259,8 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.closed or not conn.reusable:
+        # Bytes after the response in the same read close it later (on_message_begin).
+        if not conn.ready_for_pool():
             conn.close()
             return
         idle = self.idle.setdefault(conn.key, [])

@@ -11,6 +11,7 @@ GET /hang          -> never answers
 POST /early        -> answers at once, without reading the request body
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
 GET /ws-bad        -> 101 with a Sec-WebSocket-Accept that does not answer the key
+GET /overrun       -> a response followed, in the same write, by the start of another nobody asked for
 """
 
 import base64
@@ -110,6 +111,9 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(part)
                 count += len(part)
             return self._json({"body_length": count})
+        if self.path == "/overrun":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\nContent-Le")
+            return
         if self.path == "/early":
             return self._json({"early": True})  # answers without reading the request body
         if self.path == "/hang":
