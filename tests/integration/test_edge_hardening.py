@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 
+from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import EdgeProtocol
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, start_app
@@ -14,11 +14,31 @@ from tests.integration.test_edge import APP_PORT, start_app
 FIRST_BYTE_TIMEOUT_S = 3.0
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """For state inside the gateway that no event announces; bounded."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
+class FinishedExchanges:
+    """Counts the exchanges an edge finishes (it calls ``Edge.observe`` for each), so a test can await
+    one instead of polling."""
+
+    def __init__(self, gw: GatewayUnderTest) -> None:
+        edge = gw.services.edge
+        assert edge is not None
+        self.count = 0
+        self._changed = asyncio.Condition()
+        observe = edge.observe
+
+        def counting_observe(ex: Exchange, peer_ip: str) -> None:
+            observe(ex, peer_ip)
+            self.count += 1
+            asyncio.get_running_loop().create_task(self._notify())
+
+        edge.observe = counting_observe  # type: ignore[method-assign]
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def reach(self, count: int, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
 
 
 async def open_small_window(gw: GatewayUnderTest) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -35,25 +55,21 @@ def edge_connection(gw: GatewayUnderTest, writer: asyncio.StreamWriter) -> EdgeP
     edge = gw.services.edge
     assert edge is not None
     port = writer.get_extra_info("sockname")[1]
-    return next(c for c in edge.connections if c.transport and c.transport.get_extra_info("peername")[1] == port)
-
-
-def answered_count(gw: GatewayUnderTest) -> int:
-    """App requests the edge has finished (the access log's and the metrics' count)."""
-    assert gw.services.edge is not None
-    return sum(n for (kind, _), n in gw.services.edge.stats.requests.items() if kind == "path")
+    return next(
+        c for c in edge.connections if c.transport and c.transport.get_extra_info("peername")[1] == port
+    )
 
 
 def app_get(sid: str, path: str) -> bytes:
-    return b"GET /v1/app/%s/%d%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (sid.encode(), APP_PORT, path.encode())
+    target = b"/v1/app/%s/%d%s" % (sid.encode(), APP_PORT, path.encode())
+    return b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % target
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """One Content-Length response."""
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
-    )
+    lines = head.split(b"\r\n")
+    length = next(int(line[15:]) for line in lines if line.lower().startswith(b"content-length:"))
     return head, await reader.readexactly(length)
 
 
@@ -82,14 +98,14 @@ async def test_a_connection_paused_by_a_full_client_goes_back_to_the_pool_readin
         # 1. A response the client does not read: all of it waits in the edge's buffer (limit raised so
         #    that this one completes without pausing anything).
         conn.transport.set_write_buffer_limits(high=2**24)
-        answered = answered_count(gw)
+        finished = FinishedExchanges(gw)
         writer.write(app_get(sid, "/big?mib=1"))
-        await wait_until(lambda: answered_count(gw) == answered + 1)
+        await finished.reach(1)
         # 2. The client's buffer counts as full from now on; the next response arrives whole in one read.
         conn.transport.set_write_buffer_limits(high=1)
         assert not conn.can_write
         writer.write(app_get(sid, "/echo"))
-        await wait_until(lambda: answered_count(gw) == answered + 2)
+        await finished.reach(2)
         # 3. Another client's request takes that pooled connection.
         other_writer.write(app_get(sid, "/echo"))
         async with asyncio.timeout(FIRST_BYTE_TIMEOUT_S + 5):
