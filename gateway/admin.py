@@ -22,6 +22,7 @@ from gateway.config import Config, split_host_port
 from gateway.edge.protocol import Edge
 from gateway.errors import GatewayError, ListenFailed
 from gateway.routes.store import RedisStore, guarded
+from gateway.server_header import use_neutral_server_header
 from gateway.tls.serving import TlsServing
 
 
@@ -73,6 +74,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def make_admin_app(view: AdminView) -> web.Application:
     app = web.Application()
+    use_neutral_server_header(app)
     app[ADMIN_VIEW] = view
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

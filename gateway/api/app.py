@@ -21,6 +21,7 @@ from gateway.keys import ApiKeyStore
 from gateway.log import REQUEST_ID
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.service import Orchestrator
+from gateway.server_header import use_neutral_server_header
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeyStore) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.api.max_body_bytes)
+    use_neutral_server_header(app)
     app[CONFIG] = config
     app[ORCHESTRATOR] = orchestrator
     app[KEY_STORE] = key_store

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 BODY_BUFFER_HIGH = 256 * 1024
 
 
+# A year, the common minimum (and what the HSTS preload list asks for); not includeSubDomains: names
+# under the API host are not the platform's to speak for.
+HSTS_HEADER = b"Strict-Transport-Security: max-age=31536000\r\n"
+
+
 def _status_line(status: int) -> bytes:
     try:
         reason = http.HTTPStatus(status).phrase.encode()
@@ -53,6 +58,7 @@ class Exchange:
         "head_received",
         "headers",
         "host",
+        "http10",
         "incoming_request_id",
         "keep_alive",
         "kind",
@@ -76,8 +82,11 @@ class Exchange:
     )  # fmt: skip
 
     def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool, upgrade: bool) -> None:  # fmt: skip
+                 keep_alive: bool, upgrade: bool, http10: bool) -> None:  # fmt: skip
         self.proto = proto
+        # An HTTP/1.0 client: no chunked framing and no 1xx for it (RFC 9112 section 6.1, RFC 9110
+        # section 15.2), and its keep-alive only when announced.
+        self.http10 = http10
         self.method = method
         self.url = url
         self.headers = headers
@@ -187,7 +196,8 @@ class Exchange:
         if transport is None:
             return
         if 100 <= status < 200 and status != 101:
-            transport.write(_STATUS_LINES[status] + head_bytes(hdr.strip_hop_by_hop(headers)) + b"\r\n")
+            if not self.http10:
+                transport.write(_STATUS_LINES[status] + head_bytes(hdr.strip_hop_by_hop(headers)) + b"\r\n")
             return
         self.head_received = True
         self.status = status
@@ -204,14 +214,22 @@ class Exchange:
             proto.start_tunnel(self)
             return
         head = (_STATUS_LINES.get(status) or _status_line(status)) + head_bytes(out)
+        if self.kind == "api" and proto.scheme == "https":
+            # The platform's own hosts are HTTPS only; sandbox and customer hosts are their apps' call.
+            head += HSTS_HEADER
         self.no_body_out = self.method == b"HEAD" or status in (204, 304)
         assert self.upstream is not None
         if not self.no_body_out and not self.upstream.length_known:
-            self.chunked_out = True
-            head += b"Transfer-Encoding: chunked\r\n"
+            if self.http10:
+                self.keep_alive = False  # its end is the connection's end
+            else:
+                self.chunked_out = True
+                head += b"Transfer-Encoding: chunked\r\n"
         if not self.keep_alive or (self.has_body and not self.body_done) or proto.draining:
             # An answer before the request's end closes the connection (the rest of it is not read).
             head += b"Connection: close\r\n"
+        elif self.http10:
+            head += b"Connection: keep-alive\r\n"
         # Held until the body's first bytes or the end of this read from the VM (flush_head), so a
         # small response leaves in one write instead of two.
         self.pending_head = head + b"\r\n"

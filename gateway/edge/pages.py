@@ -34,7 +34,13 @@ def _check_header_value(value: bytes) -> bytes:
     return value
 
 
-def _message(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+def _message(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, close: bool, keep_alive_http10: bool
+) -> bytes:
+    if close:
+        headers.append((b"Connection", b"close"))
+    elif keep_alive_http10:
+        headers.append((b"Connection", b"keep-alive"))  # HTTP/1.0 closes unless told otherwise
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode("ascii"))]
     lines += [name + b": " + _check_header_value(value) + b"\r\n" for name, value in headers]
     return b"".join(lines) + b"\r\n" + body
@@ -53,8 +59,14 @@ def error_response(
     request_id: str | None = None,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
     close: bool = False,
+    head_only: bool = False,
+    keep_alive_http10: bool = False,
 ) -> bytes:
-    """A complete error response. Raises ValueError if a header value would contain CR, LF or NUL."""
+    """A complete error response. Raises ValueError if a header value would contain CR, LF or NUL.
+
+    ``head_only``: the answer to a HEAD, whose head says what a GET would carry and which has no body.
+    ``keep_alive_http10``: an HTTP/1.0 client asked to keep the connection and it stays open.
+    """
     if _prefers_html(accept):
         title = f"{status} {_reason(status)}"
         extra = f"<p>Request id: <code>{html.escape(request_id)}</code></p>\n" if request_id else ""
@@ -74,12 +86,10 @@ def error_response(
         (b"X-Gateway-Error", code.encode("ascii")),
         (b"Cache-Control", b"no-store"),
     ]
-    if close:
-        headers.append((b"Connection", b"close"))
     if request_id is not None:
         headers.append((b"X-Request-Id", request_id.encode("ascii")))
     headers.extend(extra_headers)
-    return _message(status, headers, body)
+    return _message(status, headers, b"" if head_only else body, close, keep_alive_http10)
 
 
 def redirect_response(
@@ -88,10 +98,9 @@ def redirect_response(
     *,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
     close: bool = False,
+    keep_alive_http10: bool = False,
 ) -> bytes:
     """A redirect with an empty body. Raises ValueError if a header value contains CR, LF or NUL."""
     headers = [(b"Location", _check_header_value(location)), (b"Content-Length", b"0")]
     headers.extend((name, _check_header_value(value)) for name, value in extra_headers)
-    if close:
-        headers.append((b"Connection", b"close"))
-    return _message(status, headers, b"")
+    return _message(status, headers, b"", close, keep_alive_http10)

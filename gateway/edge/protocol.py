@@ -369,7 +369,9 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.settings.routing.max_target_bytes:
+        limit = self.settings.routing.max_target_bytes
+        if len(self.url) > limit:
+            self._protocol_error(414, "uri_too_long", f"the request target is longer than {limit} bytes")
             raise httptools.HttpParserError("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -388,7 +390,7 @@ class EdgeProtocol(asyncio.Protocol):
         parser = self.parser
         ex = Exchange(
             self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
-            parser.should_upgrade(),
+            parser.should_upgrade(), parser.get_http_version() == "1.0",
         )  # fmt: skip
         self.parsing = ex
         self.pending.append(ex)
@@ -426,11 +428,7 @@ class EdgeProtocol(asyncio.Protocol):
         target = self.edge.parse_target(ex.method, ex.url, ex.host)
         if type(target) is Rejection:
             if target.location is not None:
-                self._write_and_finish(
-                    ex,
-                    target.status,
-                    pages.redirect_response(target.status, target.location, close=not ex.keep_alive),
-                )
+                self._redirect(ex, target.status, target.location)
                 return
             self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
             return
@@ -441,7 +439,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
             location = self._https_url(target.host_name, ex.url)
-            self._write_and_finish(ex, 308, pages.redirect_response(308, location, close=not ex.keep_alive))
+            self._redirect(ex, 308, location)
             return
         if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
             ex.upgrade = False
@@ -636,14 +634,22 @@ class EdgeProtocol(asyncio.Protocol):
             return
         keep = ex.keep_alive and not close and not ex.upgrade and not self.draining
         ex.status, ex.code = status, code
-        self.transport.write(pages.error_response(status, code, message, accept=ex.accept(), close=not keep))
+        response = pages.error_response(
+            status, code, message, accept=ex.accept(), close=not keep, head_only=ex.method == b"HEAD",
+            keep_alive_http10=keep and ex.http10,
+        )  # fmt: skip
+        self.transport.write(response)
         self._finish(ex, keep)
 
-    def _write_and_finish(self, ex: Exchange, status: int, response: bytes) -> None:
+    def _redirect(self, ex: Exchange, status: int, location: bytes, extra: hdr.Headers = ()) -> None:
         assert self.transport is not None
+        keep = ex.keep_alive and not self.draining
         ex.status = status
+        response = pages.redirect_response(
+            status, location, extra_headers=extra, close=not keep, keep_alive_http10=keep and ex.http10
+        )
         self.transport.write(response)
-        self._finish(ex, ex.keep_alive)
+        self._finish(ex, keep)
 
     def _no_route(self, ex: Exchange) -> None:
         message = "no such app: the VM does not exist, has ended, or this port is not exposed"
@@ -658,9 +664,7 @@ class EdgeProtocol(asyncio.Protocol):
         cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
         value = access.cookie_value(access.token_hash(token), access.cookie_scope(route.vm_id, route.port))
         cookie = access.cookie_header(value, cookie_path, secure=self.scheme == "https")
-        self._write_and_finish(
-            ex, 303, pages.redirect_response(303, clean, extra_headers=[cookie], close=not ex.keep_alive)
-        )
+        self._redirect(ex, 303, clean, [cookie])
 
     def _finish(self, ex: Exchange, keep: bool) -> None:
         """The response is complete. Next request, keep-alive wait, or close."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import aiohttp
+import h11
+
 from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import EdgeProtocol
 from tests.conftest import GatewayUnderTest
-from tests.integration.test_edge import APP_PORT, start_app
+from tests.integration.test_edge import APP_PORT, raw_exchange, start_app
 
 # Short, so that a request stalled on a broken pooled connection shows as a 504 quickly.
 FIRST_BYTE_TIMEOUT_S = 3.0
@@ -136,3 +139,141 @@ async def test_a_connection_with_bytes_after_its_response_is_never_reused(gw: Ga
             assert head.startswith(b"HTTP/1.1 200 ") and body.startswith(b"{"), (head, body)
     finally:
         writer.close()
+
+
+def h11_request(method: str, target: str, headers: list[tuple[str, str]] | None = None) -> h11.Request:
+    return h11.Request(method=method, target=target, headers=[("Host", "localhost"), *(headers or [])])
+
+
+async def h11_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: h11.Connection, request: h11.Request
+) -> tuple[list[h11.InformationalResponse], h11.Response, bytes]:
+    """One request and its whole response through a strict HTTP/1.1 parser (h11): any framing error the
+    edge makes (a body after HEAD, a bad chunk) raises h11.RemoteProtocolError, here or on the next use."""
+    writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+    interim: list[h11.InformationalResponse] = []
+    response: h11.Response | None = None
+    body = b""
+    async with asyncio.timeout(5):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.InformationalResponse):
+                interim.append(event)
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                return interim, response, body
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+async def test_every_response_the_edge_makes_parses_strictly_and_keeps_the_connection(
+    gw: GatewayUnderTest,
+) -> None:
+    """Error pages, redirects, 1xx and HEAD answers through h11 on one kept-alive connection: each must
+    follow HEAD's rules (no body), or the next response on the connection does not parse (issue 17,
+    point 9)."""
+    sid, _, _ = await start_app(gw)
+    app = f"/v1/app/{sid}/{APP_PORT}"
+    unknown = "/v1/app/00000000-0000-4000-8000-000000000000/3000/"
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    conn = h11.Connection(h11.CLIENT)
+    expected = [
+        (h11_request("HEAD", unknown), 404, b""),
+        (h11_request("GET", unknown), 404, None),
+        (h11_request("HEAD", app), 308, b""),
+        (h11_request("GET", app), 308, b""),
+        (h11_request("HEAD", app + "/echo"), 200, b""),
+        (h11_request("GET", app + "/echo"), 200, None),
+    ]
+    try:
+        for request, status, body in expected:
+            _, response, received = await h11_exchange(reader, writer, conn, request)
+            assert response.status_code == status, (request, response)
+            if body is not None:
+                assert received == body
+            else:
+                assert received.startswith(b"{")
+            conn.start_next_cycle()
+        # An interim 100 before the app's answer.
+        request = h11_request("POST", app + "/echo", [("Expect", "100-continue"), ("Content-Length", "0")])
+        interim, response, _ = await h11_exchange(reader, writer, conn, request)
+        assert [i.status_code for i in interim] == [100] and response.status_code == 200
+    finally:
+        writer.close()
+
+
+async def test_a_target_over_the_limit_is_414(gw: GatewayUnderTest) -> None:
+    limit = gw.config.edge.max_target_bytes
+    received, closed = await raw_exchange(gw, b"GET /%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (b"a" * limit))
+    assert received.startswith(b"HTTP/1.1 414 ") and b"X-Gateway-Error: uri_too_long" in received
+    assert closed
+
+
+async def http10_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[bytes, bytes]:
+    """An HTTP/1.0 exchange: a body with Content-Length, or up to the connection's end."""
+    writer.write(request)
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        lengths = [int(line[15:]) for line in lines if line.startswith(b"content-length:")]
+        body = await reader.readexactly(lengths[0]) if lengths else await reader.read()
+    return head, body
+
+
+async def test_http10_clients_get_http10_framing(gw: GatewayUnderTest) -> None:
+    """No chunked framing and no 1xx for HTTP/1.0, and keep-alive only announced (issue 17, point 10)."""
+    sid, _, _ = await start_app(gw)
+    app = b"/v1/app/%s/%d" % (sid.encode(), APP_PORT)
+    # A response without a length (chunked from the app): close-delimited for HTTP/1.0.
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    head, body = await http10_exchange(
+        reader, writer, b"GET %s/stream?n=3 HTTP/1.0\r\nHost: localhost\r\n\r\n" % app
+    )
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower() and b"Connection: close" in head
+    assert body == b"x" * 3 * 1024
+    # Expect: 100-continue from a 1.0 client: no interim response, straight to the answer.
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    head, _ = await http10_exchange(
+        reader,
+        writer,
+        b"POST %s/echo HTTP/1.0\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"
+        % app,
+    )
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    # Keep-alive asked for: announced on every response that keeps the connection, edge-made ones too.
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    try:
+        for target in (
+            b"%s/echo" % app,
+            b"/v1/app/00000000-0000-4000-8000-000000000000/3000/",
+            b"%s/echo" % app,
+        ):
+            request = b"GET %s HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n" % target
+            head, _ = await http10_exchange(reader, writer, request)
+            assert b"Connection: keep-alive" in head, head
+        # Without it the connection closes after the answer, with or without a length.
+        head, _ = await http10_exchange(
+            reader, writer, b"GET %s/echo HTTP/1.0\r\nHost: localhost\r\n\r\n" % app
+        )
+        assert b"Connection: close" in head
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_api_answers_name_no_software(gw: GatewayUnderTest) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(gw.url + "/v1/templates") as resp:
+            assert resp.headers["Server"] == "gateway"

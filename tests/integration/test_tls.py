@@ -152,8 +152,11 @@ async def test_sni_serves_the_exact_name_then_the_wildcard_then_the_default(
         ssl_object = writer.get_extra_info("ssl_object")
         assert ssl_object.selected_alpn_protocol() == "http/1.1"
         assert ssl_object.version() == "TLSv1.3"
-        status, _, body = await http_over(reader, writer, API_HOST, "/openapi.json")
+        status, headers, body = await http_over(reader, writer, API_HOST, "/openapi.json")
         assert status == 200 and json.loads(body)["openapi"]
+        # The platform's own host is HTTPS only, and says so; it does not name its software.
+        assert headers["strict-transport-security"] == "max-age=31536000"
+        assert headers["server"] == "gateway"
     finally:
         writer.close()
 
@@ -168,8 +171,9 @@ async def test_an_app_over_tls_sees_https_and_a_host_other_than_the_sni_name_get
 
     reader, writer = await open_tls(gw, app_host, ca)
     try:
-        status, _, body = await http_over(reader, writer, app_host, "/echo")
+        status, headers, body = await http_over(reader, writer, app_host, "/echo")
         assert status == 200
+        assert "strict-transport-security" not in headers  # a sandbox host's HTTPS policy is its app's
         seen = {k.lower(): v for k, v in json.loads(body)["headers"]}
         assert seen["x-forwarded-proto"] == "https"
         assert "proto=https" in seen["forwarded"]

@@ -112,7 +112,8 @@ class Handler(BaseHTTPRequestHandler):
                 count += len(part)
             return self._json({"body_length": count})
         if self.path == "/overrun":
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\nContent-Le")
+            extra = b"HTTP/1.1 200 OK\r\nContent-Le"
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + extra)
             return
         if self.path == "/early":
             return self._json({"early": True})  # answers without reading the request body
