@@ -19,6 +19,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 
+from gateway.keys import KEY_PREFIX
+
 TOKEN_HEADER = b"x-access-token"
 AUTHORIZATION = b"authorization"
 # Request headers that carry the gateway's credentials, lower-case: never forwarded to the VM.
@@ -27,6 +29,12 @@ BEARER_TOKEN_HEADERS = frozenset({TOKEN_HEADER, AUTHORIZATION})
 TOKEN_QUERY_PARAM = b"gw_access_token"
 COOKIE_NAME = b"gw_access"
 COOKIE_NAMES = frozenset({COOKIE_NAME})
+# The platform's own API keys, which a client may send to an app by habit or by mistake (the SDK's
+# X-API-Key, a Bearer header, an api_key parameter): recognised by their format, so that an app's own
+# X-API-Key or Authorization passes untouched.
+PLATFORM_KEY_PREFIX = KEY_PREFIX.encode()
+API_KEY_HEADER = b"x-api-key"
+API_KEY_QUERY_PARAM = b"api_key"
 
 
 def token_hash(token: str | bytes) -> str:
@@ -36,6 +44,29 @@ def token_hash(token: str | bytes) -> str:
 def token_matches(token: bytes | None, accepted_sha256: frozenset[str]) -> bool:
     """Whether the token is one of those accepted (looked up by hash: nothing secret is compared)."""
     return token is not None and token_hash(token) in accepted_sha256
+
+
+def is_platform_key_header(lower_name: bytes, value: bytes) -> bool:
+    """``X-API-Key: gk_...`` or ``Authorization: Bearer gk_...`` (``lower_name`` is lower-case)."""
+    if lower_name == API_KEY_HEADER:
+        return value.strip().startswith(PLATFORM_KEY_PREFIX)
+    if lower_name == AUTHORIZATION:
+        scheme, _, credentials = value.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and credentials.strip().startswith(PLATFORM_KEY_PREFIX)
+    return False
+
+
+def strip_platform_key_params(target: bytes) -> bytes:
+    """The target without ``api_key`` parameters holding a platform key (others are the app's)."""
+    path, sep, query = target.partition(b"?")
+    if not sep or PLATFORM_KEY_PREFIX not in query:
+        return target
+    kept = []
+    for param in query.split(b"&"):
+        name, _, value = param.partition(b"=")
+        if not (name == API_KEY_QUERY_PARAM and value.startswith(PLATFORM_KEY_PREFIX)):
+            kept.append(param)
+    return (path + b"?" + b"&".join(kept)) if kept else path
 
 
 def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:

@@ -105,7 +105,10 @@ class Exchange:
                 length = value
             elif low == b"transfer-encoding":
                 chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
-            elif low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION:
+            elif (
+                low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION
+                or low == access.API_KEY_HEADER
+            ):  # fmt: skip
                 credentials = True
             elif low == b"x-request-id":
                 request_id = value

@@ -13,6 +13,8 @@ import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.edge.access import is_platform_key_header
+
 Headers = Sequence[tuple[bytes, bytes]]
 
 HOP_BY_HOP: frozenset[bytes] = frozenset(
@@ -214,7 +216,8 @@ def is_websocket_upgrade(headers: Headers) -> bool:
 def strip_gateway_credentials(
     headers: Headers, cookie_names: frozenset[bytes], token_headers: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
-    """Remove the gateway's own credentials so the app in the VM never sees them.
+    """Remove the gateway's own credentials so the app in the VM never sees them: the route's token
+    headers and cookies, and any header that carries a platform API key.
 
     ``token_headers`` are lower-case names. Cookie names are case-sensitive (RFC 6265); other cookies are
     kept byte for byte, in order, and a Cookie header that loses nothing is kept exactly as received.
@@ -222,7 +225,7 @@ def strip_gateway_credentials(
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lower = name.lower()
-        if lower in token_headers:
+        if lower in token_headers or is_platform_key_header(lower, value):
             continue
         if lower == b"cookie" and cookie_names:
             pairs = value.split(b";")

@@ -489,6 +489,8 @@ class EdgeProtocol(asyncio.Protocol):
                 return
         elif access.TOKEN_QUERY_PARAM in request_target:
             request_target, _ = access.split_token_from_target(request_target)
+        if access.PLATFORM_KEY_PREFIX in request_target:
+            request_target = access.strip_platform_key_params(request_target)
         ex.max_body = self.settings.max_body_bytes
         if self._body_too_large_up_front(ex):
             return

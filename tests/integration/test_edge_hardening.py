@@ -7,6 +7,7 @@ import socket
 
 import aiohttp
 import h11
+import pytest
 
 from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import EdgeProtocol
@@ -277,3 +278,31 @@ async def test_api_answers_name_no_software(gw: GatewayUnderTest) -> None:
     async with aiohttp.ClientSession() as client:
         async with client.get(gw.url + "/v1/templates") as resp:
             assert resp.headers["Server"] == "gateway"
+
+
+async def test_platform_keys_never_reach_the_vm_nor_the_log(
+    gw: GatewayUnderTest, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The user's platform key, sent to an app by habit (the SDK's header, a Bearer header, a query
+    parameter), is removed before forwarding; an app's own X-API-Key and Authorization pass untouched
+    (issue 17, point 5)."""
+    _, _, url = await start_app(gw)
+    key = gw.api_key
+    async with aiohttp.ClientSession() as client:
+        async with client.get(
+            url + f"echo?api_key={key}&page=2&api_key=app-own",
+            headers={"X-API-Key": key, "Authorization": f"Bearer {key}"},
+        ) as resp:
+            seen = await resp.json()
+        async with client.get(
+            url + "echo", headers={"X-API-Key": "app-key-1", "Authorization": "Bearer app-token"}
+        ) as resp:
+            own = await resp.json()
+    assert key not in str(seen)
+    headers = {k.lower() for k, _ in seen["headers"]}
+    assert "x-api-key" not in headers and "authorization" not in headers
+    assert seen["path"] == "/echo?page=2&api_key=app-own"
+    assert ["X-API-Key", "app-key-1"] in own["headers"] and ["Authorization", "Bearer app-token"] in own[
+        "headers"
+    ]
+    assert key not in capfd.readouterr().err

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.edge.access import (
     cookie_header,
     cookie_scope,
     cookie_value,
     cookie_values,
+    is_platform_key_header,
     opens,
     presented_cookie,
     presented_token,
     split_token_from_target,
+    strip_platform_key_params,
     token_hash,
     token_matches,
 )
@@ -76,3 +80,34 @@ def test_the_cookie_is_host_only_and_http_only() -> None:
     name, value = cookie_header(b"gk_tok", b"/", secure=True)
     assert name == b"Set-Cookie"
     assert value == b"gw_access=gk_tok; Path=/; HttpOnly; SameSite=Lax; Secure"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "platform"),
+    [
+        (b"x-api-key", b"gk_abc", True),
+        (b"x-api-key", b"  gk_abc ", True),
+        (b"x-api-key", b"sk-live-abc", False),  # the app's own key
+        (b"authorization", b"Bearer gk_abc", True),
+        (b"authorization", b"bearer   gk_abc", True),
+        (b"authorization", b"Bearer app-token", False),
+        (b"authorization", b"Basic Z2tfYWJjOg==", False),
+        (b"x-other", b"gk_abc", False),  # only where a client would put a key
+    ],
+)
+def test_platform_keys_are_known_by_their_format(name: bytes, value: bytes, platform: bool) -> None:
+    assert is_platform_key_header(name, value) is platform
+
+
+@pytest.mark.parametrize(
+    ("target", "clean"),
+    [
+        (b"/a?api_key=gk_x", b"/a"),
+        (b"/a?x=1&api_key=gk_x&y=2", b"/a?x=1&y=2"),
+        (b"/a?api_key=mine&x=gk_", b"/a?api_key=mine&x=gk_"),  # the app's own parameters
+        (b"/a?my_api_key=gk_x", b"/a?my_api_key=gk_x"),
+        (b"/gk_/a", b"/gk_/a"),
+    ],
+)
+def test_platform_key_parameters_leave_the_target(target: bytes, clean: bytes) -> None:
+    assert strip_platform_key_params(target) == clean
