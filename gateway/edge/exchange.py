@@ -267,7 +267,7 @@ class Exchange:
         self.proto.response_complete(self)
 
     def on_upstream_lost(self, exc: Exception | None) -> None:
-        self.proto.upstream_lost(self)
+        self.proto.upstream_lost(self, exc)
 
     def on_upstream_writable(self) -> None:
         self.proto.upstream_writable(self)

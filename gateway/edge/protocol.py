@@ -33,7 +33,7 @@ from gateway.edge.exchange import Exchange, head_bytes
 from gateway.edge.observe import AccessLog, EdgeStats
 from gateway.edge.resolver import MISS, Resolver, Route
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
-from gateway.edge.upstream import PoolKey, UpstreamConnection, UpstreamPool
+from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.edge.websocket import FrameTracker, close_frame
 from gateway.errors import GatewayError
 
@@ -52,6 +52,16 @@ def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
     host, _, port = api_upstream.rpartition(":")
     return ("api", host.strip("[]"), int(port)), None
 
+
+# Closing with the client still sending (see EdgeProtocol._close): nginx's lingering_timeout and
+# lingering_time, and a cap on the bytes read meanwhile.
+LINGER_IDLE_S = 5.0
+LINGER_TOTAL_S = 30.0
+LINGER_MAX_BYTES = 64 * 2**20
+
+# Per line of a request head beyond its name, value and target: method, version, ": ", CRLF and some
+# optional whitespace.
+HEAD_LINE_OVERHEAD = 32
 
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
@@ -105,6 +115,11 @@ class Edge:
         self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
+        # The longest raw request head: the target and header limits, plus each line's framing.
+        self.head_limit = (
+            settings.routing.max_target_bytes + settings.max_header_bytes
+            + HEAD_LINE_OVERHEAD * (settings.max_header_count + 1)
+        )  # fmt: skip
         # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
@@ -168,10 +183,15 @@ class EdgeProtocol(asyncio.Protocol):
         "draining",
         "early_tunnel_data",
         "edge",
+        "head_fresh",
+        "head_limit",
+        "head_seen",
         "head_timed",
         "header_bytes",
         "headers",
         "in_head",
+        "linger_left",
+        "lingering",
         "loop",
         "parser",
         "parsing",
@@ -212,6 +232,11 @@ class EdgeProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
         self.in_head = False
+        # Raw bytes of the request head so far, counted as they arrive: llhttp keeps a header line until
+        # it ends, and httptools re-copies it on every read, so an endless line must be cut by count.
+        self.head_seen = 0
+        self.head_fresh = False  # the head began in the read being parsed
+        self.head_limit = edge.head_limit
         self.can_write = True
         self.reading_paused = False
         # The connection's state decides what an expiry means (see _deadline_expired): a request head
@@ -227,6 +252,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.early_tunnel_data = b""
         self.closing = False
         self.draining = False
+        self.lingering = False  # closing, but reading (and discarding) what the client still sends
+        self.linger_left = 0
 
     # connection -----------------------------------------------------------------------------------
 
@@ -279,7 +306,9 @@ class EdgeProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return  # answered and closing: nothing more on this connection is read
+            if self.lingering:
+                self._discard(len(data))
+            return  # answered and closing: nothing more on this connection is parsed
         if self.tunnel_to is not None:
             self._tunnel_to_vm(data)
             return
@@ -296,8 +325,22 @@ class EdgeProtocol(asyncio.Protocol):
         # any of it reaches an app.
         if self.current is None and self.pending and not self.closing:
             self._begin(self.pending.pop(0))
-        if self.in_head and self.current is None and not self.head_timed:
-            # A head split over packets; when a head arrives whole (the usual case) no timer moves.
+        if self.in_head:
+            self._head_in_progress(len(data))
+
+    def _head_in_progress(self, read: int) -> None:
+        """A read ended inside a request head (split over packets; a whole head moves nothing here)."""
+        if self.head_fresh:
+            # What of this read is head is not known: the parts parsed so far are a lower bound, and
+            # the rest is at most one read, which the limit then counts on the next.
+            self.head_fresh = False
+            self.head_seen = len(self.url) + self.header_bytes
+        else:
+            self.head_seen += read
+        if self.head_seen > self.head_limit:
+            self._protocol_error(431, "headers_too_large", "request head too large")
+            return
+        if self.current is None and not self.head_timed:
             self.deadline.start(self.settings.header_timeout_s)
             self.head_timed = True
 
@@ -352,6 +395,9 @@ class EdgeProtocol(asyncio.Protocol):
     def _deadline_expired(self) -> None:
         if self.transport is None:
             return
+        if self.lingering:
+            self.transport.close()  # the client stopped sending the rest: done waiting for it
+            return
         ex = self.current
         if ex is None:
             self._close_quietly()  # the request head is late, or keep-alive idleness
@@ -366,6 +412,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.headers = []
         self.header_bytes = 0
         self.in_head = True
+        self.head_fresh = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -587,10 +634,13 @@ class EdgeProtocol(asyncio.Protocol):
     def response_complete(self, ex: Exchange) -> None:
         self._finish(ex, ex.keep_alive and not ex.upgrade)  # a refused upgrade: the rest is not HTTP
 
-    def upstream_lost(self, ex: Exchange) -> None:
+    def upstream_lost(self, ex: Exchange, exc: Exception | None) -> None:
         if ex.tunnel or ex.head_received:
             if self.transport is not None:
                 self.transport.close()  # mid-response or a tunnel: the client sees the end too
+            return
+        if isinstance(exc, BadResponse):
+            self._reply(ex, 502, exc.code, exc.message)
             return
         self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
 
@@ -677,18 +727,44 @@ class EdgeProtocol(asyncio.Protocol):
         if self.transport is None:
             return
         if not keep or self.closing or self.draining:
-            self.closing = True
-            self.transport.close()
+            if not self.closing:
+                self._close(linger=self.parsing is not None)
             return
         if not ex.body_done:
             if ex.has_body:
                 # Answered before the body ended: the rest of it would have to be read and thrown
                 # away; closing is what the client can rely on.
-                self.closing = True
-                self.transport.close()
+                self._close(linger=True)
             # else: its end arrives in this same parse (on_message_complete moves on)
             return
         self._next(ex)
+
+    def _close(self, *, linger: bool) -> None:
+        """Close once the answer is out. ``linger``: the client may still be sending (a body or a head
+        the edge stopped reading), and a socket closed with unread input is reset, which can destroy
+        the answer before the client reads it (a client that writes its whole body first sees only a
+        reset). So first half-close, and read and discard what still comes, for a bounded time and
+        number of bytes (RFC 9112 section 9.6; nginx's lingering close)."""
+        self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if not linger:
+            transport.close()
+            return
+        self.lingering = True
+        self.linger_left = LINGER_MAX_BYTES
+        if transport.can_write_eof():
+            transport.write_eof()  # after the answer: the client sees its end, and nothing after it
+        self.deadline.start_idle(LINGER_IDLE_S)
+        self._silence_deadline().start(LINGER_TOTAL_S)
+        self.resume_reading()
+
+    def _discard(self, size: int) -> None:
+        self.linger_left -= size
+        self.deadline.touch()
+        if self.linger_left <= 0 and self.transport is not None:
+            self.transport.close()
 
     def _next(self, ex: Exchange) -> None:
         self.current = None
@@ -731,7 +807,9 @@ class EdgeProtocol(asyncio.Protocol):
                 if ex is not None and not ex.finished:
                     self._drop_upstream(ex)  # the app saw at most the start of it: it is cut short
                 self.transport.write(pages.error_response(status, code, message, accept=None, close=True))
-            self.transport.close()
+                self._close(linger=True)  # the client may still be sending what made it wrong
+            else:
+                self.transport.close()  # mid-response: the client sees the answer cut
 
     def _request_head(self, ex: Exchange, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         if ex.chunked_in:

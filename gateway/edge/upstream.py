@@ -36,6 +36,19 @@ class ResponseSink(Protocol):
 
 PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
 
+# The largest response head from an app (nginx's proxy_buffer_size is 4-8 KiB; apps with many or big
+# cookies need more).
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+
+
+class BadResponse(Exception):
+    """The app's answer is not one the edge forwards: the client gets a 502 with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
 
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
@@ -60,6 +73,10 @@ class UpstreamConnection(asyncio.Protocol):
         # go back to the pool, even when the app answered early (its next reader would see our rest).
         self.request_sent = True
         self.length_known = False  # the response head had a Content-Length
+        # Raw bytes of the response head so far (see EdgeProtocol.head_seen: the same reasoning).
+        self.in_head = False
+        self.head_fresh = False
+        self.head_seen = 0
 
     # asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -87,11 +104,25 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self.tunnel is not None:
                 self.tunnel(rest)
         except httptools.HttpParserError as exc:
-            self.reusable = False
-            sink, self.sink = self.sink, None
-            self.close()
-            if sink is not None:
-                sink.on_upstream_lost(exc)
+            self._refuse(BadResponse("upstream_bad_response", f"the app's answer is not HTTP/1.1: {exc}"))
+            return
+        if self.in_head:
+            if self.head_fresh:
+                self.head_fresh = False
+                self.head_seen = len(data)  # at most this much of it is head
+            else:
+                self.head_seen += len(data)
+            if self.head_seen > self.pool.max_response_head_bytes:
+                message = f"the app's response head is larger than {self.pool.max_response_head_bytes} bytes"
+                self._refuse(BadResponse("upstream_head_too_large", message))
+
+    def _refuse(self, reason: BadResponse) -> None:
+        """The response cannot be forwarded: the connection is dropped and the exchange told why."""
+        self.reusable = False
+        sink, self.sink = self.sink, None
+        self.close()
+        if sink is not None:
+            sink.on_upstream_lost(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -123,11 +154,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.trailers = []
         self.in_trailers = False
+        self.in_head = True
+        self.head_fresh = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         (self.trailers if self.in_trailers else self.headers).append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self.in_trailers = True
         status = self.parser.get_status_code()
         if not self.parser.should_keep_alive():
@@ -230,8 +264,9 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float) -> None:
+    def __init__(self, connect_timeout_s: float, max_response_head_bytes: int = MAX_RESPONSE_HEAD_BYTES):
         self.connect_timeout_s = connect_timeout_s
+        self.max_response_head_bytes = max_response_head_bytes
         self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None

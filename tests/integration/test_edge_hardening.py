@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.error
+import urllib.request
 
 import aiohttp
 import h11
@@ -306,3 +308,77 @@ async def test_platform_keys_never_reach_the_vm_nor_the_log(
         "headers"
     ]
     assert key not in capfd.readouterr().err
+
+
+SMALL_HEAD = {"max_header_bytes": 1024, "max_target_bytes": 512, "max_header_count": 10}
+
+
+async def endless_header(gw: GatewayUnderTest, piece: bytes, limit_bytes: int) -> tuple[int, bytes]:
+    """Send a request head whose last header line never ends, ``piece`` by ``piece``, until the edge
+    answers or ``limit_bytes`` went out; returns the bytes sent and what came back."""
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Endless: ")
+    sent = 0
+    reading = asyncio.ensure_future(reader.read(65536))
+    try:
+        async with asyncio.timeout(20):
+            while sent < limit_bytes and not reading.done():
+                writer.write(piece)
+                sent += len(piece)
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    break
+            return sent, await reading
+    finally:
+        reading.cancel()
+        writer.close()
+
+
+async def test_an_endless_request_header_line_is_cut_by_its_size(gateway_factory: object) -> None:
+    """The head is counted as it arrives, not when a line ends (issue 17, point 1): 431 once past the
+    limits, whether the line streams at full speed or one byte at a time."""
+    gw: GatewayUnderTest = await gateway_factory("process", edge=SMALL_HEAD)  # type: ignore[operator]
+    edge = gw.services.edge
+    assert edge is not None
+    sent, answer = await endless_header(gw, b"a" * 65536, 64 * 2**20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert sent < 4 * 2**20, "the edge kept reading an endless header line"
+    _, answer = await endless_header(gw, b"a", 64 * 2**10)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    # A head within the limits still passes.
+    received, _ = await raw_exchange(
+        gw, b"GET /v1/templates HTTP/1.1\r\nHost: localhost\r\nX-Ok: %s\r\n\r\n" % (b"b" * 900)
+    )
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_endless_response_head_from_the_app_is_a_502(gw: GatewayUnderTest) -> None:
+    sid, _, _ = await start_app(gw)
+    received, _ = await raw_exchange(gw, app_get(sid, "/endless-head"))
+    assert received.startswith(b"HTTP/1.1 502 ") and b"X-Gateway-Error: upstream_head_too_large" in received
+    received, _ = await raw_exchange(gw, app_get(sid, "/echo"))  # the app and the edge carry on
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
+def post_whole_body_first(url: str, size: int) -> int:
+    """What Python's urllib does: write the whole body, then read the answer; returns its status."""
+    request = urllib.request.Request(url, data=b"u" * size, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_an_early_413_reaches_a_client_that_writes_its_whole_body_first(
+    gateway_factory: object,
+) -> None:
+    """The edge answers 413 before reading the body; closing at once would reset the connection under
+    the client's feet (issue 17, point 11). It half-closes and discards the rest for a while instead."""
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"max_body_bytes": 1000})  # type: ignore[operator]
+    _, _, url = await start_app(gw)
+    for size in (2000, 8 * 2**20):
+        status = await asyncio.to_thread(post_whole_body_first, url + "echo", size)
+        assert status == 413

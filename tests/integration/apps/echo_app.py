@@ -12,6 +12,7 @@ POST /early        -> answers at once, without reading the request body
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes
 GET /ws-bad        -> 101 with a Sec-WebSocket-Accept that does not answer the key
 GET /overrun       -> a response followed, in the same write, by the start of another nobody asked for
+GET /endless-head  -> a response head whose one header line never ends (until the edge hangs up)
 """
 
 import base64
@@ -114,6 +115,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/overrun":
             extra = b"HTTP/1.1 200 OK\r\nContent-Le"
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + extra)
+            return
+        if self.path == "/endless-head":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+            chunk = b"h" * 65536
+            try:
+                for _ in range(1024):  # 64 MiB at most
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            self.close_connection = True
             return
         if self.path == "/early":
             return self._json({"early": True})  # answers without reading the request body
