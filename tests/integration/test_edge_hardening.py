@@ -313,10 +313,10 @@ async def test_platform_keys_never_reach_the_vm_nor_the_log(
 SMALL_HEAD = {"max_header_bytes": 1024, "max_target_bytes": 512, "max_header_count": 10}
 
 
-async def endless_header(gw: GatewayUnderTest, piece: bytes, limit_bytes: int) -> tuple[int, bytes]:
-    """Send a request head whose last header line never ends, ``piece`` by ``piece``, until the edge
+async def endless_header(address: tuple[str, int], piece: bytes, limit_bytes: int) -> tuple[int, bytes]:
+    """Send a request head whose last header line never ends, ``piece`` by ``piece``, until the server
     answers or ``limit_bytes`` went out; returns the bytes sent and what came back."""
-    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    reader, writer = await asyncio.open_connection(*address)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Endless: ")
     sent = 0
@@ -342,10 +342,11 @@ async def test_an_endless_request_header_line_is_cut_by_its_size(gateway_factory
     gw: GatewayUnderTest = await gateway_factory("process", edge=SMALL_HEAD)  # type: ignore[operator]
     edge = gw.services.edge
     assert edge is not None
-    sent, answer = await endless_header(gw, b"a" * 65536, 64 * 2**20)
+    address = (gw.config.server.host, gw.config.server.port)
+    sent, answer = await endless_header(address, b"a" * 65536, 64 * 2**20)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     assert sent < 4 * 2**20, "the edge kept reading an endless header line"
-    _, answer = await endless_header(gw, b"a", 64 * 2**10)
+    _, answer = await endless_header(address, b"a", 64 * 2**10)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     # A head within the limits still passes.
     received, _ = await raw_exchange(

@@ -20,6 +20,7 @@ from gateway.config import load_config, override
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.conftest import free_port
 from tests.integration.test_edge import APP_PORT, ECHO_APP
+from tests.integration.test_edge_hardening import endless_header
 
 START_TIMEOUT_S = 30.0
 VM_CIDR = "127.75.0.0/24"
@@ -88,7 +89,7 @@ async def planes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[str, lis
 async def test_two_edges_and_a_control_plane_share_routes(
     planes: tuple[str, list[str]], tmp_path: Path, redis_url: str
 ) -> None:
-    _, edges = planes
+    api_addr, edges = planes
     keys = [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path / "keys"), "keys"]
     created = await asyncio.create_subprocess_exec(
         *keys, "create", "--name", "split", env=plane_env(redis_url), stdout=asyncio.subprocess.PIPE
@@ -119,3 +120,12 @@ async def test_two_edges_and_a_control_plane_share_routes(
                         break
                 assert time.monotonic() - killed_at < REFUSED_WITHIN_S, f"{edge} still routes the VM"
                 await asyncio.sleep(0.02)
+
+    # The control plane's own listener, reachable by edges on other machines, cuts an endless header
+    # line as well (aiohttp counts a line as it grows; issue 17, point 1) and carries on.
+    host, _, port = api_addr.rpartition(":")
+    sent, answer = await endless_header((host, int(port)), b"a" * 65536, 64 * 2**20)
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert sent < 8 * 2**20
+    async with aiohttp.ClientSession() as client, client.get(f"http://{api_addr}/v1/templates") as resp:
+        assert resp.status == 200
