@@ -93,6 +93,9 @@ class EdgeConfig:
     # may stay quiet) or an upgraded connection such as a WebSocket.
     stream_idle_timeout_s: float = 0.0
     tunnel_idle_timeout_s: float = 3600.0
+    # A client that takes none of the output pending for it for this long is dropped, with the VM's
+    # side of its exchange (0: never). Quiet streams with nothing pending are not affected.
+    send_timeout_s: float = 60.0
     # Redis unreachable: routes the edge knew keep being served this long from the first failed lookup,
     # then requests get 503 until Redis is back (0: fail closed at once).
     redis_grace_s: float = 30.0

@@ -79,6 +79,8 @@ class EdgeSettings:
     # No bytes either way for this long ends a streaming response / a tunnel; 0: no limit.
     stream_idle_timeout_s: float = 0.0
     tunnel_idle_timeout_s: float = 0.0
+    # The client takes nothing of what is pending for it for this long: it is dropped (0: never).
+    send_timeout_s: float = 60.0
     # Largest request body for app routes (413); 0: no limit. The API enforces its own.
     max_body_bytes: int = 0
     max_header_count: int = 100
@@ -199,6 +201,8 @@ class EdgeProtocol(asyncio.Protocol):
         "pending",
         "reading_paused",
         "scheme",
+        "send_backlog",
+        "send_deadline",
         "settings",
         "silence_deadline",
         "sni_name",
@@ -246,6 +250,9 @@ class EdgeProtocol(asyncio.Protocol):
         self.head_timed = False  # the deadline currently times a request head
         # A streaming response's or a tunnel's idleness, when limited; made on first use.
         self.silence_deadline: Deadline | None = None
+        # Output pending that the client does not take (see pause_writing); made on first use.
+        self.send_deadline: Deadline | None = None
+        self.send_backlog = 0
         self.client_info: hdr.ClientInfo | None = None
         self.tunnel_to: UpstreamConnection | None = None
         self.ws_frames: tuple[FrameTracker, FrameTracker] | None = None  # (to the VM, to the client)
@@ -289,6 +296,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.deadline.cancel()
         if self.silence_deadline is not None:
             self.silence_deadline.cancel()
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
         self.transport = None
         if self.tunnel_to is not None:
             self.tunnel_to.close()
@@ -348,9 +357,32 @@ class EdgeProtocol(asyncio.Protocol):
         self.can_write = False
         if self.tunnel_to is not None:
             self.tunnel_to.pause_reading()
+        if self.settings.send_timeout_s > 0 and self.transport is not None:
+            # The other side is paused now, so the backlog only shrinks while the client reads.
+            if self.send_deadline is None:
+                self.send_deadline = Deadline(self.loop, self._send_timed_out)
+            self.send_backlog = self.transport.get_write_buffer_size()
+            self.send_deadline.start(self.settings.send_timeout_s)
+
+    def _send_timed_out(self) -> None:
+        """The client took nothing of its pending output for send_timeout_s: drop it (nginx's
+        send_timeout), which also frees the VM's side. Progress, however slow, re-arms the timer."""
+        transport = self.transport
+        if transport is None or self.can_write:
+            return
+        backlog = transport.get_write_buffer_size()
+        if backlog < self.send_backlog:
+            self.send_backlog = backlog
+            assert self.send_deadline is not None
+            self.send_deadline.start(self.settings.send_timeout_s)
+            return
+        self.closing = True
+        transport.abort()  # close() would wait for the buffer to drain, which is what never happens
 
     def resume_writing(self) -> None:
         self.can_write = True
+        if self.send_deadline is not None:
+            self.send_deadline.stop()
         if self.tunnel_to is not None:
             self.tunnel_to.resume_reading()
             return

@@ -39,6 +39,7 @@ def edge_settings(config: Config, api_upstream: str) -> EdgeSettings:
         first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
         stream_idle_timeout_s=edge.stream_idle_timeout_s,
         tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
+        send_timeout_s=edge.send_timeout_s,
         max_body_bytes=edge.max_body_bytes,
         max_header_count=edge.max_header_count,
         max_header_bytes=edge.max_header_bytes,

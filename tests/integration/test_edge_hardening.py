@@ -383,3 +383,44 @@ async def test_an_early_413_reaches_a_client_that_writes_its_whole_body_first(
     for size in (2000, 8 * 2**20):
         status = await asyncio.to_thread(post_whole_body_first, url + "echo", size)
         assert status == 413
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(gateway_factory: object) -> None:
+    """Output pending and the client taking none of it: dropped after edge.send_timeout_s, with the
+    VM's side (issue 17, point 2). A quiet stream with nothing pending is not."""
+    send_timeout_s = 1.0
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"send_timeout_s": send_timeout_s})  # type: ignore[operator]
+    sid, _, url = await start_app(gw)
+    edge = gw.services.edge
+    assert edge is not None
+    reader, writer = await open_small_window(gw)
+    try:
+        writer.write(app_get(sid, "/big?mib=256"))
+        async with asyncio.timeout(send_timeout_s + 10):
+            await reader.readuntil(b"\r\n\r\n")
+            conn = edge_connection(gw, writer)
+            upstream = conn.current.upstream if conn.current is not None else None
+            assert upstream is not None
+            closed = asyncio.get_running_loop().create_future()
+            original = edge.connection_closed
+
+            def connection_closed(closing: EdgeProtocol) -> None:
+                original(closing)
+                if closing is conn and not closed.done():
+                    closed.set_result(True)
+
+            edge.connection_closed = connection_closed  # type: ignore[method-assign]
+            await closed  # the client reads nothing more: the edge gives up on it
+        assert conn not in edge.connections
+        assert upstream.closed  # and the app's side of the exchange is freed
+    finally:
+        writer.close()
+    # An SSE stream quiet for longer than the send timeout, with nothing pending: kept.
+    async with aiohttp.ClientSession() as client, client.get(url + "sse") as resp:
+        assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(send_timeout_s * 2.5):
+                await resp.content.readuntil(b"\n\n")
+        async with client.get(url + "sse-next") as nudge:
+            assert nudge.status == 200
+        assert await resp.content.readuntil(b"\n\n") == b"data: two\n\n"
