@@ -96,6 +96,10 @@ class EdgeConfig:
     # A client that takes none of the output pending for it for this long is dropped, with the VM's
     # side of its exchange (0: never). Quiet streams with nothing pending are not affected.
     send_timeout_s: float = 60.0
+    # A WebSocket frame, or a message (the sum of its fragments), over these closes the connection with
+    # 1009 both ways (0: no limit). Protocol errors (an unmasked client frame...) close with 1002.
+    ws_max_frame_bytes: int = 16 * 2**20
+    ws_max_message_bytes: int = 64 * 2**20
     # Redis unreachable: routes the edge knew keep being served this long from the first failed lookup,
     # then requests get 503 until Redis is back (0: fail closed at once).
     redis_grace_s: float = 30.0

@@ -214,7 +214,7 @@ class Exchange:
             out += [(b"Connection", b"Upgrade"), *upgrade]
             self.tunnel = True
             transport.write(_STATUS_LINES[101] + head_bytes(out) + b"\r\n")
-            proto.start_tunnel(self)
+            proto.start_tunnel(self, extensions=any(n.lower() == b"sec-websocket-extensions" for n, _ in out))
             return
         head = (_STATUS_LINES.get(status) or _status_line(status)) + head_bytes(out)
         if self.kind == "api" and proto.scheme == "https":

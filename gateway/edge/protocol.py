@@ -34,7 +34,7 @@ from gateway.edge.observe import AccessLog, EdgeStats
 from gateway.edge.resolver import MISS, Resolver, Route
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
-from gateway.edge.websocket import FrameTracker, close_frame
+from gateway.edge.websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ class EdgeSettings:
     tunnel_idle_timeout_s: float = 0.0
     # The client takes nothing of what is pending for it for this long: it is dropped (0: never).
     send_timeout_s: float = 60.0
+    # WebSocket frames and messages (the sum of a message's fragments) over these close with 1009.
+    ws_max_frame_bytes: int = 16 * 2**20
+    ws_max_message_bytes: int = 64 * 2**20
     # Largest request body for app routes (413); 0: no limit. The API enforces its own.
     max_body_bytes: int = 0
     max_header_count: int = 100
@@ -883,12 +886,18 @@ class EdgeProtocol(asyncio.Protocol):
 
     # tunnel ---------------------------------------------------------------------------------------
 
-    def start_tunnel(self, ex: Exchange) -> None:
-        """The VM accepted an upgrade: from now on bytes flow unparsed both ways."""
+    def start_tunnel(self, ex: Exchange, *, extensions: bool = False) -> None:
+        """The VM accepted an upgrade: from now on bytes flow unparsed both ways (a WebSocket's frame
+        headers are checked as they pass; ``extensions``: the VM accepted one)."""
         conn = ex.upstream
         assert conn is not None and self.transport is not None
         if hdr.is_websocket_upgrade(ex.headers):
-            self.ws_frames = (FrameTracker(), FrameTracker())
+            settings = self.settings
+            limits = {"max_frame": settings.ws_max_frame_bytes, "max_message": settings.ws_max_message_bytes}
+            self.ws_frames = (
+                FrameTracker(masked=True, extensions=extensions, **limits),
+                FrameTracker(masked=False, extensions=extensions, **limits),
+            )
         conn.tunnel = self._tunnel_to_client
         self.tunnel_to = conn
         self.edge.stats.tunnels_open += 1
@@ -935,6 +944,10 @@ class EdgeProtocol(asyncio.Protocol):
         if frames.closed:
             return False
         cut = frames.feed(data, stop_at_boundary=self.draining)
+        if frames.violation is not None:
+            write(data[:cut])  # the frames before the offending one
+            self._end_websocket(*frames.violation)
+            return False
         if self.draining and frames.at_boundary:
             write(data[:cut])
             self._send_close(frames, to_vm=direction == 0)
@@ -953,9 +966,27 @@ class EdgeProtocol(asyncio.Protocol):
             if frames.at_boundary and not frames.closed:
                 self._send_close(frames, to_vm=to_vm)
 
-    def _send_close(self, frames: FrameTracker, *, to_vm: bool) -> None:
+    def _end_websocket(self, code: int, reason: bytes) -> None:
+        """A frame broke the protocol or a size limit: it goes nowhere, both peers get a close frame with
+        the code (where their side is at a frame boundary), and both connections close. The client's
+        side closes gracefully: it may be in the middle of sending a big frame."""
+        assert self.ws_frames is not None
+        for frames, to_vm in zip(self.ws_frames, (True, False), strict=True):
+            if not frames.closed and frames.at_boundary and not frames.cut_mid_frame:
+                self._send_close(frames, to_vm=to_vm, code=code, reason=reason)
+            frames.closed = True
+        if self.current is not None:
+            # For the access log: why the edge ended this tunnel.
+            self.current.code = "websocket_too_big" if code == MESSAGE_TOO_BIG else "websocket_protocol_error"
+        if self.tunnel_to is not None:
+            self.tunnel_to.close()
+        self._close(linger=True)
+
+    def _send_close(
+        self, frames: FrameTracker, *, to_vm: bool, code: int = 1001, reason: bytes = b"gateway shutting down"
+    ) -> None:
         frames.closed = True
-        frame = close_frame(1001, b"gateway shutting down", masked=to_vm)
+        frame = close_frame(code, reason, masked=to_vm)
         if to_vm:
             assert self.tunnel_to is not None
             self.tunnel_to.write(frame)

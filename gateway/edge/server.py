@@ -40,6 +40,8 @@ def edge_settings(config: Config, api_upstream: str) -> EdgeSettings:
         stream_idle_timeout_s=edge.stream_idle_timeout_s,
         tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
         send_timeout_s=edge.send_timeout_s,
+        ws_max_frame_bytes=edge.ws_max_frame_bytes,
+        ws_max_message_bytes=edge.ws_max_message_bytes,
         max_body_bytes=edge.max_body_bytes,
         max_header_count=edge.max_header_count,
         max_header_bytes=edge.max_header_bytes,

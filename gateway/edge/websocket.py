@@ -1,8 +1,13 @@
-"""WebSocket frame boundaries in a byte tunnel (pure), so the edge can end a tunnel cleanly.
+"""WebSocket frame boundaries and frame policy in a byte tunnel (pure).
 
-The tunnel never parses or changes frames; it only follows their lengths (RFC 6455 section 5.2), which
-costs a few operations per frame, so that on shutdown it can put a close frame between two frames
-instead of in the middle of one.
+The tunnel never buffers or changes frames; it reads each frame's header as it passes (RFC 6455 section
+5.2), which costs a few operations per frame, so that
+- on shutdown it can put a close frame between two frames instead of in the middle of one;
+- a frame that breaks the protocol is stopped before it reaches the other side, with the close code to
+  end the connection with: 1002 for a protocol error (a client frame without a mask, which section 5.1
+  says a server must close on, a masked server frame, reserved bits or opcodes, a fragmented or long
+  control frame, a continuation out of place), 1009 for a frame or a message (the sum of its fragments,
+  counted, never reassembled) over its limit.
 """
 
 from __future__ import annotations
@@ -11,18 +16,41 @@ import os
 import struct
 
 MAX_HEADER_BYTES = 14  # 2 + 8 (extended length) + 4 (mask)
+OPCODE_CONTINUATION = 0x0
 OPCODE_CLOSE = 0x8
+DATA_OPCODES = (0x1, 0x2)
+CONTROL_OPCODES = (0x8, 0x9, 0xA)
+MAX_CONTROL_PAYLOAD = 125
+PROTOCOL_ERROR = 1002
+MESSAGE_TOO_BIG = 1009
 
 
 class FrameTracker:
-    """Follows frame boundaries in one direction of a WebSocket connection."""
+    """Follows frame boundaries in one direction of a WebSocket connection, and checks each header."""
 
-    __slots__ = ("_header", "_need", "closed")
+    __slots__ = (
+        "_header", "_in_message", "_message_bytes", "_need", "closed", "cut_mid_frame", "extensions",
+        "masked", "max_frame", "max_message", "violation",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, masked: bool | None = None, max_frame: int = 0, max_message: int = 0, extensions: bool = True
+    ) -> None:
+        """``masked``: frames this way must (True: from a client) or must not (False: from a server) be
+        masked; None: not checked. Limits of 0: none. ``extensions``: an extension was negotiated, so
+        the reserved bits may be used (permessage-deflate sets RSV1)."""
+        self.masked = masked
+        self.max_frame = max_frame
+        self.max_message = max_message
+        self.extensions = extensions
         self._need = 0  # payload bytes left in the current frame
         self._header = b""  # a frame header split across reads
+        self._in_message = False  # a fragmented data message is open (its final frame is to come)
+        self._message_bytes = 0
         self.closed = False  # the edge sent its own close frame this way: nothing more is forwarded
+        # (close code, reason) of the first frame that broke the policy; feed() stops before it.
+        self.violation: tuple[int, bytes] | None = None
+        self.cut_mid_frame = False
 
     @property
     def at_boundary(self) -> bool:
@@ -32,10 +60,11 @@ class FrameTracker:
         """Follow ``data``; returns how many of its bytes were followed.
 
         With ``stop_at_boundary``, stops at the first frame boundary (at once if already at one), so
-        the caller can forward ``data[:n]`` and then insert a frame.
+        the caller can forward ``data[:n]`` and then insert a frame. A frame header that breaks the
+        policy sets ``violation`` and stops before that frame (the caller forwards ``data[:n]`` at most).
         """
         pos, end = 0, len(data)
-        if stop_at_boundary and self.at_boundary:
+        if self.violation is not None or (stop_at_boundary and self.at_boundary):
             return 0
         while pos < end:
             if self._need:
@@ -58,12 +87,49 @@ class FrameTracker:
                 length = int.from_bytes(header[2:4], "big")
             elif length == 127:
                 length = int.from_bytes(header[2:10], "big")
+            violation = self._check(header[0], header[1] & 0x80, length)
+            if violation is not None:
+                self.violation = violation
+                # Earlier reads' part of this header was forwarded with them: then the other side
+                # holds the start of a frame, and no close frame can follow it cleanly.
+                self.cut_mid_frame = bool(self._header)
+                return pos
             pos += size - len(self._header)
             self._header = b""
             self._need = length
             if stop_at_boundary and not length:
                 return pos
         return pos
+
+    def _check(self, first: int, mask_bit: int, length: int) -> tuple[int, bytes] | None:
+        opcode = first & 0x0F
+        final = first & 0x80
+        if self.masked is not None and bool(mask_bit) != self.masked:
+            return PROTOCOL_ERROR, b"client frames are masked, server frames not (RFC 6455 5.1)"
+        if first & 0x70 and not self.extensions:
+            return PROTOCOL_ERROR, b"reserved bits set without an extension"
+        if length >> 63:
+            return PROTOCOL_ERROR, b"frame length out of range"
+        if opcode in CONTROL_OPCODES:
+            if not final or length > MAX_CONTROL_PAYLOAD:
+                return PROTOCOL_ERROR, b"control frames are final and at most 125 bytes"
+            return None
+        if opcode == OPCODE_CONTINUATION:
+            if not self._in_message:
+                return PROTOCOL_ERROR, b"continuation frame without a message"
+        elif opcode in DATA_OPCODES:
+            if self._in_message:
+                return PROTOCOL_ERROR, b"new message inside a fragmented one"
+            self._message_bytes = 0
+        else:
+            return PROTOCOL_ERROR, b"reserved opcode"
+        if self.max_frame and length > self.max_frame:
+            return MESSAGE_TOO_BIG, b"frame too big"
+        self._message_bytes += length
+        if self.max_message and self._message_bytes > self.max_message:
+            return MESSAGE_TOO_BIG, b"message too big"
+        self._in_message = not final
+        return None
 
 
 def close_frame(code: int, reason: bytes, *, masked: bool) -> bytes:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import os
 import socket
+import struct
 import urllib.error
 import urllib.request
 
@@ -14,7 +18,7 @@ import pytest
 from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import EdgeProtocol
 from tests.conftest import GatewayUnderTest
-from tests.integration.test_edge import APP_PORT, raw_exchange, start_app
+from tests.integration.test_edge import APP_PORT, max_rss_bytes, raw_exchange, start_app
 
 # Short, so that a request stalled on a broken pooled connection shows as a 504 quickly.
 FIRST_BYTE_TIMEOUT_S = 3.0
@@ -424,3 +428,123 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(gat
         async with client.get(url + "sse-next") as nudge:
             assert nudge.status == 200
         assert await resp.content.readuntil(b"\n\n") == b"data: two\n\n"
+
+
+def ws_frame(
+    payload: bytes, *, opcode: int = 0x2, final: bool = True, masked: bool = True, length: int | None = None
+) -> bytes:
+    """One frame as a client sends it; ``length`` overrides the declared payload length."""
+    size = len(payload) if length is None else length
+    first = (0x80 if final else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head = bytes((first, mask_bit | size))
+    elif size < 65536:
+        head = bytes((first, mask_bit | 126)) + struct.pack("!H", size)
+    else:
+        head = bytes((first, mask_bit | 127)) + struct.pack("!Q", size)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def open_websocket(gw: GatewayUnderTest, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    key = base64.b64encode(os.urandom(16))
+    writer.write(
+        b"GET /v1/app/%s/%d/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (sid.encode(), APP_PORT, key)
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return reader, writer
+
+
+async def close_code(reader: asyncio.StreamReader) -> int:
+    """Skip echoed frames up to the close frame; its status code."""
+    async with asyncio.timeout(10):
+        while True:
+            first, second = await reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+            elif size == 127:
+                size = struct.unpack("!Q", await reader.readexactly(8))[0]
+            payload = await reader.readexactly(size)
+            if first & 0x0F == 0x8:
+                assert not second & 0x80, "a server's close frame is not masked"
+                return struct.unpack("!H", payload[:2])[0]
+
+
+WS_LIMITS = {"ws_max_frame_bytes": 2**20, "ws_max_message_bytes": 4 * 2**20}
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        pytest.param([ws_frame(b"hello", masked=False)], 1002, id="unmasked-client-frame"),
+        pytest.param([ws_frame(b"p" * 126, opcode=0x9)], 1002, id="control-frame-over-125"),
+        pytest.param([ws_frame(b"p", opcode=0x9, final=False)], 1002, id="fragmented-control-frame"),
+        pytest.param([ws_frame(b"c", opcode=0x0)], 1002, id="continuation-without-message"),
+        pytest.param([ws_frame(b"r", opcode=0x3)], 1002, id="reserved-opcode"),
+        pytest.param([ws_frame(b"x" * 1024, length=32 * 2**20)[: 14 + 1024]], 1009, id="32-mib-frame"),
+        pytest.param(
+            [ws_frame(b"f" * 2**19, final=False)] + [ws_frame(b"f" * 2**19, opcode=0, final=False)] * 9,
+            1009,
+            id="endless-fragmented-message",
+        ),
+    ],
+)
+async def test_websocket_frames_that_break_the_policy_close_both_sides(
+    gateway_factory: object, frames: list[bytes], code: int
+) -> None:
+    """Frames are checked as they pass (issue 17, point 3): a protocol violation closes with 1002, a
+    frame or message over its limit with 1009; what came before passes, the offending frame does not."""
+    gw: GatewayUnderTest = await gateway_factory("process", edge=WS_LIMITS)  # type: ignore[operator]
+    sid, _, _ = await start_app(gw)
+    reader, writer = await open_websocket(gw, sid)
+    try:
+        writer.write(ws_frame(b"before"))
+        for frame in frames:
+            writer.write(frame)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        assert await close_code(reader) == code
+        async with asyncio.timeout(10):
+            await reader.read()  # and the edge ends the connection
+    finally:
+        writer.close()
+    # A well-formed fragmented message within the limits passes whole.
+    reader, writer = await open_websocket(gw, sid)
+    try:
+        writer.write(ws_frame(b"a" * 1000, opcode=0x1, final=False) + ws_frame(b"b", opcode=0x0))
+        echoed = await reader.readexactly(2 + 2 + 1000) + await reader.readexactly(2 + 1)
+        assert echoed[0] == 0x01 and echoed[-3] == 0x80 and echoed.endswith(b"b")
+    finally:
+        writer.close()
+
+
+async def test_a_ping_flood_is_held_by_back_pressure(gw: GatewayUnderTest) -> None:
+    """A client pinging without reading the answers: the edge's memory stays flat (the app's answers
+    back up, then its reading, then the client's sending)."""
+    sid, _, _ = await start_app(gw)
+    reader, writer = await open_websocket(gw, sid)
+    before = max_rss_bytes()
+    ping = ws_frame(b"p" * 125, opcode=0x9)
+    sent = 0
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while True:
+                    writer.write(ping * 64)
+                    await writer.drain()
+                    sent += 64 * len(ping)
+        assert max_rss_bytes() - before < 64 * 2**20
+        assert sent < 256 * 2**20, "nothing held the flood back"
+        # Still a working WebSocket once the client reads: the pings come back answered.
+        async with asyncio.timeout(10):
+            first = await reader.readexactly(2)
+        assert first[0] & 0x0F == 0x9
+    finally:
+        writer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,3 +76,67 @@ def test_close_frames_follow_rfc_6455() -> None:
     assert bytes(b ^ mask[i % 4] for i, b in enumerate(body)) == struct.pack("!H", 1001) + b"bye"
     tracker = FrameTracker()
     assert tracker.feed(masked + plain) == len(masked + plain) and tracker.at_boundary
+
+
+def header(first: int, size: int, *, masked: bool) -> bytes:
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head = bytes((first, mask_bit | size))
+    elif size < 65536:
+        head = bytes((first, mask_bit | 126)) + struct.pack("!H", size)
+    else:
+        head = bytes((first, mask_bit | 127)) + struct.pack("!Q", size)
+    return head + (b"\x01\x02\x03\x04" if masked else b"")
+
+
+@pytest.mark.parametrize(
+    ("stream", "from_client", "extensions", "violation"),
+    [
+        ([header(0x82, 5, masked=True)], True, False, None),
+        ([header(0x82, 5, masked=False)], True, False, 1002),  # RFC 6455 5.1: the server must close
+        ([header(0x82, 5, masked=True)], False, False, 1002),  # a masked server frame
+        ([header(0x82, 5, masked=False)], False, False, None),
+        ([header(0xC1, 5, masked=True)], True, False, 1002),  # RSV1 without an extension
+        ([header(0xC1, 5, masked=True)], True, True, None),  # permessage-deflate sets RSV1
+        ([header(0x89, 125, masked=True)], True, False, None),
+        ([header(0x89, 126, masked=True)], True, False, 1002),
+        ([header(0x09, 1, masked=True)], True, False, 1002),  # a fragmented ping
+        ([header(0x80, 1, masked=True)], True, False, 1002),  # continuation of nothing
+        ([header(0x83, 1, masked=True)], True, False, 1002),  # reserved opcode
+        ([header(0x8B, 1, masked=True)], True, False, 1002),  # reserved control opcode
+        ([header(0x01, 1, masked=True), header(0x81, 1, masked=True)], True, False, 1002),  # nested
+        ([header(0x01, 1, masked=True), header(0x89, 0, masked=True), header(0x80, 1, masked=True)],
+         True, False, None),  # a ping between fragments is allowed
+        ([header(0x82, 1001, masked=True)], True, False, 1009),  # over max_frame (1000)
+        ([header(0x02, 1000, masked=True), header(0x00, 1000, masked=True), header(0x80, 1001, masked=True)],
+         True, False, 1009),  # 3001 bytes over max_message (3000), never held
+    ],
+)  # fmt: skip
+def test_the_frame_policy(
+    stream: list[bytes], from_client: bool, extensions: bool, violation: int | None
+) -> None:
+    tracker = FrameTracker(masked=from_client, max_frame=1000, max_message=3000, extensions=extensions)
+    fed = 0
+    for head in stream:
+        size = head[1] & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", head[2:4])[0]
+        elif size == 127:
+            size = struct.unpack("!Q", head[2:10])[0]
+        data = head + b"p" * size
+        fed = tracker.feed(data)
+        if tracker.violation is not None:
+            break
+    if violation is None:
+        assert tracker.violation is None and tracker.at_boundary
+    else:
+        assert tracker.violation is not None and tracker.violation[0] == violation
+        assert fed == 0  # stopped before the offending frame: none of it is forwarded
+
+
+def test_a_violation_inside_a_read_cuts_after_the_good_frames() -> None:
+    tracker = FrameTracker(masked=True)
+    good = header(0x82, 3, masked=True) + b"abc"
+    bad = header(0x82, 3, masked=False) + b"xyz"
+    assert tracker.feed(good + bad) == len(good)
+    assert tracker.violation is not None and not tracker.cut_mid_frame

@@ -168,12 +168,13 @@ class Handler(BaseHTTPRequestHandler):
             if opcode == 8:
                 sock.sendall(b"\x88" + bytes([len(data)]) + data)
                 break
+            first = (head[0] & 0x80) | opcode  # the same fragmentation back
             if length < 126:
-                frame = bytes([0x80 | opcode, length])
+                frame = bytes([first, length])
             elif length < 65536:
-                frame = bytes([0x80 | opcode, 126]) + struct.pack("!H", length)
+                frame = bytes([first, 126]) + struct.pack("!H", length)
             else:
-                frame = bytes([0x80 | opcode, 127]) + struct.pack("!Q", length)
+                frame = bytes([first, 127]) + struct.pack("!Q", length)
             sock.sendall(frame + data)
         self.close_connection = True
 
