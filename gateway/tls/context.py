@@ -7,12 +7,17 @@ blocking work: callers on the event loop run ``server_context`` through ``asynci
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import ssl
 import tempfile
 from pathlib import Path
 
 from gateway.tls.bundle import CertBundle
+from gateway.tls.groups import INTERMEDIATE_GROUPS, restrict_groups
+
+log = logging.getLogger(__name__)
 
 # https://ssl-config.mozilla.org/ "intermediate" (TLS 1.2 part; TLS 1.3 suites are OpenSSL's defaults).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -38,6 +43,8 @@ def server_context(bundle: CertBundle) -> ssl.SSLContext:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
+    if not restrict_groups(ctx):
+        _warn_default_groups()
     folder = str(_SHM) if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="gateway-tls-", dir=folder) as tmp:
         chain_path, key_path = Path(tmp, "chain.pem"), Path(tmp, "key.pem")
@@ -46,3 +53,10 @@ def server_context(bundle: CertBundle) -> ssl.SSLContext:
         key_path.write_bytes(bundle.key_pem)
         ctx.load_cert_chain(chain_path, key_path)
     return ctx
+
+
+@functools.cache
+def _warn_default_groups() -> None:
+    log.warning(
+        "TLS: cannot restrict key-exchange groups to %s here; OpenSSL's defaults stay", INTERMEDIATE_GROUPS
+    )

@@ -337,3 +337,36 @@ async def test_a_tls_port_in_use_fails_the_start_cleanly_and_leaves_nothing_runn
     assert asyncio.all_tasks() == before  # no follower, keeper or server task left behind
     with socket.socket() as plain:  # and the plain listener was closed again
         plain.bind((config.server.host, config.server.port))
+
+
+async def handshake_with_groups(gw: GatewayUnderTest, groups: str, version: str) -> bool:
+    """Whether ``openssl s_client`` offering only ``groups`` completes a handshake with the listener."""
+    host, port = tls_address(gw)
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"{host}:{port}", "-servername", API_HOST,
+        "-groups", groups, version, "-brief",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(10):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return b"CONNECTION ESTABLISHED" in out
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+async def test_only_the_intermediate_profiles_groups_are_offered(
+    gateway_factory: object, tmp_path: Path, version: str
+) -> None:
+    """X25519, P-256 and P-384, as Mozilla's intermediate profile lists; not P-521 or X448, which
+    OpenSSL would otherwise accept (issue 17, point 12)."""
+    gw: GatewayUnderTest = await gateway_factory("process", **tls_sections(tmp_path))  # type: ignore[operator]
+    # An RSA certificate: in TLS 1.2 a client's groups also bound the curves of an ECDSA certificate.
+    await store_cert(gw, trustme.CA().issue_cert(API_HOST, key_type=trustme.KeyType.RSA))
+    for group in ("X25519", "P-256", "P-384"):
+        assert await handshake_with_groups(gw, group, version), group
+    for group in ("P-521", "X448"):
+        assert not await handshake_with_groups(gw, group, version), group
