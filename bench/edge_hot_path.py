@@ -59,6 +59,9 @@ class MemoryTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def is_reading(self) -> bool:
+        return True
+
     def pause_reading(self) -> None:
         pass
 

@@ -188,6 +188,7 @@ class EdgeProtocol(asyncio.Protocol):
         "draining",
         "early_tunnel_data",
         "edge",
+        "ended_in_read",
         "head_fresh",
         "head_limit",
         "head_seen",
@@ -243,6 +244,7 @@ class EdgeProtocol(asyncio.Protocol):
         # it ends, and httptools re-copies it on every read, so an endless line must be cut by count.
         self.head_seen = 0
         self.head_fresh = False  # the head began in the read being parsed
+        self.ended_in_read = False  # a request ended in the read being parsed
         self.head_limit = edge.head_limit
         self.can_write = True
         self.reading_paused = False
@@ -339,16 +341,21 @@ class EdgeProtocol(asyncio.Protocol):
             self._begin(self.pending.pop(0))
         if self.in_head:
             self._head_in_progress(len(data))
+        if self.ended_in_read:
+            self.ended_in_read = False
 
     def _head_in_progress(self, read: int) -> None:
         """A read ended inside a request head (split over packets; a whole head moves nothing here)."""
-        if self.head_fresh:
-            # What of this read is head is not known: the parts parsed so far are a lower bound, and
-            # the rest is at most one read, which the limit then counts on the next.
+        if not self.head_fresh:
+            self.head_seen += read
+        elif not self.ended_in_read:
+            self.head_fresh = False
+            self.head_seen = read  # the head began this read (at most a few CRLFs before it)
+        else:
+            # After another request in the same read (pipelining): where this head began is not known.
+            # The parts parsed so far are a lower bound; the rest is at most one read, held once.
             self.head_fresh = False
             self.head_seen = len(self.url) + self.header_bytes
-        else:
-            self.head_seen += read
         if self.head_seen > self.head_limit:
             self._protocol_error(431, "headers_too_large", "request head too large")
             return
@@ -482,6 +489,7 @@ class EdgeProtocol(asyncio.Protocol):
             self.parsing.feed_body(body)
 
     def on_message_complete(self) -> None:
+        self.ended_in_read = True
         ex = self.parsing
         self.parsing = None
         if ex is None:

@@ -352,6 +352,10 @@ async def test_an_endless_request_header_line_is_cut_by_its_size(gateway_factory
     assert sent < 4 * 2**20, "the edge kept reading an endless header line"
     _, answer = await endless_header(address, b"a", 64 * 2**10)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    # All of it in one burst, then nothing: answered at once, not at the header deadline.
+    async with asyncio.timeout(gw.config.edge.header_timeout_s / 2):
+        _, answer = await endless_header(address, b"a" * 100_000, 100_000)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     # A head within the limits still passes.
     received, _ = await raw_exchange(
         gw, b"GET /v1/templates HTTP/1.1\r\nHost: localhost\r\nX-Ok: %s\r\n\r\n" % (b"b" * 900)
