@@ -80,3 +80,40 @@ class StoreUnavailable(GatewayError):
 
 class Timeout(GatewayError):
     status, code, message = 504, "timeout", "timed out"
+
+
+# Every answer the edge makes itself, by the code it carries in X-Gateway-Error: its status and default
+# message. One table, so that a code means one thing wherever the edge answers it (and the README's and
+# the access log's codes are these).
+EDGE_ERRORS: dict[str, tuple[int, str]] = {
+    # The request itself
+    "bad_request": (400, "malformed request"),
+    "bad_host": (400, "missing or malformed Host header"),
+    "invalid_target": (400, "invalid request target"),
+    "method_not_allowed": (405, "CONNECT is not supported"),
+    "body_too_large": (413, "the request body is larger than this route allows"),
+    "uri_too_long": (414, "the request target is too long"),
+    "misdirected_request": (
+        421, "this connection was opened for another host name; open a new one for this host"
+    ),
+    "headers_too_large": (431, "request headers too large"),
+    # Routing
+    "no_route": (404, "no such app: the VM does not exist, has ended, or this port is not exposed"),
+    "store_unavailable": (503, "routing unavailable"),
+    # The edge itself
+    "too_many_connections": (503, "too many open connections; try again later"),
+    "shutting_down": (503, "this gateway process is shutting down; try again"),
+    # The app in the VM
+    "upstream_refused": (502, "nothing is listening on this port in the VM"),
+    "upstream_closed": (502, "the app closed the connection without answering"),
+    "upstream_bad_upgrade": (502, "the app's upgrade response is not a valid handshake"),
+    "upstream_bad_response": (502, "the app's answer is not HTTP/1.1"),
+    "upstream_head_too_large": (502, "the app's response head is too large"),
+    "upstream_connect_timeout": (504, "the app did not accept a connection in time"),
+    "upstream_timeout": (504, "the app did not answer in time"),
+}  # fmt: skip
+
+
+def edge_error(code: str) -> tuple[int, str]:
+    """(status, default message) of an edge-made answer; KeyError for a code not in the table."""
+    return EDGE_ERRORS[code]

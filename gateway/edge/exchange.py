@@ -7,15 +7,39 @@ metrics and the access log report, and tells its connection about progress.
 
 from __future__ import annotations
 
+import asyncio
 import http
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.edge import access
 from gateway.edge import headers as hdr
+from gateway.edge.deadline import Deadline
 from gateway.edge.upstream import UpstreamConnection
 
-if TYPE_CHECKING:
-    from gateway.edge.protocol import EdgeProtocol
+
+class ExchangeOwner(Protocol):
+    """What an exchange needs of the client connection it belongs to (``EdgeProtocol``): the client's
+    transport and flow control, and where to report progress. Declared here so that the exchange does
+    not depend on the connection's class (the connection depends on the exchange, not both ways)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None
+    scheme: str  # the scheme the client used
+    can_write: bool  # the client's transport takes more without buffering past its limit
+    draining: bool  # the connection closes after this response
+    silence_deadline: Deadline | None  # set when stream idleness is timed: activity() matters
+
+    def pause_reading(self) -> None: ...
+    def activity(self) -> None: ...
+    def upload_progress(self) -> None: ...
+    def request_sent(self, ex: Exchange) -> None: ...
+    def body_too_large(self, ex: Exchange) -> None: ...
+    def response_started(self, ex: Exchange) -> None: ...
+    def response_complete(self, ex: Exchange) -> None: ...
+    def upstream_lost(self, ex: Exchange, exc: Exception | None) -> None: ...
+    def upstream_writable(self, ex: Exchange) -> None: ...
+    def bad_upgrade(self, ex: Exchange) -> None: ...
+    def start_tunnel(self, ex: Exchange, *, extensions: bool = False) -> None: ...
 
 # Request body bytes buffered while no upstream connection is attached yet, before reading pauses.
 BODY_BUFFER_HIGH = 256 * 1024
@@ -81,7 +105,7 @@ class Exchange:
         "vm_id",
     )  # fmt: skip
 
-    def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+    def __init__(self, proto: ExchangeOwner, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
                  keep_alive: bool, upgrade: bool, http10: bool) -> None:  # fmt: skip
         self.proto = proto
         # An HTTP/1.0 client: no chunked framing and no 1xx for it (RFC 9112 section 6.1, RFC 9110

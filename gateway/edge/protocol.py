@@ -35,7 +35,7 @@ from gateway.edge.resolver import MISS, Resolver, Route
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.edge.websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, edge_error
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +284,9 @@ class EdgeProtocol(asyncio.Protocol):
         if len(self.edge.connections) >= self.settings.max_connections or self.edge.draining:
             # Refused cleanly rather than left unaccepted in the backlog: the client learns at once.
             self.closing = True
-            code, message = (
-                ("shutting_down", "this gateway process is shutting down; try again")
-                if self.edge.draining
-                else ("too_many_connections", "too many open connections; try again later")
-            )
-            self.transport.write(pages.error_response(503, code, message, accept=None, close=True))
+            code = "shutting_down" if self.edge.draining else "too_many_connections"
+            status, message = edge_error(code)
+            self.transport.write(pages.error_response(status, code, message, accept=None, close=True))
             self.transport.close()
             return
         self.edge.connections.add(self)
@@ -333,7 +330,7 @@ class EdgeProtocol(asyncio.Protocol):
             self.early_tunnel_data += data[offset:]
             self.pause_reading()  # nothing more is parsed: the rest belongs to the tunnel
         except httptools.HttpParserError as exc:
-            self._protocol_error(400, "bad_request", f"malformed request: {exc}")
+            self._protocol_error("bad_request", f"malformed request: {exc}")
             return
         # Requests start once this read is parsed: a framing error anywhere in it is answered before
         # any of it reaches an app.
@@ -357,7 +354,7 @@ class EdgeProtocol(asyncio.Protocol):
             self.head_fresh = False
             self.head_seen = len(self.url) + self.header_bytes
         if self.head_seen > self.head_limit:
-            self._protocol_error(431, "headers_too_large", "request head too large")
+            self._protocol_error("headers_too_large", "request head too large")
             return
         if self.current is None and not self.head_timed:
             self.deadline.start(self.settings.header_timeout_s)
@@ -445,7 +442,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._close_quietly()  # the request head is late, or keep-alive idleness
         elif not ex.head_received and not ex.finished:
             self._drop_upstream(ex)
-            self._reply(ex, 504, "upstream_timeout", "the app did not answer in time", close=True)
+            self._reply(ex, "upstream_timeout", close=True)
 
     # the request side (httptools callbacks) -------------------------------------------------------
 
@@ -460,7 +457,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.url += url
         limit = self.settings.routing.max_target_bytes
         if len(self.url) > limit:
-            self._protocol_error(414, "uri_too_long", f"the request target is longer than {limit} bytes")
+            self._protocol_error("uri_too_long", f"the request target is longer than {limit} bytes")
             raise httptools.HttpParserError("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -470,7 +467,7 @@ class EdgeProtocol(asyncio.Protocol):
             len(self.headers) > self.settings.max_header_count
             or self.header_bytes > self.settings.max_header_bytes
         ):
-            self._protocol_error(431, "headers_too_large", "request headers too large")
+            self._protocol_error("headers_too_large")
             raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
@@ -520,12 +517,11 @@ class EdgeProtocol(asyncio.Protocol):
             if target.location is not None:
                 self._redirect(ex, target.status, target.location)
                 return
-            self._reply(ex, target.status, target.code, target.message, close=target.status == 400)
+            self._reply(ex, target.code, target.message, close=target.status == 400)
             return
         if self.sni_name is not None and target.host_name != self.sni_name:
             # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
-            message = "this connection was opened for another host name; open a new one for this host"
-            self._reply(ex, 421, "misdirected_request", message, close=True)
+            self._reply(ex, "misdirected_request", close=True)
             return
         if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
             location = self._https_url(target.host_name, ex.url)
@@ -559,7 +555,7 @@ class EdgeProtocol(asyncio.Protocol):
         try:
             route = await self.edge.resolver.resolve(key)
         except GatewayError as exc:
-            self._reply(ex, 503, "store_unavailable", f"routing unavailable: {exc}")
+            self._reply(ex, "store_unavailable", f"routing unavailable: {exc}")
             return
         if self.current is ex and self.transport is not None:
             self._routed(ex, target, route)
@@ -622,11 +618,11 @@ class EdgeProtocol(asyncio.Protocol):
             conn = await self.edge.pool.connect(key, unix_path)
         except TimeoutError:
             self.edge.stats.connect_failed("timeout")
-            self._reply(ex, 504, "upstream_connect_timeout", "the app did not accept a connection in time")
+            self._reply(ex, "upstream_connect_timeout")
             return
         except OSError:
             self.edge.stats.connect_failed("refused")
-            self._reply(ex, 502, "upstream_refused", "nothing is listening on this port in the VM")
+            self._reply(ex, "upstream_refused")
             return
         if self.current is not ex or self.transport is None:
             conn.close()
@@ -683,9 +679,9 @@ class EdgeProtocol(asyncio.Protocol):
                 self.transport.close()  # mid-response or a tunnel: the client sees the end too
             return
         if isinstance(exc, BadResponse):
-            self._reply(ex, 502, exc.code, exc.message)
+            self._reply(ex, exc.code, exc.message)
             return
-        self._reply(ex, 502, "upstream_closed", "the app closed the connection without answering")
+        self._reply(ex, "upstream_closed")
 
     def upstream_writable(self, ex: Exchange) -> None:
         if ex.tunnel or self.parsing is ex:
@@ -695,9 +691,7 @@ class EdgeProtocol(asyncio.Protocol):
         """A 101 without a valid handshake for what was asked: no tunnel, a 502, and both sides closed."""
         ex.head_received = False
         self._drop_upstream(ex)
-        self._reply(
-            ex, 502, "upstream_bad_upgrade", "the app's upgrade response is not a valid handshake", close=True
-        )
+        self._reply(ex, "upstream_bad_upgrade", close=True)
 
     def body_too_large(self, ex: Exchange) -> None:
         """A body passed the route's limit while streaming: 413 if nothing was answered yet, then close."""
@@ -720,13 +714,16 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _too_large(self, ex: Exchange) -> None:
         message = f"the request body is larger than {ex.max_body} bytes"
-        self._reply(ex, 413, "body_too_large", message, close=True)
+        self._reply(ex, "body_too_large", message, close=True)
 
     # ending an exchange ---------------------------------------------------------------------------
 
-    def _reply(self, ex: Exchange, status: int, code: str, message: str, *, close: bool = False) -> None:
+    def _reply(self, ex: Exchange, code: str, message: str | None = None, *, close: bool = False) -> None:
+        """Answer with an edge-made error page (see gateway.errors.EDGE_ERRORS)."""
         if self.transport is None or self.current is not ex:
             return
+        status, default_message = edge_error(code)
+        message = message or default_message
         keep = ex.keep_alive and not close and not ex.upgrade and not self.draining
         ex.status, ex.code = status, code
         response = pages.error_response(
@@ -747,8 +744,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._finish(ex, keep)
 
     def _no_route(self, ex: Exchange) -> None:
-        message = "no such app: the VM does not exist, has ended, or this port is not exposed"
-        self._reply(ex, 404, "no_route", message)
+        self._reply(ex, "no_route")
 
     def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> None:
         """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
@@ -839,8 +835,10 @@ class EdgeProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def _protocol_error(self, status: int, code: str, message: str) -> None:
+    def _protocol_error(self, code: str, message: str | None = None) -> None:
         """Answer a malformed request and close: after a framing error nothing on it is trusted."""
+        status, default_message = edge_error(code)
+        message = message or default_message
         if self.closing:
             return  # already answered (e.g. 431 from a callback, then the parser's own error)
         self.closing = True

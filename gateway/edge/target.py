@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway.errors import edge_error
+
 MAX_TARGET_BYTES = 8192
 APP_PATH_PREFIX = b"/v1/app/"
 INSTANCE_LABEL_PREFIX = b"instance-"
@@ -86,14 +88,19 @@ class Rejection:
     location: bytes | None = None  # for redirects
 
 
-_METHOD_NOT_ALLOWED = Rejection(405, "method_not_allowed", "CONNECT is not supported")
-_URI_TOO_LONG = Rejection(414, "uri_too_long", "the request target is too long")
-_BAD_HOST = Rejection(400, "bad_host", "missing or malformed Host header")
-_NO_ROUTE = Rejection(404, "no_route", "no app is served at this host")
+def _rejection(code: str, message: str | None = None) -> Rejection:
+    status, default_message = edge_error(code)
+    return Rejection(status, code, message or default_message)
+
+
+_METHOD_NOT_ALLOWED = _rejection("method_not_allowed")
+_URI_TOO_LONG = _rejection("uri_too_long")
+_BAD_HOST = _rejection("bad_host")
+_NO_ROUTE = _rejection("no_route", "no app is served at this host")
 
 
 def _invalid(message: str) -> Rejection:
-    return Rejection(400, "invalid_target", message)
+    return _rejection("invalid_target", message)
 
 
 def parse_target(
