@@ -21,10 +21,11 @@ import time
 
 import uvloop
 
+from gateway.config import load_config, override
 from gateway.edge.observe import AccessLog
-from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
+from gateway.edge.protocol import Edge, EdgeProtocol
 from gateway.edge.resolver import Resolver, Route
-from gateway.edge.target import RoutingConfig
+from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamConnection, UpstreamPool
 
 SESSION_ID = "70653436-f809-4410-b306-b50a3402ca56"
@@ -70,10 +71,12 @@ class MemoryTransport(asyncio.Transport):
 
 
 def build_edge(access_log_format: str) -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edge]:
-    settings = EdgeSettings(
-        routing=RoutingConfig(api_hosts=("gateway.example.test",), sandbox_domains=("sandbox.example.test",)),
-        api_upstream="/nonexistent/api.sock",
+    config = override(
+        load_config(None, environ={}),
+        edge={"api_hosts": "gateway.example.test"},
+        api={"sandbox_domain": "sandbox.example.test"},
     )
+    settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
     resolver = Resolver(store=None, vm_networks=["10.200.0.0/16"])  # type: ignore[arg-type]
     # As if the events channel were followed and the route had been looked up once.
     resolver._subscribed = True

@@ -21,7 +21,6 @@ import logging
 import secrets
 import socket
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -32,7 +31,8 @@ from gateway.edge.deadline import Deadline
 from gateway.edge.exchange import Exchange, head_bytes
 from gateway.edge.observe import AccessLog, EdgeStats
 from gateway.edge.resolver import MISS, Resolver, Route
-from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, TargetParser
+from gateway.edge.settings import EdgeSettings
+from gateway.edge.target import ApiTarget, AppTarget, Rejection, TargetParser
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.edge.websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 from gateway.errors import GatewayError, edge_error
@@ -65,35 +65,6 @@ HEAD_LINE_OVERHEAD = 32
 
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
-
-
-@dataclass(frozen=True)
-class EdgeSettings:
-    routing: RoutingConfig
-    # The control plane: its unix socket's path, or HOST:PORT (``gateway api`` on another machine).
-    api_upstream: str
-    scheme: str = "http"
-    header_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 75.0
-    first_byte_timeout_s: float = 60.0
-    # No bytes either way for this long ends a streaming response / a tunnel; 0: no limit.
-    stream_idle_timeout_s: float = 0.0
-    tunnel_idle_timeout_s: float = 0.0
-    # The client takes nothing of what is pending for it for this long: it is dropped (0: never).
-    send_timeout_s: float = 60.0
-    # WebSocket frames and messages (the sum of a message's fragments) over these close with 1009.
-    ws_max_frame_bytes: int = 16 * 2**20
-    ws_max_message_bytes: int = 64 * 2**20
-    # Largest request body for app routes (413); 0: no limit. The API enforces its own.
-    max_body_bytes: int = 0
-    max_header_count: int = 100
-    max_header_bytes: int = 32 * 1024
-    max_connections: int = 10000
-    trusted_proxies: frozenset[str] = frozenset()
-    # With TLS on: plain-HTTP requests get a 308 to https on this port (0: none), except under these
-    # path prefixes.
-    https_redirect_port: int = 0
-    plain_http_paths: tuple[bytes, ...] = ()
 
 
 class Edge:

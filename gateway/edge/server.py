@@ -12,51 +12,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gateway.background import stop_loop
-from gateway.config import Config, EdgeConfig, split_host_port
+from gateway.config import Config, split_host_port
 from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog
-from gateway.edge.protocol import Edge, EdgeProtocol, EdgeSettings
+from gateway.edge.protocol import Edge, EdgeProtocol
 from gateway.edge.resolver import Resolver
-from gateway.edge.target import RoutingConfig
+from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
 from gateway.errors import ListenFailed
 from gateway.routes.store import RedisStore
 from gateway.tls.sni import SniTable
-
-
-def edge_settings(config: Config, api_upstream: str) -> EdgeSettings:
-    edge = config.edge
-    return EdgeSettings(
-        routing=RoutingConfig(
-            api_hosts=EdgeConfig.split(edge.api_hosts),
-            sandbox_domains=config.sandbox_domains,
-            max_target_bytes=edge.max_target_bytes,
-            instance_domains=(config.instances.domain,),
-        ),
-        api_upstream=api_upstream,
-        scheme=config.server.public_url.partition(":")[0] or "http",
-        header_timeout_s=edge.header_timeout_s,
-        keepalive_timeout_s=edge.keepalive_timeout_s,
-        first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
-        stream_idle_timeout_s=edge.stream_idle_timeout_s,
-        tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
-        send_timeout_s=edge.send_timeout_s,
-        ws_max_frame_bytes=edge.ws_max_frame_bytes,
-        ws_max_message_bytes=edge.ws_max_message_bytes,
-        max_body_bytes=edge.max_body_bytes,
-        max_header_count=edge.max_header_count,
-        max_header_bytes=edge.max_header_bytes,
-        max_connections=edge.max_connections,
-        trusted_proxies=frozenset(EdgeConfig.split(edge.trusted_proxies)),
-        https_redirect_port=https_redirect_port(config),
-        plain_http_paths=tuple(p.encode() for p in EdgeConfig.split(config.tls.plain_http_paths)),
-    )
-
-
-def https_redirect_port(config: Config) -> int:
-    """The port plain-HTTP requests are redirected to; 0: no redirect (no TLS, or turned off)."""
-    if not config.tls.listen or not config.tls.redirect_http:
-        return 0
-    return config.tls.public_port or split_host_port(config.tls.listen)[1]
 
 
 async def flush_access_log(access_log: AccessLog) -> None:
@@ -80,7 +44,7 @@ async def running_edge(
     resolver = Resolver(store, vm_networks, config.edge.redis_grace_s)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
-    edge = Edge(edge_settings(config, api_upstream), resolver, pool, access_log)
+    edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log)
     resolver.start()
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     loop = asyncio.get_running_loop()
