@@ -41,6 +41,7 @@ class ExchangeOwner(Protocol):
     def bad_upgrade(self, ex: Exchange) -> None: ...
     def start_tunnel(self, ex: Exchange, *, extensions: bool = False) -> None: ...
 
+
 # Request body bytes buffered while no upstream connection is attached yet, before reading pauses.
 BODY_BUFFER_HIGH = 256 * 1024
 

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import secrets
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import httptools
@@ -33,8 +33,8 @@ from gateway.edge.observe import AccessLog, EdgeStats
 from gateway.edge.resolver import MISS, Resolver, Route
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, TargetParser
+from gateway.edge.tunnel import Tunnel
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
-from gateway.edge.websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 from gateway.errors import GatewayError, edge_error
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,8 @@ class EdgeProtocol(asyncio.Protocol):
         "task_coro",
         "transport",
         "trusted",
-        "tunnel_to",
+        "tunnel",
         "url",
-        "ws_frames",
     )
 
     def __init__(self, edge: Edge, *, tls: bool = False) -> None:
@@ -230,8 +229,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.send_deadline: Deadline | None = None
         self.send_backlog = 0
         self.client_info: hdr.ClientInfo | None = None
-        self.tunnel_to: UpstreamConnection | None = None
-        self.ws_frames: tuple[FrameTracker, FrameTracker] | None = None  # (to the VM, to the client)
+        self.tunnel: Tunnel | None = None  # after a 101: the connection is a tunnel from then on
         self.early_tunnel_data = b""
         self.closing = False
         self.draining = False
@@ -272,8 +270,8 @@ class EdgeProtocol(asyncio.Protocol):
         if self.send_deadline is not None:
             self.send_deadline.cancel()
         self.transport = None
-        if self.tunnel_to is not None:
-            self.tunnel_to.close()
+        if self.tunnel is not None:
+            self.tunnel.close()
             self.edge.stats.tunnels_open -= 1
         ex = self.current
         if ex is not None and not ex.finished:
@@ -291,8 +289,8 @@ class EdgeProtocol(asyncio.Protocol):
             if self.lingering:
                 self._discard(len(data))
             return  # answered and closing: nothing more on this connection is parsed
-        if self.tunnel_to is not None:
-            self._tunnel_to_vm(data)
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
             return
         try:
             self.parser.feed_data(data)
@@ -333,8 +331,8 @@ class EdgeProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.can_write = False
-        if self.tunnel_to is not None:
-            self.tunnel_to.pause_reading()
+        if self.tunnel is not None:
+            self.tunnel.client_paused()
         if self.settings.send_timeout_s > 0 and self.transport is not None:
             # The other side is paused now, so the backlog only shrinks while the client reads.
             if self.send_deadline is None:
@@ -361,8 +359,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.can_write = True
         if self.send_deadline is not None:
             self.send_deadline.stop()
-        if self.tunnel_to is not None:
-            self.tunnel_to.resume_reading()
+        if self.tunnel is not None:
+            self.tunnel.client_resumed()
             return
         ex = self.current
         if ex is not None and ex.upstream is not None and ex.upstream.sink is ex:
@@ -847,8 +845,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.draining = True
         if self.transport is None:
             return
-        if self.tunnel_to is not None:
-            self._close_tunnel()
+        if self.tunnel is not None:
+            self.tunnel.shut_down()
         elif self.current is None and not self.in_head:
             self.closing = True
             self.transport.close()
@@ -858,114 +856,33 @@ class EdgeProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-        if self.tunnel_to is not None:
-            self.tunnel_to.close()
+        if self.tunnel is not None:
+            self.tunnel.close()
 
     # tunnel ---------------------------------------------------------------------------------------
 
     def start_tunnel(self, ex: Exchange, *, extensions: bool = False) -> None:
-        """The VM accepted an upgrade: from now on bytes flow unparsed both ways (a WebSocket's frame
-        headers are checked as they pass; ``extensions``: the VM accepted one)."""
+        """The VM accepted an upgrade: from now on bytes flow unparsed both ways (``extensions``: the VM
+        accepted a WebSocket extension)."""
         conn = ex.upstream
         assert conn is not None and self.transport is not None
-        if hdr.is_websocket_upgrade(ex.headers):
-            settings = self.settings
-            limits = {"max_frame": settings.ws_max_frame_bytes, "max_message": settings.ws_max_message_bytes}
-            self.ws_frames = (
-                FrameTracker(masked=True, extensions=extensions, **limits),
-                FrameTracker(masked=False, extensions=extensions, **limits),
-            )
-        conn.tunnel = self._tunnel_to_client
-        self.tunnel_to = conn
+        settings = self.settings
+        self.tunnel = tunnel = Tunnel(
+            self, ex, conn, websocket=hdr.is_websocket_upgrade(ex.headers), extensions=extensions,
+            max_frame=settings.ws_max_frame_bytes, max_message=settings.ws_max_message_bytes,
+        )  # fmt: skip
         self.edge.stats.tunnels_open += 1
         self.edge.stats.tunnels_opened += 1
         self.deadline.stop()
-        if self.settings.tunnel_idle_timeout_s > 0:
-            self._silence_deadline().start_idle(self.settings.tunnel_idle_timeout_s)
+        if settings.tunnel_idle_timeout_s > 0:
+            self._silence_deadline().start_idle(settings.tunnel_idle_timeout_s)
         if self.early_tunnel_data:
             data, self.early_tunnel_data = self.early_tunnel_data, b""
-            self._tunnel_to_vm(data)
+            tunnel.from_client(data)
         self.resume_reading()
         if self.draining:
-            self._close_tunnel()
+            tunnel.shut_down()
 
-    def _tunnel_to_vm(self, data: bytes) -> None:
-        conn = self.tunnel_to
-        assert conn is not None
-        if self.ws_frames is not None and not self._follow_frames(0, data, conn.write):
-            return
-        if self.current is not None:
-            self.current.sent_bytes += len(data)
-        conn.write(data)
-        self.activity()
-        if not conn.can_write:
-            self.pause_reading()
-
-    def _tunnel_to_client(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self.ws_frames is not None and not self._follow_frames(1, data, transport.write):
-            return
-        if self.current is not None:
-            self.current.bytes_out += len(data)
-        transport.write(data)
-        self.activity()
-
-    def _follow_frames(self, direction: int, data: bytes, write: Callable[[bytes], None]) -> bool:
-        """WebSocket bookkeeping for one direction (0: to the VM, 1: to the client). False when the
-        caller must not forward ``data``: after the edge's close frame, or because it was forwarded up
-        to a frame boundary here and a close frame put after it (draining)."""
-        assert self.ws_frames is not None
-        frames = self.ws_frames[direction]
-        if frames.closed:
-            return False
-        cut = frames.feed(data, stop_at_boundary=self.draining)
-        if frames.violation is not None:
-            write(data[:cut])  # the frames before the offending one
-            self._end_websocket(*frames.violation)
-            return False
-        if self.draining and frames.at_boundary:
-            write(data[:cut])
-            self._send_close(frames, to_vm=direction == 0)
-            return False
-        return True
-
-    def _close_tunnel(self) -> None:
-        """Shutting down: a WebSocket gets a close frame (1001, going away) each way at the next frame
-        boundary, then the peers close; any other tunnel is closed at once."""
-        if self.transport is None or self.tunnel_to is None:
-            return
-        if self.ws_frames is None:
-            self.transport.close()
-            return
-        for frames, to_vm in zip(self.ws_frames, (True, False), strict=True):
-            if frames.at_boundary and not frames.closed:
-                self._send_close(frames, to_vm=to_vm)
-
-    def _end_websocket(self, code: int, reason: bytes) -> None:
-        """A frame broke the protocol or a size limit: it goes nowhere, both peers get a close frame with
-        the code (where their side is at a frame boundary), and both connections close. The client's
-        side closes gracefully: it may be in the middle of sending a big frame."""
-        assert self.ws_frames is not None
-        for frames, to_vm in zip(self.ws_frames, (True, False), strict=True):
-            if not frames.closed and frames.at_boundary and not frames.cut_mid_frame:
-                self._send_close(frames, to_vm=to_vm, code=code, reason=reason)
-            frames.closed = True
-        if self.current is not None:
-            # For the access log: why the edge ended this tunnel.
-            self.current.code = "websocket_too_big" if code == MESSAGE_TOO_BIG else "websocket_protocol_error"
-        if self.tunnel_to is not None:
-            self.tunnel_to.close()
+    def close_after_answer(self) -> None:
+        """Close once what is written is out, reading what the client still sends for a while."""
         self._close(linger=True)
-
-    def _send_close(
-        self, frames: FrameTracker, *, to_vm: bool, code: int = 1001, reason: bytes = b"gateway shutting down"
-    ) -> None:
-        frames.closed = True
-        frame = close_frame(code, reason, masked=to_vm)
-        if to_vm:
-            assert self.tunnel_to is not None
-            self.tunnel_to.write(frame)
-        elif self.transport is not None:
-            self.transport.write(frame)
