@@ -203,7 +203,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def serve(config: Config, config_file: str | None) -> None:
     stop = _stop_on_signals()
-    async with running_gateway(config, config_file) as svc:
+    async with running_gateway(config, config_file, stop) as svc:
         redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
         workers = f", {config.server.workers} edge processes" if config.server.workers > 1 else ""
         tls = f" and https://{config.tls.listen}" if config.tls.listen else ""
@@ -220,7 +220,7 @@ async def serve(config: Config, config_file: str | None) -> None:
 
 async def api_only(config: Config) -> None:
     stop = _stop_on_signals()
-    async with running_control_plane(config) as svc:
+    async with running_control_plane(config, stop) as svc:
         redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
         print(
             f"control plane listening on http://{config.server.listen} (VM driver "

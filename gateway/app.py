@@ -27,7 +27,7 @@ from gateway.config import Config, ConfigError
 from gateway.datadir import DataDirBusy, DataDirLock
 from gateway.edge.protocol import Edge
 from gateway.edge.server import running_edge
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded_redis import EmbeddedRedis, RedisSupervisor
 from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.images.store import ROOTFS_DRIVERS, ensure_default_image
 from gateway.keys import ApiKeyStore
@@ -82,9 +82,12 @@ class Services:
 
 
 @asynccontextmanager
-async def redis_client(config: Config, lock: DataDirLock | None) -> AsyncIterator[aioredis.Redis]:
-    """The configured Redis, or an embedded one in the data folder (which needs the folder's lock)."""
-    embedded = None
+async def redis_client(
+    config: Config, lock: DataDirLock | None, stopping: asyncio.Event | None = None
+) -> AsyncIterator[aioredis.Redis]:
+    """The configured Redis, or an embedded one in the data folder (which needs the folder's lock),
+    restarted if it dies until ``stopping`` is set or the context exits (``RedisSupervisor``)."""
+    embedded = supervisor = None
     url = config.redis.url
     if not url:
         if lock is None:
@@ -94,6 +97,8 @@ async def redis_client(config: Config, lock: DataDirLock | None) -> AsyncIterato
         # child exits. Blocking here is fine: nothing else runs before Redis answers.
         embedded.start()
         url = embedded.url
+        supervisor = RedisSupervisor(embedded, stopping)
+        supervisor.start()
     client = connect(url, config.redis.call_timeout_s)
     try:
         try:
@@ -103,6 +108,8 @@ async def redis_client(config: Config, lock: DataDirLock | None) -> AsyncIterato
         yield client
     finally:
         await client.aclose()
+        if supervisor is not None:
+            await supervisor.stop()  # first: the stop below is ours, not a crash to repair
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
 
@@ -139,16 +146,20 @@ async def domain_service(config: Config, store: RedisStore) -> DomainService:
 
 
 @asynccontextmanager
-async def running_gateway(config: Config, config_file: str | None = None) -> AsyncIterator[Services]:
+async def running_gateway(
+    config: Config, config_file: str | None = None, stopping: asyncio.Event | None = None
+) -> AsyncIterator[Services]:
     """The whole gateway, listening on config.server.listen until the context exits.
 
     With ``server.workers`` > 1, that many - 1 ``gateway edge`` children share the listener; they are
     started with ``config_file`` and the environment, plus what only this process knows (the Redis URL).
+    ``stopping`` is set when the gateway begins to stop (its signal handler): from then on an embedded
+    Redis that exits is not restarted.
     """
     lock = DataDirLock(config.data_path)
     lock.acquire()
     try:
-        async with redis_client(config, lock) as client, services(config, client) as svc:
+        async with redis_client(config, lock, stopping) as client, services(config, client) as svc:
             # The control plane listens on a private unix socket; the edge owns the public listener and
             # hands it every request that is not an app URL.
             api_socket = config.data_path / API_SOCKET
@@ -209,14 +220,17 @@ async def running_public_edge(
 
 
 @asynccontextmanager
-async def running_control_plane(config: Config) -> AsyncIterator[Services]:
+async def running_control_plane(
+    config: Config, stopping: asyncio.Event | None = None
+) -> AsyncIterator[Services]:
     """Only the control plane (``gateway api``): the API on server.listen for edges to forward to, the
     orchestrator and its reaper, and the certificate keepers; no edge. Edges (``gateway edge``) on any
-    machine share its Redis and set edge.api_upstream to its address."""
+    machine share its Redis and set edge.api_upstream to its address. ``stopping``: as for
+    ``running_gateway``."""
     lock = DataDirLock(config.data_path)
     lock.acquire()
     try:
-        async with redis_client(config, lock) as client, services(config, client) as svc:
+        async with redis_client(config, lock, stopping) as client, services(config, client) as svc:
             certs = await asyncio.to_thread(cert_store, config, client) if config.tls.listen else None
             runner = web.AppRunner(svc.app, shutdown_timeout=config.server.shutdown_grace_s, access_log=None)
             await runner.setup()

@@ -1,8 +1,9 @@
 """Every metric the gateway exports, in one place, rendered in Prometheus's text format when scraped.
 
-Nothing on the request path calls the metrics library: the edge, the Redis wrapper and the ACME issuer
-count into plain numbers (``EdgeStats``, ``REDIS_STATS``, ``ORDER_OUTCOMES``), and ``render`` reads
-them, plus what lives in Redis (VMs by state, certificate expiries), into metric families at scrape time.
+Nothing on the request path calls the metrics library: the edge, the Redis wrapper, the ACME issuer and
+the embedded Redis's supervisor count into plain numbers (``EdgeStats``, ``REDIS_STATS``,
+``ORDER_OUTCOMES``, ``embedded_redis.RESTARTS``), and ``render`` reads them, plus what lives in Redis
+(VMs by state, certificate expiries), into metric families at scrape time.
 
 Edge worker processes (``gateway serve --workers N``) write their counters to a file in
 ``<data_dir>/run/metrics`` every ``SNAPSHOT_INTERVAL_S``; the serving process adds them in, so one scrape
@@ -17,7 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gateway import embedded_redis
 from gateway.edge.observe import UPSTREAM_BUCKETS_S, EdgeStats
 from gateway.edge.protocol import Edge
 from gateway.routes.store import REDIS_STATS, RedisCallStats, RedisStore
@@ -101,6 +103,7 @@ class ScrapeData:
     vms: Counter[tuple[str, str]]  # (state, driver) -> live VMs
     cert_expiries: dict[str, float]
     acme_orders: dict[str, int]
+    embedded_redis_restarts: dict[str, int] = field(default_factory=dict)
 
 
 class _Snapshot(Collector):
@@ -126,6 +129,14 @@ class _Snapshot(Collector):
         for outcome in ("issued", "failed"):
             orders.add_metric([outcome], self.data.acme_orders.get(outcome, 0))
         yield orders
+        restarts = CounterMetricFamily(
+            "gateway_embedded_redis_restarts",
+            "Restarts of the embedded redis-server after it exited, by outcome (failed: tried again later)",
+            labels=["outcome"],
+        )
+        for outcome in ("restarted", "failed"):
+            restarts.add_metric([outcome], self.data.embedded_redis_restarts.get(outcome, 0))
+        yield restarts
 
 
 def _edge_metrics(snap: dict[str, Any] | None) -> Iterator[Metric]:
@@ -226,7 +237,14 @@ async def gather(
         for vm in await store.get_vms(await store.live_vm_ids()):
             vms[(vm.status, vm.driver)] += 1
     expiries = await certs.expiries() if certs is not None else {}
-    return ScrapeData(merged, [s["redis"] for s in (own, *workers)], vms, expiries, dict(acme.ORDER_OUTCOMES))
+    return ScrapeData(
+        merged,
+        [s["redis"] for s in (own, *workers)],
+        vms,
+        expiries,
+        dict(acme.ORDER_OUTCOMES),
+        dict(embedded_redis.RESTARTS),
+    )
 
 
 def render(data: ScrapeData) -> bytes:
