@@ -478,18 +478,21 @@ async def test_vm_outlives_its_driver_object(h: Harness) -> None:
     await h.driver.close()
     later, handle = h.new_driver(), roundtrip(info.handle)
     await later.start()
-    assert (await later.inspect(info.vm_id, handle)).running
-    result = await later.execute(
-        info.vm_id,
-        handle,
-        ["cat", "mark"],
-        env={},
-        timeout_s=EXEC_TIMEOUT_S,
-        max_output_bytes=MAX_OUTPUT_BYTES,
-    )
-    assert result.stdout == b"before\n"
-    await later.destroy(info.vm_id, handle)
-    assert h.leftovers(info.vm_id, 1) == []
+    try:
+        assert (await later.inspect(info.vm_id, handle)).running
+        result = await later.execute(
+            info.vm_id,
+            handle,
+            ["cat", "mark"],
+            env={},
+            timeout_s=EXEC_TIMEOUT_S,
+            max_output_bytes=MAX_OUTPUT_BYTES,
+        )
+        assert result.stdout == b"before\n"
+        await later.destroy(info.vm_id, handle)
+        assert h.leftovers(info.vm_id, 1) == []
+    finally:
+        await later.close()  # (a started driver holds its host names until then)
 
 
 async def test_concurrent_creates_and_destroys(h: Harness) -> None:

@@ -35,6 +35,7 @@ from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
+from gateway.orchestrator.drivers.owner_lock import OwnerLock, claim_host_names
 
 NETNS_RUN_DIR = Path("/var/run/netns")
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -171,6 +172,7 @@ class NetnsVmDriver:
         self._runc = oci.Runc(
             shutil.which(runtime) or runtime, runc_state_root or RUNC_STATE_ROOT / config.name_prefix
         )
+        self._owner: OwnerLock | None = None
 
     @property
     def capacity(self) -> int:
@@ -183,17 +185,41 @@ class NetnsVmDriver:
         return plan_slot(self._config.cidr, self._config.name_prefix, slot)
 
     async def start(self) -> None:
-        """Blackhole the CIDR (connected /30s stay more specific) and prepare the parent cgroups."""
+        """Claim this driver's host names, blackhole the CIDR (connected /30s stay more specific) and
+        prepare the parent cgroups."""
         if os.geteuid() != 0:
             raise DriverError("the netns driver needs root")
-        if self.runs_containers:
-            self._check_container_host()
-            self._prepare_mount_root()
-        await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
-        # Before any VM: a VM reaches nothing on the host (hostfw.py); fails closed.
-        await hostfw.install(self._config.name_prefix)
-        self._cgroups.prepare()
-        self._work_dir.mkdir(parents=True, exist_ok=True)
+        # First: another live gateway with these names would lose its VMs to our sweep (owner_lock.py).
+        self.claim_host_names()
+        try:
+            if self.runs_containers:
+                self._check_container_host()
+                self._prepare_mount_root()
+            await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
+            # Before any VM: a VM reaches nothing on the host (hostfw.py); fails closed.
+            await hostfw.install(self._config.name_prefix)
+            self._cgroups.prepare()
+            self._work_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.release_host_names()
+            raise
+
+    def claim_host_names(self) -> None:
+        """Hold this driver's name prefix, cgroup name and CIDR until ``close`` (idempotent)."""
+        if self._owner is None or not self._owner.held:
+            self._owner = claim_host_names(
+                section=self.name,  # the settings' section: netns, or qemu for that subclass
+                name_prefix=self._config.name_prefix,
+                cgroup_name=self._config.cgroup_name,
+                cidr=self._config.cidr,
+                data_dir=self._work_dir.parent,
+                driver=self.name,
+            )
+
+    def release_host_names(self) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def _check_container_host(self) -> None:
         """What containers need of this host, checked once so a create fails for no host-wide reason."""
@@ -244,7 +270,8 @@ class NetnsVmDriver:
         fresh.rename(guest)
 
     async def close(self) -> None:
-        """Nothing to release: VMs and the blackhole route outlive the gateway on purpose."""
+        """Release the host names; VMs and the blackhole route outlive the gateway on purpose."""
+        self.release_host_names()
 
     async def create(self, spec: VmSpec) -> VmInfo:
         vm_id = _host.check_vm_id(spec.vm_id)
@@ -477,8 +504,19 @@ class NetnsVmDriver:
     async def sweep(self, live_slots: set[int]) -> int:
         """Destroy VMs, namespaces, veths and cgroups of this prefix whose slot is not live.
 
-        Returns the number of orphans removed (a VM and its slot's network count once).
+        Returns the number of orphans removed (a VM and its slot's network count once). A driver that
+        was not started claims its host names for the sweep: what another live gateway holds is not
+        ours to sweep (DriverError).
         """
+        if self._owner is not None and self._owner.held:
+            return await self._sweep(live_slots)
+        self.claim_host_names()
+        try:
+            return await self._sweep(live_slots)
+        finally:
+            self.release_host_names()
+
+    async def _sweep(self, live_slots: set[int]) -> int:
         removed: set[str] = set()
         failures: list[str] = []
         live_vm_ids: set[str] = set()
