@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
-import uvloop
 
 from gateway.app import Services, running_gateway
 from gateway.config import Config, load_config, override
@@ -28,10 +27,20 @@ from gateway.images.store import ImageStore
 from gateway.orchestrator.drivers import hostfw
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
+from tests import event_loop
 from tests.acme_env import AcmeTestEnv
 from tests.qemu_env import guest_image
 from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
 from tests.rootfs_env import cached_image_store, ensure_test_images, rootfs_missing
+
+# The hard per-test limit that keeps a stuck test from hanging the run (issue 17.8): its hooks, made this
+# conftest's own by importing them (other pytest runs load the module itself with -p tests.watchdog).
+from tests.watchdog import (  # noqa: F401
+    pytest_addoption,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_unconfigure,
+)
 
 IS_ROOT = os.geteuid() == 0
 # VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
@@ -80,8 +89,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
-    """Tests run on the loop production runs on (``gateway serve`` uses uvloop)."""
-    return {"uvloop": uvloop.new_event_loop}
+    """Tests run on the loop production runs on (``gateway serve`` uses uvloop), closed so that a handle
+    a test leaves open fails that test instead of hanging the run (``tests/event_loop.py``)."""
+    return {"uvloop": event_loop.new_event_loop}
 
 
 def free_port() -> int:
