@@ -23,6 +23,8 @@ def echo_app_command(port: int) -> str:
         f"cat > \"$HOME/echo_app.py\" <<'GATEWAY_APP_EOF'\n{ECHO_APP.read_text()}\nGATEWAY_APP_EOF\n"
         f'python3 "$HOME/echo_app.py" {port}'
     )
+
+
 APP_PORT = 3000
 RAW_READ_TIMEOUT_S = 2.0
 

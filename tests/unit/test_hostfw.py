@@ -109,7 +109,6 @@ def test_namespace_sysctls_are_written_by_a_shell_entered_into_the_namespace() -
             hostfw.namespace_sysctl_argv(Path("/var/run/netns/gw-3"), [bad])
 
 
-
 @pytest.mark.root
 @NEEDS_NFT
 @pytest.mark.parametrize("allowed", [[], [("tcp", 3128), ("udp", 53), ("tcp", 53)]])
