@@ -481,31 +481,30 @@ class EdgeProtocol(asyncio.Protocol):
             self._abort_exchange(ex)
 
     def _route(self, ex: Exchange) -> None:
+        edge = self.edge
         incoming = ex.incoming_request_id
-        ex.request_id = incoming if incoming and self.trusted else self.edge.next_request_id()
-        target = self.edge.parse_target(ex.method, ex.url, ex.host)
-        decision = self.edge.policy.before_lookup(target, ex.url, self.scheme, self.sni_name)
-        if type(decision) is tuple:  # an app: its route-cache key
-            assert isinstance(target, AppTarget)
-            self._no_h2c(ex)
-            ex.kind = target.kind
-            ex.route_id = decision[1]
-            route = self.edge.resolver.peek(decision)
+        ex.request_id = incoming if incoming and self.trusted else edge.next_request_id()
+        target = edge.parse_target(ex.method, ex.url, ex.host)
+        decision = edge.policy.before_lookup(target, ex.url, self.scheme, self.sni_name)
+        if type(decision) is AppTarget:
+            if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+                ex.upgrade = False  # not offered: the request goes on as HTTP/1.1 (RFC 9113 drops h2c)
+            ex.kind = decision.kind
+            key = decision.key
+            ex.route_id = key[1]
+            route = edge.resolver.peek(key)
             if route is MISS:
-                self._spawn(self._resolve_then_route(ex, target, decision))
+                self._spawn(self._resolve_then_route(ex, decision, key))
             else:
-                self._routed(ex, target, route)  # type: ignore[arg-type]
+                self._routed(ex, decision, route)  # type: ignore[arg-type]
         elif type(decision) is ApiTarget:
-            self._no_h2c(ex)
+            if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+                ex.upgrade = False
             ex.kind = "api"
             head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
-            self._send(ex, self.edge.api_key, self.edge.api_unix_path, head)
+            self._send(ex, edge.api_key, edge.api_unix_path, head)
         else:
             self._carry_out(ex, decision)  # type: ignore[arg-type]
-
-    def _no_h2c(self, ex: Exchange) -> None:
-        if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
-            ex.upgrade = False  # not offered: the request goes on as HTTP/1.1 (RFC 9113 drops h2c)
 
     async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: CacheKey) -> None:
         try:
@@ -519,9 +518,8 @@ class EdgeProtocol(asyncio.Protocol):
     def _routed(self, ex: Exchange, target: AppTarget, route: Route | None) -> None:
         ex.max_body = self.settings.max_body_bytes
         decision = self.edge.policy.after_lookup(
-            target, route, url=ex.url, headers=ex.headers, scheme=self.scheme, max_body=ex.max_body,
-            content_length=ex.content_length, body_bytes_so_far=ex.sent_bytes,
-        )  # fmt: skip
+            target, route, ex.url, ex.headers, self.scheme, ex.max_body, ex.content_length, ex.sent_bytes
+        )
         if type(decision) is not bytes:
             self._carry_out(ex, decision)  # type: ignore[arg-type]
             return

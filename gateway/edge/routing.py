@@ -12,8 +12,9 @@ Two steps, because the route lookup between them may leave the parser's callback
   credentials (the same 404 as no route: no oracle), a body known to be too large (413), or the
   request target to forward.
 
-On the hot path (an app whose route is cached, no token) the only objects made are the cache key and
-the forwarded target, as before this module existed: fixed answers are module constants.
+On the hot path (an app whose route is cached, no token) nothing is made here but the forwarded target:
+the cache key comes with the parsed target, fixed answers are module constants, and the arguments are
+positional (this runs for every request).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gateway.edge import access
 from gateway.edge.target import ApiTarget, AppTarget, Rejection
 
 if TYPE_CHECKING:
-    from gateway.edge.resolver import CacheKey, Route
+    from gateway.edge.resolver import Route
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +60,9 @@ class RoutingPolicy:
 
     def before_lookup(
         self, target: AppTarget | ApiTarget | Rejection, url: bytes, scheme: str, sni_name: bytes | None
-    ) -> Reply | Redirect | ApiTarget | CacheKey:
-        """What to do before any route is known: answer, redirect, go to the API, or look up a key."""
+    ) -> Reply | Redirect | ApiTarget | AppTarget:
+        """What to do before any route is known: answer, redirect, go to the API, or look up the app's
+        route by its key (``AppTarget.key``)."""
         if isinstance(target, Rejection):
             if target.location is not None:
                 return Redirect(target.status, target.location)
@@ -71,15 +73,12 @@ class RoutingPolicy:
             port = self.https_redirect_port
             location = b"https://" + target.host_name + (b"" if port == 443 else b":%d" % port) + url
             return Redirect(308, location)
-        if isinstance(target, ApiTarget):
-            return target
-        return cache_key(target)
+        return target
 
     def after_lookup(
         self,
         target: AppTarget,
         route: Route | None,
-        *,
         url: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         scheme: str,
@@ -107,16 +106,6 @@ class RoutingPolicy:
         if max_body and ((content_length or 0) > max_body or body_bytes_so_far > max_body):
             return body_too_large(max_body)
         return request_target
-
-
-def cache_key(target: AppTarget) -> CacheKey:
-    if target.kind == "path":
-        return ("s", target.session_id or "", target.port)
-    if target.kind == "host":
-        return ("v", target.vm_id or "", target.port)
-    if target.kind == "instance":
-        return ("i", target.instance_id or "", 0)
-    return ("d", target.host_name.decode("ascii"), 0)
 
 
 def body_too_large(max_body: int) -> Reply:
