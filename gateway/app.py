@@ -37,8 +37,9 @@ from gateway.orchestrator.drivers.qemu_net import guest_half
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
-from gateway.routes.model import Keys
-from gateway.routes.store import RedisStore, connect, guarded
+from gateway.state.connection import connect, guarded
+from gateway.state.keyspace import Keys
+from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
 from gateway.tls.serving import TlsServing, cert_store, serving_tls

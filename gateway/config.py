@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.redis_url import RedisUrlError, has_hash_tag, parse_cluster_url, parse_sentinel_url
+from gateway.state.redis_url import RedisUrlError, has_hash_tag, parse_cluster_url, parse_sentinel_url
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"

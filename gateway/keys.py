@@ -15,8 +15,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from gateway.routes.model import ApiKeyRecord, Keys, is_uuid
-from gateway.routes.store import guarded
+from gateway.ids import is_uuid
+from gateway.state.connection import guarded
+from gateway.state.keyspace import Keys
+from gateway.state.records import ApiKeyRecord
 
 KEY_PREFIX = "gk_"
 KEY_RANDOM_BYTES = 32

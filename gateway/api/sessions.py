@@ -21,7 +21,7 @@ from gateway.api.validation import parse_body, parse_query
 from gateway.config import Config
 from gateway.errors import Conflict, NotFound
 from gateway.orchestrator.service import VmParams
-from gateway.routes.model import VM_ACTIVE
+from gateway.state.records import VM_ACTIVE
 
 routes = web.RouteTableDef()
 

@@ -18,7 +18,7 @@ from gateway.edge import access
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.snapshots import SnapshotService
-from gateway.routes.model import VM_FAILED, SnapshotRecord
+from gateway.state.records import VM_FAILED, SnapshotRecord
 
 routes = web.RouteTableDef()
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from gateway.background import stop_loop
 from gateway.edge import access
 from gateway.errors import StoreUnavailable
-from gateway.routes.model import VM_ACTIVE, VmRecord, is_session_id, is_vm_id
-from gateway.routes.store import RedisStore
+from gateway.ids import is_session_id, is_vm_id
+from gateway.state.records import VM_ACTIVE, VmRecord
+from gateway.state.store import RedisStore
 
 log = logging.getLogger(__name__)
 

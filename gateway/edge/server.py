@@ -19,7 +19,7 @@ from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
 from gateway.errors import ListenFailed
-from gateway.routes.store import RedisStore
+from gateway.state.store import RedisStore
 from gateway.tls.sni import SniTable
 
 

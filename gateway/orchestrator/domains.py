@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 from gateway.config import Config, EdgeConfig
 from gateway.errors import Conflict, NotFound
-from gateway.routes.model import DOMAIN_PENDING, DomainRecord, Keys
-from gateway.routes.store import RedisStore, guarded
+from gateway.state.connection import guarded
+from gateway.state.keyspace import Keys
+from gateway.state.records import DOMAIN_PENDING, DomainRecord
+from gateway.state.store import RedisStore
 from gateway.tls.providers.registry import ProviderSettings, credential_problems, provider_name
 from gateway.tls.store import Sealer
 

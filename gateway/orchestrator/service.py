@@ -28,11 +28,12 @@ from gateway.errors import (
     Unsupported,
     VmNotRunning,
 )
+from gateway.ids import new_session_id, new_vm_id
 from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore, image_store
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
-from gateway.routes.model import (
+from gateway.state.records import (
     VM_ACTIVE,
     VM_CREATING,
     VM_FAILED,
@@ -40,10 +41,9 @@ from gateway.routes.model import (
     SessionRecord,
     SnapshotRecord,
     VmRecord,
-    new_session_id,
-    new_vm_id,
+    is_live,
 )
-from gateway.routes.store import RedisStore, is_live
+from gateway.state.store import RedisStore
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from contextlib import asynccontextmanager
 from gateway.background import stop_loop
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.routes.model import DOMAIN_FAILED, DOMAIN_ISSUED, DOMAIN_VERIFYING, DomainRecord
-from gateway.routes.store import RedisStore, guarded, is_live
+from gateway.state.connection import guarded
+from gateway.state.records import DOMAIN_FAILED, DOMAIN_ISSUED, DOMAIN_VERIFYING, DomainRecord, is_live
+from gateway.state.store import RedisStore
 from gateway.tls.dns01 import DnsProvider, DnsProviderError
 from gateway.tls.keeper import acme_renewer, provider_settings
 from gateway.tls.providers.registry import ProviderSettings, credential_problems, make_provider

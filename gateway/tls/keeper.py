@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway.background import stop_loop
 from gateway.config import Config, EdgeConfig, split_host_port
 from gateway.errors import GatewayError
-from gateway.routes.model import Keys
+from gateway.state.keyspace import Keys
 from gateway.tls.acme import AcmeIssuer, AcmeSettings
 from gateway.tls.dns01 import DnsLookup, DnsProvider
 from gateway.tls.providers.registry import ProviderSettings

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
-from gateway.routes.model import Keys
-from gateway.routes.store import guarded
+from gateway.state.connection import guarded
+from gateway.state.keyspace import Keys
 from gateway.tls.acme import AcmeIssuer, IssueError
 from gateway.tls.bundle import BadCertificate
 from gateway.tls.dns01 import DnsProvider

@@ -12,8 +12,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from gateway.config import Config, ConfigError, EdgeConfig
-from gateway.routes.model import Keys
-from gateway.routes.store import RedisStore
+from gateway.state.keyspace import Keys
+from gateway.state.store import RedisStore
 from gateway.tls.context import server_context
 from gateway.tls.follower import CertFollower, following
 from gateway.tls.local import StorageKeyError, default_certificate, storage_key

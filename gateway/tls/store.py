@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
 
-from gateway.routes.model import Keys
-from gateway.routes.store import guarded
+from gateway.state.connection import guarded
+from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 
 CERT_EVENT = "cert"

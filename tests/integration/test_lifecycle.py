@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.routes.model import VM_KILLED, VmRecord
+from gateway.state.records import VM_KILLED, VmRecord
 from tests.conftest import DRIVERS, IS_ROOT, GatewayUnderTest
 
 EVENT_TIMEOUT_S = 10.0

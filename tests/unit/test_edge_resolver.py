@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from gateway.edge.resolver import Resolver
-from gateway.routes.model import VmRecord
+from gateway.state.records import VmRecord
 
 VM_ID = "vmid-0123456789abcdef0123"
 SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"
