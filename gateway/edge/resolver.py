@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.background import stop_loop
-from gateway.edge import access
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
 from gateway.state.records import VM_ACTIVE, VmRecord
 from gateway.state.store import RedisStore
+from gateway.tokens import cookie_scope, cookie_values
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Route:
     tokens: frozenset[str] | None = None
     # An instance also takes its organisation's key as Authorization: Bearer (then not forwarded).
     bearer: bool = False
-    # The edge cookies that open it (gateway.edge.access.cookie_values), when private.
+    # The edge cookies that open it (gateway.tokens.cookie_values), when private.
     cookies: frozenset[bytes] = frozenset()
 
 
@@ -65,7 +65,7 @@ MISS = object()  # peek(): nothing usable cached
 
 
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
-    cookies = access.cookie_values(tokens, access.cookie_scope(vm.vm_id, port)) if tokens else frozenset()
+    cookies = cookie_values(tokens, cookie_scope(vm.vm_id, port)) if tokens else frozenset()
     return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens, bearer, cookies)
 
 
