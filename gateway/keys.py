@@ -8,14 +8,15 @@ checked with ``hmac.compare_digest`` so a corrupt index cannot authenticate the 
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 import time
 
 import redis.asyncio as aioredis
 
 from gateway.ids import is_uuid
+from gateway.state.bus import publish_in
 from gateway.state.connection import guarded
+from gateway.state.events import OrgKeysChanged
 from gateway.state.keyspace import Keys
 from gateway.state.records import ApiKeyRecord
 from gateway.tokens import KEY_PREFIX, token_hash
@@ -49,7 +50,7 @@ class ApiKeyStore:
 
     def _announce(self, pipe: aioredis.client.Pipeline, org: str) -> None:
         """Edges cache which keys open an organisation's instances: tell them the set changed."""
-        pipe.publish(self.keys.events(), json.dumps({"type": "org_keys", "org": org}))
+        publish_in(pipe, self.keys, OrgKeysChanged(org))
 
     async def authenticate(self, key: str | None) -> ApiKeyRecord | None:
         if not key or len(key) > MAX_KEY_LENGTH:

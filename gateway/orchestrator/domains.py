@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from gateway.config import Config, EdgeConfig
 from gateway.errors import Conflict, NotFound
 from gateway.state.connection import guarded
+from gateway.state.events import DomainChanged
 from gateway.state.keyspace import Keys
 from gateway.state.records import DOMAIN_PENDING, DomainRecord
 from gateway.state.store import RedisStore
@@ -124,7 +125,7 @@ class DomainService:
         keys: Keys = self.store.keys
         await guarded(self.store.client.hset(keys.cert_state(rec.domain), "next_attempt_at", 0))
         await self.store.update_domain(rec.domain, rec.vm_id, state=DOMAIN_PENDING, updated_at=time.time())
-        await self.store.publish({"type": "domain", "domain": rec.domain})
+        await self.store.publish(DomainChanged(rec.domain))
         return await self.get(owner, domain)
 
     async def delete(self, owner: str, domain: str) -> None:

@@ -7,15 +7,14 @@ crash between two commands never leaves an index that points at nothing. Redis f
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.state.bus import publish
 from gateway.state.connection import guarded
+from gateway.state.events import DomainChanged, Event, PortExposed, VmChanged, VmReleased
 from gateway.state.keyspace import Keys
 from gateway.state.records import (
     DomainRecord,
@@ -195,9 +194,7 @@ class RedisStore:
             await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
             if rec.custom_domain:
                 await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
-            await self.publish(
-                {"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status}
-            )
+            await self.publish(VmChanged(rec.vm_id, rec.session_id, status))
         return bool(done)
 
     async def owner_vm_ids(self, owner: str) -> list[str]:
@@ -251,7 +248,7 @@ class RedisStore:
     async def expose_port(self, vm_id: str, port: int) -> None:
         """Make a port public; announced so that edges drop a cached "not exposed" answer at once."""
         if await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port)):
-            await self.publish({"type": "vm_ports", "vm_id": vm_id, "port": port})
+            await self.publish(PortExposed(vm_id, port))
 
     async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
         """The VM and whether ``port`` is exposed, in one round trip (the edge's route lookup)."""
@@ -302,7 +299,7 @@ class RedisStore:
             )
         )
         if claimed:
-            await self.publish({"type": "domain", "domain": rec.domain})
+            await self.publish(DomainChanged(rec.domain))
         return bool(claimed)
 
     async def release_domain(self, domain: str, owner: str, vm_id: str | None = None) -> bool:
@@ -313,7 +310,7 @@ class RedisStore:
             )
         )
         if released:
-            await self.publish({"type": "domain", "domain": domain})
+            await self.publish(DomainChanged(domain))
         return bool(released)
 
     async def get_domain(self, domain: str) -> DomainRecord | None:
@@ -411,7 +408,7 @@ class RedisStore:
     async def release_slot(self, driver: str, slot: int, vm_id: str) -> None:
         """Free a destroyed VM's slot (its IP may be reused from now on) and announce it."""
         await guarded(self._release_slot(keys=[self.keys.slots(driver)], args=[slot, vm_id]))
-        await self.publish({"type": "vm_released", "vm_id": vm_id, "driver": driver, "slot": slot})
+        await self.publish(VmReleased(vm_id, driver, slot))
 
     async def held_slots(self, driver: str) -> dict[int, str]:
         raw = await guarded(self.client.hgetall(self.keys.slots(driver)))
@@ -419,23 +416,8 @@ class RedisStore:
 
     # events ---------------------------------------------------------------------------------------
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        await guarded(self.client.publish(self.keys.events(), json.dumps(event, separators=(",", ":"))))
-
-    @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[Callable[[float], Awaitable[dict[str, Any] | None]]]:
-        """Yield a function that waits up to N seconds for the next event."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        await guarded(pubsub.subscribe(self.keys.events()))
-        try:
-
-            async def next_event(timeout_s: float) -> dict[str, Any] | None:
-                msg = await guarded(pubsub.get_message(timeout=timeout_s))
-                return json.loads(msg["data"]) if msg else None
-
-            yield next_event
-        finally:
-            await pubsub.aclose()
+    async def publish(self, event: Event) -> None:
+        await publish(self.client, self.keys, event)
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

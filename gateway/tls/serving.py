@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import Config, ConfigError, EdgeConfig
 from gateway.state.keyspace import Keys
-from gateway.state.store import RedisStore
+from gateway.state.ports import EventFeed
 from gateway.tls.context import server_context
 from gateway.tls.follower import CertFollower, following
 from gateway.tls.local import StorageKeyError, default_certificate, storage_key
@@ -53,9 +53,9 @@ def cert_store(config: Config, client: aioredis.Redis) -> CertStore:
 
 
 @asynccontextmanager
-async def serving_tls(config: Config, routes: RedisStore) -> AsyncIterator[TlsServing]:
-    store = await asyncio.to_thread(cert_store, config, routes.client)
+async def serving_tls(config: Config, client: aioredis.Redis, events: EventFeed) -> AsyncIterator[TlsServing]:
+    store = await asyncio.to_thread(cert_store, config, client)
     default = await asyncio.to_thread(default_certificate, Path(config.tls.certs_dir), operator_names(config))
     table = SniTable(await asyncio.to_thread(server_context, default))
-    async with following(store, table, routes.subscribe) as follower:
+    async with following(store, table, events) as follower:
         yield TlsServing(table, store, follower)
