@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from gateway.config import Config, EdgeConfig
 from gateway.errors import Conflict, NotFound
-from gateway.state.connection import guarded
+from gateway.state.cert_state import CertStates
 from gateway.state.events import DomainChanged
-from gateway.state.keyspace import Keys
 from gateway.state.records import DOMAIN_PENDING, DomainRecord
 from gateway.state.store import RedisStore
 from gateway.tls.providers.registry import ProviderSettings, credential_problems, provider_name
@@ -64,6 +63,7 @@ class DomainService:
         self, store: RedisStore, config: Config, sealer: Sealer | None, providers: ProviderSettings | None
     ) -> None:
         self.store = store
+        self.cert_states = CertStates(store.client, store.keys)
         self.config = config
         self.sealer = sealer
         self.providers = providers
@@ -122,8 +122,7 @@ class DomainService:
     async def retry(self, owner: str, domain: str) -> DomainRecord:
         """Try issuing again now, whatever the back-off says (the customer fixed their DNS)."""
         rec = await self.get(owner, domain)
-        keys: Keys = self.store.keys
-        await guarded(self.store.client.hset(keys.cert_state(rec.domain), "next_attempt_at", 0))
+        await self.cert_states.retry_now(rec.domain)
         await self.store.update_domain(rec.domain, rec.vm_id, state=DOMAIN_PENDING, updated_at=time.time())
         await self.store.publish(DomainChanged(rec.domain))
         return await self.get(owner, domain)

@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from gateway.background import stop_loop
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.state.connection import guarded
 from gateway.state.events import DomainChanged, Event
 from gateway.state.ports import EventFeed
 from gateway.state.records import DOMAIN_FAILED, DOMAIN_ISSUED, DOMAIN_VERIFYING, DomainRecord, is_live
@@ -132,7 +131,7 @@ class DomainKeeper:
         for domain in await self.routes.retired_domains(before=time.time() - self.grace_s):
             if await self.routes.get_domain(domain) is None:  # not claimed again meanwhile
                 await self.certs.delete(domain)
-                await guarded(self.routes.client.delete(self.routes.keys.cert_state(domain)))
+                await self.renewer.states.forget(domain)
                 log.info("certificate of released custom domain %s deleted", domain)
             await self.routes.forget_retired_domain(domain)
 
