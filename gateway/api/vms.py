@@ -15,9 +15,9 @@ from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.model import VM_FAILED, SnapshotRecord
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.snapshots import SnapshotService
-from gateway.state.records import VM_FAILED, SnapshotRecord
 from gateway.tokens import token_hash
 
 routes = web.RouteTableDef()
@@ -157,7 +157,7 @@ async def get_vm(request: web.Request) -> web.Response:
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
     domain = await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
-    exposed = await orchestrator.store.exposed_ports(vm.vm_id)
+    exposed = await orchestrator.exposed_ports(vm.vm_id)
     return json_response(vm_view(request.app[CONFIG], vm, exposed, domain))
 
 

@@ -146,6 +146,29 @@ class Orchestrator:
         session = await self.store.get_session(session_id)
         return session if session is not None and session.owner == owner else None
 
+    async def session_vm(self, session: SessionRecord) -> VmRecord | None:
+        """The VM the session holds (live, or ended and still retained), if it has one yet."""
+        return await self.store.get_vm(session.vm_id) if session.vm_id else None
+
+    async def open_app_url(self, owner: str, session_id: str, port: int) -> VmRecord:
+        """The session's VM, for its app URL on ``port``. The spec: asking for the app URL is what makes
+        the port public (while the VM is active). NotFound for an unknown (or another key's) session,
+        Conflict while it has no VM."""
+        session = await self._owned_session(owner, session_id)
+        vm = await self.session_vm(session)
+        if vm is None:
+            raise Conflict(
+                "session has no VM yet: create one with POST /v1/vms or run code with POST /execute",
+                code="no_vm",
+            )
+        if vm.status == VM_ACTIVE:
+            await self.store.expose_port(vm.vm_id, port)
+        return vm
+
+    async def exposed_ports(self, vm_id: str) -> set[int]:
+        """The VM's ports made public by the app-url call."""
+        return await self.store.exposed_ports(vm_id)
+
     async def _owned_session(self, owner: str, session_id: str) -> SessionRecord:
         session = await self.get_session(owner, session_id)
         if session is None:
