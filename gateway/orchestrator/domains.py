@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import Config, EdgeConfig
+from gateway.config import Config
 from gateway.errors import Conflict, NotFound
 from gateway.state.cert_state import CertStates
 from gateway.state.events import DomainChanged
@@ -49,7 +49,7 @@ def domain_problem(domain: str, config: Config) -> str | None:
         return "not a valid DNS name (letters, digits and dashes in at least two dot-separated labels)"
     if labels[-1].isdigit():
         return "an IP address cannot be a custom domain"
-    reserved = [*EdgeConfig.split(config.edge.api_hosts), *config.sandbox_domains, config.instances.domain]
+    reserved = [*config.edge.api_host_names, *config.sandbox_domains, config.instances.domain]
     if config.acme.delegation_zone:
         reserved.append(normalise_domain(config.acme.delegation_zone))
     for name in reserved:
@@ -74,7 +74,7 @@ class DomainService:
             return [
                 ("custom_domain", "custom domains need ACME configured on this gateway (acme.directory_url)")
             ]
-        if not EdgeConfig.split(self.config.edge.api_hosts):
+        if not self.config.edge.api_host_names:
             return [
                 ("custom_domain", "custom domains need edge.api_hosts set (to tell them from the API host)")
             ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from gateway.config import Config, ConfigError, EdgeConfig
+from gateway.config import Config, ConfigError
 from gateway.state.keyspace import Keys
 from gateway.state.ports import EventFeed
 from gateway.tls.context import server_context
@@ -30,7 +30,7 @@ class TlsServing:
 
 def operator_names(config: Config) -> list[str]:
     """The names the default certificate covers: the API hosts and each sandbox domain's wildcard."""
-    api_hosts = [h.lower() for h in EdgeConfig.split(config.edge.api_hosts) if not _is_ip(h)]
+    api_hosts = [h.lower() for h in config.edge.api_host_names if not _is_ip(h)]
     domains = (*config.sandbox_domains, config.instances.domain)
     return [*(api_hosts or ["localhost"]), *(f"*.{domain}" for domain in domains)]
 
