@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +19,8 @@ from gateway.edge.protocol import Edge, EdgeProtocol
 from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamConnection, UpstreamPool
-from gateway.routes.model import VM_ACTIVE, VmRecord
+from gateway.state.records import VM_ACTIVE, VmRecord
+from tests.fakes import FakeEventFeed
 
 SID = "70653436-f809-4410-b306-b50a3402ca56"
 VM_ID = "vmid-0123456789abcdef"
@@ -103,8 +104,7 @@ class MemoryTransport(asyncio.Transport):
 
 @dataclass
 class RouteStore:
-    """The state the resolver reads: one session's VM and its share, and an events channel that stays
-    quiet (so the route cache is in use)."""
+    """The edge's route source: one session's VM and its share."""
 
     share: dict[str, object] = field(default_factory=lambda: {"port": PORT, "is_public": True})
     lookups: int = 0
@@ -121,13 +121,14 @@ class RouteStore:
         self.lookups += 1
         return (self.vm(), False) if session_id == SID else (None, False)
 
-    @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[Callable[[float], Awaitable[dict | None]]]:
-        async def next_event(timeout_s: float) -> dict | None:
-            await asyncio.sleep(timeout_s)
-            return None
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        return None, False
 
-        yield next_event
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        return None
+
+    async def instance_route(self, instance_uuid: str) -> tuple[None, None, frozenset[str]]:
+        return None, None, frozenset()
 
 
 @dataclass
@@ -158,9 +159,8 @@ async def edge_harness(store: RouteStore | None = None, **edge_config: object) -
     )
     settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
     store = store or RouteStore()
-    resolver = Resolver(store, vm_networks=["10.200.0.0/16"])  # type: ignore[arg-type]
-    resolver.start()
-    await resolver.following.wait()
+    resolver = Resolver(store, vm_networks=["10.200.0.0/16"])
+    FakeEventFeed().add(resolver)  # following the events channel: the route cache is in use
     # The route looked up once, as by an earlier request: from then on it comes from the cache, and a
     # request is forwarded within the read that completes its head.
     await resolver.by_session(SID, PORT)
@@ -179,7 +179,6 @@ async def edge_harness(store: RouteStore | None = None, **edge_config: object) -
         if not client_side.closed:
             client.connection_lost(None)
         pool.close_all()
-        await resolver.stop()
         for deadline in (client.deadline, client.silence_deadline, client.send_deadline):
             if deadline is not None:
                 deadline.cancel()
