@@ -1,10 +1,12 @@
-"""Sandbox ingress gateway and control plane.
+"""Sandbox ingress gateway and control plane (ARCHITECTURE.md maps the rooms and the rules between them).
 
-client -> listener -> /v1/..., /execute            -> control plane (aiohttp, gateway.api)
-                   -> /v1/app/<session>/<port>/... -> edge (later) -> VM ip:port
-control plane -> orchestrator (sessions, VMs, lifetimes; gateway.orchestrator)
-              -> VM driver (netns: network namespace + veth + cgroups; process: dev only)
-              -> state store (Redis; gateway.state) -> pub/sub events for every edge's route cache
-reaper: kills each VM at its expiry, in whichever process gets there first.
-Config: gateway.config (config/gateway.toml + GATEWAY_* env); errors: gateway.errors.
+client -> edge (gateway.edge: llhttp parse, pure routing, route cache) -> VM ip:port, pooled, streamed
+                                                                        -> 101: a tunnel both ways
+       -> anything else on the API host -> control plane (gateway.api, aiohttp)
+control plane -> orchestrator (use cases, lifetimes, recovery) -> VM driver (netns: runc + network
+                 namespace; qemu: confined microVM; process: development only)
+              -> state (gateway.state: records, keys, Redis store, typed events on one bus)
+                 -> every edge's route cache, certificate follower and domain keeper
+certificates: gateway.tls (ACME DNS-01, renewal) -> cert store in Redis -> SNI table in each process
+Config: gateway.config (config/gateway.toml + GATEWAY_* env); errors: gateway.errors; wiring: gateway.app.
 """
