@@ -9,7 +9,7 @@ import json
 import secrets
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 VM_ID_PREFIX = "vmid-"
 # 80 random bits: VM ids appear in public host names, so they must not be guessable.
@@ -172,7 +172,7 @@ class _Record:
         return {f.name: dump_field(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def from_hash(cls, raw: dict[str, str]) -> Any:
+    def from_hash(cls, raw: dict[str, str]) -> Self:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in raw:

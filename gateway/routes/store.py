@@ -10,14 +10,15 @@ from __future__ import annotations
 import bisect
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, overload
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from gateway.errors import StoreUnavailable
 from gateway.redis_url import parse_cluster_url, parse_sentinel_url
@@ -160,7 +161,7 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
         )  # type: ignore[return-value]  # the commands the gateway uses are the same
     target = parse_sentinel_url(url)
     if target is not None:
-        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         sentinel = Sentinel(
             target.sentinels,
             sentinel_kwargs={**timeouts, "password": target.sentinel_password},
@@ -213,7 +214,17 @@ class RedisCallStats:
 REDIS_STATS = RedisCallStats()
 
 
-async def guarded(call: Awaitable[T]) -> T:
+# redis-py types every reply as `bytes | str`: it cannot know that a client decodes. Every client of ours
+# does (`connect`), and every call goes through `guarded`, so its overloads are where replies become text.
+@overload
+async def guarded(call: Awaitable[dict[bytes | str, bytes | str]]) -> dict[str, str]: ...
+@overload
+async def guarded(call: Awaitable[set[bytes | str]]) -> set[str]: ...
+@overload
+async def guarded(call: Awaitable[bytes | str | None]) -> str | None: ...
+@overload
+async def guarded(call: Awaitable[T]) -> T: ...
+async def guarded(call: Awaitable[Any]) -> Any:
     """Await a Redis call, translating its failures to StoreUnavailable."""
     started = time.perf_counter()
     try:
@@ -223,6 +234,16 @@ async def guarded(call: Awaitable[T]) -> T:
         raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
     finally:
         REDIS_STATS.observe(time.perf_counter() - started)
+
+
+def hash_fields(mapping: Mapping[str, EncodableT]) -> Mapping[FieldT, EncodableT]:
+    """A text hash as ``hset(mapping=...)`` takes it (redis-py types its keys as an invariant union)."""
+    return cast(Mapping[FieldT, EncodableT], mapping)
+
+
+def text_list(reply: list[bytes | str] | list[tuple[bytes | str, Any]] | list[list[Any]]) -> list[str]:
+    """A decoded client's answer to a range query without scores (see ``guarded``)."""
+    return cast(list[str], reply)
 
 
 class RedisStore:
@@ -246,7 +267,7 @@ class RedisStore:
     # sessions -------------------------------------------------------------------------------------
 
     async def put_session(self, rec: SessionRecord) -> None:
-        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=rec.to_hash()))
+        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=hash_fields(rec.to_hash())))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         raw = await guarded(self.client.hgetall(self.keys.session(session_id)))
@@ -254,14 +275,14 @@ class RedisStore:
 
     async def update_session(self, session_id: str, **values: Any) -> None:
         mapping = {k: dump_field(v) for k, v in values.items()}
-        await guarded(self.client.hset(self.keys.session(session_id), mapping=mapping))
+        await guarded(self.client.hset(self.keys.session(session_id), mapping=hash_fields(mapping)))
 
     # VMs ------------------------------------------------------------------------------------------
 
     async def add_vm(self, rec: VmRecord) -> None:
         """Store a new VM with its indexes and its expiry, atomically."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.vm(rec.vm_id), mapping=rec.to_hash())
+        pipe.hset(self.keys.vm(rec.vm_id), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.owner_vms(rec.owner), rec.vm_id)
         pipe.sadd(self.keys.live_vms(), rec.vm_id)
         pipe.zadd(self.keys.vm_expiry(), {rec.vm_id: rec.expires_at or time.time()})
@@ -274,7 +295,7 @@ class RedisStore:
 
     async def update_vm(self, vm_id: str, **values: Any) -> None:
         mapping = {k: dump_field(v) for k, v in values.items()}
-        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=mapping))
+        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=hash_fields(mapping)))
 
     async def activate_vm(self, vm_id: str, *, ip: str, handle: dict[str, Any], started_at: float) -> bool:
         """creating -> active, unless the VM ended meanwhile (killed during boot). Returns success."""
@@ -324,7 +345,7 @@ class RedisStore:
 
     async def put_snapshot(self, rec: SnapshotRecord) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=rec.to_hash())
+        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
         await guarded(pipe.execute())
 
@@ -348,7 +369,8 @@ class RedisStore:
         return sorted(await guarded(self.client.smembers(self.keys.live_vms())))
 
     async def due_vm_ids(self, now: float, limit: int = 100) -> list[str]:
-        return list(await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit)))
+        due = await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit))
+        return text_list(due)
 
     async def drop_expiry(self, vm_id: str) -> None:
         await guarded(self.client.zrem(self.keys.vm_expiry(), vm_id))
@@ -450,7 +472,8 @@ class RedisStore:
         return sorted(await guarded(self.client.smembers(self.keys.owner_domains(owner))))
 
     async def retired_domains(self, before: float) -> list[str]:
-        return list(await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before)))
+        retired = await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before))
+        return text_list(retired)
 
     async def forget_retired_domain(self, domain: str) -> None:
         await guarded(self.client.zrem(self.keys.retired_domains(), domain))
@@ -459,7 +482,7 @@ class RedisStore:
 
     async def put_instance(self, rec: InstanceRecord) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=rec.to_hash())
+        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.org_instances(rec.org), rec.instance_uuid)
         await guarded(pipe.execute())
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
 from gateway.routes.model import Keys
-from gateway.routes.store import guarded
+from gateway.routes.store import guarded, hash_fields
 from gateway.tls.acme import AcmeIssuer, IssueError
 from gateway.tls.bundle import BadCertificate
 from gateway.tls.dns01 import DnsProvider
@@ -99,7 +99,12 @@ class Renewer:
                 await self._failed(cert_id, str(exc), now, exc.retry_after_s)
                 return False
             await self.store.put(bundle, source="acme", cert_id=cert_id)
-            issued = {"status": "issued", "last_error": "", "failures": 0, "next_attempt_at": 0}
+            issued: dict[str, str | int] = {
+                "status": "issued",
+                "last_error": "",
+                "failures": 0,
+                "next_attempt_at": 0,
+            }
             # A new certificate: ask the ACME server about its renewal window afresh (ARI).
             ari = {"ari_renew_at": 0, "ari_next_poll": 0}
             await self._record(cert_id, {**issued, **ari, "not_after": repr(bundle.not_after)})
@@ -147,5 +152,5 @@ class Renewer:
         await self._record(cert_id, {"status": "failed", "last_error": error, "failures": failures,
                                      "next_attempt_at": repr(now + delay)})  # fmt: skip
 
-    async def _record(self, cert_id: str, fields: dict[str, object]) -> None:
-        await guarded(self.client.hset(self.keys.cert_state(cert_id), mapping=fields))  # type: ignore[arg-type]
+    async def _record(self, cert_id: str, fields: Mapping[str, str | int]) -> None:
+        await guarded(self.client.hset(self.keys.cert_state(cert_id), mapping=hash_fields(fields)))

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.routes.model import Keys
-from gateway.routes.store import guarded
+from gateway.routes.store import guarded, hash_fields
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 
 CERT_EVENT = "cert"
@@ -73,7 +73,7 @@ class CertStore:
         }
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.cert(cert_id))
-        pipe.hset(self.keys.cert(cert_id), mapping=record)
+        pipe.hset(self.keys.cert(cert_id), mapping=hash_fields(record))
         pipe.sadd(self.keys.cert_index(), cert_id)
         pipe.publish(self.keys.events(), _event(cert_id))
         await guarded(pipe.execute())
