@@ -21,7 +21,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -239,7 +239,7 @@ class EdgeProtocol(asyncio.Protocol):
     # connection -----------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's: it writes
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             name = getattr(ssl_object, "sni_name", None)  # set by the SNI table's callback
