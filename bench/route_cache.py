@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -27,11 +26,14 @@ import aiohttp
 import redis.asyncio as aioredis
 import uvloop
 
+from gateway.state.events import VmChanged, encode
+from gateway.state.keyspace import Keys
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_vs_nginx import SMALL_PATH, app_in_vm, served_gateway
 
 PAUSE_S = 0.005  # after each route-change event, and before each hit
-EVENTS_CHANNEL = "gw:events"  # redis.key_prefix "gw:" + "events" (gateway/routes/model.py)
+EVENTS_CHANNEL = Keys("gw:").events()  # the default redis.key_prefix
 TARGET_MISS_PENALTY_MS = 0.5
 SETTLE_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
@@ -71,7 +73,8 @@ async def measure(samples: int) -> None:
                 vm_id = (await resp.json())["vm_id"]
         url = app.edge_url + SMALL_PATH
         redis = aioredis.Redis(unix_socket_path=str(redis_socket))
-        event = json.dumps({"type": "vm", "vm_id": vm_id, "session_id": session_id, "status": "active"})
+        # What an ended VM announces, but "active": every edge drops its cached routes, the VM still serves.
+        event = encode(VmChanged(vm_id, session_id, "active"))
         misses: list[float] = []
         hits: list[float] = []
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)

@@ -36,7 +36,7 @@ from gateway.keys import ApiKeyStore
 from gateway.log import configure_logging
 from gateway.orchestrator.drivers.qemu_image import ImageError, build_image
 from gateway.orchestrator.drivers.registry import choose_driver, qemu_image_dir
-from gateway.routes.model import Keys
+from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 from gateway.tls.local import StorageKeyError
 from gateway.tls.serving import cert_store

@@ -21,8 +21,9 @@ from gateway import metrics
 from gateway.config import Config, split_host_port
 from gateway.edge.protocol import Edge
 from gateway.errors import GatewayError, ListenFailed
-from gateway.routes.store import RedisStore, guarded
 from gateway.server_header import use_neutral_server_header
+from gateway.state.connection import guarded
+from gateway.state.store import RedisStore
 from gateway.tls.serving import TlsServing
 
 

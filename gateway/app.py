@@ -37,8 +37,11 @@ from gateway.orchestrator.drivers.qemu_net import guest_half
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
-from gateway.routes.model import Keys
-from gateway.routes.store import RedisStore, connect, guarded
+from gateway.state.bus import RedisEventFeed, following_events
+from gateway.state.connection import connect, guarded
+from gateway.state.keyspace import Keys
+from gateway.state.ports import EventFeed, RouteSource
+from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
 from gateway.tls.serving import TlsServing, cert_store, serving_tls
@@ -75,6 +78,7 @@ class Services:
     orchestrator: Orchestrator
     reaper: Reaper
     app: web.Application
+    events: RedisEventFeed  # this process's one subscription to the events channel
     edge: Edge | None = None
     tls: TlsServing | None = None
     cert_keeper: CertKeeper | None = None
@@ -127,11 +131,20 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     await orchestrator.start()
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
+    events = RedisEventFeed(client, keys)
+    events.start()
     try:
         yield Services(
-            client, store, key_store, orchestrator, reaper, make_api_app(config, orchestrator, key_store)
+            client,
+            store,
+            key_store,
+            orchestrator,
+            reaper,
+            make_api_app(config, orchestrator, key_store),
+            events,
         )
     finally:
+        await events.stop()
         await reaper.stop()
         await orchestrator.close()
         await driver.close()
@@ -173,10 +186,17 @@ async def running_gateway(
             try:
                 async with (
                     running_public_edge(
-                        config, svc.store, str(api_socket), reuse_port=workers is not None
+                        config,
+                        svc.client,
+                        svc.store,
+                        svc.events,
+                        str(api_socket),
+                        reuse_port=workers is not None,
                     ) as (edge, tls),
                     keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
-                    keeping_domain_certs(config, tls.store if tls else None, svc.store) as domains,
+                    keeping_domain_certs(
+                        config, tls.store if tls else None, svc.store, svc.events
+                    ) as domains,
                     running_admin(
                         config,
                         AdminView(
@@ -207,13 +227,23 @@ async def running_gateway(
 
 @asynccontextmanager
 async def running_public_edge(
-    config: Config, store: RedisStore, api_socket: str, *, reuse_port: bool
+    config: Config,
+    client: aioredis.Redis,
+    routes: RouteSource,
+    events: EventFeed,
+    api_socket: str,
+    *,
+    reuse_port: bool,
 ) -> AsyncIterator[tuple[Edge, TlsServing | None]]:
     """The edge, with TLS (certificates from the store, kept in step) when tls.listen is set."""
     async with contextlib.AsyncExitStack() as stack:
-        tls = await stack.enter_async_context(serving_tls(config, store)) if config.tls.listen else None
+        tls = (
+            await stack.enter_async_context(serving_tls(config, client, events))
+            if config.tls.listen
+            else None
+        )
         async with running_edge(
-            config, store, vm_networks(config), api_socket, reuse_port=reuse_port,
+            config, routes, events, vm_networks(config), api_socket, reuse_port=reuse_port,
             sni=tls.table if tls is not None else None,
         ) as edge:  # fmt: skip
             yield edge, tls
@@ -242,7 +272,7 @@ async def running_control_plane(
                     raise ListenFailed("server.listen", config.server.listen, exc) from exc
                 async with (
                     keeping_operator_certs(config, certs, client) as keeper,
-                    keeping_domain_certs(config, certs, svc.store) as domains,
+                    keeping_domain_certs(config, certs, svc.store, svc.events) as domains,
                     running_admin(config, AdminView(client, None, svc.store)),
                 ):
                     svc.cert_keeper, svc.domain_keeper = keeper, domains
@@ -283,9 +313,11 @@ async def running_edge_only(
     if not config.redis.url:
         raise ConfigError("gateway edge needs the control plane's Redis: set GATEWAY_REDIS_URL")
     async with redis_client(config, None) as client:
-        store = RedisStore(client, Keys(config.redis.key_prefix), config.vms.retention_s)
+        keys = Keys(config.redis.key_prefix)
+        store = RedisStore(client, keys, config.vms.retention_s)
         async with (
-            running_public_edge(config, store, api_socket, reuse_port=True) as (edge, tls),
+            following_events(client, keys) as events,
+            running_public_edge(config, client, store, events, api_socket, reuse_port=True) as (edge, tls),
             running_admin(config, AdminView(client, edge, None, tls)),
         ):
             snapshots = asyncio.create_task(write_snapshots(edge, stats_dir)) if stats_dir else None

@@ -6,6 +6,7 @@ This is the only module that reads the environment. Loading validates and has no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.redis_url import RedisUrlError, has_hash_tag, parse_cluster_url, parse_sentinel_url
+from gateway.state.redis_url import RedisUrlError, has_hash_tag, parse_cluster_url, parse_sentinel_url
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
@@ -30,6 +31,11 @@ _ROOTFS_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 # digit first).
 _DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 _DEBIAN_SUITE_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")
+
+
+def comma_list(value: str) -> tuple[str, ...]:
+    """A comma-separated setting: its items stripped and lower-cased, empty ones dropped."""
+    return tuple(part.strip().lower() for part in value.split(",") if part.strip())
 
 
 class ConfigError(ValueError):
@@ -111,9 +117,20 @@ class EdgeConfig:
     # Open client connections per edge process; beyond it new ones get 503 and are closed.
     max_connections: int = 10000
 
-    @staticmethod
-    def split(value: str) -> tuple[str, ...]:
-        return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+    # The comma-separated settings, parsed once (per config object) for every caller.
+    @functools.cached_property
+    def api_host_names(self) -> tuple[str, ...]:
+        return comma_list(self.api_hosts)
+
+    @functools.cached_property
+    def extra_sandbox_domain_names(self) -> tuple[str, ...]:
+        return comma_list(self.extra_sandbox_domains)
+
+    @functools.cached_property
+    def trusted_proxy_addresses(self) -> frozenset[str]:
+        return frozenset(comma_list(self.trusted_proxies))
+
+    split = staticmethod(comma_list)  # its older name
 
 
 @dataclass(frozen=True)
@@ -206,6 +223,10 @@ class TlsConfig:
     # made on first start.
     certs_dir: str = "certs"
 
+    @functools.cached_property
+    def plain_http_path_list(self) -> tuple[str, ...]:
+        return comma_list(self.plain_http_paths)
+
 
 @dataclass(frozen=True)
 class AcmeConfig:
@@ -243,6 +264,10 @@ class AcmeConfig:
     # customer could otherwise point the gateway's TCP connections at its own network (Redis, the VM
     # range, a metadata service). On only where customers' DNS servers are on a private network.
     customer_dns_private_ok: bool = False
+
+    @functools.cached_property
+    def dns_resolver_list(self) -> tuple[str, ...]:
+        return comma_list(self.dns_resolvers)
 
     def lexicon_endpoints(self) -> dict[str, str]:
         pairs = (item.partition("=") for item in self.lexicon_api_endpoints.split(",") if item.strip())
@@ -424,7 +449,7 @@ class Config:
     @property
     def sandbox_domains(self) -> tuple[str, ...]:
         """Every base domain of host-form app URLs, lower-case: api.sandbox_domain first."""
-        extra = EdgeConfig.split(self.edge.extra_sandbox_domains)
+        extra = self.edge.extra_sandbox_domain_names
         return tuple(dict.fromkeys(d.lower() for d in (self.api.sandbox_domain, *extra) if d))
 
 

@@ -8,25 +8,23 @@ checked with ``hmac.compare_digest`` so a corrupt index cannot authenticate the 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import hmac
-import json
 import secrets
 import time
 
 import redis.asyncio as aioredis
 
-from gateway.routes.model import ApiKeyRecord, Keys, is_uuid
-from gateway.routes.store import guarded, hash_fields
+from gateway.ids import is_uuid
+from gateway.state.bus import publish_in
+from gateway.state.connection import guarded, hash_fields
+from gateway.state.events import OrgKeysChanged
+from gateway.state.keyspace import Keys
+from gateway.state.records import ApiKeyRecord
+from gateway.tokens import KEY_PREFIX, token_hash
 
-KEY_PREFIX = "gk_"
 KEY_RANDOM_BYTES = 32
 # Keys longer than this cannot be ours; refuse before hashing attacker-sized input.
 MAX_KEY_LENGTH = 256
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class ApiKeyStore:
@@ -39,7 +37,7 @@ class ApiKeyStore:
         if org is not None and not is_uuid(org):
             raise ValueError(f"organisation ids are lower-case UUIDs, got {org!r}")
         key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
-        digest = hash_key(key)
+        digest = token_hash(key)
         rec = ApiKeyRecord(key_id="key_" + secrets.token_hex(6), name=name, created_at=time.time(), org=org)
         fields = rec.to_hash() | {"hash": digest}
         pipe = self.client.pipeline(transaction=True)
@@ -53,12 +51,12 @@ class ApiKeyStore:
 
     def _announce(self, pipe: aioredis.client.Pipeline, org: str) -> None:
         """Edges cache which keys open an organisation's instances: tell them the set changed."""
-        pipe.publish(self.keys.events(), json.dumps({"type": "org_keys", "org": org}))
+        publish_in(pipe, self.keys, OrgKeysChanged(org))
 
     async def authenticate(self, key: str | None) -> ApiKeyRecord | None:
         if not key or len(key) > MAX_KEY_LENGTH:
             return None
-        digest = hash_key(key)
+        digest = token_hash(key)
         raw = await guarded(self.client.hgetall(self.keys.api_key(digest)))
         if not raw or not hmac.compare_digest(raw.get("hash", ""), digest):
             return None

@@ -34,7 +34,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from gateway import embedded_redis
 from gateway.edge.observe import UPSTREAM_BUCKETS_S, EdgeStats
 from gateway.edge.protocol import Edge
-from gateway.routes.store import REDIS_STATS, RedisCallStats, RedisStore
+from gateway.state.connection import REDIS_STATS, RedisCallStats
+from gateway.state.store import RedisStore
 from gateway.tls import acme
 from gateway.tls.store import CertStore
 

@@ -12,8 +12,7 @@ from pydantic import BaseModel
 
 from gateway.api.schemas import VmResponse
 from gateway.config import Config
-from gateway.routes.model import VM_ACTIVE, DomainRecord, VmRecord
-from gateway.routes.store import is_live
+from gateway.orchestrator.model import VM_ACTIVE, DomainRecord, VmRecord, is_live
 from gateway.tls.providers.delegated import challenge_name, delegation_target
 from gateway.tls.providers.registry import DELEGATED
 

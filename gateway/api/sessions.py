@@ -19,9 +19,8 @@ from gateway.api.schemas import (
 )
 from gateway.api.validation import parse_body, parse_query
 from gateway.config import Config
-from gateway.errors import Conflict, NotFound
+from gateway.orchestrator.model import VM_ACTIVE
 from gateway.orchestrator.service import VmParams
-from gateway.routes.model import VM_ACTIVE
 
 routes = web.RouteTableDef()
 
@@ -61,7 +60,7 @@ async def session_status(request: web.Request) -> web.Response:
     session = await orchestrator.get_session(owner, session_id)
     if session is None:
         return json_response(SessionStatusResponse(session_id=session_id, exists=False, vm_assigned=False))
-    vm = await orchestrator.store.get_vm(session.vm_id) if session.vm_id else None
+    vm = await orchestrator.session_vm(session)
     status = SessionStatusResponse(
         session_id=session_id,
         exists=True,
@@ -87,18 +86,7 @@ async def app_url(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     orchestrator = request.app[ORCHESTRATOR]
     config = request.app[CONFIG]
-    session = await orchestrator.get_session(owner, session_id)
-    if session is None:
-        raise NotFound("Session not found", code="session_not_found")
-    vm = await orchestrator.store.get_vm(session.vm_id) if session.vm_id else None
-    if vm is None:
-        raise Conflict(
-            "session has no VM yet: create one with POST /v1/vms or run code with POST /execute",
-            code="no_vm",
-        )
-    if vm.status == VM_ACTIVE:
-        # The spec: asking for the app URL is what makes the port public.
-        await orchestrator.store.expose_port(vm.vm_id, query.port)
+    vm = await orchestrator.open_app_url(owner, session_id, query.port)  # exposes the port
     return json_response(
         AppURLResponse(
             url=app_url_for(config, session_id, query.port),

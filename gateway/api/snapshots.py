@@ -9,7 +9,7 @@ from gateway.api.auth import authenticate
 from gateway.api.context import ORCHESTRATOR
 from gateway.api.responses import iso, json_response
 from gateway.api.schemas import SnapshotListResponse, SnapshotResponse
-from gateway.routes.model import SnapshotRecord
+from gateway.orchestrator.model import SnapshotRecord
 
 routes = web.RouteTableDef()
 

@@ -14,11 +14,11 @@ from gateway.api.responses import domain_view, json_response, share_view, vm_vie
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
-from gateway.edge import access
 from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.model import VM_FAILED, SnapshotRecord
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.snapshots import SnapshotService
-from gateway.routes.model import VM_FAILED, SnapshotRecord
+from gateway.tokens import token_hash
 
 routes = web.RouteTableDef()
 
@@ -104,7 +104,7 @@ def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
     if requested.get("is_public"):
         return requested, None
     token = secrets.token_urlsafe(32)
-    return {**requested, "token_sha256": access.token_hash(token)}, token
+    return {**requested, "token_sha256": token_hash(token)}, token
 
 
 @routes.post("/v1/vms")
@@ -159,7 +159,7 @@ async def get_vm(request: web.Request) -> web.Response:
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.get_vm(owner, request.match_info["vm_id"])
     domain = await orchestrator.domains.of_vm(vm.vm_id, vm.custom_domain) if orchestrator.domains else None
-    exposed = await orchestrator.store.exposed_ports(vm.vm_id)
+    exposed = await orchestrator.exposed_ports(vm.vm_id)
     return json_response(vm_view(request.app[CONFIG], vm, exposed, domain))
 
 

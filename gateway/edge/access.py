@@ -7,7 +7,8 @@ the same URL without the token and an HttpOnly cookie scoped to that app (host-o
 path prefix in the path form), so the token does not linger in the address bar, history or the app's
 logs. None of these reach the VM.
 
-Tokens are compared by their SHA-256 hashes (what Redis holds), so a route never carries a usable secret.
+Tokens are compared by their SHA-256 hashes (``gateway.tokens``, what Redis holds), so a route never
+carries a usable secret.
 The cookie does not hold the token either: it holds a MAC of the app (VM and port) keyed by the token's
 hash. So a cookie opens only the app it was set for (an instance's cookie is no organisation API key),
 and stops opening it when the token is revoked, like the token itself.
@@ -15,11 +16,13 @@ and stops opening it when the token is revoked, like the token itself.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from gateway.keys import KEY_PREFIX
+# The hash and the cookie MAC are computed in gateway.tokens (shared with the key store and the API);
+# re-exported here because the edge's connection code names them through this module.
+from gateway.tokens import KEY_PREFIX, cookie_scope, cookie_value, cookie_values, token_hash
+
+__all__ = ["cookie_scope", "cookie_value", "cookie_values", "token_hash"]
 
 TOKEN_HEADER = b"x-access-token"
 AUTHORIZATION = b"authorization"
@@ -35,10 +38,6 @@ COOKIE_NAMES = frozenset({COOKIE_NAME})
 PLATFORM_KEY_PREFIX = KEY_PREFIX.encode()
 API_KEY_HEADER = b"x-api-key"
 API_KEY_QUERY_PARAM = b"api_key"
-
-
-def token_hash(token: str | bytes) -> str:
-    return hashlib.sha256(token.encode() if isinstance(token, str) else token).hexdigest()
 
 
 def token_matches(token: bytes | None, accepted_sha256: frozenset[str]) -> bool:
@@ -85,21 +84,6 @@ def split_token_from_target(target: bytes) -> tuple[bytes, bytes | None]:
     if token is None:
         return target, None
     return (path + b"?" + b"&".join(kept)) if kept else path, token
-
-
-def cookie_scope(vm_id: str, port: int) -> bytes:
-    """What a cookie is bound to: one app (a VM's port), whatever host form reached it."""
-    return b"%s:%d" % (vm_id.encode(), port)
-
-
-def cookie_value(token_sha256: str, scope: bytes) -> bytes:
-    """The edge's cookie for a token (by its hash) and an app: HMAC-SHA256, hex."""
-    return hmac.new(token_sha256.encode(), scope, hashlib.sha256).hexdigest().encode()
-
-
-def cookie_values(tokens_sha256: Iterable[str], scope: bytes) -> frozenset[bytes]:
-    """Every cookie that opens the app: one per accepted token (computed once per cached route)."""
-    return frozenset(cookie_value(token, scope) for token in tokens_sha256)
 
 
 def presented_token(headers: Sequence[tuple[bytes, bytes]], *, bearer: bool = False) -> bytes | None:

@@ -30,9 +30,10 @@ from gateway.edge import headers as hdr
 from gateway.edge.deadline import Deadline
 from gateway.edge.exchange import Exchange, head_bytes
 from gateway.edge.observe import AccessLog, EdgeStats
-from gateway.edge.resolver import MISS, Resolver, Route
+from gateway.edge.resolver import MISS, CacheKey, Resolver, Route
+from gateway.edge.routing import Redirect, Reply, RoutingPolicy, body_too_large
 from gateway.edge.settings import EdgeSettings
-from gateway.edge.target import ApiTarget, AppTarget, Rejection, TargetParser
+from gateway.edge.target import ApiTarget, AppTarget, TargetParser
 from gateway.edge.tunnel import Tunnel
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.errors import GatewayError, edge_error
@@ -87,6 +88,7 @@ class Edge:
         self._request_prefix = secrets.token_hex(4).encode()
         self._request_count = 0
         self.parse_target = TargetParser(settings.routing)
+        self.policy = RoutingPolicy(settings.https_redirect_port, settings.plain_http_paths)
         self.connections: set[EdgeProtocol] = set()
         self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
         self.draining = False
@@ -479,48 +481,32 @@ class EdgeProtocol(asyncio.Protocol):
             self._abort_exchange(ex)
 
     def _route(self, ex: Exchange) -> None:
+        edge = self.edge
         incoming = ex.incoming_request_id
-        ex.request_id = incoming if incoming and self.trusted else self.edge.next_request_id()
-        target = self.edge.parse_target(ex.method, ex.url, ex.host)
-        if type(target) is Rejection:
-            if target.location is not None:
-                self._redirect(ex, target.status, target.location)
-                return
-            self._reply(ex, target.code, target.message, close=target.status == 400)
-            return
-        if self.sni_name is not None and target.host_name != self.sni_name:
-            # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
-            self._reply(ex, "misdirected_request", close=True)
-            return
-        if self.settings.https_redirect_port and self.scheme == "http" and not self._plain_http_allowed(ex):
-            location = self._https_url(target.host_name, ex.url)
-            self._redirect(ex, 308, location)
-            return
-        if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
-            ex.upgrade = False
-        if type(target) is ApiTarget:
+        ex.request_id = incoming if incoming and self.trusted else edge.next_request_id()
+        target = edge.parse_target(ex.method, ex.url, ex.host)
+        decision = edge.policy.before_lookup(target, ex.url, self.scheme, self.sni_name)
+        if type(decision) is AppTarget:
+            if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+                ex.upgrade = False  # not offered: the request goes on as HTTP/1.1 (RFC 9113 drops h2c)
+            ex.kind = decision.kind
+            key = decision.key
+            ex.route_id = key[1]
+            route = edge.resolver.peek(key)
+            if route is MISS:
+                self._spawn(self._resolve_then_route(ex, decision, key))
+            else:
+                self._routed(ex, decision, route)  # type: ignore[arg-type]
+        elif type(decision) is ApiTarget:
+            if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
+                ex.upgrade = False
             ex.kind = "api"
-            head = self._request_head(ex, ex.url, self._forwarded(ex, target.host, None))
-            self._send(ex, self.edge.api_key, self.edge.api_unix_path, head)
-            return
-        assert isinstance(target, AppTarget)
-        ex.kind = target.kind
-        if target.kind == "path":
-            key = ("s", target.session_id, target.port)
-        elif target.kind == "host":
-            key = ("v", target.vm_id, target.port)
-        elif target.kind == "instance":
-            key = ("i", target.instance_id, 0)
+            head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
+            self._send(ex, edge.api_key, edge.api_unix_path, head)
         else:
-            key = ("d", target.host_name.decode("ascii"), 0)
-        ex.route_id = key[1]
-        route = self.edge.resolver.peek(key)  # type: ignore[arg-type]
-        if route is MISS:
-            self._spawn(self._resolve_then_route(ex, target, key))  # type: ignore[arg-type]
-        else:
-            self._routed(ex, target, route)  # type: ignore[arg-type]
+            self._carry_out(ex, decision)
 
-    async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: tuple[str, str, int]) -> None:
+    async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: CacheKey) -> None:
         try:
             route = await self.edge.resolver.resolve(key)
         except GatewayError as exc:
@@ -530,40 +516,28 @@ class EdgeProtocol(asyncio.Protocol):
             self._routed(ex, target, route)
 
     def _routed(self, ex: Exchange, target: AppTarget, route: Route | None) -> None:
-        if route is None:
-            self._no_route(ex)
-            return
-        request_target = target.upstream_target
-        if route.tokens is not None:
-            request_target, token = access.split_token_from_target(request_target)
-            if token is not None:
-                self._trade_token_for_cookie(ex, target, route, token)
-                return
-            if not access.opens(ex.headers, route.tokens, route.cookies, bearer=route.bearer):
-                self._no_route(ex)  # the same answer as an unknown app: no oracle
-                return
-        elif access.TOKEN_QUERY_PARAM in request_target:
-            request_target, _ = access.split_token_from_target(request_target)
-        if access.PLATFORM_KEY_PREFIX in request_target:
-            request_target = access.strip_platform_key_params(request_target)
         ex.max_body = self.settings.max_body_bytes
-        if self._body_too_large_up_front(ex):
+        decision = self.edge.policy.after_lookup(
+            target, route, ex.url, ex.headers, self.scheme, ex.max_body, ex.content_length, ex.sent_bytes
+        )
+        if type(decision) is not bytes:
+            self._carry_out(ex, decision)  # type: ignore[arg-type]
             return
+        assert route is not None
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
         ex.vm_id = route.vm_id
-        self._send(
-            ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, request_target, headers)
-        )
+        self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
 
-    def _plain_http_allowed(self, ex: Exchange) -> bool:
-        return any(ex.url.startswith(prefix) for prefix in self.settings.plain_http_paths)
-
-    def _https_url(self, host_name: bytes, target: bytes) -> bytes:
-        port = self.settings.https_redirect_port
-        return b"https://" + host_name + (b"" if port == 443 else b":%d" % port) + target
+    def _carry_out(self, ex: Exchange, decision: Reply | Redirect) -> None:
+        """An answer the edge makes itself."""
+        if isinstance(decision, Redirect):
+            cookie = (decision.cookie,) if decision.cookie is not None else ()
+            self._redirect(ex, decision.status, decision.location, cookie)
+        else:
+            self._reply(ex, decision.code, decision.message, close=decision.close)
 
     def _forwarded(self, ex: Exchange, host: bytes, prefix: bytes | None) -> list[tuple[bytes, bytes]]:
         client = self.client_info
@@ -673,17 +647,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
-    def _body_too_large_up_front(self, ex: Exchange) -> bool:
-        limit = ex.max_body
-        # The length says so, or a chunked body read before the route was known already passed it.
-        if limit and ((ex.content_length or 0) > limit or ex.sent_bytes > limit):
-            self._too_large(ex)
-            return True
-        return False
-
     def _too_large(self, ex: Exchange) -> None:
-        message = f"the request body is larger than {ex.max_body} bytes"
-        self._reply(ex, "body_too_large", message, close=True)
+        self._carry_out(ex, body_too_large(ex.max_body))
 
     # ending an exchange ---------------------------------------------------------------------------
 
@@ -711,20 +676,6 @@ class EdgeProtocol(asyncio.Protocol):
         )
         self.transport.write(response)
         self._finish(ex, keep)
-
-    def _no_route(self, ex: Exchange) -> None:
-        self._reply(ex, "no_route")
-
-    def _trade_token_for_cookie(self, ex: Exchange, target: AppTarget, route: Route, token: bytes) -> None:
-        """A token in the query: a valid one becomes a cookie, and the client goes to the clean URL."""
-        if not access.token_matches(token, route.tokens or frozenset()):
-            self._no_route(ex)
-            return
-        clean, _ = access.split_token_from_target(ex.url)
-        cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
-        value = access.cookie_value(access.token_hash(token), access.cookie_scope(route.vm_id, route.port))
-        cookie = access.cookie_header(value, cookie_path, secure=self.scheme == "https")
-        self._redirect(ex, 303, clean, [cookie])
 
     def _finish(self, ex: Exchange, keep: bool) -> None:
         """The response is complete. Next request, keep-alive wait, or close."""
@@ -779,11 +730,9 @@ class EdgeProtocol(asyncio.Protocol):
         if self.silence_deadline is not None:
             self.silence_deadline.stop()
         if self.pending:
-            self._begin(self.pending.pop(0))
-            if self.current is None:
-                return
-            if len(self.pending) < MAX_PIPELINED and self.parsing is None:
-                self.resume_reading()
+            # On the next turn of the loop: the VM's connection that just answered goes back to the
+            # pool when this returns, and the next request takes it instead of dialling another.
+            self.loop.call_soon(self._begin_pending)
             return
         if self.in_head:
             self.deadline.start(self.settings.header_timeout_s)
@@ -791,6 +740,13 @@ class EdgeProtocol(asyncio.Protocol):
         else:
             self.deadline.start(self.settings.keepalive_timeout_s)
         self.resume_reading()
+
+    def _begin_pending(self) -> None:
+        if self.current is not None or not self.pending or self.closing or self.transport is None:
+            return  # begun by a read meanwhile, or the connection is ending
+        self._begin(self.pending.pop(0))
+        if self.current is not None and len(self.pending) < MAX_PIPELINED and self.parsing is None:
+            self.resume_reading()
 
     def _drop_upstream(self, ex: Exchange) -> None:
         conn = ex.upstream
@@ -847,7 +803,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         if self.tunnel is not None:
             self.tunnel.shut_down()
-        elif self.current is None and not self.in_head:
+        elif self.current is None and not self.in_head and not self.pending:
             self.closing = True
             self.transport.close()
         # else: the response in flight carries Connection: close (if its head is not out yet) and the

@@ -25,18 +25,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.background import stop_loop
-from gateway.edge import access
 from gateway.errors import StoreUnavailable
-from gateway.routes.model import VM_ACTIVE, VmRecord, is_session_id, is_vm_id
-from gateway.routes.store import RedisStore
+from gateway.ids import is_session_id, is_vm_id
+from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, VmChanged
+from gateway.state.ports import RouteSource, VmRecord
+from gateway.tokens import cookie_scope, cookie_values
 
 log = logging.getLogger(__name__)
 
 POSITIVE_TTL_S = 2.0
 NEGATIVE_TTL_S = 1.0
 MAX_ENTRIES = 100_000
-RESUBSCRIBE_DELAY_S = 0.5
 RETRY_AFTER_FAILURE_S = 1.0
 
 
@@ -52,7 +51,7 @@ class Route:
     tokens: frozenset[str] | None = None
     # An instance also takes its organisation's key as Authorization: Bearer (then not forwarded).
     bearer: bool = False
-    # The edge cookies that open it (gateway.edge.access.cookie_values), when private.
+    # The edge cookies that open it (gateway.tokens.cookie_values), when private.
     cookies: frozenset[bytes] = frozenset()
 
 
@@ -64,13 +63,27 @@ MISS = object()  # peek(): nothing usable cached
 
 
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
-    cookies = access.cookie_values(tokens, access.cookie_scope(vm.vm_id, port)) if tokens else frozenset()
+    cookies = cookie_values(tokens, cookie_scope(vm.vm_id, port)) if tokens else frozenset()
     return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens, bearer, cookies)
 
 
 class Resolver:
-    def __init__(self, store: RedisStore, vm_networks: Iterable[str], stale_grace_s: float = 0.0) -> None:
+    """The route cache; an ``EventSubscriber`` of the process's event feed (``gateway.state.ports``).
+
+    Until the feed says ``connected`` every lookup goes to ``store`` (nothing is cached): only events can
+    tell the cache that an answer went stale.
+    """
+
+    def __init__(
+        self,
+        store: RouteSource,
+        vm_networks: Iterable[str],
+        stale_grace_s: float = 0.0,
+        *,
+        positive_ttl_s: float = POSITIVE_TTL_S,
+    ) -> None:
         self.store = store
+        self.positive_ttl_s = positive_ttl_s
         self.stale_grace_s = stale_grace_s
         self._failing_since: float | None = None  # first failed lookup of the current outage
         self._last_failure = 0.0
@@ -79,12 +92,10 @@ class Resolver:
         self._by_vm: dict[str, set[CacheKey]] = {}
         self._by_session: dict[str, set[CacheKey]] = {}
         self._subscribed = False
-        self._stopping = False
         # Set while the events channel is followed (and the cache is in use).
         self.following = asyncio.Event()
         self._loading: dict[CacheKey, asyncio.Task[Route | None]] = {}
         self._generation = 0
-        self._task: asyncio.Task[None] | None = None
         self.on_vm_gone: list[Callable[[str], None]] = []
         self.hits = self.misses = self.invalidations = self.stale_hits = 0
 
@@ -195,7 +206,7 @@ class Resolver:
         return _route(vm, instance.port, key_hashes, bearer=True)
 
     def _routable(self, vm: VmRecord | None) -> bool:
-        if vm is None or vm.status != VM_ACTIVE or not self._dialable(vm.ip):
+        if vm is None or not vm.alive or not self._dialable(vm.ip):
             return False
         return vm.expires_at is None or vm.expires_at > time.time()
 
@@ -222,7 +233,7 @@ class Resolver:
     def _remember(self, key: CacheKey, route: Route | None, now: float) -> None:
         if len(self._cache) >= MAX_ENTRIES:
             self.clear()
-        ttl = POSITIVE_TTL_S if route is not None else NEGATIVE_TTL_S
+        ttl = self.positive_ttl_s if route is not None else NEGATIVE_TTL_S
         self._cache[key] = (now + ttl, route)
         if route is not None:
             self._by_vm.setdefault(route.vm_id, set()).add(key)
@@ -252,61 +263,38 @@ class Resolver:
             if self._cache.pop(key, None) is not None:
                 self.invalidations += 1
 
-    def handle_event(self, event: dict) -> None:
-        kind = event.get("type")
-        vm_id, session_id = event.get("vm_id"), event.get("session_id")
-        if kind == "vm":
-            self.forget(vm_id, session_id)
-            if event.get("status") != VM_ACTIVE and vm_id:
+    def handle(self, event: Event) -> None:
+        if isinstance(event, VmChanged):
+            self.forget(event.vm_id, event.session_id)
+            if event.gone:
                 for callback in self.on_vm_gone:
-                    callback(vm_id)
-        elif kind == "org_keys":
+                    callback(event.vm_id)
+        elif isinstance(event, OrgKeysChanged):
             # An organisation's keys changed: cached instance routes carry the old set. Rare: drop them all.
             self._generation += 1
             for key in [key for key in self._cache if key[0] == "i"]:
                 if self._cache.pop(key, None) is not None:
                     self.invalidations += 1
-        elif kind == "domain" and isinstance(event.get("domain"), str):
+        elif isinstance(event, DomainChanged):
             # Claimed, moved or released: whatever was cached for the name is stale.
             self._generation += 1
-            if self._cache.pop(("d", event["domain"], 0), None) is not None:
+            if self._cache.pop(("d", event.domain, 0), None) is not None:
                 self.invalidations += 1
-        elif kind == "vm_ports":
+        elif isinstance(event, PortExposed):
             # A newly exposed port: cached "no route" answers (by VM or by session) may be wrong now.
             # Exposures are rare, so dropping every negative entry is cheaper than indexing them.
-            self.forget(vm_id, None)
+            self.forget(event.vm_id, None)
             self._generation += 1
             for key in [key for key, (_, route) in self._cache.items() if route is None]:
                 del self._cache[key]
 
-    async def _follow_events(self) -> None:
-        while not self._stopping:
-            try:
-                async with self.store.subscribe() as next_event:
-                    self.clear()  # anything cached before the subscription may have missed events
-                    self._subscribed = True
-                    self.following.set()
-                    # Not `while True`: redis-py's get_message swallows a cancellation (returns None).
-                    while not self._stopping:
-                        event = await next_event(30.0)
-                        if event is not None:
-                            self.handle_event(event)
-            except Exception as exc:
-                # redis-py may turn a cancellation mid-read into a connection error: stopping decides.
-                if self._stopping:
-                    return
-                log.warning("route events unavailable, cache bypassed: %s", exc)
-            finally:
-                # The cache stays for stale answers while Redis fails (it is bypassed while unsubscribed,
-                # and emptied when the subscription is back: events may have been missed meanwhile).
-                self._subscribed = False
-                self.following.clear()
-            await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+    def connected(self) -> None:
+        self.clear()  # anything cached before the subscription may have missed events
+        self._subscribed = True
+        self.following.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._follow_events(), name="route-events")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        await stop_loop(self._task)
-        self._task = None
+    def disconnected(self) -> None:
+        # The cache stays for stale answers while Redis fails (it is bypassed while unsubscribed, and
+        # emptied when the subscription is back: events may have been missed meanwhile).
+        self._subscribed = False
+        self.following.clear()

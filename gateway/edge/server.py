@@ -19,7 +19,7 @@ from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
 from gateway.errors import ListenFailed
-from gateway.routes.store import RedisStore
+from gateway.state.ports import EventFeed, RouteSource
 from gateway.tls.sni import SniTable
 
 
@@ -32,7 +32,8 @@ async def flush_access_log(access_log: AccessLog) -> None:
 @asynccontextmanager
 async def running_edge(
     config: Config,
-    store: RedisStore,
+    routes: RouteSource,
+    events: EventFeed,
     vm_networks: list[str],
     api_upstream: str,
     *,
@@ -40,12 +41,13 @@ async def running_edge(
     sni: SniTable | None = None,
 ) -> AsyncIterator[Edge]:
     """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
-    processes listen there as well."""
-    resolver = Resolver(store, vm_networks, config.edge.redis_grace_s)
+    processes listen there as well. Routes come from ``routes``, kept fresh by ``events`` (the process's
+    one subscription, which the caller runs)."""
+    resolver = Resolver(routes, vm_networks, config.edge.redis_grace_s)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
     edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log)
-    resolver.start()
+    events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
@@ -87,7 +89,7 @@ async def running_edge(
             server.close()
         await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
-        await resolver.stop()
+        events.remove(resolver)
         if access_log is not None:
             await stop_loop(flusher)
             await asyncio.to_thread(access_log.close)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import Config, EdgeConfig, split_host_port
+from gateway.config import Config, split_host_port
 from gateway.edge.target import RoutingConfig
 
 
@@ -41,7 +41,7 @@ class EdgeSettings:
         edge = config.edge
         return cls(
             routing=RoutingConfig(
-                api_hosts=EdgeConfig.split(edge.api_hosts),
+                api_hosts=edge.api_host_names,
                 sandbox_domains=config.sandbox_domains,
                 max_target_bytes=edge.max_target_bytes,
                 instance_domains=(config.instances.domain,),
@@ -60,9 +60,9 @@ class EdgeSettings:
             max_header_count=edge.max_header_count,
             max_header_bytes=edge.max_header_bytes,
             max_connections=edge.max_connections,
-            trusted_proxies=frozenset(EdgeConfig.split(edge.trusted_proxies)),
+            trusted_proxies=edge.trusted_proxy_addresses,
             https_redirect_port=https_redirect_port(config),
-            plain_http_paths=tuple(p.encode() for p in EdgeConfig.split(config.tls.plain_http_paths)),
+            plain_http_paths=tuple(p.encode() for p in config.tls.plain_http_path_list),
         )
 
 

@@ -72,6 +72,9 @@ class AppTarget:
     prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
     host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
     host_name: bytes  # that value without port or trailing dot (an IPv6 literal keeps its brackets)
+    # The route cache's key: ("s", session id, port), ("v", VM id, port), ("i", instance id, 0) or
+    # ("d", host name, 0).
+    key: tuple[str, str, int]
     instance_id: str | None = None  # instance form: instance-<uuid>.<instance domain>
 
 
@@ -218,15 +221,17 @@ def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> A
         return _NO_ROUTE
     if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
         return _invalid("dot segments are not allowed in app paths")
+    vm = vm_id.decode("ascii")
     return AppTarget(
         kind="host",
         session_id=None,
-        vm_id=vm_id.decode("ascii"),
+        vm_id=vm,
         port=port,
         upstream_target=target,
         prefix=None,
         host=host_value,
         host_name=name,
+        key=("v", vm, port),
     )
 
 
@@ -265,6 +270,7 @@ def _named_host(
         host=host_value,
         host_name=name,
         instance_id=instance_id,
+        key=("i", instance_id, 0) if instance_id is not None else ("d", name.decode("ascii"), 0),
     )
 
 
@@ -286,15 +292,17 @@ def _path_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rej
         return Rejection(308, "redirect", "the app URL ends with a slash", prefix + b"/" + question + query)
     if _DOT_SEGMENT_RE.search(path):
         return _invalid("dot segments are not allowed in app paths")
+    session_id = session.decode("ascii")
     return AppTarget(
         kind="path",
-        session_id=session.decode("ascii"),
+        session_id=session_id,
         vm_id=None,
         port=port,
         upstream_target=b"/" + rest + question + query,
         prefix=prefix,
         host=host_value,
         host_name=name,
+        key=("s", session_id, port),
     )
 
 

@@ -16,10 +16,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import Config, EdgeConfig
+from gateway.config import Config
 from gateway.errors import Conflict, NotFound
-from gateway.routes.model import DOMAIN_PENDING, DomainRecord, Keys
-from gateway.routes.store import RedisStore, guarded
+from gateway.state.cert_state import CertStates
+from gateway.state.events import DomainChanged
+from gateway.state.records import DOMAIN_PENDING, DomainRecord
+from gateway.state.store import RedisStore
 from gateway.tls.providers.registry import ProviderSettings, credential_problems, provider_name
 from gateway.tls.store import Sealer
 
@@ -47,7 +49,7 @@ def domain_problem(domain: str, config: Config) -> str | None:
         return "not a valid DNS name (letters, digits and dashes in at least two dot-separated labels)"
     if labels[-1].isdigit():
         return "an IP address cannot be a custom domain"
-    reserved = [*EdgeConfig.split(config.edge.api_hosts), *config.sandbox_domains, config.instances.domain]
+    reserved = [*config.edge.api_host_names, *config.sandbox_domains, config.instances.domain]
     if config.acme.delegation_zone:
         reserved.append(normalise_domain(config.acme.delegation_zone))
     for name in reserved:
@@ -61,6 +63,7 @@ class DomainService:
         self, store: RedisStore, config: Config, sealer: Sealer | None, providers: ProviderSettings | None
     ) -> None:
         self.store = store
+        self.cert_states = CertStates(store.client, store.keys)
         self.config = config
         self.sealer = sealer
         self.providers = providers
@@ -71,7 +74,7 @@ class DomainService:
             return [
                 ("custom_domain", "custom domains need ACME configured on this gateway (acme.directory_url)")
             ]
-        if not EdgeConfig.split(self.config.edge.api_hosts):
+        if not self.config.edge.api_host_names:
             return [
                 ("custom_domain", "custom domains need edge.api_hosts set (to tell them from the API host)")
             ]
@@ -119,10 +122,9 @@ class DomainService:
     async def retry(self, owner: str, domain: str) -> DomainRecord:
         """Try issuing again now, whatever the back-off says (the customer fixed their DNS)."""
         rec = await self.get(owner, domain)
-        keys: Keys = self.store.keys
-        await guarded(self.store.client.hset(keys.cert_state(rec.domain), "next_attempt_at", 0))
+        await self.cert_states.retry_now(rec.domain)
         await self.store.update_domain(rec.domain, rec.vm_id, state=DOMAIN_PENDING, updated_at=time.time())
-        await self.store.publish({"type": "domain", "domain": rec.domain})
+        await self.store.publish(DomainChanged(rec.domain))
         return await self.get(owner, domain)
 
     async def delete(self, owner: str, domain: str) -> None:

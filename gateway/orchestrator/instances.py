@@ -19,16 +19,9 @@ from dataclasses import dataclass
 
 from gateway.config import Config, ImageConfig, SizeConfig
 from gateway.errors import GatewayError, NotFound
+from gateway.ids import is_session_id
 from gateway.orchestrator.service import Orchestrator, VmParams
-from gateway.routes.model import (
-    VM_ACTIVE,
-    VM_CREATING,
-    VM_KILLED,
-    InstanceRecord,
-    VmRecord,
-    is_session_id,
-    org_owner,
-)
+from gateway.state.records import VM_ACTIVE, VM_CREATING, VM_KILLED, InstanceRecord, VmRecord, org_owner
 
 log = logging.getLogger(__name__)
 

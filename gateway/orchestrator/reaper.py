@@ -14,8 +14,7 @@ import time
 from gateway.background import stop_loop
 from gateway.errors import GatewayError
 from gateway.orchestrator.service import Orchestrator
-from gateway.routes.model import VM_KILLED
-from gateway.routes.store import is_live
+from gateway.state.records import VM_KILLED, is_live
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ from gateway.errors import (
     Unsupported,
     VmNotRunning,
 )
+from gateway.ids import new_session_id, new_vm_id
 from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore, image_store
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
-from gateway.routes.model import (
+from gateway.state.records import (
     VM_ACTIVE,
     VM_CREATING,
     VM_FAILED,
@@ -40,10 +41,9 @@ from gateway.routes.model import (
     SessionRecord,
     SnapshotRecord,
     VmRecord,
-    new_session_id,
-    new_vm_id,
+    is_live,
 )
-from gateway.routes.store import RedisStore, is_live
+from gateway.state.store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,29 @@ class Orchestrator:
     async def get_session(self, owner: str, session_id: str) -> SessionRecord | None:
         session = await self.store.get_session(session_id)
         return session if session is not None and session.owner == owner else None
+
+    async def session_vm(self, session: SessionRecord) -> VmRecord | None:
+        """The VM the session holds (live, or ended and still retained), if it has one yet."""
+        return await self.store.get_vm(session.vm_id) if session.vm_id else None
+
+    async def open_app_url(self, owner: str, session_id: str, port: int) -> VmRecord:
+        """The session's VM, for its app URL on ``port``. The spec: asking for the app URL is what makes
+        the port public (while the VM is active). NotFound for an unknown (or another key's) session,
+        Conflict while it has no VM."""
+        session = await self._owned_session(owner, session_id)
+        vm = await self.session_vm(session)
+        if vm is None:
+            raise Conflict(
+                "session has no VM yet: create one with POST /v1/vms or run code with POST /execute",
+                code="no_vm",
+            )
+        if vm.status == VM_ACTIVE:
+            await self.store.expose_port(vm.vm_id, port)
+        return vm
+
+    async def exposed_ports(self, vm_id: str) -> set[int]:
+        """The VM's ports made public by the app-url call."""
+        return await self.store.exposed_ports(vm_id)
 
     async def _owned_session(self, owner: str, session_id: str) -> SessionRecord:
         session = await self.get_session(owner, session_id)

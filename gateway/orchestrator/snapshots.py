@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import DriverError, NotFound, VmNotRunning
+from gateway.ids import new_snapshot_id
 from gateway.orchestrator.drivers.base import VmDriver, VmSnapshots
-from gateway.routes.model import SnapshotRecord, VmRecord, new_snapshot_id
-from gateway.routes.store import RedisStore
+from gateway.state.records import SnapshotRecord, VmRecord
+from gateway.state.store import RedisStore
 
 log = logging.getLogger(__name__)
 

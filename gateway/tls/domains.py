@@ -22,8 +22,10 @@ from contextlib import asynccontextmanager
 from gateway.background import stop_loop
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.routes.model import DOMAIN_FAILED, DOMAIN_ISSUED, DOMAIN_VERIFYING, DomainRecord
-from gateway.routes.store import RedisStore, guarded, is_live
+from gateway.state.events import DomainChanged, Event
+from gateway.state.ports import EventFeed
+from gateway.state.records import DOMAIN_FAILED, DOMAIN_ISSUED, DOMAIN_VERIFYING, DomainRecord, is_live
+from gateway.state.store import RedisStore
 from gateway.tls.dns01 import DnsProvider, DnsProviderError
 from gateway.tls.keeper import acme_renewer, provider_settings
 from gateway.tls.providers.registry import ProviderSettings, credential_problems, make_provider
@@ -37,7 +39,6 @@ CONCURRENT_CHECKS = 8
 # A domain is claimed just before its VM record is written: one whose VM is still missing after this
 # long was left by a crash between the two.
 ORPHAN_AFTER_S = 300.0
-RESUBSCRIBE_DELAY_S = 1.0
 
 
 class DomainKeeper:
@@ -58,7 +59,7 @@ class DomainKeeper:
         self._check_done = asyncio.Event()
         self._limit = asyncio.Semaphore(CONCURRENT_CHECKS)
         self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
 
     # one domain -----------------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class DomainKeeper:
         for domain in await self.routes.retired_domains(before=time.time() - self.grace_s):
             if await self.routes.get_domain(domain) is None:  # not claimed again meanwhile
                 await self.certs.delete(domain)
-                await guarded(self.routes.client.delete(self.routes.keys.cert_state(domain)))
+                await self.renewer.states.forget(domain)
                 log.info("certificate of released custom domain %s deleted", domain)
             await self.routes.forget_retired_domain(domain)
 
@@ -148,18 +149,26 @@ class DomainKeeper:
     # running --------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._run(), name="domain-keeper"),
-            loop.create_task(self._follow_events(), name="domain-events"),
-        ]
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="domain-keeper")
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        for task in self._tasks:
-            await stop_loop(task)
-        self._tasks = []
+        await stop_loop(self._task)
+        self._task = None
+
+    # events (an EventSubscriber of the process's feed): a changed domain is checked at once -------------
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, DomainChanged):
+            self._dirty.add(event.domain)
+            self._wake.set()
+
+    def connected(self) -> None:
+        """Nothing to drop: rounds check every domain anyway (events only make a change quicker)."""
+
+    def disconnected(self) -> None:
+        """Rounds go on without events."""
 
     async def _run(self) -> None:
         next_round = 0.0
@@ -183,25 +192,10 @@ class DomainKeeper:
                 except TimeoutError:
                     pass
 
-    async def _follow_events(self) -> None:
-        while not self._stopping:
-            try:
-                async with self.routes.subscribe() as next_event:
-                    while not self._stopping:
-                        event = await next_event(30.0)
-                        if event and event.get("type") == "domain" and isinstance(event.get("domain"), str):
-                            self._dirty.add(event["domain"])
-                            self._wake.set()
-            except Exception as exc:
-                if self._stopping:
-                    return
-                log.warning("custom-domain events unavailable (rounds go on): %s", exc)
-            await asyncio.sleep(RESUBSCRIBE_DELAY_S)
-
 
 @asynccontextmanager
 async def keeping_domain_certs(
-    config: Config, certs: CertStore | None, routes: RedisStore
+    config: Config, certs: CertStore | None, routes: RedisStore, events: EventFeed
 ) -> AsyncIterator[DomainKeeper | None]:
     """A running DomainKeeper when ACME is configured and TLS serves (else None)."""
     if not config.acme.directory_url or certs is None:
@@ -213,7 +207,9 @@ async def keeping_domain_certs(
         interval_s=config.acme.check_interval_s, grace_s=config.acme.domain_grace_s,
     )  # fmt: skip
     keeper.start()
+    events.add(keeper)
     try:
         yield keeper
     finally:
+        events.remove(keeper)
         await keeper.stop()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway.background import stop_loop
-from gateway.config import Config, EdgeConfig, split_host_port
+from gateway.config import Config, split_host_port
 from gateway.errors import GatewayError
-from gateway.routes.model import Keys
+from gateway.state.keyspace import Keys
 from gateway.tls.acme import AcmeIssuer, AcmeSettings
 from gateway.tls.dns01 import DnsLookup, DnsProvider
 from gateway.tls.providers.registry import ProviderSettings
@@ -40,7 +40,7 @@ class WantedCert:
 def dns_lookup(config: Config) -> DnsLookup:
     acme = config.acme
     return DnsLookup(
-        nameservers=EdgeConfig.split(acme.dns_resolvers), port=acme.dns_port,
+        nameservers=acme.dns_resolver_list, port=acme.dns_port,
         authoritative_port=acme.authoritative_port,
     )  # fmt: skip
 

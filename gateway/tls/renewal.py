@@ -17,13 +17,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
-from gateway.routes.model import Keys
-from gateway.routes.store import guarded, hash_fields
+from gateway.state.cert_state import CertState, CertStates
+from gateway.state.connection import guarded
+from gateway.state.keyspace import Keys
 from gateway.tls.acme import AcmeIssuer, IssueError
 from gateway.tls.bundle import BadCertificate
 from gateway.tls.dns01 import DnsProvider
@@ -37,35 +37,16 @@ log = logging.getLogger(__name__)
 LOCK_TTL_S = 600.0
 
 
-@dataclass(frozen=True)
-class CertState:
-    status: str  # "issued", "failed" or "" (never attempted)
-    last_error: str = ""
-    failures: int = 0
-    next_attempt_at: float = 0.0
-    not_after: float = 0.0
-    ari_renew_at: float = 0.0  # the ACME server's suggested renewal time (ARI); 0: none offered
-    ari_next_poll: float = 0.0  # when to ask it again
-
-
 class Renewer:
     def __init__(self, store: CertStore, issuer: AcmeIssuer, client: aioredis.Redis, keys: Keys) -> None:
         self.store = store
         self.issuer = issuer
         self.client = client
         self.keys = keys
+        self.states = CertStates(client, keys)
 
     async def state(self, cert_id: str) -> CertState:
-        raw = await guarded(self.client.hgetall(self.keys.cert_state(cert_id)))
-        return CertState(
-            status=raw.get("status", ""),
-            last_error=raw.get("last_error", ""),
-            failures=int(raw.get("failures", 0)),
-            next_attempt_at=float(raw.get("next_attempt_at", 0)),
-            not_after=float(raw.get("not_after", 0)),
-            ari_renew_at=float(raw.get("ari_renew_at", 0)),
-            ari_next_poll=float(raw.get("ari_next_poll", 0)),
-        )
+        return await self.states.get(cert_id)
 
     async def ensure(
         self,
@@ -153,4 +134,4 @@ class Renewer:
                                      "next_attempt_at": repr(now + delay)})  # fmt: skip
 
     async def _record(self, cert_id: str, fields: Mapping[str, str | int]) -> None:
-        await guarded(self.client.hset(self.keys.cert_state(cert_id), mapping=hash_fields(fields)))
+        await self.states.record(cert_id, fields)

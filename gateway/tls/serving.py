@@ -11,9 +11,9 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from gateway.config import Config, ConfigError, EdgeConfig
-from gateway.routes.model import Keys
-from gateway.routes.store import RedisStore
+from gateway.config import Config, ConfigError
+from gateway.state.keyspace import Keys
+from gateway.state.ports import EventFeed
 from gateway.tls.context import server_context
 from gateway.tls.follower import CertFollower, following
 from gateway.tls.local import StorageKeyError, default_certificate, storage_key
@@ -30,7 +30,7 @@ class TlsServing:
 
 def operator_names(config: Config) -> list[str]:
     """The names the default certificate covers: the API hosts and each sandbox domain's wildcard."""
-    api_hosts = [h.lower() for h in EdgeConfig.split(config.edge.api_hosts) if not _is_ip(h)]
+    api_hosts = [h.lower() for h in config.edge.api_host_names if not _is_ip(h)]
     domains = (*config.sandbox_domains, config.instances.domain)
     return [*(api_hosts or ["localhost"]), *(f"*.{domain}" for domain in domains)]
 
@@ -53,9 +53,9 @@ def cert_store(config: Config, client: aioredis.Redis) -> CertStore:
 
 
 @asynccontextmanager
-async def serving_tls(config: Config, routes: RedisStore) -> AsyncIterator[TlsServing]:
-    store = await asyncio.to_thread(cert_store, config, routes.client)
+async def serving_tls(config: Config, client: aioredis.Redis, events: EventFeed) -> AsyncIterator[TlsServing]:
+    store = await asyncio.to_thread(cert_store, config, client)
     default = await asyncio.to_thread(default_certificate, Path(config.tls.certs_dir), operator_names(config))
     table = SniTable(await asyncio.to_thread(server_context, default))
-    async with following(store, table, routes.subscribe) as follower:
+    async with following(store, table, events) as follower:
         yield TlsServing(table, store, follower)

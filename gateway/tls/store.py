@@ -11,18 +11,17 @@ mismatched record is never served, and ``put`` refuses one without touching what
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
 
-from gateway.routes.model import Keys
-from gateway.routes.store import guarded, hash_fields
+from gateway.state.bus import publish_in
+from gateway.state.connection import guarded, hash_fields
+from gateway.state.events import CertChanged
+from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
-
-CERT_EVENT = "cert"
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class CertStore:
         pipe.delete(self.keys.cert(cert_id))
         pipe.hset(self.keys.cert(cert_id), mapping=hash_fields(record))
         pipe.sadd(self.keys.cert_index(), cert_id)
-        pipe.publish(self.keys.events(), _event(cert_id))
+        publish_in(pipe, self.keys, CertChanged(cert_id))
         await guarded(pipe.execute())
         return cert_id
 
@@ -121,7 +120,7 @@ class CertStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.cert(cert_id))
         pipe.srem(self.keys.cert_index(), cert_id)
-        pipe.publish(self.keys.events(), _event(cert_id))
+        publish_in(pipe, self.keys, CertChanged(cert_id))
         deleted, _, _ = await guarded(pipe.execute())
         return bool(deleted)
 
@@ -144,7 +143,3 @@ class CertStore:
         saved = await self.account_key(directory_url)
         assert saved is not None
         return saved
-
-
-def _event(cert_id: str) -> str:
-    return json.dumps({"type": CERT_EVENT, "cert_id": cert_id}, separators=(",", ":"))

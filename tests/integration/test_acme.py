@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.fernet import Fernet
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from gateway.routes.model import Keys
-from gateway.routes.store import connect
+from gateway.state.connection import connect
+from gateway.state.keyspace import Keys
 from gateway.tls.acme import AcmeIssuer, AcmeSettings, IssueError
 from gateway.tls.dns01 import DnsProvider
 from gateway.tls.renewal import Renewer

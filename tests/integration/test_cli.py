@@ -112,6 +112,13 @@ class Server:
         self.close_pipes()
         return code
 
+    def kill(self) -> None:
+        """For a test's ``finally``: gone, whatever state the test left it in."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.close_pipes()
+
     def close_pipes(self) -> None:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -322,14 +329,7 @@ def test_sigkill_mid_traffic_loses_no_route_vm_or_certificate(tmp_path: Path) ->
         assert second.call("DELETE", f"/v1/vms/{vm['vm_id']}", None, key)[0] == 200
     finally:
         assert second.stop() == 0
-        # VMs outlive their gateway on purpose: whatever a failed run left is this test's to remove.
-        config = override(
-            load_config(None),
-            server={"data_dir": str(data)},
-            vms={"driver": "process"},
-            process={"cidr": cli_env()["GATEWAY_PROCESS_CIDR"]},
-        )
-        asyncio.run(make_driver(config).sweep(set()))
+        sweep_vms(data)
 
 
 @pytest.mark.parametrize("setting", ["server.listen", "admin.listen"])
@@ -361,3 +361,14 @@ def test_a_busy_address_is_a_clear_error_naming_the_setting(tmp_path: Path, sett
     assert result.returncode == 2, result.stderr
     assert f"gateway: cannot listen on {busy} ({setting}): address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def sweep_vms(data: Path) -> None:
+    """VMs outlive their gateway on purpose: whatever a failed run left is this test's to remove."""
+    config = override(
+        load_config(None),
+        server={"data_dir": str(data)},
+        vms={"driver": "process"},
+        process={"cidr": cli_env()["GATEWAY_PROCESS_CIDR"]},
+    )
+    asyncio.run(make_driver(config).sweep(set()))

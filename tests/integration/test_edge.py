@@ -11,7 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.background import STOP_TIMEOUT_S
+from gateway.state.events import VmChanged
 from tests.conftest import GatewayUnderTest, free_port
+from tests.fakes import EventQueue
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
 
@@ -107,12 +110,16 @@ async def test_unknown_unexposed_and_killed_targets_answer_alike(gw: GatewayUnde
                 answers.append((resp.status, resp.headers.get("X-Gateway-Error"), await resp.json()))
         assert answers[0] == answers[1]
         assert answers[0][:2] == (404, "no_route")
-        async with gw.services.store.subscribe() as next_event:
+        heard = EventQueue()
+        gw.services.events.add(heard)  # after the edge's resolver: it has handled what this hears
+        try:
             status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
             assert status == 200
             async with asyncio.timeout(5):
-                while (event := await next_event(1.0)) is None or event.get("vm_id") != vm_id:
+                while not isinstance(event := await heard.get(), VmChanged) or event.vm_id != vm_id:
                     pass
+        finally:
+            gw.services.events.remove(heard)
         async with client.get(url + "echo") as resp:
             assert (resp.status, resp.headers.get("X-Gateway-Error")) == (404, "no_route")
 
@@ -387,15 +394,18 @@ async def test_connections_beyond_the_limit_are_refused_cleanly(gateway_factory:
             writer.close()
 
 
-async def test_route_event_follower_stops_promptly(gw: GatewayUnderTest) -> None:
-    """redis-py's get_message swallows a cancellation; stopping must still end the follower task."""
-    resolver = gw.services.edge.resolver  # type: ignore[union-attr]
+async def test_event_feed_stops_promptly(gw: GatewayUnderTest) -> None:
+    """redis-py's get_message swallows a cancellation; stopping must still end the feed's task."""
+    feed = gw.services.events
     async with asyncio.timeout(5):
-        await resolver.following.wait()
-    task = resolver._task
+        await feed.following.wait()
+        await gw.services.edge.resolver.following.wait()  # type: ignore[union-attr]
+    task = feed._task
     assert task is not None
-    await resolver.stop()
-    assert task.done()
+    async with asyncio.timeout(2 * STOP_TIMEOUT_S):
+        await feed.stop()
+    assert task.done() and not feed.following.is_set()
+    assert not gw.services.edge.resolver.following.is_set()  # type: ignore[union-attr]
 
 
 async def test_a_trusted_proxy_forwarded_headers_are_extended(gateway_factory: object) -> None:

@@ -20,6 +20,7 @@ from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import EdgeProtocol
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, max_rss_bytes, raw_exchange, start_app
+from tests.unit.test_edge_websocket import header as ws_header
 
 # Short, so that a request stalled on a broken pooled connection shows as a 504 quickly.
 FIRST_BYTE_TIMEOUT_S = 3.0
@@ -451,18 +452,11 @@ def ws_frame(
 ) -> bytes:
     """One frame as a client sends it; ``length`` overrides the declared payload length."""
     size = len(payload) if length is None else length
-    first = (0x80 if final else 0) | opcode
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        head = bytes((first, mask_bit | size))
-    elif size < 65536:
-        head = bytes((first, mask_bit | 126)) + struct.pack("!H", size)
-    else:
-        head = bytes((first, mask_bit | 127)) + struct.pack("!Q", size)
+    head = ws_header((0x80 if final else 0) | opcode, size, masked=masked)
     if not masked:
         return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    mask = head[-4:]
+    return head + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def open_websocket(gw: GatewayUnderTest, sid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -19,11 +19,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import load_config, override
 from gateway.embedded_redis import RESTARTS, Backoff, EmbeddedRedis, RedisSupervisor
-from gateway.orchestrator.drivers.registry import make_driver
 from tests.conftest import free_port
-from tests.integration.test_cli import START_TIMEOUT_S, Server, cli_env, gateway
+from tests.integration.test_cli import START_TIMEOUT_S, Server, gateway, sweep_vms
 
 WAIT_S = 20.0
 POLL_S = 0.05
@@ -88,17 +86,6 @@ def restarts_metric(admin: str, outcome: str) -> float:
     raise AssertionError("no gateway_embedded_redis_restarts_total in /metrics")
 
 
-def sweep_vms(data: Path) -> None:
-    """VMs outlive their gateway on purpose: whatever a failed run left is this test's to remove."""
-    config = override(
-        load_config(None),
-        server={"data_dir": str(data)},
-        vms={"driver": "process"},
-        process={"cidr": cli_env()["GATEWAY_PROCESS_CIDR"]},
-    )
-    asyncio.run(make_driver(config).sweep(set()))
-
-
 def test_a_killed_embedded_redis_comes_back_on_the_same_data_and_the_gateway_recovers(tmp_path: Path) -> None:
     data, log = tmp_path / "data", tmp_path / "gateway.log"
     admin = f"127.0.0.1:{free_port()}"
@@ -140,10 +127,7 @@ def test_a_killed_embedded_redis_comes_back_on_the_same_data_and_the_gateway_rec
         assert server.stop() == 0
         assert redis_servers_of(data / "redis") == []  # it stopped the restarted one too
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-        server.close_pipes()
+        server.kill()
         sweep_vms(data)
 
 
@@ -171,10 +155,7 @@ def test_a_stopping_gateway_does_not_restart_its_redis(tmp_path: Path) -> None:
         assert "restarted" not in said, said
         assert redis_servers_of(data / "redis") == []
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-        server.close_pipes()
+        server.kill()
         sweep_vms(data)
 
 

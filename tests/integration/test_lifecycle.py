@@ -3,32 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.routes.model import VM_KILLED, VmRecord
+from gateway.state.events import Event, VmChanged
+from gateway.state.records import VM_KILLED, VmRecord
 from tests.conftest import DRIVERS, IS_ROOT, GatewayUnderTest
+from tests.fakes import EventQueue
 
 EVENT_TIMEOUT_S = 10.0
 SHORT = {"vms": {"min_lifetime_s": 1}}
 
 
+@contextlib.asynccontextmanager
+async def hearing(gw: GatewayUnderTest) -> AsyncIterator[Callable[[float], Awaitable[Event | None]]]:
+    """A function that waits up to N seconds for the next event the gateway's feed hears."""
+    heard = EventQueue()
+    gw.services.events.add(heard)
+
+    async def next_event(timeout_s: float) -> Event | None:
+        try:
+            return await asyncio.wait_for(heard.get(), timeout_s)
+        except TimeoutError:
+            return None
+
+    try:
+        yield next_event
+    finally:
+        gw.services.events.remove(heard)
+
+
 async def wait_for_end(gw: GatewayUnderTest, vm_id: str) -> dict:
     """Wait for the pub/sub event that announces the VM's end (what every edge listens to)."""
-    async with asyncio.timeout(EVENT_TIMEOUT_S), gw.services.store.subscribe() as next_event:
+    async with asyncio.timeout(EVENT_TIMEOUT_S), hearing(gw) as next_event:
         rec = await gw.services.store.get_vm(vm_id)
         while rec is not None and rec.status not in ("killed", "failed"):
             event = await next_event(1.0)
-            if event and event.get("type") == "vm" and event.get("vm_id") == vm_id:
-                return event
+            if isinstance(event, VmChanged) and event.vm_id == vm_id:
+                return {"vm_id": vm_id, "status": event.status}
             rec = await gw.services.store.get_vm(vm_id)
         return {"vm_id": vm_id, "status": rec.status if rec else None}
 
 
 async def wait_for_release(gw: GatewayUnderTest, rec: VmRecord) -> None:
-    """Wait until the VM's slot is free again (announced by a ``vm_released`` event)."""
-    async with asyncio.timeout(EVENT_TIMEOUT_S), gw.services.store.subscribe() as next_event:
+    """Wait until the VM's slot is free again (announced by a ``VmReleased`` event)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S), hearing(gw) as next_event:
         while (await gw.services.store.held_slots(rec.driver)).get(rec.slot) == rec.vm_id:
             await next_event(1.0)
 

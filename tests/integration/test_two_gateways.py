@@ -150,8 +150,5 @@ def test_a_second_gateway_on_the_same_names_refuses_and_the_first_keeps_its_vm(
     finally:
         for server in (first, second):
             if server is not None:
-                if server.proc.poll() is None:
-                    server.proc.kill()
-                    server.proc.wait()
-                server.close_pipes()
+                server.kill()
         cleanup(first_data, second_data)

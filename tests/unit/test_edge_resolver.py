@@ -6,7 +6,9 @@ import asyncio
 import time
 
 from gateway.edge.resolver import Resolver
-from gateway.routes.model import VmRecord
+from gateway.state.events import VmChanged
+from gateway.state.records import InstanceRecord, VmRecord
+from tests.fakes import FakeEventFeed
 
 VM_ID = "vmid-0123456789abcdef0123"
 SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"
@@ -21,7 +23,8 @@ def vm_record(ip: str = "172.30.0.2", status: str = "active") -> VmRecord:
 
 
 class SlowStore:
-    """Counts lookups; each waits for `release`, so tests decide when Redis 'answers'."""
+    """A RouteSource that knows one VM by its id. Counts lookups; each waits for `release`, so tests
+    decide when Redis 'answers'."""
 
     def __init__(self, vm: VmRecord) -> None:
         self.vm = vm
@@ -33,10 +36,21 @@ class SlowStore:
         await self.release.wait()
         return (self.vm if vm_id == self.vm.vm_id else None), port == 3000
 
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        return None, False
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        return None
+
+    async def instance_route(
+        self, instance_uuid: str
+    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
+        return None, None, frozenset()
+
 
 def resolver(store: SlowStore) -> Resolver:
-    res = Resolver(store, ["172.30.0.0/16"])  # type: ignore[arg-type]
-    res._subscribed = True  # as if following the events channel
+    res = Resolver(store, ["172.30.0.0/16"])
+    FakeEventFeed().add(res)  # as if following the events channel
     return res
 
 
@@ -57,7 +71,7 @@ async def test_an_answer_older_than_an_invalidation_is_not_cached() -> None:
     res = resolver(store)
     lookup = asyncio.ensure_future(res.by_vm(VM_ID, 3000))
     await asyncio.sleep(0)
-    res.handle_event({"type": "vm", "vm_id": VM_ID, "session_id": SESSION_ID, "status": "killed"})
+    res.handle(VmChanged(VM_ID, SESSION_ID, "killed"))
     store.release.set()
     assert await lookup is not None  # what Redis said when asked
     store.vm = vm_record(status="killed")

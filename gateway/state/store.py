@@ -7,33 +7,23 @@ crash between two commands never leaves an index that points at nothing. Redis f
 
 from __future__ import annotations
 
-import bisect
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast, overload
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
-from redis.typing import EncodableT, FieldT
 
-from gateway.errors import StoreUnavailable
-from gateway.redis_url import parse_cluster_url, parse_sentinel_url
-from gateway.routes.model import (
-    VM_LIVE_STATES,
+from gateway.state.bus import publish
+from gateway.state.connection import guarded, hash_fields, text_list
+from gateway.state.events import DomainChanged, Event, PortExposed, VmChanged, VmReleased
+from gateway.state.keyspace import Keys
+from gateway.state.records import (
     DomainRecord,
     InstanceRecord,
-    Keys,
     SessionRecord,
     SnapshotRecord,
     VmRecord,
     dump_field,
 )
-
-T = TypeVar("T")
 
 # Claim the next free slot after a rotating cursor, so a just-freed slot (and its IP) is reused last.
 _CLAIM_SLOT = """
@@ -126,124 +116,7 @@ return 1
 """
 
 
-REDIS_MAX_CONNECTIONS = 64
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
-
-
-class _SentinelMaster(aioredis.Redis):
-    """The primary named by Sentinels; closing it closes the connections to the Sentinels as well."""
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
-        manager = getattr(self.connection_pool, "sentinel_manager", None)
-        for sentinel in getattr(manager, "sentinels", []):
-            await sentinel.aclose()
-
-
-def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client with bounded calls; decode_responses because every value we store is text.
-
-    ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+sentinel://`` names Sentinels
-    that say which server is the primary (see ``gateway.redis_url``); the client asks them again after a
-    failover. A blocking pool for one server: a burst of callers beyond its size waits (up to the call
-    timeout) for a connection instead of failing at once, as redis-py's default pool does.
-    """
-    cluster = parse_cluster_url(url)
-    if cluster is not None:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
-            username=cluster.username,
-            password=cluster.password,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=REDIS_MAX_CONNECTIONS,
-        )  # type: ignore[return-value]  # the commands the gateway uses are the same
-    target = parse_sentinel_url(url)
-    if target is not None:
-        timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        sentinel = Sentinel(
-            target.sentinels,
-            sentinel_kwargs={**timeouts, "password": target.sentinel_password},
-            **timeouts,
-        )
-        return sentinel.master_for(
-            target.service,
-            redis_class=_SentinelMaster,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            decode_responses=True,
-            max_connections=REDIS_MAX_CONNECTIONS,
-            health_check_interval=30,
-            **timeouts,
-        )
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=timeout_s,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
-class RedisCallStats:
-    """Latency and failures of this process's Redis calls (every one goes through ``guarded``), as plain
-    numbers that ``gateway.metrics`` exports."""
-
-    BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(self.BUCKETS_S) + 1)
-        self.sum = 0.0
-        self.count = 0
-        self.errors = 0
-
-    def observe(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"buckets": list(self.buckets), "sum": self.sum, "count": self.count, "errors": self.errors}
-
-
-REDIS_STATS = RedisCallStats()
-
-
-# redis-py types every reply as `bytes | str`: it cannot know that a client decodes. Every client of ours
-# does (`connect`), and every call goes through `guarded`, so its overloads are where replies become text.
-@overload
-async def guarded(call: Awaitable[dict[bytes | str, bytes | str]]) -> dict[str, str]: ...
-@overload
-async def guarded(call: Awaitable[set[bytes | str]]) -> set[str]: ...
-@overload
-async def guarded(call: Awaitable[bytes | str | None]) -> str | None: ...
-@overload
-async def guarded(call: Awaitable[T]) -> T: ...
-async def guarded(call: Awaitable[Any]) -> Any:
-    """Await a Redis call, translating its failures to StoreUnavailable."""
-    started = time.perf_counter()
-    try:
-        return await call
-    except RedisError as exc:
-        REDIS_STATS.errors += 1
-        raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
-    finally:
-        REDIS_STATS.observe(time.perf_counter() - started)
-
-
-def hash_fields(mapping: Mapping[str, EncodableT]) -> Mapping[FieldT, EncodableT]:
-    """A text hash as ``hset(mapping=...)`` takes it (redis-py types its keys as an invariant union)."""
-    return cast(Mapping[FieldT, EncodableT], mapping)
-
-
-def text_list(reply: list[bytes | str] | list[tuple[bytes | str, Any]] | list[list[Any]]) -> list[str]:
-    """A decoded client's answer to a range query without scores (see ``guarded``)."""
-    return cast(list[str], reply)
 
 
 class RedisStore:
@@ -321,9 +194,7 @@ class RedisStore:
             await guarded(self.client.expire(self.keys.session(rec.session_id), self.retention_s))
             if rec.custom_domain:
                 await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
-            await self.publish(
-                {"type": "vm", "vm_id": rec.vm_id, "session_id": rec.session_id, "status": status}
-            )
+            await self.publish(VmChanged(rec.vm_id, rec.session_id, status))
         return bool(done)
 
     async def owner_vm_ids(self, owner: str) -> list[str]:
@@ -378,7 +249,7 @@ class RedisStore:
     async def expose_port(self, vm_id: str, port: int) -> None:
         """Make a port public; announced so that edges drop a cached "not exposed" answer at once."""
         if await guarded(self.client.sadd(self.keys.vm_ports(vm_id), port)):
-            await self.publish({"type": "vm_ports", "vm_id": vm_id, "port": port})
+            await self.publish(PortExposed(vm_id, port))
 
     async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
         """The VM and whether ``port`` is exposed, in one round trip (the edge's route lookup)."""
@@ -429,7 +300,7 @@ class RedisStore:
             )
         )
         if claimed:
-            await self.publish({"type": "domain", "domain": rec.domain})
+            await self.publish(DomainChanged(rec.domain))
         return bool(claimed)
 
     async def release_domain(self, domain: str, owner: str, vm_id: str | None = None) -> bool:
@@ -440,7 +311,7 @@ class RedisStore:
             )
         )
         if released:
-            await self.publish({"type": "domain", "domain": domain})
+            await self.publish(DomainChanged(domain))
         return bool(released)
 
     async def get_domain(self, domain: str) -> DomainRecord | None:
@@ -539,7 +410,7 @@ class RedisStore:
     async def release_slot(self, driver: str, slot: int, vm_id: str) -> None:
         """Free a destroyed VM's slot (its IP may be reused from now on) and announce it."""
         await guarded(self._release_slot(keys=[self.keys.slots(driver)], args=[slot, vm_id]))
-        await self.publish({"type": "vm_released", "vm_id": vm_id, "driver": driver, "slot": slot})
+        await self.publish(VmReleased(vm_id, driver, slot))
 
     async def held_slots(self, driver: str) -> dict[int, str]:
         raw = await guarded(self.client.hgetall(self.keys.slots(driver)))
@@ -547,29 +418,10 @@ class RedisStore:
 
     # events ---------------------------------------------------------------------------------------
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        await guarded(self.client.publish(self.keys.events(), json.dumps(event, separators=(",", ":"))))
-
-    @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[Callable[[float], Awaitable[dict[str, Any] | None]]]:
-        """Yield a function that waits up to N seconds for the next event."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        await guarded(pubsub.subscribe(self.keys.events()))
-        try:
-
-            async def next_event(timeout_s: float) -> dict[str, Any] | None:
-                msg = await guarded(pubsub.get_message(timeout=timeout_s))
-                return json.loads(msg["data"]) if msg else None
-
-            yield next_event
-        finally:
-            await pubsub.aclose()
+    async def publish(self, event: Event) -> None:
+        await publish(self.client, self.keys, event)
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A hash as HGETALL answers inside a script: [field, value, field, value, ...]."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def is_live(rec: VmRecord) -> bool:
-    return rec.status in VM_LIVE_STATES

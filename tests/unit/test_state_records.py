@@ -7,16 +7,10 @@ import uuid
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.ids import is_session_id, is_vm_id, new_session_id, new_vm_id
 from gateway.orchestrator.service import _matches
-from gateway.routes.model import (
-    Keys,
-    SessionRecord,
-    VmRecord,
-    is_session_id,
-    is_vm_id,
-    new_session_id,
-    new_vm_id,
-)
+from gateway.state.keyspace import Keys
+from gateway.state.records import SessionRecord, VmRecord
 
 
 def test_ids_are_random_and_well_formed() -> None:

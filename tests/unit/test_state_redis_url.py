@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.redis_url import (
+from gateway.state.redis_url import (
     ClusterTarget,
     RedisUrlError,
     SentinelTarget,

@@ -1,0 +1,99 @@
+"""The one place that names every Redis key (pure)."""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Every Redis key the gateway uses. One prefix, so several deployments can share a Redis."""
+
+    def __init__(self, prefix: str = "gw:") -> None:
+        self.prefix = prefix
+
+    def api_key(self, key_hash: str) -> str:
+        return f"{self.prefix}apikey:{key_hash}"
+
+    def api_key_index(self) -> str:
+        """Hash: key id -> key hash, for listing and revoking."""
+        return f"{self.prefix}apikeys"
+
+    def org_keys(self, org: str) -> str:
+        """Set of the key hashes of an organisation's API keys: what opens its instances at the edge."""
+        return f"{self.prefix}org:{org}:keys"
+
+    def org_instances(self, org: str) -> str:
+        """Set of an organisation's browser-instance ids."""
+        return f"{self.prefix}org:{org}:instances"
+
+    def instance(self, instance_id: str) -> str:
+        """Hash: a browser instance (``InstanceRecord``)."""
+        return f"{self.prefix}instance:{instance_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def vm(self, vm_id: str) -> str:
+        return f"{self.prefix}vm:{vm_id}"
+
+    def vm_ports(self, vm_id: str) -> str:
+        """Set of ports of a VM exposed publicly (by the app-url call); dropped when the VM ends."""
+        return f"{self.prefix}vm:{vm_id}:ports"
+
+    def owner_vms(self, owner: str) -> str:
+        """Set of VM ids created with one API key."""
+        return f"{self.prefix}owner:{owner}:vms"
+
+    def vm_expiry(self) -> str:
+        """Sorted set: live VM id -> expiry (unix seconds). The reaper reads it."""
+        return f"{self.prefix}vm-expiry"
+
+    def live_vms(self) -> str:
+        """Set of VM ids in a live state (creating or active): what restart recovery reconciles."""
+        return f"{self.prefix}vms-live"
+
+    def slots(self, driver: str) -> str:
+        """Hash: slot number -> VM id holding it."""
+        return f"{self.prefix}slots:{driver}"
+
+    def slot_cursor(self, driver: str) -> str:
+        return f"{self.prefix}slot-cursor:{driver}"
+
+    def cert(self, cert_id: str) -> str:
+        return f"{self.prefix}cert:{cert_id}"
+
+    def cert_index(self) -> str:
+        return f"{self.prefix}certs"
+
+    def cert_lock(self, cert_id: str) -> str:
+        return f"{self.prefix}cert-lock:{cert_id}"
+
+    def cert_state(self, cert_id: str) -> str:
+        return f"{self.prefix}cert-state:{cert_id}"
+
+    def domain(self, name: str) -> str:
+        """Hash: a customer's custom domain (``DomainRecord``)."""
+        return f"{self.prefix}domain:{name}"
+
+    def domains(self) -> str:
+        """Set of every claimed custom domain: what the domain keeper issues and renews."""
+        return f"{self.prefix}domains"
+
+    def owner_domains(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:domains"
+
+    def retired_domains(self) -> str:
+        """Sorted set: released domain -> when; its certificate is deleted after a grace period."""
+        return f"{self.prefix}domains-retired"
+
+    def snapshot(self, snapshot_id: str) -> str:
+        """Hash: a VM snapshot (``SnapshotRecord``)."""
+        return f"{self.prefix}snapshot:{snapshot_id}"
+
+    def owner_snapshots(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:snapshots"
+
+    def acme_account(self, directory_url: str) -> str:
+        return f"{self.prefix}acme-account:{directory_url}"
+
+    def events(self) -> str:
+        """Pub/sub channel: VM and route changes, for every edge's route cache."""
+        return f"{self.prefix}events"

@@ -1,0 +1,62 @@
+"""What the planes need from the state, as small protocols (the edge imports these, never the store).
+
+``RedisStore`` satisfies ``RouteSource`` and ``RedisEventFeed`` satisfies ``EventFeed`` structurally;
+tests and benchmarks hand the edge plain fakes instead. The records named here are pure data
+(``gateway.state.records``) and are re-exported so that a plane speaks of them through this module.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.state.events import Event
+from gateway.state.records import InstanceRecord, VmRecord
+
+__all__ = ["EventFeed", "EventSubscriber", "InstanceRecord", "RouteSource", "VmRecord"]
+
+
+class RouteSource(Protocol):
+    """The edge's route lookups, each one round trip. Raise ``StoreUnavailable`` when the state cannot be
+    read (the edge then serves what it last knew, for a grace); never any other library's exception.
+    Safe to call concurrently; cancelling one leaves nothing behind."""
+
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """The VM and whether ``port`` is exposed publicly."""
+        ...
+
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        """``vm_and_port`` for the VM the session holds."""
+        ...
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        """The VM a custom domain is routed to."""
+        ...
+
+    async def instance_route(
+        self, instance_uuid: str
+    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
+        """A browser instance, its VM and the key hashes of its organisation (who may open it)."""
+        ...
+
+
+class EventSubscriber(Protocol):
+    """Told of every event while the process follows the events channel. Callbacks run on the feed's
+    task and must not block or await; they are called one at a time, never concurrently."""
+
+    def connected(self) -> None:
+        """The subscription is (again) up: anything learnt before it may have missed events."""
+
+    def disconnected(self) -> None:
+        """The subscription is down: events may be missed until ``connected`` again."""
+
+    def handle(self, event: Event) -> None:
+        """One event, in the order published."""
+
+
+class EventFeed(Protocol):
+    """One subscription per process, shared: ``add`` a subscriber (told ``connected`` at once when the
+    feed already is), ``remove`` it (told ``disconnected``). Idempotent per subscriber."""
+
+    def add(self, subscriber: EventSubscriber) -> None: ...
+
+    def remove(self, subscriber: EventSubscriber) -> None: ...

@@ -1,0 +1,389 @@
+"""``EdgeProtocol`` driven at the protocol level: bytes into ``data_received``, bytes out of in-memory
+transports, the VM's side played by hand. No sockets, no servers: each case states the exact order of
+events (a read split anywhere, the client's buffer full at a given moment), which real sockets can only
+approximate. The integration suites check the same behaviour over real connections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.config import load_config, override
+from gateway.edge import access
+from gateway.edge.protocol import Edge, EdgeProtocol
+from gateway.edge.resolver import Resolver
+from gateway.edge.settings import EdgeSettings
+from gateway.edge.upstream import UpstreamConnection, UpstreamPool
+from gateway.state.records import VM_ACTIVE, VmRecord
+from tests.fakes import FakeEventFeed
+
+SID = "70653436-f809-4410-b306-b50a3402ca56"
+VM_ID = "vmid-0123456789abcdef"
+VM_IP = "10.200.0.2"
+PORT = 8000
+API_HOST = b"gateway.example.test"
+APP = b"/v1/app/%s/%d" % (SID.encode(), PORT)
+TOKEN = b"private-share-token"
+
+
+def request(target: bytes = APP + b"/", *lines: bytes, method: bytes = b"GET") -> bytes:
+    head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, API_HOST)
+    return head + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+def response(body: bytes = b"hello", *lines: bytes, status: bytes = b"200 OK") -> bytes:
+    head = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n" % (status, len(body))
+    return head + b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+
+
+class MemoryTransport(asyncio.Transport):
+    """Keeps what is written and what the protocol asked of it."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
+        self.peer = peer
+        self.data = bytearray()
+        self.reading = True
+        self.closed = False
+        self.aborted = False
+        self.eof = False
+        self.changed = asyncio.Event()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.data += data
+        self.changed.set()
+
+    def take(self) -> bytes:
+        out, self.data = bytes(self.data), bytearray()
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        self.changed.set()
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+        self.changed.set()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.data)
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Wait for the protocol to write or close until ``done`` says so (its timers run meanwhile)."""
+        async with asyncio.timeout(5):
+            while not done():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@dataclass
+class RouteStore:
+    """The edge's route source: one session's VM and its share."""
+
+    share: dict[str, object] = field(default_factory=lambda: {"port": PORT, "is_public": True})
+    lookups: int = 0
+
+    def vm(self) -> VmRecord:
+        now = time.time()
+        return VmRecord(
+            vm_id=VM_ID, session_id=SID, owner="k", driver="process", slot=1, ip=VM_IP, status=VM_ACTIVE,
+            created_at=now, vm_lifetime_seconds=3600, memory_mb=512, vcpu_count=1, expires_at=now + 3600,
+            share=self.share,
+        )  # fmt: skip
+
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        self.lookups += 1
+        return (self.vm(), False) if session_id == SID else (None, False)
+
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        return None, False
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        return None
+
+    async def instance_route(self, instance_uuid: str) -> tuple[None, None, frozenset[str]]:
+        return None, None, frozenset()
+
+
+@dataclass
+class Harness:
+    edge: Edge
+    client: EdgeProtocol
+    client_side: MemoryTransport
+    vm: UpstreamConnection
+    vm_side: MemoryTransport
+    store: RouteStore
+    pool: NoDialPool
+
+    def send(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.client.data_received(chunk)
+
+    def answer(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.vm.data_received(chunk)
+
+
+@asynccontextmanager
+async def edge_harness(store: RouteStore | None = None, **edge_config: object) -> AsyncIterator[Harness]:
+    config = override(
+        load_config(None, environ={}),
+        edge={"api_hosts": API_HOST.decode(), **edge_config},
+        api={"sandbox_domain": "sandbox.example.test"},
+    )
+    settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
+    store = store or RouteStore()
+    resolver = Resolver(store, vm_networks=["10.200.0.0/16"])
+    FakeEventFeed().add(resolver)  # following the events channel: the route cache is in use
+    # The route looked up once, as by an earlier request: from then on it comes from the cache, and a
+    # request is forwarded within the read that completes its head.
+    await resolver.by_session(SID, PORT)
+    pool = NoDialPool()
+    edge = Edge(settings, resolver, pool)
+    # One idle connection to the VM in the pool: the exchange takes it without connecting.
+    vm = pool.vm_connection((VM_ID, VM_IP, PORT))
+    vm_side = pool.dialed[0][1]
+    pool.release(vm)
+    client = EdgeProtocol(edge)
+    client_side = MemoryTransport(("192.0.2.7", 40000))
+    client.connection_made(client_side)
+    try:
+        yield Harness(edge, client, client_side, vm, vm_side, store, pool)
+    finally:
+        if not client_side.closed:
+            client.connection_lost(None)
+        pool.close_all()
+        for deadline in (client.deadline, client.silence_deadline, client.send_deadline):
+            if deadline is not None:
+                deadline.cancel()
+
+
+def status(data: bytes) -> int:
+    """The status of the first response in ``data`` (0: none)."""
+    line = data.split(b"\r\n", 1)[0]
+    return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0
+
+
+class NoDialPool(UpstreamPool):
+    """Dials nothing: a new connection to the VM is one more in-memory transport, kept in ``dialed``."""
+
+    def __init__(self) -> None:
+        super().__init__(connect_timeout_s=5.0)
+        self.dialed: list[tuple[UpstreamConnection, MemoryTransport]] = []
+
+    def vm_connection(self, key: tuple[str, str, int]) -> UpstreamConnection:
+        conn = UpstreamConnection(key, self)
+        transport = MemoryTransport((key[1], key[2]))
+        conn.connection_made(transport)
+        self.dialed.append((conn, transport))
+        return conn
+
+    async def connect(self, key: tuple[str, str, int], unix_path: str | None = None) -> UpstreamConnection:
+        return self.vm_connection(key)
+
+
+async def test_a_request_is_forwarded_below_its_prefix_with_forwarding_headers() -> None:
+    async with edge_harness() as h:
+        h.send(request(APP + b"/page?q=1", b"Accept: text/html"))
+        sent = h.vm_side.take()
+        assert sent.startswith(b"GET /page?q=1 HTTP/1.1\r\n")
+        assert b"\r\nX-Forwarded-Prefix: " + APP + b"\r\n" in sent
+        assert b"\r\nX-Forwarded-For: 192.0.2.7\r\n" in sent
+        assert b"\r\nX-Request-Id: " in sent
+        h.answer(response(b"hello"))
+        out = h.client_side.take()
+        assert status(out) == 200 and out.endswith(b"\r\n\r\nhello")
+        assert not h.client_side.closed
+
+
+async def test_a_kept_alive_connection_uses_the_cached_route_and_the_pooled_connection() -> None:
+    async with edge_harness() as h:
+        for _ in range(3):
+            h.send(request())
+            h.answer(response())
+        assert h.client_side.take().count(b"HTTP/1.1 200 OK") == 3
+        assert h.store.lookups == 1  # only the harness's lookup: each request used the cached route
+        assert h.edge.pool.reuses == 3
+
+
+async def test_a_head_split_anywhere_is_the_same_request() -> None:
+    raw = request(APP + b"/split", b"X-One: 1")
+    for cut in (1, 5, len(raw) // 2, len(raw) - 1):
+        async with edge_harness() as h:
+            h.send(raw[:cut], raw[cut:])
+            assert h.vm_side.take().startswith(b"GET /split HTTP/1.1\r\n"), cut
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with edge_harness() as h:
+        h.send(request(APP + b"/one") + request(APP + b"/two"))
+        assert h.vm_side.take().startswith(b"GET /one ")  # the second waits for the first's answer
+        assert len(h.pool.dialed) == 1
+        h.answer(response(b"first"))
+        await h.vm_side.until(lambda: bool(h.vm_side.data))
+        assert h.vm_side.take().startswith(b"GET /two ")  # on the same connection, back from the pool
+        assert len(h.pool.dialed) == 1
+        h.answer(response(b"second"))
+        out = h.client_side.take()
+        assert out.index(b"first") < out.index(b"second")
+
+
+async def test_a_malformed_request_is_answered_400_and_the_connection_closed_lingering() -> None:
+    async with edge_harness() as h:
+        h.send(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+        assert status(h.client_side.take()) == 400
+        assert h.client_side.eof and not h.client_side.closed  # half-closed, reading what still comes
+        assert h.vm_side.take() == b""
+
+
+async def test_an_unknown_app_is_a_404_and_the_connection_stays() -> None:
+    async with edge_harness() as h:
+        h.send(request(b"/v1/app/00000000-0000-4000-8000-000000000000/8000/"))
+        await h.client_side.until(lambda: b"\r\n\r\n" in h.client_side.data)
+        assert status(h.client_side.take()) == 404
+        assert not h.client_side.closed
+        h.send(request())  # and the next request on it is served
+        h.answer(response())
+        assert status(h.client_side.take()) == 200
+
+
+async def test_a_private_share_trades_its_query_token_for_a_cookie_that_then_opens_it() -> None:
+    store = RouteStore(share={"port": PORT, "is_public": False, "token_sha256": access.token_hash(TOKEN)})
+    async with edge_harness(store) as h:
+        h.send(request(APP + b"/"))
+        assert status(h.client_side.take()) == 404
+        h.send(request(APP + b"/?gw_access_token=" + TOKEN))
+        out = h.client_side.take()
+        assert status(out) == 303
+        assert b"\r\nLocation: " + APP + b"/\r\n" in out
+        cookie = out.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0]
+        h.send(request(APP + b"/", b"Cookie: " + cookie))
+        forwarded = h.vm_side.take()
+        assert forwarded.startswith(b"GET / HTTP/1.1\r\n")
+        assert b"gw_access" not in forwarded  # the gateway's cookie is not the app's business
+
+
+async def test_a_full_client_buffer_pauses_the_vm_and_its_drain_resumes_it() -> None:
+    async with edge_harness() as h:
+        h.send(request())
+        h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n12345")
+        h.client.pause_writing()
+        h.answer(b"67890")  # what the VM sends while the client's buffer is full stops its reading
+        assert not h.vm_side.reading
+        h.client.resume_writing()
+        assert h.vm_side.reading
+        h.answer(b"abcde")
+        assert h.client_side.take().endswith(b"1234567890abcde")
+
+
+async def test_the_buffer_filling_as_the_last_bytes_arrive_leaves_the_pooled_connection_reading() -> None:
+    """Issue 17, point 0, at the protocol level: the pause comes inside the read that completes the
+    response, so the connection goes back to the pool with that pause undone."""
+    async with edge_harness() as h:
+        h.send(request())
+        h.client_side.write = lambda data: (
+            MemoryTransport.write(h.client_side, data),
+            h.client.pause_writing(),
+        )  # type: ignore[method-assign]
+        h.answer(response(b"last bytes"))
+        assert h.edge.pool.take_idle(h.vm.key) is h.vm
+        assert h.vm_side.reading
+
+
+async def test_the_vm_closing_before_it_answers_is_a_502() -> None:
+    async with edge_harness() as h:
+        h.send(request())
+        h.vm.connection_lost(None)
+        assert status(h.client_side.take()) == 502
+
+
+async def test_a_vm_that_does_not_answer_in_time_is_a_504() -> None:
+    async with edge_harness(upstream_first_byte_timeout_s=0.05) as h:
+        h.send(request())
+        await h.client_side.until(lambda: b"\r\n\r\n" in h.client_side.data)
+        assert status(h.client_side.take()) == 504
+        assert h.vm_side.closed  # the VM's request is abandoned with its connection
+
+
+async def test_a_head_too_large_is_cut_as_it_arrives_even_one_byte_at_a_time() -> None:
+    async with edge_harness(max_header_bytes=1024) as h:
+        h.send(b"GET / HTTP/1.1\r\nHost: gateway.example.test\r\nX-Endless: ")
+        for _ in range(h.edge.head_limit):
+            h.send(b"a")
+            if h.client_side.data:
+                break
+        assert status(h.client_side.take()) == 431
+
+
+async def test_a_body_over_the_limit_by_its_length_is_refused_before_the_vm_sees_it() -> None:
+    async with edge_harness(max_body_bytes=10) as h:
+        h.send(request(APP + b"/", b"Content-Length: 11", method=b"POST") + b"x" * 11)
+        assert status(h.client_side.take()) == 413
+        assert h.vm_side.take() == b""
+
+
+async def test_head_requests_get_the_head_only() -> None:
+    async with edge_harness() as h:
+        h.send(request(method=b"HEAD"))
+        assert h.vm_side.take().startswith(b"HEAD / HTTP/1.1\r\n")
+        h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")  # a HEAD response has no body
+        h.send(request())
+        assert h.vm_side.take().startswith(b"GET / ")  # the connection was back in the pool
+        h.answer(response(b"hello"))
+        out = h.client_side.take()
+        assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"hello")
+
+
+async def test_an_upgrade_becomes_a_tunnel_both_ways() -> None:
+    async with edge_harness() as h:
+        h.send(request(APP + b"/ws", b"Connection: Upgrade", b"Upgrade: chat"))
+        sent = h.vm_side.take()
+        assert b"\r\nConnection: Upgrade\r\n" in sent and b"\r\nUpgrade: chat\r\n" in sent
+        h.answer(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\nfrom-vm")
+        assert h.client_side.take().endswith(b"\r\n\r\nfrom-vm")
+        h.send(b"from-client")
+        assert h.vm_side.take() == b"from-client"
+        assert h.edge.stats.tunnels_open == 1
+
+
+@pytest.mark.parametrize("draining_first", [True, False])
+async def test_draining_closes_an_idle_connection_at_once_and_a_busy_one_after_its_answer(
+    draining_first: bool,
+) -> None:
+    async with edge_harness() as h:
+        if draining_first:
+            h.client.drain()
+            assert h.client_side.closed
+            return
+        h.send(request())
+        h.client.drain()
+        assert not h.client_side.closed
+        h.answer(response())
+        assert b"\r\nConnection: close\r\n" in h.client_side.take()
+        assert h.client_side.closed
