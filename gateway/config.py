@@ -472,7 +472,7 @@ def _coerce(section: str, key: str, raw: object, kind: type) -> object:
         if isinstance(raw, bool):
             raise ConfigError(f"{where}: expected a number, got {raw!r}")
         try:
-            return kind(raw)  # type: ignore[call-overload]
+            return kind(typing.cast(typing.Any, raw))  # what int() or float() refuse raises below
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
     if kind is str:

@@ -7,6 +7,7 @@ checked with ``hmac.compare_digest`` so a corrupt index cannot authenticate the 
 
 from __future__ import annotations
 
+import builtins
 import hmac
 import secrets
 import time
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 
 from gateway.ids import is_uuid
 from gateway.state.bus import publish_in
-from gateway.state.connection import guarded
+from gateway.state.connection import guarded, hash_fields
 from gateway.state.events import OrgKeysChanged
 from gateway.state.keyspace import Keys
 from gateway.state.records import ApiKeyRecord
@@ -40,7 +41,7 @@ class ApiKeyStore:
         rec = ApiKeyRecord(key_id="key_" + secrets.token_hex(6), name=name, created_at=time.time(), org=org)
         fields = rec.to_hash() | {"hash": digest}
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.api_key(digest), mapping=fields)
+        pipe.hset(self.keys.api_key(digest), mapping=hash_fields(fields))
         pipe.hset(self.keys.api_key_index(), rec.key_id, digest)
         if org is not None:
             pipe.sadd(self.keys.org_keys(org), digest)
@@ -70,7 +71,8 @@ class ApiKeyStore:
                 records.append(ApiKeyRecord.from_hash(raw))
         return sorted(records, key=lambda r: r.created_at)
 
-    async def revoke(self, key_id_or_name: str) -> list[ApiKeyRecord]:
+    # `builtins.list`: in this class body `list` is the method above.
+    async def revoke(self, key_id_or_name: str) -> builtins.list[ApiKeyRecord]:
         """Revoke by key id, or every key with that name. Returns what was revoked."""
         revoked = []
         index = await guarded(self.client.hgetall(self.keys.api_key_index()))

@@ -44,7 +44,7 @@ OPERATIONS: list[
     ("get", "/v1/templates", "List Templates", None, s.TemplateListResponse, None),
     ("get", "/v1/templates/{slug}", "Get Template", None, s.TemplateResponse, None),
 ]
-SECURITY = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
+SECURITY: list[dict[str, list[str]]] = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
 # Operations that take no API key (the SDK lists templates without one): no security, no 401 or 503.
 PUBLIC = {("get", "/v1/templates"), ("get", "/v1/templates/{slug}")}
 

@@ -88,7 +88,9 @@ def domain_request(body: VMCreateRequest, domains: DomainService | None) -> Doma
     else:
         problems = domains.problems(request)
     if problems:
-        where = [["body", "custom_domain", *([] if f == "custom_domain" else [f])] for f, _ in problems]
+        where: list[list[str | int]] = [
+            ["body", "custom_domain", *([] if f == "custom_domain" else [f])] for f, _ in problems
+        ]
         raise RequestValidationError(
             [detail_item(loc, msg, "value_error") for loc, (_, msg) in zip(where, problems, strict=True)]
         )

@@ -133,7 +133,7 @@ class EdgeStats:
         return total
 
 
-_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # C: "text" with escapes
+_quote = json.encoder.encode_basestring_ascii  # C: "text" with escapes
 # Bytes that may stand in a JSON string as they are (printable ASCII but '"' and '\\').
 _JSON_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 _JSON_LINE = (

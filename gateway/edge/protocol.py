@@ -21,7 +21,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -241,7 +241,7 @@ class EdgeProtocol(asyncio.Protocol):
     # connection -----------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's: it writes
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             name = getattr(ssl_object, "sni_name", None)  # set by the SNI table's callback
@@ -504,7 +504,7 @@ class EdgeProtocol(asyncio.Protocol):
             head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
             self._send(ex, edge.api_key, edge.api_unix_path, head)
         else:
-            self._carry_out(ex, decision)  # type: ignore[arg-type]
+            self._carry_out(ex, decision)
 
     async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: CacheKey) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, final
 
 from gateway.errors import edge_error
 
@@ -61,6 +61,7 @@ class RoutingConfig:
         object.__setattr__(self, "_instance_suffixes", instance_suffixes)
 
 
+@final  # so that `type(target) is AppTarget` narrows (the edge tests the exact type, fast)
 @dataclass(frozen=True, slots=True)
 class AppTarget:
     kind: Literal["path", "host", "domain", "instance"]
@@ -77,12 +78,14 @@ class AppTarget:
     instance_id: str | None = None  # instance form: instance-<uuid>.<instance domain>
 
 
+@final  # so that `type(target) is ApiTarget` narrows (the edge tests the exact type, fast)
 @dataclass(frozen=True, slots=True)
 class ApiTarget:
     host: bytes
     host_name: bytes
 
 
+@final  # so that `type(target) is Rejection` narrows (the edge tests the exact type, fast)
 @dataclass(frozen=True, slots=True)
 class Rejection:
     status: int

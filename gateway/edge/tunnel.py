@@ -55,8 +55,14 @@ class Tunnel:
         # (from the client, to the VM; from the VM, to the client)
         self.frames: tuple[FrameTracker, FrameTracker] | None = None
         if websocket:
-            limits = {"max_frame": max_frame, "max_message": max_message, "extensions": extensions}
-            self.frames = (FrameTracker(masked=True, **limits), FrameTracker(masked=False, **limits))
+            self.frames = (
+                FrameTracker(
+                    masked=True, max_frame=max_frame, max_message=max_message, extensions=extensions
+                ),
+                FrameTracker(
+                    masked=False, max_frame=max_frame, max_message=max_message, extensions=extensions
+                ),
+            )
         conn.tunnel = self.from_vm
 
     # bytes ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -171,7 +171,10 @@ class DevToolsProxy:
         client = web.WebSocketResponse(max_msg_size=0, autoping=True)
         await client.prepare(request)
 
-        async def pump(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, sink) -> None:
+        async def pump(
+            source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+            sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+        ) -> None:
             async for msg in source:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await sink.send_str(msg.data)
@@ -215,7 +218,7 @@ async def run(port: int, host: str, home: Path, chromium_log: BinaryIO) -> int:
         # The drain deadline moved from the site to the runner in aiohttp 3.9; the netns driver's browser
         # image has Debian 12's 3.8, whose runner hands unknown arguments to every connection's handler
         # (a TypeError that closed each connection before its request was read).
-        drain = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+        drain: dict[str, Any] = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
         new_aiohttp = aiohttp_version() >= (3, 9)
         runner = web.AppRunner(
             DevToolsProxy(devtools_port).app(), access_log=None, **(drain if new_aiohttp else {})

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gateway.images.definitions import ImageDefinition, definition_digest
 
@@ -267,7 +268,7 @@ def build_rootfs(
         missing = sorted(set(definition.packages) - set(packages))
         if missing:
             raise ImageError(f"image {name}: mmdebstrap did not install {', '.join(missing)}")
-        manifest = {
+        manifest: dict[str, Any] = {
             "name": name,
             "digest": definition_digest(definition),
             "description": definition.description,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway.state.connection import guarded
+from gateway.state.connection import guarded, hash_fields
 from gateway.state.keyspace import Keys
 
 
@@ -44,9 +44,9 @@ class CertStates:
             ari_next_poll=float(raw.get("ari_next_poll", 0)),
         )
 
-    async def record(self, cert_id: str, fields: Mapping[str, object]) -> None:
+    async def record(self, cert_id: str, fields: Mapping[str, str | int]) -> None:
         """Set some fields (the renewer's outcome or the renewal window it was told)."""
-        await guarded(self.client.hset(self.keys.cert_state(cert_id), mapping=dict(fields)))  # type: ignore[arg-type]
+        await guarded(self.client.hset(self.keys.cert_state(cert_id), mapping=hash_fields(fields)))
 
     async def retry_now(self, cert_id: str) -> None:
         """Drop a failure's back-off: the next check may issue at once."""

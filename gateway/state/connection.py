@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar, cast, overload
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from gateway.errors import StoreUnavailable
 from gateway.state.redis_url import parse_cluster_url, parse_sentinel_url
@@ -55,7 +56,7 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
         )  # type: ignore[return-value]  # the commands the gateway uses are the same
     target = parse_sentinel_url(url)
     if target is not None:
-        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         sentinel = Sentinel(
             target.sentinels,
             sentinel_kwargs={**timeouts, "password": target.sentinel_password},
@@ -108,7 +109,17 @@ class RedisCallStats:
 REDIS_STATS = RedisCallStats()
 
 
-async def guarded(call: Awaitable[T]) -> T:
+# redis-py types every reply as `bytes | str`: it cannot know that a client decodes. Every client of ours
+# does (`connect`), and every call goes through `guarded`, so its overloads are where replies become text.
+@overload
+async def guarded(call: Awaitable[dict[bytes | str, bytes | str]]) -> dict[str, str]: ...
+@overload
+async def guarded(call: Awaitable[set[bytes | str]]) -> set[str]: ...
+@overload
+async def guarded(call: Awaitable[bytes | str | None]) -> str | None: ...
+@overload
+async def guarded(call: Awaitable[T]) -> T: ...
+async def guarded(call: Awaitable[Any]) -> Any:
     """Await a Redis call, translating its failures to StoreUnavailable."""
     started = time.perf_counter()
     try:
@@ -118,3 +129,13 @@ async def guarded(call: Awaitable[T]) -> T:
         raise StoreUnavailable(f"state store unavailable: {type(exc).__name__}") from exc
     finally:
         REDIS_STATS.observe(time.perf_counter() - started)
+
+
+def hash_fields(mapping: Mapping[str, EncodableT]) -> Mapping[FieldT, EncodableT]:
+    """A text hash as ``hset(mapping=...)`` takes it (redis-py types its keys as an invariant union)."""
+    return cast(Mapping[FieldT, EncodableT], mapping)
+
+
+def text_list(reply: list[bytes | str] | list[tuple[bytes | str, Any]] | list[list[Any]]) -> list[str]:
+    """A decoded client's answer to a range query without scores (see ``guarded``)."""
+    return cast(list[str], reply)

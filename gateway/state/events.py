@@ -94,10 +94,11 @@ def decode(text: str | bytes) -> Event | None:
         data: Any = json.loads(text)
     except ValueError:
         return None
-    cls = _BY_TYPE.get(data.get("type")) if isinstance(data, dict) else None
+    kind = data.get("type") if isinstance(data, dict) else None
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None  # (a list or an object is no key)
     if cls is None:
         return None
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
         wanted = int if f.type == "int" else str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 # VM lifecycle states.
 VM_CREATING = "creating"
@@ -37,7 +37,7 @@ class _Record:
         return {f.name: dump_field(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def from_hash(cls, raw: dict[str, str]) -> Any:
+    def from_hash(cls, raw: dict[str, str]) -> Self:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in raw:

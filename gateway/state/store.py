@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.state.bus import publish
-from gateway.state.connection import guarded
+from gateway.state.connection import guarded, hash_fields, text_list
 from gateway.state.events import DomainChanged, Event, PortExposed, VmChanged, VmReleased
 from gateway.state.keyspace import Keys
 from gateway.state.records import (
@@ -140,7 +140,7 @@ class RedisStore:
     # sessions -------------------------------------------------------------------------------------
 
     async def put_session(self, rec: SessionRecord) -> None:
-        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=rec.to_hash()))
+        await guarded(self.client.hset(self.keys.session(rec.session_id), mapping=hash_fields(rec.to_hash())))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         raw = await guarded(self.client.hgetall(self.keys.session(session_id)))
@@ -148,14 +148,14 @@ class RedisStore:
 
     async def update_session(self, session_id: str, **values: Any) -> None:
         mapping = {k: dump_field(v) for k, v in values.items()}
-        await guarded(self.client.hset(self.keys.session(session_id), mapping=mapping))
+        await guarded(self.client.hset(self.keys.session(session_id), mapping=hash_fields(mapping)))
 
     # VMs ------------------------------------------------------------------------------------------
 
     async def add_vm(self, rec: VmRecord) -> None:
         """Store a new VM with its indexes and its expiry, atomically."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.vm(rec.vm_id), mapping=rec.to_hash())
+        pipe.hset(self.keys.vm(rec.vm_id), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.owner_vms(rec.owner), rec.vm_id)
         pipe.sadd(self.keys.live_vms(), rec.vm_id)
         pipe.zadd(self.keys.vm_expiry(), {rec.vm_id: rec.expires_at or time.time()})
@@ -168,7 +168,7 @@ class RedisStore:
 
     async def update_vm(self, vm_id: str, **values: Any) -> None:
         mapping = {k: dump_field(v) for k, v in values.items()}
-        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=mapping))
+        await guarded(self.client.hset(self.keys.vm(vm_id), mapping=hash_fields(mapping)))
 
     async def activate_vm(self, vm_id: str, *, ip: str, handle: dict[str, Any], started_at: float) -> bool:
         """creating -> active, unless the VM ended meanwhile (killed during boot). Returns success."""
@@ -216,7 +216,7 @@ class RedisStore:
 
     async def put_snapshot(self, rec: SnapshotRecord) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=rec.to_hash())
+        pipe.hset(self.keys.snapshot(rec.snapshot_id), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.owner_snapshots(rec.owner), rec.snapshot_id)
         await guarded(pipe.execute())
 
@@ -240,7 +240,8 @@ class RedisStore:
         return sorted(await guarded(self.client.smembers(self.keys.live_vms())))
 
     async def due_vm_ids(self, now: float, limit: int = 100) -> list[str]:
-        return list(await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit)))
+        due = await guarded(self.client.zrangebyscore(self.keys.vm_expiry(), "-inf", now, 0, limit))
+        return text_list(due)
 
     async def drop_expiry(self, vm_id: str) -> None:
         await guarded(self.client.zrem(self.keys.vm_expiry(), vm_id))
@@ -342,7 +343,8 @@ class RedisStore:
         return sorted(await guarded(self.client.smembers(self.keys.owner_domains(owner))))
 
     async def retired_domains(self, before: float) -> list[str]:
-        return list(await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before)))
+        retired = await guarded(self.client.zrangebyscore(self.keys.retired_domains(), "-inf", before))
+        return text_list(retired)
 
     async def forget_retired_domain(self, domain: str) -> None:
         await guarded(self.client.zrem(self.keys.retired_domains(), domain))
@@ -351,7 +353,7 @@ class RedisStore:
 
     async def put_instance(self, rec: InstanceRecord) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=rec.to_hash())
+        pipe.hset(self.keys.instance(rec.instance_uuid), mapping=hash_fields(rec.to_hash()))
         pipe.sadd(self.keys.org_instances(rec.org), rec.instance_uuid)
         await guarded(pipe.execute())
 

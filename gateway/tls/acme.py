@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import josepy as jose
+import requests
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,7 +79,10 @@ class _RetryAfterNetwork(client.ClientNetwork):
                     raise
         return self._post_once(*args, **kwargs)
 
-    def _check_response(self, response: Any, content_type: str | None = None) -> Any:
+    # A classmethod in acme, which calls it on the instance: here it also records on the instance.
+    def _check_response(  # type: ignore[override]
+        self, response: requests.Response, content_type: str | None = None
+    ) -> requests.Response:
         try:
             return super()._check_response(response, content_type=content_type)
         except messages.Error:
@@ -207,7 +211,13 @@ class AcmeIssuer:
     def _client(self, account_key: jose.JWKEC) -> client.ClientV2:
         """Directory and account (blocking). The account is created once; later calls find it."""
         verify: bool | str = self.settings.ca_bundle or True
-        net = _RetryAfterNetwork(account_key, alg=jose.ES256, verify_ssl=verify, user_agent=USER_AGENT)
+        net = _RetryAfterNetwork(
+            account_key,
+            alg=jose.ES256,
+            # acme hands verify_ssl to requests' `verify`, which also takes a CA bundle's path.
+            verify_ssl=verify,  # type: ignore[arg-type]
+            user_agent=USER_AGENT,
+        )
         directory = client.ClientV2.get_directory(self.settings.directory_url, net)
         acme = client.ClientV2(directory, net)
         registration = messages.NewRegistration.from_data(
@@ -246,7 +256,7 @@ class AcmeIssuer:
             interval = min(interval * 2, MAX_POLL_INTERVAL_S)
 
 
-def _post_as_get(acme: client.ClientV2, url: str) -> object:
+def _post_as_get(acme: client.ClientV2, url: str) -> requests.Response:
     """RFC 8555 POST-as-GET through the library's network layer (nonces, signing, badNonce retry)."""
     return acme.net.post(url, None, new_nonce_url=acme.directory["newNonce"])
 

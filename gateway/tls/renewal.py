@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
@@ -80,7 +80,12 @@ class Renewer:
                 await self._failed(cert_id, str(exc), now, exc.retry_after_s)
                 return False
             await self.store.put(bundle, source="acme", cert_id=cert_id)
-            issued = {"status": "issued", "last_error": "", "failures": 0, "next_attempt_at": 0}
+            issued: dict[str, str | int] = {
+                "status": "issued",
+                "last_error": "",
+                "failures": 0,
+                "next_attempt_at": 0,
+            }
             # A new certificate: ask the ACME server about its renewal window afresh (ARI).
             ari = {"ari_renew_at": 0, "ari_next_poll": 0}
             await self._record(cert_id, {**issued, **ari, "not_after": repr(bundle.not_after)})
@@ -128,5 +133,5 @@ class Renewer:
         await self._record(cert_id, {"status": "failed", "last_error": error, "failures": failures,
                                      "next_attempt_at": repr(now + delay)})  # fmt: skip
 
-    async def _record(self, cert_id: str, fields: dict[str, object]) -> None:
+    async def _record(self, cert_id: str, fields: Mapping[str, str | int]) -> None:
         await self.states.record(cert_id, fields)

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.state.bus import publish_in
-from gateway.state.connection import guarded
+from gateway.state.connection import guarded, hash_fields
 from gateway.state.events import CertChanged
 from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
@@ -72,7 +72,7 @@ class CertStore:
         }
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.cert(cert_id))
-        pipe.hset(self.keys.cert(cert_id), mapping=record)
+        pipe.hset(self.keys.cert(cert_id), mapping=hash_fields(record))
         pipe.sadd(self.keys.cert_index(), cert_id)
         publish_in(pipe, self.keys, CertChanged(cert_id))
         await guarded(pipe.execute())

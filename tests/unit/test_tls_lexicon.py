@@ -98,3 +98,12 @@ def test_messages_quote_the_api_answer_without_the_credentials() -> None:
     )
     assert text.startswith("the API refused the credentials: HTTP 403 Forbidden: ")
     assert token not in text and email not in text and "[redacted]" in text
+
+
+@pytest.mark.parametrize("url", ["https://api.example.test/zones", b"https://api.example.test/zones"])
+def test_an_unreachable_api_is_named_by_its_host_whatever_type_its_url_has(url: str | bytes) -> None:
+    # requests keeps an unprepared Request's URL as given, bytes too.
+    provider = LexiconProvider("cloudflare", {"auth_token": "t"}, DnsLookup())
+    exc = requests.ConnectionError("refused", request=requests.Request("GET", url))
+    text = provider._describe(exc, "example.test")
+    assert text.startswith("the API at api.example.test could not be reached (ConnectionError)")

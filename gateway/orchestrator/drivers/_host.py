@@ -341,7 +341,7 @@ async def spawn_detached(
         except TimeoutError:
             raise DriverError(f"VM init did not start within {timeout_s} s") from None
         ticks = start_ticks(pid) if pid is not None else None
-        if b"ready" not in lines or ticks is None:
+        if b"ready" not in lines or pid is None or ticks is None:
             detail = b"; ".join(x for x in lines if x != b"ready").decode(errors="replace")
             raise DriverError(f"VM init failed to start: {detail or 'exited'}")
         return pid, ticks

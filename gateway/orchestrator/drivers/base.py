@@ -83,8 +83,12 @@ class VmDriver(Protocol):
     """
 
     name: str
-    # One sentence: what stands between code in a VM and the host (``gateway doctor``, the start-up line).
-    isolation: str
+
+    @property
+    def isolation(self) -> str:
+        """One sentence: what stands between code in a VM and the host (``gateway doctor``, the start-up
+        line)."""
+        ...
 
     @property
     def capacity(self) -> int:

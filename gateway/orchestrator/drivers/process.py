@@ -214,8 +214,8 @@ class ProcessVmDriver:
         for marks in (await asyncio.to_thread(_scan_markers)).values():
             vm_dir = Path(marks[MARK_DIR])
             if vm_dir.parent == self._work_dir and _host.is_vm_id(vm_dir.name):
-                slot = marks.get(MARK_SLOT, "")
-                slots_by_vm.setdefault(vm_dir.name, int(slot) if slot.isdigit() else None)
+                mark = marks.get(MARK_SLOT, "")
+                slots_by_vm.setdefault(vm_dir.name, int(mark) if mark.isdigit() else None)
         removed = 0
         failures: list[str] = []
         for vm_id, slot in slots_by_vm.items():

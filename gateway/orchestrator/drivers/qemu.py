@@ -132,8 +132,9 @@ class QemuVmDriver(NetnsVmDriver):
     def image_id(self) -> str:
         return str(self._manifest.get("image_id", ""))
 
+    # A class attribute in NetnsVmDriver (read from the class too); here it names the accelerator in use.
     @property
-    def isolation(self) -> str:
+    def isolation(self) -> str:  # type: ignore[override]
         """What stands between a VM and the host (``gateway doctor``, the start-up line)."""
         accel = self._accel.upper() if self._accel else "KVM or TCG"
         first = qemu_jail.vm_ids(self._qemu.id_base, 0)
@@ -575,7 +576,8 @@ class QemuVmDriver(NetnsVmDriver):
                 qmp.call("getfd", fds=[fd], fdname="snapshot")
                 qmp.call("stop")
                 # The default cap (32 MiB/s) is for live migration over a network; this is a local file.
-                qmp.call("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+                bandwidth: dict[str, Any] = {"max-bandwidth": 1 << 40}  # (not a Python name)
+                qmp.call("migrate-set-parameters", **bandwidth)
                 qmp.call("migrate", uri="fd:snapshot")
                 self._await_migration(qmp)
                 if resume:

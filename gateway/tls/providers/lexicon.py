@@ -241,7 +241,10 @@ class LexiconProvider:
             excerpt = " ".join(answer.text.split())[:ANSWER_EXCERPT_CHARS]
             text = f"{what}: HTTP {answer.status_code} {answer.reason}" + (f": {excerpt}" if excerpt else "")
         elif isinstance(exc, requests.ConnectionError | requests.Timeout):
-            host = urlsplit(exc.request.url or "").hostname if exc.request is not None else None
+            url = exc.request.url if exc.request is not None else None
+            if isinstance(url, bytes):  # an unprepared Request keeps its URL as given
+                url = url.decode("ascii", "replace")
+            host = urlsplit(url or "").hostname
             text = f"the API at {host or 'its address'} could not be reached ({type(exc).__name__})"
         elif isinstance(exc, requests.RequestException):
             text = f"the request to the API failed ({type(exc).__name__})"

@@ -59,7 +59,8 @@ class Rfc2136Provider:
         name = dns.name.from_text(fqdn)
         if not name.is_subdomain(zone):
             raise DnsProviderError(self.name, f"{fqdn} is not in the zone {zone}")
-        update = dns.update.UpdateMessage(zone, keyring=self._keyring, keyname=self.settings.key_name)
+        keyname = dns.name.from_text(self.settings.key_name)
+        update = dns.update.UpdateMessage(zone, keyring=self._keyring, keyname=keyname)
         quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if add:
             update.add(name.relativize(zone), RECORD_TTL_S, "TXT", quoted)
