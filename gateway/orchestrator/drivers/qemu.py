@@ -189,7 +189,7 @@ class QemuVmDriver(NetnsVmDriver):
                     qemu_image.build_image, self._image_dir, say=lambda line: log.info("image: %s", line)
                 )
             except qemu_image.ImageError as exc:
-                raise DriverError(f"cannot build the qemu guest image: {exc}") from None
+                raise DriverError(f"cannot build the qemu boot image: {exc}") from None
         self._qemu_path, self._setpriv = qemu_jail.host_tools(self._qemu.qemu_binary)
         qemu_jail.check_ids(self._qemu.id_base, self._capacity)
         for name in (qemu_image.KERNEL, qemu_image.INITRD):
