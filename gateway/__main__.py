@@ -34,8 +34,10 @@ from gateway.errors import GatewayError
 from gateway.images.store import image_store
 from gateway.keys import ApiKeyStore
 from gateway.log import configure_logging
+from gateway.orchestrator.drivers.qemu import QemuVmDriver
 from gateway.orchestrator.drivers.qemu_image import ImageError, build_image
-from gateway.orchestrator.drivers.registry import choose_driver, qemu_image_dir
+from gateway.orchestrator.drivers.qemu_image import load_manifest as load_qemu_manifest
+from gateway.orchestrator.drivers.registry import make_driver, qemu_image_dir
 from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
 from gateway.tls.local import StorageKeyError
@@ -149,20 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     delete = cert_commands.add_parser("delete", parents=[common], help="stop serving a certificate")
     delete.add_argument("cert_id", metavar="ID")
     image = commands.add_parser(
-        "image", parents=[common], help="VM images: root file systems ([images]) and the qemu guest image"
+        "image", parents=[common], help="VM images: root file systems ([images]) and the qemu boot image"
     )
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
         "build",
         parents=[common],
-        help="build root file system images from Debian packages (mmdebstrap) into images.dir, or the "
-        "qemu guest image (--qemu; also the default with vms.driver = qemu) into qemu.image_dir",
+        help="build root file system images from Debian packages (mmdebstrap) into images.dir (with "
+        "vms.driver = qemu also their qemu disks, and the boot image when missing), or the qemu boot "
+        "image (--qemu: kernel and initramfs) into qemu.image_dir",
     )
     build.add_argument(
         "names", nargs="*", metavar="NAME", help="images of [images.definitions] (default: images.default)"
     )
     build.add_argument("--all", action="store_true", help="every image of [images.definitions]")
-    build.add_argument("--qemu", action="store_true", help="the qemu driver's guest image")
+    build.add_argument("--qemu", action="store_true", help="the qemu driver's boot image")
     build.add_argument("--into", metavar="DIR", help="build here instead of images.dir (qemu.image_dir)")
     build.add_argument(
         "--remove-stale",
@@ -292,14 +295,10 @@ def image_command(config: Config, args: argparse.Namespace) -> None:
             default = " (the default)" if view["default"] else ""
             print(f"{view['name']}\t{state}\t{view['digest']}\t{view['description']}{default}")
         return
-    qemu = args.qemu or (not args.names and not args.all and choose_driver(config.vms.driver) == "qemu")
-    if qemu:
+    if args.qemu:
         if args.names or args.all:
-            raise SystemExit("gateway: --qemu builds the qemu guest image only; name no other image")
-        try:
-            build_image(Path(args.into) if args.into else qemu_image_dir(config))
-        except ImageError as exc:
-            raise SystemExit(f"gateway: {exc}") from None
+            raise SystemExit("gateway: --qemu builds the qemu boot image only; name no other image")
+        build_qemu_boot_image(Path(args.into) if args.into else qemu_image_dir(config))
         return
     if args.into:
         config = override(config, images={"dir": args.into})
@@ -316,6 +315,23 @@ def image_command(config: Config, args: argparse.Namespace) -> None:
             print(f"image {name} is built and current ({store.digest(name)}): {store.folder(name)}")
             continue
         store.ensure(name, say=lambda line: print(line, flush=True), remove_stale=args.remove_stale)
+    driver = make_driver(config)
+    if isinstance(driver, QemuVmDriver):
+        try:
+            load_qemu_manifest(qemu_image_dir(config))
+        except ImageError:  # (rebuilt only when missing or stale: its boot templates go with it)
+            build_qemu_boot_image(qemu_image_dir(config))
+        # The qemu driver's form of each image: an ext4 disk beside its root (else made at its first VM).
+        for name in names:
+            disk = asyncio.run(driver.image_disk(name))
+            print(f"image {name}: qemu disk {disk.path} ({disk.disk_id})")
+
+
+def build_qemu_boot_image(target: Path) -> None:
+    try:
+        build_image(target)
+    except ImageError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
 
 
 def _read_bundle(cert_file: str, key_file: str) -> CertBundle:

@@ -176,7 +176,7 @@ class QemuConfig:
     cidr: str = "172.29.0.0/16"
     name_prefix: str = "gq"
     cgroup_name: str = "gateway-qemu"
-    # The guest image (`gateway image build`); empty: <data_dir>/images/qemu.
+    # The boot image, kernel and initramfs (`gateway image build --qemu`); empty: <data_dir>/images/qemu.
     image_dir: str = ""
     # "auto": KVM when a probe VM boots under it (the result is kept per host kernel and image),
     # otherwise TCG (software emulation); or "kvm" / "tcg".

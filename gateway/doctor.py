@@ -50,8 +50,9 @@ async def diagnose(config: Config) -> tuple[list[str], bool]:
             return lines, False
         lines += [
             f"qemu: {found['qemu']}",
-            f"image: {found['image_id']} (kernel {found['kernel']}, built {found['image_built_at']}) "
+            f"boot image: {found['image_id']} (kernel {found['kernel']}, built {found['image_built_at']}) "
             f"in {found['image_dir']}",
+            f"default image disk: {found['default_disk'] or 'not made (is the default image built?)'}",
             f"/dev/kvm: {'usable' if found['kvm_device'] else 'not usable'}",
             f"accelerator: {found['accel']}"
             + (
@@ -67,6 +68,6 @@ async def diagnose(config: Config) -> tuple[list[str], bool]:
             lines.append(line)
             ok = ok and usable
     if config.vms.driver == "auto":
-        lines.append(f'qemu image: {qemu_image_dir(config)} (driver = "qemu" to use it)')
+        lines.append(f'qemu boot image: {qemu_image_dir(config)} (driver = "qemu" to use it)')
     lines.append(f"isolation: {isolation(driver)}")
     return lines, ok

@@ -61,8 +61,12 @@ DRIVERS = [
 def _images_needed(item: pytest.Item) -> set[str]:
     """Images a collected test may run VMs on (with the netns driver), as far as its fixtures tell."""
     fixtures = set(getattr(item, "fixturenames", ()))
-    uses_images = fixtures & {"gateway_factory", "rootfs_images"} or "netns" in item.nodeid
+    uses_images = (
+        fixtures & {"gateway_factory", "rootfs_images"} or "netns" in item.nodeid or "qemu" in item.nodeid
+    )
     needed = {"default"} if uses_images else set()
+    if "qemu" in item.nodeid and "python_data" in item.nodeid:
+        needed.add("python-data")  # (the qemu test of a non-default image)
     if "test_instances.py" in item.nodeid and "netns" in item.nodeid:
         needed.add("browser")  # the browser instances' image (debian-12) runs on it
     return needed
@@ -156,9 +160,9 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
             # Built (once per content) only when a test asks for the qemu driver.
             "image_dir": str(guest_image()) if driver == "qemu" else "",
         },
-        # netns VMs run on images: the shared cache (see pytest_collection_finish); other drivers' tests
-        # see the data folder's (none built).
-        images={"dir": str(ROOTFS_CACHE) if driver == "netns" else ""},
+        # netns and qemu VMs run on images: the shared cache (see pytest_collection_finish); other
+        # drivers' tests see the data folder's (none built).
+        images={"dir": str(ROOTFS_CACHE) if driver in ("netns", "qemu") else ""},
         admin={"listen": f"127.0.0.1:{free_port()}"},
     )
     return override(base, **sections) if sections else base

@@ -178,7 +178,7 @@ class VmResponse(_Model):
     snapshot_id: str | None = None
     snapshot_error: str | None = None
     restored_from: str | None = None
-    # The image it runs on (GET /v1/templates); null on the qemu driver (its own guest image).
+    # The image it runs on (GET /v1/templates); null where the driver runs on no images.
     image_variant: str | None = None
 
 

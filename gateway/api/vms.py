@@ -53,12 +53,13 @@ def refuse_unsupported(
 
 
 async def snapshot_to_restore(
-    body: VMCreateRequest, snapshots: SnapshotService, owner: str
+    body: VMCreateRequest, snapshots: SnapshotService, owner: str, image: str
 ) -> SnapshotRecord | None:
     """The owner's snapshot named by ``snapshot_id`` (404 if none), checked against the request (422).
 
-    A migration stream resumes only on the machine shape it was taken on, so memory_mb and vcpu_count
-    come from the snapshot; a request that asks for others is refused rather than silently overridden.
+    A migration stream resumes only on the machine shape and image it was taken on, so memory_mb,
+    vcpu_count and image_variant come from the snapshot; a request that asks for others is refused
+    rather than silently overridden. ``image``: the image the request's image_variant names.
     """
     if not body.snapshot_id:
         return None
@@ -72,6 +73,13 @@ async def snapshot_to_restore(
             problems.append(
                 (name, f"the snapshot was taken with {name} {taken}; leave it out or ask {taken}")
             )
+    if body.image_variant and snap.image_variant and image != snap.image_variant:
+        problems.append(
+            (
+                "image_variant",
+                f"the snapshot was taken on image {snap.image_variant!r}; leave it out or ask that one",
+            )
+        )
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "value_error") for f, msg in problems])
     return snap
@@ -120,7 +128,9 @@ async def create_vm(request: web.Request) -> web.Response:
         orchestrator.image_problem(body.image_variant),
     )
     domain = domain_request(body, orchestrator.domains)
-    restore = await snapshot_to_restore(body, orchestrator.snapshots, owner)
+    restore = await snapshot_to_restore(
+        body, orchestrator.snapshots, owner, orchestrator.images.resolve(body.image_variant)
+    )
     share, token = share_for(body.share.model_dump() if body.share else None)
     params = dataclasses.replace(
         vm_params(body, share=share),
@@ -128,7 +138,8 @@ async def create_vm(request: web.Request) -> web.Response:
         snapshot_on_terminate=bool(body.snapshot_on_terminate),
         snapshot_name=body.snapshot_name,
         restore=restore,
-        image=body.image_variant or "",
+        # A restored VM runs on its snapshot's image.
+        image=body.image_variant or (restore.image_variant if restore else None) or "",
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if vm.status == VM_FAILED and not body.env:

@@ -9,7 +9,7 @@ An image is a folder ``<root>/<name>/<digest>/`` holding:
 
 Packages come from Debian's mirror as mmdebstrap's defaults name it (deb.debian.org, with the suite's
 updates and security archives); nothing else is fetched. The build runs in a scratch folder beside the
-target and replaces the target only when complete, like the qemu guest image's builder.
+target and replaces the target only when complete, like the qemu boot image's builder.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import contextlib
 import fcntl
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 ROOTFS_SUBDIR = "images/rootfs"
 # VM drivers whose VMs run on a root file system image of this store: a VM of an image that is not
-# built is refused, and the default image is built at start.
-ROOTFS_DRIVERS = frozenset({"netns"})
+# built is refused, and the default image is built at start. (netns mounts the image's folder; qemu
+# attaches an ext4 disk made from it, ``drivers/qemu_disk.py``.)
+ROOTFS_DRIVERS = frozenset({"netns", "qemu"})
 # Drivers that accept any defined image and run on the host's own files whatever it names (development).
 HOST_FILES_DRIVERS = frozenset({"process"})
 
@@ -95,6 +96,16 @@ class ImageStore:
     def manifest(self, name: str) -> dict[str, Any] | None:
         return load_manifest(self.folder(name)) if self.is_built(name) else None
 
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[Path]:
+        """Hold image ``name``'s lock (blocking; across processes) and yield its folder: what builds it, or
+        derives files from it (a driver's disk), does so under this lock."""
+        folder = self.folder(name)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield folder
+
     def ensure(
         self,
         name: str,
@@ -111,9 +122,7 @@ class ImageStore:
         """
         definition = self.definition(name)
         folder = self.folder(name)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.locked(name):
             if not self.is_built(name):
                 # What a build that crashed or was killed left (we hold the lock: no build runs now).
                 for leftover in folder.parent.glob(".*"):

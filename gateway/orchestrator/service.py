@@ -180,9 +180,9 @@ class Orchestrator:
     def image_problem(self, variant: str | None) -> str | None:
         """Why a VM of image ``variant`` cannot be created on this gateway (a 422's message), or None.
 
-        Drivers that run VMs on images need it built (operators build what they offer: a VM create does
-        not wait a minute for a build); the process driver runs on the host's files whatever the image;
-        the qemu driver has its one guest image, so only the default is accepted there.
+        Drivers that run VMs on images (netns, qemu) need it built (operators build what they offer: a VM
+        create does not wait a minute for a build); the process driver runs on the host's files whatever
+        the image.
         """
         name = self.images.resolve(variant)
         available = self.images.names()
@@ -193,7 +193,7 @@ class Orchestrator:
             if not self.images.is_built(name):
                 return f"image {name!r} is not built on this gateway: run `gateway image build {name}`"
         elif driver not in HOST_FILES_DRIVERS and name != self.images.default:
-            return f"the {driver!r} VM driver runs its own guest image; image variants need the netns driver"
+            return f"the {driver!r} VM driver runs on no images; image variants need the netns or qemu driver"
         return None
 
     def image_name(self, variant: str | None) -> str:

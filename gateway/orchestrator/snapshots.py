@@ -59,6 +59,7 @@ class SnapshotService:
             memory_mb=int(meta["memory_mb"]),
             size_bytes=int(meta.get("size_bytes") or 0),
             name=rec.snapshot_name,
+            image_variant=rec.image_variant,
         )
         try:
             await self.store.put_snapshot(snap)

@@ -132,7 +132,7 @@ class VmRecord(_Record):
     snapshot_id: str | None = None  # the snapshot made of this VM
     snapshot_error: str | None = None
     restored_from: str | None = None  # the snapshot this VM resumed
-    # The root file system image it runs on (image_variant); None where the driver has no images (qemu).
+    # The root file system image it runs on (image_variant); None where the driver has no images.
     image_variant: str | None = None
 
     @property
@@ -159,6 +159,8 @@ class SnapshotRecord(_Record):
     memory_mb: int
     size_bytes: int
     name: str | None = None
+    # The image the VM ran on (image_variant): the snapshot resumes on that image only.
+    image_variant: str | None = None
 
 
 # Custom-domain certificate states, as the API shows them.

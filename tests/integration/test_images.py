@@ -135,7 +135,7 @@ def test_the_command_line_lists_and_builds_images(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "no image nope in [images.definitions]; defined: default, python-data, browser" in refused.stderr
     mixed = run_gateway("--data-dir", str(tmp_path), "image", "build", "--qemu", "default")
-    assert (mixed.returncode, "--qemu builds the qemu guest image only" in mixed.stderr) == (1, True)
+    assert (mixed.returncode, "--qemu builds the qemu boot image only" in mixed.stderr) == (1, True)
     # Built and current (as a build leaves it): nothing to do.
     folder = tmp_path / "images" / "rootfs" / "default" / rows[0][2]
     (folder / "rootfs").mkdir(parents=True)

@@ -30,6 +30,7 @@ from tests.conftest import TEST_QEMU_CIDR, GatewayUnderTest, remove_blackhole, r
 from tests.integration.test_driver_contract import await_gone
 from tests.integration.test_lifecycle import wait_for_release
 from tests.qemu_env import guest_image, qemu_missing
+from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
 
 pytestmark = [
     pytest.mark.root,
@@ -241,6 +242,70 @@ async def test_later_vms_of_a_shape_resume_its_boot_template_each_as_itself(gate
     assert await run(first, draw) != await run(second, draw)
 
 
+async def test_a_vm_runs_on_the_python_data_image_and_its_snapshot_resumes_only_there(
+    gateway_factory: Any,
+) -> None:
+    """One image definition for both drivers: image_variant picks the root qemu boots into (a disk made
+    from the shared store's build), and templates and snapshots are the image's own."""
+    gw = await start_qemu(gateway_factory)
+    shape = {"memory_mb": 352, "vcpu_count": 1}
+    for old in (guest_image() / "templates").glob("*-1cpu-352mb-*"):
+        shutil.rmtree(old)
+
+    async def create(**fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        status, created = await gw.request("POST", "/v1/vms", json={**shape, **fields})
+        assert status == 200 and created["status"] == "active", created
+        rec = await gw.services.store.get_vm(created["vm_id"])
+        assert rec is not None
+        return created, rec.handle
+
+    async def run(created: dict[str, Any], command: str) -> dict[str, Any]:
+        status, out = await gw.request(
+            "POST", "/execute", json={"session_id": created["session_id"], "command": command}
+        )
+        assert status == 200, out
+        return out
+
+    numpy = "python3 -c 'import numpy, pandas; print(numpy.arange(4).sum())'"
+    data, data_handle = await create(image_variant="python-data", snapshot_on_terminate=True)
+    assert (data_handle["image"], data_handle["booted_from"]) == ("python-data", "kernel")
+    status, vm = await gw.request("GET", f"/v1/vms/{data['vm_id']}")
+    assert vm["image_variant"] == "python-data"
+    assert (out := await run(data, numpy))["exit_code"] == 0 and out["stdout"] == "6\n", out
+    # The image's files, read-only under an overlay in the VM's memory: writable like any root.
+    assert (await run(data, "echo kept > /usr/local/mark && cat /usr/local/mark"))["stdout"] == "kept\n"
+
+    # The default image lacks NumPy; and python-data's boot template (same shape) is not its.
+    plain, plain_handle = await create()
+    assert (plain_handle["image"], plain_handle["booted_from"]) == ("default", "kernel")
+    assert plain_handle["disk_id"] != data_handle["disk_id"]
+    out = await run(plain, numpy)
+    assert out["exit_code"] != 0 and "No module named 'numpy'" in out["stderr"], out
+    again, again_handle = await create(image_variant="python-data")
+    assert again_handle["booted_from"] == "template"
+    assert (await run(again, numpy))["stdout"] == "6\n"
+    assert (await run(again, "cat /usr/local/mark"))["exit_code"] != 0  # (the template ran nothing)
+
+    # Unknown images are refused as on netns, listing the defined ones.
+    status, body = await gw.request("POST", "/v1/vms", json={"image_variant": "nope"})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "image_variant"], body
+    assert "available: default, python-data, browser" in body["detail"][0]["msg"]
+
+    status, _ = await gw.request("DELETE", f"/v1/vms/{data['vm_id']}")
+    status, ended = await gw.request("GET", f"/v1/vms/{data['vm_id']}")
+    snapshot_id = ended["snapshot_id"]
+    assert snapshot_id, ended
+    status, body = await gw.request(
+        "POST", "/v1/vms", json={"snapshot_id": snapshot_id, "image_variant": "default"}
+    )
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "image_variant"], body
+    status, restored = await gw.request("POST", "/v1/vms", json={"snapshot_id": snapshot_id})
+    assert status == 200 and restored["status"] == "active", restored
+    status, vm = await gw.request("GET", f"/v1/vms/{restored['vm_id']}")
+    assert vm["image_variant"] == "python-data"
+    assert (await run(restored, "cat /usr/local/mark; " + numpy))["stdout"] == "kept\n6\n"
+
+
 def qemu_driver(data_dir: Path, cidr: str, prefix: str) -> QemuVmDriver:
     """A qemu driver of its own (addresses, names, cgroup) on the cached image."""
     config = override(
@@ -253,6 +318,7 @@ def qemu_driver(data_dir: Path, cidr: str, prefix: str) -> QemuVmDriver:
             "cgroup_name": f"gateway-{prefix}",
             "image_dir": str(guest_image()),
         },
+        images={"dir": str(ROOTFS_CACHE)},
     )
     driver = make_driver(config)
     assert isinstance(driver, QemuVmDriver)
@@ -311,6 +377,7 @@ def assert_confined(pid: int, vm_dir: Path, uid: int) -> None:
         "vm",
     }
     assert sorted(os.listdir(root / "vm")) == ["config", "qmp"] and sorted(os.listdir(root / "image")) == [
+        "disk",
         "initrd",
         "kernel",
     ]
@@ -379,6 +446,8 @@ async def test_a_qemu_that_cannot_start_to_resume_says_why(
             "accel": driver.accel,
             "image_id": driver.image_id,
             "guest_half": str(qemu_net.guest_half(cidr)),
+            "image": "default",
+            "disk_id": (await driver.image_disk("")).disk_id,
         }
         (snap / "snapshot.json").write_text(json.dumps(meta))
         (snap / "guest.json").write_text(json.dumps({"token": "t", "agent_port": 1}))

@@ -2,9 +2,12 @@
 
 It is the netns driver with a different inside: the same slots, namespace, veth, cgroups, blackhole
 route, teardown and sweep (inherited), but the namespace holds a bridge joining the veth's VM end to a
-tap device, and the VM's init is a QEMU process (``-M microvm``) on that tap. Inside the guest
-(``gateway image build``) a busybox init brings the network up and runs the agent
-(``gateway/guest/agent.py``), which runs ``execute`` commands; the host reaches it at the VM's address
+tap device, and the VM's init is a QEMU process (``-M microvm``) on that tap. It boots the driver's
+boot image (``qemu_image``: kernel and a small initramfs) with the VM's image attached read-only: an
+ext4 disk made from the shared image store's root file system (``image_variant``; ``qemu_disk``), so a
+VM runs on the same files on qemu as on netns. The initramfs's busybox init brings the network up, puts
+a tmpfs overlay on the disk, ``switch_root``s into it and runs the agent (``gateway/guest/agent.py``) on
+the image's Python; the agent runs ``execute`` commands, and the host reaches it at the VM's address
 with the VM's token.
 
 - Acceleration: KVM when it works, TCG otherwise. ``auto`` boots a probe VM under KVM once per host
@@ -12,9 +15,11 @@ with the VM's token.
   guest boots under it. Under TCG the kernel is told the TSC rate and loops-per-jiffy, without which
   boots hung under load while calibrating.
 - Snapshots: QEMU's own migration stream, written to a file (``snapshot``); a VM created with
-  ``restore_from`` starts QEMU with ``-incoming`` and resumes it. The root file system lives in guest RAM,
-  so the stream holds the files too. The guest's network needs no per-VM settings (``qemu_net``), so a
-  restored guest works unchanged in whichever slot it lands.
+  ``restore_from`` starts QEMU with ``-incoming`` and resumes it. Everything a VM writes lives in guest
+  RAM (the overlay's tmpfs), so the stream holds its files too; the image disk is not in it, so a
+  snapshot (and a boot template) resumes only with the very disk it was taken on (``disk_id``). The
+  guest's network needs no per-VM settings (``qemu_net``), so a restored guest works unchanged in
+  whichever slot it lands.
 - Confinement (``qemu_jail``): each QEMU runs under its seccomp sandbox, as its slot's unprivileged
   uid without capabilities, chrooted in a private mount namespace that shows it its own files only. The
   gateway keeps the files it reads (the record, console, fw_cfg config, snapshots) outside anything
@@ -36,14 +41,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from gateway.config import QemuConfig
 from gateway.errors import DriverError, VmNotRunning
-from gateway.orchestrator.drivers import _host, qemu_image, qemu_jail, qemu_net
+from gateway.orchestrator.drivers import _host, qemu_disk, qemu_image, qemu_jail, qemu_net
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
 from gateway.orchestrator.drivers.qmp import Qmp, QmpError
@@ -55,6 +61,9 @@ QEMU_OVERHEAD_MB = 192
 TCG_CACHE_MB = 64
 # Guest memory beyond twice the initramfs that a boot needs (the kernel, its page tables and buffers).
 GUEST_KERNEL_MB = 96
+# The least guest memory accepted whatever the initramfs: the kernel, the image's page cache, the
+# agent's Python and a little room on the in-memory overlay (160 MiB left too little to be useful).
+GUEST_MIN_MB = 192
 GUEST_MAC = "52:54:00:00:00:02"
 GUEST_HOME = "/home/vm"
 TAP_DEVICE = "tap0"
@@ -84,6 +93,22 @@ AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 INIT_COMMAND: tuple[str, ...] = ()
 
 
+class QemuImages(Protocol):
+    """The shared image store as this driver uses it (``gateway.images.store.ImageStore``)."""
+
+    def resolve(self, name: str | None) -> str:
+        """The image a request means ("" or None: the default one)."""
+        ...
+
+    def rootfs(self, name: str) -> Path:
+        """The built image's root folder (in its digest folder); DriverError when unknown or not built."""
+        ...
+
+    def locked(self, name: str) -> AbstractContextManager[Path]:
+        """The image's lock (across processes), yielding its digest folder."""
+        ...
+
+
 def host_tsc_khz() -> int | None:
     """The host's TSC rate (TCG's guest TSC runs at it), from /proc/cpuinfo."""
     with contextlib.suppress(OSError):
@@ -107,9 +132,11 @@ class QemuVmDriver(NetnsVmDriver):
         *,
         image_dir: Path,
         boot_timeout_s: float,
+        images: QemuImages | None = None,
         cgroup_root: Path | None = None,
     ) -> None:
         super().__init__(config, work_dir, cgroup_root=cgroup_root)  # type: ignore[arg-type]
+        self._image_store = images
         self._qemu = config
         self._capacity = qemu_net.slot_capacity(config.cidr)
         self._image_dir = Path(image_dir)
@@ -141,7 +168,7 @@ class QemuVmDriver(NetnsVmDriver):
         return (
             f"QEMU microVMs ({accel}), each QEMU confined: seccomp sandbox (-sandbox {qemu_jail.SANDBOX}), "
             f"uid/gid {first} + slot with no capabilities and no_new_privs, chroot in a private mount "
-            "namespace (read-only /usr, its kernel and initramfs, its control socket)"
+            "namespace (read-only /usr, its kernel, initramfs and image disk, its control socket)"
         )
 
     async def start(self) -> None:
@@ -163,13 +190,19 @@ class QemuVmDriver(NetnsVmDriver):
                     qemu_image.build_image, self._image_dir, say=lambda line: log.info("image: %s", line)
                 )
             except qemu_image.ImageError as exc:
-                raise DriverError(f"cannot build the qemu guest image: {exc}") from None
+                raise DriverError(f"cannot build the qemu boot image: {exc}") from None
         self._qemu_path, self._setpriv = qemu_jail.host_tools(self._qemu.qemu_binary)
         qemu_jail.check_ids(self._qemu.id_base, self._capacity)
         for name in (qemu_image.KERNEL, qemu_image.INITRD):
             qemu_jail.readable_by_all(self._image_dir / name)
         if self._accel is None:
             self._accel = await self._choose_accel()
+        try:
+            # Made now rather than at the first VM's boot (about 6 s): `gateway serve` has built the image.
+            default_disk = (await self.image_disk("")).path
+        except DriverError as exc:
+            default_disk = None
+            log.warning("qemu: %s", exc)
         return {
             "qemu": await asyncio.to_thread(self._qemu_version),
             "kvm_device": os.access("/dev/kvm", os.R_OK | os.W_OK),
@@ -178,28 +211,50 @@ class QemuVmDriver(NetnsVmDriver):
             "image_dir": str(self._image_dir),
             "kernel": self._manifest.get("kernel_release"),
             "image_built_at": self._manifest.get("built_at"),
+            "default_disk": str(default_disk) if default_disk else None,
             "isolation": self.isolation,
         }
+
+    async def image_disk(self, image: str) -> qemu_disk.Disk:
+        """The disk of image ``image`` ("": the default), made from its root file system the first time
+        (under the image's lock); DriverError when the image is unknown or not built."""
+        store = self._image_store
+        if store is None:
+            raise DriverError("the qemu driver needs an image store (gateway.images)")
+
+        def ensure() -> qemu_disk.Disk:
+            rootfs = store.rootfs(image)
+            found = qemu_disk.disk_of(rootfs.parent)
+            if found is not None:
+                return found
+            with store.locked(image) as folder:
+                if (found := qemu_disk.disk_of(folder)) is not None:  # made while we waited
+                    return found
+                log.info("qemu: making the disk of image %s from %s", store.resolve(image), rootfs)
+                return qemu_disk.make_disk(folder, rootfs)
+
+        disk = await asyncio.to_thread(ensure)
+        qemu_jail.readable_by_all(disk.path)
+        return disk
 
     # --- create ---------------------------------------------------------------------------------------
 
     def min_memory_mb(self) -> int:
-        """The least guest memory this image boots in: the kernel holds the initramfs archive and the
-        files unpacked from it at once, plus itself (measured with a 45 MiB archive: 160 MiB lost files
-        while unpacking, and the agent could not start; 192 MiB booted)."""
+        """The least guest memory a VM is given: the kernel holds the initramfs archive and the files
+        unpacked from it at once, plus itself; and never less than GUEST_MIN_MB."""
         try:
             archive = (self._image_dir / qemu_image.INITRD).stat().st_size
         except OSError:
             return 0
-        return -(-2 * archive // 2**20) + GUEST_KERNEL_MB
+        return max(GUEST_MIN_MB, -(-2 * archive // 2**20) + GUEST_KERNEL_MB)
 
     async def create(self, spec: VmSpec) -> VmInfo:
         least = self.min_memory_mb()
         if spec.memory_mb < least:
             # Refused before anything is made: such a guest boots without its files and never answers.
             raise DriverError(
-                f"memory_mb {spec.memory_mb} is too little for the qemu guest, whose files are held in "
-                f"its memory: at least {least}"
+                f"memory_mb {spec.memory_mb} is too little for the qemu guest, whose kernel, page cache "
+                f"and written files are held in its memory: at least {least}"
             )
         return await super().create(spec)
 
@@ -231,16 +286,19 @@ class QemuVmDriver(NetnsVmDriver):
 
     async def _start_init(self, spec: VmSpec, plan: NetnsSlot, made: _Parts, handle: dict[str, Any]) -> None:
         if spec.command:
-            raise DriverError("the qemu guest image runs no image programs (only /execute commands)")
+            raise DriverError("the qemu driver runs no image program as init (only /execute commands)")
         vm_dir = Path(handle["vm_dir"])
         ids = qemu_jail.vm_ids(self._qemu.id_base, plan.slot)
+        disk = await self.image_disk(spec.image)
+        assert self._image_store is not None  # (_image_disk checked)
+        handle.update(image=self._image_store.resolve(spec.image), disk_id=disk.disk_id)
         restore = Path(spec.restore_from) if spec.restore_from else None
-        template = None if restore is not None else self._template_for(spec)
+        template = None if restore is not None else self._template_for(spec, handle)
         source = restore or template
         config_path = vm_dir / GUEST_CONFIG_FILE
         if source is not None:
             meta = read_snapshot_meta(source)
-            self._check_restorable(meta, spec)
+            self._check_restorable(meta, spec, handle)
             token = str(meta["token"])
             # The resumed machine gets the fw_cfg it was started with, byte for byte.
             shutil.copyfile(source / GUEST_CONFIG_FILE, config_path)
@@ -264,7 +322,7 @@ class QemuVmDriver(NetnsVmDriver):
             booted_from="snapshot" if restore else ("template" if template else "kernel"),
         )
         launcher = self._launcher(
-            ids, vm_dir, self._accel or "tcg", fw_cfg=config_path, qmp_dir=vm_dir / QMP_DIR
+            ids, vm_dir, self._accel or "tcg", fw_cfg=config_path, qmp_dir=vm_dir / QMP_DIR, disk=disk.path
         )
         argv = [
             *(INIT_COMMAND or [*launcher, *self._qemu_argv(spec)]),
@@ -297,17 +355,18 @@ class QemuVmDriver(NetnsVmDriver):
 
     # --- boot templates -------------------------------------------------------------------------------
 
-    def _template_dir(self, spec: VmSpec) -> Path:
-        """One template per machine shape, accelerator, image and guest network."""
+    def _template_dir(self, spec: VmSpec, handle: Mapping[str, Any]) -> Path:
+        """One template per machine shape, accelerator, boot image, image disk and guest network."""
         half = str(qemu_net.guest_half(self._qemu.cidr)).replace("/", "_")
-        name = f"{self.image_id}-{self._accel}-{spec.vcpu_count}cpu-{spec.memory_mb}mb-{half}"
+        image = f"{handle['image']}.{handle['disk_id']}"
+        name = f"{self.image_id}-{image}-{self._accel}-{spec.vcpu_count}cpu-{spec.memory_mb}mb-{half}"
         return self._image_dir / TEMPLATES_SUBDIR / name
 
-    def _template_for(self, spec: VmSpec) -> Path | None:
-        """The template a new VM of this shape resumes instead of booting, if one was saved."""
+    def _template_for(self, spec: VmSpec, handle: Mapping[str, Any]) -> Path | None:
+        """The template a new VM of this shape and image resumes instead of booting, if one was saved."""
         if not self._qemu.boot_templates or INIT_COMMAND:
             return None
-        folder = self._template_dir(spec)
+        folder = self._template_dir(spec, handle)
         return folder if (folder / SNAPSHOT_META).is_file() else None
 
     async def _save_template(self, spec: VmSpec, handle: Mapping[str, Any]) -> None:
@@ -317,7 +376,7 @@ class QemuVmDriver(NetnsVmDriver):
         another gateway process never sees half a template; the loser's copy is dropped. A failure only
         costs the next VM a full boot.
         """
-        final = self._template_dir(spec)
+        final = self._template_dir(spec, handle)
         scratch = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
         try:
             await asyncio.to_thread(scratch.mkdir, parents=True)
@@ -353,7 +412,14 @@ class QemuVmDriver(NetnsVmDriver):
                 return response.status, await response.json(content_type=None)
 
     def _launcher(
-        self, ids: int, folder: Path, accel: str, *, fw_cfg: Path | None = None, qmp_dir: Path | None = None
+        self,
+        ids: int,
+        folder: Path,
+        accel: str,
+        *,
+        fw_cfg: Path | None = None,
+        qmp_dir: Path | None = None,
+        disk: Path | None = None,
     ) -> list[str]:
         """What runs QEMU confined (``qemu_jail``), the argv before QEMU's own; ``folder`` holds the
         console file and the jail's empty folder."""
@@ -367,6 +433,7 @@ class QemuVmDriver(NetnsVmDriver):
             qmp_dir=qmp_dir,
             accel=accel,
             setpriv=self._setpriv,
+            disk=disk,
         )
 
     def _qemu_argv(self, spec: VmSpec) -> list[str]:
@@ -397,6 +464,12 @@ class QemuVmDriver(NetnsVmDriver):
             f"tap,id=net0,ifname={TAP_DEVICE},script=no,downscript=no",
             "-device",
             f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+            # The image, read-only (the guest's writes go to its in-memory overlay); QEMU takes a shared
+            # lock only, so every VM of the image attaches the one file.
+            "-drive",
+            f"file={qemu_jail.DISK},format=raw,if=none,id=image,readonly=on",
+            "-device",
+            "virtio-blk-device,drive=image",
         ]
 
     def _machine_argv(self, accel: str, vcpus: int, memory_mb: int, cmdline: list[str]) -> list[str]:
@@ -539,6 +612,8 @@ class QemuVmDriver(NetnsVmDriver):
             "memory_mb": record["memory_mb"],
             "accel": record.get("accel"),
             "image_id": record.get("image_id"),
+            "image": record.get("image"),
+            "disk_id": record.get("disk_id"),
             "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
             "created_at": time.time(),
         }
@@ -612,8 +687,9 @@ class QemuVmDriver(NetnsVmDriver):
             time.sleep(MIGRATION_POLL_S)
         raise QmpError(f"migration did not finish within {self._boot_timeout_s} s")
 
-    def _check_restorable(self, meta: Mapping[str, Any], spec: VmSpec) -> None:
-        """A migration stream resumes only on the same machine shape, accelerator and guest network."""
+    def _check_restorable(self, meta: Mapping[str, Any], spec: VmSpec, handle: Mapping[str, Any]) -> None:
+        """A migration stream resumes only on the same machine shape, accelerator, guest network, boot
+        image and image disk."""
         wanted = {
             "vcpu_count": spec.vcpu_count,
             "memory_mb": spec.memory_mb,
@@ -621,6 +697,9 @@ class QemuVmDriver(NetnsVmDriver):
             "guest_half": str(qemu_net.guest_half(self._qemu.cidr)),
             # The kernel and initramfs are part of the machine's memory map: another image's differ.
             "image_id": self.image_id,
+            # The guest's memory holds the disk's blocks and the overlay's view of them: only that file.
+            "image": handle.get("image"),
+            "disk_id": handle.get("disk_id"),
         }
         different = [f"{k} {meta.get(k)} (now {v})" for k, v in wanted.items() if meta.get(k) != v]
         if different:

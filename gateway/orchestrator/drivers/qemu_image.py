@@ -1,12 +1,14 @@
-"""``gateway image build``: the qemu driver's guest image, made from Debian packages only.
+"""``gateway image build --qemu``: the qemu driver's boot image (kernel and initramfs), from Debian packages.
 
-The image is two files and a manifest in one folder:
+A qemu VM's files are not in this image: they are those of an image of the shared store
+(``[images.definitions]``, ``image_variant``), attached as a read-only disk (``qemu_disk``). This image is
+what boots any of them, two files and a manifest in one folder:
 - ``vmlinux``: the kernel of Debian's ``linux-image-cloud-amd64``, unpacked from its bzImage (the
   payload is LZ4) into the ELF that QEMU's microvm machine boots directly (it carries a PVH note);
-- ``initrd.cpio``: the whole root file system, kept in RAM by the guest (so a snapshot of the VM's memory
-  is a snapshot of its files too): busybox, bash, Python 3.11 with its standard library (byte-compiled),
-  the virtio modules the cloud kernel builds as modules, ``/init`` (``gateway/guest/qemu_init.sh``) and
-  the agent (``gateway/guest/agent.py``);
+- ``initrd.cpio``: a small initramfs: busybox, the virtio (mmio, net, blk) and overlay modules the cloud
+  kernel builds as modules, ``/init`` (``gateway/guest/qemu_init.sh``: it mounts the disk under a tmpfs
+  overlay and ``switch_root``s into it) and the agent (``gateway/guest/agent.py``, copied into the
+  guest's root, where the image's own Python runs it);
 - ``manifest.json``: package versions, the kernel's timer frequency (for ``lpj=``), checksums.
 
 Packages come from the machine's own apt sources (``apt-get download``); nothing else is fetched.
@@ -27,46 +29,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
-GUEST_PACKAGES = (
-    "busybox-static",
-    "bash",
-    "libtinfo6",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "media-types",
-    "libc6",
-    "zlib1g",
-    "libexpat1",
-    "libffi8",
-    "libssl3",
-    "libbz2-1.0",
-    "liblzma5",
-    "libuuid1",
-    "libsqlite3-0",
-    "libcrypt1",
-    "libncursesw6",
-    "libreadline8",
-)
-# Loaded in this order by /init; their own dependencies are added from each module's modinfo.
-GUEST_MODULES = ("virtio_mmio", "virtio_net", "qemu_fw_cfg")
-# Parts of the packages a VM never needs: documentation, and Python's tests, GUI and packaging tools.
-TRIMMED = (
-    "usr/share/doc",
-    "usr/share/man",
-    "usr/share/info",
-    "usr/share/lintian",
-    "usr/share/locale",
-    "usr/lib/python3.11/test",
-    "usr/lib/python3.11/idlelib",
-    "usr/lib/python3.11/tkinter",
-    "usr/lib/python3.11/turtledemo",
-    "usr/lib/python3.11/ensurepip",
-    "usr/lib/python3.11/lib2to3",
-    "usr/lib/python3.11/pydoc_data",
-    # glibc's character-set converters (iconv): 8 MiB the guest's programs do not use.
-    "usr/lib/x86_64-linux-gnu/gconv",
-)
+# Only busybox: the guest's programs (Python for the agent among them) are the image's own.
+GUEST_PACKAGES = ("busybox-static",)
+# Loaded in this order by /init; their own dependencies are added from each module's modinfo. (ext4 and
+# tmpfs are built into the cloud kernel.)
+GUEST_MODULES = ("virtio_mmio", "virtio_net", "virtio_blk", "overlay", "qemu_fw_cfg")
+# Parts of the packages the initramfs never needs.
+TRIMMED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian", "usr/share/locale")
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 GUEST_DIR = Path(__file__).resolve().parents[2] / "guest"
 MANIFEST = "manifest.json"
@@ -181,7 +150,7 @@ def make_root(packages_dir: Path, root: Path, modules: list[tuple[str, Path]]) -
         run(["dpkg-deb", "-x", str(deb), str(root)])
     for part in TRIMMED:
         shutil.rmtree(root / part, ignore_errors=True)
-    for folder in ("proc", "sys", "dev", "tmp", "run", "root", "home", "etc", "lib/modules"):
+    for folder in ("proc", "sys", "dev", "tmp", "run", "etc", "lib/modules", "newroot"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     busybox = root / "bin" / "busybox"
     for applet in run([str(busybox), "--list-full"]).split():
@@ -189,34 +158,13 @@ def make_root(packages_dir: Path, root: Path, modules: list[tuple[str, Path]]) -
         if not link.exists() and not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(busybox, link.parent))
-    (root / "usr/bin/python3").unlink(missing_ok=True)
-    (root / "usr/bin/python3").symlink_to("python3.11")
     for name, ko in modules:
         shutil.copy2(ko, root / "lib/modules" / f"{name}.ko")
     (root / "lib/modules/load-order").write_text("".join(f"{name}\n" for name, _ in modules))
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
-    (root / "etc/hosts").write_text("127.0.0.1 localhost vm\n")
     shutil.copy2(GUEST_DIR / "qemu_init.sh", root / "init")
     os.chmod(root / "init", 0o755)
     (root / "usr/lib/gateway").mkdir(parents=True, exist_ok=True)
     shutil.copy2(GUEST_DIR / "agent.py", root / "usr/lib/gateway/agent.py")
-    # Byte-compile with the guest's own interpreter (in a chroot: its libraries, its magic number), so a
-    # VM under emulation does not compile the standard library at every start. Hash-checked, not timed.
-    run(
-        [
-            "chroot",
-            str(root),
-            "/usr/bin/python3.11",
-            "-m",
-            "compileall",
-            "-q",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "/usr/lib/python3.11",
-            "/usr/lib/gateway",
-        ]
-    )
 
 
 def write_cpio(root: Path, out: Path) -> None:
@@ -246,7 +194,7 @@ def sha256(path: Path) -> str:
 def build_image(target: Path, *, say: Callable[[str], None] = print) -> dict:
     """Build the image into ``target`` (replaced only when the build succeeds); return its manifest."""
     if os.geteuid() != 0:
-        raise ImageError("building the qemu image needs root (chroot, device-free unpacking)")
+        raise ImageError("building the qemu boot image needs root (its files must be root's)")
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as scratch:
@@ -264,7 +212,7 @@ def build_image(target: Path, *, say: Callable[[str], None] = print) -> dict:
         say(f"unpacking kernel {release}")
         unpack_kernel(kernel_root / "boot" / f"vmlinuz-{release}", out / KERNEL)
         modules = module_load_order(kernel_root / "lib/modules" / release, GUEST_MODULES)
-        say(f"assembling the root file system ({len(modules)} modules)")
+        say(f"assembling the initramfs ({len(modules)} modules)")
         make_root(debs, root, modules)
         write_cpio(root, out / INITRD)
         versions = {}
@@ -292,7 +240,7 @@ def build_image(target: Path, *, say: Callable[[str], None] = print) -> dict:
         shutil.rmtree(old, ignore_errors=True)
     size_mb = (target / INITRD).stat().st_size / 2**20
     say(
-        f"image {manifest['image_id']} in {target} ({size_mb:.0f} MiB root file system), "
+        f"boot image {manifest['image_id']} in {target} ({size_mb:.1f} MiB initramfs), "
         f"built in {time.monotonic() - started:.0f} s"
     )
     return manifest
@@ -303,13 +251,15 @@ def load_manifest(image_dir: Path) -> dict:
     try:
         manifest = json.loads((image_dir / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise ImageError(f"no qemu guest image in {image_dir}: run `gateway image build`") from None
+        raise ImageError(f"no qemu boot image in {image_dir}: run `gateway image build --qemu`") from None
     for name in (KERNEL, INITRD):
         if not (image_dir / name).is_file():
-            raise ImageError(f"the qemu guest image in {image_dir} lacks {name}: run `gateway image build`")
+            raise ImageError(
+                f"the qemu boot image in {image_dir} lacks {name}: run `gateway image build --qemu`"
+            )
     if manifest.get("sources") != sources_digest():
         raise ImageError(
-            f"the qemu guest image in {image_dir} was built by another version of the gateway: "
-            "run `gateway image build`"
+            f"the qemu boot image in {image_dir} was built by another version of the gateway: "
+            "run `gateway image build --qemu`"
         )
     return manifest

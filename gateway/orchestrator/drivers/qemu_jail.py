@@ -8,8 +8,9 @@ Every QEMU (each VM's, and the KVM probe's) runs:
   no_new_privs;
 - chrooted in a private mount namespace holding nothing but the host's ``/usr`` (read-only: QEMU's
   binary, libraries and firmware), ``/dev/null``, ``zero``, ``random``, ``urandom`` (and ``net/tun``,
-  ``kvm`` when it uses them), the image's kernel and initramfs (read-only), a copy of its fw_cfg file
-  and the folder of its control socket; no ``/proc``, ``/sys``, ``/etc``, data folder or other VM.
+  ``kvm`` when it uses them), the boot image's kernel and initramfs and the VM's image disk (all
+  read-only), a copy of its fw_cfg file and the folder of its control socket; no ``/proc``, ``/sys``,
+  ``/etc``, data folder or other VM.
 
 Why privileges are dropped before QEMU starts and not with QEMU's ``-runas``/``-chroot``: QEMU 7.2
 (Debian 12) installs the seccomp filter first and changes uid last, so ``-runas`` under
@@ -46,6 +47,8 @@ MIN_ID_BASE = 65536
 # What QEMU's command line names, as seen inside the jail.
 KERNEL = "/image/kernel"
 INITRD = "/image/initrd"
+# The VM's image (its root file system, ``qemu_disk``), read-only.
+DISK = "/image/disk"
 FW_CFG_FILE = "/vm/config"
 QMP_SOCKET = "/vm/qmp/qmp.sock"
 # The console file, opened by the launcher and handed to QEMU as this descriptor (QEMU's fd set 1).
@@ -55,15 +58,16 @@ SOCKET_WAIT_S = 10.0
 SOCKET_POLL_S = 0.01
 # Run by root in the VM's cgroup and network namespace, in a mount namespace of its own (``unshare``),
 # with: the jail folder (empty, on the host), uid:gid, kernel, initrd, console file, fw_cfg file or "",
-# QMP folder or "", "kvm" or "", then the command (setpriv ... qemu ...) to run chrooted there.
+# QMP folder or "", "kvm" or "", image disk or "", then the command (setpriv ... qemu ...) to run
+# chrooted there.
 # The jail is a tmpfs over that folder: what is mounted there exists in this namespace only, and goes
 # when QEMU exits. Its root is read-only once built. The devices every program may open are the host's
 # own nodes; /dev/net/tun and /dev/kvm (often root's alone on the host) are nodes of the jail's own,
 # owned by QEMU's uid.
 JAIL_SCRIPT = r"""
 set -eu
-jail=$1 ids=$2 kernel=$3 initrd=$4 console=$5 config=$6 qmp=$7 accel=$8
-shift 8
+jail=$1 ids=$2 kernel=$3 initrd=$4 console=$5 config=$6 qmp=$7 accel=$8 disk=$9
+shift 9
 mount -t tmpfs -o mode=0755,size=1m,nosuid,noexec gateway-qemu "$jail"
 cd "$jail"
 for name in bin sbin lib lib32 lib64 libx32; do
@@ -95,6 +99,10 @@ fi
 mount -o bind,ro,nosuid,nodev "$kernel" image/kernel
 : > image/initrd
 mount -o bind,ro,nosuid,nodev "$initrd" image/initrd
+if [ -n "$disk" ]; then
+    : > image/disk
+    mount -o bind,ro,nosuid,nodev "$disk" image/disk
+fi
 if [ -n "$config" ]; then
     cp "$config" vm/config
     chown "$ids" vm/config
@@ -175,7 +183,7 @@ def host_tools(qemu_binary: str) -> tuple[str, str]:
 
 
 def readable_by_all(path: Path) -> None:
-    """The image's kernel and initramfs are opened by the unprivileged QEMU (they hold no secrets)."""
+    """The boot image and image disks are opened by the unprivileged QEMU (they hold no secrets)."""
     try:
         mode = path.stat().st_mode
         if mode & 0o044 != 0o044:
@@ -195,11 +203,13 @@ def launcher(
     qmp_dir: Path | None,
     accel: str,
     setpriv: str,
+    disk: Path | None = None,
 ) -> list[str]:
     """argv prefix (root) that builds the jail and runs what follows in it as ``ids``, without privileges.
 
     ``jail`` must be an empty folder, ``console`` an existing file (QEMU writes it through a descriptor),
-    ``qmp_dir`` (a VM's; the probe has none) a folder owned by ``ids``.
+    ``qmp_dir`` (a VM's; the probe has none) a folder owned by ``ids``; ``disk`` (a VM's; the probe has
+    none) the image disk it attaches read-only.
     """
     return [
         "unshare",
@@ -218,6 +228,7 @@ def launcher(
         str(fw_cfg or ""),
         str(qmp_dir or ""),
         "kvm" if accel == "kvm" else "",
+        str(disk or ""),
         setpriv,
         f"--reuid={ids}",
         f"--regid={ids}",

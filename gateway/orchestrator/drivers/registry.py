@@ -43,7 +43,11 @@ def make_driver(config: Config) -> VmDriver:
     kind = choose_driver(config.vms.driver)
     if kind == "qemu":
         return QemuVmDriver(
-            config.qemu, work_dir, image_dir=qemu_image_dir(config), boot_timeout_s=config.vms.boot_timeout_s
+            config.qemu,
+            work_dir,
+            image_dir=qemu_image_dir(config),
+            boot_timeout_s=config.vms.boot_timeout_s,
+            images=image_store(config),
         )
     if kind == "netns":
         return NetnsVmDriver(config.netns, work_dir, images=image_store(config))
