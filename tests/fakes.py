@@ -6,6 +6,7 @@ import asyncio
 
 from gateway.state.events import Event
 from gateway.state.ports import EventSubscriber
+from gateway.state.records import InstanceRecord, VmRecord
 
 
 class EventQueue:
@@ -57,3 +58,21 @@ class FakeEventFeed:
     def publish(self, event: Event) -> None:
         for subscriber in list(self.subscribers):
             subscriber.handle(event)
+
+
+class NoRoutes:
+    """A RouteSource that knows nothing: fakes override the lookups their test needs."""
+
+    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        return None, False
+
+    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
+        return None, False
+
+    async def domain_vm(self, domain: str) -> VmRecord | None:
+        return None
+
+    async def instance_route(
+        self, instance_uuid: str
+    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
+        return None, None, frozenset()

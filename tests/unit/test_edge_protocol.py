@@ -20,7 +20,7 @@ from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamConnection, UpstreamPool
 from gateway.state.records import VM_ACTIVE, VmRecord
-from tests.fakes import FakeEventFeed
+from tests.fakes import FakeEventFeed, NoRoutes
 
 SID = "70653436-f809-4410-b306-b50a3402ca56"
 VM_ID = "vmid-0123456789abcdef"
@@ -103,7 +103,7 @@ class MemoryTransport(asyncio.Transport):
 
 
 @dataclass
-class RouteStore:
+class RouteStore(NoRoutes):
     """The edge's route source: one session's VM and its share."""
 
     share: dict[str, object] = field(default_factory=lambda: {"port": PORT, "is_public": True})
@@ -120,15 +120,6 @@ class RouteStore:
     async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
         self.lookups += 1
         return (self.vm(), False) if session_id == SID else (None, False)
-
-    async def vm_and_port(self, vm_id: str, port: int) -> tuple[VmRecord | None, bool]:
-        return None, False
-
-    async def domain_vm(self, domain: str) -> VmRecord | None:
-        return None
-
-    async def instance_route(self, instance_uuid: str) -> tuple[None, None, frozenset[str]]:
-        return None, None, frozenset()
 
 
 @dataclass

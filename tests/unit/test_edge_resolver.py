@@ -7,8 +7,8 @@ import time
 
 from gateway.edge.resolver import Resolver
 from gateway.state.events import VmChanged
-from gateway.state.records import InstanceRecord, VmRecord
-from tests.fakes import FakeEventFeed
+from gateway.state.records import VmRecord
+from tests.fakes import FakeEventFeed, NoRoutes
 
 VM_ID = "vmid-0123456789abcdef0123"
 SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"
@@ -22,7 +22,7 @@ def vm_record(ip: str = "172.30.0.2", status: str = "active") -> VmRecord:
     )  # fmt: skip
 
 
-class SlowStore:
+class SlowStore(NoRoutes):
     """A RouteSource that knows one VM by its id. Counts lookups; each waits for `release`, so tests
     decide when Redis 'answers'."""
 
@@ -35,17 +35,6 @@ class SlowStore:
         self.calls += 1
         await self.release.wait()
         return (self.vm if vm_id == self.vm.vm_id else None), port == 3000
-
-    async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
-        return None, False
-
-    async def domain_vm(self, domain: str) -> VmRecord | None:
-        return None
-
-    async def instance_route(
-        self, instance_uuid: str
-    ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
-        return None, None, frozenset()
 
 
 def resolver(store: SlowStore) -> Resolver:
