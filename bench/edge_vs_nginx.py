@@ -419,7 +419,12 @@ async def app_in_vm(gw: Gateway) -> AsyncIterator[App]:
         app_pids: list[int] = []
         try:
             command = f"{sys.executable} {UPSTREAM_APP} {APP_PORT} --processes {APP_PROCESSES}"
-            body = {"session_id": vm["session_id"], "command": command, "timeout": EXECUTE_TIMEOUT_S}
+            body = {
+                "session_id": vm["session_id"],
+                "language": "bash",
+                "command": command,
+                "timeout": EXECUTE_TIMEOUT_S,
+            }
             async with http.post("/execute", json=body) as resp:
                 result = await resp.json()
                 if resp.status != 200 or result.get("exit_code") != 0:

@@ -59,7 +59,7 @@ async def create_and_run(
 ) -> dict:
     took, vm = await timed(client, "POST", f"{url}/v1/vms", json=body)
     rows[row].append(took)
-    run = {"session_id": vm["session_id"], "command": "true"}
+    run = {"session_id": vm["session_id"], "language": "bash", "command": "true"}
     rows[f"{row}_exec"].append((await timed(client, "POST", f"{url}/execute", json=run))[0])
     return vm
 

@@ -40,7 +40,7 @@ from gateway.orchestrator.service import Orchestrator
 from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
 from gateway.state.keyspace import Keys
-from gateway.state.ports import EventFeed, RouteSource
+from gateway.state.ports import EventFeed, RouteSource, TrafficSink
 from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
@@ -192,6 +192,7 @@ async def running_gateway(
                         svc.events,
                         str(api_socket),
                         reuse_port=workers is not None,
+                        traffic=svc.store,
                     ) as (edge, tls),
                     keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
                     keeping_domain_certs(
@@ -234,6 +235,7 @@ async def running_public_edge(
     api_socket: str,
     *,
     reuse_port: bool,
+    traffic: TrafficSink | None = None,
 ) -> AsyncIterator[tuple[Edge, TlsServing | None]]:
     """The edge, with TLS (certificates from the store, kept in step) when tls.listen is set."""
     async with contextlib.AsyncExitStack() as stack:
@@ -244,7 +246,7 @@ async def running_public_edge(
         )
         async with running_edge(
             config, routes, events, vm_networks(config), api_socket, reuse_port=reuse_port,
-            sni=tls.table if tls is not None else None,
+            sni=tls.table if tls is not None else None, traffic=traffic,
         ) as edge:  # fmt: skip
             yield edge, tls
 
@@ -317,7 +319,9 @@ async def running_edge_only(
         store = RedisStore(client, keys, config.vms.retention_s)
         async with (
             following_events(client, keys) as events,
-            running_public_edge(config, client, store, events, api_socket, reuse_port=True) as (edge, tls),
+            running_public_edge(
+                config, client, store, events, api_socket, reuse_port=True, traffic=store
+            ) as (edge, tls),
             running_admin(config, AdminView(client, edge, None, tls)),
         ):
             snapshots = asyncio.create_task(write_snapshots(edge, stats_dir)) if stats_dir else None

@@ -276,7 +276,8 @@ class AcmeConfig:
 
 @dataclass(frozen=True)
 class ExecuteConfig:
-    default_timeout_s: float = 30.0
+    # The official SDK waits its client timeout (300 s by default) for an execute without a timeout.
+    default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_output_bytes: int = 1024 * 1024
 

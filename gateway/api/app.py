@@ -11,7 +11,17 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import domains, execute, instances, sessions, snapshots, templates, vms
+from gateway.api import (
+    domains,
+    execute,
+    instances,
+    session_records,
+    sessions,
+    snapshots,
+    templates,
+    users,
+    vms,
+)
 from gateway.api.context import CONFIG, INSTANCES, KEY_STORE, ORCHESTRATOR
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
@@ -66,6 +76,8 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[INSTANCES] = InstanceService(orchestrator, config)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
+    app.add_routes(session_records.routes)
+    app.add_routes(users.routes)
     app.add_routes(vms.routes)
     app.add_routes(domains.routes)
     app.add_routes(execute.routes)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.api.context import KEY_STORE
 from gateway.errors import Unauthorized
+from gateway.keys import ApiKeyRecord
 
 
 def key_from_headers(request: web.Request) -> str | None:
@@ -22,9 +23,14 @@ def key_from_headers(request: web.Request) -> str | None:
     return None
 
 
-async def authenticate(request: web.Request, body_key: str | None = None) -> str:
-    """Return the caller's key id or raise Unauthorized. A key in the body wins over the headers."""
+async def authenticated_key(request: web.Request, body_key: str | None = None) -> ApiKeyRecord:
+    """The caller's key record, or Unauthorized. A key in the body wins over the headers."""
     record = await request.app[KEY_STORE].authenticate(body_key or key_from_headers(request))
     if record is None:
         raise Unauthorized()
-    return record.key_id
+    return record
+
+
+async def authenticate(request: web.Request, body_key: str | None = None) -> str:
+    """Return the caller's key id (the owner of what it makes) or raise Unauthorized."""
+    return (await authenticated_key(request, body_key)).key_id

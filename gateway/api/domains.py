@@ -8,7 +8,7 @@ from aiohttp import web
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
 from gateway.api.responses import domain_view, json_response
-from gateway.api.schemas import CustomDomainListResponse, CustomDomainResponse
+from gateway.api.schemas import CustomDomainList, CustomDomainResponse
 from gateway.errors import NotFound
 from gateway.orchestrator.domains import DomainService
 
@@ -27,7 +27,7 @@ async def list_domains(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     records = await _domains(request).list(owner)
     views = [CustomDomainResponse(**domain_view(request.app[CONFIG], rec)) for rec in records]
-    return json_response(CustomDomainListResponse(custom_domains=views, total=len(views)))
+    return json_response(CustomDomainList(views))
 
 
 @routes.get("/v1/custom-domains/{domain}")

@@ -16,6 +16,9 @@ from gateway.orchestrator.model import VM_ACTIVE, DomainRecord, VmRecord, is_liv
 from gateway.tls.providers.delegated import challenge_name, delegation_target
 from gateway.tls.providers.registry import DELEGATED
 
+# A custom domain's state as the official SDK names it (its wait and verify helpers read ``status``).
+SDK_DOMAIN_STATUS = {"verifying": "verified"}
+
 
 def iso(ts: float | None) -> str | None:
     """UTC time as the spec's examples show it: 2025-01-10T12:34:56 (no offset, always UTC)."""
@@ -82,7 +85,8 @@ def domain_view(config: Config, rec: DomainRecord) -> dict[str, Any]:
     """A custom domain as the API shows it: never its credentials. A delegated one shows the record the
     customer must add."""
     view: dict[str, Any] = {
-        "domain": rec.domain, "vm_id": rec.vm_id, "dns_provider": rec.dns_provider, "state": rec.state,
+        "domain": rec.domain, "id": rec.domain, "vm_id": rec.vm_id, "dns_provider": rec.dns_provider,
+        "state": rec.state, "status": SDK_DOMAIN_STATUS.get(rec.state, rec.state),
         "last_error": rec.last_error, "expires_at": iso(rec.not_after), "created_at": iso(rec.created_at),
         "url": f"https://{rec.domain}/",
     }  # fmt: skip

@@ -8,10 +8,11 @@ Unknown fields are ignored, as the spec's models do, so newer clients keep worki
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 VCPU_COUNTS = (1, 2, 4, 6, 8)
@@ -150,6 +151,82 @@ class AppURLResponse(_Model):
     expires_in_seconds: int | None = None
 
 
+class SessionInfoResponse(_Model):
+    """A session record (``GET /v1/sessions/session/{id}``): its settings, its current VM, and the names
+    of its env variables (never their values: they may be secrets)."""
+
+    session_id: str
+    id: str
+    created_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    status: Literal["active", "idle", "ended"] = Field(
+        description="active: its VM runs or boots; idle: no VM yet; ended: its last VM ended"
+    )
+    vm_id: str | None = None
+    vm_status: str | None = None
+    vm_lifetime_seconds: int
+    memory_mb: int
+    vcpu_count: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    env_keys: list[str] = Field(default_factory=list)
+    env_status: str = "none"
+    env_error: str | None = None
+    executions: int = 0
+
+
+class SessionUsageResponse(_Model):
+    """What a session used, over every VM it has had; null for what this gateway's VM driver cannot
+    measure (the process driver has no cgroups)."""
+
+    session_id: str
+    vm_count: int
+    vm_seconds: float
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_mb: float | None = None
+    bytes_in: int = Field(description="Request and upstream tunnel bytes the edges carried to its VMs")
+    bytes_out: int = Field(description="Response and downstream tunnel bytes the edges carried from them")
+    executions: int
+
+
+class SandboxesQuery(_Model):
+    metadata: str | None = Field(None, description="A JSON object: every key must match the VM's metadata")
+    limit: int = Field(100, ge=1, le=1000)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise PydanticCustomError("json_invalid", "metadata must be a JSON object") from None
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError("dict_type", "metadata must be a JSON object")
+        return value
+
+
+class KillRequest(_Model):
+    session_id: str = Field(min_length=1)
+
+
+class KillResponse(_Model):
+    session_id: str
+    killed: bool = Field(description="false when the session had no live VM")
+    vm_id: str | None = None
+    status: str | None = None
+
+
+class UserResponse(_Model):
+    """Who the API key is (``GET /v1/users/me``): the gateway's users are its API keys."""
+
+    id: str
+    key_id: str
+    name: str
+    organization: str | None = Field(None, description="The organisation (UUID) of an Instances API key")
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
 class VmResponse(_Model):
     """One VM, as GET /v1/vms/{vm_id} and the list show it."""
 
@@ -184,6 +261,9 @@ class VmResponse(_Model):
 
 class SnapshotResponse(_Model):
     snapshot_id: str
+    # The official SDK reads ``id`` and ``status``; a listed snapshot is always complete.
+    id: str
+    status: Literal["ready"] = "ready"
     name: str | None = None
     vm_id: str
     driver: str
@@ -193,9 +273,8 @@ class SnapshotResponse(_Model):
     created_at: str = Field(json_schema_extra={"format": "date-time"})
 
 
-class SnapshotListResponse(_Model):
-    snapshots: list[SnapshotResponse]
-    total: int
+class SnapshotList(RootModel[list[SnapshotResponse]]):
+    """A bare JSON array: the official SDK reads anything else as an empty list."""
 
 
 class DnsRecordView(_Model):
@@ -208,9 +287,13 @@ class CustomDomainResponse(_Model):
     """A custom domain and its certificate's state; ``dns_record`` is the CNAME a delegated one needs."""
 
     domain: str
+    id: str = Field(description="The domain itself: what the /v1/custom-domains/{id} paths take")
     vm_id: str
     dns_provider: str
     state: Literal["pending", "verifying", "issued", "failed"]
+    status: Literal["pending", "verified", "issued", "failed"] = Field(
+        description="The official SDK's name for the state: verifying is verified (the ACME order runs)"
+    )
     last_error: str | None = None
     expires_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
     created_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
@@ -218,14 +301,18 @@ class CustomDomainResponse(_Model):
     dns_record: DnsRecordView | None = None
 
 
-class CustomDomainListResponse(_Model):
-    custom_domains: list[CustomDomainResponse]
-    total: int
+class CustomDomainList(RootModel[list[CustomDomainResponse]]):
+    """A bare JSON array, as the official SDK reads it."""
 
 
-class VmListResponse(_Model):
-    vms: list[VmResponse]
-    total: int
+class VmListQuery(_Model):
+    """``?status=`` picks one state (both lists); ``?metadata.<key>=<value>`` filters by metadata."""
+
+    status: Literal["creating", "active", "killed", "failed"] | None = None
+
+
+class VmList(RootModel[list[VmResponse]]):
+    """A bare JSON array, as the official SDK reads it (``instavm ls``)."""
 
 
 class TemplateResponse(_Model):
@@ -255,7 +342,8 @@ class TemplateListResponse(_Model):
 
 class ExecuteRequest(_Model):
     command: str = Field(min_length=1)
-    language: Literal["bash", "python"] = "bash"
+    # Python when none is given: the official SDK's first example sends Python without a language.
+    language: Literal["bash", "python"] = "python"
     session_id: str | None = None
     timeout: float | None = Field(None, gt=0)
 

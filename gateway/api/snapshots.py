@@ -8,7 +8,7 @@ from aiohttp import web
 from gateway.api.auth import authenticate
 from gateway.api.context import ORCHESTRATOR
 from gateway.api.responses import iso, json_response
-from gateway.api.schemas import SnapshotListResponse, SnapshotResponse
+from gateway.api.schemas import SnapshotList, SnapshotResponse
 from gateway.orchestrator.model import SnapshotRecord
 
 routes = web.RouteTableDef()
@@ -17,6 +17,7 @@ routes = web.RouteTableDef()
 def snapshot_view(snap: SnapshotRecord) -> SnapshotResponse:
     return SnapshotResponse(
         snapshot_id=snap.snapshot_id,
+        id=snap.snapshot_id,
         name=snap.name,
         vm_id=snap.vm_id,
         driver=snap.driver,
@@ -31,7 +32,7 @@ def snapshot_view(snap: SnapshotRecord) -> SnapshotResponse:
 async def list_snapshots(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     views = [snapshot_view(s) for s in await request.app[ORCHESTRATOR].snapshots.list(owner)]
-    return json_response(SnapshotListResponse(snapshots=views, total=len(views)))
+    return json_response(SnapshotList(views))
 
 
 @routes.get("/v1/snapshots/{snapshot_id}")

@@ -11,11 +11,11 @@ from aiohttp import web
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, ORCHESTRATOR
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
-from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmListResponse
+from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmList, VmListQuery
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
-from gateway.orchestrator.model import VM_FAILED, SnapshotRecord
+from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.snapshots import SnapshotService
 from gateway.tokens import token_hash
@@ -183,14 +183,27 @@ def metadata_filter(request: web.Request) -> dict[str, str]:
     }
 
 
-@routes.get("/v1/vms")
-async def list_vms(request: web.Request) -> web.Response:
+async def listed_vms(request: web.Request, *, running_only: bool) -> web.Response:
     owner = await authenticate(request)
-    orchestrator = request.app[ORCHESTRATOR]
-    status = request.query.get("status")
-    records = await orchestrator.list_vms(owner, metadata_filter(request))
-    views = [vm_view(request.app[CONFIG], r) for r in records if status is None or r.status == status]
-    return json_response(VmListResponse(vms=views, total=len(views)))
+    query = parse_query(request, VmListQuery)
+    records = await request.app[ORCHESTRATOR].list_vms(owner, metadata_filter(request))
+    if query.status is not None:
+        records = [r for r in records if r.status == query.status]
+    elif running_only:
+        records = [r for r in records if is_live(r)]
+    return json_response(VmList([vm_view(request.app[CONFIG], r) for r in records]))
+
+
+@routes.get("/v1/vms")
+async def list_running_vms(request: web.Request) -> web.Response:
+    """The key's running (and booting) VMs, as the official SDK's ``vms.list()`` reads them."""
+    return await listed_vms(request, running_only=True)
+
+
+@routes.get("/v1/vms/")
+async def list_all_vms(request: web.Request) -> web.Response:
+    """Every VM record of the key, ended ones still retained included (``vms.list_all_records()``)."""
+    return await listed_vms(request, running_only=False)
 
 
 @routes.delete("/v1/vms/{vm_id}")

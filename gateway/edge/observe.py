@@ -53,6 +53,35 @@ MAX_PENDING_CHUNKS = 256
 MAX_PENDING_BYTES = 1 << 20
 
 
+class VmTraffic:
+    """Bytes carried per VM since the last flush (a session's usage); a task hands them to the state.
+
+    Counted when an exchange ends: a long WebSocket's bytes land when it closes."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, vm_id: str, bytes_in: int, bytes_out: int) -> None:
+        pair = self.counts.get(vm_id)
+        if pair is None:
+            self.counts[vm_id] = [bytes_in, bytes_out]
+        else:
+            pair[0] += bytes_in
+            pair[1] += bytes_out
+
+    def take(self) -> dict[str, tuple[int, int]]:
+        """What was counted since the last take, and start again from zero."""
+        counts, self.counts = self.counts, {}
+        return {vm_id: (pair[0], pair[1]) for vm_id, pair in counts.items() if pair[0] or pair[1]}
+
+    def give_back(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Counts a flush could not write: kept for the next one."""
+        for vm_id, (bytes_in, bytes_out) in counts.items():
+            self.add(vm_id, bytes_in, bytes_out)
+
+
 class EdgeStats:
     """Counters of one edge process. Keys are small strings; values plain ints and floats."""
 

@@ -29,7 +29,7 @@ from gateway.edge import access, pages
 from gateway.edge import headers as hdr
 from gateway.edge.deadline import Deadline
 from gateway.edge.exchange import Exchange, head_bytes
-from gateway.edge.observe import AccessLog, EdgeStats
+from gateway.edge.observe import AccessLog, EdgeStats, VmTraffic
 from gateway.edge.resolver import MISS, CacheKey, Resolver, Route
 from gateway.edge.routing import Redirect, Reply, RoutingPolicy, body_too_large
 from gateway.edge.settings import EdgeSettings
@@ -83,6 +83,7 @@ class Edge:
         self.pool = pool
         self.api_key, self.api_unix_path = api_pool_key(settings.api_upstream)
         self.stats = EdgeStats()
+        self.traffic = VmTraffic()
         self.access_log = access_log
         # Request ids: this process's random prefix and a counter (unique without a random call each).
         self._request_prefix = secrets.token_hex(4).encode()
@@ -118,6 +119,8 @@ class Edge:
     def observe(self, ex: Exchange, peer_ip: str) -> None:
         """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
         self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
+        if ex.vm_id is not None:
+            self.traffic.add(ex.vm_id, ex.sent_bytes, ex.bytes_out)
         if self.access_log is not None:
             self.access_log.write(ex, peer_ip, self.loop.time() - ex.started)
 

@@ -13,20 +13,39 @@ from contextlib import asynccontextmanager
 
 from gateway.background import stop_loop
 from gateway.config import Config, split_host_port
-from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog
+from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog, VmTraffic
 from gateway.edge.protocol import Edge, EdgeProtocol
 from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
-from gateway.errors import ListenFailed
-from gateway.state.ports import EventFeed, RouteSource
+from gateway.errors import ListenFailed, StoreUnavailable
+from gateway.state.ports import EventFeed, RouteSource, TrafficSink
 from gateway.tls.sni import SniTable
+
+# How often an edge adds the bytes it carried to the VMs' records (their sessions' usage).
+TRAFFIC_FLUSH_S = 1.0
 
 
 async def flush_access_log(access_log: AccessLog) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         access_log.flush()
+
+
+async def flush_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
+    """Hand the bytes counted per VM to the state every TRAFFIC_FLUSH_S; what cannot be written now is
+    kept for the next round (Redis may be away for a while)."""
+    while True:
+        await asyncio.sleep(TRAFFIC_FLUSH_S)
+        await write_traffic(traffic, sink)
+
+
+async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
+    counts = traffic.take()
+    try:
+        await sink.add_traffic(counts)
+    except StoreUnavailable:
+        traffic.give_back(counts)
 
 
 @asynccontextmanager
@@ -39,16 +58,18 @@ async def running_edge(
     *,
     reuse_port: bool = False,
     sni: SniTable | None = None,
+    traffic: TrafficSink | None = None,
 ) -> AsyncIterator[Edge]:
     """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
     processes listen there as well. Routes come from ``routes``, kept fresh by ``events`` (the process's
-    one subscription, which the caller runs)."""
+    one subscription, which the caller runs); the bytes it carries per VM go to ``traffic``."""
     resolver = Resolver(routes, vm_networks, config.edge.redis_grace_s)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
     edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log)
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
+    traffic_flusher = asyncio.create_task(flush_traffic(edge.traffic, traffic)) if traffic else None
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     try:
@@ -90,6 +111,9 @@ async def running_edge(
         await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
         events.remove(resolver)
+        if traffic is not None:
+            await stop_loop(traffic_flusher)
+            await write_traffic(edge.traffic, traffic)  # what the drain counted
         if access_log is not None:
             await stop_loop(flusher)
             await asyncio.to_thread(access_log.close)

@@ -31,7 +31,7 @@ from gateway.errors import (
 from gateway.ids import new_session_id, new_vm_id
 from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore, image_store
 from gateway.orchestrator.domains import DomainRequest, DomainService
-from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, ResourceUsage, VmDriver, VmInfo, VmSpec, VmUsage
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.state.records import (
     VM_ACTIVE,
@@ -87,6 +87,19 @@ class VmParams:
     restore: SnapshotRecord | None = None
     # The root file system image (image_variant; [images.definitions]): "" is the default one.
     image: str = ""
+
+
+@dataclass
+class SessionUsage:
+    """A session's usage (``GET /v1/sessions/usage/{id}``); None for what the driver cannot measure."""
+
+    session: SessionRecord
+    vms: list[VmRecord]
+    vm_seconds: float = 0.0
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass
@@ -164,6 +177,39 @@ class Orchestrator:
         if vm.status == VM_ACTIVE:
             await self.store.expose_port(vm.vm_id, port)
         return vm
+
+    async def session_vms(self, owner: str, session_id: str) -> list[VmRecord]:
+        """Every VM the session has had (retained ones included), oldest first."""
+        session = await self._owned_session(owner, session_id)
+        return [vm for vm in await self.list_vms(owner) if vm.session_id == session.session_id]
+
+    async def session_usage(self, owner: str, session_id: str) -> SessionUsage:
+        """What the session's VMs used: their running time, CPU and peak memory (from cgroups, where the
+        driver has them), the bytes the edges carried for them, and the commands run."""
+        session = await self._owned_session(owner, session_id)
+        vms = await self.session_vms(owner, session_id)
+        now = time.time()
+        usage = SessionUsage(session=session, vms=vms)
+        for vm in vms:
+            if vm.started_at is not None:
+                usage.vm_seconds += max(0.0, (vm.ended_at or now) - vm.started_at)
+            usage.bytes_in += vm.bytes_in
+            usage.bytes_out += vm.bytes_out
+            used = await self.resource_usage(vm)
+            if used is not None and used.cpu_seconds is not None:
+                usage.cpu_seconds = (usage.cpu_seconds or 0.0) + used.cpu_seconds
+            if used is not None and used.peak_memory_bytes is not None:
+                usage.peak_memory_bytes = max(usage.peak_memory_bytes or 0, used.peak_memory_bytes)
+        return usage
+
+    async def kill_session(self, owner: str, session_id: str) -> VmRecord | None:
+        """Kill the session's VM (``POST /kill``); the VM as it ended, or None when it had none live."""
+        session = await self._owned_session(owner, session_id)
+        vm = await self.session_vm(session)
+        if vm is None or not is_live(vm):
+            return None
+        await self.end(vm, VM_KILLED, "killed by request")
+        return await self._reload(vm)
 
     async def exposed_ports(self, vm_id: str) -> set[int]:
         """The VM's ports made public by the app-url call."""
@@ -407,6 +453,8 @@ class Orchestrator:
         if rec.vm_id in self._boots:
             return  # the boot task sees the VM ended when it tries to activate it, and cleans up
         fresh = await self._reload(rec)
+        if ended:
+            await self._record_usage(fresh)
         wanted = fresh.snapshot_on_terminate and status == VM_KILLED and fresh.started_at is not None
         if ended and wanted and self.snapshots.available:
             await self.snapshots.take(fresh)
@@ -417,6 +465,28 @@ class Orchestrator:
             log.error("destroying VM %s failed: %s", fresh.vm_id, exc)
             return
         await self.store.release_slot(fresh.driver, fresh.slot, fresh.vm_id)
+
+    async def _record_usage(self, rec: VmRecord) -> None:
+        """Keep what the VM's cgroup used on its record, read before the driver removes the cgroup."""
+        if rec.driver != self.driver.name or not isinstance(self.driver, VmUsage):
+            return
+        usage = await self.driver.usage(rec.vm_id, rec.handle)
+        if usage.cpu_seconds is not None or usage.peak_memory_bytes is not None:
+            await self.store.update_vm(
+                rec.vm_id, cpu_seconds=usage.cpu_seconds, peak_memory_bytes=usage.peak_memory_bytes
+            )
+            rec.cpu_seconds, rec.peak_memory_bytes = usage.cpu_seconds, usage.peak_memory_bytes
+
+    async def resource_usage(self, rec: VmRecord) -> ResourceUsage | None:
+        """What a VM's cgroup has used: read live while it runs, kept on the record once it ended.
+        None where the driver cannot tell (the process driver has no cgroups)."""
+        if not is_live(rec):
+            if rec.cpu_seconds is None and rec.peak_memory_bytes is None:
+                return None
+            return ResourceUsage(rec.cpu_seconds, rec.peak_memory_bytes)
+        if rec.driver != self.driver.name or not isinstance(self.driver, VmUsage):
+            return None
+        return await self.driver.usage(rec.vm_id, rec.handle)
 
     async def wait_active(self, rec: VmRecord) -> VmRecord:
         """Wait for a creating VM to finish booting (in this process or another)."""
@@ -452,6 +522,7 @@ class Orchestrator:
         remaining = (vm.expires_at or 0) - time.time()
         if remaining <= 0:
             raise Timeout("the VM reached the end of its lifetime", code="vm_expired")
+        await self.store.count_execution(session.session_id)
         result = await self.driver.execute(
             vm.vm_id,
             vm.handle,

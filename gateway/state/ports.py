@@ -12,7 +12,7 @@ from typing import Protocol
 from gateway.state.events import Event
 from gateway.state.records import InstanceRecord, VmRecord
 
-__all__ = ["EventFeed", "EventSubscriber", "InstanceRecord", "RouteSource", "VmRecord"]
+__all__ = ["EventFeed", "EventSubscriber", "InstanceRecord", "RouteSource", "TrafficSink", "VmRecord"]
 
 
 class RouteSource(Protocol):
@@ -36,6 +36,15 @@ class RouteSource(Protocol):
         self, instance_uuid: str
     ) -> tuple[InstanceRecord | None, VmRecord | None, frozenset[str]]:
         """A browser instance, its VM and the key hashes of its organisation (who may open it)."""
+        ...
+
+
+class TrafficSink(Protocol):
+    """Where edges add the bytes they carried for each VM (its session's usage)."""
+
+    async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Add (bytes in, bytes out) per VM id; VMs whose record is gone are skipped. Raises
+        ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
         ...
 
 

@@ -102,6 +102,8 @@ class SessionRecord(_Record):
     vm_id: str | None = None
     env_status: str = "none"
     env_error: str | None = None
+    # Commands run in the session's VMs (POST /execute and /execute_async), for its usage.
+    executions: int = 0
 
 
 @dataclass
@@ -134,6 +136,12 @@ class VmRecord(_Record):
     restored_from: str | None = None  # the snapshot this VM resumed
     # The root file system image it runs on (image_variant); None where the driver has no images.
     image_variant: str | None = None
+    # Usage: body and tunnel bytes through the edge (added by edges while it lives), and what its cgroup
+    # used, read when it ended (None where the driver has no cgroups, or before it ended).
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
 
     @property
     def alive(self) -> bool:

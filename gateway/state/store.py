@@ -115,6 +115,17 @@ redis.call('DEL', KEYS[4])
 return 1
 """
 
+# Add an edge's byte counts to VM records, skipping records that are gone (never recreating one).
+# ARGV: bytes in, bytes out per key, in KEYS order.
+_ADD_TRAFFIC = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 'bytes_in', ARGV[2 * i - 1])
+    redis.call('HINCRBY', key, 'bytes_out', ARGV[2 * i])
+  end
+end
+return 1
+"""
 
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
@@ -133,6 +144,7 @@ class RedisStore:
         self._update_if_held = client.register_script(_UPDATE_IF_HELD)
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
+        self._add_traffic = client.register_script(_ADD_TRAFFIC)
         vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
         self._instance_key_templates = [*vm_key.split(_ID_MARK), *keys.org_keys(_ID_MARK).split(_ID_MARK)]
@@ -149,6 +161,9 @@ class RedisStore:
     async def update_session(self, session_id: str, **values: Any) -> None:
         mapping = {k: dump_field(v) for k, v in values.items()}
         await guarded(self.client.hset(self.keys.session(session_id), mapping=hash_fields(mapping)))
+
+    async def count_execution(self, session_id: str) -> None:
+        await guarded(self.client.hincrby(self.keys.session(session_id), "executions", 1))
 
     # VMs ------------------------------------------------------------------------------------------
 
@@ -196,6 +211,14 @@ class RedisStore:
                 await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
             await self.publish(VmChanged(rec.vm_id, rec.session_id, status))
         return bool(done)
+
+    async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
+        """The edge's bytes per VM, added to the VM records that still exist (``TrafficSink``)."""
+        if not counts:
+            return
+        ids = list(counts)
+        args = [n for vm_id in ids for n in counts[vm_id]]
+        await guarded(self._add_traffic(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
 
     async def owner_vm_ids(self, owner: str) -> list[str]:
         return sorted(await guarded(self.client.smembers(self.keys.owner_vms(owner))))

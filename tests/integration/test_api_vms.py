@@ -70,6 +70,7 @@ async def test_walkthrough_session_vm_execute_app_url_kill(gateway: GatewayUnder
         "/execute",
         json={
             "session_id": sid,
+            "language": "bash",
             "command": 'cd "$HOME" && echo hello > index.html && '
             "(python3 -m http.server 3000 >/dev/null 2>&1 &) && echo started",
         },
@@ -123,7 +124,7 @@ async def test_session_with_env_spawns_vm_at_once(gateway: GatewayUnderTest) -> 
     status, body = await gw.request("GET", f"/v1/sessions/status/{sid}")
     assert (body["vm_assigned"], body["vm_alive"], body["env_status"]) == (True, True, "configured")
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": sid, "command": 'echo "$GREETING"'}
+        "POST", "/execute", json={"session_id": sid, "language": "bash", "command": 'echo "$GREETING"'}
     )
     assert out["stdout"] == "hi there\n"
     status, out = await gw.request(
@@ -139,12 +140,16 @@ async def test_session_with_env_spawns_vm_at_once(gateway: GatewayUnderTest) -> 
 
 async def test_execute_reports_exit_code_stderr_timeout_and_truncation(gateway: GatewayUnderTest) -> None:
     gw = gateway
-    status, out = await gw.request("POST", "/execute", json={"command": "echo oops >&2; exit 3"})
+    status, out = await gw.request(
+        "POST", "/execute", json={"language": "bash", "command": "echo oops >&2; exit 3"}
+    )
     assert status == 200
     assert (out["stderr"], out["exit_code"], out["timed_out"]) == ("oops\n", 3, False)
     sid = out["session_id"]  # no session given: one was made, with a VM
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": sid, "command": "sleep 30", "timeout": 0.5}
+        "POST",
+        "/execute",
+        json={"session_id": sid, "language": "bash", "command": "sleep 30", "timeout": 0.5},
     )
     assert (out["timed_out"], out["exit_code"]) == (True, None)
     assert out["execution_time"] < 5
@@ -152,7 +157,11 @@ async def test_execute_reports_exit_code_stderr_timeout_and_truncation(gateway: 
     status, out = await gw.request(
         "POST",
         "/execute",
-        json={"session_id": sid, "command": f"head -c {limit + 10} /dev/zero | tr '\\0' a"},
+        json={
+            "session_id": sid,
+            "language": "bash",
+            "command": f"head -c {limit + 10} /dev/zero | tr '\\0' a",
+        },
     )
     assert out["truncated"] is True and len(out["stdout"]) == limit
 
@@ -184,15 +193,26 @@ async def test_list_vms_filters_by_metadata(gw: GatewayUnderTest) -> None:
         status, vm = await gw.request("POST", "/v1/vms", json={"metadata": {"team": team, "n": n}})
         made[team] = vm["vm_id"]
     status, listed = await gw.request("GET", "/v1/vms")
-    assert listed["total"] == 2
+    assert status == 200 and sorted(v["vm_id"] for v in listed) == sorted(made.values())
     status, red = await gw.request("GET", "/v1/vms?metadata.team=red")
-    assert [v["vm_id"] for v in red["vms"]] == [made["red"]]
+    assert [v["vm_id"] for v in red] == [made["red"]]
     status, two = await gw.request("GET", "/v1/vms?metadata.n=2")
-    assert [v["vm_id"] for v in two["vms"]] == [made["blue"]]
+    assert [v["vm_id"] for v in two] == [made["blue"]]
     await gw.request("DELETE", f"/v1/vms/{made['red']}")
-    status, active = await gw.request("GET", "/v1/vms?status=active")
-    assert status == 200
-    assert [v["vm_id"] for v in active["vms"]] == [made["blue"]]
+    # GET /v1/vms: the running ones (the official SDK's vms.list()); GET /v1/vms/: every record.
+    status, running = await gw.request("GET", "/v1/vms")
+    assert status == 200 and [v["vm_id"] for v in running] == [made["blue"]]
+    status, everything = await gw.request("GET", "/v1/vms/")
+    assert status == 200 and {v["vm_id"]: v["status"] for v in everything} == {
+        made["red"]: "killed",
+        made["blue"]: "active",
+    }
+    status, killed = await gw.request("GET", "/v1/vms?status=killed")
+    assert status == 200 and [v["vm_id"] for v in killed] == [made["red"]]
+    status, red_records = await gw.request("GET", "/v1/vms/?metadata.team=red")
+    assert [v["vm_id"] for v in red_records] == [made["red"]]
+    status, body = await gw.request("GET", "/v1/vms?status=sleeping")
+    assert status == 422 and body["detail"][0]["loc"] == ["query", "status"]
 
 
 async def test_app_url_errors(gw: GatewayUnderTest) -> None:
@@ -222,12 +242,14 @@ async def test_tenants_cannot_see_each_other(gw: GatewayUnderTest) -> None:
         assert theirs == unknown == (404, {"detail": "VM not found", "code": "vm_not_found"})
     status, body = await gw.request("GET", f"/v1/sessions/app-url/{sid}", key=other)
     assert status == 404
-    status, body = await gw.request("POST", "/execute", key=other, json={"session_id": sid, "command": "id"})
+    status, body = await gw.request(
+        "POST", "/execute", key=other, json={"session_id": sid, "language": "bash", "command": "id"}
+    )
     assert status == 404
     status, body = await gw.request("POST", "/v1/vms", key=other, json={"session_id": sid})
     assert status == 404
-    status, listed = await gw.request("GET", "/v1/vms", key=other)
-    assert listed == {"vms": [], "total": 0}
+    for path in ("/v1/vms", "/v1/vms/", "/v1/sessions/sandboxes"):
+        assert await gw.request("GET", path, key=other) == (200, [])
     assert (await gw.services.store.get_vm(vm["vm_id"])).status == "active"
 
 

@@ -185,7 +185,9 @@ def test_ctrl_c_drains_in_flight_requests_with_redis_still_up(server: Server, tm
     result: list[tuple[int, dict]] = []
     command = f"echo started > {fifo}; sleep 1; echo done"
     caller = threading.Thread(
-        target=lambda: result.append(server.call("POST", "/execute", {"command": command}, key))
+        target=lambda: result.append(
+            server.call("POST", "/execute", {"language": "bash", "command": command}, key)
+        )
     )
     caller.start()
     fifo.read_text()  # returns once the command runs inside the VM
@@ -286,7 +288,7 @@ def test_sigkill_mid_traffic_loses_no_route_vm_or_certificate(tmp_path: Path) ->
         status, vm = first.call("POST", "/v1/vms", {"vm_lifetime_seconds": 600}, key)
         assert status == 200, vm
         serve_files = "python3 -m http.server 3000 >/dev/null 2>&1 &"
-        command = {"session_id": vm["session_id"], "command": serve_files}
+        command = {"session_id": vm["session_id"], "language": "bash", "command": serve_files}
         assert first.call("POST", "/execute", command, key)[0] == 200
         status, app = first.call("GET", f"/v1/sessions/app-url/{vm['session_id']}?port=3000", None, key)
         assert status == 200

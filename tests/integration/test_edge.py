@@ -37,7 +37,9 @@ async def start_app(gw: GatewayUnderTest) -> tuple[str, str, str]:
     status, vm = await gw.request("POST", "/v1/vms", json={})
     assert status == 200, vm
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
+        "POST",
+        "/execute",
+        json={"session_id": vm["session_id"], "language": "bash", "command": echo_app_command(APP_PORT)},
     )
     assert (status, out["exit_code"]) == (200, 0), out
     status, app = await gw.request("GET", f"/v1/sessions/app-url/{vm['session_id']}?port={APP_PORT}")
@@ -349,7 +351,9 @@ async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: Gate
     token, url = share["access_token"], share["url"]
     assert (share["port"], share["is_public"]) == (APP_PORT, False)
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
+        "POST",
+        "/execute",
+        json={"session_id": vm["session_id"], "language": "bash", "command": echo_app_command(APP_PORT)},
     )
     assert (status, out["exit_code"]) == (200, 0)
     status, shown = await gw.request("GET", f"/v1/vms/{vm['vm_id']}")

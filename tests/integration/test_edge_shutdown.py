@@ -104,7 +104,9 @@ async def test_sigterm_drains_uploads_and_closes_websockets_cleanly(
             vm = await resp.json()
             assert resp.status == 200, vm
         command = echo_app_command(APP_PORT)
-        async with api.post("/execute", json={"session_id": vm["session_id"], "command": command}) as resp:
+        async with api.post(
+            "/execute", json={"session_id": vm["session_id"], "language": "bash", "command": command}
+        ) as resp:
             assert (await resp.json())["exit_code"] == 0
         async with api.get(f"/v1/sessions/app-url/{vm['session_id']}?port={APP_PORT}") as resp:
             url = (await resp.json())["url"]

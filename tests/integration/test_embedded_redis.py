@@ -97,7 +97,12 @@ def test_a_killed_embedded_redis_comes_back_on_the_same_data_and_the_gateway_rec
         assert status == 200, vm
         serve_files = "python3 -m http.server 3000 >/dev/null 2>&1 &"
         assert (
-            server.call("POST", "/execute", {"session_id": vm["session_id"], "command": serve_files}, key)[0]
+            server.call(
+                "POST",
+                "/execute",
+                {"session_id": vm["session_id"], "language": "bash", "command": serve_files},
+                key,
+            )[0]
             == 200
         )
         status, app = server.call("GET", f"/v1/sessions/app-url/{vm['session_id']}?port=3000", None, key)
@@ -142,7 +147,9 @@ def test_a_stopping_gateway_does_not_restart_its_redis(tmp_path: Path) -> None:
         fifo = tmp_path / "started"
         os.mkfifo(fifo)
         command = f"echo started > {fifo}; sleep 2"
-        caller = threading.Thread(target=lambda: server.call("POST", "/execute", {"command": command}, key))
+        caller = threading.Thread(
+            target=lambda: server.call("POST", "/execute", {"language": "bash", "command": command}, key)
+        )
         caller.start()
         fifo.read_text()  # the request is in flight
         pid = redis_pid(socket)

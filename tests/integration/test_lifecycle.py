@@ -81,7 +81,9 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(
     status, short = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 2})
     status, lost = await first.request("POST", "/v1/vms", json={"vm_lifetime_seconds": 120})
     await first.request(
-        "POST", "/execute", json={"session_id": keeper["session_id"], "command": "echo 1 > mark"}
+        "POST",
+        "/execute",
+        json={"session_id": keeper["session_id"], "language": "bash", "command": "echo 1 > mark"},
     )
     lost_rec = await first.services.store.get_vm(lost["vm_id"])
     short_rec = await first.services.store.get_vm(short["vm_id"])
@@ -97,6 +99,8 @@ async def test_restart_keeps_vms_and_reaps_what_expired_meanwhile(
     assert (lost_now.status, lost_now.error) == ("killed", "VM stopped unexpectedly")
     assert (await wait_for_end(second, short["vm_id"]))["status"] == VM_KILLED
     status, out = await second.request(
-        "POST", "/execute", json={"session_id": keeper["session_id"], "command": "cat mark"}
+        "POST",
+        "/execute",
+        json={"session_id": keeper["session_id"], "language": "bash", "command": "cat mark"},
     )
     assert (status, out["stdout"], out["vm_id"]) == (200, "1\n", keeper["vm_id"])

@@ -201,7 +201,9 @@ async def test_one_access_log_line_per_request_with_ids_and_no_secrets(
     from tests.integration.test_edge import echo_app_command
 
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": vm["session_id"], "command": echo_app_command(APP_PORT)}
+        "POST",
+        "/execute",
+        json={"session_id": vm["session_id"], "language": "bash", "command": echo_app_command(APP_PORT)},
     )
     assert out["exit_code"] == 0
     url = f"{gw.url}/v1/app/{vm['session_id']}/{APP_PORT}/"
@@ -306,7 +308,7 @@ async def test_execute_on_a_vm_that_fails_to_boot_is_a_502_not_an_internal_error
         raise DriverError("no veth left on this host")
 
     monkeypatch.setattr(gw.services.orchestrator.driver, "create", failing_create)
-    status, body = await gw.request("POST", "/execute", json={"command": "true"})
+    status, body = await gw.request("POST", "/execute", json={"language": "bash", "command": "true"})
     assert status == 502, body
     assert body["code"] == "vm_failed" and "no veth left on this host" in body["detail"]
 

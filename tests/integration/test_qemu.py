@@ -103,10 +103,11 @@ async def test_a_vm_serves_through_the_edge_and_resumes_from_its_snapshot(gatewa
     snapshot_id = ended["snapshot_id"]
     assert snapshot_id and ended["snapshot_error"] is None, ended
     status, listed = await gw.request("GET", "/v1/snapshots")
-    assert status == 200 and [(s["snapshot_id"], s["name"], s["vm_id"]) for s in listed["snapshots"]] == [
+    assert status == 200 and [(s["snapshot_id"], s["name"], s["vm_id"]) for s in listed] == [
         (snapshot_id, "site", vm_id)
     ]
-    assert listed["snapshots"][0]["memory_mb"] == 384 and listed["snapshots"][0]["size_bytes"] > 0
+    assert listed[0]["memory_mb"] == 384 and listed[0]["size_bytes"] > 0
+    assert (listed[0]["id"], listed[0]["status"]) == (listed[0]["snapshot_id"], "ready")
     # The killed VM is gone from the edge at once.
     status, _ = await get_when_served(url)
     assert status == 404
@@ -132,7 +133,9 @@ async def test_a_vm_serves_through_the_edge_and_resumes_from_its_snapshot(gatewa
     host2 = f"{new_id}-{APP_PORT}.{gw.config.api.sandbox_domain}"
     assert (await get_when_served(gw.url + "/", {"Host": host2}))[0] == 200
     status, out = await gw.request(
-        "POST", "/execute", json={"session_id": restored["session_id"], "command": "cat site/index.html"}
+        "POST",
+        "/execute",
+        json={"session_id": restored["session_id"], "language": "bash", "command": "cat site/index.html"},
     )
     assert (status, out["stdout"], out["vm_id"]) == (200, f"{PAGE}\n", new_id), out
     assert resumed_in < BOOT_TIMEOUT_S
@@ -150,7 +153,7 @@ async def test_a_vm_serves_through_the_edge_and_resumes_from_its_snapshot(gatewa
 async def test_snapshots_are_refused_where_the_driver_has_none(gw: GatewayUnderTest) -> None:
     status, body = await gw.request("POST", "/v1/vms", json={"snapshot_on_terminate": True})
     assert status == 422 and body["detail"][0]["loc"] == ["body", "snapshot_on_terminate"], body
-    assert (await gw.request("GET", "/v1/snapshots")) == (200, {"snapshots": [], "total": 0})
+    assert (await gw.request("GET", "/v1/snapshots")) == (200, [])
 
 
 async def test_a_vm_survives_a_gateway_restart_and_is_snapshotted_when_its_lifetime_ends(
@@ -162,7 +165,7 @@ async def test_a_vm_survives_a_gateway_restart_and_is_snapshotted_when_its_lifet
     assert status == 200 and created["status"] == "active", created
     session = created["session_id"]
     status, out = await first.request(
-        "POST", "/execute", json={"session_id": session, "command": "echo before > mark"}
+        "POST", "/execute", json={"session_id": session, "language": "bash", "command": "echo before > mark"}
     )
     assert out["exit_code"] == 0, out
     await first.stop()  # as SIGTERM: the VM keeps running
@@ -204,7 +207,7 @@ async def test_a_vm_that_died_is_ended_without_a_snapshot_and_says_why(gateway_f
     status, vm = await gw.request("GET", f"/v1/vms/{rec.vm_id}")
     assert vm["snapshot_id"] is None and "not running" in vm["snapshot_error"], vm
     await wait_for_release(gw, rec)
-    assert (await gw.request("GET", "/v1/snapshots"))[1]["total"] == 0
+    assert (await gw.request("GET", "/v1/snapshots"))[1] == []
 
 
 async def test_later_vms_of_a_shape_resume_its_boot_template_each_as_itself(gateway_factory: Any) -> None:
@@ -223,7 +226,9 @@ async def test_later_vms_of_a_shape_resume_its_boot_template_each_as_itself(gate
 
     async def run(created: dict[str, Any], command: str) -> str:
         status, out = await gw.request(
-            "POST", "/execute", json={"session_id": created["session_id"], "command": command}
+            "POST",
+            "/execute",
+            json={"session_id": created["session_id"], "language": "bash", "command": command},
         )
         assert (status, out["exit_code"]) == (200, 0), out
         return out["stdout"]
@@ -261,7 +266,9 @@ async def test_a_vm_runs_on_the_python_data_image_and_its_snapshot_resumes_only_
 
     async def run(created: dict[str, Any], command: str) -> dict[str, Any]:
         status, out = await gw.request(
-            "POST", "/execute", json={"session_id": created["session_id"], "command": command}
+            "POST",
+            "/execute",
+            json={"session_id": created["session_id"], "language": "bash", "command": command},
         )
         assert status == 200, out
         return out

@@ -100,7 +100,11 @@ async def test_two_edges_and_a_control_plane_share_routes(
         async with client.post(edges[1] + "/v1/vms", json={}) as resp:  # the API through the second edge
             assert resp.status == 200
             vm = await resp.json()
-        command = {"session_id": vm["session_id"], "command": f"python3 {ECHO_APP} {APP_PORT}"}
+        command = {
+            "session_id": vm["session_id"],
+            "language": "bash",
+            "command": f"python3 {ECHO_APP} {APP_PORT}",
+        }
         async with client.post(edges[0] + "/execute", json=command) as resp:
             assert (await resp.json())["exit_code"] == 0
         path = f"/v1/app/{vm['session_id']}/{APP_PORT}/echo"

@@ -109,7 +109,7 @@ def test_a_second_gateway_on_the_same_names_refuses_and_the_first_keeps_its_vm(
         key = gateway("--data-dir", str(first_data), "keys", "create", "--name", "k").stdout.split()[-1]
         status, vm = first.call("POST", "/v1/vms", {"vm_lifetime_seconds": 600}, key)
         assert status == 200, vm
-        alive = {"session_id": vm["session_id"], "command": "echo alive"}
+        alive = {"session_id": vm["session_id"], "language": "bash", "command": "echo alive"}
         status, ran = first.call("POST", "/execute", alive, key)
         assert (status, ran["stdout"]) == (200, "alive\n"), ran
         made = namespaces()

@@ -19,14 +19,14 @@ def test_environment_overrides_typed_settings() -> None:
         environ={
             "GATEWAY_REDIS_URL": "redis://127.0.0.1:6390/1",
             "GATEWAY_VMS_DEFAULT_LIFETIME_S": "600",
-            "GATEWAY_EXECUTE_MAX_TIMEOUT_S": "60.5",
+            "GATEWAY_EXECUTE_MAX_TIMEOUT_S": "600.5",
             "GATEWAY_SERVER_LISTEN": "127.0.0.1:9000",
             "UNRELATED": "x",
         }
     )
     assert config.redis.url == "redis://127.0.0.1:6390/1"
     assert config.vms.default_lifetime_s == 600
-    assert config.execute.max_timeout_s == 60.5
+    assert config.execute.max_timeout_s == 600.5
     assert (config.server.host, config.server.port) == ("127.0.0.1", 9000)
 
 

@@ -124,6 +124,25 @@ class CgroupTree:
             return False
         return any(line.split(":", 2)[-1].endswith(suffix) for line in lines)
 
+    def usage(self, vm_id: str) -> tuple[float | None, int | None]:
+        """CPU seconds and peak memory bytes the VM's cgroup has used (None for what this host's
+        cgroups cannot tell). Read before the cgroup is removed."""
+        if self.unified:
+            directory = self.root / self.name / vm_id
+            stat = _read_text(directory / "cpu.stat")
+            usec = next(
+                (int(line.split()[1]) for line in stat.splitlines() if line.startswith("usage_usec ")), None
+            )
+            cpu_s = usec / 1e6 if usec is not None else None
+            peak = _read_int(directory / "memory.peak")
+        else:
+            # v1: cpuacct is its own hierarchy (runc makes the VM's cgroup there too); where it is not
+            # (qemu's cgroups), the CPU time of the processes alive in it now.
+            ns = _read_int(self.root / "cpuacct" / self.name / vm_id / "cpuacct.usage")
+            cpu_s = ns / 1e9 if ns is not None else _proc_cpu_s(self.pids(self.vm_dirs(vm_id)))
+            peak = _read_int(self.root / "memory" / self.name / vm_id / "memory.max_usage_in_bytes")
+        return cpu_s, peak
+
     async def remove(self, dirs: Iterable[Path]) -> list[Path]:
         """rmdir each existing directory, retrying briefly while the kernel lets go; returns leftovers."""
         left: list[Path] = []
@@ -135,6 +154,34 @@ class CgroupTree:
                     break
                 await asyncio.sleep(RMDIR_POLL_INTERVAL_S)
         return left
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_text(path).strip()
+    return int(text) if text.isdigit() else None
+
+
+def _proc_cpu_s(pids: Iterable[int]) -> float | None:
+    """User + system time of processes (and their reaped children), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    found = False
+    for pid in pids:
+        stat = _read_text(Path(f"/proc/{pid}/stat"))
+        if not stat:
+            continue
+        # The fields after the command name (which may hold spaces), from field 3 on: utime is field 14.
+        after = stat.rsplit(")", 1)[-1].split()
+        total += sum(int(x) for x in after[11:15])
+        found = True
+    return total / ticks if found else None
 
 
 def _rmdir_all(dirs: Iterable[Path]) -> bool:

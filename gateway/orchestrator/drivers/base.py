@@ -123,6 +123,22 @@ class VmDriver(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What a VM has used so far, from its cgroup; None for what this host cannot tell."""
+
+    cpu_seconds: float | None
+    peak_memory_bytes: int | None
+
+
+@runtime_checkable
+class VmUsage(Protocol):
+    """An optional capability of a VmDriver: the VM's resource usage (a session's usage). Called while
+    the VM exists, last just before it is destroyed; never raises for a VM that is gone (all None)."""
+
+    async def usage(self, vm_id: str, handle: Mapping[str, Any]) -> ResourceUsage: ...
+
+
 @runtime_checkable
 class VmSnapshots(Protocol):
     """An optional capability of a VmDriver: whole-VM snapshots, and VMs resumed from them.

@@ -34,7 +34,7 @@ from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
-from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSnapshots, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, ResourceUsage, VmInfo, VmSnapshots, VmSpec
 from gateway.orchestrator.drivers.owner_lock import OwnerLock, claim_host_names
 
 NETNS_RUN_DIR = Path("/var/run/netns")
@@ -459,6 +459,11 @@ class NetnsVmDriver:
         running = self._running(parts)
         detail = "" if running else _host.log_tail(self._init_log(vm_id)) or _host.init_log_tail(parts.vm_dir)
         return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=running, handle=handle, detail=detail)
+
+    async def usage(self, vm_id: str, handle: Mapping[str, Any]) -> ResourceUsage:
+        """From the VM's cgroup (``VmUsage``): CPU seconds and peak memory."""
+        cpu_s, peak = self._cgroups.usage(_host.check_vm_id(vm_id))
+        return ResourceUsage(cpu_seconds=cpu_s, peak_memory_bytes=peak)
 
     async def execute(
         self,
