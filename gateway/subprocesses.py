@@ -125,3 +125,100 @@ def close_pipes(proc: subprocess.Popen[bytes]) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+STDERR_KEPT_BYTES = 65536
+
+
+class PipeProcess:
+    """A child with stdin and stdout as non-blocking pipes, read and written on the loop (``VmProcess``).
+
+    ``kill`` is how to stop it (the child itself, or what it started in a VM); ``cleanup`` runs once it
+    is reaped. stderr is drained by a task into a bounded tail, so a chatty child never blocks on it.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        *,
+        kill: Any = None,
+        cleanup: Any = None,
+    ) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self._stdin = proc.stdin.fileno()
+        self._stdout = proc.stdout.fileno()
+        os.set_blocking(self._stdin, False)
+        os.set_blocking(self._stdout, False)
+        self._kill = kill or (lambda: proc.kill())
+        self._cleanup = cleanup
+        self._stderr = bytearray()
+        self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
+        self._closed = False
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for chunk in chunks(self.proc.stderr):
+            self._stderr += chunk
+            del self._stderr[:-STDERR_KEPT_BYTES]
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                return os.read(self._stdout, READ_CHUNK)
+            except BlockingIOError:
+                await _readable(self._stdout)
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(self._stdin, view)
+            except BlockingIOError:
+                await _writable(self._stdin)
+                continue
+            view = view[sent:]
+
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    async def wait(self) -> int:
+        code = await wait(self.proc)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stderr_task
+        return 128 - code if code < 0 else code
+
+    def stderr_tail(self) -> bytes:
+        return bytes(self._stderr)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                self._kill()
+        try:
+            await wait(self.proc)
+        finally:
+            self._stderr_task.cancel()
+            close_pipes(self.proc)
+            if self._cleanup is not None:
+                self._cleanup()

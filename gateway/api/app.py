@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.api import (
     domains,
     execute,
+    files,
     instances,
     session_records,
     sessions,
@@ -22,13 +23,14 @@ from gateway.api import (
     users,
     vms,
 )
-from gateway.api.context import CONFIG, INSTANCES, KEY_STORE, ORCHESTRATOR
+from gateway.api.context import CONFIG, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
 from gateway.config import Config
 from gateway.errors import GatewayError, Unauthorized
 from gateway.keys import ApiKeyStore
 from gateway.log import REQUEST_ID
+from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.service import Orchestrator
 from gateway.server_header import use_neutral_server_header
@@ -74,6 +76,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[ORCHESTRATOR] = orchestrator
     app[KEY_STORE] = key_store
     app[INSTANCES] = InstanceService(orchestrator, config)
+    app[FILES] = VmFiles(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(session_records.routes)
@@ -81,6 +84,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(vms.routes)
     app.add_routes(domains.routes)
     app.add_routes(execute.routes)
+    app.add_routes(files.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)

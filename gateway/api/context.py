@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.keys import ApiKeyStore
+from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.service import Orchestrator
 
@@ -13,3 +14,4 @@ CONFIG = web.AppKey("config", Config)
 KEY_STORE = web.AppKey("key_store", ApiKeyStore)
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 INSTANCES = web.AppKey("instances", InstanceService)
+FILES = web.AppKey("files", VmFiles)

@@ -15,15 +15,19 @@ from __future__ import annotations
 import base64
 import fcntl
 import hmac
+import io
 import json
 import os
 import secrets
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import IO
 
 CONFIG_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/gateway/config/raw")
 SCRATCH = Path("/run/agent")
@@ -31,6 +35,11 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # linux/random.h: _IO('R', 0x07)
 RNDRESEEDCRNG = 0x5207
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+GUEST_HOME = "/home/vm"  # where commands run (qemu.GUEST_HOME)
+# /spawn's frame types (gateway.orchestrator.drivers.agent_stream has the host's side).
+FRAME_STDIN, FRAME_STDIN_END, FRAME_KILL = 0, 1, 9
+FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT = 0, 1, 2
+FRAME_READ_BYTES = 65536
 # The VM's own env (sent by /configure); each request may override it.
 VM_ENV: dict[str, str] = {}
 
@@ -118,6 +127,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self._authorised():
             return
+        if self.path == "/spawn":
+            self._spawn()
+            return
         if self.path not in ("/execute", "/configure"):
             self._reply(404, {"error": "not found"})
             return
@@ -132,6 +144,97 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(400, {"error": f"bad request: {exc}"})
             return
         self._reply(400 if "error" in reply else 200, reply)
+
+    def _spawn(self) -> None:
+        """A program with streamed stdio (files, terminals): after the reply's head the connection
+        carries frames both ways (a type byte, a 4-byte big-endian length, the payload). In: stdin data,
+        stdin end, kill. Out: stdout, stderr, and last the exit code (4 bytes, signed)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_BODY_BYTES:
+            self._reply(413, {"error": "body missing or too large"})
+            return
+        try:
+            request = json.loads(self.rfile.read(length))
+            argv = [str(a) for a in request["argv"]]
+            given = {str(k): str(v) for k, v in (request.get("env") or {}).items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            self._reply(400, {"error": f"bad request: {exc}"})
+            return
+        env = {**BASE_ENV, "HOME": GUEST_HOME, **VM_ENV, **given}
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                cwd=GUEST_HOME, process_group=0,
+            )  # fmt: skip
+        except OSError as exc:
+            self._reply(400, {"error": f"cannot start command: {exc}"})
+            return
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-gateway-frames")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        relay(proc, self.rfile, self.wfile)
+
+
+def relay(proc: subprocess.Popen[bytes], rfile: io.BufferedIOBase, wfile: io.BufferedIOBase) -> None:
+    """Frames between the host's connection and a spawned program, until it exits."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin = proc.stdin
+    lock = threading.Lock()
+
+    def send(kind: int, payload: bytes) -> None:
+        with lock:
+            wfile.write(struct.pack(">BI", kind, len(payload)) + payload)
+            wfile.flush()
+
+    def pump(stream: IO[bytes], kind: int) -> None:
+        try:
+            while chunk := os.read(stream.fileno(), FRAME_READ_BYTES):
+                send(kind, chunk)
+        except OSError:
+            pass
+
+    def kill() -> None:
+        if proc.poll() is not None:
+            return  # reaped: its group id may be someone else's by now
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def feed() -> None:
+        try:
+            while True:
+                head = rfile.read(5)
+                if len(head) < 5:
+                    kill()  # the host went away
+                    return
+                kind, size = struct.unpack(">BI", head)
+                payload = rfile.read(size) if size else b""
+                if kind == FRAME_STDIN:
+                    stdin.write(payload)
+                    stdin.flush()
+                elif kind == FRAME_STDIN_END:
+                    stdin.close()
+                elif kind == FRAME_KILL:
+                    kill()
+        except (OSError, ValueError):
+            kill()
+
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, FRAME_STDOUT), daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, FRAME_STDERR), daemon=True)]  # fmt: skip
+    for thread in pumps:
+        thread.start()
+    threading.Thread(target=feed, daemon=True).start()
+    code = proc.wait()
+    for thread in pumps:
+        thread.join()
+    try:
+        send(FRAME_EXIT, struct.pack(">i", 128 - code if code < 0 else code))
+    except OSError:
+        pass
 
 
 def configure(request: dict) -> dict:

@@ -501,9 +501,9 @@ class Orchestrator:
 
     # execute --------------------------------------------------------------------------------------
 
-    async def execute(
-        self, owner: str, session_id: str | None, argv: Sequence[str], timeout_s: float | None
-    ) -> tuple[SessionRecord, VmRecord, ExecResult]:
+    async def running_vm(self, owner: str, session_id: str | None) -> tuple[SessionRecord, VmRecord]:
+        """The session's active VM, booted first if it has none live (a new session if none is given):
+        what running code and moving files need."""
         if session_id is None:
             session = await self.create_session(owner, VmParams())
         else:
@@ -517,6 +517,12 @@ class Orchestrator:
             raise boot_failed(vm)  # the same answer as a create whose VM failed to boot
         if vm.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}")
+        return session, vm
+
+    async def execute(
+        self, owner: str, session_id: str | None, argv: Sequence[str], timeout_s: float | None
+    ) -> tuple[SessionRecord, VmRecord, ExecResult]:
+        session, vm = await self.running_vm(owner, session_id)
         limit = self.config.execute
         timeout = min(timeout_s or limit.default_timeout_s, limit.max_timeout_s)
         remaining = (vm.expires_at or 0) - time.time()

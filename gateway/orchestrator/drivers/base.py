@@ -123,6 +123,44 @@ class VmDriver(Protocol):
     async def close(self) -> None: ...
 
 
+class VmProcess(Protocol):
+    """A program running in a VM with its stdin and stdout streamed (files, terminals). stderr is kept
+    (its last 64 KiB) for the error message of a program that failed."""
+
+    async def read(self) -> bytes:
+        """The next piece of its stdout; b"" once it closed it."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Write to its stdin, waiting while the pipe is full (back-pressure); OSError once it is gone."""
+        ...
+
+    def close_stdin(self) -> None: ...
+
+    async def wait(self) -> int:
+        """Its exit code (128 + N for a signal N)."""
+        ...
+
+    def stderr_tail(self) -> bytes: ...
+
+    async def aclose(self) -> None:
+        """Kill it if it still runs, reap it, free what it held. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class VmSpawn(Protocol):
+    """An optional capability of a VmDriver: start a program in the VM with streamed stdio.
+
+    The program runs like ``execute``'s commands (the VM's user, env, working folder, limits) but is
+    not waited for: the caller reads and writes it, and must ``aclose`` it. Raises ``VmNotRunning`` on
+    a VM that is not running, ``DriverError`` when it cannot start."""
+
+    async def spawn(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], *, env: Mapping[str, str]
+    ) -> VmProcess: ...
+
+
 @dataclass(frozen=True)
 class ResourceUsage:
     """What a VM has used so far, from its cgroup; None for what this host cannot tell."""

@@ -25,16 +25,25 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway import subprocesses as _spawn
 from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
-from gateway.orchestrator.drivers.base import ExecResult, ResourceUsage, VmInfo, VmSnapshots, VmSpec
+from gateway.orchestrator.drivers.base import (
+    ExecResult,
+    ResourceUsage,
+    VmInfo,
+    VmProcess,
+    VmSnapshots,
+    VmSpec,
+)
 from gateway.orchestrator.drivers.owner_lock import OwnerLock, claim_host_names
 
 NETNS_RUN_DIR = Path("/var/run/netns")
@@ -465,6 +474,55 @@ class NetnsVmDriver:
         cpu_s, peak = self._cgroups.usage(_host.check_vm_id(vm_id))
         return ResourceUsage(cpu_seconds=cpu_s, peak_memory_bytes=peak)
 
+    def _command_env(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], env: Mapping[str, str]
+    ) -> tuple[_Parts, dict[str, str]]:
+        """A running VM's parts and a command's whole env; VmNotRunning when the VM is not running."""
+        if not argv:
+            raise DriverError("empty command")
+        parts = self._running_parts(vm_id, handle)
+        assert parts.namespace is not None and parts.vm_dir is not None
+        cgroups = self._cgroups.vm_dirs(vm_id)
+        if not all(d.is_dir() for d in cgroups):
+            raise VmNotRunning(f"VM {vm_id} has lost its cgroup")
+        spec_env = handle.get("env") or _host.read_json(parts.vm_dir / _host.VM_FILE).get("env") or {}
+        return parts, {**self._vm_env(vm_id, self._ip_of(handle), spec_env), **env}
+
+    async def spawn(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], *, env: Mapping[str, str]
+    ) -> VmProcess:
+        """``VmSpawn``: ``runc exec`` in the foreground, its stdio our pipes, which runc hands straight to
+        the command. Killed by the PID runc reports (runc cannot pass SIGKILL on), once the VM's cgroup
+        confirms the PID is still the command's."""
+        parts, full_env = self._command_env(vm_id, handle, argv, env)
+        assert parts.vm_dir is not None
+        token = os.urandom(8).hex()
+        run_dir = parts.vm_dir / _host.RUN_DIR
+        process_file, pid_file = run_dir / f"{token}.process.json", run_dir / f"{token}.pid"
+        _host.write_json(process_file, self._process(list(argv), full_env))  # 0600: the env may hold secrets
+        container = str(handle.get("container_id") or vm_id)
+        launch = self._runc.argv(
+            "exec", "--process", str(process_file), "--pid-file", str(pid_file), container
+        )
+
+        def cleanup() -> None:
+            process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
+
+        try:
+            proc = _spawn.popen(launch, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            cleanup()
+            raise DriverError(f"cannot start command in VM: {exc}") from exc
+
+        def kill() -> None:
+            text = pid_file.read_text().strip() if pid_file.exists() else ""
+            if text.isdigit():
+                _host.kill_if_member(int(text), lambda pid: self._cgroups.contains(pid, vm_id))
+            proc.kill()  # runc itself (before it started the command, or after)
+
+        return _spawn.PipeProcess(proc, kill=kill, cleanup=cleanup)
+
     async def execute(
         self,
         vm_id: str,
@@ -475,15 +533,8 @@ class NetnsVmDriver:
         timeout_s: float,
         max_output_bytes: int,
     ) -> ExecResult:
-        if not argv:
-            raise DriverError("empty command")
-        parts = self._running_parts(vm_id, handle)
-        assert parts.namespace is not None and parts.vm_dir is not None
-        cgroups = self._cgroups.vm_dirs(vm_id)
-        if not all(d.is_dir() for d in cgroups):
-            raise VmNotRunning(f"VM {vm_id} has lost its cgroup")
-        spec_env = handle.get("env") or _host.read_json(parts.vm_dir / _host.VM_FILE).get("env") or {}
-        full_env = {**self._vm_env(vm_id, self._ip_of(handle), spec_env), **env}
+        parts, full_env = self._command_env(vm_id, handle, argv, env)
+        assert parts.vm_dir is not None
         run_dir = parts.vm_dir / _host.RUN_DIR
         token = os.urandom(8).hex()
         process_file, pid_file = run_dir / f"{token}.process.json", run_dir / f"{token}.pid"

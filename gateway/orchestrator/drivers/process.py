@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway import subprocesses as _spawn
 from gateway.config import ProcessConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host
-from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmProcess, VmSpec
 
 INIT_COMMAND = ("sleep", "infinity")
 MARK_ID = "GATEWAY_VM_ID"
@@ -183,6 +185,39 @@ class ProcessVmDriver:
         timeout_s: float,
         max_output_bytes: int,
     ) -> ExecResult:
+        vm_dir, full_env = self._command_env(vm_id, handle, argv, env)
+        return await _host.run_captured(
+            argv,
+            env=full_env,
+            cwd=vm_dir / _host.HOME_DIR,
+            scratch_dir=vm_dir / _host.RUN_DIR,
+            timeout_s=timeout_s,
+            max_output_bytes=max_output_bytes,
+        )
+
+    async def spawn(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], *, env: Mapping[str, str]
+    ) -> VmProcess:
+        """``VmSpawn``: the command as ``execute`` runs it, its stdin and stdout streamed."""
+        vm_dir, full_env = self._command_env(vm_id, handle, argv, env)
+        try:
+            proc = _spawn.popen(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                cwd=vm_dir / _host.HOME_DIR,
+                process_group=0,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot start command in VM: {exc}") from exc
+        return _spawn.PipeProcess(proc, kill=lambda: _host.kill_process_group(proc.pid))
+
+    def _command_env(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], env: Mapping[str, str]
+    ) -> tuple[Path, dict[str, str]]:
+        """The VM's folder and a command's whole env; VmNotRunning when the VM is not running."""
         vm_dir = self._work_dir / _host.check_vm_id(vm_id)
         if not argv:
             raise DriverError("empty command")
@@ -195,14 +230,7 @@ class ProcessVmDriver:
         spec_env = record.get("env") or {}
         full_env = {**self._vm_env(vm_id, slot, self._ip_of(record), spec_env), **env}
         full_env.update(self._markers(vm_id, slot))
-        return await _host.run_captured(
-            argv,
-            env=full_env,
-            cwd=vm_dir / _host.HOME_DIR,
-            scratch_dir=vm_dir / _host.RUN_DIR,
-            timeout_s=timeout_s,
-            max_output_bytes=max_output_bytes,
-        )
+        return vm_dir, full_env
 
     async def sweep(self, live_slots: set[int]) -> int:
         """Destroy VMs of this work folder whose slot is not live: by record, and by process markers."""

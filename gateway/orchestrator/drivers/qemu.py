@@ -49,8 +49,8 @@ import aiohttp
 
 from gateway.config import QemuConfig
 from gateway.errors import DriverError, VmNotRunning
-from gateway.orchestrator.drivers import _host, qemu_disk, qemu_image, qemu_jail, qemu_net
-from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmSpec
+from gateway.orchestrator.drivers import _host, agent_stream, qemu_disk, qemu_image, qemu_jail, qemu_net
+from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmProcess, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
 from gateway.orchestrator.drivers.qmp import Qmp, QmpError
 
@@ -586,6 +586,29 @@ class QemuVmDriver(NetnsVmDriver):
             truncated=bool(reply["truncated"]),
             duration_s=float(reply["duration_s"]),
         )
+
+    async def spawn(
+        self, vm_id: str, handle: Mapping[str, Any], argv: Sequence[str], *, env: Mapping[str, str]
+    ) -> VmProcess:
+        """``VmSpawn``: through the guest agent's ``/spawn`` (frames over one connection)."""
+        if not argv:
+            raise DriverError("empty command")
+        parts, record = self._running_record(vm_id, handle)
+        ip = self._ip_of(record)
+        full_env = {**(record.get("env") or {}), "VM_ID": vm_id, "VM_IP": ip, **env}
+        try:
+            return await agent_stream.spawn(
+                ip,
+                self._qemu.agent_port,
+                str(record.get("agent_token", "")),
+                argv,
+                full_env,
+                EXECUTE_MARGIN_S,
+            )
+        except DriverError:
+            if not self._running(parts):
+                raise VmNotRunning(f"VM {vm_id} is not running") from None
+            raise
 
     # --- snapshots ------------------------------------------------------------------------------------
 
