@@ -143,6 +143,7 @@ async def _writable(fd: int) -> None:
 
 
 STDERR_KEPT_BYTES = 65536
+STDERR_DRAIN_S = 1.0
 
 
 class PipeProcess:
@@ -170,6 +171,7 @@ class PipeProcess:
         self._stderr = bytearray()
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
         self._closed = False
+        self._waiters: set[asyncio.Future[None]] = set()
 
     async def _drain_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -178,21 +180,42 @@ class PipeProcess:
             del self._stderr[:-STDERR_KEPT_BYTES]
 
     async def read(self) -> bytes:
-        while True:
+        while not self._closed:
             try:
                 return os.read(self._stdout, READ_CHUNK)
             except BlockingIOError:
-                await _readable(self._stdout)
+                await self._until_ready(self._stdout, writing=False)
+        return b""  # closed by aclose while waiting: its descriptor is gone
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            if self._closed or self.proc.stdin is None or self.proc.stdin.closed:
+                raise BrokenPipeError("the command's stdin is closed")
             try:
                 sent = os.write(self._stdin, view)
             except BlockingIOError:
-                await _writable(self._stdin)
+                await self._until_ready(self._stdin, writing=True)
                 continue
             view = view[sent:]
+
+    async def _until_ready(self, fd: int, *, writing: bool) -> None:
+        """Like ``_readable``/``_writable``, woken by ``aclose`` too (a closed descriptor never is)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._waiters.add(ready)
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        (loop.add_writer if writing else loop.add_reader)(fd, wake)
+        try:
+            await ready
+        finally:
+            self._waiters.discard(ready)
+            if not self._closed:
+                (loop.remove_writer if writing else loop.remove_reader)(fd)
 
     def close_stdin(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
@@ -201,8 +224,8 @@ class PipeProcess:
 
     async def wait(self) -> int:
         code = await wait(self.proc)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._stderr_task
+        # stderr ends with the child, unless something it started still holds it: not waited for long.
+        await asyncio.wait([self._stderr_task], timeout=STDERR_DRAIN_S)
         return 128 - code if code < 0 else code
 
     def stderr_tail(self) -> bytes:
@@ -212,6 +235,12 @@ class PipeProcess:
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._stdout)
+        loop.remove_writer(self._stdin)
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_result(None)
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, OSError):
                 self._kill()
@@ -219,6 +248,7 @@ class PipeProcess:
             await wait(self.proc)
         finally:
             self._stderr_task.cancel()
+            await asyncio.wait([self._stderr_task])  # its reader is off the descriptor before it closes
             close_pipes(self.proc)
             if self._cleanup is not None:
                 self._cleanup()

@@ -16,6 +16,7 @@ from gateway.api import (
     execute,
     files,
     instances,
+    pty,
     session_records,
     sessions,
     snapshots,
@@ -23,7 +24,7 @@ from gateway.api import (
     users,
     vms,
 )
-from gateway.api.context import CONFIG, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR
+from gateway.api.context import CONFIG, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR, TERMINALS
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
 from gateway.config import Config
@@ -32,6 +33,7 @@ from gateway.keys import ApiKeyStore
 from gateway.log import REQUEST_ID
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.server_header import use_neutral_server_header
 
@@ -77,6 +79,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[KEY_STORE] = key_store
     app[INSTANCES] = InstanceService(orchestrator, config)
     app[FILES] = VmFiles(orchestrator)
+    app[TERMINALS] = terminals = Terminals(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(session_records.routes)
@@ -85,8 +88,14 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(domains.routes)
     app.add_routes(execute.routes)
     app.add_routes(files.routes)
+    app.add_routes(pty.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)
     app.router.add_get("/openapi.json", openapi_handler)
+
+    async def hang_up_terminals(_app: web.Application) -> None:
+        await terminals.close()  # open WebSockets then end with the shells' exit
+
+    app.on_shutdown.append(hang_up_terminals)
     return app

@@ -8,6 +8,7 @@ from gateway.config import Config
 from gateway.keys import ApiKeyStore
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 
 CONFIG = web.AppKey("config", Config)
@@ -15,3 +16,4 @@ KEY_STORE = web.AppKey("key_store", ApiKeyStore)
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 INSTANCES = web.AppKey("instances", InstanceService)
 FILES = web.AppKey("files", VmFiles)
+TERMINALS = web.AppKey("terminals", Terminals)

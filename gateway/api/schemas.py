@@ -388,3 +388,77 @@ class InstanceListResponse(_Model):
 class ErrorResponse(_Model):
     detail: str
     code: str
+
+
+PTY_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class PtyCreateRequest(_Model):
+    """A terminal: ``shell`` is a program run as the interactive shell, ``command`` a command line run
+    by ``/bin/bash -lc`` (it wins when both are given); neither: ``/bin/bash -il``."""
+
+    cols: int = Field(80, ge=1, le=1000)
+    rows: int = Field(24, ge=1, le=1000)
+    command: str | None = Field(None, min_length=1, max_length=65536)
+    shell: str | None = Field(None, min_length=1, max_length=4096)
+    id: str | None = Field(None, pattern=PTY_ID)
+
+
+class PtyResizeRequest(_Model):
+    cols: int = Field(ge=1, le=1000)
+    rows: int = Field(ge=1, le=1000)
+
+
+class PtyResponse(_Model):
+    """A terminal. ``session_id`` is the terminal's own id (as the official SDK reads it); the sandbox
+    session it runs in is ``sandbox_session_id``."""
+
+    session_id: str
+    id: str
+    pty_id: str
+    sandbox_session_id: str
+    vm_id: str
+    cols: int
+    rows: int
+    command: list[str]
+    alive: bool
+    exit_code: int | None = None
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    ended_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    websocket_path: str = Field(description="Open with ?api_key=<key> (or the key in a header)")
+
+
+class PtyList(RootModel[list[PtyResponse]]):
+    """A bare JSON array."""
+
+
+class FileUploadResponse(_Model):
+    """``POST /upload`` takes multipart/form-data: ``session_id`` and ``remote_path`` (before) ``file``;
+    relative paths are in the VM's home folder; missing parent folders are made."""
+
+    success: bool
+    remote_path: str
+    path: str = Field(description="Where the file is, as the VM sees it")
+    size: int
+    filename: str | None = None
+
+
+class FileDownloadResponse(_Model):
+    """``POST /download`` takes a form (``session_id``, ``filename``); the file's bytes come in base64."""
+
+    filename: str
+    path: str
+    size: int
+    encoding: Literal["base64"]
+    content: str
+
+
+class RawFileQuery(_Model):
+    path: str = Field(description="The file in the VM (relative: in its home folder)")
+
+
+class PtyConnectQuery(_Model):
+    """A WebSocket: binary messages are keystrokes and output; text ones JSON controls
+    (``{"type": "resize", "cols", "rows"}`` in, ``{"type": "exit", "exit_code"}`` out)."""
+
+    api_key: str | None = Field(None, description="The API key, for clients that cannot set headers")

@@ -253,8 +253,9 @@ class Exchange:
             else:
                 self.chunked_out = True
                 head += b"Transfer-Encoding: chunked\r\n"
-        if not self.keep_alive or (self.has_body and not self.body_done) or proto.draining:
-            # An answer before the request's end closes the connection (the rest of it is not read).
+        if not self.keep_alive or self.upgrade or (self.has_body and not self.body_done) or proto.draining:
+            # An answer before the request's end closes the connection (the rest of it is not read); so
+            # does a declined upgrade (what follows its request may not be HTTP).
             head += b"Connection: close\r\n"
         elif self.http10:
             head += b"Connection: keep-alive\r\n"

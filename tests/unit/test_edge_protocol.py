@@ -363,6 +363,19 @@ async def test_an_upgrade_becomes_a_tunnel_both_ways() -> None:
         assert h.edge.stats.tunnels_open == 1
 
 
+async def test_an_upgrade_the_vm_declines_is_answered_and_the_close_announced() -> None:
+    """The connection ends after a declined upgrade (what follows the request may not be HTTP): the
+    answer says so, or a client would send its next request on a connection about to close."""
+    async with edge_harness() as h:
+        h.send(request(APP + b"/ws", b"Connection: Upgrade", b"Upgrade: websocket"))
+        h.vm_side.take()
+        h.answer(response(b"no such socket", status=b"404 Not Found"))
+        out = h.client_side.take()
+        assert out.startswith(b"HTTP/1.1 404 Not Found\r\n") and out.endswith(b"no such socket")
+        assert b"\r\nConnection: close\r\n" in out
+        assert h.client_side.closed
+
+
 @pytest.mark.parametrize("draining_first", [True, False])
 async def test_draining_closes_an_idle_connection_at_once_and_a_busy_one_after_its_answer(
     draining_first: bool,

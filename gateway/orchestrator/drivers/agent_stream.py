@@ -98,7 +98,7 @@ class AgentProcess:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             await self._writer.wait_closed()
         if not self._exit.done():
-            self._exit.cancel()
+            self._exit.set_exception(DriverError("the command was killed"))
 
 
 async def spawn(
