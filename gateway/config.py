@@ -280,6 +280,8 @@ class ExecuteConfig:
     default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_output_bytes: int = 1024 * 1024
+    # Commands running at once in one VM (POST /execute and /execute_async); beyond it: 429.
+    max_concurrent_per_vm: int = 16
 
 
 @dataclass(frozen=True)
@@ -613,6 +615,8 @@ def validate(config: Config) -> None:
         raise ConfigError("netns.id_base: every slot's 65536 ids must lie above 65535 and below 2^32 - 1")
     if config.execute.default_timeout_s > config.execute.max_timeout_s:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
+    if config.execute.max_concurrent_per_vm < 1:
+        raise ConfigError("execute.max_concurrent_per_vm must be at least 1")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("api.max_body_bytes must be at least 1024")
     if config.tls.listen:

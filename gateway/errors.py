@@ -70,6 +70,16 @@ class DriverError(GatewayError):
     status, code, message = 502, "driver_error", "VM driver failed"
 
 
+class TooManyRequests(GatewayError):
+    """A per-resource cap is reached; ``retry_after`` (seconds) goes out as Retry-After."""
+
+    status, code, message = 429, "too_many_requests", "too many requests"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class CapacityExhausted(GatewayError):
     status, code, message = 503, "capacity_exhausted", "no free VM slots"
 

@@ -6,8 +6,9 @@ spec's ``{"detail": [{"loc", "msg", "type"}]}`` for validation, never an HTML pa
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,13 +25,15 @@ from gateway.api import (
     users,
     vms,
 )
-from gateway.api.context import CONFIG, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR, TERMINALS
+from gateway.api.context import CONFIG, EXECUTIONS, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR, TERMINALS
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
+from gateway.background import stop_loop
 from gateway.config import Config
-from gateway.errors import GatewayError, Unauthorized
+from gateway.errors import GatewayError, TooManyRequests, Unauthorized
 from gateway.keys import ApiKeyStore
 from gateway.log import REQUEST_ID
+from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.pty import Terminals
@@ -63,7 +66,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as exc:
         if exc.status >= 500:
             log.warning("%s %s -> %s %s", request.method, request.path, exc.status, exc.message)
-        return error_response(exc.status, exc.message, exc.code)
+        response = error_response(exc.status, exc.message, exc.code)
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -80,6 +86,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[INSTANCES] = InstanceService(orchestrator, config)
     app[FILES] = VmFiles(orchestrator)
     app[TERMINALS] = terminals = Terminals(orchestrator)
+    app[EXECUTIONS] = executions = Executions(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(session_records.routes)
@@ -98,4 +105,12 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
         await terminals.close()  # open WebSockets then end with the shells' exit
 
     app.on_shutdown.append(hang_up_terminals)
+
+    async def running_executions(_app: web.Application) -> AsyncIterator[None]:
+        beat = asyncio.get_running_loop().create_task(executions.keep_alive(), name="executions")
+        yield
+        await stop_loop(beat)
+        await executions.close()  # what still runs ends failed: the gateway stopped
+
+    app.cleanup_ctx.append(running_executions)
     return app

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.keys import ApiKeyStore
+from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.pty import Terminals
@@ -17,3 +18,4 @@ ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 INSTANCES = web.AppKey("instances", InstanceService)
 FILES = web.AppKey("files", VmFiles)
 TERMINALS = web.AppKey("terminals", Terminals)
+EXECUTIONS = web.AppKey("executions", Executions)

@@ -72,6 +72,8 @@ OPERATIONS: list[
     ("post", "/download", "Download File", None, s.FileDownloadResponse, None),
     ("get", "/v1/sessions/{session_id}/files", "Download File Raw", None, None, s.RawFileQuery),
     ("post", "/execute", "Execute", s.ExecuteRequest, s.ExecuteResponse, None),
+    ("post", "/execute_async", "Execute In Background", s.ExecuteRequest, s.ExecuteAsyncResponse, None),
+    ("get", "/v1/executions/{execution_id}", "Get Execution", None, s.ExecutionResponse, None),
     ("get", "/v1/snapshots", "List Snapshots", None, s.SnapshotList, None),
     ("get", "/v1/snapshots/{snapshot_id}", "Get Snapshot", None, s.SnapshotResponse, None),
     ("delete", "/v1/snapshots/{snapshot_id}", "Delete Snapshot", None, None, None),
@@ -99,6 +101,7 @@ PUBLIC = {("get", "/v1/templates"), ("get", "/v1/templates/{slug}")}
 
 # Success statuses other than 200 (or 204 for operations without a response body).
 SUCCESS_STATUS = {
+    ("post", "/execute_async"): "202",
     ("get", "/v1/sessions/{sid}/pty/{pty_id}/connect"): "101",
     ("get", "/v1/vms/{vm_id}/pty/{pty_id}/connect"): "101",
     ("post", "/v1/sessions/{sid}/pty/sessions"): "201",
@@ -112,6 +115,7 @@ ERROR_DESCRIPTIONS = {
     "409": "Conflict with the current state",
     "410": "The VM is not running",
     "413": "Request body too large",
+    "429": "Too many at once (Retry-After says when to try again)",
     "415": "Content-Type must be application/json",
     "502": "The VM failed (its driver's error)",
     "503": "Unavailable: the state store, or no capacity left",
@@ -122,7 +126,8 @@ ERROR_DESCRIPTIONS = {
 EXTRA_ERRORS = {
     ("post", "/v1/vms"): ("404", "409", "502"),
     ("get", "/v1/sessions/app-url/{session_id}"): ("409",),
-    ("post", "/execute"): ("404", "410", "502", "504"),
+    ("post", "/execute"): ("404", "410", "429", "502", "504"),
+    ("post", "/execute_async"): ("404",),
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),
     ("get", "/orgs/{org_uuid}/api/instances"): ("404",),
 }

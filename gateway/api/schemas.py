@@ -362,6 +362,39 @@ class ExecuteResponse(_Model):
     execution_time: float
     session_id: str
     vm_id: str
+    # CPU seconds the VM used while the command ran (its cgroup); null where the driver cannot tell.
+    cpu_time: float | None = None
+
+
+class ExecuteAsyncResponse(_Model):
+    task_id: str
+    id: str
+    status: Literal["pending"]
+    session_id: str
+
+
+class ExecutionResponse(_Model):
+    """A background execution, as the official SDK's ``get_task_result`` reads it: ``is_complete``, then
+    ``serialized_stdout`` and ``serialized_stderr`` (plain text, not base64 despite the names)."""
+
+    id: str
+    task_id: str
+    session_id: str
+    vm_id: str | None = None
+    status: str = Field(description="pending, running, completed or failed")
+    is_complete: bool
+    language: str
+    serialized_stdout: str
+    serialized_stderr: str
+    exit_code: int | None = None
+    timed_out: bool = False
+    truncated: bool = False
+    cpu_time: float | None = None
+    execution_time: float | None = None
+    error: str | None = Field(None, description="Why a failed one failed (its VM ended, the gateway stopped)")
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    started_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    completed_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 
 class CreateInstanceRequest(_Model):

@@ -9,11 +9,16 @@ be converted field by field on every call for no gain while the shapes agree.
 from __future__ import annotations
 
 from gateway.state.records import (
+    EXECUTION_COMPLETED,
+    EXECUTION_FAILED,
+    EXECUTION_PENDING,
+    EXECUTION_RUNNING,
     VM_ACTIVE,
     VM_CREATING,
     VM_FAILED,
     VM_KILLED,
     DomainRecord,
+    ExecutionRecord,
     InstanceRecord,
     SessionRecord,
     SnapshotRecord,
@@ -22,11 +27,16 @@ from gateway.state.records import (
 )
 
 __all__ = [
+    "EXECUTION_COMPLETED",
+    "EXECUTION_FAILED",
+    "EXECUTION_PENDING",
+    "EXECUTION_RUNNING",
     "VM_ACTIVE",
     "VM_CREATING",
     "VM_FAILED",
     "VM_KILLED",
     "DomainRecord",
+    "ExecutionRecord",
     "InstanceRecord",
     "SessionRecord",
     "SnapshotRecord",

@@ -11,6 +11,7 @@ released while host resources of its VM may remain, so a slot's IP is never hand
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from gateway.errors import (
     DriverError,
     NotFound,
     Timeout,
+    TooManyRequests,
     Unsupported,
     VmNotRunning,
 )
@@ -52,6 +54,10 @@ STALE_BOOT_FACTOR = 2
 ACTIVE_POLL_S = 0.05
 # How often a booting image's port is tried until it accepts connections.
 READY_POLL_S = 0.05
+# A command's place in its VM's cap outlives its timeout by this much at most (a gateway that died
+# holding it); a refused one is told to retry after this many seconds.
+PLACE_EXPIRY_MARGIN_S = 60
+EXECUTE_RETRY_AFTER_S = 1
 
 
 def _matches(metadata: Mapping[str, Any], key: str, text: str) -> bool:
@@ -519,6 +525,23 @@ class Orchestrator:
             raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}")
         return session, vm
 
+    def _too_many_executions(self, vm: VmRecord) -> TooManyRequests:
+        cap = self.config.execute.max_concurrent_per_vm
+        return TooManyRequests(
+            f"VM {vm.vm_id} already runs {cap} commands (execute.max_concurrent_per_vm)",
+            code="too_many_executions",
+            retry_after=EXECUTE_RETRY_AFTER_S,
+        )
+
+    async def check_execution_room(self, owner: str, session_id: str) -> None:
+        """TooManyRequests now when the session's VM runs as many commands as it may (a background
+        execution is refused at once, not failed later)."""
+        session = await self._owned_session(owner, session_id)
+        vm = await self.session_vm(session)
+        if vm is not None and vm.status == VM_ACTIVE:
+            if await self.store.execution_places_taken(vm.vm_id) >= self.config.execute.max_concurrent_per_vm:
+                raise self._too_many_executions(vm)
+
     async def execute(
         self, owner: str, session_id: str | None, argv: Sequence[str], timeout_s: float | None
     ) -> tuple[SessionRecord, VmRecord, ExecResult]:
@@ -528,15 +551,37 @@ class Orchestrator:
         remaining = (vm.expires_at or 0) - time.time()
         if remaining <= 0:
             raise Timeout("the VM reached the end of its lifetime", code="vm_expired")
-        await self.store.count_execution(session.session_id)
-        result = await self.driver.execute(
-            vm.vm_id,
-            vm.handle,
-            argv,
-            env=session.env,
-            timeout_s=min(timeout, remaining),
-            max_output_bytes=limit.max_output_bytes,
-        )
+        run_for = min(timeout, remaining)
+        if not await self.store.take_execution_place(
+            vm.vm_id, limit.max_concurrent_per_vm, int(run_for) + PLACE_EXPIRY_MARGIN_S
+        ):
+            raise self._too_many_executions(vm)
+        try:
+            await self.store.count_execution(session.session_id)
+            cpu_before = await self.resource_usage(vm)
+            result = await self.driver.execute(
+                vm.vm_id,
+                vm.handle,
+                argv,
+                env=session.env,
+                timeout_s=run_for,
+                max_output_bytes=limit.max_output_bytes,
+            )
+            cpu_after = await self.resource_usage(vm)
+        finally:
+            await asyncio.shield(self.store.release_execution_place(vm.vm_id))
+        after = await self._reload(vm)
+        if after.status != VM_ACTIVE:
+            raise VmNotRunning(f"VM {vm.vm_id} ended while the command ran: {after.error or after.status}")
+        if (
+            cpu_before
+            and cpu_after
+            and cpu_before.cpu_seconds is not None
+            and cpu_after.cpu_seconds is not None
+        ):
+            result = dataclasses.replace(
+                result, cpu_s=max(0.0, cpu_after.cpu_seconds - cpu_before.cpu_seconds)
+            )
         return session, vm, result
 
     # restart recovery -----------------------------------------------------------------------------

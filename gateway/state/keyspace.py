@@ -91,6 +91,22 @@ class Keys:
     def owner_snapshots(self, owner: str) -> str:
         return f"{self.prefix}owner:{owner}:snapshots"
 
+    def execution(self, execution_id: str) -> str:
+        """Hash: an execution of POST /execute_async (``ExecutionRecord``); expires with the retention."""
+        return f"{self.prefix}execution:{execution_id}"
+
+    def running_executions(self) -> str:
+        """Hash: execution id -> the runner (gateway process) running it; what a restart fails."""
+        return f"{self.prefix}executions-running"
+
+    def runner(self, runner: str) -> str:
+        """String with an expiry: a gateway process that runs executions is alive while it exists."""
+        return f"{self.prefix}runner:{runner}"
+
+    def vm_executing(self, vm_id: str) -> str:
+        """Counter: commands running in a VM now (the per-VM cap); expires if its holders vanish."""
+        return f"{self.prefix}vm:{vm_id}:executing"
+
     def acme_account(self, directory_url: str) -> str:
         return f"{self.prefix}acme-account:{directory_url}"
 

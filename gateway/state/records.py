@@ -153,6 +153,37 @@ def is_live(rec: VmRecord) -> bool:
     return rec.status in VM_LIVE_STATES
 
 
+EXECUTION_PENDING = "pending"
+EXECUTION_RUNNING = "running"
+EXECUTION_COMPLETED = "completed"
+EXECUTION_FAILED = "failed"
+
+
+@dataclass
+class ExecutionRecord(_Record):
+    """A command run in the background (``POST /execute_async``), and once done its result."""
+
+    execution_id: str
+    owner: str
+    session_id: str
+    status: str
+    created_at: float
+    language: str
+    # The gateway process running it: a restart fails what a vanished runner left.
+    runner: str
+    vm_id: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    timed_out: bool = False
+    truncated: bool = False
+    execution_time: float | None = None
+    cpu_time: float | None = None
+    error: str | None = None
+
+
 @dataclass
 class SnapshotRecord(_Record):
     """A VM's whole state (memory, devices, and with it the in-RAM root file system), kept in

@@ -18,6 +18,7 @@ from gateway.state.events import DomainChanged, Event, PortExposed, VmChanged, V
 from gateway.state.keyspace import Keys
 from gateway.state.records import (
     DomainRecord,
+    ExecutionRecord,
     InstanceRecord,
     SessionRecord,
     SnapshotRecord,
@@ -127,6 +128,15 @@ end
 return 1
 """
 
+# Take one of a VM's execution places: the count after, or -1 when all ARGV[1] are taken. ARGV[2]: an
+# expiry (seconds) so the count of a gateway that died holding places cannot stay up forever.
+_TAKE_EXECUTION = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(ARGV[1]) then redis.call('DECR', KEYS[1]) return -1 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return n
+"""
+
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
 
@@ -145,6 +155,7 @@ class RedisStore:
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
         self._add_traffic = client.register_script(_ADD_TRAFFIC)
+        self._take_execution = client.register_script(_TAKE_EXECUTION)
         vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
         self._instance_key_templates = [*vm_key.split(_ID_MARK), *keys.org_keys(_ID_MARK).split(_ID_MARK)]
@@ -234,6 +245,62 @@ class RedisStore:
 
     async def forget_owner_vm(self, owner: str, vm_id: str) -> None:
         await guarded(self.client.srem(self.keys.owner_vms(owner), vm_id))
+
+    # executions -------------------------------------------------------------------------------------
+
+    async def take_execution_place(self, vm_id: str, cap: int, expiry_s: int) -> bool:
+        """One of the VM's ``cap`` places for a running command; False when all are taken."""
+        taken = await guarded(
+            self._take_execution(keys=[self.keys.vm_executing(vm_id)], args=[cap, expiry_s])
+        )
+        return int(taken) >= 0
+
+    async def execution_places_taken(self, vm_id: str) -> int:
+        return int(await guarded(self.client.get(self.keys.vm_executing(vm_id))) or 0)
+
+    async def release_execution_place(self, vm_id: str) -> None:
+        await guarded(self.client.decr(self.keys.vm_executing(vm_id)))
+
+    async def put_execution(self, rec: ExecutionRecord) -> None:
+        """Store an execution; a running one is indexed (for restart), a finished one expires."""
+        pipe = self.client.pipeline(transaction=True)
+        key = self.keys.execution(rec.execution_id)
+        pipe.hset(key, mapping=hash_fields(rec.to_hash()))
+        if rec.completed_at is None:
+            pipe.hset(self.keys.running_executions(), rec.execution_id, rec.runner)
+            pipe.persist(key)
+        else:
+            pipe.hdel(self.keys.running_executions(), rec.execution_id)
+            pipe.expire(key, self.retention_s)
+        await guarded(pipe.execute())
+
+    async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.execution(execution_id)))
+        return ExecutionRecord.from_hash(raw) if raw else None
+
+    async def forget_running_execution(self, execution_id: str) -> None:
+        await guarded(self.client.hdel(self.keys.running_executions(), execution_id))
+
+    async def mark_runner_alive(self, runner: str, ttl_s: int) -> None:
+        await guarded(self.client.set(self.keys.runner(runner), "1", ex=ttl_s))
+
+    async def forget_runner(self, runner: str) -> None:
+        await guarded(self.client.delete(self.keys.runner(runner)))
+
+    async def live_runners(self, runners: set[str]) -> set[str]:
+        """Those of ``runners`` that said they are alive within their expiry."""
+        ordered = sorted(runners)
+        if not ordered:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for runner in ordered:
+            pipe.exists(self.keys.runner(runner))
+        found = await guarded(pipe.execute())
+        return {runner for runner, exists in zip(ordered, found, strict=True) if exists}
+
+    async def running_executions(self) -> dict[str, str]:
+        """Execution id -> runner, of every execution not finished."""
+        return dict(await guarded(self.client.hgetall(self.keys.running_executions())))
 
     # snapshots --------------------------------------------------------------------------------------
 

@@ -56,6 +56,8 @@ class ExecResult:
     # True when stdout or stderr was cut at max_output_bytes.
     truncated: bool
     duration_s: float
+    # CPU seconds the VM used meanwhile (its cgroup), set by the orchestrator where it can tell.
+    cpu_s: float | None = None
 
 
 @runtime_checkable
