@@ -22,6 +22,7 @@ from gateway.api import (
     sessions,
     snapshots,
     templates,
+    unsupported,
     users,
     vms,
 )
@@ -100,6 +101,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)
     app.router.add_get("/openapi.json", openapi_handler)
+    unsupported.add_routes(app.router)  # last: what the SDK calls and this gateway does not offer (501)
 
     async def hang_up_terminals(_app: web.Application) -> None:
         await terminals.close()  # open WebSockets then end with the shells' exit

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway.api import schemas as s
+from gateway.api import unsupported
 
 # (method, path, summary, request model, response model, query parameters, auth in body)
 OPERATIONS: list[
@@ -117,6 +118,7 @@ ERROR_DESCRIPTIONS = {
     "413": "Request body too large",
     "429": "Too many at once (Retry-After says when to try again)",
     "415": "Content-Type must be application/json",
+    "501": "Not supported by this gateway (the answer says why)",
     "502": "The VM failed (its driver's error)",
     "503": "Unavailable: the state store, or no capacity left",
     "504": "Timed out",
@@ -216,6 +218,23 @@ def build_openapi(title: str = "Sandbox gateway API", version: str = "0.1.0") ->
         if request is not None:
             op["requestBody"] = {"required": True, **_json(_ref(request))}
         paths.setdefault(path, {})[method] = op
+    for method, path, feature in unsupported.ENDPOINTS:
+        paths.setdefault(path, {})[method] = {
+            "summary": f"Not supported: {feature.replace('_', ' ')}",
+            "description": unsupported.FEATURES[feature],
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in PATH_PARAMETER.findall(path)
+            ],
+            "security": SECURITY,
+            "responses": {
+                "422": {"description": "Validation Error", **_json(VALIDATION_ERROR_REF)},
+                **{
+                    status: {"description": ERROR_DESCRIPTIONS[status], **_json(_ref(s.ErrorResponse))}
+                    for status in ("401", "501", "503")
+                },
+            },
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},

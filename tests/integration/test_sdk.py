@@ -169,3 +169,31 @@ async def test_session_usage_reads_the_vms_cgroup(gateway_factory: object) -> No
         ended["cpu_seconds"] >= live["cpu_seconds"]
         and ended["peak_memory_bytes"] >= live["peak_memory_bytes"]
     )
+
+
+async def test_what_the_gateway_does_not_offer_answers_501_saying_why(gw: GatewayUnderTest) -> None:
+    client = await asyncio.to_thread(sdk, gw)
+    calls: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+        (client.tapes.list, ()),
+        (client.recordings.list, ()),
+        (client.credits.allocation, ()),
+        (client.webhooks.list_endpoints, ()),
+        (client.api_keys.list, ()),
+        (client.audit.catalog, ()),
+        (client.computer_use.get, ("some-session", "api/screen")),
+        (client.list_vaults, ()),
+        (client.list_ssh_keys, ()),
+        (client.volumes.list, ()),
+        (client.get_session_egress, ()),
+        (client.get_usage_breakdown, ()),
+    ]
+    for call, args in calls:
+        with pytest.raises(InstaVMError) as refused:
+            await asyncio.to_thread(call, *args)
+        assert "501" in str(refused.value) and "not supported by this gateway" in str(refused.value), call
+    status, body = await gw.request("GET", "/v1/tapes")
+    assert status == 501 and body["code"] == "not_supported" and body["feature"] == "tapes"
+    status, body = await gw.request("GET", "/v1/tapes", anonymous=True)
+    assert status == 401
+    status, doc = await gw.request("GET", "/openapi.json")
+    assert "501" in doc["paths"]["/v1/tapes"]["get"]["responses"]
