@@ -20,13 +20,23 @@ from gateway.api import (
     pty,
     session_records,
     sessions,
+    shares,
     snapshots,
     templates,
     unsupported,
     users,
     vms,
 )
-from gateway.api.context import CONFIG, EXECUTIONS, FILES, INSTANCES, KEY_STORE, ORCHESTRATOR, TERMINALS
+from gateway.api.context import (
+    CONFIG,
+    EXECUTIONS,
+    FILES,
+    INSTANCES,
+    KEY_STORE,
+    ORCHESTRATOR,
+    SHARES,
+    TERMINALS,
+)
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
 from gateway.background import stop_loop
@@ -39,6 +49,7 @@ from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
+from gateway.orchestrator.shares import Shares
 from gateway.server_header import use_neutral_server_header
 
 log = logging.getLogger(__name__)
@@ -88,6 +99,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[FILES] = VmFiles(orchestrator)
     app[TERMINALS] = terminals = Terminals(orchestrator)
     app[EXECUTIONS] = executions = Executions(orchestrator)
+    app[SHARES] = Shares(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(session_records.routes)
@@ -97,6 +109,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(execute.routes)
     app.add_routes(files.routes)
     app.add_routes(pty.routes)
+    app.add_routes(shares.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)

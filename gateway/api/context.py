@@ -11,6 +11,7 @@ from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
+from gateway.orchestrator.shares import Shares
 
 CONFIG = web.AppKey("config", Config)
 KEY_STORE = web.AppKey("key_store", ApiKeyStore)
@@ -19,3 +20,4 @@ INSTANCES = web.AppKey("instances", InstanceService)
 FILES = web.AppKey("files", VmFiles)
 TERMINALS = web.AppKey("terminals", Terminals)
 EXECUTIONS = web.AppKey("executions", Executions)
+SHARES = web.AppKey("shares", Shares)

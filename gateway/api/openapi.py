@@ -82,6 +82,33 @@ OPERATIONS: list[
     ("get", "/v1/custom-domains/{domain}", "Get Custom Domain", None, s.CustomDomainResponse, None),
     ("post", "/v1/custom-domains/{domain}/retry", "Retry Custom Domain", None, s.CustomDomainResponse, None),
     ("delete", "/v1/custom-domains/{domain}", "Delete Custom Domain", None, None, None),
+    (
+        "post",
+        "/v1/custom-domains",
+        "Create Custom Domain For A Share",
+        s.CustomDomainCreateRequest,
+        s.CustomDomainResponse,
+        None,
+    ),
+    (
+        "get",
+        "/v1/custom-domains/{domain}/health",
+        "Custom Domain Health",
+        None,
+        s.CustomDomainHealthResponse,
+        None,
+    ),
+    (
+        "post",
+        "/v1/custom-domains/{domain}/verify",
+        "Verify Custom Domain",
+        None,
+        s.CustomDomainResponse,
+        None,
+    ),
+    ("post", "/v1/shares", "Create Share", s.ShareCreateRequest, s.ShareResponse, None),
+    ("get", "/v1/shares/{share_id}", "Get Share", None, s.ShareResponse, None),
+    ("patch", "/v1/shares/{share_id}", "Update Or Revoke Share", s.ShareUpdateRequest, s.ShareResponse, None),
     ("get", "/orgs/{org_uuid}/api/instances", "List Instances", None, s.InstanceListResponse, None),
     (
         "post",
@@ -102,6 +129,9 @@ PUBLIC = {("get", "/v1/templates"), ("get", "/v1/templates/{slug}")}
 
 # Success statuses other than 200 (or 204 for operations without a response body).
 SUCCESS_STATUS = {
+    ("post", "/v1/custom-domains"): "201",
+    ("post", "/v1/custom-domains/{domain}/verify"): "202",
+    ("post", "/v1/shares"): "201",
     ("post", "/execute_async"): "202",
     ("get", "/v1/sessions/{sid}/pty/{pty_id}/connect"): "101",
     ("get", "/v1/vms/{vm_id}/pty/{pty_id}/connect"): "101",

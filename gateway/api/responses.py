@@ -70,6 +70,7 @@ def share_view(config: Config, vm: VmRecord, token: str | None = None) -> dict[s
         return None
     port = vm.share["port"]
     view: dict[str, Any] = {
+        "share_id": vm.share.get("share_id"),
         "port": port,
         "is_public": bool(vm.share.get("is_public")),
         "url": app_url_for(config, vm.session_id, port),

@@ -495,3 +495,55 @@ class PtyConnectQuery(_Model):
     (``{"type": "resize", "cols", "rows"}`` in, ``{"type": "exit", "exit_code"}`` out)."""
 
     api_key: str | None = Field(None, description="The API key, for clients that cannot set headers")
+
+
+class ShareCreateRequest(_Model):
+    port: int = Field(ge=1, le=65535)
+    session_id: str | None = None
+    vm_id: str | None = None
+    is_public: bool = False
+
+
+class ShareUpdateRequest(_Model):
+    is_public: bool | None = None
+    revoke: bool | None = None
+
+
+class ShareResponse(_Model):
+    """A share. ``access_token`` only in the answer that made it (or made it private again)."""
+
+    share_id: str
+    id: str
+    vm_id: str
+    session_id: str
+    port: int
+    is_public: bool
+    status: Literal["active", "revoked"]
+    url: str
+    direct_url: str
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    revoked_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    access_token: str | None = None
+    access: str | None = None
+
+
+class CustomDomainCreateRequest(_Model):
+    domain: str = Field(min_length=1, max_length=253)
+    share_id: str = Field(min_length=1)
+    dns_provider: str | None = None
+    dns_credentials: dict[str, str] | None = None
+
+
+class CustomDomainHealthResponse(_Model):
+    """Whether a custom domain serves: its certificate, and the VM and share behind it."""
+
+    id: str
+    domain: str
+    status: str
+    healthy: bool
+    certificate_issued: bool
+    certificate_expires_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    vm_id: str
+    vm_status: str | None = None
+    port: int | None = None
+    problems: list[str] = Field(default_factory=list)

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.auth import authenticate
-from gateway.api.context import CONFIG, ORCHESTRATOR
+from gateway.api.context import CONFIG, ORCHESTRATOR, SHARES
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmList, VmListQuery
 from gateway.api.sessions import lifetime_context, vm_params
@@ -142,6 +142,10 @@ async def create_vm(request: web.Request) -> web.Response:
         image=body.image_variant or (restore.image_variant if restore else None) or "",
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
+    if share is not None and vm.status != VM_FAILED:
+        # The create-time share is a share like the others (an id to change or revoke it by).
+        public, token_sha256 = bool(share.get("is_public")), share.get("token_sha256")
+        await request.app[SHARES].register(vm, share["port"], public, token_sha256, main=True)
     if vm.status == VM_FAILED and not body.env:
         # (With env the spec's answer carries the failure: env_status "failed" and env_error.)
         raise boot_failed(vm)

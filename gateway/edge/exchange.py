@@ -91,6 +91,7 @@ class Exchange:
         "method",
         "no_body_out",
         "pending_head",
+        "port",
         "proto",
         "request_id",
         "route_id",
@@ -148,6 +149,7 @@ class Exchange:
         self.body_done = False
         self.upstream: UpstreamConnection | None = None
         self.vm_id: str | None = None
+        self.port = 0  # the VM's port, with vm_id
         self.head_received = False
         self.pending_head = b""
         self.chunked_out = False

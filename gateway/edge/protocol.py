@@ -102,6 +102,7 @@ class Edge:
         # Kept: asyncio.get_running_loop() costs a getpid() system call per use on Python 3.11.
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
+        resolver.on_share_revoked.append(self.share_revoked)
 
     def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
         key = (peer_ip, scheme, host, trusted)
@@ -128,6 +129,11 @@ class Edge:
         self.pool.close_vm(vm_id)
         for conn in list(self.connections):
             conn.vm_gone(vm_id)
+
+    def share_revoked(self, vm_id: str, port: int) -> None:
+        """A share was revoked: requests and tunnels to that port of the VM end now."""
+        for conn in list(self.connections):
+            conn.vm_gone(vm_id, port)
 
     async def drain(self, grace_s: float) -> None:
         """Finish what is in flight, then close: idle connections at once, busy ones after their
@@ -531,7 +537,7 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
-        ex.vm_id = route.vm_id
+        ex.vm_id, ex.port = route.vm_id, route.port
         self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
 
     def _carry_out(self, ex: Exchange, decision: Reply | Redirect) -> None:
@@ -794,9 +800,15 @@ class EdgeProtocol(asyncio.Protocol):
 
     # VM gone, drain -------------------------------------------------------------------------------
 
-    def vm_gone(self, vm_id: str) -> None:
+    def vm_gone(self, vm_id: str, port: int | None = None) -> None:
+        """The VM ended (or, with ``port``, that port's share was revoked): an exchange with it ends."""
         ex = self.current
-        if ex is not None and ex.vm_id == vm_id and self.transport is not None:
+        if (
+            ex is not None
+            and ex.vm_id == vm_id
+            and (port is None or ex.port == port)
+            and self.transport is not None
+        ):
             self.transport.close()
 
     def drain(self) -> None:

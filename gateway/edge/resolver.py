@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
-from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, VmChanged
+from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, ShareChanged, VmChanged
 from gateway.state.ports import RouteSource, VmRecord
 from gateway.tokens import cookie_scope, cookie_values
 
@@ -97,6 +97,7 @@ class Resolver:
         self._loading: dict[CacheKey, asyncio.Task[Route | None]] = {}
         self._generation = 0
         self.on_vm_gone: list[Callable[[str], None]] = []
+        self.on_share_revoked: list[Callable[[str, int], None]] = []
         self.hits = self.misses = self.invalidations = self.stale_hits = 0
 
     # lookups --------------------------------------------------------------------------------------
@@ -280,9 +281,14 @@ class Resolver:
             self._generation += 1
             if self._cache.pop(("d", event.domain, 0), None) is not None:
                 self.invalidations += 1
-        elif isinstance(event, PortExposed):
-            # A newly exposed port: cached "no route" answers (by VM or by session) may be wrong now.
-            # Exposures are rare, so dropping every negative entry is cheaper than indexing them.
+        elif isinstance(event, ShareChanged) and event.revoked:
+            # A share was revoked: the VM's cached routes go, and so do open connections to that port.
+            self.forget(event.vm_id, None)
+            for revoked in self.on_share_revoked:
+                revoked(event.vm_id, event.port)
+        elif isinstance(event, PortExposed | ShareChanged):
+            # A newly exposed or shared port: cached "no route" answers (by VM or by session) may be wrong
+            # now. Rare, so dropping every negative entry is cheaper than indexing them.
             self.forget(event.vm_id, None)
             self._generation += 1
             for key in [key for key, (_, route) in self._cache.items() if route is None]:

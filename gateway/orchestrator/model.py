@@ -9,6 +9,7 @@ be converted field by field on every call for no gain while the shapes agree.
 from __future__ import annotations
 
 from gateway.state.records import (
+    DOMAIN_ISSUED,
     EXECUTION_COMPLETED,
     EXECUTION_FAILED,
     EXECUTION_PENDING,
@@ -21,12 +22,14 @@ from gateway.state.records import (
     ExecutionRecord,
     InstanceRecord,
     SessionRecord,
+    ShareRecord,
     SnapshotRecord,
     VmRecord,
     is_live,
 )
 
 __all__ = [
+    "DOMAIN_ISSUED",
     "EXECUTION_COMPLETED",
     "EXECUTION_FAILED",
     "EXECUTION_PENDING",
@@ -39,6 +42,7 @@ __all__ = [
     "ExecutionRecord",
     "InstanceRecord",
     "SessionRecord",
+    "ShareRecord",
     "SnapshotRecord",
     "VmRecord",
     "is_live",

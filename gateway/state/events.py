@@ -44,6 +44,17 @@ class PortExposed:
 
 
 @dataclass(frozen=True, slots=True)
+class ShareChanged:
+    """A share of a VM's port was made, changed or revoked: cached routes of that VM are stale, and on
+    revocation (``revoked``) its open connections to that port close."""
+
+    TYPE: ClassVar[str] = "share"
+    vm_id: str
+    port: int
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class VmReleased:
     """A destroyed VM's slot (and with it its address) was freed."""
 
@@ -77,10 +88,11 @@ class CertChanged:
     cert_id: str
 
 
-Event = VmChanged | PortExposed | VmReleased | DomainChanged | OrgKeysChanged | CertChanged
+Event = VmChanged | PortExposed | ShareChanged | VmReleased | DomainChanged | OrgKeysChanged | CertChanged
 
 _BY_TYPE: dict[str, type[Event]] = {
-    cls.TYPE: cls for cls in (VmChanged, PortExposed, VmReleased, DomainChanged, OrgKeysChanged, CertChanged)
+    cls.TYPE: cls
+    for cls in (VmChanged, PortExposed, ShareChanged, VmReleased, DomainChanged, OrgKeysChanged, CertChanged)
 }
 
 
@@ -101,9 +113,11 @@ def decode(text: str | bytes) -> Event | None:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
-        wanted = int if f.type == "int" else str
+        if f.type == "bool":
+            if not isinstance(value, bool):
+                return None
         # bool is an int in Python, never a port or a slot.
-        if not isinstance(value, wanted) or isinstance(value, bool):
+        elif not isinstance(value, int if f.type == "int" else str) or isinstance(value, bool):
             return None
         values[f.name] = value
     return cls(**values)

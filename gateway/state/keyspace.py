@@ -38,6 +38,14 @@ class Keys:
         """Set of ports of a VM exposed publicly (by the app-url call); dropped when the VM ends."""
         return f"{self.prefix}vm:{vm_id}:ports"
 
+    def vm_shares(self, vm_id: str) -> str:
+        """Hash: port -> the share opening it (JSON, ``ShareRecord.route_entry``); the edge reads it."""
+        return f"{self.prefix}vm:{vm_id}:shares"
+
+    def share(self, share_id: str) -> str:
+        """Hash: a share (``ShareRecord``)."""
+        return f"{self.prefix}share:{share_id}"
+
     def owner_vms(self, owner: str) -> str:
         """Set of VM ids created with one API key."""
         return f"{self.prefix}owner:{owner}:vms"

@@ -153,6 +153,29 @@ def is_live(rec: VmRecord) -> bool:
     return rec.status in VM_LIVE_STATES
 
 
+@dataclass
+class ShareRecord(_Record):
+    """One port of a VM opened through the edge: public, or private behind an access token (stored as
+    its SHA-256 only). Revoked ones stay, marked, until they expire with the VM's retention."""
+
+    share_id: str
+    owner: str
+    vm_id: str
+    session_id: str
+    port: int
+    is_public: bool
+    created_at: float
+    token_sha256: str | None = None
+    revoked_at: float | None = None
+
+    def route_entry(self) -> dict[str, Any]:
+        """What the edge reads for the port (the VM's ``share`` shape): port, visibility, token hash."""
+        entry: dict[str, Any] = {"share_id": self.share_id, "port": self.port, "is_public": self.is_public}
+        if self.token_sha256:
+            entry["token_sha256"] = self.token_sha256
+        return entry
+
+
 EXECUTION_PENDING = "pending"
 EXECUTION_RUNNING = "running"
 EXECUTION_COMPLETED = "completed"

@@ -7,6 +7,7 @@ crash between two commands never leaves an index that points at nothing. Redis f
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -14,13 +15,14 @@ import redis.asyncio as aioredis
 
 from gateway.state.bus import publish
 from gateway.state.connection import guarded, hash_fields, text_list
-from gateway.state.events import DomainChanged, Event, PortExposed, VmChanged, VmReleased
+from gateway.state.events import DomainChanged, Event, PortExposed, ShareChanged, VmChanged, VmReleased
 from gateway.state.keyspace import Keys
 from gateway.state.records import (
     DomainRecord,
     ExecutionRecord,
     InstanceRecord,
     SessionRecord,
+    ShareRecord,
     SnapshotRecord,
     VmRecord,
     dump_field,
@@ -44,15 +46,16 @@ return 0
 """
 
 # The edge's route lookup by session (or custom domain) in one round trip: the VM record named by the
-# hash's vm_id field and whether the port is exposed. The VM's keys are made here from the templates Keys
-# gives (ARGV 1-4), so Keys stays the one place that spells them. Returns false for no session (domain),
-# else {flat VM hash, exposed (0/1)}.
+# hash's vm_id field, whether the port is exposed and the share that opens it. The VM's keys are made here
+# from the templates Keys gives (ARGV 1-4, 6-7), so Keys stays the one place that spells them. Returns
+# false for no session (domain), else {flat VM hash, exposed (0/1), share entry JSON or ''}.
 _HELD_VM_AND_PORT = """
 local vm_id = redis.call('HGET', KEYS[1], 'vm_id')
 if not vm_id then return false end
 local vm = redis.call('HGETALL', ARGV[1] .. vm_id .. ARGV[2])
 local exposed = redis.call('SISMEMBER', ARGV[3] .. vm_id .. ARGV[4], ARGV[5])
-return {vm, exposed}
+local share = redis.call('HGET', ARGV[6] .. vm_id .. ARGV[7], ARGV[5]) or ''
+return {vm, exposed, share}
 """
 
 # The edge's route lookup for a browser instance in one round trip: the instance, its VM, and the key
@@ -112,7 +115,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'ended_at', ARGV[2], 'error', ARG
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[5])
 return 1
 """
 
@@ -137,6 +140,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return n
 """
 
+# Revoke a share: mark it, drop its port's entry if it is still this share's, and the port's app-URL
+# exposure. KEYS: share hash, VM's shares hash, VM's exposed ports. ARGV: port, share id, now.
+_REVOKE_SHARE = """
+redis.call('HSET', KEYS[1], 'revoked_at', ARGV[3])
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if entry and string.find(entry, '"share_id":"' .. ARGV[2] .. '"', 1, true) then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
 
@@ -156,8 +171,10 @@ class RedisStore:
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
         self._add_traffic = client.register_script(_ADD_TRAFFIC)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
-        vm_key, ports_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK)
+        self._revoke_share = client.register_script(_REVOKE_SHARE)
+        vm_key, ports_key, shares_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK), keys.vm_shares(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
+        self._shares_key_template = shares_key.split(_ID_MARK)
         self._instance_key_templates = [*vm_key.split(_ID_MARK), *keys.org_keys(_ID_MARK).split(_ID_MARK)]
 
     # sessions -------------------------------------------------------------------------------------
@@ -212,6 +229,7 @@ class RedisStore:
                     self.keys.vm_expiry(),
                     self.keys.live_vms(),
                     self.keys.vm_ports(rec.vm_id),
+                    self.keys.vm_shares(rec.vm_id),
                 ],
                 args=[status, str(time.time()), error or "", rec.vm_id, self.retention_s],
             )
@@ -245,6 +263,41 @@ class RedisStore:
 
     async def forget_owner_vm(self, owner: str, vm_id: str) -> None:
         await guarded(self.client.srem(self.keys.owner_vms(owner), vm_id))
+
+    # shares -----------------------------------------------------------------------------------------
+
+    async def put_share(self, rec: ShareRecord, ttl_s: int) -> None:
+        """Store a share and, unless revoked, open its port at the edge (the VM's shares hash)."""
+        pipe = self.client.pipeline(transaction=True)
+        key = self.keys.share(rec.share_id)
+        pipe.delete(key)
+        pipe.hset(key, mapping=hash_fields(rec.to_hash()))
+        pipe.expire(key, max(1, ttl_s))
+        if rec.revoked_at is None:
+            entry = json.dumps(rec.route_entry(), separators=(",", ":"), sort_keys=True)
+            pipe.hset(self.keys.vm_shares(rec.vm_id), str(rec.port), entry)
+        await guarded(pipe.execute())
+        await self.publish(ShareChanged(rec.vm_id, rec.port))
+
+    async def get_share(self, share_id: str) -> ShareRecord | None:
+        raw = await guarded(self.client.hgetall(self.keys.share(share_id)))
+        return ShareRecord.from_hash(raw) if raw else None
+
+    async def revoke_share(self, rec: ShareRecord) -> None:
+        """Close the share's port at the edge (if the port is still this share's) and every app-URL
+        exposure of it; edges close its open connections when they hear of it."""
+        script = self._revoke_share
+        await guarded(
+            script(
+                keys=[
+                    self.keys.share(rec.share_id),
+                    self.keys.vm_shares(rec.vm_id),
+                    self.keys.vm_ports(rec.vm_id),
+                ],
+                args=[str(rec.port), rec.share_id, str(time.time())],
+            )
+        )
+        await self.publish(ShareChanged(rec.vm_id, rec.port, revoked=True))
 
     # executions -------------------------------------------------------------------------------------
 
@@ -346,8 +399,9 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self.keys.vm(vm_id))
         pipe.sismember(self.keys.vm_ports(vm_id), str(port))
-        raw, exposed = await guarded(pipe.execute())
-        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
+        pipe.hget(self.keys.vm_shares(vm_id), str(port))
+        raw, exposed, share = await guarded(pipe.execute())
+        return (_with_share(VmRecord.from_hash(raw), share) if raw else None), bool(exposed)
 
     async def session_vm_and_port(self, session_id: str, port: int) -> tuple[VmRecord | None, bool]:
         """``vm_and_port`` for the session's VM, also in one round trip (a server-side script)."""
@@ -359,14 +413,13 @@ class RedisStore:
         return vm
 
     async def _held_vm(self, holder_key: str, port: int) -> tuple[VmRecord | None, bool]:
-        found = await guarded(
-            self._held_vm_and_port(keys=[holder_key], args=[*self._vm_key_templates, str(port)])
-        )
+        args = [*self._vm_key_templates, str(port), *self._shares_key_template]
+        found = await guarded(self._held_vm_and_port(keys=[holder_key], args=args))
         if not found:
             return None, False
-        flat, exposed = found
+        flat, exposed, share = found
         raw = _pairs(flat)
-        return (VmRecord.from_hash(raw) if raw else None), bool(exposed)
+        return (_with_share(VmRecord.from_hash(raw), share) if raw else None), bool(exposed)
 
     async def exposed_ports(self, vm_id: str) -> set[int]:
         return {int(p) for p in await guarded(self.client.smembers(self.keys.vm_ports(vm_id)))}
@@ -510,6 +563,18 @@ class RedisStore:
 
     async def publish(self, event: Event) -> None:
         await publish(self.client, self.keys, event)
+
+
+def _with_share(vm: VmRecord, entry: str | None) -> VmRecord:
+    """The VM as the edge sees one port of it: the share opening that port (if any) as its share."""
+    if entry:
+        try:
+            share = json.loads(entry)
+        except ValueError:
+            share = None
+        if isinstance(share, dict):
+            vm.share = share
+    return vm
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

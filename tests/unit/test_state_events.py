@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.state.events import PortExposed, VmChanged, decode, encode
+from gateway.state.events import PortExposed, ShareChanged, VmChanged, decode, encode
 
 
 def test_an_event_survives_the_wire() -> None:
-    for event in (VmChanged("vm-1", "s-1", "killed"), PortExposed("vm-1", 3000)):
+    events = (
+        VmChanged("vm-1", "s-1", "killed"),
+        PortExposed("vm-1", 3000),
+        ShareChanged("vm-1", 3000),
+        ShareChanged("vm-1", 3000, revoked=True),  # a boolean field (was dropped as malformed)
+    )
+    for event in events:
         assert decode(encode(event)) == event
 
 
@@ -24,6 +30,7 @@ def test_an_event_survives_the_wire() -> None:
         '{"type": "vm_ports", "vm_id": "vm-1"}',  # a field missing
         '{"type": "vm_ports", "vm_id": "vm-1", "port": "3000"}',  # a field of the wrong type
         '{"type": "vm_ports", "vm_id": "vm-1", "port": true}',
+        '{"type": "share", "vm_id": "vm-1", "port": 3000, "revoked": 1}',  # a number is no boolean
     ],
 )
 def test_anything_else_is_ignored_not_raised(text: str) -> None:
