@@ -35,12 +35,13 @@ from gateway.metrics import write_snapshots
 from gateway.orchestrator.domains import DomainService
 from gateway.orchestrator.drivers.qemu_net import guest_half
 from gateway.orchestrator.drivers.registry import choose_driver, make_driver
+from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
 from gateway.state.keyspace import Keys
-from gateway.state.ports import EventFeed, RouteSource, TrafficSink
+from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
 from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
@@ -132,6 +133,8 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
     events = RedisEventFeed(client, keys)
+    lifecycle = Lifecycle(orchestrator)
+    events.add(lifecycle)  # edges ask, through events, to wake suspended VMs
     events.start()
     try:
         yield Services(
@@ -140,11 +143,12 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
             key_store,
             orchestrator,
             reaper,
-            make_api_app(config, orchestrator, key_store),
+            make_api_app(config, orchestrator, key_store, lifecycle),
             events,
         )
     finally:
         await events.stop()
+        await lifecycle.close()
         await reaper.stop()
         await orchestrator.close()
         await driver.close()
@@ -193,6 +197,7 @@ async def running_gateway(
                         str(api_socket),
                         reuse_port=workers is not None,
                         traffic=svc.store,
+                        waker=svc.store,
                     ) as (edge, tls),
                     keeping_operator_certs(config, tls.store if tls else None, client) as keeper,
                     keeping_domain_certs(
@@ -236,6 +241,7 @@ async def running_public_edge(
     *,
     reuse_port: bool,
     traffic: TrafficSink | None = None,
+    waker: Waker | None = None,
 ) -> AsyncIterator[tuple[Edge, TlsServing | None]]:
     """The edge, with TLS (certificates from the store, kept in step) when tls.listen is set."""
     async with contextlib.AsyncExitStack() as stack:
@@ -246,7 +252,7 @@ async def running_public_edge(
         )
         async with running_edge(
             config, routes, events, vm_networks(config), api_socket, reuse_port=reuse_port,
-            sni=tls.table if tls is not None else None, traffic=traffic,
+            sni=tls.table if tls is not None else None, traffic=traffic, waker=waker,
         ) as edge:  # fmt: skip
             yield edge, tls
 
@@ -320,7 +326,7 @@ async def running_edge_only(
         async with (
             following_events(client, keys) as events,
             running_public_edge(
-                config, client, store, events, api_socket, reuse_port=True, traffic=store
+                config, client, store, events, api_socket, reuse_port=True, traffic=store, waker=store
             ) as (edge, tls),
             running_admin(config, AdminView(client, edge, None, tls)),
         ):

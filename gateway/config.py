@@ -147,6 +147,11 @@ class VmsConfig:
     retention_s: int = 86400
     boot_timeout_s: float = 30.0
     reaper_interval_s: float = 0.5
+    # A suspended VM (POST /v1/vms/{id}/suspend, or auto_suspend at the end of its lifetime) is kept this
+    # long for a resume, then ended like an expired one.
+    max_suspended_s: int = 7 * 86400
+    # How long an edge holds a request for a suspended auto_resume VM while it resumes.
+    wake_timeout_s: float = 60.0
 
 
 NETNS_MIN_DISK_MB = 16

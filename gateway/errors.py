@@ -109,6 +109,10 @@ EDGE_ERRORS: dict[str, tuple[int, str]] = {
     "headers_too_large": (431, "request headers too large"),
     # Routing
     "no_route": (404, "no such app: the VM does not exist, has ended, or this port is not exposed"),
+    "vm_suspended": (
+        409, "the VM is suspended: resume it (POST /v1/vms/{id}/resume), or turn on its auto_resume"
+    ),
+    "vm_wake_timeout": (503, "the VM is resuming and was not back in time: try again"),
     "store_unavailable": (503, "routing unavailable"),
     # The edge itself
     "too_many_connections": (503, "too many open connections; try again later"),

@@ -25,6 +25,7 @@ from gateway.api import (
     templates,
     unsupported,
     users,
+    vm_lifecycle,
     vms,
 )
 from gateway.api.context import (
@@ -33,6 +34,7 @@ from gateway.api.context import (
     FILES,
     INSTANCES,
     KEY_STORE,
+    LIFECYCLE,
     ORCHESTRATOR,
     SHARES,
     TERMINALS,
@@ -47,6 +49,7 @@ from gateway.log import REQUEST_ID
 from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
@@ -89,7 +92,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.reason, code)
 
 
-def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeyStore) -> web.Application:
+def make_api_app(
+    config: Config, orchestrator: Orchestrator, key_store: ApiKeyStore, lifecycle: Lifecycle | None = None
+) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.api.max_body_bytes)
     use_neutral_server_header(app)
     app[CONFIG] = config
@@ -100,6 +105,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app[TERMINALS] = terminals = Terminals(orchestrator)
     app[EXECUTIONS] = executions = Executions(orchestrator)
     app[SHARES] = Shares(orchestrator)
+    app[LIFECYCLE] = lifecycle or Lifecycle(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
     app.add_routes(session_records.routes)
@@ -110,6 +116,7 @@ def make_api_app(config: Config, orchestrator: Orchestrator, key_store: ApiKeySt
     app.add_routes(files.routes)
     app.add_routes(pty.routes)
     app.add_routes(shares.routes)
+    app.add_routes(vm_lifecycle.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)

@@ -9,6 +9,7 @@ from gateway.keys import ApiKeyStore
 from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
+from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
@@ -21,3 +22,4 @@ FILES = web.AppKey("files", VmFiles)
 TERMINALS = web.AppKey("terminals", Terminals)
 EXECUTIONS = web.AppKey("executions", Executions)
 SHARES = web.AppKey("shares", Shares)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

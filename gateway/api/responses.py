@@ -127,4 +127,7 @@ def vm_view(
         snapshot_error=vm.snapshot_error,
         restored_from=vm.restored_from,
         image_variant=vm.image_variant,
+        auto_suspend=vm.auto_suspend,
+        auto_resume=vm.auto_resume,
+        suspended_at=iso(vm.suspended_at),
     )

@@ -106,6 +106,9 @@ class VMCreateRequest(VmResources):
     image_variant: str | None = None
     volumes: list[VMVolumeMountRequest] | None = None
     vault_ids: list[str] | None = None
+    # Suspend instead of kill when the lifetime ends; wake on the next request (drivers that suspend).
+    auto_suspend: bool | None = None
+    auto_resume: bool | None = None
 
 
 class VMCreateResponse(_Model):
@@ -257,6 +260,9 @@ class VmResponse(_Model):
     restored_from: str | None = None
     # The image it runs on (GET /v1/templates); null where the driver runs on no images.
     image_variant: str | None = None
+    auto_suspend: bool = False
+    auto_resume: bool = False
+    suspended_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 
 class SnapshotResponse(_Model):
@@ -547,3 +553,10 @@ class CustomDomainHealthResponse(_Model):
     vm_status: str | None = None
     port: int | None = None
     problems: list[str] = Field(default_factory=list)
+
+
+class VmUpdateRequest(_Model):
+    """What may change on a VM once made (``PATCH /v1/vms/{id}``)."""
+
+    auto_suspend: bool | None = None
+    auto_resume: bool | None = None

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.auth import authenticate
-from gateway.api.context import CONFIG, ORCHESTRATOR, SHARES
+from gateway.api.context import CONFIG, LIFECYCLE, ORCHESTRATOR, SHARES
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
 from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmList, VmListQuery
 from gateway.api.sessions import lifetime_context, vm_params
@@ -26,7 +26,11 @@ METADATA_FILTER_PREFIX = "metadata."
 
 
 def refuse_unsupported(
-    body: VMCreateRequest, driver: str, snapshots: bool = False, image_problem: str | None = None
+    body: VMCreateRequest,
+    driver: str,
+    snapshots: bool = False,
+    image_problem: str | None = None,
+    suspends: bool = False,
 ) -> None:
     """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op.
 
@@ -48,6 +52,9 @@ def refuse_unsupported(
         problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
     if image_problem:
         problems.append(("image_variant", image_problem))
+    if (body.auto_suspend or body.auto_resume) and not suspends:
+        field = "auto_suspend" if body.auto_suspend else "auto_resume"
+        problems.append((field, f"the {driver!r} VM driver cannot suspend VMs (netns and qemu can)"))
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
 
@@ -126,6 +133,7 @@ async def create_vm(request: web.Request) -> web.Response:
         orchestrator.driver.name,
         orchestrator.snapshots.available,
         orchestrator.image_problem(body.image_variant),
+        suspends=request.app[LIFECYCLE].available,
     )
     domain = domain_request(body, orchestrator.domains)
     restore = await snapshot_to_restore(
@@ -140,6 +148,8 @@ async def create_vm(request: web.Request) -> web.Response:
         restore=restore,
         # A restored VM runs on its snapshot's image.
         image=body.image_variant or (restore.image_variant if restore else None) or "",
+        auto_suspend=bool(body.auto_suspend),
+        auto_resume=bool(body.auto_resume),
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if share is not None and vm.status != VM_FAILED:

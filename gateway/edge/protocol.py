@@ -17,6 +17,7 @@ and one for stream or tunnel idleness when those limits are set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -31,12 +32,13 @@ from gateway.edge.deadline import Deadline
 from gateway.edge.exchange import Exchange, head_bytes
 from gateway.edge.observe import AccessLog, EdgeStats, VmTraffic
 from gateway.edge.resolver import MISS, CacheKey, Resolver, Route
-from gateway.edge.routing import Redirect, Reply, RoutingPolicy, body_too_large
+from gateway.edge.routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.target import ApiTarget, AppTarget, TargetParser
 from gateway.edge.tunnel import Tunnel
 from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.errors import GatewayError, edge_error
+from gateway.state.ports import Waker
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ HEAD_LINE_OVERHEAD = 32
 
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
+# A held request for a suspended VM: how often it asks again for the wake, and looks whether it is back.
+WAKE_ASK_S = 5.0
+WAKE_POLL_S = 0.1
 
 
 class Edge:
@@ -77,8 +82,10 @@ class Edge:
         resolver: Resolver,
         pool: UpstreamPool,
         access_log: AccessLog | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.settings = settings
+        self.waker = waker  # asks for suspended auto_resume VMs to be woken
         self.resolver = resolver
         self.pool = pool
         self.api_key, self.api_unix_path = api_pool_key(settings.api_upstream)
@@ -530,7 +537,11 @@ class EdgeProtocol(asyncio.Protocol):
             target, route, ex.url, ex.headers, self.scheme, ex.max_body, ex.content_length, ex.sent_bytes
         )
         if type(decision) is not bytes:
-            self._carry_out(ex, decision)  # type: ignore[arg-type]
+            if decision is WAKE:
+                assert route is not None
+                self._spawn(self._wake_then_route(ex, target, route))
+            else:
+                self._carry_out(ex, decision)  # type: ignore[arg-type]
             return
         assert route is not None
         headers = self._forwarded(ex, target.host, target.prefix)
@@ -539,6 +550,36 @@ class EdgeProtocol(asyncio.Protocol):
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
         ex.vm_id, ex.port = route.vm_id, route.port
         self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
+
+    async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
+        """Its VM is suspended and wakes on demand: ask for it (again every WAKE_ASK_S) and hold the
+        request until the route says it runs, at most wake_timeout_s."""
+        edge = self.edge
+        self.deadline.stop()  # the wait has its own limit; the first-byte one starts again after it
+        give_up = self.loop.time() + self.settings.wake_timeout_s
+        ask_at = 0.0
+        while route.suspended:
+            now = self.loop.time()
+            if now >= give_up:
+                self._reply(ex, "vm_wake_timeout")
+                return
+            if now >= ask_at and edge.waker is not None:
+                with contextlib.suppress(GatewayError):
+                    await edge.waker.request_wake(route.vm_id)
+                ask_at = now + WAKE_ASK_S
+            await asyncio.sleep(WAKE_POLL_S)
+            if self.current is not ex or self.transport is None:
+                return
+            try:
+                found = await edge.resolver.resolve(target.key)
+            except GatewayError:
+                continue
+            if found is None:
+                self._routed(ex, target, None)  # it ended meanwhile
+                return
+            route = found
+        self.deadline.start(self.settings.first_byte_timeout_s)
+        self._routed(ex, target, route)
 
     def _carry_out(self, ex: Exchange, decision: Reply | Redirect) -> None:
         """An answer the edge makes itself."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
 from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, ShareChanged, VmChanged
-from gateway.state.ports import RouteSource, VmRecord
+from gateway.state.ports import VM_SUSPENDED, RouteSource, VmRecord
 from gateway.tokens import cookie_scope, cookie_values
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class Route:
     bearer: bool = False
     # The edge cookies that open it (gateway.tokens.cookie_values), when private.
     cookies: frozenset[bytes] = frozenset()
+    # Its VM is suspended (and wakes on a request when auto_resume).
+    suspended: bool = False
+    auto_resume: bool = False
 
 
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
@@ -64,7 +67,19 @@ MISS = object()  # peek(): nothing usable cached
 
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
     cookies = cookie_values(tokens, cookie_scope(vm.vm_id, port)) if tokens else frozenset()
-    return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at, tokens, bearer, cookies)
+    suspended = vm.status == VM_SUSPENDED
+    return Route(
+        vm.vm_id,
+        vm.session_id,
+        vm.ip,
+        port,
+        vm.expires_at,
+        tokens,
+        bearer,
+        cookies,
+        suspended,
+        vm.auto_resume,
+    )
 
 
 class Resolver:
@@ -189,7 +204,7 @@ class Resolver:
             share = vm.share or {}
             if share.get("port") != port:
                 # Only a custom domain reaches a port nobody shared: the customer published it.
-                return Route(vm.vm_id, vm.session_id, vm.ip, port, vm.expires_at) if kind == "d" else None
+                return _route(vm, port, None) if kind == "d" else None
             if not share.get("is_public"):
                 token_sha256 = share.get("token_sha256")
                 if not isinstance(token_sha256, str):
@@ -207,7 +222,8 @@ class Resolver:
         return _route(vm, instance.port, key_hashes, bearer=True)
 
     def _routable(self, vm: VmRecord | None) -> bool:
-        if vm is None or not vm.alive or not self._dialable(vm.ip):
+        """Active (or suspended: its request may wake it, or is told it sleeps), in range, not expired."""
+        if vm is None or not (vm.alive or vm.status == VM_SUSPENDED) or not self._dialable(vm.ip):
             return False
         return vm.expires_at is None or vm.expires_at > time.time()
 

@@ -47,6 +47,15 @@ class Redirect:
 
 
 NO_ROUTE = Reply("no_route")
+SUSPENDED = Reply("vm_suspended")
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Hold the request while its suspended VM (made with auto_resume) resumes, then route it again."""
+
+
+WAKE = Wake()
 # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
 MISDIRECTED = Reply("misdirected_request", close=True)
 
@@ -85,9 +94,9 @@ class RoutingPolicy:
         max_body: int,
         content_length: int | None,
         body_bytes_so_far: int,
-    ) -> Reply | Redirect | bytes:
-        """With the route looked up: answer, redirect, or the request target to send to the VM (the
-        gateway's own token and credentials taken out of it)."""
+    ) -> Reply | Redirect | Wake | bytes:
+        """With the route looked up: answer, redirect, wake its VM, or the request target to send to the
+        VM (the gateway's own token and credentials taken out of it)."""
         if route is None:
             return NO_ROUTE
         request_target = target.upstream_target
@@ -99,6 +108,8 @@ class RoutingPolicy:
                 return NO_ROUTE  # the same answer as an unknown app: no oracle
         elif access.TOKEN_QUERY_PARAM in request_target:
             request_target, _ = access.split_token_from_target(request_target)
+        if route.suspended:  # (only for those who may open it: a private app says nothing of its state)
+            return WAKE if route.auto_resume else SUSPENDED
         if access.PLATFORM_KEY_PREFIX in request_target:
             request_target = access.strip_platform_key_params(request_target)
         # The length says the body is too large, or a chunked body read before the route was known

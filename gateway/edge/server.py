@@ -19,7 +19,7 @@ from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
 from gateway.errors import ListenFailed, StoreUnavailable
-from gateway.state.ports import EventFeed, RouteSource, TrafficSink
+from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
 from gateway.tls.sni import SniTable
 
 # How often an edge adds the bytes it carried to the VMs' records (their sessions' usage).
@@ -59,14 +59,16 @@ async def running_edge(
     reuse_port: bool = False,
     sni: SniTable | None = None,
     traffic: TrafficSink | None = None,
+    waker: Waker | None = None,
 ) -> AsyncIterator[Edge]:
     """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
     processes listen there as well. Routes come from ``routes``, kept fresh by ``events`` (the process's
-    one subscription, which the caller runs); the bytes it carries per VM go to ``traffic``."""
+    one subscription, which the caller runs); the bytes it carries per VM go to ``traffic``; requests for
+    suspended auto_resume VMs ask ``waker``."""
     resolver = Resolver(routes, vm_networks, config.edge.redis_grace_s)
     pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
     access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
-    edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log)
+    edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log, waker)
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     traffic_flusher = asyncio.create_task(flush_traffic(edge.traffic, traffic)) if traffic else None

@@ -21,6 +21,8 @@ class EdgeSettings:
     header_timeout_s: float
     keepalive_timeout_s: float
     first_byte_timeout_s: float
+    # A request for a suspended auto_resume VM is held this long while it resumes.
+    wake_timeout_s: float
     stream_idle_timeout_s: float
     tunnel_idle_timeout_s: float
     send_timeout_s: float
@@ -51,6 +53,7 @@ class EdgeSettings:
             header_timeout_s=edge.header_timeout_s,
             keepalive_timeout_s=edge.keepalive_timeout_s,
             first_byte_timeout_s=edge.upstream_first_byte_timeout_s,
+            wake_timeout_s=config.vms.wake_timeout_s,
             stream_idle_timeout_s=edge.stream_idle_timeout_s,
             tunnel_idle_timeout_s=edge.tunnel_idle_timeout_s,
             send_timeout_s=edge.send_timeout_s,

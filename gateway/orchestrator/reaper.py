@@ -14,7 +14,7 @@ import time
 from gateway.background import stop_loop
 from gateway.errors import GatewayError
 from gateway.orchestrator.service import Orchestrator
-from gateway.state.records import VM_KILLED, is_live
+from gateway.state.records import VM_KILLED, VM_SUSPENDED, is_live
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,11 @@ class Reaper:
             if rec is None or not is_live(rec):
                 await store.drop_expiry(vm_id)
                 continue
-            await self.orchestrator.end(rec, VM_KILLED, "lifetime expired")
+            hook = self.orchestrator.expiry_hook
+            if hook is not None and await hook(rec):
+                continue  # suspended instead (auto_suspend): kept for a resume
+            reason = "kept suspended for too long" if rec.status == VM_SUSPENDED else "lifetime expired"
+            await self.orchestrator.end(rec, VM_KILLED, reason)
             ended += 1
         return ended
 

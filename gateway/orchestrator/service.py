@@ -14,8 +14,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from gateway.state.records import (
     VM_CREATING,
     VM_FAILED,
     VM_KILLED,
+    VM_SUSPENDED,
     SessionRecord,
     SnapshotRecord,
     VmRecord,
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 # A VM still 'creating' this long after boot_timeout_s has no live booter anywhere: it failed.
 STALE_BOOT_FACTOR = 2
 ACTIVE_POLL_S = 0.05
+# Where suspended VMs keep their state (drivers that save it: qemu), one folder per VM.
+SUSPENDED_SUBDIR = "suspended"
 # How often a booting image's port is tried until it accepts connections.
 READY_POLL_S = 0.05
 # A command's place in its VM's cap outlives its timeout by this much at most (a gateway that died
@@ -93,6 +97,8 @@ class VmParams:
     restore: SnapshotRecord | None = None
     # The root file system image (image_variant; [images.definitions]): "" is the default one.
     image: str = ""
+    auto_suspend: bool = False
+    auto_resume: bool = False
 
 
 @dataclass
@@ -115,6 +121,10 @@ class Orchestrator:
     config: Config
     domains: DomainService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
+    # Set by the lifecycle use cases (gateway.orchestrator.lifecycle), where the driver can suspend: what
+    # brings a suspended auto_resume VM back for execute, and what may suspend an expiring VM instead.
+    resumer: Callable[[VmRecord], Awaitable[VmRecord]] | None = None
+    expiry_hook: Callable[[VmRecord], Awaitable[bool]] | None = None
     snapshots: SnapshotService = field(init=False)
     images: ImageStore = field(init=False)
 
@@ -331,6 +341,8 @@ class Orchestrator:
             snapshot_name=params.snapshot_name,
             restored_from=params.restore.snapshot_id if params.restore else None,
             image_variant=self.image_name(params.image) or None,
+            auto_suspend=params.auto_suspend,
+            auto_resume=params.auto_resume,
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )
@@ -444,6 +456,16 @@ class Orchestrator:
         matching = [r for r in records if all(_matches(r.metadata, k, v) for k, v in wanted.items())]
         return sorted(matching, key=lambda r: r.created_at)
 
+    async def update_vm_settings(self, owner: str, vm_id: str, **settings: bool) -> VmRecord:
+        """Change ``auto_suspend`` / ``auto_resume`` of a live VM."""
+        rec = await self.get_vm(owner, vm_id)
+        if not is_live(rec):
+            raise VmNotRunning(f"VM {vm_id} is {rec.status}")
+        if any(settings.values()) and self.resumer is None:
+            raise Unsupported(f"the {self.driver.name!r} VM driver cannot suspend VMs (netns and qemu can)")
+        await self.store.update_vm(vm_id, **settings)
+        return await self._reload(rec)
+
     async def kill_vm(self, owner: str, vm_id: str) -> VmRecord:
         rec = await self.get_vm(owner, vm_id)
         await self.end(rec, VM_KILLED, "killed by request")
@@ -466,6 +488,10 @@ class Orchestrator:
             await self.snapshots.take(fresh)
         try:
             await self.driver.destroy(fresh.vm_id, fresh.handle)
+            # A VM ended while suspended leaves its saved state (qemu) behind: it goes too.
+            await asyncio.to_thread(
+                shutil.rmtree, self.config.data_path / SUSPENDED_SUBDIR / fresh.vm_id, True
+            )
         except DriverError as exc:
             # Keep the slot held: recovery retries the destroy, and the IP is not reused meanwhile.
             log.error("destroying VM %s failed: %s", fresh.vm_id, exc)
@@ -519,6 +545,8 @@ class Orchestrator:
             vm = await self._create_vm(owner, session, VmParams(), wait=True)
         if vm.status == VM_CREATING:
             vm = await self.wait_active(vm)
+        if vm.status == VM_SUSPENDED and vm.auto_resume and self.resumer is not None:
+            vm = await self.resumer(vm)
         if vm.status == VM_FAILED:
             raise boot_failed(vm)  # the same answer as a create whose VM failed to boot
         if vm.status != VM_ACTIVE:

@@ -55,6 +55,14 @@ class ShareChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeRequested:
+    """An edge holds a request for a suspended VM created with auto_resume: a control plane resumes it."""
+
+    TYPE: ClassVar[str] = "wake"
+    vm_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class VmReleased:
     """A destroyed VM's slot (and with it its address) was freed."""
 
@@ -88,11 +96,29 @@ class CertChanged:
     cert_id: str
 
 
-Event = VmChanged | PortExposed | ShareChanged | VmReleased | DomainChanged | OrgKeysChanged | CertChanged
+Event = (
+    VmChanged
+    | PortExposed
+    | ShareChanged
+    | WakeRequested
+    | VmReleased
+    | DomainChanged
+    | OrgKeysChanged
+    | CertChanged
+)
 
 _BY_TYPE: dict[str, type[Event]] = {
     cls.TYPE: cls
-    for cls in (VmChanged, PortExposed, ShareChanged, VmReleased, DomainChanged, OrgKeysChanged, CertChanged)
+    for cls in (
+        VmChanged,
+        PortExposed,
+        ShareChanged,
+        WakeRequested,
+        VmReleased,
+        DomainChanged,
+        OrgKeysChanged,
+        CertChanged,
+    )
 }
 
 

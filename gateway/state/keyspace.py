@@ -38,6 +38,10 @@ class Keys:
         """Set of ports of a VM exposed publicly (by the app-url call); dropped when the VM ends."""
         return f"{self.prefix}vm:{vm_id}:ports"
 
+    def vm_resuming(self, vm_id: str) -> str:
+        """String with an expiry: a resume of the VM is under way (one at a time)."""
+        return f"{self.prefix}vm:{vm_id}:resuming"
+
     def vm_shares(self, vm_id: str) -> str:
         """Hash: port -> the share opening it (JSON, ``ShareRecord.route_entry``); the edge reads it."""
         return f"{self.prefix}vm:{vm_id}:shares"

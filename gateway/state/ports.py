@@ -10,9 +10,18 @@ from __future__ import annotations
 from typing import Protocol
 
 from gateway.state.events import Event
-from gateway.state.records import InstanceRecord, VmRecord
+from gateway.state.records import VM_SUSPENDED, InstanceRecord, VmRecord
 
-__all__ = ["EventFeed", "EventSubscriber", "InstanceRecord", "RouteSource", "TrafficSink", "VmRecord"]
+__all__ = [
+    "VM_SUSPENDED",
+    "EventFeed",
+    "EventSubscriber",
+    "InstanceRecord",
+    "RouteSource",
+    "TrafficSink",
+    "VmRecord",
+    "Waker",
+]
 
 
 class RouteSource(Protocol):
@@ -45,6 +54,15 @@ class TrafficSink(Protocol):
     async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
         """Add (bytes in, bytes out) per VM id; VMs whose record is gone are skipped. Raises
         ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
+        ...
+
+
+class Waker(Protocol):
+    """How an edge asks for a suspended VM (made with auto_resume) to be resumed."""
+
+    async def request_wake(self, vm_id: str) -> None:
+        """Ask the control planes (they resume it once, whoever asks how often). ``StoreUnavailable``
+        when the state cannot be written."""
         ...
 
 

@@ -15,8 +15,11 @@ VM_CREATING = "creating"
 VM_ACTIVE = "active"
 VM_KILLED = "killed"
 VM_FAILED = "failed"
-VM_STATES = (VM_CREATING, VM_ACTIVE, VM_KILLED, VM_FAILED)
-VM_LIVE_STATES = (VM_CREATING, VM_ACTIVE)
+# Paused with its memory kept (netns: its cgroup frozen; qemu: its state saved and the VM stopped); its
+# slot and address stay its own, and resume brings it back as it was.
+VM_SUSPENDED = "suspended"
+VM_STATES = (VM_CREATING, VM_ACTIVE, VM_SUSPENDED, VM_KILLED, VM_FAILED)
+VM_LIVE_STATES = (VM_CREATING, VM_ACTIVE, VM_SUSPENDED)
 
 
 def dump_field(value: Any) -> str:
@@ -142,6 +145,10 @@ class VmRecord(_Record):
     bytes_out: int = 0
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    # At the end of its lifetime, suspend instead of kill; wake on the next request that needs it.
+    auto_suspend: bool = False
+    auto_resume: bool = False
+    suspended_at: float | None = None
 
     @property
     def alive(self) -> bool:

@@ -15,7 +15,15 @@ import redis.asyncio as aioredis
 
 from gateway.state.bus import publish
 from gateway.state.connection import guarded, hash_fields, text_list
-from gateway.state.events import DomainChanged, Event, PortExposed, ShareChanged, VmChanged, VmReleased
+from gateway.state.events import (
+    DomainChanged,
+    Event,
+    PortExposed,
+    ShareChanged,
+    VmChanged,
+    VmReleased,
+    WakeRequested,
+)
 from gateway.state.keyspace import Keys
 from gateway.state.records import (
     DomainRecord,
@@ -110,7 +118,7 @@ return 1
 # Move a VM to an end state once: returns 0 if it had already ended (another process won the race).
 _END_VM = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or (status ~= 'creating' and status ~= 'active') then return 0 end
+if not status or (status ~= 'creating' and status ~= 'active' and status ~= 'suspended') then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'ended_at', ARGV[2], 'error', ARGV[3])
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[4])
@@ -152,6 +160,15 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
+# Move a VM from one state to another (suspend, resume) once, with its new expiry and fields.
+# KEYS: VM hash, expiry zset. ARGV: from, to, VM id, expires at, field, value, ...
+_TRANSITION = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'expires_at', ARGV[4], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+return 1
+"""
+
 _ID_MARK = "\x00id\x00"  # stands for an id in a key template (never in a real id: ids are validated)
 
 
@@ -172,6 +189,7 @@ class RedisStore:
         self._add_traffic = client.register_script(_ADD_TRAFFIC)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
+        self._transition = client.register_script(_TRANSITION)
         vm_key, ports_key, shares_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK), keys.vm_shares(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
         self._shares_key_template = shares_key.split(_ID_MARK)
@@ -240,6 +258,32 @@ class RedisStore:
                 await self.release_domain(rec.custom_domain, rec.owner, rec.vm_id)
             await self.publish(VmChanged(rec.vm_id, rec.session_id, status))
         return bool(done)
+
+    async def transition_vm(
+        self, rec: VmRecord, old: str, new: str, expires_at: float, **values: Any
+    ) -> bool:
+        """``old`` -> ``new`` (suspend, resume) if the VM is still ``old``, with its new expiry; announced."""
+        fields = [x for name, value in values.items() for x in (name, dump_field(value))]
+        done = await guarded(
+            self._transition(
+                keys=[self.keys.vm(rec.vm_id), self.keys.vm_expiry()],
+                args=[old, new, rec.vm_id, str(expires_at), *fields],
+            )
+        )
+        if done:
+            await self.publish(VmChanged(rec.vm_id, rec.session_id, new))
+        return bool(done)
+
+    async def claim_resume(self, vm_id: str, hold_s: int) -> bool:
+        """One resume of a VM at a time, across every gateway process (edges ask, the API asks)."""
+        return bool(await guarded(self.client.set(self.keys.vm_resuming(vm_id), "1", nx=True, ex=hold_s)))
+
+    async def release_resume(self, vm_id: str) -> None:
+        await guarded(self.client.delete(self.keys.vm_resuming(vm_id)))
+
+    async def request_wake(self, vm_id: str) -> None:
+        """An edge has a request for a suspended VM that resumes on demand (``Waker``)."""
+        await self.publish(WakeRequested(vm_id))
 
     async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
         """The edge's bytes per VM, added to the VM records that still exist (``TrafficSink``)."""

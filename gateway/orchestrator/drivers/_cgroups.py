@@ -124,6 +124,15 @@ class CgroupTree:
             return False
         return any(line.split(":", 2)[-1].endswith(suffix) for line in lines)
 
+    def thaw(self, vm_id: str) -> None:
+        """Unfreeze the VM's cgroup if it is frozen (suspended): frozen processes cannot die."""
+        if self.unified:
+            target, value = self.root / self.name / vm_id / "cgroup.freeze", "0"
+        else:
+            target, value = self.root / "freezer" / self.name / vm_id / "freezer.state", "THAWED"
+        with contextlib.suppress(OSError):
+            target.write_text(value)
+
     def usage(self, vm_id: str) -> tuple[float | None, int | None]:
         """CPU seconds and peak memory bytes the VM's cgroup has used (None for what this host's
         cgroups cannot tell). Read before the cgroup is removed."""

@@ -180,6 +180,24 @@ class VmUsage(Protocol):
 
 
 @runtime_checkable
+class VmSuspend(Protocol):
+    """An optional capability of a VmDriver: pause a VM with its memory, and bring it back as it was.
+
+    Contract:
+    - ``suspend`` stops the VM from running (no CPU, no network answers) and keeps its state, in memory
+      or in ``state_dir`` (a folder it may create); it returns the handle to keep. The VM keeps its slot.
+    - ``resume`` brings that VM back (same slot, same address, same memory) and returns it running; its
+      state in ``state_dir`` is no longer needed afterwards. ``spec`` describes the VM, for drivers
+      that start it anew from its saved state.
+    - ``destroy`` works on a suspended VM too.
+    """
+
+    async def suspend(self, vm_id: str, handle: Mapping[str, Any], state_dir: Path) -> Mapping[str, Any]: ...
+
+    async def resume(self, spec: VmSpec, handle: Mapping[str, Any], state_dir: Path) -> VmInfo: ...
+
+
+@runtime_checkable
 class VmSnapshots(Protocol):
     """An optional capability of a VmDriver: whole-VM snapshots, and VMs resumed from them.
 

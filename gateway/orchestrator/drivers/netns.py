@@ -469,6 +469,21 @@ class NetnsVmDriver:
         detail = "" if running else _host.log_tail(self._init_log(vm_id)) or _host.init_log_tail(parts.vm_dir)
         return VmInfo(vm_id=vm_id, ip=self._ip_of(handle), running=running, handle=handle, detail=detail)
 
+    async def suspend(self, vm_id: str, handle: Mapping[str, Any], state_dir: Path) -> Mapping[str, Any]:
+        """``VmSuspend``: freeze every process of the VM (runc pause: the freezer cgroup). Its memory
+        stays where it is; ``state_dir`` is not needed."""
+        self._running_parts(vm_id, handle)
+        container = str(handle.get("container_id") or vm_id)
+        await _host.run_host(self._runc.argv("pause", container))
+        return handle
+
+    async def resume(self, spec: VmSpec, handle: Mapping[str, Any], state_dir: Path) -> VmInfo:
+        """``VmSuspend``: thaw it (runc resume); it goes on where it stopped."""
+        parts = self._running_parts(spec.vm_id, handle)
+        container = str(handle.get("container_id") or spec.vm_id)
+        await _host.run_host(self._runc.argv("resume", container))
+        return VmInfo(vm_id=spec.vm_id, ip=self._ip_of(handle), running=self._running(parts), handle=handle)
+
     async def usage(self, vm_id: str, handle: Mapping[str, Any]) -> ResourceUsage:
         """From the VM's cgroup (``VmUsage``): CPU seconds and peak memory."""
         cpu_s, peak = self._cgroups.usage(_host.check_vm_id(vm_id))
@@ -715,6 +730,8 @@ class NetnsVmDriver:
                 return True
             return pid == parts.init_pid and _host.is_running(pid, parts.init_ticks)
 
+        if parts.vm_id:
+            self._cgroups.thaw(parts.vm_id)  # a suspended VM's processes die only once thawed
         if parts.vm_id and (self._runc.state_root / parts.vm_id).exists():
             await self._runc.delete(parts.vm_id)
         all_dead = await _host.kill_until_gone(candidates, is_member)

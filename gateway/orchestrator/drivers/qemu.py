@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -609,6 +610,21 @@ class QemuVmDriver(NetnsVmDriver):
             if not self._running(parts):
                 raise VmNotRunning(f"VM {vm_id} is not running") from None
             raise
+
+    # --- suspend ------------------------------------------------------------------------------------
+
+    async def suspend(self, vm_id: str, handle: Mapping[str, Any], state_dir: Path) -> Mapping[str, Any]:
+        """``VmSuspend``, snapshot-based: the VM's whole state goes to ``state_dir`` and the VM is destroyed,
+        freeing its memory; its slot (held by the orchestrator) keeps its address for the resume."""
+        await self.snapshot(vm_id, handle, state_dir)
+        await self.destroy(vm_id, handle)
+        return {"slot": handle.get("slot"), "suspended": True}
+
+    async def resume(self, spec: VmSpec, handle: Mapping[str, Any], state_dir: Path) -> VmInfo:
+        """``VmSuspend``: the VM started again from ``state_dir``, on its own slot; the state is dropped."""
+        info = await self.create(dataclasses.replace(spec, restore_from=str(state_dir)))
+        await _host.remove_tree(state_dir)
+        return info
 
     # --- snapshots ------------------------------------------------------------------------------------
 
