@@ -129,6 +129,7 @@ def make_api_app(
     app.on_shutdown.append(hang_up_terminals)
 
     async def running_executions(_app: web.Application) -> AsyncIterator[None]:
+        await executions.beat()  # before serving: alive, and what a dead runner left is failed
         beat = asyncio.get_running_loop().create_task(executions.keep_alive(), name="executions")
         yield
         await stop_loop(beat)

@@ -104,10 +104,14 @@ class Executions:
         """While this process runs: say it is alive, and fail what dead runners left (every gateway
         process does; a runner that stopped answering for RUNNER_TTL_S is dead)."""
         while True:
-            with contextlib.suppress(GatewayError):
-                await self.store.mark_runner_alive(self.runner, RUNNER_TTL_S)
-                await self.recover()
             await asyncio.sleep(RUNNER_BEAT_S)
+            await self.beat()
+
+    async def beat(self) -> None:
+        """Say this runner is alive, and fail what dead runners left; Redis away: next time."""
+        with contextlib.suppress(GatewayError):
+            await self.store.mark_runner_alive(self.runner, RUNNER_TTL_S)
+            await self.recover()
 
     async def recover(self) -> None:
         """Fail the executions whose runner is gone (a restart, a crash); never a live runner's."""

@@ -130,7 +130,8 @@ async def test_two_edges_and_a_control_plane_share_routes(
     host, _, port = api_addr.rpartition(":")
     bound = socket_buffers_bound()
     sent, answer = await endless_header((host, int(port)), b"a" * 65536, bound + 32 * 2**20)
-    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    # (aiohttp closes without lingering: its 400 can be lost in the reset of a client still sending.)
+    assert answer == b"" or (answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0])
     assert sent <= bound, "the control plane kept reading an endless header line"
     async with aiohttp.ClientSession() as client, client.get(f"http://{api_addr}/v1/templates") as resp:
         assert resp.status == 200
