@@ -110,6 +110,22 @@ OPERATIONS: list[
     ("post", "/v1/vms/{vm_id}/suspend", "Suspend Vm", None, s.VmResponse, None),
     ("post", "/v1/vms/{vm_id}/resume", "Resume Vm", None, s.VmResponse, s.VmCreateQuery),
     ("patch", "/v1/vms/{vm_id}", "Update Vm Settings", s.VmUpdateRequest, s.VmResponse, None),
+    (
+        "post",
+        "/v1/vms/{vm_id}/snapshot",
+        "Snapshot A Running Vm",
+        s.VmSnapshotRequest,
+        s.SnapshotResponse,
+        s.VmCreateQuery,
+    ),
+    (
+        "post",
+        "/v1/vms/{vm_id}/clone",
+        "Clone A Running Vm",
+        s.VmCloneRequest,
+        s.VmCloneResponse,
+        s.VmCreateQuery,
+    ),
     ("get", "/v1/shares/{share_id}", "Get Share", None, s.ShareResponse, None),
     ("patch", "/v1/shares/{share_id}", "Update Or Revoke Share", s.ShareUpdateRequest, s.ShareResponse, None),
     ("get", "/orgs/{org_uuid}/api/instances", "List Instances", None, s.InstanceListResponse, None),
@@ -132,6 +148,7 @@ PUBLIC = {("get", "/v1/templates"), ("get", "/v1/templates/{slug}")}
 
 # Success statuses other than 200 (or 204 for operations without a response body).
 SUCCESS_STATUS = {
+    ("post", "/v1/vms/{vm_id}/snapshot"): "201",
     ("post", "/v1/custom-domains"): "201",
     ("post", "/v1/custom-domains/{domain}/verify"): "202",
     ("post", "/v1/shares"): "201",

@@ -560,3 +560,22 @@ class VmUpdateRequest(_Model):
 
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
+
+
+class VmSnapshotRequest(_Model):
+    name: str | None = Field(None, max_length=255)
+
+
+class VmCloneRequest(VmResources):
+    """A clone: its own lifetime and metadata (the source's when not given); the machine shape is the
+    source's (a snapshot resumes on the shape it was taken on)."""
+
+    snapshot_name: str | None = Field(None, max_length=255)
+
+
+class VmCloneResponse(_Model):
+    vm_id: str
+    session_id: str
+    status: str
+    snapshot_id: str
+    source_vm_id: str

@@ -1,5 +1,6 @@
-"""A VM's lifecycle beyond create and kill, as the official SDK calls it: suspend, resume, and the
-``auto_suspend`` / ``auto_resume`` settings (``PATCH /v1/vms/{id}``)."""
+"""A VM's lifecycle beyond create and kill, as the official SDK calls it: suspend, resume, the
+``auto_suspend`` / ``auto_resume`` settings (``PATCH /v1/vms/{id}``), and snapshots and clones of a
+running VM (drivers with snapshots: qemu)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ from aiohttp import web
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, LIFECYCLE, ORCHESTRATOR
 from gateway.api.responses import json_response, vm_view
-from gateway.api.schemas import VmCreateQuery, VmUpdateRequest
+from gateway.api.schemas import (
+    VmCloneRequest,
+    VmCloneResponse,
+    VmCreateQuery,
+    VmSnapshotRequest,
+    VmUpdateRequest,
+)
+from gateway.api.sessions import lifetime_context
+from gateway.api.snapshots import snapshot_view
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
+from gateway.errors import VmNotRunning
+from gateway.orchestrator.model import VM_ACTIVE, VM_FAILED, VmRecord
+from gateway.orchestrator.service import VmParams, boot_failed
 
 routes = web.RouteTableDef()
 
@@ -48,3 +60,55 @@ async def update(request: web.Request) -> web.Response:
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.update_vm_settings(owner, request.match_info["vm_id"], **changes)
     return json_response(vm_view(request.app[CONFIG], vm))
+
+
+@routes.post("/v1/vms/{vm_id}/snapshot")
+async def snapshot(request: web.Request) -> web.Response:
+    """The running VM's whole state, kept as a snapshot (it goes on running); a VM made with its
+    ``snapshot_id`` resumes it."""
+    owner = await authenticate(request)
+    body = await parse_body(request, VmSnapshotRequest) if request.can_read_body else VmSnapshotRequest()
+    orchestrator = request.app[ORCHESTRATOR]
+    vm = await _active_vm(request, owner)
+    snap = await orchestrator.snapshots.take_live(vm, body.name)
+    return json_response(snapshot_view(snap), status=201)
+
+
+@routes.post("/v1/vms/{vm_id}/clone")
+async def clone(request: web.Request) -> web.Response:
+    """A new VM (in a new session) resumed from a snapshot of this one, taken now; both go on."""
+    owner = await authenticate(request)
+    config = request.app[CONFIG]
+    body = (
+        await parse_body(request, VmCloneRequest, lifetime_context(config))
+        if request.can_read_body
+        else VmCloneRequest()
+    )
+    orchestrator = request.app[ORCHESTRATOR]
+    vm = await _active_vm(request, owner)
+    snap = await orchestrator.snapshots.take_live(vm, body.snapshot_name)
+    params = VmParams(
+        vm_lifetime_seconds=body.vm_lifetime_seconds or vm.vm_lifetime_seconds,
+        metadata=body.metadata if body.metadata is not None else vm.metadata,
+        restore=snap,
+        image=snap.image_variant or "",
+    )
+    session, copy = await orchestrator.create_vm(owner, None, params, wait=True)
+    if copy.status == VM_FAILED:
+        raise boot_failed(copy)
+    return json_response(
+        VmCloneResponse(
+            vm_id=copy.vm_id,
+            session_id=session.session_id,
+            status=copy.status,
+            snapshot_id=snap.snapshot_id,
+            source_vm_id=vm.vm_id,
+        )
+    )
+
+
+async def _active_vm(request: web.Request, owner: str) -> VmRecord:
+    vm = await request.app[ORCHESTRATOR].get_vm(owner, request.match_info["vm_id"])
+    if vm.status != VM_ACTIVE:
+        raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: only a running VM can be snapshotted")
+    return vm

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.errors import DriverError, NotFound, VmNotRunning
+from gateway.errors import DriverError, NotFound, Unsupported, VmNotRunning
 from gateway.ids import new_snapshot_id
 from gateway.orchestrator.drivers.base import VmDriver, VmSnapshots
 from gateway.state.records import SnapshotRecord, VmRecord
@@ -40,15 +40,24 @@ class SnapshotService:
 
         A failure is recorded on the VM (``snapshot_error``) and logged; the VM is destroyed anyway.
         """
-        snapshot_id = new_snapshot_id()
-        dest = self.folder / snapshot_id
         try:
-            assert isinstance(self.driver, VmSnapshots)
-            meta = await self.driver.snapshot(rec.vm_id, rec.handle, dest)
+            return await self._take(rec, rec.snapshot_name, keep_running=False)
         except (DriverError, VmNotRunning) as exc:  # (a VM that died has no state left to save)
             log.error("snapshot of VM %s failed: %s", rec.vm_id, exc)
             await self.store.update_vm(rec.vm_id, snapshot_error=str(exc))
             return None
+
+    async def take_live(self, rec: VmRecord, name: str | None) -> SnapshotRecord:
+        """Snapshot a running VM, which goes on running (``POST /v1/vms/{id}/snapshot``, clones)."""
+        if not isinstance(self.driver, VmSnapshots):
+            raise Unsupported(f"the {self.driver.name!r} VM driver cannot snapshot VMs (qemu can)")
+        return await self._take(rec, name, keep_running=True)
+
+    async def _take(self, rec: VmRecord, name: str | None, *, keep_running: bool) -> SnapshotRecord:
+        snapshot_id = new_snapshot_id()
+        dest = self.folder / snapshot_id
+        assert isinstance(self.driver, VmSnapshots)
+        meta = await self.driver.snapshot(rec.vm_id, rec.handle, dest, keep_running=keep_running)
         snap = SnapshotRecord(
             snapshot_id=snapshot_id,
             owner=rec.owner,
@@ -58,12 +67,13 @@ class SnapshotService:
             vcpu_count=int(meta["vcpu_count"]),
             memory_mb=int(meta["memory_mb"]),
             size_bytes=int(meta.get("size_bytes") or 0),
-            name=rec.snapshot_name,
+            name=name,
             image_variant=rec.image_variant,
         )
         try:
             await self.store.put_snapshot(snap)
-            await self.store.update_vm(rec.vm_id, snapshot_id=snapshot_id)
+            if not keep_running:
+                await self.store.update_vm(rec.vm_id, snapshot_id=snapshot_id)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, dest, True)
             raise

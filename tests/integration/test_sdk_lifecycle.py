@@ -148,3 +148,42 @@ async def test_drivers_that_cannot_suspend_refuse_clearly_and_tenants_stay_apart
         with pytest.raises(Exception) as hidden:
             await asyncio.to_thread(call, vm_id)
         assert http_error(hidden.value).response.status_code == 404
+
+
+QEMU_ONLY = [p for p in SUSPENDING if p.id == "qemu"]
+
+
+@pytest.mark.parametrize("driver", QEMU_ONLY)
+async def test_a_running_vm_is_snapshotted_and_cloned_and_goes_on(gateway_factory: Any, driver: str) -> None:
+    gw = await start(gateway_factory, driver)
+    client = await asyncio.to_thread(sdk, gw)
+    marker = await sh(client, "echo before-the-clone > mark && cat mark")
+    assert marker["stdout"] == "before-the-clone\n"
+    vm_id = (await asyncio.to_thread(client.get_session_status))["vm_id"]
+
+    snap = await asyncio.to_thread(client.vms.snapshot, vm_id, True, "kept")
+    assert (snap["name"], snap["vm_id"], snap["status"]) == ("kept", vm_id, "ready")
+    assert (await sh(client, "cat mark"))["stdout"] == "before-the-clone\n"  # the source goes on
+    assert [s["id"] for s in await asyncio.to_thread(client.snapshots.list)] == [snap["id"]]
+
+    clone = await asyncio.to_thread(client.vms.clone, vm_id, True, "for-the-clone")
+    assert clone["source_vm_id"] == vm_id and clone["vm_id"] != vm_id and clone["status"] == "active"
+    twin = InstaVM(gw.api_key, base_url=client.base_url, auto_start_session=False)
+    twin.session_id = clone["session_id"]
+    assert (await sh(twin, "cat mark"))["stdout"] == "before-the-clone\n"  # its memory and files
+    await sh(twin, "echo only-in-the-clone > mark")
+    assert (await sh(client, "cat mark"))["stdout"] == "before-the-clone\n"  # two VMs from then on
+
+
+async def test_a_driver_without_snapshots_refuses_them_clearly(gateway_factory: Any) -> None:
+    if not IS_ROOT:
+        pytest.skip("the netns driver needs root")
+    gw = await start(gateway_factory, "netns")
+    client = await asyncio.to_thread(sdk, gw)
+    await asyncio.to_thread(client.execute, "print(1)")
+    vm_id = (await asyncio.to_thread(client.get_session_status))["vm_id"]
+    for call in (client.vms.snapshot, client.vms.clone):
+        with pytest.raises(Exception) as refused:
+            await asyncio.to_thread(call, vm_id)
+        answer = http_error(refused.value).response
+        assert answer.status_code == 422 and "cannot snapshot" in answer.json()["detail"], call

@@ -204,10 +204,13 @@ class VmSnapshots(Protocol):
     Contract:
     - ``snapshot`` writes the running VM's state into ``dest`` (a folder it creates) and returns the
       metadata a restore needs (at least ``vcpu_count`` and ``memory_mb``, and ``size_bytes``). The VM is
-      left paused, for the caller to destroy. On failure it raises ``DriverError`` and leaves no ``dest``.
+      left paused, for the caller to destroy, or with ``keep_running`` goes on where it stopped. On
+      failure it raises ``DriverError`` and leaves no ``dest``.
     - ``create`` with ``VmSpec.restore_from`` set to such a folder resumes that state instead of booting,
       with the spec's slot (and so its address); it refuses a snapshot whose machine shape differs.
     - Drivers without this capability refuse ``restore_from`` with ``DriverError``.
     """
 
-    async def snapshot(self, vm_id: str, handle: Mapping[str, Any], dest: Path) -> dict[str, Any]: ...
+    async def snapshot(
+        self, vm_id: str, handle: Mapping[str, Any], dest: Path, *, keep_running: bool = False
+    ) -> dict[str, Any]: ...

@@ -628,15 +628,18 @@ class QemuVmDriver(NetnsVmDriver):
 
     # --- snapshots ------------------------------------------------------------------------------------
 
-    async def snapshot(self, vm_id: str, handle: Mapping[str, Any], dest: Path) -> dict[str, Any]:
-        """Stop the VM and write its whole state to ``dest`` (a new folder); the VM stays paused.
+    async def snapshot(
+        self, vm_id: str, handle: Mapping[str, Any], dest: Path, *, keep_running: bool = False
+    ) -> dict[str, Any]:
+        """Stop the VM and write its whole state to ``dest`` (a new folder); the VM stays paused, or with
+        ``keep_running`` goes on.
 
         Returns the snapshot's metadata (what a restore needs). On failure nothing is left in ``dest``.
         """
         _, record = self._running_record(vm_id, handle)
         await asyncio.to_thread(dest.mkdir, parents=True)
         try:
-            return await self._save_state(record, dest, resume=False)
+            return await self._save_state(record, dest, resume=keep_running)
         except BaseException:
             await _host.remove_tree(dest)
             raise
