@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 from gateway.config import Config, override
 from gateway.errors import DriverError, VmNotRunning
 from gateway.orchestrator.drivers import _host, hostfw
-from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpec
+from gateway.orchestrator.drivers.base import ExecResult, VmDriver, VmInfo, VmSpawn, VmSpec
 from gateway.orchestrator.drivers.registry import make_driver
 from tests.qemu_env import guest_image, qemu_missing
 from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
@@ -387,6 +388,43 @@ async def test_execute_output_exit_code_env_and_folder(h: Harness) -> None:
     assert (await h.run(info, "cat mark")).stdout == b"kept\n"
     # The gateway's own environment does not leak into the VM.
     assert (await h.run(info, 'echo "${PYTEST_CURRENT_TEST:-none}"')).stdout == b"none\n"
+
+
+async def test_spawn_streams_stdin_and_stdout_and_reports_the_exit(h: Harness) -> None:
+    """``VmSpawn`` (files and terminals ride on it): the command runs in the VM like execute's, its
+    stdin and stdout streamed both ways, larger than any pipe buffer; ``aclose`` kills one that lingers."""
+    assert isinstance(h.driver, VmSpawn)
+    info = await h.create("vm-spawn", 1, env={"GREETING": "hi"})
+    script = 'echo "$GREETING $VM_ID $(pwd)"; sha256sum; echo oops >&2; exit 5'
+    process = await h.driver.spawn(info.vm_id, roundtrip(info.handle), ["bash", "-c", script], env={})
+    payload = os.urandom(3 * 1024 * 1024)
+    received = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await process.read():
+            received.extend(chunk)
+
+    reading = asyncio.ensure_future(read_all())
+    try:
+        for start in range(0, len(payload), 100_000):
+            await process.write(payload[start : start + 100_000])
+        process.close_stdin()
+        async with asyncio.timeout(EXEC_TIMEOUT_S):
+            await reading
+            code = await process.wait()
+    finally:
+        await process.aclose()
+    lines = bytes(received).decode().splitlines()
+    assert lines == [f"hi vm-spawn {h.home('vm-spawn')}", f"{hashlib.sha256(payload).hexdigest()}  -"]
+    assert code == 5 and process.stderr_tail() == b"oops\n"
+
+    lingering = await h.driver.spawn(
+        info.vm_id, roundtrip(info.handle), ["sh", "-c", "echo $$; sleep 600"], env={}
+    )
+    pid = int((await lingering.read()).strip())
+    await lingering.aclose()
+    assert await h.gone(info, {pid}) == set()
+    assert await lingering.read() == b""  # closed: a reader is told, never left waiting
 
 
 async def test_vm_processes_inherit_no_gateway_descriptors(h: Harness) -> None:

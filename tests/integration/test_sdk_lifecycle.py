@@ -13,23 +13,11 @@ from instavm import InstaVM
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, echo_app_command
 from tests.integration.test_sdk import http_error, poll, sdk
-from tests.qemu_env import qemu_missing
+from tests.integration.test_sdk_files import DRIVERS
 
 IS_ROOT = os.geteuid() == 0
-SUSPENDING = [
-    pytest.param(
-        "netns", id="netns", marks=[pytest.mark.root, pytest.mark.skipif(not IS_ROOT, reason="needs root")]
-    ),
-    pytest.param(
-        "qemu",
-        id="qemu",
-        marks=[
-            pytest.mark.root,
-            pytest.mark.slow,
-            pytest.mark.skipif(qemu_missing() is not None, reason=qemu_missing() or ""),
-        ],
-    ),
-]
+# The drivers that can suspend: netns and qemu.
+SUSPENDING = [param for param in DRIVERS if param.id != "process"]
 
 
 async def start(gateway_factory: Any, driver: str, **vms: object) -> GatewayUnderTest:
