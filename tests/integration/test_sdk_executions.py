@@ -133,3 +133,32 @@ async def test_executions_outlive_a_restart_and_what_a_dead_gateway_ran_fails(ga
     recovered = await until_status(second, orphan.execution_id, "failed")
     assert "restarted" in recovered["error"]
     assert await second.services.store.running_executions() == {}
+
+
+async def test_an_idle_gateway_writes_no_runner_key(gw: GatewayUnderTest) -> None:
+    """Only a process running executions says it is alive: an idle one leaves Redis as it found it."""
+    keys = gw.services.store.keys
+    runner = keys.runner("*")
+    assert await gw.services.client.keys(runner) == []
+    client = await asyncio.to_thread(sdk, gw)
+    task = await asyncio.to_thread(client.execute_async, "print(1)")
+    assert len(await gw.services.client.keys(runner)) == 1  # alive from before its record named it
+    await until_status(gw, task["task_id"], "completed")
+    assert await gw.services.client.hlen(keys.running_executions()) == 0
+
+
+async def test_the_per_vm_count_outlives_short_commands_and_never_goes_negative(gw: GatewayUnderTest) -> None:
+    store, client = gw.services.store, gw.services.client
+    key = store.keys.vm_executing("vm-count")
+    assert await store.take_execution_place("vm-count", 2, 600)
+    assert await store.take_execution_place("vm-count", 2, 5)  # a short one: the long one's expiry stays
+    assert 5 < await client.ttl(key) <= 600
+    assert not await store.take_execution_place("vm-count", 2, 600)
+    assert await store.execution_places_taken("vm-count") == 2
+    await store.release_execution_place("vm-count")
+    await store.release_execution_place("vm-count")
+    assert await client.exists(key) == 0
+    # A count that expired under its holders is not recreated at -1 by their release.
+    await store.release_execution_place("vm-count")
+    assert await client.exists(key) == 0
+    assert await store.execution_places_taken("vm-count") == 0
