@@ -67,6 +67,27 @@ async def wait(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
+async def wait_with_cpu(proc: subprocess.Popen[bytes]) -> tuple[int, float | None]:
+    """Like ``wait``, and the CPU seconds the child used (user + system, with the children it waited
+    for), from ``wait4``; None when it was reaped already and its usage is gone."""
+    if proc.returncode is not None:
+        return proc.returncode, None
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        while True:
+            await _readable(pidfd)  # readable once the child exited: then WNOHANG reaps it
+            try:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # noqa: ASYNC222 - never blocks
+            except ChildProcessError:  # reaped by someone else meanwhile: its usage is gone
+                return await wait(proc), None
+            if pid:
+                break
+    finally:
+        os.close(pidfd)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
 async def wait_exit(pid: int) -> None:
     """Wait until a process that is not our child exits (a pidfd: no reaping, no polling)."""
     try:

@@ -179,9 +179,13 @@ EXTRA_ERRORS = {
     ("post", "/v1/vms"): ("404", "409", "502"),
     ("get", "/v1/sessions/app-url/{session_id}"): ("409",),
     ("post", "/execute"): ("404", "410", "429", "502", "504"),
-    ("post", "/execute_async"): ("404",),
+    ("post", "/execute_async"): ("404", "429"),
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),
     ("get", "/orgs/{org_uuid}/api/instances"): ("404",),
+}
+# Every 429 says when to try again (errors_middleware sets it from TooManyRequests.retry_after).
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}
 }
 VALIDATION_ERROR_REF = {"$ref": "#/components/schemas/HTTPValidationError"}
 PATH_PARAMETER = re.compile(r"\{(\w+)\}")
@@ -235,6 +239,8 @@ def _responses(
         errors.add("404")
     for status in errors:
         responses[status] = {"description": ERROR_DESCRIPTIONS[status], **_json(_ref(s.ErrorResponse))}
+    if "429" in responses:
+        responses["429"]["headers"] = RETRY_AFTER_HEADER
     return dict(sorted(responses.items()))
 
 

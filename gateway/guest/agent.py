@@ -19,6 +19,7 @@ import io
 import json
 import os
 import secrets
+import select
 import signal
 import struct
 import subprocess
@@ -63,16 +64,7 @@ def run(request: dict) -> dict:
                 )
             except OSError as exc:
                 return {"error": f"cannot start command: {exc}"}
-        timed_out = False
-        try:
-            returncode = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            returncode = proc.wait()
+        returncode, timed_out, cpu_s = _wait(proc, timeout_s)
         duration_s = time.monotonic() - started
         stdout, cut_out = _read_capped(out_path, cap)
         stderr, cut_err = _read_capped(err_path, cap)
@@ -86,7 +78,31 @@ def run(request: dict) -> dict:
         "timed_out": timed_out,
         "truncated": cut_out or cut_err,
         "duration_s": duration_s,
+        "cpu_s": cpu_s,
     }
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[int, bool, float]:
+    """Wait for the command, its process group killed at the timeout: its status, whether it timed out,
+    and the CPU seconds it used (user + system, with the children it waited for; wait4's usage, which
+    ``Popen.wait`` would discard)."""
+    timed_out = False
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        # poll, not select: this agent's descriptors may be numbered past select's limit.
+        waiter = select.poll()
+        waiter.register(pidfd, select.POLLIN)
+        if not waiter.poll(max(0, int(timeout_s * 1000))):
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        os.close(pidfd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, timed_out, usage.ru_utime + usage.ru_stime
 
 
 def _read_capped(path: Path, cap: int) -> tuple[bytes, bool]:

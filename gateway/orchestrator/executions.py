@@ -50,6 +50,8 @@ class Executions:
             session_id = (await self.orchestrator.create_session(owner, VmParams())).session_id
         else:
             await self.orchestrator.check_execution_room(owner, session_id)  # NotFound, TooManyRequests
+        # Alive before the record names this runner, so no other process's recover takes it for dead.
+        await self.store.mark_runner_alive(self.runner, RUNNER_TTL_S)
         rec = ExecutionRecord(
             execution_id=ID_PREFIX + secrets.token_hex(12),
             owner=owner,
@@ -101,16 +103,19 @@ class Executions:
         return rec
 
     async def keep_alive(self) -> None:
-        """While this process runs: say it is alive, and fail what dead runners left (every gateway
-        process does; a runner that stopped answering for RUNNER_TTL_S is dead)."""
+        """While this process runs: say it is alive while it runs executions, and fail what dead runners
+        left (every gateway process does, the first time at start; a runner silent for RUNNER_TTL_S is
+        dead). Only a process with executions writes its key: an idle gateway leaves Redis as it is."""
         while True:
             await asyncio.sleep(RUNNER_BEAT_S)
             await self.beat()
 
     async def beat(self) -> None:
-        """Say this runner is alive, and fail what dead runners left; Redis away: next time."""
+        """Say this runner is alive (while it runs executions), and fail what dead runners left; Redis
+        away: next time."""
         with contextlib.suppress(GatewayError):
-            await self.store.mark_runner_alive(self.runner, RUNNER_TTL_S)
+            if self._tasks:
+                await self.store.mark_runner_alive(self.runner, RUNNER_TTL_S)
             await self.recover()
 
     async def recover(self) -> None:

@@ -11,7 +11,6 @@ released while host resources of its VM may remain, so a slot's IP is never hand
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import shutil
@@ -586,7 +585,6 @@ class Orchestrator:
             raise self._too_many_executions(vm)
         try:
             await self.store.count_execution(session.session_id)
-            cpu_before = await self.resource_usage(vm)
             result = await self.driver.execute(
                 vm.vm_id,
                 vm.handle,
@@ -595,21 +593,13 @@ class Orchestrator:
                 timeout_s=run_for,
                 max_output_bytes=limit.max_output_bytes,
             )
-            cpu_after = await self.resource_usage(vm)
         finally:
             await asyncio.shield(self.store.release_execution_place(vm.vm_id))
         after = await self._reload(vm)
         if after.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm.vm_id} ended while the command ran: {after.error or after.status}")
-        if (
-            cpu_before
-            and cpu_after
-            and cpu_before.cpu_seconds is not None
-            and cpu_after.cpu_seconds is not None
-        ):
-            result = dataclasses.replace(
-                result, cpu_s=max(0.0, cpu_after.cpu_seconds - cpu_before.cpu_seconds)
-            )
+        # result.cpu_s is the driver's measure of the command itself: the VM's cgroup would count every
+        # other command and server in the VM too.
         return session, vm, result
 
     # restart recovery -----------------------------------------------------------------------------

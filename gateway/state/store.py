@@ -140,11 +140,21 @@ return 1
 """
 
 # Take one of a VM's execution places: the count after, or -1 when all ARGV[1] are taken. ARGV[2]: an
-# expiry (seconds) so the count of a gateway that died holding places cannot stay up forever.
+# expiry (seconds) so the count of a gateway that died holding places cannot stay up forever; only ever
+# lengthened, so a short command cannot make the count vanish under a long one still running.
 _TAKE_EXECUTION = """
 local n = redis.call('INCR', KEYS[1])
 if n > tonumber(ARGV[1]) then redis.call('DECR', KEYS[1]) return -1 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return n
+"""
+
+# Give a place back. A count that expired meanwhile is not recreated (a bare DECR would leave it at -1,
+# without an expiry: one place too many for good); one that reaches 0 goes.
+_RELEASE_EXECUTION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = redis.call('DECR', KEYS[1])
+if n <= 0 then redis.call('DEL', KEYS[1]) end
 return n
 """
 
@@ -188,6 +198,7 @@ class RedisStore:
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
         self._add_traffic = client.register_script(_ADD_TRAFFIC)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
+        self._release_execution = client.register_script(_RELEASE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
         self._transition = client.register_script(_TRANSITION)
         vm_key, ports_key, shares_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK), keys.vm_shares(_ID_MARK)
@@ -356,7 +367,7 @@ class RedisStore:
         return int(await guarded(self.client.get(self.keys.vm_executing(vm_id))) or 0)
 
     async def release_execution_place(self, vm_id: str) -> None:
-        await guarded(self.client.decr(self.keys.vm_executing(vm_id)))
+        await guarded(self._release_execution(keys=[self.keys.vm_executing(vm_id)]))
 
     async def put_execution(self, rec: ExecutionRecord) -> None:
         """Store an execution; a running one is indexed (for restart), a finished one expires."""

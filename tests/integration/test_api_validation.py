@@ -182,10 +182,16 @@ async def test_query_parameters_are_validated(gw: GatewayUnderTest) -> None:
         ({"command": "ls", "timeout": 10**9}, ["body", "timeout"], "less_than_equal"),
     ],
 )
-async def test_execute_constraints(gw: GatewayUnderTest, extra: dict, loc: list, kind: str) -> None:
-    status, body = await gw.request("POST", "/execute", json=extra)
+@pytest.mark.parametrize("path", ["/execute", "/execute_async"])
+async def test_execute_constraints(
+    gw: GatewayUnderTest, path: str, extra: dict, loc: list, kind: str
+) -> None:
+    """The background form validates as the foreground one does, before anything is recorded."""
+    before = await redis_snapshot(gw)
+    status, body = await gw.request("POST", path, json=extra)
     assert status == 422
     assert [(d["loc"], d["type"]) for d in detail_of(body)] == [(loc, kind)]
+    assert await redis_snapshot(gw) == before
 
 
 async def test_unknown_route_and_method_are_json(gw: GatewayUnderTest) -> None:
@@ -222,5 +228,9 @@ async def test_openapi_document_lists_every_endpoint(gw: GatewayUnderTest) -> No
     assert "202" in doc["paths"]["/v1/custom-domains/{domain}/retry"]["post"]["responses"]
     assert {"404", "409", "413", "415", "502"} <= set(doc["paths"]["/v1/vms"]["post"]["responses"])
     assert {"404", "410", "502", "504"} <= set(doc["paths"]["/execute"]["post"]["responses"])
+    for path in ("/execute", "/execute_async"):  # the per-VM cap
+        assert "Retry-After" in doc["paths"][path]["post"]["responses"]["429"]["headers"]
+    assert "202" in doc["paths"]["/execute_async"]["post"]["responses"]
+    assert "404" in doc["paths"]["/v1/executions/{execution_id}"]["get"]["responses"]
     create_vm = doc["components"]["schemas"]["VMCreateRequest"]["properties"]
     assert {"session_id", "share", "custom_domain", "volumes", "vault_ids", "egress_policy"} <= set(create_vm)

@@ -427,6 +427,23 @@ async def test_spawn_streams_stdin_and_stdout_and_reports_the_exit(h: Harness) -
     assert await lingering.read() == b""  # closed: a reader is told, never left waiting
 
 
+async def test_execute_reports_the_commands_own_cpu(h: Harness) -> None:
+    """cpu_s is what the command used, not the VM: a busy loop counts, a sleep and a busy sibling
+    started in the background (not waited for) do not."""
+    info = await h.create("vm-cpu", 1)
+    busy = await h.run(info, "python3 -c 'import time\nwhile time.process_time() < 0.3: pass'")
+    assert busy.exit_code == 0, busy.stderr
+    assert busy.cpu_s is not None and 0.29 <= busy.cpu_s <= busy.duration_s + 0.1, busy
+    await h.run(info, "python3 -c 'while True: pass' >/dev/null 2>&1 & echo $! > spin.pid")
+    try:
+        # The spinner alone would add about a second; starting sh and sleep costs a little (more under
+        # qemu's emulation).
+        idle = await h.run(info, "sleep 1")
+        assert idle.cpu_s is not None and idle.cpu_s < 0.4, idle
+    finally:
+        await h.run(info, 'kill "$(cat spin.pid)"')
+
+
 async def test_vm_processes_inherit_no_gateway_descriptors(h: Harness) -> None:
     """No socket or pipe of the gateway (its listener, Redis, other VMs' pipes) reaches a VM."""
     info = await h.create("vm-fds", 1, env={})

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from instavm.exceptions import RateLimitError
 
-from gateway.state.records import EXECUTION_RUNNING, ExecutionRecord
+from gateway.state.records import EXECUTION_PENDING, ExecutionRecord
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_sdk import poll, sdk
 
@@ -36,6 +36,8 @@ async def test_a_background_execution_answers_at_once_and_keeps_its_result(gw: G
     assert time.monotonic() - started < 0.5 and task["status"] == "pending"
     result = await asyncio.to_thread(client.get_task_result, task["task_id"], 0.1, 60)
     assert result["stdout"] == "42\n" and result["stderr"] == "" and result["execution_time"] >= 0.5
+    # The command's own CPU (the process driver's wait4): it mostly slept.
+    assert result["cpu_time"] is not None and 0 <= result["cpu_time"] < result["execution_time"]
     status, rec = await execution(gw, task["task_id"])
     assert (rec["status"], rec["is_complete"], rec["exit_code"], rec["language"]) == (
         "completed",
@@ -111,12 +113,13 @@ async def test_executions_outlive_a_restart_and_what_a_dead_gateway_ran_fails(ga
     await until_status(first, done["task_id"], "completed")
     cut = await asyncio.to_thread(client.execute_async, "sleep 60", "bash")
     await until_status(first, cut["task_id"], "running")
-    # One a gateway that crashed was running (its runner never says it is alive again).
+    # One a gateway that crashed had accepted and not started yet (its runner never says it is alive
+    # again).
     orphan = ExecutionRecord(
         "exec-" + "ab" * 12,
         first.key_id,
         client.session_id,
-        EXECUTION_RUNNING,
+        EXECUTION_PENDING,
         time.time(),
         "bash",
         "crashed",
@@ -131,5 +134,34 @@ async def test_executions_outlive_a_restart_and_what_a_dead_gateway_ran_fails(ga
     stopped = await until_status(second, cut["task_id"], "failed")
     assert "gateway stopped" in stopped["error"]
     recovered = await until_status(second, orphan.execution_id, "failed")
-    assert "restarted" in recovered["error"]
+    assert "restarted" in recovered["error"] and recovered["is_complete"] and recovered["completed_at"]
     assert await second.services.store.running_executions() == {}
+
+
+async def test_an_idle_gateway_writes_no_runner_key(gw: GatewayUnderTest) -> None:
+    """Only a process running executions says it is alive: an idle one leaves Redis as it found it."""
+    keys = gw.services.store.keys
+    runner = keys.runner("*")
+    assert await gw.services.client.keys(runner) == []
+    client = await asyncio.to_thread(sdk, gw)
+    task = await asyncio.to_thread(client.execute_async, "print(1)")
+    assert len(await gw.services.client.keys(runner)) == 1  # alive from before its record named it
+    await until_status(gw, task["task_id"], "completed")
+    assert await gw.services.client.hlen(keys.running_executions()) == 0
+
+
+async def test_the_per_vm_count_outlives_short_commands_and_never_goes_negative(gw: GatewayUnderTest) -> None:
+    store, client = gw.services.store, gw.services.client
+    key = store.keys.vm_executing("vm-count")
+    assert await store.take_execution_place("vm-count", 2, 600)
+    assert await store.take_execution_place("vm-count", 2, 5)  # a short one: the long one's expiry stays
+    assert 5 < await client.ttl(key) <= 600
+    assert not await store.take_execution_place("vm-count", 2, 600)
+    assert await store.execution_places_taken("vm-count") == 2
+    await store.release_execution_place("vm-count")
+    await store.release_execution_place("vm-count")
+    assert await client.exists(key) == 0
+    # A count that expired under its holders is not recreated at -1 by their release.
+    await store.release_execution_place("vm-count")
+    assert await client.exists(key) == 0
+    assert await store.execution_places_taken("vm-count") == 0

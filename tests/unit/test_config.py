@@ -56,6 +56,7 @@ def test_environment_overrides_typed_settings() -> None:
         ("[instances.images.x]\ncommand = 'chromium'\n", "list of strings"),
         ("[instances.images.x]\ncolour = 'red'\n", r"unknown setting\(s\) in \[instances.images.x\]"),
         ("[instances.sizes.tiny]\nmemory_mb = 1\n", "instances.sizes.tiny"),
+        ("[execute]\nmax_concurrent_per_vm = 0\n", "execute.max_concurrent_per_vm"),
     ],
 )
 def test_invalid_settings_name_the_setting(tmp_path: Path, toml: str, message: str) -> None:

@@ -37,6 +37,7 @@ PURE = [
     "gateway.edge.target",
     "gateway.edge.headers",
     "gateway.edge.access",
+    "gateway.orchestrator.drivers.cpu_times",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from gateway.ids import is_session_id, is_vm_id, new_session_id, new_vm_id
 from gateway.orchestrator.service import _matches
 from gateway.state.keyspace import Keys
-from gateway.state.records import SessionRecord, VmRecord
+from gateway.state.records import (
+    EXECUTION_COMPLETED,
+    EXECUTION_FAILED,
+    EXECUTION_PENDING,
+    EXECUTION_RUNNING,
+    ExecutionRecord,
+    SessionRecord,
+    VmRecord,
+)
 
 
 def test_ids_are_random_and_well_formed() -> None:
@@ -94,3 +102,38 @@ def test_metadata_filter_matches_text_and_typed_values() -> None:
     assert _matches(meta, "team", "red") and _matches(meta, "n", "2") and _matches(meta, "on", "true")
     assert not _matches(meta, "team", "blue") and not _matches(meta, "missing", "x")
     assert not _matches({"n": "2"}, "n", '"2"')
+
+
+@given(
+    status=st.sampled_from([EXECUTION_PENDING, EXECUTION_RUNNING, EXECUTION_COMPLETED, EXECUTION_FAILED]),
+    output=st.text(max_size=50),
+    exit_code=st.one_of(st.none(), st.integers(-255, 255)),
+    times=st.one_of(st.none(), st.floats(0, 1e6, allow_nan=False)),
+    error=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+)
+def test_execution_record_round_trips(
+    status: str, output: str, exit_code: int | None, times: float | None, error: str | None
+) -> None:
+    """What a command printed comes back as it was (empty, newlines, any text), and an unknown number
+    (exit code of a timed-out command, CPU a driver cannot measure) stays unknown, not 0."""
+    rec = ExecutionRecord(
+        execution_id="exec-" + "0" * 24,
+        owner="key_1",
+        session_id=new_session_id(),
+        status=status,
+        created_at=1.5,
+        language="bash",
+        runner="ab" * 8,
+        vm_id=new_vm_id(),
+        started_at=times,
+        completed_at=times,
+        stdout=output,
+        stderr=output[::-1],
+        exit_code=exit_code,
+        timed_out=exit_code is None,
+        truncated=True,
+        execution_time=times,
+        cpu_time=times,
+        error=error,
+    )
+    assert ExecutionRecord.from_hash(rec.to_hash()) == rec

@@ -25,6 +25,7 @@ from typing import Any
 from gateway import subprocesses as _spawn
 from gateway.errors import DriverError
 from gateway.orchestrator.drivers.base import ExecResult
+from gateway.orchestrator.drivers.cpu_times import children_cpu_s
 
 HOST_COMMAND_TIMEOUT_S = 15.0
 INIT_START_TIMEOUT_S = 10.0
@@ -34,6 +35,8 @@ KILL_SETTLE_S = 0.5
 PROC_POLL_INTERVAL_S = 0.01
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SH = "/bin/sh"
+# What a detached command's wrapper reports (a status line, then two lines of ``times``): far less.
+WRAPPER_REPORT_BYTES = 512
 VM_FILE = "vm.json"
 HOME_DIR = "home"
 # Captured output lives outside the VM's home so the user's files never show it.
@@ -169,11 +172,11 @@ async def run_captured(
         timed_out = False
         try:
             async with asyncio.timeout(timeout_s):
-                returncode = await _spawn.wait(proc)
+                returncode, cpu_s = await _spawn.wait_with_cpu(proc)
         except TimeoutError:
             timed_out = True
             kill_process_group(proc.pid)
-            returncode = await _spawn.wait(proc)
+            returncode, cpu_s = await _spawn.wait_with_cpu(proc)
         except BaseException:
             kill_process_group(proc.pid)
             _spawn.reap_in_background(proc)
@@ -192,6 +195,7 @@ async def run_captured(
         timed_out=timed_out,
         truncated=cut_out or cut_err,
         duration_s=duration_s,
+        cpu_s=cpu_s,
     )
 
 
@@ -207,9 +211,9 @@ async def run_captured_detached(
     """Like ``run_captured``, for a command a runtime starts and leaves running (``runc exec --detach``).
 
     ``launch`` is run with stdout/stderr on files and a third file as descriptor 3, where the command's
-    wrapper writes its exit status; it returns once the command runs, its PID in ``pid_file``. The
-    command is awaited by PID (it is not our child) and its process group killed on timeout, once
-    ``is_member`` confirms the PID is still the command's.
+    wrapper writes its exit status, then what ``times`` says (its CPU); it returns once the command
+    runs, its PID in ``pid_file``. The command is awaited by PID (it is not our child) and its process
+    group killed on timeout, once ``is_member`` confirms the PID is still the command's.
     """
     token = secrets.token_hex(8)
     out_path, err_path, rc_path = (scratch_dir / f"{token}.{n}" for n in ("out", "err", "rc"))
@@ -252,18 +256,20 @@ async def run_captured_detached(
         cap = max(0, max_output_bytes)
         stdout, cut_out = await asyncio.to_thread(_read_capped, out_path, cap)
         stderr, cut_err = await asyncio.to_thread(_read_capped, err_path, cap)
-        status = (await asyncio.to_thread(_read_capped, rc_path, 16))[0].strip()
+        report = (await asyncio.to_thread(_read_capped, rc_path, WRAPPER_REPORT_BYTES))[0]
     finally:
         for path in (out_path, err_path, rc_path):
             path.unlink(missing_ok=True)
+    status, _, times = report.decode("ascii", "replace").partition("\n")
     return ExecResult(
         stdout=stdout,
         stderr=stderr,
         # No status: the command's wrapper was killed (timeout, or by the VM's own processes).
-        exit_code=None if timed_out else (int(status) if status.isdigit() else 137),
+        exit_code=None if timed_out else (int(status) if status.strip().isdigit() else 137),
         timed_out=timed_out,
         truncated=cut_out or cut_err,
         duration_s=duration_s,
+        cpu_s=children_cpu_s(times),
     )
 
 

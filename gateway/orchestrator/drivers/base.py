@@ -56,7 +56,8 @@ class ExecResult:
     # True when stdout or stderr was cut at max_output_bytes.
     truncated: bool
     duration_s: float
-    # CPU seconds the VM used meanwhile (its cgroup), set by the orchestrator where it can tell.
+    # CPU seconds (user + system) of the command itself and the children it waited for, where the
+    # driver can measure them; None otherwise (never the VM's whole use, which other commands share).
     cpu_s: float | None = None
 
 

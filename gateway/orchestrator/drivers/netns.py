@@ -556,7 +556,8 @@ class NetnsVmDriver:
         # The wrapper reports the command's status on descriptor 3 (which the command itself does not
         # get): runc exec --detach hands the command our files as its stdio, so a background child of it
         # (``server &``) holds no pipe that would keep the call open, and its status is not runc's to tell.
-        wrapped = [_host.SH, "-c", '"$@" 3>&-; echo $? >&3', "gateway-exec", *argv]
+        # Then ``times``: the wrapper is the command's parent, so its children's CPU is the command's.
+        wrapped = [_host.SH, "-c", '"$@" 3>&-; echo $? >&3; times >&3', "gateway-exec", *argv]
         _host.write_json(process_file, self._process(wrapped, full_env))  # 0600: the env may hold secrets
         container = str(handle.get("container_id") or vm_id)
         try:

@@ -586,6 +586,8 @@ class QemuVmDriver(NetnsVmDriver):
             timed_out=bool(reply["timed_out"]),
             truncated=bool(reply["truncated"]),
             duration_s=float(reply["duration_s"]),
+            # An agent of an image built before it reported CPU sends none.
+            cpu_s=float(reply["cpu_s"]) if isinstance(reply.get("cpu_s"), int | float) else None,
         )
 
     async def spawn(
