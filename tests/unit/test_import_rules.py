@@ -38,6 +38,8 @@ PURE = [
     "gateway.edge.headers",
     "gateway.edge.access",
     "gateway.orchestrator.drivers.cpu_times",
+    "gateway.egress.policy",
+    "gateway.egress.sni",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 

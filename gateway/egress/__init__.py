@@ -1,0 +1,1 @@
+"""The egress plane: what VMs may reach outside, decided by name, through a userspace proxy."""
