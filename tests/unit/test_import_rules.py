@@ -40,6 +40,8 @@ PURE = [
     "gateway.orchestrator.drivers.cpu_times",
     "gateway.egress.policy",
     "gateway.egress.sni",
+    "gateway.egress.resolved",
+    "gateway.egress.placeholders",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 
