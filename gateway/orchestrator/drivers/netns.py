@@ -20,12 +20,14 @@ Why this shape:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,8 @@ from gateway.orchestrator.drivers.base import (
 from gateway.orchestrator.drivers.owner_lock import OwnerLock, claim_host_names
 
 NETNS_RUN_DIR = Path("/var/run/netns")
+# How often a starting command's PID file is looked for.
+PID_POLL_S = 0.005
 SYS_CLASS_NET = Path("/sys/class/net")
 # Linux interface names are at most IFNAMSIZ - 1 characters.
 IFNAME_MAX_CHARS = 15
@@ -530,11 +534,19 @@ class NetnsVmDriver:
             cleanup()
             raise DriverError(f"cannot start command in VM: {exc}") from exc
 
+        # The command may run (and write) before runc writes its PID: wait for the PID, so that a kill
+        # right after the start still reaches the command.
+        started = await _pid_written(pid_file, proc)
+        if started is None:
+            _, err = await _spawn.communicate(proc)
+            cleanup()
+            raise DriverError(
+                f"cannot start command in VM: {err.decode(errors='replace').strip() or 'runc exec failed'}"
+            )
+
         def kill() -> None:
-            text = pid_file.read_text().strip() if pid_file.exists() else ""
-            if text.isdigit():
-                _host.kill_if_member(int(text), lambda pid: self._cgroups.contains(pid, vm_id))
-            proc.kill()  # runc itself (before it started the command, or after)
+            _host.kill_if_member(started, lambda pid: self._cgroups.contains(pid, vm_id))
+            proc.kill()  # runc itself
 
         return _spawn.PipeProcess(proc, kill=kill, cleanup=cleanup)
 
@@ -757,6 +769,28 @@ class NetnsVmDriver:
             problems.append("processes that would not die")
         if problems:
             raise DriverError(f"destroying VM {parts.vm_id or namespace} left: {', '.join(problems)}")
+
+
+async def _pid_written(pid_file: Path, runtime: subprocess.Popen[bytes]) -> int | None:
+    """The PID ``runc exec --pid-file`` wrote, once it has; None when runc ended without starting it."""
+    deadline = time.monotonic() + _host.HOST_COMMAND_TIMEOUT_S
+    while time.monotonic() < deadline:
+        pid = _read_pid(pid_file)
+        if pid is not None:
+            return pid
+        if runtime.poll() is not None:
+            return None
+        await asyncio.sleep(PID_POLL_S)
+    return None
+
+
+def _read_pid(path: Path) -> int | None:
+    """A PID file's number (a few bytes: read inline), or None while it is not there."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _listdir(path: Path) -> list[str]:
