@@ -109,13 +109,34 @@ def test_namespace_sysctls_are_written_by_a_shell_entered_into_the_namespace() -
             hostfw.namespace_sysctl_argv(Path("/var/run/netns/gw-3"), [bad])
 
 
+def test_egress_redirects_a_vms_tcp_and_dns_to_the_egress_plane_and_opens_just_those_ports() -> None:
+    text = hostfw.render("gw", [], hostfw.EgressRedirect(proxy_port=3129, resolver_port=5353))
+    assert rules(text, "egress") == [
+        "type nat hook prerouting priority dstnat; policy accept;",
+        'iifname "gwh*" meta nfproto ipv4 udp dport 53 redirect to :5353',
+        'iifname "gwh*" meta nfproto ipv4 tcp dport 53 redirect to :5353',
+        'iifname "gwh*" meta nfproto ipv4 meta l4proto tcp redirect to :3129',
+    ]
+    assert rules(text, "from_vm") == [
+        "ct state established,related accept",
+        "meta nfproto ipv4 fib daddr . iif type local tcp dport 3129 accept",
+        "meta nfproto ipv4 fib daddr . iif type local tcp dport 5353 accept",
+        "meta nfproto ipv4 fib daddr . iif type local udp dport 5353 accept",
+        "counter drop",  # other UDP and every other protocol: dropped (and nothing is forwarded)
+    ]
+    assert "chain egress" not in hostfw.render("gw")
+    with pytest.raises(DriverError):
+        hostfw.render("gw", [], hostfw.EgressRedirect(proxy_port=0, resolver_port=53))
+
+
 @pytest.mark.root
 @NEEDS_NFT
 @pytest.mark.parametrize("allowed", [[], [("tcp", 3128), ("udp", 53), ("tcp", 53)]])
 @pytest.mark.parametrize("prefix", ["gw", "gwq", "gwt"])
 def test_nft_accepts_the_ruleset(prefix: str, allowed: list[tuple[str, int]]) -> None:
     """``nft -c`` checks against the kernel (expressions such as fib must exist) and changes nothing."""
-    for text in (hostfw.render(prefix, allowed), hostfw.render_remove(prefix)):
+    egress = hostfw.render(prefix, allowed, hostfw.EgressRedirect(proxy_port=3129, resolver_port=5353))
+    for text in (hostfw.render(prefix, allowed), egress, hostfw.render_remove(prefix)):
         done = subprocess.run(
             ["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True, timeout=15
         )

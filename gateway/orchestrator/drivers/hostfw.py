@@ -36,6 +36,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import DriverError
@@ -81,12 +82,50 @@ def _allowed_rules(allowed: Iterable[tuple[str, int]]) -> list[str]:
     return [f"meta nfproto ipv4 fib daddr . iif type local {p} dport {n} accept" for p, n in sorted(checked)]
 
 
-def render_table(prefix: str, allowed: Iterable[tuple[str, int]] = ()) -> str:
-    """Pure: the driver's table (nftables syntax), allowing ``allowed`` (protocol, port) from its VMs."""
+@dataclass(frozen=True)
+class EgressRedirect:
+    """Where a VM's outbound traffic goes instead of out (the egress plane): every new TCP connection to
+    the egress proxy's port, DNS to the resolver's, both on the host side of the VM's own veth."""
+
+    proxy_port: int
+    resolver_port: int
+
+    def rules(self) -> list[str]:
+        for port in (self.proxy_port, self.resolver_port):
+            if isinstance(port, bool) or not 1 <= port <= 65535:
+                raise DriverError(f"egress redirect port {port!r} is not 1..65535")
+        return [
+            f"meta nfproto ipv4 udp dport 53 redirect to :{self.resolver_port}",
+            f"meta nfproto ipv4 tcp dport 53 redirect to :{self.resolver_port}",
+            f"meta nfproto ipv4 meta l4proto tcp redirect to :{self.proxy_port}",
+        ]
+
+    def allowed(self) -> list[tuple[str, int]]:
+        """What the input chain must then let through: the two services on the veth's own address."""
+        return [("tcp", self.proxy_port), ("udp", self.resolver_port), ("tcp", self.resolver_port)]
+
+
+def render_table(
+    prefix: str, allowed: Iterable[tuple[str, int]] = (), egress: EgressRedirect | None = None
+) -> str:
+    """Pure: the driver's table (nftables syntax), allowing ``allowed`` (protocol, port) from its VMs, and
+    with ``egress`` redirecting their outbound TCP and DNS to the egress plane (no forwarding, no NAT out:
+    a redirect makes the connection the host's own, which the proxy then judges)."""
     table, veths = table_name(prefix), veth_pattern(prefix)
+    allowed = [*allowed, *(egress.allowed() if egress else [])]
     from_vm = ["ct state established,related accept", *_allowed_rules(allowed), "counter drop"]
+    redirect = []
+    if egress is not None:
+        redirect = [
+            "\tchain egress {",
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+            *(f'\t\tiifname "{veths}" {rule}' for rule in egress.rules()),
+            "\t}",
+            "",
+        ]
     lines = [
         f"table inet {table} {{",
+        *redirect,
         "\tchain input {",
         f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
         f'\t\tiifname "{veths}" jump from_vm',
@@ -115,9 +154,9 @@ def _delete(prefix: str) -> str:
     return f"table inet {table}\ndelete table inet {table}\n"
 
 
-def render(prefix: str, allowed: Iterable[tuple[str, int]] = ()) -> str:
+def render(prefix: str, allowed: Iterable[tuple[str, int]] = (), egress: EgressRedirect | None = None) -> str:
     """Pure: the ``nft -f -`` input that installs or atomically replaces the driver's table."""
-    return _delete(prefix) + render_table(prefix, allowed)
+    return _delete(prefix) + render_table(prefix, allowed, egress)
 
 
 def render_remove(prefix: str) -> str:
