@@ -41,7 +41,7 @@ PURE = [
     "gateway.egress.policy",
     "gateway.egress.sni",
     "gateway.egress.resolved",
-    "gateway.egress.placeholders",
+    "gateway.egress.inject",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.egress.placeholders import PLACEHOLDER_PREFIX, Service, inject, new_placeholder
+from gateway.egress.inject import PLACEHOLDER_PREFIX, Service, inject, new_placeholder
 
 OPENAI = Service(host="api.openai.test", header="Authorization", credential_id="cred-1", scheme="Bearer")
 STRIPE = Service(host="*.stripe.test", header="X-Api-Key", credential_id="cred-2")
