@@ -105,14 +105,18 @@ class AcmeTestEnv:
 
     async def add_cname(self, name: str, target: str) -> None:
         """Point ``name`` at ``target`` (what a customer does in their zone for the delegated mode)."""
+        await self.set_record(name, "CNAME", dns.name.from_text(target).to_text())
+
+    async def set_record(self, name: str, kind: str, value: str) -> None:
+        """Set one record of a test zone (an A record for a test host of the egress tests, a CNAME)."""
         fqdn = dns.name.from_text(name)
         zone = next(dns.name.from_text(z) for z in ZONES if fqdn.is_subdomain(dns.name.from_text(z)))
         keyring = dns.tsigkeyring.from_text({TSIG_KEY_NAME: (TSIG_ALGORITHM, self.tsig_secret)})
         update = dns.update.UpdateMessage(zone, keyring=keyring, keyname=TSIG_KEY_NAME)
-        update.replace(fqdn.relativize(zone), 60, "CNAME", dns.name.from_text(target).to_text())
+        update.replace(fqdn.relativize(zone), 60, kind, value)
         response = await dns.asyncquery.tcp(update, "127.0.0.1", port=self.dns_port, timeout=5)
         if response.rcode() != dns.rcode.NOERROR:
-            raise RuntimeError(f"CNAME update refused: {dns.rcode.to_text(response.rcode())}")
+            raise RuntimeError(f"{kind} update refused: {dns.rcode.to_text(response.rcode())}")
 
     def root_pem(self) -> bytes:
         """Pebble's root for the certificates it issues (made anew at every pebble start)."""
@@ -156,7 +160,7 @@ class AcmeTestEnv:
             )
             zone_blocks.append(
                 f'zone "{zone}." {{ type primary; file "{zones}/{zone}.zone"; '
-                f"update-policy {{ grant {TSIG_KEY_NAME} zonesub TXT CNAME; }}; }};"
+                f"update-policy {{ grant {TSIG_KEY_NAME} zonesub TXT CNAME A; }}; }};"
             )
         # A local root zone: with recursion on (below) every name falls under a zone this server holds,
         # so resolving never leaves loopback.

@@ -104,6 +104,7 @@ class EgressProxy:
         self.destination = destination
         self.stats = EgressStats()
         self._denials: dict[str, deque[Seen]] = {}
+        self._active: set[asyncio.Task[object]] = set()
 
     def denials(self, vm_id: str) -> list[Seen]:
         """The VM's recent refused connections, newest last."""
@@ -113,6 +114,9 @@ class EgressProxy:
         self._denials.pop(vm_id, None)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
         try:
             await self._handle(reader, writer)
         except (ConnectionError, OSError, TimeoutError) as exc:
@@ -120,6 +124,14 @@ class EgressProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+            if task is not None:
+                self._active.discard(task)
+
+    async def close(self) -> None:
+        """End every connection in flight (the gateway stops; the listener is closed first)."""
+        for task in list(self._active):
+            task.cancel()
+        await asyncio.gather(*self._active, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

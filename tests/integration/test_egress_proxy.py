@@ -99,6 +99,8 @@ async def rig() -> AsyncIterator[Rig]:
     try:
         yield Rig(proxy, listener.sockets[0].getsockname()[1], destinations, target)
     finally:
+        listener.close()
+        await proxy.close()
         for server in [listener, *servers]:
             server.close()
             await server.wait_closed()
