@@ -27,6 +27,8 @@ from gateway.config import Config, ConfigError
 from gateway.datadir import DataDirBusy, DataDirLock
 from gateway.edge.protocol import Edge
 from gateway.edge.server import running_edge
+from gateway.egress.proxy import EgressProxy
+from gateway.egress.service import running_egress
 from gateway.embedded_redis import EmbeddedRedis, RedisSupervisor
 from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.images.store import ROOTFS_DRIVERS, ensure_default_image
@@ -84,6 +86,7 @@ class Services:
     tls: TlsServing | None = None
     cert_keeper: CertKeeper | None = None
     domain_keeper: DomainKeeper | None = None
+    egress: EgressProxy | None = None  # where VMs have egress (egress.enabled)
 
 
 @asynccontextmanager
@@ -137,15 +140,22 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     events.add(lifecycle)  # edges ask, through events, to wake suspended VMs
     events.start()
     try:
-        yield Services(
-            client,
-            store,
-            key_store,
-            orchestrator,
-            reaper,
-            make_api_app(config, orchestrator, key_store, lifecycle),
-            events,
-        )
+        async with contextlib.AsyncExitStack() as stack:
+            egress = None
+            if config.egress.enabled and driver.name in ("netns", "qemu"):
+                # Every VM range is closed to VMs, whatever a policy says.
+                closed = [config.netns.cidr, config.qemu.cidr, config.process.cidr]
+                egress = await stack.enter_async_context(running_egress(config.egress, store, closed))
+            yield Services(
+                client,
+                store,
+                key_store,
+                orchestrator,
+                reaper,
+                make_api_app(config, orchestrator, key_store, lifecycle),
+                events,
+                egress=egress,
+            )
     finally:
         await events.stop()
         await lifecycle.close()

@@ -322,6 +322,36 @@ class LogConfig:
     access_log: bool = True
 
 
+DEFAULT_PUBLIC_REPOS = (
+    "pypi.org,files.pythonhosted.org,registry.npmjs.org,registry.yarnpkg.com,deb.debian.org,"
+    "security.debian.org,archive.ubuntu.com,security.ubuntu.com,ports.ubuntu.com,crates.io,index.crates.io,"
+    "static.crates.io,proxy.golang.org,sum.golang.org"
+)
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    # VMs reach the network only through the egress proxy and resolver (netns and qemu drivers). Off:
+    # VMs have no way out at all.
+    enabled: bool = False
+    # Where the host's nftables redirects a VM's new TCP connections and its DNS (on its veth's address).
+    proxy_port: int = 15001
+    resolver_port: int = 15053
+    # Resolvers the VMs' resolver asks (HOST:PORT, comma separated); empty: those of /etc/resolv.conf.
+    upstream_resolvers: str = ""
+    # Networks the proxy may dial at all (CIDRs, comma separated); empty: wherever policies allow. Tests
+    # set their test range so that even a policy bug cannot dial elsewhere.
+    dial_networks: str = ""
+    # What allow_public_repos opens: package registries (names, *.suffix allowed).
+    public_repos: str = DEFAULT_PUBLIC_REPOS
+    # Networks no policy can open beyond the built-in ones (loopback, link-local, multicast, the VM
+    # ranges): the gateway's own addresses, Redis, internal services (CIDRs, comma separated).
+    denied_networks: str = ""
+
+    def upstreams(self) -> tuple[tuple[str, int], ...]:
+        return tuple(split_host_port(item) for item in comma_list(self.upstream_resolvers))
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     # HOST:PORT of the admin listener: /metrics (Prometheus), /healthz, /readyz. Keep it off the public
@@ -449,6 +479,7 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
 
     @property
     def data_path(self) -> Path:

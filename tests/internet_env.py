@@ -46,10 +46,15 @@ class InternetHost:
     server: subprocess.Popen[bytes] | None = None
 
     def packets_received(self) -> int:
-        """Packets that reached the test host's interface (a SYN included)."""
-        out = run("ip", "-n", self.name, "-s", "link", "show", "eth0").stdout.splitlines()
-        rx = next(i for i, line in enumerate(out) if line.strip().startswith("RX:"))
-        return int(out[rx + 1].split()[1])
+        """TCP segments and UDP datagrams the test host's kernel received (a SYN included; the ARP and
+        IPv6 neighbour chatter of its link not)."""
+        lines = run("ip", "netns", "exec", self.name, "cat", "/proc/net/snmp").stdout.splitlines()
+        counters: dict[str, int] = {}
+        for head, values in zip(lines[::2], lines[1::2], strict=False):
+            proto = head.split(":")[0]
+            for key, value in zip(head.split()[1:], values.split()[1:], strict=False):
+                counters[f"{proto}.{key}"] = int(value)
+        return counters["Tcp.InSegs"] + counters["Udp.InDatagrams"] + counters["Udp.NoPorts"]
 
 
 @contextlib.contextmanager

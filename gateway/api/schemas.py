@@ -8,12 +8,15 @@ Unknown fields are ignored, as the spec's models do, so newer clients keep worki
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+
+from gateway.egress.policy import normalise_name, valid_pattern
 
 VCPU_COUNTS = (1, 2, 4, 6, 8)
 MEMORY_MB_MIN, MEMORY_MB_MAX = 128, 8192
@@ -579,3 +582,35 @@ class VmCloneResponse(_Model):
     status: str
     snapshot_id: str
     source_vm_id: str
+
+
+class EgressPolicyRequest(_Model):
+    """What a VM may reach (the official SDK's shape): package registries, plain HTTP, HTTPS, names
+    (exact or ``*.suffix``) and CIDRs. Private ranges open only by a CIDR that names them."""
+
+    allow_public_repos: bool = False
+    allow_http: bool = False
+    allow_https: bool = False
+    allowed_domains: list[str] = Field(default_factory=list, max_length=256)
+    allowed_cidrs: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not valid_pattern(name):
+                raise PydanticCustomError(
+                    "domain_pattern", "not a DNS name or *.suffix: {name!r}", {"name": name[:64]}
+                )
+        return [normalise_name(n) for n in value]
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        found = []
+        for cidr in value:
+            try:
+                found.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError:
+                raise PydanticCustomError("cidr", "not a network: {cidr!r}", {"cidr": cidr[:64]}) from None
+        return found

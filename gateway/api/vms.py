@@ -7,11 +7,19 @@ import secrets
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, LIFECYCLE, ORCHESTRATOR, SHARES
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
-from gateway.api.schemas import VmCreateQuery, VMCreateRequest, VMCreateResponse, VmList, VmListQuery
+from gateway.api.schemas import (
+    EgressPolicyRequest,
+    VmCreateQuery,
+    VMCreateRequest,
+    VMCreateResponse,
+    VmList,
+    VmListQuery,
+)
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
@@ -31,6 +39,7 @@ def refuse_unsupported(
     snapshots: bool = False,
     image_problem: str | None = None,
     suspends: bool = False,
+    egress: bool = False,
 ) -> None:
     """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op.
 
@@ -48,8 +57,8 @@ def refuse_unsupported(
         problems.append(("volumes", "volumes are not supported by this gateway"))
     if body.vault_ids:
         problems.append(("vault_ids", "vaults are not supported by this gateway"))
-    if body.egress_policy:
-        problems.append(("egress_policy", "VMs have no egress; egress policies are not supported"))
+    if body.egress_policy and not egress:
+        problems.append(("egress_policy", "VMs have no egress on this gateway (egress.enabled is off)"))
     if image_problem:
         problems.append(("image_variant", image_problem))
     if (body.auto_suspend or body.auto_resume) and not suspends:
@@ -90,6 +99,20 @@ async def snapshot_to_restore(
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "value_error") for f, msg in problems])
     return snap
+
+
+def checked_egress_policy(raw: dict[str, Any]) -> dict[str, Any]:
+    """The egress policy asked for, in the SDK's shape, checked (a 422 naming the field)."""
+    try:
+        policy = EgressPolicyRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [
+                detail_item(["body", "egress_policy", *e["loc"]], e["msg"], e["type"])
+                for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            ]
+        ) from None
+    return policy.model_dump()
 
 
 def domain_request(body: VMCreateRequest, domains: DomainService | None) -> DomainRequest | None:
@@ -134,7 +157,9 @@ async def create_vm(request: web.Request) -> web.Response:
         orchestrator.snapshots.available,
         orchestrator.image_problem(body.image_variant),
         suspends=request.app[LIFECYCLE].available,
+        egress=request.app[CONFIG].egress.enabled and orchestrator.driver.name in ("netns", "qemu"),
     )
+    egress_policy = checked_egress_policy(body.egress_policy) if body.egress_policy else {}
     domain = domain_request(body, orchestrator.domains)
     restore = await snapshot_to_restore(
         body, orchestrator.snapshots, owner, orchestrator.images.resolve(body.image_variant)
@@ -150,6 +175,7 @@ async def create_vm(request: web.Request) -> web.Response:
         image=body.image_variant or (restore.image_variant if restore else None) or "",
         auto_suspend=bool(body.auto_suspend),
         auto_resume=bool(body.auto_resume),
+        egress_policy=egress_policy,
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if share is not None and vm.status != VM_FAILED:

@@ -99,6 +99,8 @@ def _clean_name(raw: bytes) -> str | None:
         return None
     if not name or len(name) > 253 or not all(c.isalnum() or c in ".-_" for c in name):
         return None
+    if all(part.isdigit() for part in name.split(".")):
+        return None  # an address written as a host names nothing
     return name
 
 

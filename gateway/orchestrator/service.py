@@ -98,6 +98,8 @@ class VmParams:
     image: str = ""
     auto_suspend: bool = False
     auto_resume: bool = False
+    # What it may reach (the SDK's shape, checked); empty: the operator's default.
+    egress_policy: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -342,6 +344,7 @@ class Orchestrator:
             image_variant=self.image_name(params.image) or None,
             auto_suspend=params.auto_suspend,
             auto_resume=params.auto_resume,
+            egress_policy=dict(params.egress_policy or {}),
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )

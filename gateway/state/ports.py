@@ -7,7 +7,7 @@ tests and benchmarks hand the edge plain fakes instead. The records named here a
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.state.events import Event
 from gateway.state.records import VM_SUSPENDED, InstanceRecord, VmRecord
@@ -17,6 +17,7 @@ __all__ = [
     "EventFeed",
     "EventSubscriber",
     "InstanceRecord",
+    "PolicySource",
     "RouteSource",
     "TrafficSink",
     "VmRecord",
@@ -54,6 +55,14 @@ class TrafficSink(Protocol):
     async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
         """Add (bytes in, bytes out) per VM id; VMs whose record is gone are skipped. Raises
         ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
+        ...
+
+
+class PolicySource(Protocol):
+    """What the egress plane reads: the running VMs by address, with their egress policy."""
+
+    async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """VM address -> (VM id, its egress policy as stored; empty for the default)."""
         ...
 
 

@@ -149,6 +149,8 @@ class VmRecord(_Record):
     auto_suspend: bool = False
     auto_resume: bool = False
     suspended_at: float | None = None
+    # What it may reach (the egress policy, the SDK's shape); empty: the operator's default.
+    egress_policy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:

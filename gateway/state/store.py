@@ -304,6 +304,11 @@ class RedisStore:
         args = [n for vm_id in ids for n in counts[vm_id]]
         await guarded(self._add_traffic(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
 
+    async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The active VMs by address, with their egress policies (``PolicySource``)."""
+        records = await self.get_vms(await self.live_vm_ids())
+        return {r.ip: (r.vm_id, dict(r.egress_policy)) for r in records if r.status == "active" and r.ip}
+
     async def owner_vm_ids(self, owner: str) -> list[str]:
         return sorted(await guarded(self.client.smembers(self.keys.owner_vms(owner))))
 

@@ -71,6 +71,7 @@ def test_a_hello_that_never_ends_is_given_up() -> None:
         (b"GET / HTTP/1.0\r\n\r\n", None),  # no Host
         (b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", None),  # two: no name
         (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: 198.18.0.2:80\r\n\r\n", None),  # an address is no name
         (b"GET / HTTP/1.1\r\nHost: a b.test\r\n\r\n", None),
         (b"\x16\x03\x01\x00\x10", NEED_MORE),
         (b"GET / HTTP/1.1\r\nHost: pypi.org\r\n", NEED_MORE),

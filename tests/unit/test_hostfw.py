@@ -113,15 +113,15 @@ def test_egress_redirects_a_vms_tcp_and_dns_to_the_egress_plane_and_opens_just_t
     text = hostfw.render("gw", [], hostfw.EgressRedirect(proxy_port=3129, resolver_port=5353))
     assert rules(text, "egress") == [
         "type nat hook prerouting priority dstnat; policy accept;",
-        'iifname "gwh*" meta nfproto ipv4 udp dport 53 redirect to :5353',
-        'iifname "gwh*" meta nfproto ipv4 tcp dport 53 redirect to :5353',
-        'iifname "gwh*" meta nfproto ipv4 meta l4proto tcp redirect to :3129',
+        'iifname "gwh*" meta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:5353',
+        'iifname "gwh*" meta nfproto ipv4 tcp dport 53 dnat ip to 127.0.0.1:5353',
+        'iifname "gwh*" meta nfproto ipv4 meta l4proto tcp dnat ip to 127.0.0.1:3129',
     ]
     assert rules(text, "from_vm") == [
         "ct state established,related accept",
-        "meta nfproto ipv4 fib daddr . iif type local tcp dport 3129 accept",
-        "meta nfproto ipv4 fib daddr . iif type local tcp dport 5353 accept",
-        "meta nfproto ipv4 fib daddr . iif type local udp dport 5353 accept",
+        "meta nfproto ipv4 ip daddr 127.0.0.1 tcp dport 3129 accept",
+        "meta nfproto ipv4 ip daddr 127.0.0.1 tcp dport 5353 accept",
+        "meta nfproto ipv4 ip daddr 127.0.0.1 udp dport 5353 accept",
         "counter drop",  # other UDP and every other protocol: dropped (and nothing is forwarded)
     ]
     assert "chain egress" not in hostfw.render("gw")

@@ -85,7 +85,7 @@ def _allowed_rules(allowed: Iterable[tuple[str, int]]) -> list[str]:
 @dataclass(frozen=True)
 class EgressRedirect:
     """Where a VM's outbound traffic goes instead of out (the egress plane): every new TCP connection to
-    the egress proxy's port, DNS to the resolver's, both on the host side of the VM's own veth."""
+    the egress proxy's port, DNS to the resolver's, both on the host's loopback."""
 
     proxy_port: int
     resolver_port: int
@@ -94,15 +94,22 @@ class EgressRedirect:
         for port in (self.proxy_port, self.resolver_port):
             if isinstance(port, bool) or not 1 <= port <= 65535:
                 raise DriverError(f"egress redirect port {port!r} is not 1..65535")
+        # To the loopback, where the egress plane listens (never on an address anyone else can reach);
+        # the VM's host-side veth lets its traffic be routed there (``enable_route_localnet``).
         return [
-            f"meta nfproto ipv4 udp dport 53 redirect to :{self.resolver_port}",
-            f"meta nfproto ipv4 tcp dport 53 redirect to :{self.resolver_port}",
-            f"meta nfproto ipv4 meta l4proto tcp redirect to :{self.proxy_port}",
+            f"meta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:{self.resolver_port}",
+            f"meta nfproto ipv4 tcp dport 53 dnat ip to 127.0.0.1:{self.resolver_port}",
+            f"meta nfproto ipv4 meta l4proto tcp dnat ip to 127.0.0.1:{self.proxy_port}",
         ]
 
-    def allowed(self) -> list[tuple[str, int]]:
-        """What the input chain must then let through: the two services on the veth's own address."""
-        return [("tcp", self.proxy_port), ("udp", self.resolver_port), ("tcp", self.resolver_port)]
+    def accept_rules(self) -> list[str]:
+        """What the input chain must then let through: the redirected traffic, to those two ports of the
+        loopback (nothing else of the loopback)."""
+        return [
+            f"meta nfproto ipv4 ip daddr 127.0.0.1 tcp dport {self.proxy_port} accept",
+            f"meta nfproto ipv4 ip daddr 127.0.0.1 tcp dport {self.resolver_port} accept",
+            f"meta nfproto ipv4 ip daddr 127.0.0.1 udp dport {self.resolver_port} accept",
+        ]
 
 
 def render_table(
@@ -112,8 +119,13 @@ def render_table(
     with ``egress`` redirecting their outbound TCP and DNS to the egress plane (no forwarding, no NAT out:
     a redirect makes the connection the host's own, which the proxy then judges)."""
     table, veths = table_name(prefix), veth_pattern(prefix)
-    allowed = [*allowed, *(egress.allowed() if egress else [])]
-    from_vm = ["ct state established,related accept", *_allowed_rules(allowed), "counter drop"]
+    egress_accept = egress.accept_rules() if egress else []
+    from_vm = [
+        "ct state established,related accept",
+        *_allowed_rules(allowed),
+        *egress_accept,
+        "counter drop",
+    ]
     redirect = []
     if egress is not None:
         redirect = [
@@ -168,9 +180,11 @@ def _nft() -> str:
     return shutil.which("nft") or "/usr/sbin/nft"
 
 
-async def install(prefix: str, allowed: Iterable[tuple[str, int]] = ()) -> None:
+async def install(
+    prefix: str, allowed: Iterable[tuple[str, int]] = (), egress: EgressRedirect | None = None
+) -> None:
     """Install (or replace) the driver's table; a DriverError names nft's complaint."""
-    await _host.run_host([_nft(), "-f", "-"], input=render(prefix, allowed).encode())
+    await _host.run_host([_nft(), "-f", "-"], input=render(prefix, allowed, egress).encode())
 
 
 async def remove(prefix: str) -> None:
@@ -181,6 +195,14 @@ async def remove(prefix: str) -> None:
 def ipv6_available() -> bool:
     """False on a kernel without IPv6 (``ipv6.disable=1``): there is then nothing to switch off."""
     return IPV6_SYSCTL_DIR.is_dir()
+
+
+def enable_route_localnet(veth: str) -> None:
+    """Let packets that arrived on a VM's host-side veth be delivered to 127.0.0.1 (where the egress
+    redirect sends them): without it the kernel drops them as martians. The setting goes with the veth."""
+    if not _IFNAME_RE.fullmatch(veth):
+        raise DriverError(f"invalid interface name {veth!r}")
+    Path(f"/proc/sys/net/ipv4/conf/{veth}/route_localnet").write_text("1")
 
 
 def disable_host_ipv6(veth: str) -> None:

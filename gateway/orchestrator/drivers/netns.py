@@ -179,6 +179,8 @@ class NetnsVmDriver:
         self._ns_re = re.compile(rf"{re.escape(config.name_prefix)}-([0-9]+)")
         self._veth_re = re.compile(rf"{re.escape(config.name_prefix)}h([0-9]+)")
         self._cgroups = CgroupTree(cgroup_root or CgroupTree.DEFAULT_ROOT, config.cgroup_name)
+        # Set where VMs have egress: their TCP and DNS are redirected to the egress plane (hostfw.py).
+        self.egress: hostfw.EgressRedirect | None = None
         self._ip = shutil.which("ip") or "/usr/sbin/ip"
         self._mount_root = MOUNT_ROOT / config.name_prefix
         runtime = getattr(config, "runtime", "runc")
@@ -210,7 +212,7 @@ class NetnsVmDriver:
                 self._prepare_mount_root()
             await _host.run_host([self._ip, "route", "replace", "blackhole", str(self._network)])
             # Before any VM: a VM reaches nothing on the host (hostfw.py); fails closed.
-            await hostfw.install(self._config.name_prefix)
+            await hostfw.install(self._config.name_prefix, egress=self.egress)
             self._cgroups.prepare()
             self._work_dir.mkdir(parents=True, exist_ok=True)
         except BaseException:
@@ -353,6 +355,8 @@ class NetnsVmDriver:
         await _host.run_host([self._ip, "link", "add", plan.veth, "type", "veth", *peer])
         made.veth = plan.veth
         hostfw.disable_host_ipv6(plan.veth)
+        if self.egress is not None:
+            hostfw.enable_route_localnet(plan.veth)  # its traffic may be redirected to the loopback
         host_side = (
             f"link set dev {plan.veth} alias {vm_id}\n"
             f"addr add {self._host_address(plan)} dev {plan.veth}\n"

@@ -14,6 +14,7 @@ from pathlib import Path
 from gateway.config import Config
 from gateway.images.store import image_store
 from gateway.orchestrator.drivers.base import VmDriver
+from gateway.orchestrator.drivers.hostfw import EgressRedirect
 from gateway.orchestrator.drivers.netns import NetnsVmDriver
 from gateway.orchestrator.drivers.process import ProcessVmDriver
 from gateway.orchestrator.drivers.qemu import QemuVmDriver
@@ -41,14 +42,20 @@ def make_driver(config: Config) -> VmDriver:
     """Build the configured driver; VM work folders live under ``<data_dir>/vms``."""
     work_dir = config.data_path / WORK_SUBDIR
     kind = choose_driver(config.vms.driver)
+    driver: NetnsVmDriver
     if kind == "qemu":
-        return QemuVmDriver(
+        driver = QemuVmDriver(
             config.qemu,
             work_dir,
             image_dir=qemu_image_dir(config),
             boot_timeout_s=config.vms.boot_timeout_s,
             images=image_store(config),
         )
-    if kind == "netns":
-        return NetnsVmDriver(config.netns, work_dir, images=image_store(config))
-    return ProcessVmDriver(config.process, work_dir)
+    elif kind == "netns":
+        driver = NetnsVmDriver(config.netns, work_dir, images=image_store(config))
+    else:
+        return ProcessVmDriver(config.process, work_dir)
+    if config.egress.enabled:
+        # The VMs' TCP and DNS go to the egress plane on their veth's host address (hostfw.py).
+        driver.egress = EgressRedirect(config.egress.proxy_port, config.egress.resolver_port)
+    return driver
