@@ -131,6 +131,19 @@ def test_the_edge_uses_only_the_state_protocols_and_events(module: str) -> None:
         assert not any(in_package(m, other) for m in GRAPH[module]), f"{module} imports {other}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if in_package(m, "gateway.egress")))
+def test_the_egress_plane_uses_only_the_state_protocols_and_no_other_plane(module: str) -> None:
+    """A plane of its own (DESIGN.md): its policy source is a protocol; it knows nothing of the API, the
+    orchestrator or the edge."""
+    direct = {m for m in GRAPH[module] if in_package(m, "gateway.state")}
+    bad = {m for m in direct if m not in EDGE_MAY_USE_FROM_STATE and m.rpartition(".")[0] not in PORTS}
+    assert not bad, f"{module} imports {sorted(bad)} from the state package"
+    loaded = {m for m in closure(module) if any(in_package(m, p) for p in NEVER_UNDER_EDGE)}
+    assert not loaded, f"{module} loads {sorted(loaded)}"
+    for other in ("gateway.api", "gateway.orchestrator", "gateway.edge", "gateway.keys"):
+        assert not any(in_package(m, other) for m in GRAPH[module]), f"{module} imports {other}"
+
+
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if in_package(m, "gateway.api")))
 def test_the_api_goes_through_the_orchestrator(module: str) -> None:
     bad = {m for m in GRAPH[module] if in_package(m, "gateway.state") or in_package(m, "gateway.edge")}
