@@ -34,11 +34,20 @@ def detail_item(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
     return {"loc": loc, "msg": msg, "type": kind}
 
 
-def _detail(exc: ValidationError, where: str) -> list[dict[str, Any]]:
+def _detail(exc: ValidationError, *where: str) -> list[dict[str, Any]]:
     return [
-        detail_item([where, *err["loc"]], err["msg"], err["type"])
+        detail_item([*where, *err["loc"]], err["msg"], err["type"])
         for err in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
+
+
+def parse_part(model: type[M], data: object, *where: str) -> M:
+    """A part of a request (a nested object the spec keeps loose) as ``model``; its errors are located
+    under ``where`` (``"body", "egress_policy"``)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(_detail(exc, *where)) from None
 
 
 def _is_json(content_type: str) -> bool:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from gateway.api.auth import authenticate
 from gateway.api.context import CONFIG, LIFECYCLE, ORCHESTRATOR, SHARES
@@ -21,12 +19,12 @@ from gateway.api.schemas import (
     VmListQuery,
 )
 from gateway.api.sessions import lifetime_context, vm_params
-from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
+from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_part, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
+from gateway.orchestrator.shares import new_share_token
 from gateway.orchestrator.snapshots import SnapshotService
-from gateway.tokens import token_hash
 
 routes = web.RouteTableDef()
 
@@ -101,20 +99,6 @@ async def snapshot_to_restore(
     return snap
 
 
-def checked_egress_policy(raw: dict[str, Any]) -> dict[str, Any]:
-    """The egress policy asked for, in the SDK's shape, checked (a 422 naming the field)."""
-    try:
-        policy = EgressPolicyRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [
-                detail_item(["body", "egress_policy", *e["loc"]], e["msg"], e["type"])
-                for e in exc.errors(include_url=False, include_input=False, include_context=False)
-            ]
-        ) from None
-    return policy.model_dump()
-
-
 def domain_request(body: VMCreateRequest, domains: DomainService | None) -> DomainRequest | None:
     """The custom domain asked for, checked (422 naming the field), or None."""
     if body.custom_domain is None:
@@ -141,8 +125,8 @@ def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
         return None, None
     if requested.get("is_public"):
         return requested, None
-    token = secrets.token_urlsafe(32)
-    return {**requested, "token_sha256": token_hash(token)}, token
+    token, token_sha256 = new_share_token()
+    return {**requested, "token_sha256": token_sha256}, token
 
 
 @routes.post("/v1/vms")
@@ -159,7 +143,12 @@ async def create_vm(request: web.Request) -> web.Response:
         suspends=request.app[LIFECYCLE].available,
         egress=request.app[CONFIG].egress.enabled and orchestrator.driver.name in ("netns", "qemu"),
     )
-    egress_policy = checked_egress_policy(body.egress_policy) if body.egress_policy else {}
+    # The SDK's shape, checked (a 422 naming the field).
+    egress_policy = (
+        parse_part(EgressPolicyRequest, body.egress_policy, "body", "egress_policy").model_dump()
+        if body.egress_policy
+        else {}
+    )
     domain = domain_request(body, orchestrator.domains)
     restore = await snapshot_to_restore(
         body, orchestrator.snapshots, owner, orchestrator.images.resolve(body.image_variant)

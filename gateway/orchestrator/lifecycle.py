@@ -75,15 +75,23 @@ class Lifecycle:
             await self.orchestrator.driver.destroy(rec.vm_id, handle)
         return await self._reload(rec)
 
-    async def resume(self, rec: VmRecord) -> VmRecord:
-        """Bring a suspended VM back, with a fresh lifetime; an active one is returned as it is."""
-        driver = self.driver
+    def _needs_resume(self, rec: VmRecord) -> bool:
+        """True for a suspended VM, False for an active one (nothing to do); Unsupported where the driver
+        cannot suspend, Conflict for any other state."""
+        self.driver  # noqa: B018 - refuses (Unsupported) where the driver cannot
         if rec.status == VM_ACTIVE:
-            return rec
+            return False
         if rec.status != VM_SUSPENDED:
             raise Conflict(
                 f"VM {rec.vm_id} is {rec.status}: only a suspended VM can be resumed", code="vm_not_suspended"
             )
+        return True
+
+    async def resume(self, rec: VmRecord) -> VmRecord:
+        """Bring a suspended VM back, with a fresh lifetime; an active one is returned as it is."""
+        if not self._needs_resume(rec):
+            return rec
+        driver = self.driver
         if not await self.store.claim_resume(rec.vm_id, RESUME_CLAIM_S):
             return await self._until_resumed(rec)
         try:
@@ -108,15 +116,8 @@ class Lifecycle:
 
     def resume_soon(self, rec: VmRecord) -> None:
         """Start a resume and return (``wait=false``); its outcome shows on the VM."""
-        if rec.status != VM_SUSPENDED:
-            self.driver  # noqa: B018 - refuses (Unsupported) where the driver cannot
-            if rec.status != VM_ACTIVE:
-                raise Conflict(
-                    f"VM {rec.vm_id} is {rec.status}: only a suspended VM can be resumed",
-                    code="vm_not_suspended",
-                )
-            return
-        self._start(self.resume(rec), f"resume {rec.vm_id}")
+        if self._needs_resume(rec):
+            self._start(self.resume(rec), f"resume {rec.vm_id}")
 
     def _start(self, coro: Awaitable[object], name: str) -> None:
         task = asyncio.get_running_loop().create_task(_quietly(coro), name=name)

@@ -110,7 +110,7 @@ class Terminals:
         driver = self.orchestrator.driver
         if not isinstance(driver, VmSpawn):
             raise Unsupported(f"the {driver.name!r} VM driver has no terminals")
-        vm = await self._vm(owner, session_id, vm_id)
+        vm, env = await self._vm(owner, session_id, vm_id)
         self._forget_ended()
         if sum(1 for t in self._terminals.values() if t.vm_id == vm.vm_id and t.alive) >= MAX_PER_VM:
             raise TooManyTerminals(f"a VM has at most {MAX_PER_VM} terminals: end one first")
@@ -118,26 +118,27 @@ class Terminals:
         if pty_id in self._terminals:
             raise Conflict(f"terminal {pty_id} exists already", code="pty_exists")
         command = tuple(argv or DEFAULT_SHELL)
-        session = await self.orchestrator.get_session(owner, vm.session_id)
         process = await driver.spawn(
-            vm.vm_id,
-            vm.handle,
-            ["python3", "-c", BRIDGE_SOURCE, str(cols), str(rows), *command],
-            env=session.env if session else {},
+            vm.vm_id, vm.handle, ["python3", "-c", BRIDGE_SOURCE, str(cols), str(rows), *command], env=env
         )
         terminal = Terminal(pty_id, owner, vm.session_id, vm.vm_id, cols, rows, command, time.time(), process)
         terminal.pump = asyncio.get_running_loop().create_task(terminal._pump(), name=f"terminal {pty_id}")
         self._terminals[pty_id] = terminal
         return terminal
 
-    async def _vm(self, owner: str, session_id: str | None, vm_id: str | None) -> VmRecord:
+    async def _vm(
+        self, owner: str, session_id: str | None, vm_id: str | None
+    ) -> tuple[VmRecord, dict[str, str]]:
+        """The running VM the terminal goes into, and its session's env (what commands there get)."""
         if session_id is not None:
-            return (await self.orchestrator.running_vm(owner, session_id))[1]
+            session, vm = await self.orchestrator.running_vm(owner, session_id)
+            return vm, session.env
         assert vm_id is not None
         vm = await self.orchestrator.get_vm(owner, vm_id)
         if vm.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm_id} is {vm.status}")
-        return vm
+        owning = await self.orchestrator.get_session(owner, vm.session_id)
+        return vm, owning.env if owning else {}
 
     def get(
         self, owner: str, pty_id: str, *, session_id: str | None = None, vm_id: str | None = None

@@ -195,16 +195,12 @@ class Orchestrator:
             await self.store.expose_port(vm.vm_id, port)
         return vm
 
-    async def session_vms(self, owner: str, session_id: str) -> list[VmRecord]:
-        """Every VM the session has had (retained ones included), oldest first."""
-        session = await self._owned_session(owner, session_id)
-        return [vm for vm in await self.list_vms(owner) if vm.session_id == session.session_id]
-
     async def session_usage(self, owner: str, session_id: str) -> SessionUsage:
         """What the session's VMs used: their running time, CPU and peak memory (from cgroups, where the
         driver has them), the bytes the edges carried for them, and the commands run."""
         session = await self._owned_session(owner, session_id)
-        vms = await self.session_vms(owner, session_id)
+        # Every VM the session has had, retained ones included.
+        vms = [vm for vm in await self.list_vms(owner) if vm.session_id == session.session_id]
         now = time.time()
         usage = SessionUsage(session=session, vms=vms)
         for vm in vms:

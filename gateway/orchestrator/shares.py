@@ -22,6 +22,12 @@ ID_PREFIX = "share-"
 TOKEN_BYTES = 32
 
 
+def new_share_token() -> tuple[str, str]:
+    """A private share's access token (shown once) and the hash that is all the gateway keeps of it."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    return token, token_hash(token)
+
+
 class Shares:
     def __init__(self, orchestrator: Orchestrator) -> None:
         self.orchestrator = orchestrator
@@ -37,8 +43,8 @@ class Shares:
     async def open(
         self, vm: VmRecord, port: int, is_public: bool
     ) -> tuple[ShareRecord, VmRecord, str | None]:
-        token = None if is_public else secrets.token_urlsafe(TOKEN_BYTES)
-        rec = await self.register(vm, port, is_public, token_hash(token) if token else None)
+        token, token_sha256 = (None, None) if is_public else new_share_token()
+        rec = await self.register(vm, port, is_public, token_sha256)
         return rec, vm, token
 
     async def register(
@@ -84,8 +90,7 @@ class Shares:
         if is_public is not None and is_public != rec.is_public:
             vm = await self._vm_of(rec)
             rec.is_public = is_public
-            token = None if is_public else secrets.token_urlsafe(TOKEN_BYTES)
-            rec.token_sha256 = token_hash(token) if token else None
+            token, rec.token_sha256 = (None, None) if is_public else new_share_token()
             await self.store.put_share(rec, self._ttl(vm))
             if vm.share.get("share_id") == rec.share_id:
                 await self.store.update_vm(vm.vm_id, share=rec.route_entry())

@@ -334,8 +334,7 @@ class RedisStore:
         pipe.hset(key, mapping=hash_fields(rec.to_hash()))
         pipe.expire(key, max(1, ttl_s))
         if rec.revoked_at is None:
-            entry = json.dumps(rec.route_entry(), separators=(",", ":"), sort_keys=True)
-            pipe.hset(self.keys.vm_shares(rec.vm_id), str(rec.port), entry)
+            pipe.hset(self.keys.vm_shares(rec.vm_id), str(rec.port), dump_field(rec.route_entry()))
         await guarded(pipe.execute())
         await self.publish(ShareChanged(rec.vm_id, rec.port))
 

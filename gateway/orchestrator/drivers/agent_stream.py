@@ -14,6 +14,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 from gateway.errors import DriverError
+from gateway.subprocesses import STDERR_KEPT_BYTES
 
 FRAME = struct.Struct(">BI")
 # To the agent.
@@ -21,7 +22,6 @@ STDIN, STDIN_END, KILL = 0, 1, 9
 # From the agent.
 STDOUT, STDERR, EXIT = 0, 1, 2
 MAX_FRAME_BYTES = 1 << 20
-STDERR_KEPT_BYTES = 65536
 # Pieces of stdout read ahead of the caller.
 READ_AHEAD = 16
 MAX_HEAD_BYTES = 16384
