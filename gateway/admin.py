@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway import metrics
 from gateway.config import Config, split_host_port
 from gateway.edge.protocol import Edge
+from gateway.egress.proxy import EgressProxy
 from gateway.errors import GatewayError, ListenFailed
 from gateway.server_header import use_neutral_server_header
 from gateway.state.connection import guarded
@@ -36,6 +37,7 @@ class AdminView:
     store: RedisStore | None = None
     tls: TlsServing | None = None
     worker_dir: Path | None = None
+    egress: EgressProxy | None = None  # in the process that owns the VMs, where VMs have egress
 
 
 ADMIN_VIEW = web.AppKey("admin_view", AdminView)
@@ -65,11 +67,11 @@ async def metrics_handler(request: web.Request) -> web.Response:
     view = request.app[ADMIN_VIEW]
     try:
         data = await metrics.gather(
-            view.edge, view.store, view.tls.store if view.tls else None, view.worker_dir
+            view.edge, view.store, view.tls.store if view.tls else None, view.worker_dir, view.egress
         )
     except GatewayError:
         # Redis is down: the process's own counters still tell the story (and count the failures).
-        data = await metrics.gather(view.edge, None, None, view.worker_dir)
+        data = await metrics.gather(view.edge, None, None, view.worker_dir, view.egress)
     return web.Response(body=metrics.render(data), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

@@ -216,7 +216,12 @@ async def running_gateway(
                     running_admin(
                         config,
                         AdminView(
-                            client, edge, svc.store, tls, worker_stats_dir(config) if workers else None
+                            client,
+                            edge,
+                            svc.store,
+                            tls,
+                            worker_stats_dir(config) if workers else None,
+                            svc.egress,
                         ),
                     ),
                 ):
@@ -291,7 +296,7 @@ async def running_control_plane(
                 async with (
                     keeping_operator_certs(config, certs, client) as keeper,
                     keeping_domain_certs(config, certs, svc.store, svc.events) as domains,
-                    running_admin(config, AdminView(client, None, svc.store)),
+                    running_admin(config, AdminView(client, None, svc.store, egress=svc.egress)),
                 ):
                     svc.cert_keeper, svc.domain_keeper = keeper, domains
                     yield svc

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from gateway import embedded_redis
 from gateway.edge.observe import UPSTREAM_BUCKETS_S, EdgeStats
 from gateway.edge.protocol import Edge
+from gateway.egress.proxy import EgressProxy, EgressStats
 from gateway.state.connection import REDIS_STATS, RedisCallStats
 from gateway.state.store import RedisStore
 from gateway.tls import acme
@@ -105,6 +106,8 @@ class ScrapeData:
     cert_expiries: dict[str, float]
     acme_orders: dict[str, int]
     embedded_redis_restarts: dict[str, int] = field(default_factory=dict)
+    egress: EgressStats | None = None
+    egress_open: int = 0
 
 
 class _Snapshot(Collector):
@@ -138,6 +141,28 @@ class _Snapshot(Collector):
         for outcome in ("restarted", "failed"):
             restarts.add_metric([outcome], self.data.embedded_redis_restarts.get(outcome, 0))
         yield restarts
+        if self.data.egress is not None:
+            yield from _egress_metrics(self.data.egress, self.data.egress_open)
+
+
+def _egress_metrics(stats: EgressStats, open_connections: int) -> Iterator[Metric]:
+    decisions = CounterMetricFamily(
+        "gateway_egress_decisions",
+        "VM connections and DNS questions judged by the egress plane, by outcome and rule",
+        labels=["outcome", "rule"],
+    )
+    for (rule, allowed), n in sorted(stats.decisions.items()):
+        decisions.add_metric(["allowed" if allowed else "denied", rule], n)
+    yield decisions
+    yield CounterMetricFamily(
+        "gateway_egress_sent_bytes", "Bytes VMs sent out through the egress proxy", value=stats.bytes_out
+    )
+    yield CounterMetricFamily(
+        "gateway_egress_received_bytes", "Bytes destinations sent back to VMs", value=stats.bytes_in
+    )
+    yield GaugeMetricFamily(
+        "gateway_egress_open_connections", "Connections open through the egress proxy", value=open_connections
+    )
 
 
 def _edge_metrics(snap: dict[str, Any] | None) -> Iterator[Metric]:
@@ -217,7 +242,11 @@ def _histogram(
 
 
 async def gather(
-    edge: Edge | None, store: RedisStore | None, certs: CertStore | None, worker_dir: Path | None
+    edge: Edge | None,
+    store: RedisStore | None,
+    certs: CertStore | None,
+    worker_dir: Path | None,
+    egress: EgressProxy | None = None,
 ) -> ScrapeData:
     own = process_snapshot(edge)
     workers = await asyncio.to_thread(read_worker_snapshots, worker_dir) if worker_dir is not None else []
@@ -245,6 +274,8 @@ async def gather(
         expiries,
         dict(acme.ORDER_OUTCOMES),
         dict(embedded_redis.RESTARTS),
+        egress.stats if egress is not None else None,
+        egress.open_connections if egress is not None else 0,
     )
 
 

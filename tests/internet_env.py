@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import subprocess
 import sys
 import time
@@ -17,8 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 INTERNET = ipaddress.ip_network("198.18.0.0/15")
-# Test hosts take /30s from here: host side .1, test host .2.
-HOSTS_FROM = ipaddress.ip_network("198.18.200.0/24")
+# Test runs on one machine at once (a developer's and a CI job, say) must not collide: each takes its
+# own /24 and namespace names by its process id. Test hosts take /30s from it: host side .1, host .2.
+RUN_TAG = os.getpid() % 50
+HOSTS_FROM = ipaddress.ip_network(f"198.18.{150 + RUN_TAG}.0/24")
 # (socketserver's own server: http.server's looks its address up in DNS when it binds, which hangs here.)
 SERVER = """
 import http.server, socketserver, sys
@@ -64,8 +67,9 @@ def internet_hosts(count: int, prefix: str = "tnet") -> Iterator[list[InternetHo
     made: list[InternetHost] = []
     try:
         for i, subnet in zip(range(count), HOSTS_FROM.subnets(new_prefix=30), strict=False):
-            name = f"{prefix}-{i}"
-            host = InternetHost(name, str(subnet[2]), f"{prefix}h{i}")
+            label = f"{prefix}-{i}"  # what its server says it is
+            name = f"{prefix}{RUN_TAG}-{i}"
+            host = InternetHost(name, str(subnet[2]), f"{prefix}{RUN_TAG}h{i}")
             made.append(host)
             run("ip", "netns", "add", name)
             run("ip", "link", "add", host.host_side, "type", "veth", "peer", "name", "eth0", "netns", name)
@@ -76,7 +80,7 @@ def internet_hosts(count: int, prefix: str = "tnet") -> Iterator[list[InternetHo
             run("ip", "-n", name, "link", "set", "lo", "up")
             run("ip", "-n", name, "route", "add", "default", "via", str(subnet[1]))
             host.server = subprocess.Popen(
-                ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, host.address, name],
+                ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, host.address, label],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             _until_listening(host)

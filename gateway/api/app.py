@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.api import (
     domains,
+    egress,
     execute,
     files,
     instances,
@@ -30,6 +31,7 @@ from gateway.api import (
 )
 from gateway.api.context import (
     CONFIG,
+    EGRESS,
     EXECUTIONS,
     FILES,
     INSTANCES,
@@ -46,6 +48,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError, TooManyRequests, Unauthorized
 from gateway.keys import ApiKeyStore
 from gateway.log import REQUEST_ID
+from gateway.orchestrator.egress import EgressPolicies
 from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
@@ -105,6 +108,7 @@ def make_api_app(
     app[TERMINALS] = terminals = Terminals(orchestrator)
     app[EXECUTIONS] = executions = Executions(orchestrator)
     app[SHARES] = Shares(orchestrator)
+    app[EGRESS] = EgressPolicies(orchestrator)
     app[LIFECYCLE] = lifecycle or Lifecycle(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
@@ -120,6 +124,7 @@ def make_api_app(
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)
+    app.add_routes(egress.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     unsupported.add_routes(app.router)  # last: what the SDK calls and this gateway does not offer (501)
 

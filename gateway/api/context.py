@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.keys import ApiKeyStore
+from gateway.orchestrator.egress import EgressPolicies
 from gateway.orchestrator.executions import Executions
 from gateway.orchestrator.files import VmFiles
 from gateway.orchestrator.instances import InstanceService
@@ -23,3 +24,4 @@ TERMINALS = web.AppKey("terminals", Terminals)
 EXECUTIONS = web.AppKey("executions", Executions)
 SHARES = web.AppKey("shares", Shares)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+EGRESS = web.AppKey("egress", EgressPolicies)

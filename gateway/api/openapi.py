@@ -141,6 +141,17 @@ OPERATIONS: list[
     ("delete", "/orgs/{org_uuid}/api/instances/{instance_uuid}", "Destroy Instance", None, None, None),
     ("get", "/v1/templates", "List Templates", None, s.TemplateListResponse, None),
     ("get", "/v1/templates/{slug}", "Get Template", None, s.TemplateResponse, None),
+    ("get", "/v1/egress/vm/{vm_id}", "Get Vm Egress", None, s.EgressPolicyResponse, None),
+    ("post", "/v1/egress/vm/{vm_id}", "Set Vm Egress", s.EgressPolicyRequest, s.EgressPolicyResponse, None),
+    ("get", "/v1/egress/session/{session_id}", "Get Session Egress", None, s.EgressPolicyResponse, None),
+    (
+        "post",
+        "/v1/egress/session/{session_id}",
+        "Set Session Egress",
+        s.EgressPolicyRequest,
+        s.EgressPolicyResponse,
+        None,
+    ),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
 # Operations that take no API key (the SDK lists templates without one): no security, no 401 or 503.

@@ -191,6 +191,8 @@ class SessionUsageResponse(_Model):
     peak_memory_mb: float | None = None
     bytes_in: int = Field(description="Request and upstream tunnel bytes the edges carried to its VMs")
     bytes_out: int = Field(description="Response and downstream tunnel bytes the edges carried from them")
+    egress_bytes_out: int = Field(0, description="Bytes its VMs sent out through the egress proxy")
+    egress_bytes_in: int = Field(0, description="Bytes that came back to them through the egress proxy")
     executions: int
 
 
@@ -614,3 +616,32 @@ class EgressPolicyRequest(_Model):
             except ValueError:
                 raise PydanticCustomError("cidr", "not a network: {cidr!r}", {"cidr": cidr[:64]}) from None
         return found
+
+
+class EgressDenial(_Model):
+    """A refused egress connection: when, what the VM asked for, and the rule that refused it."""
+
+    at: str | None
+    protocol: str
+    address: str
+    port: int
+    name: str | None
+    rule: str
+
+
+class EgressPolicyResponse(_Model):
+    """``/v1/egress/vm/{id}`` and ``/v1/egress/session/{id}``: the policy that applies (the SDK's fields),
+    where it comes from (``vm``, ``session`` or ``default``), and what the VM's egress did."""
+
+    session_id: str
+    vm_id: str | None
+    source: Literal["vm", "session", "default"]
+    egress_enabled: bool
+    allow_public_repos: bool
+    allow_http: bool
+    allow_https: bool
+    allowed_domains: list[str]
+    allowed_cidrs: list[str]
+    bytes_out: int = 0
+    bytes_in: int = 0
+    recent_denials: list[EgressDenial] = Field(default_factory=list)

@@ -74,6 +74,8 @@ async def session_usage(request: web.Request) -> web.Response:
             peak_memory_mb=round(peak / MIB, 1) if peak is not None else None,
             bytes_in=usage.bytes_in,
             bytes_out=usage.bytes_out,
+            egress_bytes_out=usage.egress_bytes_out,
+            egress_bytes_in=usage.egress_bytes_in,
             executions=usage.session.executions,
         )
     )

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.auth import authenticate
-from gateway.api.context import CONFIG, LIFECYCLE, ORCHESTRATOR, SHARES
+from gateway.api.context import CONFIG, EGRESS, LIFECYCLE, ORCHESTRATOR, SHARES
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
 from gateway.api.schemas import (
     EgressPolicyRequest,
@@ -21,6 +21,7 @@ from gateway.api.schemas import (
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_part, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.egress import EGRESS_OFF
 from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.shares import new_share_token
@@ -56,7 +57,7 @@ def refuse_unsupported(
     if body.vault_ids:
         problems.append(("vault_ids", "vaults are not supported by this gateway"))
     if body.egress_policy and not egress:
-        problems.append(("egress_policy", "VMs have no egress on this gateway (egress.enabled is off)"))
+        problems.append(("egress_policy", EGRESS_OFF))
     if image_problem:
         problems.append(("image_variant", image_problem))
     if (body.auto_suspend or body.auto_resume) and not suspends:
@@ -141,7 +142,7 @@ async def create_vm(request: web.Request) -> web.Response:
         orchestrator.snapshots.available,
         orchestrator.image_problem(body.image_variant),
         suspends=request.app[LIFECYCLE].available,
-        egress=request.app[CONFIG].egress.enabled and orchestrator.driver.name in ("netns", "qemu"),
+        egress=request.app[EGRESS].available,
     )
     # The SDK's shape, checked (a 422 naming the field).
     egress_policy = (

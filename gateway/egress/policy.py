@@ -15,9 +15,9 @@ the address rules.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -48,6 +48,34 @@ class EgressPolicy:
     allow_https: bool = False
     allowed_domains: tuple[str, ...] = ()
     allowed_cidrs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_fields(cls, stored: Mapping[str, Any]) -> EgressPolicy:
+        """A stored policy (the SDK's fields, as kept in the state)."""
+        return cls(
+            allow_public_repos=bool(stored.get("allow_public_repos")),
+            allow_http=bool(stored.get("allow_http")),
+            allow_https=bool(stored.get("allow_https")),
+            allowed_domains=tuple(str(d) for d in stored.get("allowed_domains") or ()),
+            allowed_cidrs=tuple(str(c) for c in stored.get("allowed_cidrs") or ()),
+        )
+
+    def sdk_fields(self) -> dict[str, Any]:
+        """The SDK's fields (what the API shows)."""
+        shown = asdict(self)
+        shown["allowed_domains"] = list(self.allowed_domains)
+        shown["allowed_cidrs"] = list(self.allowed_cidrs)
+        return shown
+
+
+# A VM whose record (and session) names no policy: the package registries only (pip install works,
+# nothing else does); what a user opens more of is theirs to say.
+DEFAULT_POLICY = EgressPolicy(allow_public_repos=True, allow_http=True, allow_https=True)
+
+
+def effective_policy(stored: Mapping[str, Any]) -> EgressPolicy:
+    """The policy a stored one means: an empty one is the default."""
+    return EgressPolicy.from_fields(stored) if stored else DEFAULT_POLICY
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -31,7 +32,9 @@ from gateway.egress.splice import splice
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-DENIALS_KEPT = 100
+RECENT_DENIALS_KEPT = 1000  # in this process, across VMs (the state keeps each VM's own)
+# Denials waiting for the state while it cannot be written: the oldest go first beyond this.
+UNREPORTED_DENIALS_KEPT = 10_000
 HTTP_METHODS = (
     b"GET ",
     b"POST ",
@@ -46,8 +49,9 @@ HTTP_METHODS = (
 
 
 class VmPolicies(Protocol):
-    def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
-        """The VM whose address this is and its current policy (None: not a VM of this gateway)."""
+    async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
+        """The VM whose address this is and its current policy (None: not a VM of this gateway). May
+        look in the state for an address it does not know yet (a VM that has just started)."""
         ...
 
 
@@ -76,12 +80,38 @@ class Seen:
     allowed: bool
     rule: str
 
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "at": round(self.at, 3),
+                "protocol": self.protocol,
+                "address": self.address,
+                "port": self.port,
+                "name": self.name,
+                "rule": self.rule,
+            },
+            separators=(",", ":"),
+        )
+
 
 @dataclass
 class EgressStats:
+    """The process's totals, for metrics (bounded: no per-VM labels)."""
+
     decisions: dict[tuple[str, bool], int] = field(default_factory=dict)  # (rule kind, allowed) -> count
-    bytes_out: dict[str, int] = field(default_factory=dict)  # VM id -> bytes to destinations
-    bytes_in: dict[str, int] = field(default_factory=dict)  # VM id -> bytes back
+    bytes_out: int = 0  # to destinations
+    bytes_in: int = 0  # back to VMs
+
+
+@dataclass
+class Report:
+    """What the proxy saw since the last report, per VM: (bytes out, bytes in) and denials (JSON)."""
+
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    denials: dict[str, list[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts or self.denials)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -103,15 +133,33 @@ class EgressProxy:
         self.resolved = resolved
         self.destination = destination
         self.stats = EgressStats()
-        self._denials: dict[str, deque[Seen]] = {}
+        self._recent_denials: deque[Seen] = deque(maxlen=RECENT_DENIALS_KEPT)
+        self._unreported_denials: deque[Seen] = deque(maxlen=UNREPORTED_DENIALS_KEPT)
+        self._unreported_bytes: dict[str, tuple[int, int]] = {}
         self._active: set[asyncio.Task[object]] = set()
 
-    def denials(self, vm_id: str) -> list[Seen]:
-        """The VM's recent refused connections, newest last."""
-        return list(self._denials.get(vm_id, ()))
+    @property
+    def open_connections(self) -> int:
+        return len(self._active)
 
-    def forget(self, vm_id: str) -> None:
-        self._denials.pop(vm_id, None)
+    def denials(self, vm_id: str) -> list[Seen]:
+        """The VM's refused connections this process still remembers, newest last."""
+        return [seen for seen in self._recent_denials if seen.vm_id == vm_id]
+
+    def take_report(self) -> Report:
+        """What was seen since the last call (for the state: usage and the API's denial lists)."""
+        report = Report(counts=self._unreported_bytes)
+        for seen in self._unreported_denials:
+            report.denials.setdefault(seen.vm_id, []).append(seen.as_json())
+        self._unreported_bytes = {}
+        self._unreported_denials.clear()
+        return report
+
+    def put_back(self, report: Report) -> None:
+        """A report the state could not take: counted again with the next one (denials are dropped
+        rather than reordered; the log has them)."""
+        for vm_id, (out, back) in report.counts.items():
+            self._count(vm_id, out, back)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -135,7 +183,7 @@ class EgressProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        found = self.policies.vm_at(peer[0]) if peer else None
+        found = await self.policies.vm_at(peer[0]) if peer else None
         if found is None:
             return  # not one of our VMs: nothing to say to it
         vm_id, policy = found
@@ -146,7 +194,7 @@ class EgressProxy:
         )
         if decision.allowed and not self._dialable(address):
             decision = Decision(False, "dial_not_permitted")
-        self._record(Seen(time.time(), vm_id, protocol, address, port, name, decision.allowed, decision.rule))
+        self.record(Seen(time.time(), vm_id, protocol, address, port, name, decision.allowed, decision.rule))
         if not decision.allowed:
             if protocol == "http":
                 writer.write(_refusal(decision, name or address))
@@ -157,8 +205,7 @@ class EgressProxy:
         carried = await splice(
             reader, writer, dest_reader, dest_writer, idle_timeout_s=self.settings.idle_timeout_s, first=first
         )
-        self.stats.bytes_out[vm_id] = self.stats.bytes_out.get(vm_id, 0) + carried.to_destination
-        self.stats.bytes_in[vm_id] = self.stats.bytes_in.get(vm_id, 0) + carried.to_vm
+        self._count(vm_id, carried.to_destination, carried.to_vm)
         log.info(
             "egress %s %s %s:%d name=%s rule=%s out=%d in=%d",
             vm_id, protocol, address, port, name, decision.rule, carried.to_destination, carried.to_vm,
@@ -198,12 +245,20 @@ class EgressProxy:
         ip = ipaddress.ip_address(address)
         return any(ip.version == n.version and ip in n for n in self.settings.dial_networks)
 
-    def _record(self, seen: Seen) -> None:
+    def _count(self, vm_id: str, out: int, back: int) -> None:
+        self.stats.bytes_out += out
+        self.stats.bytes_in += back
+        was_out, was_in = self._unreported_bytes.get(vm_id, (0, 0))
+        self._unreported_bytes[vm_id] = (was_out + out, was_in + back)
+
+    def record(self, seen: Seen) -> None:
+        """One decision: counted; a denial also logged and kept for the VM's denial list."""
         kind = seen.rule.split(":", 1)[0]
         key = (kind, seen.allowed)
         self.stats.decisions[key] = self.stats.decisions.get(key, 0) + 1
         if not seen.allowed:
-            self._denials.setdefault(seen.vm_id, deque(maxlen=DENIALS_KEPT)).append(seen)
+            self._recent_denials.append(seen)
+            self._unreported_denials.append(seen)
             log.info(
                 "egress denied %s %s %s:%d name=%s rule=%s",
                 seen.vm_id, seen.protocol, seen.address, seen.port, seen.name, seen.rule,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dns.asyncquery
 import dns.exception
@@ -21,7 +21,7 @@ import dns.rcode
 import dns.rdatatype
 
 from gateway.egress.policy import OperatorRules, name_allowed
-from gateway.egress.proxy import VmPolicies
+from gateway.egress.proxy import Seen, VmPolicies
 from gateway.egress.resolved import ResolvedNames
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,20 @@ class VmResolver:
         rules: OperatorRules,
         resolved: ResolvedNames,
         upstreams: Sequence[tuple[str, int]],
+        record: Callable[[Seen], None] = lambda seen: None,
     ) -> None:
         self.policies = policies
         self.rules = rules
         self.resolved = resolved
         self.upstreams = list(upstreams)
+        # Where decisions go (the proxy's: one count, one log and one denial list for both).
+        self.record = record
         self.denied = 0
         self.answered = 0
 
     async def answer(self, wire: bytes, source: str) -> bytes | None:
         """The reply to one query from ``source`` (None: dropped)."""
-        found = self.policies.vm_at(source)
+        found = await self.policies.vm_at(source)
         if found is None or len(wire) > MAX_QUERY_BYTES:
             return None
         vm_id, policy = found
@@ -58,9 +61,10 @@ class VmResolver:
         if len(query.question) != 1:
             return _reply(query, dns.rcode.FORMERR)
         name = query.question[0].name.to_text(omit_final_dot=True)
-        if not name_allowed(policy, self.rules, name).allowed:
+        decision = name_allowed(policy, self.rules, name)
+        self.record(Seen(time.time(), vm_id, "dns", "", 53, name, decision.allowed, decision.rule))
+        if not decision.allowed:
             self.denied += 1
-            log.info("egress dns denied %s %s", vm_id, name)
             return _reply(query, dns.rcode.NXDOMAIN)
         response = await self._ask(query)
         if response is None:

@@ -2,7 +2,8 @@
 redirects VM traffic, with the VMs' policies read from the state.
 
 It runs in the process that owns the VMs. Policies are re-read every ``REFRESH_S``, so a change applies
-to new connections within that (connections already open keep going). The listeners are on the
+to new connections within that (connections already open keep going). What the proxy saw (bytes per VM,
+denials) goes to the state every ``REPORT_S``. The listeners are on the
 loopback (the host's nftables send VM traffic there), answer VMs only, and nothing else can reach them.
 """
 
@@ -12,38 +13,26 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from gateway.config import EgressConfig, comma_list
-from gateway.egress.policy import EgressPolicy, OperatorRules
+from gateway.egress.policy import EgressPolicy, OperatorRules, effective_policy
 from gateway.egress.proxy import EgressProxy, ProxySettings
 from gateway.egress.resolved import ResolvedNames
 from gateway.egress.resolver import ResolverProtocol, VmResolver
 from gateway.errors import GatewayError, ListenFailed
-from gateway.state.ports import PolicySource
+from gateway.state.ports import EgressSink, PolicySource
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 0.5
-# A VM whose record names no policy: the package registries only (pip install works, nothing else
-# does); what a user opens more of is theirs to say.
-DEFAULT_POLICY = EgressPolicy(allow_public_repos=True, allow_http=True, allow_https=True)
+# A connection or DNS question from an unknown address reads the state again, at most this often.
+MISS_REFRESH_S = 0.05
+REPORT_S = 1.0
 RESOLV_CONF = Path("/etc/resolv.conf")
-
-
-def policy_of(stored: Mapping[str, Any]) -> EgressPolicy:
-    """A stored policy (the SDK's fields) as the decision takes it; an empty one is the default."""
-    if not stored:
-        return DEFAULT_POLICY
-    return EgressPolicy(
-        allow_public_repos=bool(stored.get("allow_public_repos")),
-        allow_http=bool(stored.get("allow_http")),
-        allow_https=bool(stored.get("allow_https")),
-        allowed_domains=tuple(str(d) for d in stored.get("allowed_domains") or ()),
-        allowed_cidrs=tuple(str(c) for c in stored.get("allowed_cidrs") or ()),
-    )
 
 
 def operator_rules(config: EgressConfig, vm_networks: list[str]) -> OperatorRules:
@@ -65,19 +54,71 @@ def system_resolvers() -> list[tuple[str, int]]:
     return found
 
 
+class EgressState(PolicySource, EgressSink, Protocol):
+    """What the egress plane reads from and writes to the state."""
+
+
+async def report(proxy: EgressProxy, sink: EgressSink) -> None:
+    """One report of what the proxy saw to the state; kept for the next one when it cannot be written."""
+    seen = proxy.take_report()
+    if not seen:
+        return
+    try:
+        await sink.add_egress(seen.counts, seen.denials)
+    except GatewayError as exc:
+        log.warning("egress: cannot report to the state (%s); kept for later", exc)
+        proxy.put_back(seen)
+
+
+async def keep_reporting(proxy: EgressProxy, sink: EgressSink) -> None:
+    try:
+        while True:
+            await asyncio.sleep(REPORT_S)
+            await report(proxy, sink)
+    finally:
+        with contextlib.suppress(GatewayError):
+            await report(proxy, sink)  # the last one, as the plane stops
+
+
 class Policies:
-    """``VmPolicies`` from the state, refreshed in the background."""
+    """``VmPolicies`` from the state, refreshed in the background, and at once for an address not known
+    yet: a VM's first DNS question may come before the next refresh, and a dropped one costs its program
+    a resolver timeout (5 s)."""
 
     def __init__(self, source: PolicySource) -> None:
         self.source = source
         self._by_address: dict[str, tuple[str, EgressPolicy]] = {}
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = 0.0
 
-    def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
-        return self._by_address.get(address)
+    async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
+        found = self._by_address.get(address)
+        if found is None:
+            # Read again, but not more often than every MISS_REFRESH_S: a question waits rather than
+            # being dropped (the read just made may have missed a VM that started right after it).
+            wait_s = self._refreshed_at + MISS_REFRESH_S - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            with contextlib.suppress(GatewayError):
+                await self.refresh()
+            found = self._by_address.get(address)
+        return found
 
     async def refresh(self) -> None:
+        """One read of the state; callers at the same time share it."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._read())
+        refreshing = self._refreshing
+        try:
+            await asyncio.shield(refreshing)
+        finally:
+            if refreshing.done() and self._refreshing is refreshing:
+                self._refreshing = None
+
+    async def _read(self) -> None:
         found = await self.source.egress_policies()
-        self._by_address = {ip: (vm_id, policy_of(stored)) for ip, (vm_id, stored) in found.items()}
+        self._by_address = {ip: (vm_id, effective_policy(stored)) for ip, (vm_id, stored) in found.items()}
+        self._refreshed_at = time.monotonic()
 
     async def follow(self) -> None:
         while True:
@@ -88,17 +129,19 @@ class Policies:
 
 @contextlib.asynccontextmanager
 async def running_egress(
-    config: EgressConfig, source: PolicySource, vm_networks: list[str]
+    config: EgressConfig, state: EgressState, vm_networks: list[str]
 ) -> AsyncIterator[EgressProxy]:
     rules = operator_rules(config, vm_networks)
-    policies = Policies(source)
+    policies = Policies(state)
     await policies.refresh()
     resolved = ResolvedNames()
     settings = ProxySettings(
         rules=rules, dial_networks=tuple(ipaddress.ip_network(n) for n in comma_list(config.dial_networks))
     )
     proxy = EgressProxy(settings, policies, resolved)
-    resolver = VmResolver(policies, rules, resolved, list(config.upstreams()) or system_resolvers())
+    resolver = VmResolver(
+        policies, rules, resolved, list(config.upstreams()) or system_resolvers(), record=proxy.record
+    )
     loop = asyncio.get_running_loop()
     try:
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", config.proxy_port, reuse_address=True)
@@ -112,6 +155,7 @@ async def running_egress(
         server.close()
         raise ListenFailed("egress.resolver_port", f"127.0.0.1:{config.resolver_port}", exc) from exc
     following = loop.create_task(policies.follow(), name="egress policies")
+    reporting = loop.create_task(keep_reporting(proxy, state), name="egress reports")
     log.info("egress: proxy on :%d, resolver on :%d", config.proxy_port, config.resolver_port)
     try:
         yield proxy
@@ -121,5 +165,7 @@ async def running_egress(
         await proxy.close()
         await server.wait_closed()
         transport.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await following
+        reporting.cancel()  # after the connections ended: their bytes are in the last report
+        for task in (following, reporting):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

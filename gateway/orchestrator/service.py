@@ -113,6 +113,8 @@ class SessionUsage:
     peak_memory_bytes: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    egress_bytes_out: int = 0
+    egress_bytes_in: int = 0
 
 
 @dataclass
@@ -184,7 +186,7 @@ class Orchestrator:
         """The session's VM, for its app URL on ``port``. The spec: asking for the app URL is what makes
         the port public (while the VM is active). NotFound for an unknown (or another key's) session,
         Conflict while it has no VM."""
-        session = await self._owned_session(owner, session_id)
+        session = await self.owned_session(owner, session_id)
         vm = await self.session_vm(session)
         if vm is None:
             raise Conflict(
@@ -198,7 +200,7 @@ class Orchestrator:
     async def session_usage(self, owner: str, session_id: str) -> SessionUsage:
         """What the session's VMs used: their running time, CPU and peak memory (from cgroups, where the
         driver has them), the bytes the edges carried for them, and the commands run."""
-        session = await self._owned_session(owner, session_id)
+        session = await self.owned_session(owner, session_id)
         # Every VM the session has had, retained ones included.
         vms = [vm for vm in await self.list_vms(owner) if vm.session_id == session.session_id]
         now = time.time()
@@ -208,6 +210,8 @@ class Orchestrator:
                 usage.vm_seconds += max(0.0, (vm.ended_at or now) - vm.started_at)
             usage.bytes_in += vm.bytes_in
             usage.bytes_out += vm.bytes_out
+            usage.egress_bytes_out += vm.egress_bytes_out
+            usage.egress_bytes_in += vm.egress_bytes_in
             used = await self.resource_usage(vm)
             if used is not None and used.cpu_seconds is not None:
                 usage.cpu_seconds = (usage.cpu_seconds or 0.0) + used.cpu_seconds
@@ -217,7 +221,7 @@ class Orchestrator:
 
     async def kill_session(self, owner: str, session_id: str) -> VmRecord | None:
         """Kill the session's VM (``POST /kill``); the VM as it ended, or None when it had none live."""
-        session = await self._owned_session(owner, session_id)
+        session = await self.owned_session(owner, session_id)
         vm = await self.session_vm(session)
         if vm is None or not is_live(vm):
             return None
@@ -228,7 +232,7 @@ class Orchestrator:
         """The VM's ports made public by the app-url call."""
         return await self.store.exposed_ports(vm_id)
 
-    async def _owned_session(self, owner: str, session_id: str) -> SessionRecord:
+    async def owned_session(self, owner: str, session_id: str) -> SessionRecord:
         session = await self.get_session(owner, session_id)
         if session is None:
             raise NotFound("Session not found", code="session_not_found")
@@ -263,7 +267,7 @@ class Orchestrator:
     async def create_vm(
         self, owner: str, session_id: str | None, params: VmParams, *, wait: bool
     ) -> tuple[SessionRecord, VmRecord]:
-        session = None if session_id is None else await self._owned_session(owner, session_id)
+        session = None if session_id is None else await self.owned_session(owner, session_id)
         if session is not None and session.vm_id:
             current = await self.store.get_vm(session.vm_id)
             if current is not None and is_live(current):
@@ -537,7 +541,7 @@ class Orchestrator:
         if session_id is None:
             session = await self.create_session(owner, VmParams())
         else:
-            session = await self._owned_session(owner, session_id)
+            session = await self.owned_session(owner, session_id)
         vm = await self.store.get_vm(session.vm_id) if session.vm_id else None
         if vm is None or not is_live(vm):
             vm = await self._create_vm(owner, session, VmParams(), wait=True)
@@ -562,7 +566,7 @@ class Orchestrator:
     async def check_execution_room(self, owner: str, session_id: str) -> None:
         """TooManyRequests now when the session's VM runs as many commands as it may (a background
         execution is refused at once, not failed later)."""
-        session = await self._owned_session(owner, session_id)
+        session = await self.owned_session(owner, session_id)
         vm = await self.session_vm(session)
         if vm is not None and vm.status == VM_ACTIVE:
             if await self.store.execution_places_taken(vm.vm_id) >= self.config.execute.max_concurrent_per_vm:

@@ -46,6 +46,10 @@ class Keys:
         """Hash: port -> the share opening it (JSON, ``ShareRecord.route_entry``); the edge reads it."""
         return f"{self.prefix}vm:{vm_id}:shares"
 
+    def vm_egress_denials(self, vm_id: str) -> str:
+        """List: the VM's recent refused egress connections (JSON, newest first), capped."""
+        return f"{self.prefix}vm:{vm_id}:egress-denials"
+
     def share(self, share_id: str) -> str:
         """Hash: a share (``ShareRecord``)."""
         return f"{self.prefix}share:{share_id}"

@@ -14,6 +14,7 @@ from gateway.state.records import VM_SUSPENDED, InstanceRecord, VmRecord
 
 __all__ = [
     "VM_SUSPENDED",
+    "EgressSink",
     "EventFeed",
     "EventSubscriber",
     "InstanceRecord",
@@ -63,6 +64,16 @@ class PolicySource(Protocol):
 
     async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """VM address -> (VM id, its egress policy as stored; empty for the default)."""
+        ...
+
+
+class EgressSink(Protocol):
+    """Where the egress plane leaves what it saw: bytes per VM (its usage) and the VM's denials (what the
+    API shows a user whose ``pip install`` failed)."""
+
+    async def add_egress(self, counts: dict[str, tuple[int, int]], denials: dict[str, list[str]]) -> None:
+        """Add (bytes out, bytes in) per VM id and append denials (JSON objects, oldest first) per VM id.
+        ``StoreUnavailable`` when the state cannot be written (the caller keeps them for later)."""
         ...
 
 

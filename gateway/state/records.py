@@ -107,6 +107,9 @@ class SessionRecord(_Record):
     env_error: str | None = None
     # Commands run in the session's VMs (POST /execute and /execute_async), for its usage.
     executions: int = 0
+    # The egress policy of the session's VMs that have none of their own (the SDK's shape); empty: the
+    # operator's default.
+    egress_policy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,8 +152,12 @@ class VmRecord(_Record):
     auto_suspend: bool = False
     auto_resume: bool = False
     suspended_at: float | None = None
-    # What it may reach (the egress policy, the SDK's shape); empty: the operator's default.
+    # What it may reach (the egress policy, the SDK's shape); empty: its session's, else the operator's
+    # default.
     egress_policy: dict[str, Any] = field(default_factory=dict)
+    # Bytes the egress proxy carried for it: to destinations, and back.
+    egress_bytes_out: int = 0
+    egress_bytes_in: int = 0
 
     @property
     def alive(self) -> bool:

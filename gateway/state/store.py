@@ -139,6 +139,18 @@ end
 return 1
 """
 
+# The egress proxy's byte counts, added like the edge's (ARGV: bytes out, bytes in per key).
+_ADD_EGRESS_BYTES = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 'egress_bytes_out', ARGV[2 * i - 1])
+    redis.call('HINCRBY', key, 'egress_bytes_in', ARGV[2 * i])
+  end
+end
+return 1
+"""
+EGRESS_DENIALS_KEPT = 100
+
 # Take one of a VM's execution places: the count after, or -1 when all ARGV[1] are taken. ARGV[2]: an
 # expiry (seconds) so the count of a gateway that died holding places cannot stay up forever; only ever
 # lengthened, so a short command cannot make the count vanish under a long one still running.
@@ -197,6 +209,7 @@ class RedisStore:
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
         self._add_traffic = client.register_script(_ADD_TRAFFIC)
+        self._add_egress_bytes = client.register_script(_ADD_EGRESS_BYTES)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
         self._release_execution = client.register_script(_RELEASE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
@@ -305,9 +318,43 @@ class RedisStore:
         await guarded(self._add_traffic(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
 
     async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """The active VMs by address, with their egress policies (``PolicySource``)."""
-        records = await self.get_vms(await self.live_vm_ids())
-        return {r.ip: (r.vm_id, dict(r.egress_policy)) for r in records if r.status == "active" and r.ip}
+        """The active VMs by address, each with the policy that applies: its own, else its session's
+        (``PolicySource``)."""
+        records = [r for r in await self.get_vms(await self.live_vm_ids()) if r.status == "active" and r.ip]
+        inherit = sorted({r.session_id for r in records if not r.egress_policy})
+        by_session = await self.session_egress_policies(inherit)
+        return {r.ip: (r.vm_id, dict(r.egress_policy or by_session.get(r.session_id, {}))) for r in records}
+
+    async def session_egress_policies(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not session_ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for session_id in session_ids:
+            pipe.hget(self.keys.session(session_id), "egress_policy")
+        found = await guarded(pipe.execute())
+        return {sid: json.loads(raw) for sid, raw in zip(session_ids, found, strict=True) if raw}
+
+    async def add_egress(self, counts: dict[str, tuple[int, int]], denials: dict[str, list[str]]) -> None:
+        """The egress proxy's bytes (out, in) per VM and its new denials (JSON, oldest first) per VM
+        (``EgressSink``); VM records that are gone are not recreated."""
+        if counts:
+            ids = list(counts)
+            args = [n for vm_id in ids for n in counts[vm_id]]
+            await guarded(self._add_egress_bytes(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
+        if denials:
+            pipe = self.client.pipeline(transaction=False)
+            for vm_id, entries in denials.items():
+                key = self.keys.vm_egress_denials(vm_id)
+                pipe.lpush(key, *entries)
+                pipe.ltrim(key, 0, EGRESS_DENIALS_KEPT - 1)
+                pipe.expire(key, self.retention_s)
+            await guarded(pipe.execute())
+
+    async def egress_denials(self, vm_id: str) -> list[dict[str, Any]]:
+        """The VM's recent refused egress connections, newest first."""
+        key = self.keys.vm_egress_denials(vm_id)
+        raw = await guarded(self.client.lrange(key, 0, EGRESS_DENIALS_KEPT - 1))
+        return [json.loads(entry) for entry in raw]
 
     async def owner_vm_ids(self, owner: str) -> list[str]:
         return sorted(await guarded(self.client.smembers(self.keys.owner_vms(owner))))

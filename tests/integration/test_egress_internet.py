@@ -37,7 +37,7 @@ POLICY = EgressPolicy(allow_http=True, allowed_domains=(ALLOWED,))
 
 
 class Policies:
-    def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
+    async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
         return (VM_ID, POLICY) if address == "127.0.0.1" else None
 
 

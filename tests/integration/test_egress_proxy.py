@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 import ssl
 import time
@@ -70,8 +71,11 @@ class Rig:
 
 
 class Policies:
-    def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
-        return (VM_ID, POLICY) if address == "127.0.0.1" else None
+    def __init__(self, policy: EgressPolicy = POLICY) -> None:
+        self.policy = policy
+
+    async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
+        return (VM_ID, self.policy) if address == "127.0.0.1" else None
 
 
 @pytest.fixture
@@ -123,7 +127,10 @@ async def test_http_is_judged_by_its_host(rig: Rig) -> None:
     assert denied.startswith(b"HTTP/1.1 403 Forbidden") and b"not_allowed" in denied
     assert rig.destinations[OTHER].accepted == 0  # a refused destination is never dialled
     assert [(d.name, d.rule) for d in rig.proxy.denials(VM_ID)] == [("other.example.test", "not_allowed")]
-    assert rig.proxy.stats.bytes_out[VM_ID] == len(request)
+    report = rig.proxy.take_report()  # what the state gets: the VM's bytes both ways, its denials
+    assert report.counts == {VM_ID: (len(request), len(b"echo:" + request))}
+    assert [json.loads(d)["rule"] for d in report.denials[VM_ID]] == ["not_allowed"]
+    assert not rig.proxy.take_report()  # each reported once
 
 
 async def test_tls_is_judged_by_its_sni_and_a_lying_sni_is_refused(rig: Rig) -> None:
@@ -150,9 +157,7 @@ async def test_the_dial_allow_list_bounds_even_an_allowing_policy(rig: Rig) -> N
     outside = await asyncio.start_server(Destination("127.0.0.9").serve, "127.0.0.9", 0)
     try:
         rig.destinations["127.0.0.9"] = Destination("127.0.0.9", port=outside.sockets[0].getsockname()[1])
-        rig.proxy.policies = type(
-            "Open", (), {"vm_at": lambda self, a: (VM_ID, EgressPolicy(allowed_cidrs=("127.0.0.0/8",)))}
-        )()
+        rig.proxy.policies = Policies(EgressPolicy(allowed_cidrs=("127.0.0.0/8",)))
         assert await exchange(rig, "127.0.0.9", b"x") == b""
         assert rig.proxy.denials(VM_ID)[-1].rule == "dial_not_permitted"
     finally:

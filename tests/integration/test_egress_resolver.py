@@ -23,7 +23,7 @@ POLICY = EgressPolicy(allow_https=True, allowed_domains=("app.example.test",))
 
 
 class Policies:
-    def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
+    async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
         return (VM_ID, POLICY) if address == "127.0.0.1" else None
 
 

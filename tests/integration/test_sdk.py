@@ -184,7 +184,6 @@ async def test_what_the_gateway_does_not_offer_answers_501_saying_why(gw: Gatewa
         (client.list_vaults, ()),
         (client.list_ssh_keys, ()),
         (client.volumes.list, ()),
-        (client.get_session_egress, ()),
         (client.get_usage_breakdown, ()),
     ]
     for call, args in calls:
