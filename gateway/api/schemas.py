@@ -108,7 +108,7 @@ class VMCreateRequest(VmResources):
     custom_domain: CustomDomainRequest | None = None
     image_variant: str | None = None
     volumes: list[VMVolumeMountRequest] | None = None
-    vault_ids: list[str] | None = None
+    vault_ids: list[str] | None = Field(None, max_length=16)
     # Suspend instead of kill when the lifetime ends; wake on the next request (drivers that suspend).
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
