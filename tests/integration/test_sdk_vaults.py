@@ -279,6 +279,10 @@ async def test_a_vm_with_vaults_holds_placeholders_and_the_proxy_gets_the_secret
         await asyncio.to_thread(client.vms.create, vault_ids=[vault["id"], "vault-00000000000000000000"])
     assert status_of(unknown.value) == 422
     assert http_error(unknown.value).response.json()["detail"][0]["loc"] == ["body", "vault_ids", 1]
+    stranger = await gw.new_key()
+    status, theirs = await gw.request("POST", "/v1/vaults", json={"name": "theirs"}, key=stranger)
+    status, body = await gw.request("POST", "/v1/vms", json={"vault_ids": [theirs["id"]]})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "vault_ids", 0], body  # not this key's
 
     env = {"OPENAI_API_KEY": "the-users-own", "PLAIN": "kept"}
     vm = await asyncio.to_thread(client.vms.create, vault_ids=[vault["id"], extra["id"]], env=env)
