@@ -40,6 +40,7 @@ from gateway.orchestrator.drivers.registry import choose_driver, make_driver
 from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
+from gateway.orchestrator.vaults import vault_service
 from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
 from gateway.state.keyspace import Keys
@@ -128,7 +129,13 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     store = RedisStore(client, keys, config.vms.retention_s)
     key_store = ApiKeyStore(client, keys)
     driver = make_driver(config)
-    orchestrator = Orchestrator(store, driver, config, domains=await domain_service(config, store))
+    orchestrator = Orchestrator(
+        store,
+        driver,
+        config,
+        domains=await domain_service(config, store),
+        vaults=await vault_service(config, store),
+    )
     if driver.name in ROOTFS_DRIVERS:
         # Before the first VM: its root is the default image (built on a first start, about a minute).
         await ensure_default_image(orchestrator.images, say=lambda line: log.info("image: %s", line))

@@ -26,6 +26,7 @@ from gateway.api import (
     templates,
     unsupported,
     users,
+    vaults,
     vm_lifecycle,
     vms,
 )
@@ -125,6 +126,7 @@ def make_api_app(
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)
     app.add_routes(egress.routes)
+    app.add_routes(vaults.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     unsupported.add_routes(app.router)  # last: what the SDK calls and this gateway does not offer (501)
 

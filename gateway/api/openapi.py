@@ -11,7 +11,9 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.api import schemas as s
 from gateway.api import unsupported
+from gateway.api import vault_schemas as vs
 
+VAULT = "/v1/vaults/{vault_id}"
 # (method, path, summary, request model, response model, query parameters, auth in body)
 OPERATIONS: list[
     tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None]
@@ -152,6 +154,50 @@ OPERATIONS: list[
         s.EgressPolicyResponse,
         None,
     ),
+    ("get", "/v1/vaults", "List Vaults", None, vs.VaultList, None),
+    ("post", "/v1/vaults", "Create Vault", vs.VaultCreateRequest, vs.VaultResponse, None),
+    ("get", "/v1/vaults/catalog", "Vault Service Templates", None, vs.CatalogResponse, None),
+    ("get", VAULT, "Get Vault", None, vs.VaultResponse, None),
+    ("patch", VAULT, "Update Vault", vs.VaultUpdateRequest, vs.VaultResponse, None),
+    ("delete", VAULT, "Delete Vault (and everything in it)", None, None, None),
+    (
+        "get",
+        VAULT + "/discover",
+        "Discover Vault (names and hosts only)",
+        None,
+        vs.VaultDiscoverResponse,
+        None,
+    ),
+    ("get", VAULT + "/credentials", "List Vault Credentials (never values)", None, vs.CredentialList, None),
+    (
+        "post",
+        VAULT + "/credentials",
+        "Add Vault Credential",
+        vs.CredentialCreateRequest,
+        vs.CredentialResponse,
+        None,
+    ),
+    (
+        "post",
+        VAULT + "/credentials/{credential_id}/rotate",
+        "Rotate Vault Credential",
+        vs.CredentialRotateRequest,
+        vs.CredentialResponse,
+        None,
+    ),
+    ("delete", VAULT + "/credentials/{credential_id}", "Delete Vault Credential", None, None, None),
+    ("get", VAULT + "/services", "List Vault Services", None, vs.ServiceList, None),
+    ("post", VAULT + "/services", "Add Vault Service", vs.ServiceCreateRequest, vs.ServiceResponse, None),
+    (
+        "post",
+        VAULT + "/services:from_template",
+        "Add Vault Services From Templates",
+        vs.TemplatesRequest,
+        vs.TemplatesResponse,
+        None,
+    ),
+    ("delete", VAULT + "/services/{service_id}", "Delete Vault Service", None, None, None),
+    ("get", VAULT + "/request-logs", "Vault Request Log", None, vs.RequestLogList, vs.RequestLogQuery),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
 # Operations that take no API key (the SDK lists templates without one): no security, no 401 or 503.
@@ -163,6 +209,10 @@ SUCCESS_STATUS = {
     ("post", "/v1/custom-domains"): "201",
     ("post", "/v1/custom-domains/{domain}/verify"): "202",
     ("post", "/v1/shares"): "201",
+    ("post", "/v1/vaults"): "201",
+    ("post", VAULT + "/credentials"): "201",
+    ("post", VAULT + "/services"): "201",
+    ("post", VAULT + "/services:from_template"): "201",
     ("post", "/execute_async"): "202",
     ("get", "/v1/sessions/{sid}/pty/{pty_id}/connect"): "101",
     ("get", "/v1/vms/{vm_id}/pty/{pty_id}/connect"): "101",
@@ -193,6 +243,10 @@ EXTRA_ERRORS = {
     ("post", "/execute_async"): ("404", "429"),
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),
     ("get", "/orgs/{org_uuid}/api/instances"): ("404",),
+    ("post", "/v1/vaults"): ("409",),
+    ("post", VAULT + "/credentials"): ("409",),
+    ("post", VAULT + "/services"): ("409",),
+    ("post", VAULT + "/services:from_template"): ("409",),
 }
 # Every 429 says when to try again (errors_middleware sets it from TooManyRequests.retry_after).
 RETRY_AFTER_HEADER = {

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, fi
 from pydantic_core import PydanticCustomError
 
 from gateway.egress.policy import normalise_name, valid_pattern
+from gateway.orchestrator.vault_rules import MAX_VAULTS_PER_VM
 
 VCPU_COUNTS = (1, 2, 4, 6, 8)
 MEMORY_MB_MIN, MEMORY_MB_MAX = 128, 8192
@@ -108,7 +109,7 @@ class VMCreateRequest(VmResources):
     custom_domain: CustomDomainRequest | None = None
     image_variant: str | None = None
     volumes: list[VMVolumeMountRequest] | None = None
-    vault_ids: list[str] | None = None
+    vault_ids: list[str] | None = Field(None, max_length=MAX_VAULTS_PER_VM)
     # Suspend instead of kill when the lifetime ends; wake on the next request (drivers that suspend).
     auto_suspend: bool | None = None
     auto_resume: bool | None = None

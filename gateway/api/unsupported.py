@@ -26,7 +26,6 @@ FEATURES: dict[str, str] = {
     "templates_publish": "images are built by operators (gateway image build), not published through the API",
     "usage_breakdown": "the gateway does no billing; per-session usage is GET /v1/sessions/usage/{id}",
     "stage_env": "secrets are not staged into running VMs; pass env when the session or VM is made",
-    "vaults": "vaults come with egress (issue 20), which this gateway does not have yet",
     "volumes": "volumes are not available yet (issue 21)",
     "webhooks": "the gateway sends no webhooks",
     "snapshot_build": "snapshots are taken of running VMs (snapshot_on_terminate), not built from images",
@@ -71,21 +70,6 @@ ENDPOINTS: list[tuple[str, str, str]] = [
     ("get", "/v1/users/me/usage-breakdown", "usage_breakdown"),
     ("post", "/v1/vms/{vm_id}/stage-env", "stage_env"),
     ("post", "/v1/snapshots", "snapshot_build"),
-    ("get", "/v1/vaults", "vaults"),
-    ("post", "/v1/vaults", "vaults"),
-    ("get", "/v1/vaults/catalog", "vaults"),
-    *[(m, "/v1/vaults/{vault_id}", "vaults") for m in ("get", "patch", "delete")],
-    *[
-        ("get", f"/v1/vaults/{{vault_id}}/{p}", "vaults")
-        for p in ("discover", "credentials", "services", "request-logs")
-    ],
-    *[
-        ("post", f"/v1/vaults/{{vault_id}}/{p}", "vaults")
-        for p in ("credentials", "services", "services:from_template")
-    ],
-    ("post", "/v1/vaults/{vault_id}/credentials/{credential_id}/rotate", "vaults"),
-    ("delete", "/v1/vaults/{vault_id}/credentials/{credential_id}", "vaults"),
-    ("delete", "/v1/vaults/{vault_id}/services/{service_id}", "vaults"),
     ("get", "/v1/volumes", "volumes"),
     ("post", "/v1/volumes", "volumes"),
     *[(m, "/v1/volumes/{volume_id}", "volumes") for m in ("get", "patch", "delete")],

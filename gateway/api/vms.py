@@ -26,6 +26,7 @@ from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.shares import new_share_token
 from gateway.orchestrator.snapshots import SnapshotService
+from gateway.orchestrator.vaults import UnknownVaults, VaultBinding, VaultService
 
 routes = web.RouteTableDef()
 
@@ -54,8 +55,11 @@ def refuse_unsupported(
         problems.append((field, f"snapshots are not supported by the {driver!r} VM driver"))
     if body.volumes:
         problems.append(("volumes", "volumes are not supported by this gateway"))
-    if body.vault_ids:
-        problems.append(("vault_ids", "vaults are not supported by this gateway"))
+    if body.vault_ids and not egress:
+        # The secrets go in at egress: a VM without egress could never use them.
+        problems.append(
+            ("vault_ids", "vaults need egress, which VMs do not have on this gateway (egress.enabled)")
+        )
     if body.egress_policy and not egress:
         problems.append(("egress_policy", EGRESS_OFF))
     if image_problem:
@@ -120,6 +124,25 @@ def domain_request(body: VMCreateRequest, domains: DomainService | None) -> Doma
     return request
 
 
+async def vault_binding(
+    body: VMCreateRequest, vaults: VaultService | None, owner: str
+) -> VaultBinding | None:
+    """Placeholders for the credentials of the vaults asked for; a 422 naming each id that is not a
+    vault of this key (another key's vault reads as one that does not exist)."""
+    if not body.vault_ids:
+        return None
+    if vaults is None:
+        raise RequestValidationError(
+            [detail_item(["body", "vault_ids"], "vaults are not available on this gateway", "unsupported")]
+        )
+    try:
+        return await vaults.bind(owner, body.vault_ids)
+    except UnknownVaults as exc:
+        raise RequestValidationError(
+            [detail_item(["body", "vault_ids", pos], "no such vault", "value_error") for pos in exc.positions]
+        ) from None
+
+
 def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     """The share to store, and for a private one its access token (stored only as a hash)."""
     if not requested:
@@ -151,6 +174,7 @@ async def create_vm(request: web.Request) -> web.Response:
         else {}
     )
     domain = domain_request(body, orchestrator.domains)
+    vaults = await vault_binding(body, orchestrator.vaults, owner)
     restore = await snapshot_to_restore(
         body, orchestrator.snapshots, owner, orchestrator.images.resolve(body.image_variant)
     )
@@ -166,6 +190,7 @@ async def create_vm(request: web.Request) -> web.Response:
         auto_suspend=bool(body.auto_suspend),
         auto_resume=bool(body.auto_resume),
         egress_policy=egress_policy,
+        vaults=vaults,
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if share is not None and vm.status != VM_FAILED:

@@ -35,6 +35,27 @@ class Service:
 
 
 @dataclass(frozen=True)
+class VmVault:
+    """What the proxy needs to put a VM's secrets in (``VaultSource.vm_vault``): read fresh for each
+    connection, so a rotated or deleted credential applies at once."""
+
+    # Enabled services whose credential exists.
+    services: tuple[Service, ...]
+    placeholders: Mapping[str, str]  # placeholder (in the VM's env) -> credential id
+    secrets: Mapping[str, str]  # credential id -> the secret (opened; never logged, never stored here)
+    vault_of: Mapping[str, str]  # credential id -> vault id (whose request log an injection goes to)
+
+    def intercepts(self, host: str) -> bool:
+        """Whether some service binds ``host``: only then is the connection opened (TLS terminated)."""
+        return any(name_matches(host, s.host) for s in self.services)
+
+    def __repr__(self) -> str:
+        # A dataclass repr would spell every secret into a log line or a traceback.
+        hosts = ", ".join(s.host for s in self.services)
+        return f"VmVault(services=[{hosts}], credentials={len(self.secrets)})"
+
+
+@dataclass(frozen=True)
 class Injection:
     headers: list[tuple[bytes, bytes]]
     used: tuple[str, ...]  # credential ids put in, for the vault's request log

@@ -77,7 +77,7 @@ class VmFiles:
         # A development VM shares the host's files: its own are its working folder ("."), nothing above.
         root = "." if driver.name in HOST_FILES_DRIVERS else "/"
         argv = ["python3", "-c", HELPER_SOURCE, op, path, root]
-        return await driver.spawn(vm.vm_id, vm.handle, argv, env=session.env)
+        return await driver.spawn(vm.vm_id, vm.handle, argv, env=vm.command_env(session.env))
 
     async def upload(
         self, owner: str, session_id: str, path: str, data: AsyncIterator[bytes]

@@ -25,6 +25,9 @@ from gateway.state.records import (
     SessionRecord,
     ShareRecord,
     SnapshotRecord,
+    VaultCredentialRecord,
+    VaultRecord,
+    VaultServiceRecord,
     VmRecord,
     is_live,
 )
@@ -46,6 +49,9 @@ __all__ = [
     "SessionRecord",
     "ShareRecord",
     "SnapshotRecord",
+    "VaultCredentialRecord",
+    "VaultRecord",
+    "VaultServiceRecord",
     "VmRecord",
     "is_live",
 ]

@@ -132,13 +132,13 @@ class Terminals:
         """The running VM the terminal goes into, and its session's env (what commands there get)."""
         if session_id is not None:
             session, vm = await self.orchestrator.running_vm(owner, session_id)
-            return vm, session.env
+            return vm, vm.command_env(session.env)
         assert vm_id is not None
         vm = await self.orchestrator.get_vm(owner, vm_id)
         if vm.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm_id} is {vm.status}")
         owning = await self.orchestrator.get_session(owner, vm.session_id)
-        return vm, owning.env if owning else {}
+        return vm, vm.command_env(owning.env if owning else {})
 
     def get(
         self, owner: str, pty_id: str, *, session_id: str | None = None, vm_id: str | None = None

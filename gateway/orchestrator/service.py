@@ -35,6 +35,7 @@ from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore,
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import ExecResult, ResourceUsage, VmDriver, VmInfo, VmSpec, VmUsage
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
+from gateway.orchestrator.vaults import VaultBinding, VaultService
 from gateway.state.records import (
     VM_ACTIVE,
     VM_CREATING,
@@ -100,6 +101,9 @@ class VmParams:
     auto_resume: bool = False
     # What it may reach (the SDK's shape, checked); empty: the operator's default.
     egress_policy: Mapping[str, Any] | None = None
+    # Placeholders for the credentials of the vaults asked for (VaultService.bind); each wins over an
+    # env variable of the same name.
+    vaults: VaultBinding | None = None
 
 
 @dataclass
@@ -123,6 +127,7 @@ class Orchestrator:
     driver: VmDriver
     config: Config
     domains: DomainService | None = None
+    vaults: VaultService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
     # Set by the lifecycle use cases (gateway.orchestrator.lifecycle), where the driver can suspend: what
     # brings a suspended auto_resume VM back for execute, and what may suspend an expiring VM instead.
@@ -345,6 +350,9 @@ class Orchestrator:
             auto_suspend=params.auto_suspend,
             auto_resume=params.auto_resume,
             egress_policy=dict(params.egress_policy or {}),
+            vault_ids=list(params.vaults.vault_ids) if params.vaults else [],
+            vault_placeholders=dict(params.vaults.placeholders) if params.vaults else {},
+            vault_env=dict(params.vaults.env) if params.vaults else {},
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )
@@ -352,6 +360,7 @@ class Orchestrator:
         if params.env:
             await self.store.update_session(session.session_id, env=env)
             session.env = env
+        env = rec.command_env(env)  # (the placeholders are the VM's own, not the session's)
         try:
             await self.store.add_vm(rec)
         except BaseException:
@@ -592,7 +601,7 @@ class Orchestrator:
                 vm.vm_id,
                 vm.handle,
                 argv,
-                env=session.env,
+                env=vm.command_env(session.env),
                 timeout_s=run_for,
                 max_output_bytes=limit.max_output_bytes,
             )

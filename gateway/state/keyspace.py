@@ -107,6 +107,29 @@ class Keys:
     def owner_snapshots(self, owner: str) -> str:
         return f"{self.prefix}owner:{owner}:snapshots"
 
+    def vault(self, vault_id: str) -> str:
+        """Hash: a vault (``VaultRecord``)."""
+        return f"{self.prefix}vault:{vault_id}"
+
+    def owner_vaults(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:vaults"
+
+    def vault_credentials(self, vault_id: str) -> str:
+        """Hash: credential id -> the credential (``VaultCredentialRecord`` as JSON, its value sealed)."""
+        return f"{self.prefix}vault:{vault_id}:credentials"
+
+    def vault_credential_names(self, vault_id: str) -> str:
+        """Hash: credential name -> credential id (a name is unique in its vault)."""
+        return f"{self.prefix}vault:{vault_id}:credential-names"
+
+    def vault_services(self, vault_id: str) -> str:
+        """Hash: service id -> the service (``VaultServiceRecord`` as JSON)."""
+        return f"{self.prefix}vault:{vault_id}:services"
+
+    def vault_request_log(self, vault_id: str) -> str:
+        """List: the vault's latest requests, newest first, capped (no headers, no bodies)."""
+        return f"{self.prefix}vault:{vault_id}:request-log"
+
     def execution(self, execution_id: str) -> str:
         """Hash: an execution of POST /execute_async (``ExecutionRecord``); expires with the retention."""
         return f"{self.prefix}execution:{execution_id}"

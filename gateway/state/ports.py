@@ -7,10 +7,14 @@ tests and benchmarks hand the edge plain fakes instead. The records named here a
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.state.events import Event
 from gateway.state.records import VM_SUSPENDED, InstanceRecord, VmRecord
+
+if TYPE_CHECKING:
+    from gateway.egress.inject import VmVault
 
 __all__ = [
     "VM_SUSPENDED",
@@ -21,6 +25,7 @@ __all__ = [
     "PolicySource",
     "RouteSource",
     "TrafficSink",
+    "VaultSource",
     "VmRecord",
     "Waker",
 ]
@@ -74,6 +79,23 @@ class EgressSink(Protocol):
     async def add_egress(self, counts: dict[str, tuple[int, int]], denials: dict[str, list[str]]) -> None:
         """Add (bytes out, bytes in) per VM id and append denials (JSON objects, oldest first) per VM id.
         ``StoreUnavailable`` when the state cannot be written (the caller keeps them for later)."""
+        ...
+
+
+class VaultSource(Protocol):
+    """What the egress proxy reads to put vault secrets into a VM's requests, and where it logs them.
+    ``gateway.orchestrator.vaults.VaultService`` implements it. Both raise ``StoreUnavailable`` when the
+    state cannot be read or written; safe to call concurrently."""
+
+    async def vm_vault(self, vm_id: str) -> VmVault | None:
+        """What the proxy needs to inject for this VM (None: the VM has no vaults). Read fresh on each
+        call: a rotated secret, a deleted credential or a disabled service applies at once."""
+        ...
+
+    async def log_vault_request(self, vault_id: str, entry: Mapping[str, Any]) -> None:
+        """Append one request log entry (keys: at, vm_id, host, method, path, status; optionally
+        credential_id); kept capped. The query string is dropped from ``path``; other keys are ignored
+        (never headers or bodies). A deleted vault's log is not recreated."""
         ...
 
 

@@ -158,10 +158,19 @@ class VmRecord(_Record):
     # Bytes the egress proxy carried for it: to destinations, and back.
     egress_bytes_out: int = 0
     egress_bytes_in: int = 0
+    # Vaults bound at create (egress puts their secrets in): the VM holds only placeholders.
+    vault_ids: list[str] = field(default_factory=list)
+    vault_placeholders: dict[str, str] = field(default_factory=dict)  # placeholder -> credential id
+    vault_env: dict[str, str] = field(default_factory=dict)  # env name -> placeholder
 
     @property
     def alive(self) -> bool:
         return self.status == VM_ACTIVE
+
+    def command_env(self, session_env: dict[str, str]) -> dict[str, str]:
+        """The env a command in this VM gets on top of its create-time env: the session's, where a vault
+        placeholder wins over a value of the same name (as it did when the VM was made)."""
+        return {**session_env, **self.vault_env}
 
 
 def is_live(rec: VmRecord) -> bool:
@@ -239,6 +248,46 @@ class SnapshotRecord(_Record):
     name: str | None = None
     # The image the VM ran on (image_variant): the snapshot resumes on that image only.
     image_variant: str | None = None
+
+
+@dataclass
+class VaultRecord(_Record):
+    """A named set of credentials and the services (hosts) they are for; one API key's."""
+
+    vault_id: str
+    owner: str
+    name: str
+    created_at: float
+    description: str | None = None
+    updated_at: float | None = None
+
+
+@dataclass
+class VaultCredentialRecord(_Record):
+    """A secret of a vault, sealed with the storage key; ``name`` is the env variable VMs see."""
+
+    credential_id: str
+    vault_id: str
+    name: str
+    credential_type: str
+    created_at: float
+    value_sealed: str = ""
+    description: str | None = None
+    updated_at: float | None = None
+    rotated_at: float | None = None
+
+
+@dataclass
+class VaultServiceRecord(_Record):
+    """A host (exact or ``*.suffix``) whose requests get a credential, as ``auth_config`` says."""
+
+    service_id: str
+    vault_id: str
+    host: str
+    auth_config: dict[str, Any]
+    enabled: bool
+    created_at: float
+    description: str | None = None
 
 
 # Custom-domain certificate states, as the API shows them.

@@ -181,7 +181,6 @@ async def test_what_the_gateway_does_not_offer_answers_501_saying_why(gw: Gatewa
         (client.api_keys.list, ()),
         (client.audit.catalog, ()),
         (client.computer_use.get, ("some-session", "api/screen")),
-        (client.list_vaults, ()),
         (client.list_ssh_keys, ()),
         (client.volumes.list, ()),
         (client.get_usage_breakdown, ()),

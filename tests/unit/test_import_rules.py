@@ -42,6 +42,7 @@ PURE = [
     "gateway.egress.sni",
     "gateway.egress.resolved",
     "gateway.egress.inject",
+    "gateway.orchestrator.vault_rules",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 
