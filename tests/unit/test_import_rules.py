@@ -42,6 +42,7 @@ PURE = [
     "gateway.egress.sni",
     "gateway.egress.resolved",
     "gateway.egress.inject",
+    "gateway.egress.ca",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 
