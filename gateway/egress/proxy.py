@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.egress.ca import LeafMinter
 from gateway.egress.policy import Decision, EgressPolicy, IpNetwork, OperatorRules
 from gateway.egress.policy import Protocol as WireProtocol
 from gateway.egress.resolved import ResolvedNames, judge
@@ -97,11 +98,16 @@ class EgressProxy:
         policies: VmPolicies,
         resolved: ResolvedNames,
         destination: Callable[[socket.socket], tuple[str, int]] = original_destination,
+        *,
+        minter: LeafMinter | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies
         self.resolved = resolved
         self.destination = destination
+        # Server contexts signed by the deployment's egress CA, for the hosts whose TLS is terminated
+        # here (vault hosts; not used yet).
+        self.minter = minter
         self.stats = EgressStats()
         self._denials: dict[str, deque[Seen]] = {}
         self._active: set[asyncio.Task[object]] = set()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import EgressConfig, comma_list
+from gateway.egress.ca import LeafMinter
 from gateway.egress.policy import EgressPolicy, OperatorRules
 from gateway.egress.proxy import EgressProxy, ProxySettings
 from gateway.egress.resolved import ResolvedNames
@@ -88,8 +89,10 @@ class Policies:
 
 @contextlib.asynccontextmanager
 async def running_egress(
-    config: EgressConfig, source: PolicySource, vm_networks: list[str]
+    config: EgressConfig, source: PolicySource, vm_networks: list[str], *, minter: LeafMinter | None = None
 ) -> AsyncIterator[EgressProxy]:
+    """The proxy and the resolver listening; ``minter``: the deployment CA's (the proxy's, for the
+    hosts it terminates TLS for)."""
     rules = operator_rules(config, vm_networks)
     policies = Policies(source)
     await policies.refresh()
@@ -97,7 +100,7 @@ async def running_egress(
     settings = ProxySettings(
         rules=rules, dial_networks=tuple(ipaddress.ip_network(n) for n in comma_list(config.dial_networks))
     )
-    proxy = EgressProxy(settings, policies, resolved)
+    proxy = EgressProxy(settings, policies, resolved, minter=minter)
     resolver = VmResolver(policies, rules, resolved, list(config.upstreams()) or system_resolvers())
     loop = asyncio.get_running_loop()
     try:

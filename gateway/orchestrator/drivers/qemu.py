@@ -50,6 +50,7 @@ import aiohttp
 
 from gateway.config import QemuConfig
 from gateway.errors import DriverError, VmNotRunning
+from gateway.guest import egress_setup
 from gateway.orchestrator.drivers import _host, agent_stream, qemu_disk, qemu_image, qemu_jail, qemu_net
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmProcess, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
@@ -92,6 +93,8 @@ MIGRATION_POLL_S = 0.01
 AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 # Not a program: the monkeypatchable seam the contract's failed-start test uses (as in the other drivers).
 INIT_COMMAND: tuple[str, ...] = ()
+# Run in the guest by its agent (``python3 -c``): the guest holds no copy of the gateway's package.
+EGRESS_SETUP_SOURCE = Path(egress_setup.__file__).read_text()
 
 
 class QemuImages(Protocol):
@@ -353,6 +356,8 @@ class QemuVmDriver(NetnsVmDriver):
         # Before anything runs in it, the VM becomes itself: a token, env and entropy of its own (a
         # resumed VM is otherwise a copy of its snapshot's or template's).
         handle["agent_token"] = await self._configure(spec, handle)
+        if self.egress is not None:
+            await self._prepare_egress(spec.vm_id, handle)
 
     # --- boot templates -------------------------------------------------------------------------------
 
@@ -393,7 +398,8 @@ class QemuVmDriver(NetnsVmDriver):
 
     async def _configure(self, spec: VmSpec, handle: Mapping[str, Any]) -> str:
         token = secrets.token_urlsafe(32)
-        body = {"token": token, "env": dict(spec.env), "seed": base64.b64encode(os.urandom(64)).decode()}
+        env = {**egress_setup.ca_env(self.egress_ca), **spec.env}  # (the CA only with egress)
+        body = {"token": token, "env": env, "seed": base64.b64encode(os.urandom(64)).decode()}
         try:
             status, reply = await self._agent_post(handle, "/configure", body, EXECUTE_MARGIN_S)
         except AGENT_ERRORS as exc:
@@ -401,6 +407,30 @@ class QemuVmDriver(NetnsVmDriver):
         if status != 200:
             raise DriverError(f"VM {spec.vm_id}'s agent refused its configuration: {status} {reply}")
         return token
+
+    async def _prepare_egress(self, vm_id: str, handle: Mapping[str, Any]) -> None:
+        """The guest's nameserver and its trust in the egress CA (``egress_setup``, run in the guest: its
+        root lives in its memory). Again after every resume: it is idempotent, and the nameserver is the
+        slot's host address, which a VM restored into another slot must learn."""
+        ca = [self.egress_ca.decode("ascii")] if self.egress_ca else []
+        body = {
+            "argv": ["python3", "-I", "-c", EGRESS_SETUP_SOURCE, str(handle["host_ip"]), *ca],
+            "env": {},
+            "cwd": "/",
+            "timeout_s": EXECUTE_MARGIN_S,
+            "max_output_bytes": 4096,
+        }
+        try:
+            status, reply = await self._agent_post(handle, "/execute", body, 2 * EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
+            raise DriverError(f"VM {vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        if status != 200 or not isinstance(reply, dict) or reply.get("exit_code") != 0:
+            said = (
+                base64.b64decode(reply.get("stderr", "")).decode(errors="replace")
+                if isinstance(reply, dict)
+                else reply
+            )
+            raise DriverError(f"VM {vm_id}: preparing its egress (DNS, CA) failed: {status} {said}")
 
     async def _agent_post(
         self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float
