@@ -95,6 +95,23 @@ AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 INIT_COMMAND: tuple[str, ...] = ()
 # Run in the guest by its agent (``python3 -c``): the guest holds no copy of the gateway's package.
 EGRESS_SETUP_SOURCE = Path(egress_setup.__file__).read_text()
+# A guest's own route out, for egress: its init gives it none that works (``qemu_init.sh``: it answers on
+# any address of its half, but has no address of its own to send from), so once the host knows its slot
+# it is told to send everything to its slot's host address (the host's nftables take it from there),
+# from its slot's address. Then the files (``egress_setup``). An image without iproute2 keeps no route
+# out (said on stderr), which leaves such a VM as it was: without egress. And the host's time: the guest
+# has no clock of its own to start from (``rtc=off``), and one restored from a snapshot or template runs
+# from the moment it was taken; certificates (the egress CA's leaves among them) need the real one.
+EGRESS_ROUTE_SCRIPT = """
+gateway=$1 address=$2 now=$3; shift 3
+date -u -s "@$now" >/dev/null || exit 1
+if command -v ip >/dev/null; then
+    ip route replace default via "$gateway" dev eth0 onlink src "$address" || exit 1
+else
+    echo "no ip command (iproute2) in this image: the VM has no route out" >&2
+fi
+exec python3 -I -c "$@"
+"""
 
 
 class QemuImages(Protocol):
@@ -409,12 +426,25 @@ class QemuVmDriver(NetnsVmDriver):
         return token
 
     async def _prepare_egress(self, vm_id: str, handle: Mapping[str, Any]) -> None:
-        """The guest's nameserver and its trust in the egress CA (``egress_setup``, run in the guest: its
-        root lives in its memory). Again after every resume: it is idempotent, and the nameserver is the
-        slot's host address, which a VM restored into another slot must learn."""
+        """The guest's route out, its nameserver and its trust in the egress CA (``EGRESS_ROUTE_SCRIPT``,
+        run in the guest: its root lives in its memory). Again after every resume: it is idempotent, and
+        the route and nameserver name the slot's addresses, which a VM restored into another slot must
+        learn."""
         ca = [self.egress_ca.decode("ascii")] if self.egress_ca else []
+        host_ip, ip = str(handle["host_ip"]), str(handle["ip"])
         body = {
-            "argv": ["python3", "-I", "-c", EGRESS_SETUP_SOURCE, str(handle["host_ip"]), *ca],
+            "argv": [
+                "/bin/sh",
+                "-c",
+                EGRESS_ROUTE_SCRIPT,
+                "gateway-egress",
+                host_ip,
+                ip,
+                f"{time.time():.3f}",
+                EGRESS_SETUP_SOURCE,
+                host_ip,
+                *ca,
+            ],
             "env": {},
             "cwd": "/",
             "timeout_s": EXECUTE_MARGIN_S,
@@ -431,6 +461,10 @@ class QemuVmDriver(NetnsVmDriver):
                 else reply
             )
             raise DriverError(f"VM {vm_id}: preparing its egress (DNS, CA) failed: {status} {said}")
+        if reply.get("stderr"):
+            log.warning(
+                "VM %s: %s", vm_id, base64.b64decode(reply["stderr"]).decode(errors="replace").strip()
+            )
 
     async def _agent_post(
         self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float
