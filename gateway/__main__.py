@@ -1,6 +1,6 @@
 """Command line: ``gateway serve`` (all in one), ``gateway api`` and ``gateway edge`` (the two planes
 apart), ``gateway keys create|list|revoke``, ``gateway certs import|list|delete``, ``gateway image
-build|list``.
+build|list``, ``gateway egress-ca`` (the CA that VMs with egress trust, PEM).
 
 The only place that exits.
 """
@@ -40,6 +40,7 @@ from gateway.orchestrator.drivers.qemu_image import load_manifest as load_qemu_m
 from gateway.orchestrator.drivers.registry import make_driver, qemu_image_dir
 from gateway.state.keyspace import Keys
 from gateway.tls.bundle import BadCertificate, CertBundle, parse_bundle
+from gateway.tls.egress_ca import deployment_ca
 from gateway.tls.local import StorageKeyError
 from gateway.tls.serving import cert_store
 
@@ -176,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[common], help="the defined root file system images: built or not, digest"
     )
     commands.add_parser(
+        "egress-ca",
+        parents=[common],
+        help="print the deployment's egress CA certificate (PEM), which VMs with egress trust "
+        "(made now if no gateway has made it yet)",
+    )
+    commands.add_parser(
         "doctor", parents=[common], help="check what the configured VM driver needs (KVM or TCG, image)"
     )
     return parser
@@ -288,6 +295,12 @@ async def certs_command(config: Config, args: argparse.Namespace) -> None:
             print(f"deleted {args.cert_id}")
 
 
+async def egress_ca_command(config: Config) -> None:
+    async with admin_client(config) as client:
+        ca = await deployment_ca(config, client)
+    sys.stdout.write(ca.cert_pem.decode("ascii"))
+
+
 def image_command(config: Config, args: argparse.Namespace) -> None:
     if args.image_command == "list":
         for view in image_store(config).describe():
@@ -361,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             uvloop.run(keys_command(config, args))
         elif args.command == "certs":
             uvloop.run(certs_command(config, args))
+        elif args.command == "egress-ca":
+            uvloop.run(egress_ca_command(config))
         elif args.command == "image":
             image_command(config, args)
         elif args.command == "doctor":

@@ -47,6 +47,7 @@ from gateway.state.keyspace import Keys
 from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
 from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
+from gateway.tls.egress_ca import deployment_ca
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
 from gateway.tls.serving import TlsServing, cert_store, serving_tls
 from gateway.workers import EdgeWorkers
@@ -66,6 +67,11 @@ def vm_networks(config: Config) -> list[str]:
     if driver == "qemu":
         return [str(guest_half(config.qemu.cidr))]
     return [config.netns.cidr if driver == "netns" else config.process.cidr]
+
+
+def egress_enabled(config: Config) -> bool:
+    """Whether VMs have egress: configured, and a driver that redirects their traffic (netns, qemu)."""
+    return config.egress.enabled and choose_driver(config.vms.driver) in ("netns", "qemu")
 
 
 def embedded_redis_for(config: Config) -> EmbeddedRedis:
@@ -128,7 +134,10 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     keys = Keys(config.redis.key_prefix)
     store = RedisStore(client, keys, config.vms.retention_s)
     key_store = ApiKeyStore(client, keys)
-    driver = make_driver(config)
+    # Where VMs have egress: the deployment's egress CA (made by the first gateway, sealed in Redis).
+    # VMs trust it (the driver puts it in their roots); the proxy signs vault hosts' leaves with it.
+    ca = await deployment_ca(config, client) if egress_enabled(config) else None
+    driver = make_driver(config, egress_ca=ca.cert_pem if ca else None)
     orchestrator = Orchestrator(
         store,
         driver,
@@ -149,10 +158,12 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     try:
         async with contextlib.AsyncExitStack() as stack:
             egress = None
-            if config.egress.enabled and driver.name in ("netns", "qemu"):
+            if ca is not None:
                 # Every VM range is closed to VMs, whatever a policy says.
                 closed = [config.netns.cidr, config.qemu.cidr, config.process.cidr]
-                egress = await stack.enter_async_context(running_egress(config.egress, store, closed))
+                egress = await stack.enter_async_context(
+                    running_egress(config.egress, store, closed, minter=ca.minter)
+                )
             yield Services(
                 client,
                 store,

@@ -13,9 +13,11 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 INTERNET = ipaddress.ip_network("198.18.0.0/15")
 # Test runs on one machine at once (a developer's and a CI job, say) must not collide: each takes its
@@ -23,8 +25,9 @@ INTERNET = ipaddress.ip_network("198.18.0.0/15")
 RUN_TAG = os.getpid() % 50
 HOSTS_FROM = ipaddress.ip_network(f"198.18.{150 + RUN_TAG}.0/24")
 # (socketserver's own server: http.server's looks its address up in DNS when it binds, which hangs here.)
+# With a third argument (a PEM file: certificate chain and key), also HTTPS on port 443.
 SERVER = """
-import http.server, socketserver, sys
+import http.server, socketserver, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("hello from " + sys.argv[2] + " " + self.headers.get("Host", "")).encode()
@@ -32,6 +35,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args): pass
 socketserver.ThreadingTCPServer.allow_reuse_address = True
+if len(sys.argv) > 3:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3])
+    https = socketserver.ThreadingTCPServer((sys.argv[1], 443), H)
+    https.socket = context.wrap_socket(https.socket, server_side=True)
+    threading.Thread(target=https.serve_forever, daemon=True).start()
 socketserver.ThreadingTCPServer((sys.argv[1], 80), H).serve_forever()
 """
 READY_TIMEOUT_S = 10.0
@@ -47,6 +56,8 @@ class InternetHost:
     address: str
     host_side: str
     server: subprocess.Popen[bytes] | None = None
+    https: bool = False
+    veth_made: bool = False
 
     def packets_received(self) -> int:
         """TCP segments and UDP datagrams the test host's kernel received (a SYN included; the ARP and
@@ -61,28 +72,43 @@ class InternetHost:
 
 
 @contextlib.contextmanager
-def internet_hosts(count: int, prefix: str = "tnet") -> Iterator[list[InternetHost]]:
-    """``count`` test hosts with an HTTP server on port 80 each; removed afterwards whatever happens."""
+def internet_hosts(
+    count: int,
+    prefix: str = "tnet",
+    tls: Sequence[bytes | None] = (),
+    network: ipaddress.IPv4Network = HOSTS_FROM,
+) -> Iterator[list[InternetHost]]:
+    """``count`` test hosts with an HTTP server on port 80 each; removed afterwards whatever happens.
+
+    ``tls[i]``, when given: host i also serves HTTPS on port 443 with that PEM (certificate chain, then
+    its key). ``network``: where their /30s come from (a subnet of INTERNET; tests that may run at the
+    same time take different ones)."""
     run("ip", "route", "replace", "blackhole", str(INTERNET))
     made: list[InternetHost] = []
+    pems = tempfile.TemporaryDirectory(prefix="internet-tls-")
     try:
-        for i, subnet in zip(range(count), HOSTS_FROM.subnets(new_prefix=30), strict=False):
+        for i, subnet in zip(range(count), network.subnets(new_prefix=30), strict=False):
             label = f"{prefix}-{i}"  # what its server says it is
             name = f"{prefix}{RUN_TAG}-{i}"
             host = InternetHost(name, str(subnet[2]), f"{prefix}{RUN_TAG}h{i}")
+            run("ip", "netns", "add", name)  # first: a name someone else holds is not ours to remove
             made.append(host)
-            run("ip", "netns", "add", name)
             run("ip", "link", "add", host.host_side, "type", "veth", "peer", "name", "eth0", "netns", name)
+            host.veth_made = True
             run("ip", "addr", "add", f"{subnet[1]}/30", "dev", host.host_side)
             run("ip", "link", "set", host.host_side, "up")
             run("ip", "-n", name, "addr", "add", f"{subnet[2]}/30", "dev", "eth0")
             run("ip", "-n", name, "link", "set", "eth0", "up")
             run("ip", "-n", name, "link", "set", "lo", "up")
             run("ip", "-n", name, "route", "add", "default", "via", str(subnet[1]))
-            host.server = subprocess.Popen(
-                ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, host.address, label],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            argv = ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, host.address, label]
+            pem = tls[i] if i < len(tls) else None
+            if pem is not None:
+                path = Path(pems.name, f"{name}.pem")
+                path.write_bytes(pem)
+                argv.append(str(path))
+                host.https = True
+            host.server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _until_listening(host)
         yield made
     finally:
@@ -90,15 +116,17 @@ def internet_hosts(count: int, prefix: str = "tnet") -> Iterator[list[InternetHo
             if host.server is not None:
                 host.server.kill()
                 host.server.wait()
-            run("ip", "link", "del", host.host_side, check=False)
+            if host.veth_made:
+                run("ip", "link", "del", host.host_side, check=False)
             run("ip", "netns", "del", host.name, check=False)
+        pems.cleanup()
 
 
 def _until_listening(host: InternetHost) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         listening = run("ip", "netns", "exec", host.name, "ss", "-Hltn").stdout
-        if f"{host.address}:80 " in listening:
+        if f"{host.address}:80 " in listening and (not host.https or f"{host.address}:443 " in listening):
             return
         time.sleep(0.05)
     raise RuntimeError(f"the test host {host.name} did not start its server")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.egress.ca import LeafMinter
 from gateway.egress.policy import Decision, EgressPolicy, IpNetwork, OperatorRules
 from gateway.egress.policy import Protocol as WireProtocol
 from gateway.egress.resolved import ResolvedNames, judge
@@ -127,11 +128,16 @@ class EgressProxy:
         policies: VmPolicies,
         resolved: ResolvedNames,
         destination: Callable[[socket.socket], tuple[str, int]] = original_destination,
+        *,
+        minter: LeafMinter | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies
         self.resolved = resolved
         self.destination = destination
+        # Server contexts signed by the deployment's egress CA, for the hosts whose TLS is terminated
+        # here (vault hosts; not used yet).
+        self.minter = minter
         self.stats = EgressStats()
         self._recent_denials: deque[Seen] = deque(maxlen=RECENT_DENIALS_KEPT)
         self._unreported_denials: deque[Seen] = deque(maxlen=UNREPORTED_DENIALS_KEPT)

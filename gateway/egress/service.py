@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.config import EgressConfig, comma_list
+from gateway.egress.ca import LeafMinter
 from gateway.egress.policy import EgressPolicy, OperatorRules, effective_policy
 from gateway.egress.proxy import EgressProxy, ProxySettings
 from gateway.egress.resolved import ResolvedNames
@@ -129,8 +130,14 @@ class Policies:
 
 @contextlib.asynccontextmanager
 async def running_egress(
-    config: EgressConfig, state: EgressState, vm_networks: list[str]
+    config: EgressConfig,
+    state: EgressState,
+    vm_networks: list[str],
+    *,
+    minter: LeafMinter | None = None,
 ) -> AsyncIterator[EgressProxy]:
+    """The proxy and the resolver listening; ``minter``: the deployment CA's (the proxy's, for the
+    hosts it terminates TLS for)."""
     rules = operator_rules(config, vm_networks)
     policies = Policies(state)
     await policies.refresh()
@@ -138,7 +145,7 @@ async def running_egress(
     settings = ProxySettings(
         rules=rules, dial_networks=tuple(ipaddress.ip_network(n) for n in comma_list(config.dial_networks))
     )
-    proxy = EgressProxy(settings, policies, resolved)
+    proxy = EgressProxy(settings, policies, resolved, minter=minter)
     resolver = VmResolver(
         policies, rules, resolved, list(config.upstreams()) or system_resolvers(), record=proxy.record
     )

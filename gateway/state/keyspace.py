@@ -149,6 +149,10 @@ class Keys:
     def acme_account(self, directory_url: str) -> str:
         return f"{self.prefix}acme-account:{directory_url}"
 
+    def egress_ca(self) -> str:
+        """String: the deployment's egress CA (JSON: its certificate, its key sealed); set once (NX)."""
+        return f"{self.prefix}egress-ca"
+
     def events(self) -> str:
         """Pub/sub channel: VM and route changes, for every edge's route cache."""
         return f"{self.prefix}events"

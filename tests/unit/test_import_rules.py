@@ -43,6 +43,7 @@ PURE = [
     "gateway.egress.resolved",
     "gateway.egress.inject",
     "gateway.orchestrator.vault_rules",
+    "gateway.egress.ca",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 

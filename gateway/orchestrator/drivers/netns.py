@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from gateway import subprocesses as _spawn
 from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
+from gateway.guest import egress_setup
 from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.base import (
@@ -181,6 +182,8 @@ class NetnsVmDriver:
         self._cgroups = CgroupTree(cgroup_root or CgroupTree.DEFAULT_ROOT, config.cgroup_name)
         # Set where VMs have egress: their TCP and DNS are redirected to the egress plane (hostfw.py).
         self.egress: hostfw.EgressRedirect | None = None
+        # With egress: the deployment's egress CA (PEM), which every VM then trusts (``egress_setup``).
+        self.egress_ca: bytes | None = None
         self._ip = shutil.which("ip") or "/usr/sbin/ip"
         self._mount_root = MOUNT_ROOT / config.name_prefix
         runtime = getattr(config, "runtime", "runc")
@@ -402,7 +405,8 @@ class NetnsVmDriver:
         return self._config.id_base + slot * IDS_PER_VM
 
     def _vm_env(self, vm_id: str, ip: str, spec_env: Mapping[str, str]) -> dict[str, str]:
-        return {**_host.base_env(Path(VM_HOME)), **spec_env, "VM_ID": vm_id, "VM_IP": ip}
+        trust = egress_setup.ca_env(self.egress_ca)  # (only with egress: see make_driver)
+        return {**_host.base_env(Path(VM_HOME)), **trust, **spec_env, "VM_ID": vm_id, "VM_IP": ip}
 
     def _process(self, argv: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
         return oci.process_spec(argv, env, VM_HOME, seccomp.DEFAULT_CAPABILITIES)
@@ -418,6 +422,12 @@ class NetnsVmDriver:
         mount_dir = self._mount_root / spec.vm_id
         disk = vm_dir / rootfs.DISK_FILE
         root = await rootfs.assemble(image, mount_dir, disk, host_base=host_ids, disk_mb=self._config.disk_mb)
+        if self.egress is not None:
+            # Before its first process: a nameserver (its gateway address; port 53 goes to the resolver)
+            # and the egress CA trusted, owned by the VM's root so that it may change them.
+            await asyncio.to_thread(
+                egress_setup.install, str(root), plan.host_ip, self.egress_ca, (host_ids, host_ids)
+            )
         command = [GUEST_PYTHON if part == "{python}" else part for part in spec.command or INIT_COMMAND]
         if not rootfs.has_command(root, command[0], _host.BASE_PATH):
             raise DriverError(

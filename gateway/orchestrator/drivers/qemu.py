@@ -50,6 +50,7 @@ import aiohttp
 
 from gateway.config import QemuConfig
 from gateway.errors import DriverError, VmNotRunning
+from gateway.guest import egress_setup
 from gateway.orchestrator.drivers import _host, agent_stream, qemu_disk, qemu_image, qemu_jail, qemu_net
 from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmProcess, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
@@ -92,6 +93,25 @@ MIGRATION_POLL_S = 0.01
 AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 # Not a program: the monkeypatchable seam the contract's failed-start test uses (as in the other drivers).
 INIT_COMMAND: tuple[str, ...] = ()
+# Run in the guest by its agent (``python3 -c``): the guest holds no copy of the gateway's package.
+EGRESS_SETUP_SOURCE = Path(egress_setup.__file__).read_text()
+# A guest's own route out, for egress: its init gives it none that works (``qemu_init.sh``: it answers on
+# any address of its half, but has no address of its own to send from), so once the host knows its slot
+# it is told to send everything to its slot's host address (the host's nftables take it from there),
+# from its slot's address. Then the files (``egress_setup``). An image without iproute2 keeps no route
+# out (said on stderr), which leaves such a VM as it was: without egress. And the host's time: the guest
+# has no clock of its own to start from (``rtc=off``), and one restored from a snapshot or template runs
+# from the moment it was taken; certificates (the egress CA's leaves among them) need the real one.
+EGRESS_ROUTE_SCRIPT = """
+gateway=$1 address=$2 now=$3; shift 3
+date -u -s "@$now" >/dev/null || exit 1
+if command -v ip >/dev/null; then
+    ip route replace default via "$gateway" dev eth0 onlink src "$address" || exit 1
+else
+    echo "no ip command (iproute2) in this image: the VM has no route out" >&2
+fi
+exec python3 -I -c "$@"
+"""
 
 
 class QemuImages(Protocol):
@@ -353,6 +373,8 @@ class QemuVmDriver(NetnsVmDriver):
         # Before anything runs in it, the VM becomes itself: a token, env and entropy of its own (a
         # resumed VM is otherwise a copy of its snapshot's or template's).
         handle["agent_token"] = await self._configure(spec, handle)
+        if self.egress is not None:
+            await self._prepare_egress(spec.vm_id, handle)
 
     # --- boot templates -------------------------------------------------------------------------------
 
@@ -393,7 +415,8 @@ class QemuVmDriver(NetnsVmDriver):
 
     async def _configure(self, spec: VmSpec, handle: Mapping[str, Any]) -> str:
         token = secrets.token_urlsafe(32)
-        body = {"token": token, "env": dict(spec.env), "seed": base64.b64encode(os.urandom(64)).decode()}
+        env = {**egress_setup.ca_env(self.egress_ca), **spec.env}  # (the CA only with egress)
+        body = {"token": token, "env": env, "seed": base64.b64encode(os.urandom(64)).decode()}
         try:
             status, reply = await self._agent_post(handle, "/configure", body, EXECUTE_MARGIN_S)
         except AGENT_ERRORS as exc:
@@ -401,6 +424,47 @@ class QemuVmDriver(NetnsVmDriver):
         if status != 200:
             raise DriverError(f"VM {spec.vm_id}'s agent refused its configuration: {status} {reply}")
         return token
+
+    async def _prepare_egress(self, vm_id: str, handle: Mapping[str, Any]) -> None:
+        """The guest's route out, its nameserver and its trust in the egress CA (``EGRESS_ROUTE_SCRIPT``,
+        run in the guest: its root lives in its memory). Again after every resume: it is idempotent, and
+        the route and nameserver name the slot's addresses, which a VM restored into another slot must
+        learn."""
+        ca = [self.egress_ca.decode("ascii")] if self.egress_ca else []
+        host_ip, ip = str(handle["host_ip"]), str(handle["ip"])
+        body = {
+            "argv": [
+                "/bin/sh",
+                "-c",
+                EGRESS_ROUTE_SCRIPT,
+                "gateway-egress",
+                host_ip,
+                ip,
+                f"{time.time():.3f}",
+                EGRESS_SETUP_SOURCE,
+                host_ip,
+                *ca,
+            ],
+            "env": {},
+            "cwd": "/",
+            "timeout_s": EXECUTE_MARGIN_S,
+            "max_output_bytes": 4096,
+        }
+        try:
+            status, reply = await self._agent_post(handle, "/execute", body, 2 * EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
+            raise DriverError(f"VM {vm_id}'s agent failed: {exc or type(exc).__name__}") from None
+        if status != 200 or not isinstance(reply, dict) or reply.get("exit_code") != 0:
+            said = (
+                base64.b64decode(reply.get("stderr", "")).decode(errors="replace")
+                if isinstance(reply, dict)
+                else reply
+            )
+            raise DriverError(f"VM {vm_id}: preparing its egress (DNS, CA) failed: {status} {said}")
+        if reply.get("stderr"):
+            log.warning(
+                "VM %s: %s", vm_id, base64.b64decode(reply["stderr"]).decode(errors="replace").strip()
+            )
 
     async def _agent_post(
         self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float

@@ -38,8 +38,9 @@ def choose_driver(requested: str) -> str:
     return requested
 
 
-def make_driver(config: Config) -> VmDriver:
-    """Build the configured driver; VM work folders live under ``<data_dir>/vms``."""
+def make_driver(config: Config, *, egress_ca: bytes | None = None) -> VmDriver:
+    """Build the configured driver; VM work folders live under ``<data_dir>/vms``. ``egress_ca``: the
+    deployment's egress CA (PEM), which VMs with egress trust."""
     work_dir = config.data_path / WORK_SUBDIR
     kind = choose_driver(config.vms.driver)
     driver: NetnsVmDriver
@@ -58,4 +59,6 @@ def make_driver(config: Config) -> VmDriver:
     if config.egress.enabled:
         # The VMs' TCP and DNS go to the egress plane on their veth's host address (hostfw.py).
         driver.egress = EgressRedirect(config.egress.proxy_port, config.egress.resolver_port)
+        # And they get a nameserver and trust the CA the proxy signs vault hosts' leaves with.
+        driver.egress_ca = egress_ca
     return driver
