@@ -162,7 +162,7 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
                 # Every VM range is closed to VMs, whatever a policy says.
                 closed = [config.netns.cidr, config.qemu.cidr, config.process.cidr]
                 egress = await stack.enter_async_context(
-                    running_egress(config.egress, store, closed, minter=ca.minter)
+                    running_egress(config.egress, store, closed, minter=ca.minter, vaults=orchestrator.vaults)
                 )
             yield Services(
                 client,

@@ -347,6 +347,9 @@ class EgressConfig:
     # Networks no policy can open beyond the built-in ones (loopback, link-local, multicast, the VM
     # ranges): the gateway's own addresses, Redis, internal services (CIDRs, comma separated).
     denied_networks: str = ""
+    # The roots the proxy checks a vault service's host against when it opens TLS to it (a PEM file);
+    # empty: the system's. Tests name their own test CA.
+    upstream_ca_file: str = ""
 
     def upstreams(self) -> tuple[tuple[str, int], ...]:
         return tuple(split_host_port(item) for item in comma_list(self.upstream_resolvers))

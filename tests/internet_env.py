@@ -31,6 +31,8 @@ import http.server, socketserver, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("hello from " + sys.argv[2] + " " + self.headers.get("Host", "")).encode()
+        if self.path == "/headers":  # what arrived, for the tests of what the egress proxy changes
+            body = "".join(k + ": " + v + "\\n" for k, v in self.headers.items()).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *args): pass

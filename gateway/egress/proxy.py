@@ -17,18 +17,23 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.egress.ca import LeafMinter
+from gateway.egress.inject import VmVault
+from gateway.egress.intercept import Target, intercept
 from gateway.egress.policy import Decision, EgressPolicy, IpNetwork, OperatorRules
 from gateway.egress.policy import Protocol as WireProtocol
 from gateway.egress.resolved import ResolvedNames, judge
 from gateway.egress.sni import MAX_HELLO_BYTES, NEED_MORE, read_http_host, read_tls_name
 from gateway.egress.splice import splice
+from gateway.errors import GatewayError
+from gateway.state.ports import VaultSource
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +135,19 @@ class EgressProxy:
         destination: Callable[[socket.socket], tuple[str, int]] = original_destination,
         *,
         minter: LeafMinter | None = None,
+        vaults: VaultSource | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.policies = policies
         self.resolved = resolved
         self.destination = destination
         # Server contexts signed by the deployment's egress CA, for the hosts whose TLS is terminated
-        # here (vault hosts; not used yet).
+        # here: vault services' hosts (``intercept``), for VMs made with vault_ids.
         self.minter = minter
+        self.vaults = vaults
+        # How the proxy checks those hosts when it opens TLS to them itself (default: the system's roots).
+        self.upstream_tls = upstream_tls or ssl.create_default_context()
         self.stats = EgressStats()
         self._recent_denials: deque[Seen] = deque(maxlen=RECENT_DENIALS_KEPT)
         self._unreported_denials: deque[Seen] = deque(maxlen=UNREPORTED_DENIALS_KEPT)
@@ -206,11 +216,31 @@ class EgressProxy:
                 writer.write(_refusal(decision, name or address))
                 await writer.drain()
             return
-        async with asyncio.timeout(self.settings.connect_timeout_s):
-            dest_reader, dest_writer = await asyncio.open_connection(address, port)
-        carried = await splice(
-            reader, writer, dest_reader, dest_writer, idle_timeout_s=self.settings.idle_timeout_s, first=first
-        )
+        vault = await self._vault_for(vm_id, name) if protocol == "tls" and name else None
+        if vault is not None and self.minter is not None and name is not None:
+            carried = await intercept(
+                reader,
+                writer,
+                first,
+                Target(vm_id, name, address, port),
+                vault,
+                self.minter.context_for(name),
+                self.upstream_tls,
+                self.vaults.log_vault_request if self.vaults else _no_log,
+                connect_timeout_s=self.settings.connect_timeout_s,
+                idle_timeout_s=self.settings.idle_timeout_s,
+            )
+        else:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                dest_reader, dest_writer = await asyncio.open_connection(address, port)
+            carried = await splice(
+                reader,
+                writer,
+                dest_reader,
+                dest_writer,
+                idle_timeout_s=self.settings.idle_timeout_s,
+                first=first,
+            )
         self._count(vm_id, carried.to_destination, carried.to_vm)
         log.info(
             "egress %s %s %s:%d name=%s rule=%s out=%d in=%d",
@@ -245,6 +275,18 @@ class EgressProxy:
             return data, "tls", None
         return data, ("http" if data.startswith(HTTP_METHODS) else "tcp"), None
 
+    async def _vault_for(self, vm_id: str, name: str) -> VmVault | None:
+        """The VM's vaults when one of their services binds ``name`` (then this connection is opened)."""
+        if self.vaults is None or self.minter is None:
+            return None
+        try:
+            vault = await self.vaults.vm_vault(vm_id)
+        except GatewayError as exc:
+            # Passed through untouched: the host then gets the placeholder, never a secret.
+            log.warning("egress: cannot read the vaults of %s (%s); %s not intercepted", vm_id, exc, name)
+            return None
+        return vault if vault is not None and vault.intercepts(name) else None
+
     def _dialable(self, address: str) -> bool:
         if not self.settings.dial_networks:
             return True
@@ -269,6 +311,10 @@ class EgressProxy:
                 "egress denied %s %s %s:%d name=%s rule=%s",
                 seen.vm_id, seen.protocol, seen.address, seen.port, seen.name, seen.rule,
             )  # fmt: skip
+
+
+async def _no_log(vault_id: str, entry: Mapping[str, Any]) -> None:
+    return None
 
 
 def _refusal(decision: Decision, target: str) -> bytes:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from gateway.egress.proxy import EgressProxy, ProxySettings
 from gateway.egress.resolved import ResolvedNames
 from gateway.egress.resolver import ResolverProtocol, VmResolver
 from gateway.errors import GatewayError, ListenFailed
-from gateway.state.ports import EgressSink, PolicySource
+from gateway.state.ports import EgressSink, PolicySource, VaultSource
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ async def running_egress(
     vm_networks: list[str],
     *,
     minter: LeafMinter | None = None,
+    vaults: VaultSource | None = None,
 ) -> AsyncIterator[EgressProxy]:
     """The proxy and the resolver listening; ``minter``: the deployment CA's (the proxy's, for the
     hosts it terminates TLS for)."""
@@ -145,7 +147,8 @@ async def running_egress(
     settings = ProxySettings(
         rules=rules, dial_networks=tuple(ipaddress.ip_network(n) for n in comma_list(config.dial_networks))
     )
-    proxy = EgressProxy(settings, policies, resolved, minter=minter)
+    upstream_tls = ssl.create_default_context(cafile=config.upstream_ca_file or None)
+    proxy = EgressProxy(settings, policies, resolved, minter=minter, vaults=vaults, upstream_tls=upstream_tls)
     resolver = VmResolver(
         policies, rules, resolved, list(config.upstreams()) or system_resolvers(), record=proxy.record
     )

@@ -42,6 +42,7 @@ PURE = [
     "gateway.egress.sni",
     "gateway.egress.resolved",
     "gateway.egress.inject",
+    "gateway.egress.http_head",
     "gateway.orchestrator.vault_rules",
     "gateway.egress.ca",
 ]
