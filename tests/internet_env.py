@@ -38,6 +38,12 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=15, check=check)
 
 
+def blackhole_internet() -> None:
+    """Before any test host exists: the whole range goes nowhere unless a more specific route (a test
+    host's veth) says otherwise. Left in place afterwards (other suites and the bench rely on it too)."""
+    run("ip", "route", "replace", "blackhole", str(INTERNET))
+
+
 @dataclass
 class InternetHost:
     name: str
@@ -60,7 +66,7 @@ class InternetHost:
 @contextlib.contextmanager
 def internet_hosts(count: int, prefix: str = "tnet") -> Iterator[list[InternetHost]]:
     """``count`` test hosts with an HTTP server on port 80 each; removed afterwards whatever happens."""
-    run("ip", "route", "replace", "blackhole", str(INTERNET))
+    blackhole_internet()
     made: list[InternetHost] = []
     try:
         for i, subnet in zip(range(count), HOSTS_FROM.subnets(new_prefix=30), strict=False):
