@@ -52,6 +52,12 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=15, check=check)
 
 
+def blackhole_internet() -> None:
+    """Before any test host exists: the whole range goes nowhere unless a more specific route (a test
+    host's veth) says otherwise. Left in place afterwards (other suites and the bench rely on it too)."""
+    run("ip", "route", "replace", "blackhole", str(INTERNET))
+
+
 @dataclass
 class InternetHost:
     name: str
@@ -85,7 +91,7 @@ def internet_hosts(
     ``tls[i]``, when given: host i also serves HTTPS on port 443 with that PEM (certificate chain, then
     its key). ``network``: where their /30s come from (a subnet of INTERNET; tests that may run at the
     same time take different ones)."""
-    run("ip", "route", "replace", "blackhole", str(INTERNET))
+    blackhole_internet()
     made: list[InternetHost] = []
     pems = tempfile.TemporaryDirectory(prefix="internet-tls-")
     try:
