@@ -492,25 +492,43 @@ async def bench(args: argparse.Namespace) -> None:
     if args.stream_splice:  # the path a TLS connection takes: to compare
         monkeypatch_stream_splice()
     client_network = str(ipaddress.ip_network(f"{CLIENT_ADDRESS}/30", strict=False))
-    direct, proxied = Figures(), Figures()
     state = StaticPolicies()
+    tables: list[tuple[int, Figures, Figures]] = []
     with bench_network():
         async with (
             running_server() as server_pid,
             running_egress(config, state, [client_network]) as proxy,
         ):
-            for i in range(args.rounds):
-                order = [("direct", DIRECT_SERVER), ("proxy", SERVER_ADDRESS)]
-                for name, address in order if i % 2 == 0 else order[::-1]:
-                    await measure(address, args, direct if name == "direct" else proxied, server_pid)
+            for link_mbit in args.link_mbit:
+                shape_server_links(link_mbit)
+                direct, proxied = Figures(), Figures()
+                for i in range(args.rounds):
+                    order = [("direct", DIRECT_SERVER), ("proxy", SERVER_ADDRESS)]
+                    for name, address in order if i % 2 == 0 else order[::-1]:
+                        await measure(address, args, direct if name == "direct" else proxied, server_pid)
+                tables.append((link_mbit, direct, proxied))
             decisions = ", ".join(f"{rule} {'allowed' if ok else 'denied'}: {n}"
                                   for (rule, ok), n in sorted(proxy.stats.decisions.items()))  # fmt: skip
     carried = state.bytes_in  # reported as the plane stopped
-    if carried < args.rounds * args.size_mib * 2**20:
+    if carried < len(args.link_mbit) * args.rounds * args.size_mib * 2**20:
         raise RuntimeError(
             f"the proxy carried only {carried} bytes back: the proxy path did not go through it"
         )
-    report(args, direct, proxied, f"{decisions}; {carried / 2**20:.0f} MiB carried to the client")
+    for link_mbit, direct, proxied in tables:
+        print("link: " + (f"the server's uplinks shaped to {link_mbit} Mbit/s" if link_mbit else "unshaped"))
+        report(args, direct, proxied, f"{decisions}; {carried / 2**20:.0f} MiB carried to the client")
+
+
+def shape_server_links(link_mbit: int) -> None:
+    """Both paths' server side at one rate (``tc tbf``): a destination on the internet is as far as its
+    link, and whether the proxy keeps up with that link is what a user sees. 0: unshaped (then the bench
+    measures CPU: client, server and proxy share this machine's CPUs)."""
+    for dev in ("eth0", "eth1"):
+        run("ip", "netns", "exec", SERVER_NS, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+        if link_mbit:
+            burst = max(link_mbit * 1_000_000 // 8 // 100, 64 * 1024)  # 10 ms at the rate, in bytes
+            run("ip", "netns", "exec", SERVER_NS, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", f"{link_mbit}mbit", "burst", str(burst), "latency", "20ms")  # fmt: skip
 
 
 def main() -> None:
@@ -522,6 +540,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="each rate and latency run (default 3)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for conn/s (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, ABBA order (default 2)")
+    parser.add_argument(
+        "--link-mbit",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[0, 10_000, 1_000],
+        help="server link rates to run at, Mbit/s, comma separated; 0: unshaped (default 0,10000,1000)",
+    )
     parser.add_argument(
         "--stream-splice", action="store_true", help="the proxy splices through its streams (no splice(2))"
     )

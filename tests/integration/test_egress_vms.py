@@ -5,24 +5,37 @@ the test range."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from gateway.egress.ca import make_ca
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import GatewayUnderTest
+from tests.integration.test_egress_ca import leaf_pem
 from tests.internet_env import INTERNET, InternetHost, internet_hosts
+from tests.qemu_env import qemu_missing
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nftables"),
 ]
 
-ALLOWED, DENIED = "web.example.test", "other.example.test"
+ALLOWED, DENIED, WILD = "web.example.test", "other.example.test", "a.wild.example.test"
 EGRESS_PORTS = {"proxy_port": 15901, "resolver_port": 15953}
+# The test internet's own roots: its HTTPS hosts' leaves chain to them; a VM trusts them when told.
+ROOTS = make_ca("test internet roots")
+DRIVERS = [
+    pytest.param("netns", id="netns"),
+    pytest.param(
+        "qemu", id="qemu", marks=pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
+    ),
+]
 
 
 @pytest.fixture
@@ -33,14 +46,17 @@ async def hosts(acme_env: AcmeTestEnv) -> AsyncIterator[list[InternetHost]]:
         yield made
 
 
-async def egress_gateway(gateway_factory: Any, acme_env: AcmeTestEnv) -> GatewayUnderTest:
+async def egress_gateway(
+    gateway_factory: Any, acme_env: AcmeTestEnv, driver: str = "netns"
+) -> GatewayUnderTest:
     egress = {
         "enabled": True,
         **EGRESS_PORTS,
         "upstream_resolvers": f"127.0.0.1:{acme_env.dns_port}",
         "dial_networks": str(INTERNET),
     }
-    return await gateway_factory("netns", egress=egress)
+    vms = {"driver": driver, "boot_timeout_s": 90.0}
+    return await gateway_factory(driver, egress=egress, vms=vms)  # type: ignore[no-any-return]
 
 
 async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
@@ -51,36 +67,80 @@ async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
     return out  # type: ignore[return-value]
 
 
-async def test_a_vm_reaches_what_its_policy_allows_and_nothing_else(
-    gateway_factory: Any, acme_env: AcmeTestEnv, hosts: list[InternetHost]
-) -> None:
-    gw = await egress_gateway(gateway_factory, acme_env)
-    policy = {"allow_http": True, "allowed_domains": [ALLOWED]}
-    status, vm = await gw.request("POST", "/v1/vms", json={"egress_policy": policy})
-    assert status == 200, vm
-    sid = vm["session_id"]
+async def until_listed(gw: GatewayUnderTest, vm_id: str, rules: set[str]) -> set[str]:
+    """The VM's denial list through the API once it names every rule of ``rules`` (reported each second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        status, view = await gw.request("GET", f"/v1/egress/vm/{vm_id}")
+        assert status == 200, view
+        listed = {d["rule"] for d in view["recent_denials"]}
+        if rules <= listed or time.monotonic() > deadline:
+            return listed
+        await asyncio.sleep(0.1)
 
-    allowed = await sh(gw, sid, f"curl -sS -m 10 http://{ALLOWED}/")
-    assert allowed["stdout"] == f"hello from tnet-0 {ALLOWED}", allowed
-    denied_name = await sh(gw, sid, f"getent hosts {DENIED} || echo no-such-name")
-    assert denied_name["stdout"].strip() == "no-such-name"  # NXDOMAIN, though bind9 has it
-    before = hosts[1].packets_received()
-    by_address = await sh(
-        gw, sid, f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://{hosts[1].address}/"
-    )
-    assert by_address["stdout"] == "403", by_address  # an address no allowed name gave
-    lying = await sh(
-        gw,
-        sid,
-        f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' -H 'Host: {ALLOWED}' http://{hosts[1].address}/",
-    )
-    assert lying["stdout"] == "403", lying
-    assert hosts[1].packets_received() == before  # not one packet reached it
-    udp = await sh(gw, sid, f"timeout 3 bash -c 'echo x > /dev/udp/{hosts[1].address}/9' ; echo done")
-    assert udp["stdout"].strip().endswith("done")
-    assert hosts[1].packets_received() == before  # UDP other than DNS goes nowhere
-    denials = gw.services.egress.denials(vm["vm_id"])  # type: ignore[union-attr]
-    assert {d.rule for d in denials} == {"not_allowed", "name_not_resolved_to_address"}
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_vm_reaches_what_its_policy_allows_and_nothing_else(
+    driver: str, gateway_factory: Any, acme_env: AcmeTestEnv
+) -> None:
+    gw = await egress_gateway(gateway_factory, acme_env, driver)
+    with internet_hosts(4, tls=[leaf_pem(ROOTS, ALLOWED), leaf_pem(ROOTS, DENIED)]) as (
+        allowed_host,
+        denied_host,
+        wild_host,
+        cidr_host,
+    ):
+        for name, host in ((ALLOWED, allowed_host), (DENIED, denied_host), (WILD, wild_host)):
+            await acme_env.set_record(name, "A", host.address)
+        policy = {
+            "allow_http": True,
+            "allow_https": True,
+            "allowed_domains": [ALLOWED, "*.wild.example.test"],
+            "allowed_cidrs": [f"{cidr_host.address}/32"],
+        }
+        status, vm = await gw.request("POST", "/v1/vms", json={"egress_policy": policy})
+        assert status == 200, vm
+        sid = vm["session_id"]
+        await sh(gw, sid, f"cat > /tmp/roots.pem <<'EOF'\n{ROOTS.cert_pem.decode()}EOF")
+        before = denied_host.packets_received()
+
+        http = await sh(gw, sid, f"curl -sS -m 10 http://{ALLOWED}/")  # by Host
+        assert http["stdout"] == f"hello from tnet-0 {ALLOWED}", http
+        https = await sh(gw, sid, f"curl -sS -m 10 --cacert /tmp/roots.pem https://{ALLOWED}/")  # by SNI
+        assert https["stdout"] == f"hello from tnet-0 {ALLOWED}", https  # end to end: the host's own leaf
+        wild = await sh(gw, sid, f"curl -sS -m 10 http://{WILD}/")
+        assert wild["stdout"] == f"hello from tnet-2 {WILD}", wild
+        raw = await sh(gw, sid, (  # raw TCP, no name at all, opened by the CIDR
+            f"exec 3<>/dev/tcp/{cidr_host.address}/80; "
+            "printf 'HELLO / HTTP/1.0\\r\\n\\r\\n' >&3; head -c 12 <&3"
+        ))  # fmt: skip
+        assert raw["stdout"] == "HTTP/1.0 501", raw  # the server answered bytes no HTTP method began
+
+        denied_name = await sh(gw, sid, f"getent hosts {DENIED} || echo no-such-name")
+        assert denied_name["stdout"].strip() == "no-such-name"  # NXDOMAIN, though bind9 has it
+        never_resolved = await sh(
+            gw, sid, f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://{denied_host.address}/"
+        )
+        assert never_resolved["stdout"] == "403", never_resolved
+        lying_host = await sh(gw, sid, (
+            f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' -H 'Host: {ALLOWED}' http://{denied_host.address}/"
+        ))  # fmt: skip
+        assert lying_host["stdout"] == "403", lying_host
+        lying_sni = await sh(gw, sid, (
+            f"curl -sS -m 10 --cacert /tmp/roots.pem --connect-to {ALLOWED}:443:{denied_host.address}:443 "
+            f"https://{ALLOWED}/"
+        ))  # fmt: skip
+        assert lying_sni["exit_code"] != 0 and not lying_sni["stdout"], lying_sni
+        raw_denied = await sh(gw, sid, (
+            f"exec 3<>/dev/tcp/{denied_host.address}/80 && printf 'x' >&3; head -c 1 <&3 | wc -c"
+        ))  # fmt: skip
+        assert raw_denied["stdout"].strip().endswith("0"), raw_denied  # closed, nothing came back
+        udp = await sh(gw, sid, f"timeout 3 bash -c 'echo x > /dev/udp/{denied_host.address}/9' ; echo done")
+        assert udp["stdout"].strip().endswith("done")
+        assert denied_host.packets_received() == before  # not one packet reached it
+
+        listed = await until_listed(gw, vm["vm_id"], {"not_allowed", "name_not_resolved_to_address"})
+        assert {"not_allowed", "name_not_resolved_to_address"} <= listed, listed
 
 
 async def test_egress_policies_are_refused_where_vms_have_no_egress(gw: GatewayUnderTest) -> None:

@@ -17,7 +17,13 @@ from instavm.exceptions import InstaVMError
 
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import GatewayUnderTest
-from tests.integration.test_egress_vms import ALLOWED, DENIED, egress_gateway, hosts  # noqa: F401
+from tests.integration.test_egress_vms import (  # noqa: F401
+    ALLOWED,
+    DENIED,
+    DRIVERS,
+    egress_gateway,
+    hosts,
+)
 from tests.integration.test_sdk import sdk
 from tests.internet_env import InternetHost
 
@@ -48,17 +54,16 @@ async def until(check: Any, what: str, within_s: float = APPLIED_WITHIN_S) -> fl
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
 async def test_policies_change_live_and_the_api_shows_denials_and_bytes(
+    driver: str,
     gateway_factory: Any,
     acme_env: AcmeTestEnv,
     hosts: list[InternetHost],  # noqa: F811
 ) -> None:
-    gw: GatewayUnderTest = await egress_gateway(gateway_factory, acme_env)
+    gw: GatewayUnderTest = await egress_gateway(gateway_factory, acme_env, driver)
     client = await asyncio.to_thread(sdk, gw)  # a session and its VM, with no policy of their own
     sid = client.session_id
-    await asyncio.to_thread(
-        client.execute, "echo 'nameserver 192.0.2.53' > /etc/resolv.conf", language="bash"
-    )
 
     before = await asyncio.to_thread(client.get_session_egress, sid)
     assert before["source"] == "default" and before["allow_public_repos"] and before["egress_enabled"]
