@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
 from gateway.state.keyspace import Keys
 from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
+from gateway.state.redis_url import url_hosts
 from gateway.state.store import RedisStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.egress_ca import deployment_ca
@@ -159,8 +161,10 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
         async with contextlib.AsyncExitStack() as stack:
             egress = None
             if ca is not None:
-                # Every VM range is closed to VMs, whatever a policy says.
+                # Closed to VMs whatever a policy says: every VM range, and Redis (the host's own
+                # addresses are added by the egress plane itself).
                 closed = [config.netns.cidr, config.qemu.cidr, config.process.cidr]
+                closed += await asyncio.to_thread(redis_networks, config.redis.url)
                 egress = await stack.enter_async_context(
                     running_egress(config.egress, store, closed, minter=ca.minter, vaults=orchestrator.vaults)
                 )
@@ -180,6 +184,15 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
         await reaper.stop()
         await orchestrator.close()
         await driver.close()
+
+
+def redis_networks(url: str) -> list[str]:
+    """Every address the Redis URL's hosts resolve to (an embedded Redis: none, it is on the host)."""
+    found = []
+    for host in url_hosts(url) if url else []:
+        with contextlib.suppress(OSError):
+            found += [str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+    return sorted(set(found))
 
 
 async def domain_service(config: Config, store: RedisStore) -> DomainService:

@@ -61,6 +61,20 @@ class VmPolicies(Protocol):
         ...
 
 
+def is_host_address(address: str) -> bool:
+    """Whether ``address`` is one of this host's own, now (the kernel lets a socket bind only to those):
+    closed to VMs whatever a policy says, so no VM reaches the gateway's listeners or anything else of
+    the host through the proxy, on any of its addresses, one added a moment ago included. (Where the host
+    allows binding to foreign addresses, ``ip_nonlocal_bind``, every address looks local: all closed.)"""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     rules: OperatorRules
@@ -71,6 +85,8 @@ class ProxySettings:
     # first: SSH, SMTP).
     hello_timeout_s: float = 2.0
     idle_timeout_s: float = 600.0
+    # Which destinations are the host's own (tests whose destinations are on the loopback say none).
+    host_address_check: Callable[[str], bool] = is_host_address
 
 
 @dataclass(frozen=True)
@@ -208,6 +224,8 @@ class EgressProxy:
         decision = judge(
             policy, self.settings.rules, self.resolved, vm_id, protocol, address, port, name, time.monotonic()
         )
+        if decision.allowed and self.settings.host_address_check(address):
+            decision = Decision(False, "denied_network:host")  # whatever a CIDR says
         if decision.allowed and not self._dialable(address):
             decision = Decision(False, "dial_not_permitted")
         self.record(Seen(time.time(), vm_id, protocol, address, port, name, decision.allowed, decision.rule))

@@ -69,8 +69,9 @@ class VmResolver:
         response = await self._ask(query)
         if response is None:
             return _reply(query, dns.rcode.SERVFAIL)
-        self._remember(vm_id, response)
+        addresses = self._remember(vm_id, response)
         self.answered += 1
+        log.info("egress dns %s %s rule=%s answer=%s", vm_id, name, decision.rule, ",".join(addresses) or "-")
         response.id = query.id
         return response.to_wire()
 
@@ -83,17 +84,21 @@ class VmResolver:
                 log.warning("egress dns upstream %s:%d failed: %s", host, port, exc)
         return None
 
-    def _remember(self, vm_id: str, response: dns.message.Message) -> None:
+    def _remember(self, vm_id: str, response: dns.message.Message) -> list[str]:
+        """The answer's addresses, remembered as what this VM was told (returned for the log)."""
+        told: list[str] = []
         now = time.monotonic()
         for rrset in response.answer:
             if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 # The name asked (CNAME chains end in another name; the VM asked for the first).
                 asked = response.question[0].name.to_text(omit_final_dot=True)
                 addresses = [rdata.address for rdata in rrset]
+                told += addresses
                 self.resolved.record(vm_id, asked, addresses, rrset.ttl, now)
                 owner = rrset.name.to_text(omit_final_dot=True)
                 if owner != asked:
                     self.resolved.record(vm_id, owner, addresses, rrset.ttl, now)
+        return told
 
 
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:

@@ -37,8 +37,10 @@ REPORT_S = 1.0
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 
-def operator_rules(config: EgressConfig, vm_networks: list[str]) -> OperatorRules:
-    denied = [*comma_list(config.denied_networks), *vm_networks]
+def operator_rules(config: EgressConfig, closed: list[str]) -> OperatorRules:
+    """The operator's part: the registries, and what no policy opens (``egress.denied_networks`` and
+    ``closed``: the VM ranges, Redis). The host's own addresses are refused by the proxy itself."""
+    denied = [*comma_list(config.denied_networks), *closed]
     return OperatorRules(
         public_repos=comma_list(config.public_repos),
         denied_networks=tuple(ipaddress.ip_network(n, strict=False) for n in denied),
@@ -133,14 +135,14 @@ class Policies:
 async def running_egress(
     config: EgressConfig,
     state: EgressState,
-    vm_networks: list[str],
+    closed: list[str],
     *,
     minter: LeafMinter | None = None,
     vaults: VaultSource | None = None,
 ) -> AsyncIterator[EgressProxy]:
     """The proxy and the resolver listening; ``minter``: the deployment CA's (the proxy's, for the
     hosts it terminates TLS for)."""
-    rules = operator_rules(config, vm_networks)
+    rules = operator_rules(config, closed)
     policies = Policies(state)
     await policies.refresh()
     resolved = ResolvedNames()

@@ -6,13 +6,14 @@ passed on as a half-close while the other goes on, and a connection quiet in bot
 
 A direction starts on the streams (reads of ``READ_BYTES``, ``write``, ``drain``, ``write_eof``). Once
 it has carried ``KERNEL_AFTER_BYTES`` between plain sockets (every connection spliced here: the ones
-whose TLS the proxy opens, to vault hosts, carry their bytes in ``intercept``), the kernel moves the rest: ``splice(2)`` from the source socket into a pipe and from
-the pipe into the sink, so no byte is copied into Python (bench/egress.py: the proxy's CPU per GiB
-downloaded fell from about 0.8 s to 0.3 s). The pipe is then the direction's only buffer
-(``PIPE_BYTES``), and the source is read only while the sink takes what the pipe holds; the end of the
-source is passed on as ``shutdown(SHUT_WR)``. At the switch the source's transport stops reading and what
-its reader already holds is written ahead and flushed, so the order of bytes is kept. Small exchanges
-never switch: setting up the pipe costs more than it saves for them.
+whose TLS the proxy opens, to vault hosts, carry their bytes in ``intercept``), the kernel moves the
+rest: ``splice(2)`` from the source socket into a pipe and from the pipe into the sink, so no byte is
+copied into Python (bench/egress.py: the proxy's CPU per GiB downloaded fell from about 0.8 s to 0.3 s).
+The pipe is then the direction's only buffer (``PIPE_BYTES``), and the source is read only while the
+sink takes what the pipe holds; the end of the source is passed on as ``shutdown(SHUT_WR)``. At the
+switch the source's transport stops reading and what its reader already holds is written ahead and
+flushed, so the order of bytes is kept. Small exchanges never switch: setting up the pipe costs more
+than it saves for them.
 """
 
 from __future__ import annotations

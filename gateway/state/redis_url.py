@@ -107,3 +107,16 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
         password=password,
         sentinel_password=query.get("sentinel_password", [None])[0],
     )
+
+
+def url_hosts(url: str) -> list[str]:
+    """The hosts a Redis URL names (a plain URL's host, the sentinels, the cluster's nodes); none for a
+    unix socket. Closed to VMs' egress: a VM must never reach the gateway's state."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        return [host for host, _ in sentinel.sentinels]
+    cluster = parse_cluster_url(url)
+    if cluster is not None:
+        return [host for host, _ in cluster.nodes]
+    host = urlsplit(url).hostname
+    return [host] if host else []

@@ -6,6 +6,7 @@ the test range."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shutil
 import time
@@ -67,6 +68,11 @@ async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
     return out  # type: ignore[return-value]
 
 
+def host_side(host: InternetHost) -> str:
+    """The host's address on a test host's link (the test host is the next one)."""
+    return str(ipaddress.ip_address(host.address) - 1)
+
+
 async def until_listed(gw: GatewayUnderTest, vm_id: str, rules: set[str]) -> set[str]:
     """The VM's denial list through the API once it names every rule of ``rules`` (reported each second)."""
     deadline = time.monotonic() + 10
@@ -96,7 +102,8 @@ async def test_a_vm_reaches_what_its_policy_allows_and_nothing_else(
             "allow_http": True,
             "allow_https": True,
             "allowed_domains": [ALLOWED, "*.wild.example.test"],
-            "allowed_cidrs": [f"{cidr_host.address}/32"],
+            # The second: the host's own side of that test host's link (an address of the host).
+            "allowed_cidrs": [f"{cidr_host.address}/32", f"{host_side(cidr_host)}/32"],
         }
         status, vm = await gw.request("POST", "/v1/vms", json={"egress_policy": policy})
         assert status == 200, vm
@@ -135,6 +142,8 @@ async def test_a_vm_reaches_what_its_policy_allows_and_nothing_else(
             f"exec 3<>/dev/tcp/{denied_host.address}/80 && printf 'x' >&3; head -c 1 <&3 | wc -c"
         ))  # fmt: skip
         assert raw_denied["stdout"].strip().endswith("0"), raw_denied  # closed, nothing came back
+        own = await sh(gw, sid, f"curl -sS -m 10 http://{host_side(cidr_host)}:{gw.config.server.port}/")
+        assert "denied_network" in own["stdout"], own  # the host itself, though a CIDR names it
         udp = await sh(gw, sid, f"timeout 3 bash -c 'echo x > /dev/udp/{denied_host.address}/9' ; echo done")
         assert udp["stdout"].strip().endswith("done")
         assert denied_host.packets_received() == before  # not one packet reached it
