@@ -127,24 +127,13 @@ redis.call('DEL', KEYS[4], KEYS[5])
 return 1
 """
 
-# Add an edge's byte counts to VM records, skipping records that are gone (never recreating one).
-# ARGV: bytes in, bytes out per key, in KEYS order.
-_ADD_TRAFFIC = """
+# Add two counters to VM records, skipping records that are gone (never recreating one): the edge's
+# bytes and the egress proxy's. ARGV: the two field names, then their increments per key in KEYS order.
+_ADD_COUNTS = """
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, 'bytes_in', ARGV[2 * i - 1])
-    redis.call('HINCRBY', key, 'bytes_out', ARGV[2 * i])
-  end
-end
-return 1
-"""
-
-# The egress proxy's byte counts, added like the edge's (ARGV: bytes out, bytes in per key).
-_ADD_EGRESS_BYTES = """
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, 'egress_bytes_out', ARGV[2 * i - 1])
-    redis.call('HINCRBY', key, 'egress_bytes_in', ARGV[2 * i])
+    redis.call('HINCRBY', key, ARGV[1], ARGV[2 * i + 1])
+    redis.call('HINCRBY', key, ARGV[2], ARGV[2 * i + 2])
   end
 end
 return 1
@@ -208,8 +197,7 @@ class RedisStore:
         self._update_if_held = client.register_script(_UPDATE_IF_HELD)
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
-        self._add_traffic = client.register_script(_ADD_TRAFFIC)
-        self._add_egress_bytes = client.register_script(_ADD_EGRESS_BYTES)
+        self._add_counts = client.register_script(_ADD_COUNTS)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
         self._release_execution = client.register_script(_RELEASE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
@@ -311,11 +299,15 @@ class RedisStore:
 
     async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
         """The edge's bytes per VM, added to the VM records that still exist (``TrafficSink``)."""
+        await self._add_to_vms("bytes_in", "bytes_out", counts)
+
+    async def _add_to_vms(self, first: str, second: str, counts: dict[str, tuple[int, int]]) -> None:
+        """Add (first, second) per VM id to those fields of the VM records that still exist."""
         if not counts:
             return
         ids = list(counts)
-        args = [n for vm_id in ids for n in counts[vm_id]]
-        await guarded(self._add_traffic(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
+        args: list[str | int] = [first, second, *(n for vm_id in ids for n in counts[vm_id])]
+        await guarded(self._add_counts(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
 
     async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """The active VMs by address, each with the policy that applies: its own, else its session's
@@ -337,10 +329,7 @@ class RedisStore:
     async def add_egress(self, counts: dict[str, tuple[int, int]], denials: dict[str, list[str]]) -> None:
         """The egress proxy's bytes (out, in) per VM and its new denials (JSON, oldest first) per VM
         (``EgressSink``); VM records that are gone are not recreated."""
-        if counts:
-            ids = list(counts)
-            args = [n for vm_id in ids for n in counts[vm_id]]
-            await guarded(self._add_egress_bytes(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
+        await self._add_to_vms("egress_bytes_out", "egress_bytes_in", counts)
         if denials:
             pipe = self.client.pipeline(transaction=False)
             for vm_id, entries in denials.items():

@@ -14,20 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.egress.ca import EgressCa, load_ca, make_ca, mint_leaf
+from gateway.egress.ca import make_ca
 from gateway.guest.egress_setup import BUNDLE, CA_COPY, CA_ENV
 from tests.acme_env import AcmeTestEnv
-from tests.conftest import (
-    GatewayUnderTest,
-    remove_blackhole,
-    remove_empty_cgroup_parents,
-    remove_host_firewall,
-)
-from tests.internet_env import INTERNET, internet_hosts
-from tests.qemu_env import qemu_missing
+from tests.egress_env import DRIVERS, egress_gateway, leaf_pem, own_names, remove_own_names, sh
+from tests.internet_env import internet_hosts
 
 pytestmark = [
     pytest.mark.root,
@@ -36,66 +28,15 @@ pytestmark = [
 
 TRUSTED, ROGUE = "vault.example.test", "rogue.example.test"
 HOSTS_NETWORK = ipaddress.IPv4Network("198.18.201.0/24")
-BOOT_TIMEOUT_S = 90.0
 # The drivers' settings of this file alone (prefixes, ranges, cgroups), and its own egress ports.
-OWN = {
-    "netns": {
-        "netns": {"cidr": "172.31.228.0/24", "name_prefix": "gwca", "cgroup_name": "gateway-catest"},
-        "egress_ports": {"proxy_port": 15921, "resolver_port": 15973},
-    },
-    "qemu": {
-        "qemu": {"cidr": "172.31.226.0/24", "name_prefix": "gwcq", "cgroup_name": "gateway-cqtest"},
-        "egress_ports": {"proxy_port": 15922, "resolver_port": 15974},
-    },
-}
-DRIVERS = [
-    pytest.param("netns", id="netns"),
-    pytest.param(
-        "qemu", id="qemu", marks=pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
-    ),
-]
+OWN = own_names("ca", "172.31.228.0/24", "172.31.226.0/24", 15921)
 
 
 @pytest.fixture
 def own_host_names() -> Iterator[None]:
     """Set up before the gateways (so torn down after them): what the drivers keep on purpose."""
     yield
-    for settings in OWN.values():
-        section = next(v for k, v in settings.items() if k in ("netns", "qemu"))
-        remove_host_firewall(str(section["name_prefix"]))
-        remove_blackhole(str(section["cidr"]))
-        remove_empty_cgroup_parents(str(section["cgroup_name"]))
-
-
-async def egress_gateway(gateway_factory: Any, acme_env: AcmeTestEnv, driver: str) -> GatewayUnderTest:
-    own = OWN[driver]
-    egress = {
-        "enabled": True,
-        **own["egress_ports"],
-        "upstream_resolvers": f"127.0.0.1:{acme_env.dns_port}",
-        "dial_networks": str(INTERNET),
-    }
-    vms = {"driver": driver, "boot_timeout_s": BOOT_TIMEOUT_S}
-    return await gateway_factory(driver, egress=egress, vms=vms, **{driver: own[driver]})  # type: ignore[no-any-return]
-
-
-def leaf_pem(ca: EgressCa, name: str) -> bytes:
-    """A server certificate for ``name`` signed by ``ca`` and its key, as the test host loads them."""
-    cert, ca_key = load_ca(ca)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = mint_leaf(cert, ca_key, key, name)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return leaf.public_bytes(serialization.Encoding.PEM) + key_pem
-
-
-async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
-    status, out = await gw.request(
-        "POST", "/execute", json={"session_id": sid, "language": "bash", "command": command, "timeout": 40}
-    )
-    assert status == 200, out
-    return out  # type: ignore[return-value]
+    remove_own_names(OWN)
 
 
 @pytest.mark.usefixtures("own_host_names")
@@ -103,7 +44,7 @@ async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
 async def test_a_vm_has_a_nameserver_and_trusts_the_deployment_ca_only(
     driver: str, gateway_factory: Any, acme_env: AcmeTestEnv
 ) -> None:
-    gw = await egress_gateway(gateway_factory, acme_env, driver)
+    gw = await egress_gateway(gateway_factory, acme_env, driver, OWN)
     assert gw.services.egress is not None and gw.services.egress.minter is not None
     ca = gw.services.egress.minter.ca  # the deployment's, as Redis holds it
     unknown = make_ca("not this deployment")
@@ -147,8 +88,7 @@ async def test_a_vm_has_a_nameserver_and_trusts_the_deployment_ca_only(
 
 @pytest.mark.usefixtures("own_host_names")
 async def test_without_egress_a_vm_root_is_left_as_the_image_has_it(gateway_factory: Any) -> None:
-    own = OWN["netns"]
-    gw = await gateway_factory("netns", netns=own["netns"])
+    gw = await gateway_factory("netns", netns=OWN["netns"]["netns"])
     status, vm = await gw.request("POST", "/v1/vms", json={})
     assert status == 200, vm
     out = await sh(

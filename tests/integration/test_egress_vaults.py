@@ -25,13 +25,9 @@ from gateway.egress.ca import make_ca
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import (
     GatewayUnderTest,
-    remove_blackhole,
-    remove_empty_cgroup_parents,
-    remove_host_firewall,
 )
-from tests.integration.test_egress_ca import leaf_pem, sh
-from tests.internet_env import INTERNET, internet_hosts
-from tests.qemu_env import qemu_missing
+from tests.egress_env import DRIVERS, egress_gateway, leaf_pem, own_names, remove_own_names, sh
+from tests.internet_env import internet_hosts
 
 pytestmark = [
     pytest.mark.root,
@@ -41,23 +37,7 @@ pytestmark = [
 SERVICE, OTHER = "api.vault.example.test", "other.vault.example.test"
 SECRET = "sk-live-the-real-secret-0123456789"
 HOSTS_NETWORK = ipaddress.IPv4Network("198.18.202.0/24")
-BOOT_TIMEOUT_S = 90.0
-OWN = {
-    "netns": {
-        "netns": {"cidr": "172.31.224.0/24", "name_prefix": "gwvn", "cgroup_name": "gateway-vntest"},
-        "egress_ports": {"proxy_port": 15931, "resolver_port": 15983},
-    },
-    "qemu": {
-        "qemu": {"cidr": "172.31.222.0/24", "name_prefix": "gwvq", "cgroup_name": "gateway-vqtest"},
-        "egress_ports": {"proxy_port": 15932, "resolver_port": 15984},
-    },
-}
-DRIVERS = [
-    pytest.param("netns", id="netns"),
-    pytest.param(
-        "qemu", id="qemu", marks=pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
-    ),
-]
+OWN = own_names("vl", "172.31.224.0/24", "172.31.222.0/24", 15931)
 # The "public" roots of the test internet: what the hosts' certificates chain to, and what the proxy
 # checks them against (egress.upstream_ca_file); VMs do not trust them unless told.
 PUBLIC_CA = make_ca("test internet roots")
@@ -66,26 +46,13 @@ PUBLIC_CA = make_ca("test internet roots")
 @pytest.fixture
 def own_host_names() -> Iterator[None]:
     yield
-    for settings in OWN.values():
-        section = next(v for k, v in settings.items() if k in ("netns", "qemu"))
-        remove_host_firewall(str(section["name_prefix"]))
-        remove_blackhole(str(section["cidr"]))
-        remove_empty_cgroup_parents(str(section["cgroup_name"]))
+    remove_own_names(OWN)
 
 
 async def vault_gateway(
     gateway_factory: Any, acme_env: AcmeTestEnv, driver: str, roots: Path
 ) -> GatewayUnderTest:
-    own = OWN[driver]
-    egress = {
-        "enabled": True,
-        **own["egress_ports"],
-        "upstream_resolvers": f"127.0.0.1:{acme_env.dns_port}",
-        "dial_networks": str(INTERNET),
-        "upstream_ca_file": str(roots),
-    }
-    vms = {"driver": driver, "boot_timeout_s": BOOT_TIMEOUT_S}
-    return await gateway_factory(driver, egress=egress, vms=vms, **{driver: own[driver]})  # type: ignore[no-any-return]
+    return await egress_gateway(gateway_factory, acme_env, driver, OWN, upstream_ca_file=str(roots))
 
 
 def service_vault(sdk: InstaVM) -> dict[str, Any]:

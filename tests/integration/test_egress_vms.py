@@ -18,9 +18,8 @@ import pytest
 from gateway.egress.ca import make_ca
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import GatewayUnderTest
-from tests.integration.test_egress_ca import leaf_pem
-from tests.internet_env import INTERNET, InternetHost, internet_hosts
-from tests.qemu_env import qemu_missing
+from tests.egress_env import DRIVERS, egress_gateway, leaf_pem, sh
+from tests.internet_env import InternetHost, internet_hosts
 
 pytestmark = [
     pytest.mark.root,
@@ -28,15 +27,8 @@ pytestmark = [
 ]
 
 ALLOWED, DENIED, WILD = "web.example.test", "other.example.test", "a.wild.example.test"
-EGRESS_PORTS = {"proxy_port": 15901, "resolver_port": 15953}
 # The test internet's own roots: its HTTPS hosts' leaves chain to them; a VM trusts them when told.
 ROOTS = make_ca("test internet roots")
-DRIVERS = [
-    pytest.param("netns", id="netns"),
-    pytest.param(
-        "qemu", id="qemu", marks=pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
-    ),
-]
 
 
 @pytest.fixture
@@ -45,27 +37,6 @@ async def hosts(acme_env: AcmeTestEnv) -> AsyncIterator[list[InternetHost]]:
         await acme_env.set_record(ALLOWED, "A", made[0].address)
         await acme_env.set_record(DENIED, "A", made[1].address)
         yield made
-
-
-async def egress_gateway(
-    gateway_factory: Any, acme_env: AcmeTestEnv, driver: str = "netns"
-) -> GatewayUnderTest:
-    egress = {
-        "enabled": True,
-        **EGRESS_PORTS,
-        "upstream_resolvers": f"127.0.0.1:{acme_env.dns_port}",
-        "dial_networks": str(INTERNET),
-    }
-    vms = {"driver": driver, "boot_timeout_s": 90.0}
-    return await gateway_factory(driver, egress=egress, vms=vms)  # type: ignore[no-any-return]
-
-
-async def sh(gw: GatewayUnderTest, sid: str, command: str) -> dict[str, Any]:
-    status, out = await gw.request(
-        "POST", "/execute", json={"session_id": sid, "language": "bash", "command": command, "timeout": 30}
-    )
-    assert status == 200, out
-    return out  # type: ignore[return-value]
 
 
 def host_side(host: InternetHost) -> str:

@@ -17,13 +17,8 @@ from instavm.exceptions import InstaVMError
 
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import GatewayUnderTest
-from tests.integration.test_egress_vms import (  # noqa: F401
-    ALLOWED,
-    DENIED,
-    DRIVERS,
-    egress_gateway,
-    hosts,
-)
+from tests.egress_env import DRIVERS, egress_gateway
+from tests.integration.test_egress_vms import ALLOWED, DENIED, hosts  # noqa: F401
 from tests.integration.test_sdk import sdk
 from tests.internet_env import InternetHost
 
