@@ -162,11 +162,18 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
             egress = None
             if ca is not None:
                 # Closed to VMs whatever a policy says: every VM range, and Redis (the host's own
-                # addresses are added by the egress plane itself).
+                # addresses are refused by the proxy itself).
                 closed = [config.netns.cidr, config.qemu.cidr, config.process.cidr]
                 closed += await asyncio.to_thread(redis_networks, config.redis.url)
                 egress = await stack.enter_async_context(
-                    running_egress(config.egress, store, closed, minter=ca.minter, vaults=orchestrator.vaults)
+                    running_egress(
+                        config.egress,
+                        store,
+                        closed,
+                        minter=ca.minter,
+                        vaults=orchestrator.vaults,
+                        events=events,
+                    )
                 )
             yield Services(
                 client,

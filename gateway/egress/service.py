@@ -26,11 +26,13 @@ from gateway.egress.proxy import EgressProxy, ProxySettings
 from gateway.egress.resolved import ResolvedNames
 from gateway.egress.resolver import ResolverProtocol, VmResolver
 from gateway.errors import GatewayError, ListenFailed
-from gateway.state.ports import EgressSink, PolicySource, VaultSource
+from gateway.state.events import EgressPolicyChanged, Event, VmChanged, VmReleased
+from gateway.state.ports import EgressSink, EventFeed, PolicySource, VaultSource
 
 log = logging.getLogger(__name__)
 
-REFRESH_S = 0.5
+REFRESH_S = 0.5  # while events cannot be heard
+FULL_REFRESH_S = 5.0  # while they can (a safety net: events say what changed)
 # A connection or DNS question from an unknown address reads the state again, at most this often.
 MISS_REFRESH_S = 0.05
 REPORT_S = 1.0
@@ -85,15 +87,19 @@ async def keep_reporting(proxy: EgressProxy, sink: EgressSink) -> None:
 
 
 class Policies:
-    """``VmPolicies`` from the state, refreshed in the background, and at once for an address not known
-    yet: a VM's first DNS question may come before the next refresh, and a dropped one costs its program
-    a resolver timeout (5 s)."""
+    """``VmPolicies`` from the state. Read again at once when an event says something changed (a policy
+    set, a VM ended or its address released: that VM is forgotten first, its address may soon be another
+    VM's), every ``FULL_REFRESH_S`` anyway, every ``REFRESH_S`` while events cannot be heard, and for an
+    address not known yet (a VM's first DNS question may come before any of those, and a dropped one
+    costs its program a resolver timeout, 5 s)."""
 
     def __init__(self, source: PolicySource) -> None:
         self.source = source
         self._by_address: dict[str, tuple[str, EgressPolicy]] = {}
-        self._refreshing: asyncio.Future[None] | None = None
+        self._reading: tuple[asyncio.Future[None], float] | None = None  # the read under way, its start
         self._refreshed_at = 0.0
+        self._changed = asyncio.Event()
+        self._hearing = False
 
     async def vm_at(self, address: str) -> tuple[str, EgressPolicy] | None:
         found = self._by_address.get(address)
@@ -109,15 +115,19 @@ class Policies:
         return found
 
     async def refresh(self) -> None:
-        """One read of the state; callers at the same time share it."""
-        if self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self._read())
-        refreshing = self._refreshing
-        try:
-            await asyncio.shield(refreshing)
-        finally:
-            if refreshing.done() and self._refreshing is refreshing:
-                self._refreshing = None
+        """A read of the state that started after this call; callers at the same time share it."""
+        asked = time.monotonic()
+        while True:
+            if self._reading is None:
+                self._reading = (asyncio.ensure_future(self._read()), time.monotonic())
+            reading, started = self._reading
+            try:
+                await asyncio.shield(reading)
+            finally:
+                if reading.done() and self._reading is not None and self._reading[0] is reading:
+                    self._reading = None
+            if started >= asked:
+                return
 
     async def _read(self) -> None:
         found = await self.source.egress_policies()
@@ -126,9 +136,27 @@ class Policies:
 
     async def follow(self) -> None:
         while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FULL_REFRESH_S if self._hearing else REFRESH_S):
+                    await self._changed.wait()
+            self._changed.clear()
             with contextlib.suppress(GatewayError):
                 await self.refresh()
-            await asyncio.sleep(REFRESH_S)
+
+    # EventSubscriber: told on the feed's task; never blocks.
+
+    def connected(self) -> None:
+        self._hearing = True
+        self._changed.set()  # what changed while nothing was heard
+
+    def disconnected(self) -> None:
+        self._hearing = False
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, VmReleased) or (isinstance(event, VmChanged) and event.gone):
+            self._by_address = {a: v for a, v in self._by_address.items() if v[0] != event.vm_id}
+        if isinstance(event, (VmChanged, VmReleased, EgressPolicyChanged)):
+            self._changed.set()
 
 
 @contextlib.asynccontextmanager
@@ -139,6 +167,7 @@ async def running_egress(
     *,
     minter: LeafMinter | None = None,
     vaults: VaultSource | None = None,
+    events: EventFeed | None = None,
 ) -> AsyncIterator[EgressProxy]:
     """The proxy and the resolver listening; ``minter``: the deployment CA's (the proxy's, for the
     hosts it terminates TLS for)."""
@@ -167,11 +196,15 @@ async def running_egress(
         server.close()
         raise ListenFailed("egress.resolver_port", f"127.0.0.1:{config.resolver_port}", exc) from exc
     following = loop.create_task(policies.follow(), name="egress policies")
+    if events is not None:
+        events.add(policies)
     reporting = loop.create_task(keep_reporting(proxy, state), name="egress reports")
     log.info("egress: proxy on :%d, resolver on :%d", config.proxy_port, config.resolver_port)
     try:
         yield proxy
     finally:
+        if events is not None:
+            events.remove(policies)
         following.cancel()
         server.close()
         await proxy.close()

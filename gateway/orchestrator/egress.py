@@ -1,9 +1,10 @@
 """Egress policies as users read and change them (``/v1/egress/vm/{id}`` and ``/v1/egress/session/{id}``).
 
 A VM's policy is its own when it has one, else its session's, else the operator's default. A change is
-a write to the record: every gateway's egress plane re-reads policies within a second
-(``gateway.egress.service.REFRESH_S``) and applies them to new connections and DNS answers; connections
-already open keep going. What the egress plane saw (bytes, recent denials) comes back through the state.
+a write to the record and an ``EgressPolicyChanged`` event: every gateway's egress plane reads policies
+again at once (and every ``REFRESH_S`` while it cannot hear events) and applies them to new connections
+and DNS answers; connections already open keep going. What the egress plane saw (bytes, recent
+denials) comes back through the state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gateway.egress.policy import EgressPolicy, effective_policy
 from gateway.errors import VmNotRunning
 from gateway.orchestrator.model import VmRecord, is_live
 from gateway.orchestrator.service import Orchestrator
+from gateway.state.events import EgressPolicyChanged
 
 # Drivers whose VMs have a network of their own behind the host's veth (what egress intercepts).
 EGRESS_DRIVERS = frozenset({"netns", "qemu"})
@@ -69,6 +71,7 @@ class EgressPolicies:
         if not is_live(vm):
             raise VmNotRunning(f"VM {vm_id} has ended ({vm.status}): its policy can no longer change")
         await self.store.update_vm(vm.vm_id, egress_policy=fields)
+        await self.store.publish(EgressPolicyChanged(vm_id=vm.vm_id))
         return await self.of_vm(owner, vm_id)
 
     async def of_session(self, owner: str, session_id: str) -> EgressView:
@@ -86,4 +89,5 @@ class EgressPolicies:
         """The session's policy: for its VMs that have none of their own, live ones included."""
         session = await self.orchestrator.owned_session(owner, session_id)
         await self.store.update_session(session.session_id, egress_policy=fields)
+        await self.store.publish(EgressPolicyChanged(session_id=session.session_id))
         return await self.of_session(owner, session_id)

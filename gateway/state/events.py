@@ -96,6 +96,16 @@ class CertChanged:
     cert_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class EgressPolicyChanged:
+    """A VM's egress policy (``vm_id``) or a session's (``session_id``, for its VMs without their own)
+    was set: every egress plane reads policies again."""
+
+    TYPE: ClassVar[str] = "egress_policy"
+    vm_id: str = ""
+    session_id: str = ""
+
+
 Event = (
     VmChanged
     | PortExposed
@@ -105,6 +115,7 @@ Event = (
     | DomainChanged
     | OrgKeysChanged
     | CertChanged
+    | EgressPolicyChanged
 )
 
 _BY_TYPE: dict[str, type[Event]] = {
@@ -118,6 +129,7 @@ _BY_TYPE: dict[str, type[Event]] = {
         DomainChanged,
         OrgKeysChanged,
         CertChanged,
+        EgressPolicyChanged,
     )
 }
 
