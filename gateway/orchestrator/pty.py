@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import Conflict, GatewayError, NotFound, Unsupported, VmNotRunning
+from gateway.errors import Conflict, GatewayError, NotFound, TooManyRequests, Unsupported, VmNotRunning
 from gateway.orchestrator.drivers.base import VmProcess, VmSpawn
 from gateway.orchestrator.model import VM_ACTIVE, VmRecord
 from gateway.orchestrator.service import Orchestrator
@@ -29,6 +29,7 @@ BRIDGE_SOURCE = (Path(__file__).resolve().parents[1] / "guest" / "pty_bridge.py"
 INPUT, RESIZE, HANGUP = 0, 2, 9
 SCROLLBACK_BYTES = 64 * 1024
 MAX_PER_VM = 16
+TERMINAL_RETRY_AFTER_S = 5
 # An ended terminal is still shown (its exit code) this long.
 ENDED_KEPT_S = 600.0
 # Output pieces a viewer may be behind before it is dropped (the shell goes on).
@@ -37,8 +38,11 @@ DEFAULT_SHELL = ("/bin/bash", "-il")
 HANGUP_GRACE_S = 2.0
 
 
-class TooManyTerminals(GatewayError):
-    status, code, message = 429, "too_many_terminals", "too many terminals in this VM"
+class TooManyTerminals(TooManyRequests):
+    """A VM's terminals are all taken; one frees when a shell exits or is killed (Retry-After: a guess)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="too_many_terminals", retry_after=TERMINAL_RETRY_AFTER_S)
 
 
 @dataclass

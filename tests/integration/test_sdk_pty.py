@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from instavm import InstaVM
 
+from gateway.orchestrator.pty import MAX_PER_VM
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_sdk import http_error, sdk
 from tests.integration.test_sdk_files import DRIVERS, start
@@ -170,4 +171,11 @@ async def test_terminals_keep_tenants_apart_and_validate(gw: GatewayUnderTest) -
             assert resp.status == 422 and answer["detail"][0]["loc"] == ["body", loc], answer
     async with gw.http.post(f"{url}/{pty_id}/resize", json={"cols": 5}, headers=headers) as resp:
         assert resp.status == 422
-    await asyncio.to_thread(client.pty.kill, sid, pty_id)
+    # A VM's terminals are capped; the one too many is a 429 that says when to try again.
+    more = [(await asyncio.to_thread(client.pty.create, sid))["session_id"] for _ in range(MAX_PER_VM - 1)]
+    async with gw.http.post(url, json={}, headers=headers) as resp:
+        answer = await resp.json()
+        assert resp.status == 429 and answer["code"] == "too_many_terminals", answer
+        assert int(resp.headers["Retry-After"]) > 0  # regression: it had none
+    for one in [pty_id, *more]:
+        await asyncio.to_thread(client.pty.kill, sid, one)
