@@ -30,19 +30,7 @@ async def execute(request: web.Request) -> web.Response:
     body = await execute_request(request)
     argv = [*INTERPRETERS[body.language], body.command]
     session, vm, result = await request.app[ORCHESTRATOR].execute(owner, body.session_id, argv, body.timeout)
-    return json_response(
-        ExecuteResponse(
-            stdout=result.stdout.decode("utf-8", "replace"),
-            stderr=result.stderr.decode("utf-8", "replace"),
-            exit_code=result.exit_code,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
-            execution_time=round(result.duration_s, 3),
-            session_id=session.session_id,
-            vm_id=vm.vm_id,
-            cpu_time=round(result.cpu_s, 3) if result.cpu_s is not None else None,
-        )
-    )
+    return json_response(ExecuteResponse(**result.reported(), session_id=session.session_id, vm_id=vm.vm_id))
 
 
 @routes.post("/execute_async")

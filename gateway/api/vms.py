@@ -21,6 +21,7 @@ from gateway.api.schemas import (
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_part, parse_query
 from gateway.orchestrator.domains import DomainRequest, DomainService
+from gateway.orchestrator.drivers.base import cannot_suspend
 from gateway.orchestrator.egress import EGRESS_OFF
 from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
@@ -66,7 +67,7 @@ def refuse_unsupported(
         problems.append(("image_variant", image_problem))
     if (body.auto_suspend or body.auto_resume) and not suspends:
         field = "auto_suspend" if body.auto_suspend else "auto_resume"
-        problems.append((field, f"the {driver!r} VM driver cannot suspend VMs (netns and qemu can)"))
+        problems.append((field, cannot_suspend(driver)))
     if problems:
         raise RequestValidationError([detail_item(["body", f], msg, "unsupported") for f, msg in problems])
 

@@ -84,11 +84,8 @@ class Executions:
             return
         rec.vm_id = vm.vm_id
         rec.status, rec.completed_at = EXECUTION_COMPLETED, time.time()
-        rec.stdout = result.stdout.decode("utf-8", "replace")
-        rec.stderr = result.stderr.decode("utf-8", "replace")
-        rec.exit_code, rec.timed_out, rec.truncated = result.exit_code, result.timed_out, result.truncated
-        rec.execution_time = round(result.duration_s, 3)
-        rec.cpu_time = round(result.cpu_s, 3) if result.cpu_s is not None else None
+        for name, value in result.reported().items():
+            setattr(rec, name, value)
         await self.store.put_execution(rec)
 
     async def _fail(self, rec: ExecutionRecord, error: str) -> None:

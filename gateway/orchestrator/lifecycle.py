@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from gateway.errors import Conflict, DriverError, GatewayError, Unsupported
-from gateway.orchestrator.drivers.base import VmSpec, VmSuspend
+from gateway.orchestrator.drivers.base import VmSpec, VmSuspend, cannot_suspend
 from gateway.orchestrator.model import VM_ACTIVE, VM_FAILED, VM_SUSPENDED, VmRecord
 from gateway.orchestrator.service import SUSPENDED_SUBDIR, Orchestrator
 from gateway.state.events import Event, WakeRequested
@@ -45,7 +45,7 @@ class Lifecycle:
     def driver(self) -> VmSuspend:
         driver = self.orchestrator.driver
         if not isinstance(driver, VmSuspend):
-            raise Unsupported(f"the {driver.name!r} VM driver cannot suspend VMs (netns and qemu can)")
+            raise Unsupported(cannot_suspend(driver.name))
         return driver
 
     @property

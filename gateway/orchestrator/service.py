@@ -33,7 +33,15 @@ from gateway.errors import (
 from gateway.ids import new_session_id, new_vm_id
 from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore, image_store
 from gateway.orchestrator.domains import DomainRequest, DomainService
-from gateway.orchestrator.drivers.base import ExecResult, ResourceUsage, VmDriver, VmInfo, VmSpec, VmUsage
+from gateway.orchestrator.drivers.base import (
+    ExecResult,
+    ResourceUsage,
+    VmDriver,
+    VmInfo,
+    VmSpec,
+    VmUsage,
+    cannot_suspend,
+)
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.orchestrator.vaults import VaultBinding, VaultService
 from gateway.state.records import (
@@ -473,7 +481,7 @@ class Orchestrator:
         if not is_live(rec):
             raise VmNotRunning(f"VM {vm_id} is {rec.status}")
         if any(settings.values()) and self.resumer is None:
-            raise Unsupported(f"the {self.driver.name!r} VM driver cannot suspend VMs (netns and qemu can)")
+            raise Unsupported(cannot_suspend(self.driver.name))
         await self.store.update_vm(vm_id, **settings)
         return await self._reload(rec)
 

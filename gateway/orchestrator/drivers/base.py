@@ -60,6 +60,19 @@ class ExecResult:
     # driver can measure them; None otherwise (never the VM's whole use, which other commands share).
     cpu_s: float | None = None
 
+    def reported(self) -> dict[str, Any]:
+        """As the API reports a command (``/execute`` and an async execution's record): text, times in
+        seconds to the millisecond."""
+        return {
+            "stdout": self.stdout.decode("utf-8", "replace"),
+            "stderr": self.stderr.decode("utf-8", "replace"),
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "truncated": self.truncated,
+            "execution_time": round(self.duration_s, 3),
+            "cpu_time": round(self.cpu_s, 3) if self.cpu_s is not None else None,
+        }
+
 
 @runtime_checkable
 class VmDriver(Protocol):
@@ -196,6 +209,11 @@ class VmSuspend(Protocol):
     async def suspend(self, vm_id: str, handle: Mapping[str, Any], state_dir: Path) -> Mapping[str, Any]: ...
 
     async def resume(self, spec: VmSpec, handle: Mapping[str, Any], state_dir: Path) -> VmInfo: ...
+
+
+def cannot_suspend(driver: str) -> str:
+    """What a driver without ``VmSuspend`` answers when asked to suspend (the API, the orchestrator)."""
+    return f"the {driver!r} VM driver cannot suspend VMs (netns and qemu can)"
 
 
 @runtime_checkable
