@@ -863,8 +863,14 @@ class NetnsVmDriver:
             # Never through a mount: the image (read-only, but still) or a layer still in use.
             if not rootfs.mounted(parts.mount_dir):
                 await _host.remove_tree(parts.mount_dir)
-        if parts.vm_dir is not None and not (parts.mount_dir and rootfs.mounted(parts.mount_dir)):
-            await _host.remove_tree(parts.vm_dir)
+        if parts.vm_dir is not None:
+            # (qemu's volume staging folder is in the work folder: never remove a volume's files with it)
+            staging = parts.vm_dir / volmount.STAGING_NAME
+            volmount.unmount_staging(staging)
+            if str(staging) in rootfs.mount_points():
+                problems.append(f"mount {staging}")
+            elif not (parts.mount_dir and rootfs.mounted(parts.mount_dir)):
+                await _host.remove_tree(parts.vm_dir)
         if veth and (SYS_CLASS_NET / veth).exists():
             problems.append(f"veth {veth}")
         if namespace and (NETNS_RUN_DIR / namespace).exists():
