@@ -773,7 +773,7 @@ async def test_netns_sweep_removes_a_container_whose_work_folder_is_gone(nh: Har
     info = await nh.create("vm-lostdir", 1)
     state = Path(f"/run/gateway-runc/{NETNS_PREFIX}/vm-lostdir")
     mounts = [line for line in read_mountinfo() if f"/run/gateway-vms/{NETNS_PREFIX}/vm-lostdir/" in line]
-    assert exists(str(state)) and len(mounts) == 4  # userns, disk, image, overlay
+    assert exists(str(state)) and len(mounts) == 5  # userns, disk, image, overlay, volume staging
     # The work folder (with vm.json) disappears under the running VM; only its disk file stays open.
     shutil.rmtree(info.handle["vm_dir"])
     assert await nh.driver.sweep(set()) >= 1

@@ -90,7 +90,7 @@ async def test_a_vm_serves_through_the_edge_and_resumes_from_its_snapshot(gatewa
         "POST", "/execute", json={"session_id": session_id, "language": "bash", "command": command}
     )
     assert (status, out["exit_code"]) == (200, 0), out
-    assert out["stdout"].strip().endswith("cloud-amd64") and out["vm_id"] == vm_id
+    assert out["stdout"].strip().endswith("-amd64") and out["vm_id"] == vm_id
 
     url = await serve_app(gw, session_id)
     assert (await get_when_served(url)) == (200, f"{PAGE}\n")
@@ -382,7 +382,15 @@ def assert_confined(pid: int, vm_dir: Path, uid: int) -> None:
         "dev",
         "image",
         "vm",
+        "volumes",
+        "proc",
     }
+    # Its /proc shows it its own uid's processes only (hidepid), and no kernel settings (subset=pid).
+    procs = [line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if " - proc " in line]
+    assert len(procs) == 1 and procs[0].split()[4] == "/proc", procs
+    assert "hidepid=invisible" in procs[0] and "subset=pid" in procs[0], procs
+    assert not (root / "proc" / "sys").exists()
+    assert os.listdir(root / "volumes") == []
     assert sorted(os.listdir(root / "vm")) == ["config", "qmp"] and sorted(os.listdir(root / "image")) == [
         "disk",
         "initrd",

@@ -18,6 +18,20 @@ from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A host folder shown inside a VM (a volume): ``host_dir`` appears at ``mount_path``.
+
+    ``mount_path`` must pass ``mount_paths.check_mount_path`` (absolute, normalised, not a system folder).
+    Files in ``host_dir`` are stored as the VM's root sees them (uid/gid 0 is the VM's root): each driver
+    shifts the ids per VM (``mount_paths`` says how). ``read_only`` is enforced by the host's kernel, in a
+    way the VM cannot undo."""
+
+    host_dir: Path
+    mount_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class VmSpec:
     vm_id: str
     slot: int
@@ -33,6 +47,8 @@ class VmSpec:
     # The image the VM's root file system comes from (``image_variant``); "" means the default image.
     # Drivers without images ignore it.
     image: str = ""
+    # Host folders mounted into the VM before its init runs (``VmMounts`` drivers; others refuse any).
+    mounts: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,3 +249,31 @@ class VmSnapshots(Protocol):
     async def snapshot(
         self, vm_id: str, handle: Mapping[str, Any], dest: Path, *, keep_running: bool = False
     ) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class VmMounts(Protocol):
+    """An optional capability of a VmDriver: host folders (volumes) mounted into VMs, at create
+    (``VmSpec.mounts``) and into a running VM.
+
+    Contract:
+    - ``mount`` makes ``host_dir`` appear at ``mount_path`` in the running VM, creating the missing
+      folders of the path. It refuses (ValueError) a path ``mount_paths.check_mount_path`` refuses, and
+      (DriverError) a path with a symbolic link among its components as the VM sees it (the VM may have
+      planted one), a second mount at the same path, or a ``host_dir`` that is not a folder. On failure
+      nothing of the mount is left.
+    - ``read_only``: writes fail with EROFS inside the VM, and nothing the VM's root can do (remount,
+      unmount and write beneath, mount the folder again elsewhere) gives it a writable view.
+    - ``unmount`` removes the mount at ``mount_path``; idempotent (a path with no mount of ours is fine,
+      as is a VM that unmounted it itself). The VM may keep copies it made itself (another mount
+      namespace of its own) until it dies; the host folder can then still be busy, so whoever owns it
+      detaches it lazily.
+    - ``destroy`` removes every mount of the VM. Calls for one VM are not concurrent; for different VMs
+      they may be. Raises ``VmNotRunning`` on a VM that is not running.
+    """
+
+    async def mount(
+        self, vm_id: str, handle: Mapping[str, Any], host_dir: Path, mount_path: str, *, read_only: bool
+    ) -> None: ...
+
+    async def unmount(self, vm_id: str, handle: Mapping[str, Any], mount_path: str) -> None: ...

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import os
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gateway import subprocesses as _spawn
@@ -107,24 +108,23 @@ async def attach_namespaces(
         await _spawn.wait(proc)
 
 
-def mount_idmapped(source: Path, target: Path, userns: int) -> None:
-    """Mount a read-only, nosuid, nodev view of ``source`` on ``target`` with ``userns``'s id maps."""
-    tree = _check(
-        _libc.syscall(
-            SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
-        ),
-        f"open_tree {source}",
-    )
+def mount_idmapped(
+    source: Path, target: Path, userns: int, *, read_only: bool = True, recursive: bool = True
+) -> None:
+    """Mount a nosuid, nodev view of ``source`` (read-only unless told) on ``target`` with ``userns``'s
+    id maps; ``recursive``: with the mounts beneath ``source``."""
+    deep = AT_RECURSIVE if recursive else 0
+    clone = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | deep
+    tree = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source), clone), f"open_tree {source}")
     try:
-        attr = _MountAttr(
-            MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, userns
-        )
+        flags = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        attr = _MountAttr(flags | (MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, userns)
         _check(
             _libc.syscall(
                 SYS_MOUNT_SETATTR,
                 tree,
                 b"",
-                AT_EMPTY_PATH | AT_RECURSIVE,
+                AT_EMPTY_PATH | deep,
                 ctypes.byref(attr),
                 ctypes.sizeof(attr),
             ),
@@ -136,3 +136,42 @@ def mount_idmapped(source: Path, target: Path, userns: int) -> None:
         )
     finally:
         os.close(tree)
+
+
+@contextlib.asynccontextmanager
+async def scratch_userns(host_id: int, count: int) -> AsyncIterator[int]:
+    """A descriptor of a fresh user namespace whose ids 0..count-1 are host ids host_id.. (for an
+    idmapped mount's map only: no process stays in it)."""
+    proc = _spawn.popen(
+        ["unshare", "--user", "/bin/sh", "-c", "echo ready; exec cat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    fd = -1
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(USERNS_START_TIMEOUT_S):
+            async for chunk in _spawn.chunks(proc.stdout):
+                if b"ready" in chunk:
+                    break
+            else:
+                raise DriverError("unshare exited before its namespace was ready")
+        for name in ("uid_map", "gid_map"):
+            map_fd = os.open(f"/proc/{proc.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(map_fd, f"0 {host_id} {count}\n".encode())
+            finally:
+                os.close(map_fd)
+        fd = os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, TimeoutError) as exc:
+        raise DriverError(f"cannot make a user namespace for an id map: {exc}") from exc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        _spawn.close_pipes(proc)
+        await _spawn.wait(proc)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

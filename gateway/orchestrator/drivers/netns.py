@@ -37,10 +37,11 @@ from gateway import subprocesses as _spawn
 from gateway.config import NetnsConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.guest import egress_setup
-from gateway.orchestrator.drivers import _host, hostfw, idmap, oci, rootfs, seccomp
+from gateway.orchestrator.drivers import _host, hostfw, idmap, mount_paths, oci, rootfs, seccomp, volmount
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.base import (
     ExecResult,
+    Mount,
     ResourceUsage,
     VmInfo,
     VmProcess,
@@ -298,6 +299,7 @@ class NetnsVmDriver:
             raise DriverError("memory_mb and vcpu_count must be positive")
         if spec.restore_from and not isinstance(self, VmSnapshots):
             raise DriverError(f"the {self.name} driver has no snapshots to restore")
+        check_mounts(spec.mounts)
         made = _Parts(vm_id)
         try:
             handle = await self._build(spec, plan, made)
@@ -422,6 +424,7 @@ class NetnsVmDriver:
         mount_dir = self._mount_root / spec.vm_id
         disk = vm_dir / rootfs.DISK_FILE
         root = await rootfs.assemble(image, mount_dir, disk, host_base=host_ids, disk_mb=self._config.disk_mb)
+        volumes = await asyncio.to_thread(self._stage_volumes, spec.mounts, root, mount_dir)
         if self.egress is not None:
             # Before its first process: a nameserver (its gateway address; port 53 goes to the resolver)
             # and the egress CA trusted, owned by the VM's root so that it may change them.
@@ -448,6 +451,8 @@ class NetnsVmDriver:
             pids_max=self._config.pids_max,
             seccomp=seccomp.oci_seccomp(seccomp.DEFAULT_CAPABILITIES),
             bind_mounts=[(self._mount_root / GUEST_COPY, GUEST_PACKAGE_IN_VM)],
+            staging=(mount_dir / volmount.STAGING_NAME, mount_paths.STAGING_DIR),
+            volumes=volumes,
         )
         _host.write_json(vm_dir / BUNDLE_CONFIG, bundle)
         pid_file = vm_dir / _host.RUN_DIR / INIT_PID_FILE
@@ -465,6 +470,91 @@ class NetnsVmDriver:
             )
         made.init_pid, made.init_ticks = pid, ticks
         handle.update(init_pid=pid, init_start_ticks=ticks)
+
+    def _stage_volumes(
+        self, mounts: Sequence[Mount], root: Path, mount_dir: Path
+    ) -> list[tuple[Path, str, bool]]:
+        """The VM's staging folder, with its create-time volumes staged in it (for the bundle)."""
+        volmount.make_staging(mount_dir / volmount.STAGING_NAME)
+        staged = []
+        for mount in mounts:
+            # The image is trusted, but a link there would make this mount differ from a live one.
+            if (link := rootfs.symlink_on_path(root, mount.mount_path)) is not None:
+                raise DriverError(f"cannot mount at {mount.mount_path}: /{link} is a symbolic link or a file")
+            with _userns_fd(mount_dir) as userns:
+                path = volmount.stage(
+                    volmount.check_host_dir(mount.host_dir),
+                    mount_dir / volmount.STAGING_NAME,
+                    mount.mount_path,
+                    userns,
+                    read_only=mount.read_only,
+                )
+            staged.append((path, mount.mount_path, mount.read_only))
+        return staged
+
+    # --- VmMounts ------------------------------------------------------------------------------------
+
+    async def mount(
+        self, vm_id: str, handle: Mapping[str, Any], host_dir: Path, mount_path: str, *, read_only: bool
+    ) -> None:
+        """``VmMounts``: stage the folder (idmapped to the VM's ids) in the VM's staging folder, whence
+        it propagates into the container, then bind it at ``mount_path`` inside the VM's mount
+        namespace (``volmount.in_vm``)."""
+        mount_paths.check_mount_path(mount_path)
+        parts = self._running_parts(vm_id, handle)
+        folder = self._volume_staging(vm_id)
+        source = volmount.check_host_dir(host_dir)
+        assert parts.init_pid is not None
+        with _userns_fd(self._mount_root / vm_id) as userns:
+            target = await asyncio.to_thread(
+                volmount.stage, source, folder, mount_path, userns, read_only=read_only
+            )
+        try:
+            await volmount.in_vm(
+                "mount",
+                init_pid=parts.init_pid,
+                init_ticks=parts.init_ticks,
+                mount_path=mount_path,
+                owner=self._vm_root_id(handle),
+                read_only=read_only,
+                expect=os.stat(target),
+            )
+        except BaseException:
+            await asyncio.to_thread(volmount.unstage, folder, mount_path)
+            raise
+
+    async def unmount(self, vm_id: str, handle: Mapping[str, Any], mount_path: str) -> None:
+        """``VmMounts``: remove the bind at ``mount_path`` in the VM (if it is still the volume), then the
+        staged volume on the host, which takes the VM's staging copy with it."""
+        mount_paths.check_mount_path(mount_path)
+        parts = self._running_parts(vm_id, handle)
+        folder = self._volume_staging(vm_id)
+        target = volmount.staged(folder, mount_path)
+        if str(target) not in rootfs.mount_points():
+            return
+        assert parts.init_pid is not None
+        await volmount.in_vm(
+            "unmount",
+            init_pid=parts.init_pid,
+            init_ticks=parts.init_ticks,
+            mount_path=mount_path,
+            owner=self._vm_root_id(handle),
+            read_only=False,
+            expect=os.stat(target),
+        )
+        await asyncio.to_thread(volmount.unstage, folder, mount_path)
+
+    def _volume_staging(self, vm_id: str) -> Path:
+        folder = self._mount_root / vm_id / volmount.STAGING_NAME
+        if str(folder) not in rootfs.mount_points():
+            raise DriverError(f"VM {vm_id} was created without volume support: create it again")
+        return folder
+
+    def _vm_root_id(self, handle: Mapping[str, Any]) -> int:
+        ids = _host.as_int(handle.get("host_ids"))
+        if ids is None:
+            raise DriverError("the VM's handle names no host ids")
+        return ids
 
     async def _namespace_sysctls(self, namespace: str) -> None:
         await _host.run_host(hostfw.namespace_sysctl_argv(NETNS_RUN_DIR / namespace, _NAMESPACE_SYSCTLS))
@@ -773,8 +863,14 @@ class NetnsVmDriver:
             # Never through a mount: the image (read-only, but still) or a layer still in use.
             if not rootfs.mounted(parts.mount_dir):
                 await _host.remove_tree(parts.mount_dir)
-        if parts.vm_dir is not None and not (parts.mount_dir and rootfs.mounted(parts.mount_dir)):
-            await _host.remove_tree(parts.vm_dir)
+        if parts.vm_dir is not None:
+            # (qemu's volume staging folder is in the work folder: never remove a volume's files with it)
+            staging = parts.vm_dir / volmount.STAGING_NAME
+            volmount.unmount_staging(staging)
+            if str(staging) in rootfs.mount_points():
+                problems.append(f"mount {staging}")
+            elif not (parts.mount_dir and rootfs.mounted(parts.mount_dir)):
+                await _host.remove_tree(parts.vm_dir)
         if veth and (SYS_CLASS_NET / veth).exists():
             problems.append(f"veth {veth}")
         if namespace and (NETNS_RUN_DIR / namespace).exists():
@@ -783,6 +879,31 @@ class NetnsVmDriver:
             problems.append("processes that would not die")
         if problems:
             raise DriverError(f"destroying VM {parts.vm_id or namespace} left: {', '.join(problems)}")
+
+
+def check_mounts(mounts: Sequence[Mount]) -> None:
+    """Create-time mounts: each path allowed (ValueError), no path twice."""
+    paths = [mount_paths.check_mount_path(m.mount_path) for m in mounts]
+    if len(set(paths)) != len(paths):
+        raise ValueError("two volumes at one mount_path")
+
+
+class _userns_fd:
+    """The VM's user namespace (kept on its ``userns`` file), as a descriptor, for idmapped mounts."""
+
+    def __init__(self, mount_dir: Path) -> None:
+        self._path = mount_dir / rootfs.USERNS_FILE
+        self._fd = -1
+
+    def __enter__(self) -> int:
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DriverError(f"the VM's user namespace is gone: {exc}") from None
+        return self._fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 async def _pid_written(pid_file: Path, runtime: subprocess.Popen[bytes]) -> int | None:

@@ -94,8 +94,13 @@ def container_config(
     pids_max: int,
     seccomp: Mapping[str, Any],
     bind_mounts: Sequence[tuple[Path, str]] = (),
+    staging: tuple[Path, str] | None = None,
+    volumes: Sequence[tuple[Path, str, bool]] = (),
 ) -> dict[str, Any]:
-    """The bundle's config.json. ``bind_mounts``: (host path, VM path) pairs, mounted read-only."""
+    """The bundle's config.json. ``bind_mounts``: (host path, VM path) pairs, mounted read-only.
+    ``staging``: (host folder, VM path) of the VM's volume staging folder, a slave of the host's (volumes
+    mounted beneath it later reach the VM: ``volmount``); ``volumes``: (staged host folder, VM path,
+    read-only) mounted before the VM's init runs."""
     # runc 1.1 wants the maps even when it joins the user namespace by path: the namespace's own.
     ids = [{"containerID": 0, "hostID": host_base, "size": id_count}]
     mounts: list[dict[str, Any]] = [
@@ -131,6 +136,13 @@ def container_config(
     for source, destination in bind_mounts:
         options = ["rbind", *_NOSUID_NOEXEC_NODEV, "ro"]
         options.remove("noexec")
+        mounts.append({"destination": destination, "type": "none", "source": str(source), "options": options})
+    if staging is not None:
+        source, destination = staging
+        options = ["rbind", "rslave", *_NOSUID_NOEXEC_NODEV, "ro"]
+        mounts.append({"destination": destination, "type": "none", "source": str(source), "options": options})
+    for source, destination, read_only in volumes:
+        options = ["rbind", "nosuid", "nodev", "ro" if read_only else "rw"]
         mounts.append({"destination": destination, "type": "none", "source": str(source), "options": options})
     memory: dict[str, int] = {"limit": memory_bytes}
     if limit_swap:

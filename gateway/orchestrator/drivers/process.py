@@ -125,6 +125,9 @@ class ProcessVmDriver:
         vm_id = _host.check_vm_id(spec.vm_id)
         if spec.restore_from:
             raise DriverError("the process driver has no snapshots to restore")
+        if spec.mounts:
+            # (no VmMounts: a process shares the host's mount namespace, so there is nowhere to mount)
+            raise DriverError("the process driver cannot mount volumes (use netns or qemu)")
         ip = self.address(spec.slot)
         vm_dir = self._work_dir / vm_id
         made_dir = False

@@ -51,8 +51,18 @@ import aiohttp
 from gateway.config import QemuConfig
 from gateway.errors import DriverError, VmNotRunning
 from gateway.guest import egress_setup
-from gateway.orchestrator.drivers import _host, agent_stream, qemu_disk, qemu_image, qemu_jail, qemu_net
-from gateway.orchestrator.drivers.base import ExecResult, VmInfo, VmProcess, VmSpec
+from gateway.orchestrator.drivers import (
+    _host,
+    agent_stream,
+    idmap,
+    mount_paths,
+    qemu_disk,
+    qemu_image,
+    qemu_jail,
+    qemu_net,
+    volmount,
+)
+from gateway.orchestrator.drivers.base import ExecResult, Mount, VmInfo, VmProcess, VmSpec
 from gateway.orchestrator.drivers.netns import VM_DEVICE, NetnsSlot, NetnsVmDriver, _Parts
 from gateway.orchestrator.drivers.qmp import Qmp, QmpError
 
@@ -91,6 +101,37 @@ EXECUTE_MARGIN_S = 10.0
 MIGRATION_POLL_S = 0.01
 # What a call to a VM's agent can fail with (ValueError: a reply that is not JSON).
 AGENT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
+# The 9p share of a VM's volume staging folder, and the guest's side of a mount (run by its agent as
+# root): the share mounted once at the staging path, the volume's folder bound at its path, read-only
+# when asked. Convenience only: the guest's kernel is the VM's own, so what it is told proves nothing;
+# read-only is the host's mount, which QEMU writes through.
+VOLUMES_TAG = "gwvolumes"
+GUEST_MOUNT_SCRIPT = """
+set -eu
+staging=$1 key=$2 path=$3 mode=$4
+walked=
+for name in $(echo "${path#/}" | tr / ' '); do
+    walked="$walked/$name"
+    if [ -L "$walked" ] || { [ -e "$walked" ] && [ ! -d "$walked" ]; }; then
+        echo "$walked is a symbolic link or not a folder in the VM" >&2
+        exit 3
+    fi
+done
+mkdir -p "$staging"
+mountpoint -q "$staging" || mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 TAG "$staging"
+mkdir -p "$path"
+mount --bind "$staging/$key" "$path"
+if [ "$mode" = ro ]; then mount -o remount,bind,ro "$path"; fi
+""".replace("TAG", VOLUMES_TAG)
+# The share is let go once no volume is mounted: QEMU refuses to migrate (snapshot) a VM while it is.
+GUEST_UNMOUNT_SCRIPT = """
+staging=$1 path=$2
+if mountpoint -q "$path" && [ ! -L "$path" ]; then umount -l "$path"; fi
+if mountpoint -q "$staging" && [ "$(grep -c ' 9p ' /proc/self/mountinfo)" -le 1 ]; then
+    umount -l "$staging"
+fi
+exit 0
+"""
 # Not a program: the monkeypatchable seam the contract's failed-start test uses (as in the other drivers).
 INIT_COMMAND: tuple[str, ...] = ()
 # Run in the guest by its agent (``python3 -c``): the guest holds no copy of the gateway's package.
@@ -333,6 +374,7 @@ class QemuVmDriver(NetnsVmDriver):
         (vm_dir / QMP_DIR).mkdir(mode=0o700)
         os.chown(vm_dir / QMP_DIR, ids, ids)
         (vm_dir / JAIL_DIR).mkdir()
+        volmount.make_staging(vm_dir / volmount.STAGING_NAME)
         handle.update(
             qemu_ids=ids,
             agent_token=token,
@@ -343,7 +385,13 @@ class QemuVmDriver(NetnsVmDriver):
             booted_from="snapshot" if restore else ("template" if template else "kernel"),
         )
         launcher = self._launcher(
-            ids, vm_dir, self._accel or "tcg", fw_cfg=config_path, qmp_dir=vm_dir / QMP_DIR, disk=disk.path
+            ids,
+            vm_dir,
+            self._accel or "tcg",
+            fw_cfg=config_path,
+            qmp_dir=vm_dir / QMP_DIR,
+            disk=disk.path,
+            volumes=vm_dir / volmount.STAGING_NAME,
         )
         argv = [
             *(INIT_COMMAND or [*launcher, *self._qemu_argv(spec)]),
@@ -375,6 +423,8 @@ class QemuVmDriver(NetnsVmDriver):
         handle["agent_token"] = await self._configure(spec, handle)
         if self.egress is not None:
             await self._prepare_egress(spec.vm_id, handle)
+        for mount in spec.mounts:
+            await self._mount(spec.vm_id, handle, mount)
 
     # --- boot templates -------------------------------------------------------------------------------
 
@@ -485,6 +535,7 @@ class QemuVmDriver(NetnsVmDriver):
         fw_cfg: Path | None = None,
         qmp_dir: Path | None = None,
         disk: Path | None = None,
+        volumes: Path | None = None,
     ) -> list[str]:
         """What runs QEMU confined (``qemu_jail``), the argv before QEMU's own; ``folder`` holds the
         console file and the jail's empty folder."""
@@ -499,6 +550,7 @@ class QemuVmDriver(NetnsVmDriver):
             accel=accel,
             setpriv=self._setpriv,
             disk=disk,
+            volumes=volumes,
         )
 
     def _qemu_argv(self, spec: VmSpec) -> list[str]:
@@ -535,6 +587,13 @@ class QemuVmDriver(NetnsVmDriver):
             f"file={qemu_jail.DISK},format=raw,if=none,id=image,readonly=on",
             "-device",
             "virtio-blk-device,drive=image",
+            # The VM's volumes (``volmount``): its staging folder, which QEMU serves as the VM's root
+            # would act (on-disk 0 is QEMU's uid there); ``none``: QEMU cannot chown, and says nothing
+            # of it. Volumes are file systems of their own beneath it: their inode numbers are remapped.
+            "-fsdev",
+            f"local,id=volumes,path={qemu_jail.VOLUMES},security_model=none,multidevs=remap",
+            "-device",
+            f"virtio-9p-device,fsdev=volumes,mount_tag={VOLUMES_TAG}",
         ]
 
     def _machine_argv(self, accel: str, vcpus: int, memory_mb: int, cmdline: list[str]) -> list[str]:
@@ -676,6 +735,79 @@ class QemuVmDriver(NetnsVmDriver):
             if not self._running(parts):
                 raise VmNotRunning(f"VM {vm_id} is not running") from None
             raise
+
+    # --- VmMounts -----------------------------------------------------------------------------------
+
+    async def mount(
+        self, vm_id: str, handle: Mapping[str, Any], host_dir: Path, mount_path: str, *, read_only: bool
+    ) -> None:
+        """``VmMounts``: stage the folder for QEMU (idmapped: on-disk 0 is the slot's QEMU uid), where it
+        appears in the VM's 9p share, then have the guest bind it at ``mount_path``."""
+        mount_paths.check_mount_path(mount_path)
+        _, record = self._running_record(vm_id, handle)
+        await self._mount(vm_id, record, Mount(host_dir, mount_path, read_only))
+
+    async def _mount(self, vm_id: str, record: Mapping[str, Any], mount: Mount) -> None:
+        folder = self._qemu_staging(record)
+        source = volmount.check_host_dir(mount.host_dir)
+        ids = _host.as_int(record.get("qemu_ids"))
+        assert ids is not None
+        async with idmap.scratch_userns(ids, 1) as userns:
+            await asyncio.to_thread(
+                volmount.stage, source, folder, mount.mount_path, userns, read_only=mount.read_only
+            )
+        try:
+            key = mount_paths.mount_key(mount.mount_path)
+            mode = "ro" if mount.read_only else "rw"
+            args = [mount_paths.STAGING_DIR, key, mount.mount_path, mode]
+            code, said = await self._guest_script(record, GUEST_MOUNT_SCRIPT, args)
+            if code == 3:
+                raise DriverError(f"cannot mount at {mount.mount_path}: {said}")
+            if code != 0:
+                raise DriverError(f"VM {vm_id} could not mount its volume at {mount.mount_path}: {said}")
+        except BaseException:
+            await asyncio.to_thread(volmount.unstage, folder, mount.mount_path)
+            raise
+
+    async def unmount(self, vm_id: str, handle: Mapping[str, Any], mount_path: str) -> None:
+        """``VmMounts``: the guest lets go of it (and of the share when it was the last), then the host."""
+        mount_paths.check_mount_path(mount_path)
+        _, record = self._running_record(vm_id, handle)
+        folder = self._qemu_staging(record)
+        if str(volmount.staged(folder, mount_path)) not in volmount.rootfs.mount_points():
+            return
+        code, said = await self._guest_script(
+            record, GUEST_UNMOUNT_SCRIPT, [mount_paths.STAGING_DIR, mount_path]
+        )
+        if code != 0:
+            log.warning("VM %s: unmounting %s: %s", vm_id, mount_path, said)
+        await asyncio.to_thread(volmount.unstage, folder, mount_path)
+
+    def _qemu_staging(self, record: Mapping[str, Any]) -> Path:
+        folder = Path(record["vm_dir"]) / volmount.STAGING_NAME
+        if str(folder) not in volmount.rootfs.mount_points():
+            raise DriverError(f"VM {record.get('vm_id')} was created without volume support: create it again")
+        return folder
+
+    async def _guest_script(self, record: Mapping[str, Any], script: str, args: list[str]) -> tuple[int, str]:
+        """Run a shell script as root in the guest (its agent): (exit code, its stderr)."""
+        body = {
+            "argv": ["/bin/sh", "-c", script, "gateway-volume", *args],
+            "env": {},
+            "cwd": "/",
+            "timeout_s": EXECUTE_MARGIN_S,
+            "max_output_bytes": 4096,
+        }
+        try:
+            status, reply = await self._agent_post(record, "/execute", body, 2 * EXECUTE_MARGIN_S)
+        except AGENT_ERRORS as exc:
+            said = exc or type(exc).__name__
+            raise DriverError(f"VM {record.get('vm_id')}'s agent failed: {said}") from None
+        if status != 200 or not isinstance(reply, dict):
+            raise DriverError(f"VM {record.get('vm_id')}'s agent refused: {status} {reply}")
+        said = base64.b64decode(reply.get("stderr", "")).decode(errors="replace").strip()
+        code = reply.get("exit_code")
+        return (code if isinstance(code, int) else -1), said
 
     # --- suspend ------------------------------------------------------------------------------------
 

@@ -3,10 +3,10 @@
 A qemu VM's files are not in this image: they are those of an image of the shared store
 (``[images.definitions]``, ``image_variant``), attached as a read-only disk (``qemu_disk``). This image is
 what boots any of them, two files and a manifest in one folder:
-- ``vmlinux``: the kernel of Debian's ``linux-image-cloud-amd64``, unpacked from its bzImage (the
-  payload is LZ4) into the ELF that QEMU's microvm machine boots directly (it carries a PVH note);
-- ``initrd.cpio``: a small initramfs: busybox, the virtio (mmio, net, blk) and overlay modules the cloud
-  kernel builds as modules, ``/init`` (``gateway/guest/qemu_init.sh``: it mounts the disk under a tmpfs
+- ``vmlinux``: the kernel of Debian's ``linux-image-amd64``, unpacked from its bzImage (the payload is XZ;
+  LZ4 for the cloud flavour) into the ELF that QEMU's microvm machine boots directly (a PVH note);
+- ``initrd.cpio``: a small initramfs: busybox, the virtio (mmio, net, blk), ext4, overlay and 9p
+  modules, ``/init`` (``gateway/guest/qemu_init.sh``: it mounts the disk under a tmpfs
   overlay and ``switch_root``s into it) and the agent (``gateway/guest/agent.py``, copied into the
   guest's root, where the image's own Python runs it);
 - ``manifest.json``: package versions, the kernel's timer frequency (for ``lpj=``), checksums.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -28,15 +29,28 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+# The generic flavour, not the cloud one: Debian's cloud kernels (6.1 and 6.12) are built without 9p,
+# which volumes reach qemu VMs by (QEMU's own virtio-9p server; ``volmount``).
+KERNEL_META_PACKAGE = "linux-image-amd64"
 # Only busybox: the guest's programs (Python for the agent among them) are the image's own.
 GUEST_PACKAGES = ("busybox-static",)
-# Loaded in this order by /init; their own dependencies are added from each module's modinfo. (ext4 and
-# tmpfs are built into the cloud kernel.)
-GUEST_MODULES = ("virtio_mmio", "virtio_net", "virtio_blk", "overlay", "qemu_fw_cfg")
+# Loaded in this order by /init; their own dependencies are added from each module's modinfo. (tmpfs is
+# built in; crc32c is what ext4 asks the crypto API for, which has no modprobe to load it here.)
+GUEST_MODULES = (
+    "virtio_mmio",
+    "virtio_net",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "overlay",
+    "qemu_fw_cfg",
+    "9pnet_virtio",
+    "9p",
+)
 # Parts of the packages the initramfs never needs.
 TRIMMED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian", "usr/share/locale")
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+XZ_MAGIC = b"\xfd7zXZ\x00"
 GUEST_DIR = Path(__file__).resolve().parents[2] / "guest"
 MANIFEST = "manifest.json"
 KERNEL = "vmlinux"
@@ -72,7 +86,7 @@ def run(argv: list[str], *, cwd: Path | None = None, timeout_s: float = COMMAND_
 def kernel_package() -> str:
     """The versioned kernel package the cloud meta-package points at (linux-image-6.1.0-NN-cloud-amd64)."""
     out = run(["apt-cache", "depends", KERNEL_META_PACKAGE])
-    for name in re.findall(r"Depends: (linux-image-\S+-cloud-amd64)", out):
+    for name in re.findall(r"Depends: (linux-image-[0-9]\S+-amd64)", out):
         return name
     raise ImageError(f"apt knows no kernel behind {KERNEL_META_PACKAGE}: run apt-get update")
 
@@ -97,14 +111,17 @@ def unpack_kernel(vmlinuz: Path, out: Path) -> None:
     offset = (setup_sects + 1) * 512 + int.from_bytes(data[0x248:0x24C], "little")
     length = int.from_bytes(data[0x24C:0x250], "little")
     payload = data[offset : offset + length]
-    if not payload.startswith(LZ4_LEGACY_MAGIC):
-        raise ImageError(f"{vmlinuz.name}: the payload is not LZ4 (this builder knows Debian's cloud kernel)")
     # The kernel's build appends the unpacked size (4 bytes) to the stream; lz4 would read it as a block.
     size = int.from_bytes(payload[-4:], "little")
-    packed = out.with_suffix(".lz4")
-    packed.write_bytes(payload[:-4])
-    run(["lz4", "-d", "-f", "-q", str(packed), str(out)])
-    packed.unlink()
+    if payload.startswith(XZ_MAGIC):
+        out.write_bytes(lzma.decompress(payload[:-4], format=lzma.FORMAT_XZ))
+    elif payload.startswith(LZ4_LEGACY_MAGIC):
+        packed = out.with_suffix(".lz4")
+        packed.write_bytes(payload[:-4])
+        run(["lz4", "-d", "-f", "-q", str(packed), str(out)])
+        packed.unlink()
+    else:
+        raise ImageError(f"{vmlinuz.name}: the payload is neither XZ nor LZ4 (Debian's kernels are)")
     if out.stat().st_size != size or out.read_bytes()[:4] != b"\x7fELF":
         raise ImageError(f"{vmlinuz.name}: the unpacked kernel is not the ELF file its header announces")
 

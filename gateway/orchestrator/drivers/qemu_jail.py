@@ -6,11 +6,18 @@ Every QEMU (each VM's, and the KVM probe's) runs:
 - as an unprivileged uid/gid of its own, one per VM slot (``id_base + 1 + slot``; the probe
   ``id_base``), with no supplementary groups, no capabilities (bounding set emptied too) and
   no_new_privs;
-- chrooted in a private mount namespace holding nothing but the host's ``/usr`` (read-only: QEMU's
+- chrooted in a mount namespace of its own holding nothing but the host's ``/usr`` (read-only: QEMU's
   binary, libraries and firmware), ``/dev/null``, ``zero``, ``random``, ``urandom`` (and ``net/tun``,
   ``kvm`` when it uses them), the boot image's kernel and initramfs and the VM's image disk (all
-  read-only), a copy of its fw_cfg file and the folder of its control socket; no ``/proc``, ``/sys``,
-  ``/etc``, data folder or other VM.
+  read-only), a copy of its fw_cfg file, the folder of its control socket and its volume staging folder
+  (``/volumes``, its 9p share: ``volmount``); no ``/sys``, ``/etc``, data folder or other VM. ``/proc``
+  only as far as 9p needs it (QEMU 7.2 changes a file's mode through ``/proc/self/fd``): process
+  folders only (``subset=pid``), of its own uid only (``hidepid=invisible``), which is this QEMU alone.
+
+The mount namespace is a slave of the host's, not private: a volume staged for the VM later reaches
+``/volumes`` by propagation, and what the host unmounts (a volume, another VM's mounts) is unmounted
+in QEMU's namespace too, instead of being held there, out of sight, until QEMU exits. Nothing QEMU
+does propagates back (it could not mount anyway).
 
 Why privileges are dropped before QEMU starts and not with QEMU's ``-runas``/``-chroot``: QEMU 7.2
 (Debian 12) installs the seccomp filter first and changes uid last, so ``-runas`` under
@@ -49,6 +56,8 @@ KERNEL = "/image/kernel"
 INITRD = "/image/initrd"
 # The VM's image (its root file system, ``qemu_disk``), read-only.
 DISK = "/image/disk"
+# The VM's volume staging folder: QEMU's 9p share.
+VOLUMES = "/volumes"
 FW_CFG_FILE = "/vm/config"
 QMP_SOCKET = "/vm/qmp/qmp.sock"
 # The console file, opened by the launcher and handed to QEMU as this descriptor (QEMU's fd set 1).
@@ -58,16 +67,16 @@ SOCKET_WAIT_S = 10.0
 SOCKET_POLL_S = 0.01
 # Run by root in the VM's cgroup and network namespace, in a mount namespace of its own (``unshare``),
 # with: the jail folder (empty, on the host), uid:gid, kernel, initrd, console file, fw_cfg file or "",
-# QMP folder or "", "kvm" or "", image disk or "", then the command (setpriv ... qemu ...) to run
-# chrooted there.
+# QMP folder or "", "kvm" or "", image disk or "", volume staging folder or "", then the command
+# (setpriv ... qemu ...) to run chrooted there.
 # The jail is a tmpfs over that folder: what is mounted there exists in this namespace only, and goes
 # when QEMU exits. Its root is read-only once built. The devices every program may open are the host's
 # own nodes; /dev/net/tun and /dev/kvm (often root's alone on the host) are nodes of the jail's own,
 # owned by QEMU's uid.
 JAIL_SCRIPT = r"""
 set -eu
-jail=$1 ids=$2 kernel=$3 initrd=$4 console=$5 config=$6 qmp=$7 accel=$8 disk=$9
-shift 9
+jail=$1 ids=$2 kernel=$3 initrd=$4 console=$5 config=$6 qmp=$7 accel=$8 disk=$9 volumes=${10}
+shift 10
 mount -t tmpfs -o mode=0755,size=1m,nosuid,noexec gateway-qemu "$jail"
 cd "$jail"
 for name in bin sbin lib lib32 lib64 libx32; do
@@ -102,6 +111,11 @@ mount -o bind,ro,nosuid,nodev "$initrd" image/initrd
 if [ -n "$disk" ]; then
     : > image/disk
     mount -o bind,ro,nosuid,nodev "$disk" image/disk
+fi
+if [ -n "$volumes" ]; then
+    mkdir volumes proc
+    mount -o bind,nosuid,nodev "$volumes" volumes
+    mount -t proc -o nosuid,nodev,noexec,hidepid=invisible,subset=pid gateway-qemu-proc proc
 fi
 if [ -n "$config" ]; then
     cp "$config" vm/config
@@ -204,18 +218,19 @@ def launcher(
     accel: str,
     setpriv: str,
     disk: Path | None = None,
+    volumes: Path | None = None,
 ) -> list[str]:
     """argv prefix (root) that builds the jail and runs what follows in it as ``ids``, without privileges.
 
     ``jail`` must be an empty folder, ``console`` an existing file (QEMU writes it through a descriptor),
     ``qmp_dir`` (a VM's; the probe has none) a folder owned by ``ids``; ``disk`` (a VM's; the probe has
-    none) the image disk it attaches read-only.
+    none) the image disk it attaches read-only; ``volumes`` (a VM's) its volume staging folder.
     """
     return [
         "unshare",
         "--mount",
         "--propagation",
-        "private",
+        "slave",
         "sh",
         "-c",
         JAIL_SCRIPT,
@@ -229,6 +244,7 @@ def launcher(
         str(qmp_dir or ""),
         "kvm" if accel == "kvm" else "",
         str(disk or ""),
+        str(volumes or ""),
         setpriv,
         f"--reuid={ids}",
         f"--regid={ids}",

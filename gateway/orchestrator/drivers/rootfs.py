@@ -30,12 +30,14 @@ DISK_DIR = "disk"
 LOWER_DIR = "lower"
 ROOTFS_DIR = "rootfs"
 OUTPUT_DIR = "output"
+# The VM's volume staging folder (``volmount``): a tmpfs with the VM's volumes mounted beneath it.
+VOLUMES_DIR = "volumes"
 # The VM's user namespace, kept alive by a bind mount (``idmap.attach_namespaces``).
 USERNS_FILE = "userns"
 MIB_BYTES = 1024 * 1024
 MNT_DETACH = 2
 # Innermost first: the order a teardown unmounts in.
-MOUNT_POINTS = (ROOTFS_DIR, LOWER_DIR, DISK_DIR, USERNS_FILE)
+MOUNT_POINTS = (VOLUMES_DIR, ROOTFS_DIR, LOWER_DIR, DISK_DIR, USERNS_FILE)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -99,6 +101,19 @@ def mounted(mount_dir: Path) -> bool:
     """Whether any of the VM's mounts is still there (a work folder must never be removed through one)."""
     points = mount_points()
     return any(str(mount_dir / name) in points for name in MOUNT_POINTS)
+
+
+def symlink_on_path(root: Path, path: str) -> str | None:
+    """The first component of ``path`` (absolute, normal) under ``root`` that is a symbolic link or not a
+    folder, or None (missing components are fine: they will be made). For the VM's root before it runs."""
+    current = root
+    for name in path.strip("/").split("/"):
+        current = current / name
+        if current.is_symlink() or (current.exists() and not current.is_dir()):
+            return str(current.relative_to(root))
+        if not current.exists():
+            return None
+    return None
 
 
 def has_command(root: Path, command: str, search_path: str) -> bool:
