@@ -43,6 +43,7 @@ PURE = [
     "gateway.egress.resolved",
     "gateway.egress.inject",
     "gateway.egress.http_head",
+    "gateway.orchestrator.drivers.mount_paths",
     "gateway.orchestrator.vault_rules",
     "gateway.egress.ca",
 ]
