@@ -44,9 +44,10 @@ class QuotaTooSmall(Conflict):
 
 
 class InsufficientStorage(GatewayError):
-    """A write past a volume's quota (ENOSPC from its file system)."""
+    """A write past a volume's quota (ENOSPC from its file system). 413, not 507: the official SDK takes
+    any 5xx for a network failure and sends the whole upload again, which would fail the same way."""
 
-    status, code, message = 507, "quota_exceeded", "the volume is full (its quota is reached)"
+    status, code, message = 413, "quota_exceeded", "the volume is full (its quota is reached)"
 
 
 class VolumeStoreFailed(GatewayError):
