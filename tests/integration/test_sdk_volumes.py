@@ -11,6 +11,7 @@ import asyncio
 import base64
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +419,17 @@ async def test_the_store_reconciles_and_releases_everything(tmp_path: Path) -> N
         await LocalVolumeStore(root).release_all()
     mounts, loops = ours(tmp_path)
     assert mounts == [] and loops == []
+
+
+def test_the_bench_runs_small_and_leaves_nothing() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(repo / "bench" / "volumes.py"), "--mib", "16", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint, attached (fsfreeze + reflink)" in done.stdout
+    loops = subprocess.run(["losetup", "-l", "-n", "-O", "BACK-FILE"], capture_output=True, text=True).stdout
+    assert "volbench-" not in loops and "volbench-" not in Path("/proc/self/mountinfo").read_text()
