@@ -14,9 +14,10 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim-bookworm
 ARG CHROMIUM=0
 # iproute2 and procps: the VM drivers' host tools; runc, nftables, mmdebstrap and e2fsprogs: the netns
-# driver's containers, host firewall, images and writable layers; chromium: the browser instances (process).
+# driver's containers, host firewall, images and writable layers; xfsprogs (and e2fsprogs): volumes;
+# chromium: the browser instances (process).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 procps runc nftables mmdebstrap e2fsprogs \
+    && apt-get install -y --no-install-recommends iproute2 procps runc nftables mmdebstrap e2fsprogs xfsprogs \
     && if [ "$CHROMIUM" = "1" ]; then apt-get install -y --no-install-recommends chromium; fi \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --create-home --home-dir /var/lib/gateway --uid 10001 gateway

@@ -42,12 +42,14 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.vaults import vault_service
+from gateway.orchestrator.volumes import start_if_present, volume_service
 from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
 from gateway.state.keyspace import Keys
 from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
 from gateway.state.redis_url import url_hosts
 from gateway.state.store import RedisStore
+from gateway.state.volume_store import RedisVolumeStore
 from gateway.tls.domains import DomainKeeper, keeping_domain_certs
 from gateway.tls.egress_ca import deployment_ca
 from gateway.tls.keeper import CertKeeper, keeping_operator_certs, provider_settings
@@ -146,11 +148,14 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
         config,
         domains=await domain_service(config, store),
         vaults=await vault_service(config, store),
+        volumes=volume_service(RedisVolumeStore(client, keys), config.data_path),
     )
     if driver.name in ROOTFS_DRIVERS:
         # Before the first VM: its root is the default image (built on a first start, about a minute).
         await ensure_default_image(orchestrator.images, say=lambda line: log.info("image: %s", line))
     await orchestrator.start()
+    # Volumes a previous run left attached (VMs still hold them) are found again before anything runs.
+    await start_if_present(orchestrator.volumes, config.data_path)
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
     events = RedisEventFeed(client, keys)

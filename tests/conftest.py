@@ -27,6 +27,7 @@ from gateway.images.store import ImageStore
 from gateway.orchestrator.drivers import hostfw
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
+from gateway.volumes.local import LocalVolumeStore
 from tests import event_loop
 from tests.acme_env import AcmeTestEnv
 from tests.qemu_env import guest_image
@@ -211,6 +212,13 @@ class GatewayUnderTest:
             return resp.status, body
 
 
+async def release_volumes(data_path: Path) -> None:
+    """Unmount every volume, checkpoint and pool a test's gateway mounted, and free their loop devices."""
+    root = data_path / "volumes"
+    if IS_ROOT and root.exists():
+        await LocalVolumeStore(root).release_all()
+
+
 async def destroy_all(services: Services) -> None:
     """Kill every VM this gateway knows, so no namespace, veth, cgroup or process outlives a test."""
     for vm_id in await services.store.live_vm_ids():
@@ -247,6 +255,9 @@ async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[objec
         # Whatever a failed test left behind (e.g. VMs of a gateway it stopped): swept by slot prefix.
         for config in {gw.config.vms.driver: gw.config for gw in started}.values():
             await make_driver(config).sweep(set())
+        # Volumes' mounts and loop devices outlive a gateway (as VMs do): released here.
+        for data_path in {gw.config.data_path for gw in started}:
+            await release_volumes(data_path)
         if IS_ROOT:
             remove_host_firewall(TEST_NETNS_PREFIX)
             remove_host_firewall(TEST_QEMU_PREFIX)

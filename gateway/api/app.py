@@ -29,6 +29,7 @@ from gateway.api import (
     vaults,
     vm_lifecycle,
     vms,
+    volumes,
 )
 from gateway.api.context import (
     CONFIG,
@@ -127,6 +128,7 @@ def make_api_app(
     app.add_routes(templates.routes)
     app.add_routes(egress.routes)
     app.add_routes(vaults.routes)
+    app.add_routes(volumes.routes)
     app.router.add_get("/openapi.json", openapi_handler)
     unsupported.add_routes(app.router)  # last: what the SDK calls and this gateway does not offer (501)
 

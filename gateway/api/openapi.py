@@ -12,8 +12,10 @@ from pydantic.json_schema import models_json_schema
 from gateway.api import schemas as s
 from gateway.api import unsupported
 from gateway.api import vault_schemas as vs
+from gateway.api import volume_schemas as vols
 
 VAULT = "/v1/vaults/{vault_id}"
+VOLUME = "/v1/volumes/{volume_id}"
 # (method, path, summary, request model, response model, query parameters, auth in body)
 OPERATIONS: list[
     tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, type[BaseModel] | None]
@@ -198,6 +200,40 @@ OPERATIONS: list[
     ),
     ("delete", VAULT + "/services/{service_id}", "Delete Vault Service", None, None, None),
     ("get", VAULT + "/request-logs", "Vault Request Log", None, vs.RequestLogList, vs.RequestLogQuery),
+    ("get", "/v1/volumes", "List Volumes", None, vols.VolumeList, vols.VolumeQuery),
+    ("post", "/v1/volumes", "Create Volume", vols.VolumeCreateRequest, vols.VolumeResponse, None),
+    ("get", VOLUME, "Get Volume", None, vols.VolumeResponse, vols.VolumeQuery),
+    ("patch", VOLUME, "Update Volume (name, quota)", vols.VolumeUpdateRequest, vols.VolumeResponse, None),
+    ("delete", VOLUME, "Delete Volume (refused while attached)", None, None, None),
+    ("get", VOLUME + "/checkpoints", "List Volume Checkpoints", None, vols.CheckpointList, None),
+    (
+        "post",
+        VOLUME + "/checkpoints",
+        "Create Volume Checkpoint",
+        vols.CheckpointCreateRequest,
+        vols.CheckpointResponse,
+        None,
+    ),
+    ("delete", VOLUME + "/checkpoints/{checkpoint_id}", "Delete Volume Checkpoint", None, None, None),
+    ("get", VOLUME + "/files", "List Volume Files", None, vols.FileList, vols.FileListQuery),
+    ("delete", VOLUME + "/files", "Delete Volume File", None, None, vols.FilePathQuery),
+    (
+        "post",
+        VOLUME + "/files/upload",
+        "Upload Volume File (multipart)",
+        None,
+        vols.VolumeUploadResponse,
+        None,
+    ),
+    (
+        "post",
+        VOLUME + "/files/download",
+        "Download Volume File (base64 in JSON)",
+        vols.FileDownloadRequest,
+        vols.VolumeDownloadResponse,
+        None,
+    ),
+    ("get", VOLUME + "/files/download", "Download Volume File Raw", None, None, vols.FilePathQuery),
 ]
 SECURITY: list[dict[str, list[str]]] = [{"APIKeyHeader": []}, {"OAuth2PasswordBearer": []}]
 # Operations that take no API key (the SDK lists templates without one): no security, no 401 or 503.
@@ -210,6 +246,8 @@ SUCCESS_STATUS = {
     ("post", "/v1/custom-domains/{domain}/verify"): "202",
     ("post", "/v1/shares"): "201",
     ("post", "/v1/vaults"): "201",
+    ("post", "/v1/volumes"): "201",
+    ("post", VOLUME + "/checkpoints"): "201",
     ("post", VAULT + "/credentials"): "201",
     ("post", VAULT + "/services"): "201",
     ("post", VAULT + "/services:from_template"): "201",
@@ -222,11 +260,12 @@ SUCCESS_STATUS = {
     ("post", "/v1/custom-domains/{domain}/retry"): "202",
 }
 ERROR_DESCRIPTIONS = {
+    "400": "Bad request (a path that climbs out, say)",
     "401": "Invalid or missing API key",
     "404": "Not found (or not this API key's)",
     "409": "Conflict with the current state",
     "410": "The VM is not running",
-    "413": "Request body too large",
+    "413": "Request body too large (or, for a volume, past its quota)",
     "429": "Too many at once (Retry-After says when to try again)",
     "415": "Content-Type must be application/json",
     "501": "Not supported by this gateway (the answer says why)",
@@ -244,6 +283,16 @@ EXTRA_ERRORS = {
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),
     ("get", "/orgs/{org_uuid}/api/instances"): ("404",),
     ("post", "/v1/vaults"): ("409",),
+    ("post", "/v1/volumes"): ("409",),
+    ("patch", VOLUME): ("409",),
+    ("delete", VOLUME): ("409",),
+    ("post", VOLUME + "/checkpoints"): ("409",),
+    ("delete", VOLUME + "/checkpoints/{checkpoint_id}"): ("409",),
+    ("post", VOLUME + "/files/upload"): ("400", "409", "413"),
+    ("post", VOLUME + "/files/download"): ("400", "409"),
+    ("get", VOLUME + "/files/download"): ("400", "409"),
+    ("delete", VOLUME + "/files"): ("400", "409"),
+    ("get", VOLUME + "/files"): ("400",),
     ("post", VAULT + "/credentials"): ("409",),
     ("post", VAULT + "/services"): ("409",),
     ("post", VAULT + "/services:from_template"): ("409",),

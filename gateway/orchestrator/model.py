@@ -29,6 +29,8 @@ from gateway.state.records import (
     VaultRecord,
     VaultServiceRecord,
     VmRecord,
+    VolumeCheckpointRecord,
+    VolumeRecord,
     is_live,
 )
 
@@ -53,5 +55,7 @@ __all__ = [
     "VaultRecord",
     "VaultServiceRecord",
     "VmRecord",
+    "VolumeCheckpointRecord",
+    "VolumeRecord",
     "is_live",
 ]

@@ -44,6 +44,7 @@ from gateway.orchestrator.drivers.base import (
 )
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.orchestrator.vaults import VaultBinding, VaultService
+from gateway.orchestrator.volumes import VolumeService
 from gateway.state.records import (
     VM_ACTIVE,
     VM_CREATING,
@@ -136,6 +137,7 @@ class Orchestrator:
     config: Config
     domains: DomainService | None = None
     vaults: VaultService | None = None
+    volumes: VolumeService | None = None
     _boots: dict[str, asyncio.Task[VmRecord]] = field(default_factory=dict)
     # Set by the lifecycle use cases (gateway.orchestrator.lifecycle), where the driver can suspend: what
     # brings a suspended auto_resume VM back for execute, and what may suspend an expiring VM instead.

@@ -130,6 +130,17 @@ class Keys:
         """List: the vault's latest requests, newest first, capped (no headers, no bodies)."""
         return f"{self.prefix}vault:{vault_id}:request-log"
 
+    def volume(self, volume_id: str) -> str:
+        """Hash: a volume (``VolumeRecord``)."""
+        return f"{self.prefix}volume:{volume_id}"
+
+    def owner_volumes(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}:volumes"
+
+    def volume_checkpoints(self, volume_id: str) -> str:
+        """Hash: checkpoint id -> the checkpoint (``VolumeCheckpointRecord`` as JSON)."""
+        return f"{self.prefix}volume:{volume_id}:checkpoints"
+
     def execution(self, execution_id: str) -> str:
         """Hash: an execution of POST /execute_async (``ExecutionRecord``); expires with the retention."""
         return f"{self.prefix}execution:{execution_id}"

@@ -290,6 +290,33 @@ class VaultServiceRecord(_Record):
     description: str | None = None
 
 
+@dataclass
+class VolumeRecord(_Record):
+    """Persistent storage of one API key (its bytes are in the ``VolumeStore``); usage as last measured."""
+
+    volume_id: str
+    owner: str
+    name: str
+    quota_bytes: int
+    created_at: float
+    updated_at: float | None = None
+    used_bytes: int | None = None
+    capacity_bytes: int | None = None  # what files may use: the quota less the file system's overhead
+    usage_updated_at: float | None = None
+
+
+@dataclass
+class VolumeCheckpointRecord(_Record):
+    """A point-in-time copy of a volume (kept in the ``VolumeStore`` beside it)."""
+
+    checkpoint_id: str
+    volume_id: str
+    created_at: float
+    quota_bytes: int
+    name: str | None = None
+    used_bytes: int | None = None
+
+
 # Custom-domain certificate states, as the API shows them.
 DOMAIN_PENDING = "pending"  # claimed; no attempt yet (or a retry was asked for)
 DOMAIN_VERIFYING = "verifying"  # an ACME order is running

@@ -5,6 +5,7 @@
 - The API imports nothing from the edge or the state package: it goes through the orchestrator.
 - Nothing imports the API but the composition root.
 - Pure modules import no asyncio, aiohttp or redis.
+- The volume store (``gateway.volumes``) loads nothing of the state, the API, the orchestrator or the planes.
 - No import cycle between gateway's modules.
 
 Only imports that run when a module loads count: those under ``if TYPE_CHECKING:`` and inside functions
@@ -46,6 +47,7 @@ PURE = [
     "gateway.orchestrator.drivers.mount_paths",
     "gateway.orchestrator.vault_rules",
     "gateway.egress.ca",
+    "gateway.volumes.paths",
 ]
 IMPURE_LIBRARIES = ("asyncio", "aiohttp", "redis", "uvloop", "httptools")
 
@@ -152,6 +154,15 @@ def test_the_egress_plane_uses_only_the_state_protocols_and_no_other_plane(modul
 def test_the_api_goes_through_the_orchestrator(module: str) -> None:
     bad = {m for m in GRAPH[module] if in_package(m, "gateway.state") or in_package(m, "gateway.edge")}
     assert not bad, f"{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if in_package(m, "gateway.volumes")))
+def test_the_volume_store_knows_nothing_of_the_planes_or_the_state(module: str) -> None:
+    """The bytes of volumes (issue 21): the orchestrator holds the records and asks the store; the store
+    knows nothing of Redis, the API, the orchestrator, the drivers or the planes."""
+    for other in ("gateway.api", "gateway.orchestrator", "gateway.edge", "gateway.egress", "gateway.state"):
+        assert not any(in_package(m, other) for m in closure(module)), f"{module} loads {other}"
+    assert "redis" not in {t.partition(".")[0] for t in closure(module)}
 
 
 def test_nothing_but_the_composition_root_imports_the_api() -> None:
