@@ -42,6 +42,7 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.reaper import Reaper
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.vaults import vault_service
+from gateway.orchestrator.vm_volumes import sweep_holders
 from gateway.orchestrator.volumes import start_if_present, volume_service
 from gateway.state.bus import RedisEventFeed, following_events
 from gateway.state.connection import connect, guarded
@@ -156,6 +157,7 @@ async def services(config: Config, client: aioredis.Redis) -> AsyncIterator[Serv
     await orchestrator.start()
     # Volumes a previous run left attached (VMs still hold them) are found again before anything runs.
     await start_if_present(orchestrator.volumes, config.data_path)
+    await sweep_holders(orchestrator.volumes, store)  # (those of VMs that ended while no gateway ran)
     reaper = Reaper(orchestrator, config.vms.reaper_interval_s)
     reaper.start()
     events = RedisEventFeed(client, keys)

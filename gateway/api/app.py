@@ -28,6 +28,7 @@ from gateway.api import (
     users,
     vaults,
     vm_lifecycle,
+    vm_volumes,
     vms,
     volumes,
 )
@@ -42,6 +43,7 @@ from gateway.api.context import (
     ORCHESTRATOR,
     SHARES,
     TERMINALS,
+    VM_VOLUMES,
 )
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_handler
 from gateway.api.validation import RequestValidationError
@@ -58,6 +60,7 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
+from gateway.orchestrator.vm_volumes import VmVolumes
 from gateway.server_header import use_neutral_server_header
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ def make_api_app(
     app[EXECUTIONS] = executions = Executions(orchestrator)
     app[SHARES] = Shares(orchestrator)
     app[EGRESS] = EgressPolicies(orchestrator)
+    app[VM_VOLUMES] = VmVolumes(orchestrator)
     app[LIFECYCLE] = lifecycle or Lifecycle(orchestrator)
     app[OPENAPI] = build_openapi()
     app.add_routes(sessions.routes)
@@ -127,6 +131,7 @@ def make_api_app(
     app.add_routes(snapshots.routes)
     app.add_routes(templates.routes)
     app.add_routes(egress.routes)
+    app.add_routes(vm_volumes.routes)
     app.add_routes(vaults.routes)
     app.add_routes(volumes.routes)
     app.router.add_get("/openapi.json", openapi_handler)

@@ -14,6 +14,7 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
+from gateway.orchestrator.vm_volumes import VmVolumes
 
 CONFIG = web.AppKey("config", Config)
 KEY_STORE = web.AppKey("key_store", ApiKeyStore)
@@ -25,3 +26,4 @@ EXECUTIONS = web.AppKey("executions", Executions)
 SHARES = web.AppKey("shares", Shares)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 EGRESS = web.AppKey("egress", EgressPolicies)
+VM_VOLUMES = web.AppKey("vm_volumes", VmVolumes)

@@ -148,6 +148,9 @@ OPERATIONS: list[
     ("get", "/v1/egress/vm/{vm_id}", "Get Vm Egress", None, s.EgressPolicyResponse, None),
     ("post", "/v1/egress/vm/{vm_id}", "Set Vm Egress", s.EgressPolicyRequest, s.EgressPolicyResponse, None),
     ("get", "/v1/egress/session/{session_id}", "Get Session Egress", None, s.EgressPolicyResponse, None),
+    ("get", "/v1/vms/{vm_id}/volumes", "List Vm Volumes", None, None, None),
+    ("post", "/v1/vms/{vm_id}/volumes", "Mount Volume", s.VMVolumeMountRequest, None, None),
+    ("delete", "/v1/vms/{vm_id}/volumes/{volume_id}", "Unmount Volume", None, None, None),
     (
         "post",
         "/v1/egress/session/{session_id}",

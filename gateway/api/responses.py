@@ -130,4 +130,5 @@ def vm_view(
         auto_suspend=vm.auto_suspend,
         auto_resume=vm.auto_resume,
         suspended_at=iso(vm.suspended_at),
+        volumes=list(vm.volumes),
     )

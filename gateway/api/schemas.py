@@ -269,6 +269,10 @@ class VmResponse(_Model):
     auto_suspend: bool = False
     auto_resume: bool = False
     suspended_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Volumes mounted into it: volume_id, mount_path, mode, checkpoint_id",
+    )
 
 
 class SnapshotResponse(_Model):

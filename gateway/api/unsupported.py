@@ -26,7 +26,6 @@ FEATURES: dict[str, str] = {
     "templates_publish": "images are built by operators (gateway image build), not published through the API",
     "usage_breakdown": "the gateway does no billing; per-session usage is GET /v1/sessions/usage/{id}",
     "stage_env": "secrets are not staged into running VMs; pass env when the session or VM is made",
-    "volumes": "volumes are not mounted into VMs yet (issue 21): /v1/volumes works without VMs",
     "webhooks": "the gateway sends no webhooks",
     "snapshot_build": "snapshots are taken of running VMs (snapshot_on_terminate), not built from images",
 }
@@ -70,8 +69,6 @@ ENDPOINTS: list[tuple[str, str, str]] = [
     ("get", "/v1/users/me/usage-breakdown", "usage_breakdown"),
     ("post", "/v1/vms/{vm_id}/stage-env", "stage_env"),
     ("post", "/v1/snapshots", "snapshot_build"),
-    *[(m, "/v1/vms/{vm_id}/volumes", "volumes") for m in ("get", "post")],
-    ("delete", "/v1/vms/{vm_id}/volumes/{volume_id}", "volumes"),
     ("get", "/v1/webhooks/deliveries", "webhooks"),
     ("post", "/v1/webhooks/deliveries/{id}/replay", "webhooks"),
     ("get", "/v1/webhooks/endpoints", "webhooks"),

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.auth import authenticate
-from gateway.api.context import CONFIG, EGRESS, LIFECYCLE, ORCHESTRATOR, SHARES
+from gateway.api.context import CONFIG, EGRESS, LIFECYCLE, ORCHESTRATOR, SHARES, VM_VOLUMES
 from gateway.api.responses import domain_view, json_response, share_view, vm_view
 from gateway.api.schemas import (
     EgressPolicyRequest,
@@ -20,6 +20,7 @@ from gateway.api.schemas import (
 )
 from gateway.api.sessions import lifetime_context, vm_params
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_part, parse_query
+from gateway.api.vm_volumes import create_time_mounts
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import cannot_suspend
 from gateway.orchestrator.egress import EGRESS_OFF
@@ -41,6 +42,7 @@ def refuse_unsupported(
     image_problem: str | None = None,
     suspends: bool = False,
     egress: bool = False,
+    volumes: bool = False,
 ) -> None:
     """Fields the spec has but this deployment cannot honour get a 422 naming them, never a silent no-op.
 
@@ -54,8 +56,8 @@ def refuse_unsupported(
             else ("snapshot_on_terminate" if body.snapshot_on_terminate else "snapshot_name")
         )
         problems.append((field, f"snapshots are not supported by the {driver!r} VM driver"))
-    if body.volumes:
-        problems.append(("volumes", "volumes are not supported by this gateway"))
+    if body.volumes and not volumes:
+        problems.append(("volumes", f"volumes cannot be mounted into {driver!r} VMs on this gateway"))
     if body.vault_ids and not egress:
         # The secrets go in at egress: a VM without egress could never use them.
         problems.append(
@@ -167,7 +169,9 @@ async def create_vm(request: web.Request) -> web.Response:
         orchestrator.image_problem(body.image_variant),
         suspends=request.app[LIFECYCLE].available,
         egress=request.app[EGRESS].available,
+        volumes=request.app[VM_VOLUMES].available,
     )
+    mounts = await create_time_mounts(orchestrator.volumes, owner, body.volumes) if body.volumes else ()
     # The SDK's shape, checked (a 422 naming the field).
     egress_policy = (
         parse_part(EgressPolicyRequest, body.egress_policy, "body", "egress_policy").model_dump()
@@ -192,6 +196,7 @@ async def create_vm(request: web.Request) -> web.Response:
         auto_resume=bool(body.auto_resume),
         egress_policy=egress_policy,
         vaults=vaults,
+        volumes=mounts,
     )
     session, vm = await orchestrator.create_vm(owner, body.session_id, params, wait=query.wait)
     if share is not None and vm.status != VM_FAILED:

@@ -62,6 +62,12 @@ class Lifecycle:
             raise Conflict(
                 f"VM {rec.vm_id} is {rec.status}: only an active VM can be suspended", code="vm_not_active"
             )
+        if rec.volumes and rec.driver == "qemu":
+            # QEMU cannot save a VM whose 9p share (its volumes) is attached: say so, not a 502.
+            raise Conflict(
+                f"VM {rec.vm_id} has volumes mounted: a qemu VM is suspended without them (unmount first)",
+                code="vm_has_volumes",
+            )
         state_dir = self._state_dir(rec.vm_id)
         await asyncio.to_thread(shutil.rmtree, state_dir, True)
         await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)

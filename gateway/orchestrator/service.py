@@ -35,6 +35,7 @@ from gateway.images.store import HOST_FILES_DRIVERS, ROOTFS_DRIVERS, ImageStore,
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import (
     ExecResult,
+    Mount,
     ResourceUsage,
     VmDriver,
     VmInfo,
@@ -44,6 +45,7 @@ from gateway.orchestrator.drivers.base import (
 )
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.orchestrator.vaults import VaultBinding, VaultService
+from gateway.orchestrator.vm_volumes import VolumeMountRequest, attach_all, release
 from gateway.orchestrator.volumes import VolumeService
 from gateway.state.records import (
     VM_ACTIVE,
@@ -113,6 +115,8 @@ class VmParams:
     # Placeholders for the credentials of the vaults asked for (VaultService.bind); each wins over an
     # env variable of the same name.
     vaults: VaultBinding | None = None
+    # Volumes mounted before its init runs (checked: vm_volumes.checked).
+    volumes: tuple[VolumeMountRequest, ...] = ()
 
 
 @dataclass
@@ -363,6 +367,7 @@ class Orchestrator:
             vault_ids=list(params.vaults.vault_ids) if params.vaults else [],
             vault_placeholders=dict(params.vaults.placeholders) if params.vaults else {},
             vault_env=dict(params.vaults.env) if params.vaults else {},
+            volumes=[request.entry() for request in params.volumes],
             # Until the driver reports its own handle, the slot is enough to find and destroy a half-made VM.
             handle={"slot": slot},
         )
@@ -371,14 +376,19 @@ class Orchestrator:
             await self.store.update_session(session.session_id, env=env)
             session.env = env
         env = rec.command_env(env)  # (the placeholders are the VM's own, not the session's)
+        mounts: tuple[Mount, ...] = ()
         try:
+            if params.volumes:
+                if self.volumes is None:
+                    raise Unsupported("volumes are not available on this gateway")
+                mounts = await attach_all(self.volumes, owner, vm_id, params.volumes)
             await self.store.add_vm(rec)
         except BaseException:
-            await self.store.release_slot(self.driver.name, slot, vm_id)
+            await asyncio.shield(self._release(rec, slot_too=True))
             raise
         session.vm_id = vm_id
         restore_from = str(self.snapshots.path(params.restore)) if params.restore else ""
-        boot = self._boot(rec, env, params.command, params.ready_port, restore_from)
+        boot = self._boot(rec, env, params.command, params.ready_port, restore_from, mounts)
         task = asyncio.create_task(boot, name=f"boot {vm_id}")
         self._boots[vm_id] = task
         task.add_done_callback(lambda _t: self._boots.pop(vm_id, None))
@@ -394,6 +404,7 @@ class Orchestrator:
         command: tuple[str, ...],
         ready_port: int | None,
         restore_from: str = "",
+        mounts: tuple[Mount, ...] = (),
     ) -> VmRecord:
         spec = VmSpec(
             vm_id=rec.vm_id,
@@ -405,6 +416,7 @@ class Orchestrator:
             command=command,
             restore_from=restore_from,
             image=rec.image_variant or "",
+            mounts=mounts,
         )
         try:
             info = await asyncio.wait_for(self._start(spec, ready_port), self.config.vms.boot_timeout_s)
@@ -412,7 +424,7 @@ class Orchestrator:
             reason = str(exc) or f"boot timed out after {self.config.vms.boot_timeout_s} s"
             log.warning("VM %s failed to boot: %s", rec.vm_id, reason)
             await self.store.end_vm(rec, VM_FAILED, reason)
-            await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+            await self._release(rec, slot_too=True)
             return await self._reload(rec)
         except asyncio.CancelledError:
             await asyncio.shield(self._fail_cancelled(rec))
@@ -422,7 +434,7 @@ class Orchestrator:
         if not await self.store.activate_vm(rec.vm_id, ip=info.ip, handle=handle, started_at=started):
             # Killed while it booted: the killer could not destroy what did not exist yet.
             await self.driver.destroy(rec.vm_id, handle)
-            await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+            await self._release(rec, slot_too=True)
         return await self._reload(rec)
 
     async def _start(self, spec: VmSpec, ready_port: int | None) -> VmInfo:
@@ -454,7 +466,14 @@ class Orchestrator:
 
     async def _fail_cancelled(self, rec: VmRecord) -> None:
         await self.store.end_vm(rec, VM_FAILED, "boot cancelled (gateway stopping)")
-        await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
+        await self._release(rec, slot_too=True)
+
+    async def _release(self, rec: VmRecord, *, slot_too: bool) -> None:
+        """What a VM that is gone (or never came) held: its volumes' mounts, and its slot."""
+        if rec.volumes and self.volumes is not None:
+            await release(self.volumes, rec.vm_id, rec.volumes)
+        if slot_too:
+            await self.store.release_slot(rec.driver, rec.slot, rec.vm_id)
 
     async def _reload(self, rec: VmRecord) -> VmRecord:
         fresh = await self.store.get_vm(rec.vm_id)
@@ -517,7 +536,7 @@ class Orchestrator:
             # Keep the slot held: recovery retries the destroy, and the IP is not reused meanwhile.
             log.error("destroying VM %s failed: %s", fresh.vm_id, exc)
             return
-        await self.store.release_slot(fresh.driver, fresh.slot, fresh.vm_id)
+        await self._release(fresh, slot_too=True)
 
     async def _record_usage(self, rec: VmRecord) -> None:
         """Keep what the VM's cgroup used on its record, read before the driver removes the cgroup."""

@@ -236,6 +236,10 @@ class VolumeService:
     async def detach(self, volume_id: str, holder: str) -> None:
         await (await self.ready()).detach(volume_id, holder)
 
+    async def held(self) -> dict[str, set[str]]:
+        """Who holds which volume on this host (nothing when the store never started: none exists)."""
+        return await self.store.held() if self._started else {}
+
     # files (no VM) ----------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

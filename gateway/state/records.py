@@ -158,6 +158,8 @@ class VmRecord(_Record):
     # Bytes the egress proxy carried for it: to destinations, and back.
     egress_bytes_out: int = 0
     egress_bytes_in: int = 0
+    # Volumes mounted into it (the SDK's fields: volume_id, mount_path, mode, checkpoint_id).
+    volumes: list[dict[str, Any]] = field(default_factory=list)
     # Vaults bound at create (egress puts their secrets in): the VM holds only placeholders.
     vault_ids: list[str] = field(default_factory=list)
     vault_placeholders: dict[str, str] = field(default_factory=dict)  # placeholder -> credential id

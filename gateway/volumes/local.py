@@ -678,6 +678,16 @@ class LocalVolumeStore:
         except VolumeMissing:
             return set()
 
+    async def held(self) -> dict[str, set[str]]:
+        """Every volume someone holds, with its holders."""
+        found: dict[str, set[str]] = {}
+        for state_file in sorted((self.root / "state").glob("*.json")):
+            if is_safe_id(state_file.stem):
+                holders = await self.holders(state_file.stem)
+                if holders:
+                    found[state_file.stem] = holders
+        return found
+
     async def attachments(self, volume_id: str) -> dict[str, list[str]]:
         """View -> holders (for operators and tests)."""
         self._check_ids(volume_id)

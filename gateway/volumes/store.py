@@ -105,3 +105,7 @@ class VolumeStore(Protocol):
     async def holders(self, volume_id: str) -> set[str]:
         """Who has it attached (any view); delete is refused while this is not empty."""
         ...
+
+    async def held(self) -> dict[str, set[str]]:
+        """Every volume that has holders, with them (what a starting gateway checks against live VMs)."""
+        ...

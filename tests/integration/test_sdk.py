@@ -182,7 +182,6 @@ async def test_what_the_gateway_does_not_offer_answers_501_saying_why(gw: Gatewa
         (client.audit.catalog, ()),
         (client.computer_use.get, ("some-session", "api/screen")),
         (client.list_ssh_keys, ()),
-        (client.vms.list_volumes, ("some-vm",)),
         (client.get_usage_breakdown, ()),
     ]
     for call, args in calls:
