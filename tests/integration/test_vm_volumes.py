@@ -1,0 +1,127 @@
+"""Volumes in real VMs of both drivers, through the official SDK: what one VM writes a later VM reads;
+read-only is refused by the kernel; the quota stops a writer with ENOSPC and nothing else is harmed; a
+checkpoint mounted shows its old content; the files API and the VM see the same bytes; a mounted volume
+cannot be deleted; another key's volume is refused; live mount and unmount."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from instavm import InstaVM
+
+from tests.conftest import GatewayUnderTest
+from tests.egress_env import DRIVERS
+from tests.integration.test_sdk_volumes import IS_ROOT, MiB, call, client_for, status_of
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(not IS_ROOT, reason="volumes need root (loop devices, mounts)"),
+]
+
+
+async def vm_with(client: InstaVM, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    vm = await call(client.vms.create, volumes=volumes, wait=True)
+    assert vm["status"] == "active", vm
+    return vm  # type: ignore[no-any-return]
+
+
+async def sh(gw: GatewayUnderTest, vm: dict[str, Any], command: str) -> dict[str, Any]:
+    status, out = await gw.request(
+        "POST",
+        "/execute",
+        json={"session_id": vm["session_id"], "language": "bash", "command": command, "timeout": 60},
+    )
+    assert status == 200, out
+    return out  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_volume_outlives_its_vms_and_keeps_its_rules(
+    driver: str, gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw: GatewayUnderTest = await gateway_factory(driver, vms={"driver": driver, "boot_timeout_s": 90.0})
+    client = await call(client_for, gw)
+    volume_id = (await call(client.volumes.create, "project", 32 * MiB))["id"]
+    local = tmp_path / "hello.txt"
+    local.write_bytes(b"from the files API\n")
+    await call(client.volumes.upload_file, volume_id, str(local), "hello.txt")
+
+    first = await vm_with(client, [{"volume_id": volume_id, "mount_path": "/data", "mode": "rw"}])
+    assert (await call(client.vms.get, first["vm_id"]))["volumes"] == [
+        {"volume_id": volume_id, "mount_path": "/data", "mode": "rw", "checkpoint_id": None}
+    ]
+    seen = await sh(gw, first, "cat /data/hello.txt && echo one > /data/from-vm.txt && sync")
+    assert seen["stdout"] == "from the files API\n", seen
+    with pytest.raises(Exception) as busy:
+        await call(client.volumes.delete, volume_id)
+    assert status_of(busy.value) == 409  # mounted
+    await call(client.vms.delete, first["vm_id"])
+    downloaded = await call(client.volumes.download_file, volume_id, "from-vm.txt")
+    assert downloaded["content"] in ("b25lCg==", "one\n"), downloaded  # base64 or text: the VM's bytes
+
+    checkpoint = await call(client.volumes.create_checkpoint, volume_id, name="before")
+    local.write_bytes(b"newer\n")
+    await call(client.volumes.upload_file, volume_id, str(local), "hello.txt", overwrite=True)
+    second = await vm_with(
+        client,
+        [
+            {"volume_id": volume_id, "mount_path": "/data", "mode": "ro"},
+            {"volume_id": volume_id, "mount_path": "/old", "mode": "ro", "checkpoint_id": checkpoint["id"]},
+        ],
+    )
+    seen = await sh(gw, second, "cat /data/hello.txt /old/hello.txt /data/from-vm.txt")
+    assert seen["stdout"] == "newer\nfrom the files API\none\n", seen
+    refused = await sh(gw, second, "echo x > /data/x; echo x > /old/x")
+    assert refused["stderr"].count("Read-only file system") == 2, refused
+
+    # Live: a read-write mount into the running VM; the quota stops a writer, nothing else suffers.
+    mounted = await call(client.vms.mount_volume, second["vm_id"], volume_id, "/work/rw", mode="rw")
+    assert mounted["mount_path"] == "/work/rw"
+    assert len(await call(client.vms.list_volumes, second["vm_id"])) == 3
+    full = await sh(gw, second, "dd if=/dev/zero of=/work/rw/big bs=1M count=64 2>&1; cat /work/rw/hello.txt")
+    assert "No space left on device" in full["stdout"], full
+    assert full["stdout"].endswith("newer\n"), full
+    assert (await sh(gw, second, "rm /work/rw/big && echo still-fine"))["stdout"] == "still-fine\n"
+    await call(client.vms.unmount_volume, second["vm_id"], volume_id, "/work/rw")
+    assert [v["mount_path"] for v in await call(client.vms.list_volumes, second["vm_id"])] == [
+        "/data",
+        "/old",
+    ]
+    gone = await sh(gw, second, "ls /work/rw | wc -l")
+    assert gone["stdout"].strip() == "0", gone  # what is left there is the VM's own empty folder
+
+    other = client_for(gw, await gw.new_key())
+    with pytest.raises(Exception) as hidden:
+        await call(other.volumes.get, volume_id)
+    assert status_of(hidden.value) == 404
+    status, body = await gw.request(
+        "POST", "/v1/vms", json={"volumes": [{"volume_id": volume_id, "mount_path": "/x"}]}, key=other.api_key
+    )
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "volumes", 0, "volume_id"], body
+
+    await call(client.vms.delete, second["vm_id"])
+    await call(client.volumes.delete, volume_id)  # nothing holds it any more
+
+
+async def test_bad_mounts_are_422s_naming_the_field(gateway_factory: Any) -> None:
+    gw: GatewayUnderTest = await gateway_factory("netns")
+    client = await call(client_for, gw)
+    volume_id = (await call(client.volumes.create, "v", 16 * MiB))["id"]
+    for volumes, loc in (
+        ([{"volume_id": volume_id, "mount_path": "/etc/x"}], ["body", "volumes", 0, "mount_path"]),
+        ([{"volume_id": volume_id, "mount_path": "/a/../b"}], ["body", "volumes", 0, "mount_path"]),
+        ([{"volume_id": volume_id, "mount_path": "/d", "mode": "rx"}], ["body", "volumes", 0, "mode"]),
+        ([{"volume_id": volume_id, "mount_path": "/d"}] * 2, ["body", "volumes"]),
+        ([{"volume_id": "vol-nope", "mount_path": "/d"}], ["body", "volumes", 0, "volume_id"]),
+    ):
+        status, body = await gw.request("POST", "/v1/vms", json={"volumes": volumes})
+        assert status == 422 and body["detail"][0]["loc"] == loc, (volumes, body)
+
+
+async def test_vms_without_mounts_say_so(gw: GatewayUnderTest) -> None:
+    status, body = await gw.request(
+        "POST", "/v1/vms", json={"volumes": [{"volume_id": "v", "mount_path": "/d"}]}
+    )
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "volumes"], body
