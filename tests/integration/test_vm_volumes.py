@@ -5,14 +5,24 @@ cannot be deleted; another key's volume is refused; live mount and unmount."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from pathlib import Path
 from typing import Any
 
 import pytest
 from instavm import InstaVM
 
-from tests.conftest import GatewayUnderTest
+from gateway.volumes.local import LocalVolumeStore
+from tests.conftest import (
+    ROOTFS_CACHE,
+    GatewayUnderTest,
+    remove_blackhole,
+    remove_empty_cgroup_parents,
+    remove_host_firewall,
+)
 from tests.egress_env import DRIVERS
+from tests.integration.test_cli import Server, gateway
 from tests.integration.test_sdk_volumes import IS_ROOT, MiB, call, client_for, status_of
 
 pytestmark = [
@@ -125,3 +135,54 @@ async def test_vms_without_mounts_say_so(gw: GatewayUnderTest) -> None:
         "POST", "/v1/vms", json={"volumes": [{"volume_id": "v", "mount_path": "/d"}]}
     )
     assert status == 422 and body["detail"][0]["loc"] == ["body", "volumes"], body
+
+
+DURABLE = {  # this test's own driver names (its gateway is a process of its own)
+    "GATEWAY_VMS_DRIVER": "netns",
+    "GATEWAY_NETNS_CIDR": "172.31.220.0/24",
+    "GATEWAY_NETNS_NAME_PREFIX": "gwdn",
+    "GATEWAY_NETNS_CGROUP_NAME": "gateway-dntest",
+    "GATEWAY_IMAGES_DIR": str(ROOTFS_CACHE),
+}
+
+
+@pytest.mark.parametrize("driver", ["netns"])
+def test_a_write_the_vm_saw_survives_a_sigkill_of_the_gateway_and_the_vms_kill(
+    driver: str, tmp_path: Path
+) -> None:
+    """No sync in the VM, SIGKILL of the gateway (no drain, no unmount), a restart, the VM killed: the
+    write is there for the files API and for the next VM."""
+    data = tmp_path / "data"
+    first = Server(data, env=DURABLE)
+    try:
+        key = gateway("--data-dir", str(data), "keys", "create", "--name", "k").stdout.split()[-1]
+        status, volume = first.call("POST", "/v1/volumes", {"name": "d", "quota_bytes": 16 * MiB}, key)
+        assert status == 201, volume
+        mounts = [{"volume_id": volume["id"], "mount_path": "/data"}]
+        status, vm = first.call("POST", "/v1/vms", {"volumes": mounts}, key)
+        assert status == 200, vm
+        command = {"session_id": vm["session_id"], "language": "bash", "command": "echo durable > /data/f"}
+        status, wrote = first.call("POST", "/execute", command, key)
+        assert status == 200 and wrote["exit_code"] == 0, wrote
+        first.proc.kill()
+        first.proc.wait(timeout=30)
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+        first.close_pipes()
+    second = Server(data, env=DURABLE)
+    try:
+        assert second.call("DELETE", f"/v1/vms/{vm['vm_id']}", None, key)[0] == 200
+        status, got = second.call("POST", f"/v1/volumes/{volume['id']}/files/download", {"path": "f"}, key)
+        assert status == 200 and base64.b64decode(got["content"]) == b"durable\n", got
+        status, later = second.call("POST", "/v1/vms", {"volumes": mounts}, key)
+        assert status == 200, later
+        command = {"session_id": later["session_id"], "language": "bash", "command": "cat /data/f"}
+        assert second.call("POST", "/execute", command, key)[1]["stdout"] == "durable\n"
+        assert second.call("DELETE", f"/v1/vms/{later['vm_id']}", None, key)[0] == 200
+    finally:
+        assert second.stop() == 0
+        asyncio.run(LocalVolumeStore(data / "volumes").release_all())
+        remove_host_firewall("gwdn")
+        remove_blackhole(DURABLE["GATEWAY_NETNS_CIDR"])
+        remove_empty_cgroup_parents("gateway-dntest")
