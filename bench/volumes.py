@@ -9,7 +9,10 @@ reflinks would do). It prints how much the pool's file holds on the host disk be
 checkpoints (shared blocks are counted once). Everything it mounts is released, and the folder removed,
 on the way out (also on failure or Ctrl-C). Needs root (loop devices).
 
-    .venv/bin/python bench/volumes.py [--mib 1024] [--rounds 5]
+Then, in a VM of each of ``--drivers`` (netns, qemu), sequential write and read MiB/s of ``--io-mib`` MiB
+through a volume against the VM's own root file system.
+
+    .venv/bin/python bench/volumes.py [--mib 1024] [--rounds 5] [--drivers netns,qemu] [--io-mib 1024]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -61,7 +65,7 @@ def line(name: str, samples: list[float]) -> str:
     return f"  {name:<48} median {median:9.1f} ms   best {best:9.1f} ms   ({len(samples)} runs)"
 
 
-async def bench(mib: int, rounds: int) -> None:
+async def bench(mib: int, rounds: int, drivers: list[str], io_mib: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="volbench-"))
     store = LocalVolumeStore(folder / "volumes")
     try:
@@ -115,9 +119,60 @@ async def bench(mib: int, rounds: int) -> None:
             f"  pool on the host disk: {pool_before:.0f} MiB with the volume, {pool_after:.0f} MiB after "
             f"{rounds} checkpoints (blocks shared, not copied)"
         )
+        for kind in drivers:
+            await in_vm(store, folder, kind, io_mib)
     finally:
         await store.release_all()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+DD = re.compile(r"(\d+) bytes .* copied, ([0-9.]+) s")
+
+
+def dd_mib_s(output: str) -> float:
+    """MiB/s from dd's last line (bytes copied, seconds)."""
+    found = DD.search(output)
+    if found is None:
+        raise RuntimeError(f"no figures in dd's output: {output!r}")
+    return int(found.group(1)) / MiB / float(found.group(2))
+
+
+async def in_vm(store: LocalVolumeStore, folder: Path, kind: str, mib: int) -> None:
+    """Sequential write (fdatasync at the end) and read (caches dropped, host and VM) of ``mib`` MiB in a
+    VM of ``kind``: through a volume, then on the VM's own root file system."""
+    from gateway.orchestrator.drivers.base import Mount
+    from tests.integration.test_volume_mounts import started, vm
+
+    await store.create("io", int(mib * MiB * FS_ROOM) + FS_ROOM_BYTES)
+    root = await store.attach("io", None, read_only=False, holder="io-vm")
+    try:
+        async with started(folder / kind, kind) as driver, vm(driver, 3, Mount(root, "/vol")) as guest:
+
+            async def run(command: str) -> str:
+                result = await driver.execute(
+                    guest.info.vm_id, guest.info.handle, ["sh", "-c", command],
+                    env={}, timeout_s=600, max_output_bytes=65536,
+                )  # fmt: skip
+                return result.stdout.decode() + result.stderr.decode()
+
+            figures = {}
+            for where, path in (("volume", "/vol/io"), ("VM's root", "/root/io")):
+                write = await run(f"dd if=/dev/zero of={path} bs=1M count={mib} conv=fdatasync 2>&1")
+                await asyncio.to_thread(drop_host_caches)
+                await run("echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")  # (a qemu guest's own cache)
+                read = await run(f"dd if={path} of=/dev/null bs=1M 2>&1; rm -f {path}")
+                figures[where] = (dd_mib_s(write), dd_mib_s(read))
+        print(f"in a {kind} VM, {mib} MiB sequential (MiB/s):  write    read")
+        for where, (w, r) in figures.items():
+            print(f"  {where:<40} {w:8.0f} {r:8.0f}")
+    finally:
+        await store.detach("io", "io-vm")
+        await store.delete("io")
+
+
+def drop_host_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def main() -> None:
@@ -126,10 +181,15 @@ def main() -> None:
     )
     parser.add_argument("--mib", type=int, default=1024, help="data in the volume (MiB, a multiple of 4)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--drivers", default="netns,qemu", help="VMs to measure I/O in (default netns,qemu; '' for none)"
+    )
+    parser.add_argument("--io-mib", type=int, default=1024, help="sequential I/O size in a VM (MiB)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/volumes.py needs root (loop devices and mounts)")
-    asyncio.run(asyncio.wait_for(bench(args.mib, args.rounds), TIME_LIMIT_S))
+    drivers = [d for d in args.drivers.split(",") if d]
+    asyncio.run(asyncio.wait_for(bench(args.mib, args.rounds, drivers, args.io_mib), TIME_LIMIT_S))
 
 
 if __name__ == "__main__":

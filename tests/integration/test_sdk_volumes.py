@@ -424,12 +424,14 @@ async def test_the_store_reconciles_and_releases_everything(tmp_path: Path) -> N
 def test_the_bench_runs_small_and_leaves_nothing() -> None:
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, str(repo / "bench" / "volumes.py"), "--mib", "16", "--rounds", "1"],
+        [sys.executable, str(repo / "bench" / "volumes.py"), "--mib", "16", "--rounds", "1",
+         "--drivers", "netns", "--io-mib", "8"],
         capture_output=True,
         text=True,
-        timeout=120,
-    )
+        timeout=180,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "checkpoint, attached (fsfreeze + reflink)" in done.stdout
+    assert "in a netns VM, 8 MiB sequential" in done.stdout, done.stdout
     loops = subprocess.run(["losetup", "-l", "-n", "-O", "BACK-FILE"], capture_output=True, text=True).stdout
     assert "volbench-" not in loops and "volbench-" not in Path("/proc/self/mountinfo").read_text()
