@@ -115,6 +115,23 @@ async def test_a_volume_outlives_its_vms_and_keeps_its_rules(
     await call(client.volumes.delete, volume_id)  # nothing holds it any more
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_two_vms_share_one_volume_read_write(driver: str, gateway_factory: Any) -> None:
+    """Allowed, as on a network file system: one file system, each sees what the other wrote."""
+    gw: GatewayUnderTest = await gateway_factory(driver, vms={"driver": driver, "boot_timeout_s": 90.0})
+    client = await call(client_for, gw)
+    volume_id = (await call(client.volumes.create, "shared", 16 * MiB))["id"]
+    mounts = [{"volume_id": volume_id, "mount_path": "/shared", "mode": "rw"}]
+    one, two = await vm_with(client, mounts), await vm_with(client, mounts)
+    await sh(gw, one, "echo from-one > /shared/note && sync")
+    seen = await sh(gw, two, "cat /shared/note && echo from-two >> /shared/note && sync")
+    assert seen["stdout"] == "from-one\n", seen
+    assert (await sh(gw, one, "cat /shared/note"))["stdout"] == "from-one\nfrom-two\n"
+    for vm in (one, two):
+        await call(client.vms.delete, vm["vm_id"])
+    await call(client.volumes.delete, volume_id)
+
+
 async def test_bad_mounts_are_422s_naming_the_field(gateway_factory: Any) -> None:
     gw: GatewayUnderTest = await gateway_factory("netns")
     client = await call(client_for, gw)
