@@ -8,15 +8,14 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
 from gateway.api.auth import authenticate
 from gateway.api.context import FILES
+from gateway.api.responses import stream_file
 from gateway.api.validation import RequestValidationError, detail_item
 from gateway.errors import UnsupportedMediaType
-from gateway.orchestrator.files import Download
 
 routes = web.RouteTableDef()
 
@@ -134,22 +133,6 @@ async def raw_file(request: web.Request) -> web.StreamResponse:
         raise _missing("query", "path")
     file = await request.app[FILES].download(owner, request.match_info["session_id"], path)
     try:
-        return await _stream(request, file)
+        return await stream_file(request, file)
     finally:
         await file.close()
-
-
-async def _stream(request: web.Request, file: Download) -> web.StreamResponse:
-    name = file.path.rsplit("/", 1)[-1] or "file"
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}",
-        }
-    )
-    response.content_length = file.size
-    await response.prepare(request)
-    async for chunk in file.chunks():
-        await response.write(chunk)
-    await response.write_eof()
-    return response

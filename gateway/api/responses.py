@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -37,6 +38,32 @@ def uptime_s(vm: VmRecord, now: float) -> float | None:
     if vm.status != VM_ACTIVE:
         return None
     return round(now - (vm.started_at or vm.created_at), 2)
+
+
+class StreamedFile(Protocol):
+    """A file read from a VM or a volume: its path and size, then its bytes."""
+
+    path: str
+    size: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+async def stream_file(request: web.Request, file: StreamedFile) -> web.StreamResponse:
+    """The file's bytes as an attachment, with its length, streamed as they are read."""
+    name = file.path.rsplit("/", 1)[-1] or "file"
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}",
+        }
+    )
+    response.content_length = file.size
+    await response.prepare(request)
+    async for chunk in file.chunks():
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:

@@ -10,18 +10,17 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
 from gateway.api import volume_schemas as vs
 from gateway.api.auth import authenticate
 from gateway.api.context import ORCHESTRATOR
-from gateway.api.responses import iso, json_response
+from gateway.api.responses import iso, json_response, stream_file
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.errors import Unsupported, UnsupportedMediaType
 from gateway.orchestrator.model import VolumeCheckpointRecord, VolumeRecord
-from gateway.orchestrator.volumes import API_HOLDER_PREFIX, VolumeDownload, VolumeService
+from gateway.orchestrator.volumes import API_HOLDER_PREFIX, VolumeService
 
 routes = web.RouteTableDef()
 
@@ -259,22 +258,6 @@ async def download_raw(request: web.Request) -> web.StreamResponse:
     query = parse_query(request, vs.FilePathQuery)
     file = await _volumes(request).download(owner, request.match_info["volume_id"], query.path)
     try:
-        return await _stream(request, file)
+        return await stream_file(request, file)
     finally:
         await file.close()
-
-
-async def _stream(request: web.Request, file: VolumeDownload) -> web.StreamResponse:
-    name = file.path.rsplit("/", 1)[-1] or "file"
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}",
-        }
-    )
-    response.content_length = file.size
-    await response.prepare(request)
-    async for chunk in file.chunks():
-        await response.write(chunk)
-    await response.write_eof()
-    return response
