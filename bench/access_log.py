@@ -16,7 +16,6 @@ import json
 import os
 import re
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from gateway.edge.observe import AccessLog
@@ -24,7 +23,21 @@ from gateway.edge.observe import AccessLog
 CLIENTS = ("127.0.0.1", "10.1.2.3", "2001:db8::7")
 
 
-def exchanges() -> list[SimpleNamespace]:
+class Logged:
+    """What the access log reads of an exchange, with slots as ``Exchange`` has (attribute reads cost
+    what they cost on the edge)."""
+
+    __slots__ = (
+        "bytes_out", "code", "host", "kind", "method", "request_id", "route_id", "sent_bytes", "status",
+        "upstream_s", "url",
+    )  # fmt: skip
+
+    def __init__(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+def exchanges() -> list[Logged]:
     session = "70653436-f809-4410-b306-b50a3402ca56"
     base: dict[str, Any] = dict(
         request_id=b"5e1f0a3b-1", method=b"GET", url=b"/v1/app/%s/3000/static/app.js?v=3" % session.encode(),
@@ -65,7 +78,7 @@ def exchanges() -> list[SimpleNamespace]:
     for i in range(64):
         fields = base | variants[i % len(variants)]
         fields["request_id"] = b"5e1f0a3b-%x" % (i + 1)
-        out.append(SimpleNamespace(**fields))
+        out.append(Logged(**fields))
     return out
 
 
