@@ -189,7 +189,7 @@ async def measure(connections: int, host_only: bool) -> None:
     release = loop.create_future()
     task = asyncio.create_task(client(connections))
     await yield_point
-    await asyncio.sleep(0.5)  # the last answers' callbacks finish
+    await asyncio.sleep(2.5)  # the last answers' callbacks finish, and a keep-alive sweep or two
     access_log.flush()
     gc.collect()
     after = tracemalloc.take_snapshot()

@@ -312,7 +312,9 @@ class AccessLog:
     def _who_piece(self, client: str, method: bytes, host: bytes | None) -> bytes:
         if self.json:
             return b',"client":%s,"method":%s,"host":%s' % (
-                _json(client.encode()), _json(method), _json(host or b"")
+                _json(client.encode()),
+                _json(method),
+                _json(host or b""),
             )
         return b"%s %s %s" % (client.encode(), _printable(method), _printable(host or b""))
 
