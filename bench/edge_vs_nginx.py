@@ -305,8 +305,10 @@ async def run_bounded(argv: list[str], timeout_s: float) -> tuple[int, str, str]
 
 
 def versions(workers: int, rounds: int) -> str:
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    nginx = nginx.removeprefix("nginx version: ")
+    nginx = "no nginx"
+    if shutil.which("nginx"):
+        nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+        nginx = nginx.removeprefix("nginx version: ")
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
