@@ -82,7 +82,7 @@ def exchanges() -> list[Logged]:
     return out
 
 
-# --- the formatter before issue 22 (observe.py at 8d1c...: per-line regex checks and float formats) -----
+# --- the formatter before issue 22 (observe.py at f592638: per-line regex checks and float formats) -----
 
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _JSON_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
