@@ -305,8 +305,10 @@ async def run_bounded(argv: list[str], timeout_s: float) -> tuple[int, str, str]
 
 
 def versions(workers: int, rounds: int) -> str:
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    nginx = nginx.removeprefix("nginx version: ")
+    nginx = "no nginx"
+    if shutil.which("nginx"):
+        nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+        nginx = nginx.removeprefix("nginx version: ")
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
@@ -885,6 +887,38 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
+async def access_log_ab(args: argparse.Namespace) -> None:
+    """``--access-log-ab``: two gateways (access log on, access log off; each with its own VM app), wrk
+    on each in turn, ``--rounds`` rounds in ABBA order; no nginx."""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    off_env = {"GATEWAY_LOG_ACCESS_LOG": "false", "GATEWAY_PROCESS_CIDR": "127.78.0.0/22"}
+    results: dict[str, list[WrkResult]] = {"log on": [], "log off": []}
+    async with (
+        served_gateway(args.workers) as gw_on,
+        app_in_vm(gw_on) as app_on,
+        served_gateway(args.workers, off_env) as gw_off,
+        app_in_vm(gw_off) as app_off,
+    ):
+        proxies = {
+            "log on": Proxy("edge", app_on.edge_url, lambda: edge_processes(gw_on.pid)),
+            "log off": Proxy("edge", app_off.edge_url, lambda: edge_processes(gw_off.pid)),
+        }
+        for round_index in range(args.rounds):
+            order = ("log on", "log off") if round_index % 2 == 0 else ("log off", "log on")
+            for name in order:
+                results[name].append(await measure_small_requests(proxies[name], args.seconds))
+    for name, rounds in results.items():
+        rps = ", ".join(f"{r.requests_per_s:,.0f}" for r in rounds)
+        cpu = ", ".join(f"{r.cpu_us_per_request:.1f}" for r in rounds)
+        print(f"edge, access log {name[4:]:3}: req/s {rps}; CPU us per request {cpu}")
+    on = sorted(r.requests_per_s for r in results["log on"])
+    off = sorted(r.requests_per_s for r in results["log off"])
+    print(f"median req/s, log on / log off: {on[len(on) // 2] / off[len(off) // 2]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -907,19 +941,24 @@ def main() -> None:
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the reference run against the app without a proxy"
     )
+    parser.add_argument(
+        "--access-log-ab",
+        action="store_true",
+        help="only requests/s of the edge with its access log on against off, interleaved (no nginx)",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.workers < 1 or args.seconds <= 0:
         parser.error("--rounds and --workers must be >= 1, --seconds > 0")
     args.skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     if unknown := args.skip - set(METRICS):
         parser.error(f"unknown metric(s) in --skip: {', '.join(sorted(unknown))}")
-    for tool in ("nginx", "wrk", "curl"):
+    for tool in ("wrk",) if args.access_log_ab else ("nginx", "wrk", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install -y nginx wrk curl")
     raise_nofile_limit(NOFILE_NEEDED)
     print(versions(args.workers, args.rounds), flush=True)
     try:
-        uvloop.run(bench(args))
+        uvloop.run(access_log_ab(args) if args.access_log_ab else bench(args))
     except asyncio.CancelledError:
         sys.exit("interrupted; everything the bench started has been stopped")
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -68,6 +67,11 @@ HEAD_LINE_OVERHEAD = 32
 
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
 MAX_SHARED_CLIENT_INFOS = 4096
+# Idle kept-alive connections are closed by one sweep per process at this interval (not a timer each:
+# an idle connection holds no timer), so one closes between keepalive_timeout_s and that plus twice this.
+KEEPALIVE_SWEEP_S = 1.0
+# An idle connection needs no request head list until its next request starts (on_message_begin).
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
 # A held request for a suspended VM: how often it asks again for the wake, and looks whether it is back.
 WAKE_ASK_S = 5.0
 WAKE_POLL_S = 0.1
@@ -101,6 +105,7 @@ class Edge:
         self._client_infos: dict[tuple[str, str, bytes, bool], hdr.ClientInfo] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # the keep-alive sweep, while connections are open
         # The longest raw request head: the target and header limits, plus each line's framing.
         self.head_limit = (
             settings.routing.max_target_bytes + settings.max_header_bytes
@@ -131,6 +136,33 @@ class Edge:
             self.traffic.add(ex.vm_id, ex.sent_bytes, ex.bytes_out)
         if self.access_log is not None:
             self.access_log.write(ex, peer_ip, self.loop.time() - ex.started)
+
+    def went_idle(self) -> None:
+        """A connection waits for its next request: make sure the keep-alive sweep runs."""
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(KEEPALIVE_SWEEP_S, self.sweep_idle)
+
+    def sweep_idle(self) -> None:
+        """Close kept-alive connections idle for keepalive_timeout_s. A connection first seen idle by a
+        sweep is stamped with the sweep's time (no clock read per request) and lets its timer and its
+        parser go (it needs neither until its next request)."""
+        self._sweep = None
+        now = self.loop.time()
+        limit = self.settings.keepalive_timeout_s
+        expired = []
+        for conn in self.connections:
+            if not conn.idle():
+                continue
+            if not conn.idle_since:
+                conn.idle_since = now
+                conn.deadline.cancel()
+                conn.parser = None
+            elif limit > 0 and now - conn.idle_since >= limit:
+                expired.append(conn)
+        for conn in expired:
+            conn._close_quietly()
+        if self.connections:
+            self._sweep = self.loop.call_later(KEEPALIVE_SWEEP_S, self.sweep_idle)
 
     def vm_gone(self, vm_id: str) -> None:
         self.pool.close_vm(vm_id)
@@ -184,6 +216,7 @@ class EdgeProtocol(asyncio.Protocol):
         "head_timed",
         "header_bytes",
         "headers",
+        "idle_since",
         "in_head",
         "linger_left",
         "lingering",
@@ -216,7 +249,9 @@ class EdgeProtocol(asyncio.Protocol):
         self.sni_name: bytes | None = None  # the name the TLS client asked for, if any
         self.loop = edge.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # None while idle past a keep-alive sweep (about 0.9 KiB: the parser holds a bound method per
+        # callback); made again by the next read, between two requests, so nothing of its state is lost.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.peer_ip = ""
         self.trusted = False
         self.pending: list[Exchange] = []  # parsed, waiting for the current one (a deque is 600 bytes)
@@ -225,9 +260,11 @@ class EdgeProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None  # a route lookup or upstream connect, if any
         self.task_coro: Coroutine[Any, Any, None] | None = None
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
         self.header_bytes = 0
         self.in_head = False
+        # Kept-alive and idle since this sweep's time (0: busy, or idle and not seen by a sweep yet).
+        self.idle_since = 0.0
         # Raw bytes of the request head so far, counted as they arrive: llhttp keeps a header line until
         # it ends, and httptools re-copies it on every read, so an endless line must be cut by count.
         self.head_seen = 0
@@ -265,9 +302,8 @@ class EdgeProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.trusted = self.peer_ip in self.settings.trusted_proxies
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: uvloop's TCP transports set it (TCPTransport.new), as asyncio's do; and
+        # the socket's wrapper, once asked for, would stay with the connection.
         if len(self.edge.connections) >= self.settings.max_connections or self.edge.draining:
             # Refused cleanly rather than left unaccepted in the backlog: the client learns at once.
             self.closing = True
@@ -310,8 +346,11 @@ class EdgeProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self.early_tunnel_data += data[offset:]
@@ -461,6 +500,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.in_head = False
         self.head_timed = False
         parser = self.parser
+        assert parser is not None  # (it is parsing)
         ex = Exchange(
             self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
             parser.should_upgrade(), parser.get_http_version() == "1.0",
@@ -488,6 +528,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _begin(self, ex: Exchange) -> None:
         self.current = ex
+        self.idle_since = 0.0
         # Covers the route lookup and the connect too; restarted when the request is sent.
         self.deadline.start(self.settings.first_byte_timeout_s)
         try:
@@ -788,8 +829,21 @@ class EdgeProtocol(asyncio.Protocol):
             self.deadline.start(self.settings.header_timeout_s)
             self.head_timed = True
         else:
-            self.deadline.start(self.settings.keepalive_timeout_s)
+            # Idle: the sweep times keep-alive (Edge.sweep_idle). Nothing of the finished request stays
+            # (its target and header list; the exchange went with ``current``).
+            self.deadline.stop()
+            self.url = b""
+            self.headers = _NO_HEADERS
+            self.header_bytes = 0
+            self.edge.went_idle()
         self.resume_reading()
+
+    def idle(self) -> bool:
+        """Kept alive and waiting for a request that has not begun (the keep-alive sweep's case)."""
+        return (
+            self.current is None and not self.in_head and not self.head_timed and not self.pending
+            and self.tunnel is None and not self.closing and self.transport is not None
+        )  # fmt: skip
 
     def _begin_pending(self) -> None:
         if self.current is not None or not self.pending or self.closing or self.transport is None:

@@ -6,15 +6,19 @@ approximate. The integration suites check the same behaviour over real connectio
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+import uvloop
 
 from gateway.config import load_config, override
 from gateway.edge import access
+from gateway.edge.exchange import Exchange
 from gateway.edge.protocol import Edge, EdgeProtocol
 from gateway.edge.resolver import Resolver
 from gateway.edge.settings import EdgeSettings
@@ -391,3 +395,61 @@ async def test_draining_closes_an_idle_connection_at_once_and_a_busy_one_after_i
         h.answer(response())
         assert b"\r\nConnection: close\r\n" in h.client_side.take()
         assert h.client_side.closed
+
+
+async def test_an_idle_kept_alive_connection_holds_nothing_of_its_finished_request() -> None:
+    async with edge_harness() as h:
+        h.send(request(APP + b"/page?q=1", b"Accept: text/html", b"User-Agent: test", b"X-Many: headers"))
+        h.answer(response())
+        assert status(h.client_side.take()) == 200 and not h.client_side.closed
+        client = h.client
+        assert client.current is None and client.idle()
+        assert client.url == b"" and client.headers == [] and client.header_bytes == 0
+        gc.collect()
+        assert not [o for o in gc.get_objects() if type(o) is Exchange]  # the exchange is gone too
+        # A sweep sees it idle: it lets its timer and its parser go; the next request makes a parser.
+        h.edge.sweep_idle()
+        assert client.idle_since > 0 and client.parser is None
+        assert client.deadline._handle is None
+        h.send(request(APP + b"/again"))
+        h.answer(response())
+        assert status(h.client_side.take()) == 200 and client.idle_since == 0.0
+
+
+async def test_a_sweep_closes_connections_idle_past_the_keepalive_timeout_and_only_those() -> None:
+    async with edge_harness(keepalive_timeout_s=0.3) as h:
+        h.send(request())
+        h.answer(response())
+        busy = EdgeProtocol(h.edge)
+        busy_side = MemoryTransport(("192.0.2.8", 40001))
+        busy.connection_made(busy_side)
+        busy.data_received(b"GET / HTTP/1.1\r\n")  # a head in progress: its own (header) deadline
+        started = time.monotonic()
+        await h.client_side.until(lambda: h.client_side.closed)  # the sweeps run on their own timer
+        assert 0.3 <= time.monotonic() - started < 3.5
+        assert not busy_side.closed
+        busy.connection_lost(None)
+        busy.deadline.cancel()
+
+
+def test_uvloop_sets_tcp_nodelay_on_accepted_connections_by_itself() -> None:
+    """The edge no longer sets TCP_NODELAY (issue 22): uvloop's TCPTransport.new does."""
+
+    async def main() -> int:
+        seen: list[int] = []
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.read()
+        writer.close()
+        server.close()
+        return seen[0]
+
+    assert uvloop.run(main()) != 0
