@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
+import shlex
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +23,7 @@ from tests.acme_env import AcmeTestEnv
 from tests.conftest import GatewayUnderTest
 from tests.egress_env import DRIVERS, egress_gateway, leaf_pem, sh
 from tests.internet_env import InternetHost, internet_hosts
+from tests.qemu_env import qemu_missing
 
 pytestmark = [
     pytest.mark.root,
@@ -136,3 +140,42 @@ async def test_a_bad_policy_is_a_422_naming_the_field(gateway_factory: Any, acme
     ):
         status, body = await gw.request("POST", "/v1/vms", json={"egress_policy": policy})
         assert status == 422 and body["detail"][0]["loc"] == loc, body
+
+
+def antispoof_drops(prefix: str) -> int:
+    """Packets the driver's table dropped for a source address that is not the VM's own."""
+    listed = subprocess.run(
+        ["nft", "list", "chain", "inet", f"gateway_{prefix}", "antispoof"], capture_output=True, text=True
+    ).stdout
+    found = re.search(r"counter packets (\d+)", listed)
+    assert found is not None, listed
+    return int(found.group(1))
+
+
+# Three DNS questions from the address given as the first argument.
+SPOOF_SENDER = (
+    "import socket, sys; s = socket.socket(2, 2); s.bind((sys.argv[1], 0)); "
+    "[s.sendto(b'x' * 12, ('192.0.2.53', 53)) for _ in range(3)]"
+)
+
+
+@pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
+async def test_a_vm_cannot_speak_from_an_address_not_its_own(
+    gateway_factory: Any, acme_env: AcmeTestEnv
+) -> None:
+    """A qemu guest owns its network stack and can take any address. What it sends from one that is not
+    its own is dropped on the host's side of its link: the proxy never answers a foreign source (its
+    answer would follow the host's routes, off the machine)."""
+    gw = await egress_gateway(gateway_factory, acme_env, "qemu")
+    status, vm = await gw.request("POST", "/v1/vms", json={})
+    assert status == 200, vm
+    foreign = "203.0.113.7"  # TEST-NET-3: nobody's
+    prefix = gw.config.qemu.name_prefix
+    added = await sh(gw, vm["session_id"], f"ip addr add {foreign}/32 dev eth0")
+    assert added["exit_code"] == 0, added
+    before = antispoof_drops(prefix)
+    sent = await sh(gw, vm["session_id"], f"timeout 10 python3 -c {shlex.quote(SPOOF_SENDER)} {foreign}")
+    assert sent["exit_code"] == 0, sent
+    assert antispoof_drops(prefix) >= before + 3
+    own = await sh(gw, vm["session_id"], f"getent hosts {ALLOWED}; echo $?")
+    assert own["stdout"].strip() == "2", own  # from its own address: answered (NXDOMAIN: the default)

@@ -137,6 +137,14 @@ def render_table(
         ]
     lines = [
         f"table inet {table} {{",
+        # A VM speaks only from its own address: a packet from its link whose source the host would not
+        # route back out of that link goes no further (a qemu guest owns its network stack and could
+        # take any address; the host's answers to a foreign source would follow the host's routes).
+        "\tchain antispoof {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f'\t\tiifname "{veths}" meta nfproto ipv4 fib saddr . iif oif missing counter drop',
+        "\t}",
+        "",
         *redirect,
         "\tchain input {",
         f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
