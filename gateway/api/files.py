@@ -5,7 +5,6 @@ the raw bytes of a large file. Everything streams: neither direction holds a fil
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
 
@@ -13,7 +12,7 @@ from aiohttp import BodyPartReader, web
 
 from gateway.api.auth import authenticate
 from gateway.api.context import FILES
-from gateway.api.responses import stream_file
+from gateway.api.responses import stream_base64_json, stream_file
 from gateway.api.validation import RequestValidationError, detail_item
 from gateway.errors import UnsupportedMediaType
 
@@ -21,7 +20,6 @@ routes = web.RouteTableDef()
 
 READ_BYTES = 256 * 1024
 # Base64 turns 3 bytes into 4 characters: chunks of a multiple of 3 encode on their own.
-B64_GROUP = 3
 MAX_FIELD_BYTES = 8192
 
 
@@ -106,20 +104,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     session_id, filename = await _download_form(request)
     file = await request.app[FILES].download(owner, session_id, filename)
     try:
-        head = json.dumps({"filename": filename, "path": file.path, "size": file.size, "encoding": "base64"})
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = len(head) - 1 + len(', "content": "') + 4 * -(-file.size // 3) + len('"}')
-        await response.prepare(request)
-        await response.write(head[:-1].encode() + b', "content": "')
-        carry = b""
-        async for chunk in file.chunks():
-            data = carry + chunk
-            whole = len(data) - len(data) % B64_GROUP
-            carry = data[whole:]
-            await response.write(base64.b64encode(data[:whole]))
-        await response.write(base64.b64encode(carry) + b'"}')
-        await response.write_eof()
-        return response
+        return await stream_base64_json(request, {"filename": filename}, file)
     finally:
         await file.close()
 

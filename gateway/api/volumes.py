@@ -6,8 +6,6 @@ Another key's volume answers 404, exactly like a volume that does not exist.
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -16,7 +14,7 @@ from aiohttp import BodyPartReader, web
 from gateway.api import volume_schemas as vs
 from gateway.api.auth import authenticate
 from gateway.api.context import ORCHESTRATOR
-from gateway.api.responses import iso, json_response, stream_file
+from gateway.api.responses import iso, json_response, stream_base64_json, stream_file
 from gateway.api.validation import RequestValidationError, detail_item, parse_body, parse_query
 from gateway.errors import Unsupported, UnsupportedMediaType
 from gateway.orchestrator.model import VolumeCheckpointRecord, VolumeRecord
@@ -26,7 +24,6 @@ routes = web.RouteTableDef()
 
 BASE = "/v1/volumes/{volume_id}"
 READ_BYTES = 256 * 1024
-B64_GROUP = 3  # base64 turns 3 bytes into 4 characters: chunks of a multiple of 3 encode on their own
 MAX_FIELD_BYTES = 8192
 
 
@@ -231,22 +228,11 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     volume_id = request.match_info["volume_id"]
     file = await _volumes(request).download(owner, volume_id, body.path)
     try:
-        head = json.dumps(
-            {"volume_id": volume_id, "path": file.path, "size": file.size, "encoding": "base64"}
+        return await stream_base64_json(
+            request,
+            {"volume_id": volume_id, "path": file.path, "size": file.size, "encoding": "base64"},
+            file,
         )
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = len(head) - 1 + len(', "content": "') + 4 * -(-file.size // 3) + len('"}')
-        await response.prepare(request)
-        await response.write(head[:-1].encode() + b', "content": "')
-        carry = b""
-        async for chunk in file.chunks():
-            data = carry + chunk
-            whole = len(data) - len(data) % B64_GROUP
-            carry = data[whole:]
-            await response.write(base64.b64encode(data[:whole]))
-        await response.write(base64.b64encode(carry) + b'"}')
-        await response.write_eof()
-        return response
     finally:
         await file.close()
 
