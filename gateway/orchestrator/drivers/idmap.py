@@ -61,6 +61,23 @@ def _check(result: int, what: str) -> int:
     return result
 
 
+async def _map_when_ready(proc: subprocess.Popen[bytes], host_id: int, count: int) -> None:
+    """Once the ``unshare`` child says it is in its namespaces, map its ids 0..count-1 to host_id.."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(USERNS_START_TIMEOUT_S):
+        async for chunk in _spawn.chunks(proc.stdout):
+            if b"ready" in chunk:  # printed after unshare(2): the child is in its namespaces
+                break
+        else:
+            raise DriverError("unshare exited before its namespaces were ready")
+    for name in ("uid_map", "gid_map"):
+        fd = os.open(f"/proc/{proc.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, f"0 {host_id} {count}\n".encode())
+        finally:
+            os.close(fd)
+
+
 async def attach_namespaces(
     namespace: str, userns_file: Path, host_base: int, size: int, *, ip: str = "ip"
 ) -> None:
@@ -78,19 +95,7 @@ async def attach_namespaces(
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(USERNS_START_TIMEOUT_S):
-            async for chunk in _spawn.chunks(proc.stdout):
-                if b"ready" in chunk:  # printed after unshare(2): the child is in its namespaces
-                    break
-            else:
-                raise DriverError("unshare exited before its namespaces were ready")
-        for name in ("uid_map", "gid_map"):
-            fd = os.open(f"/proc/{proc.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, f"0 {host_base} {size}\n".encode())
-            finally:
-                os.close(fd)
+        await _map_when_ready(proc, host_base, size)
         os.close(os.open(userns_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         _check(
             _libc.mount(
@@ -150,19 +155,7 @@ async def scratch_userns(host_id: int, count: int) -> AsyncIterator[int]:
     )
     fd = -1
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(USERNS_START_TIMEOUT_S):
-            async for chunk in _spawn.chunks(proc.stdout):
-                if b"ready" in chunk:
-                    break
-            else:
-                raise DriverError("unshare exited before its namespace was ready")
-        for name in ("uid_map", "gid_map"):
-            map_fd = os.open(f"/proc/{proc.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(map_fd, f"0 {host_id} {count}\n".encode())
-            finally:
-                os.close(map_fd)
+        await _map_when_ready(proc, host_id, count)
         fd = os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     except (OSError, TimeoutError) as exc:
         raise DriverError(f"cannot make a user namespace for an id map: {exc}") from exc
