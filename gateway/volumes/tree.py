@@ -170,11 +170,7 @@ class Writer:
     """A file being uploaded: a temporary file in the target's directory until ``commit``."""
 
     def __init__(self, root: Path, parts: tuple[str, ...], owner: tuple[int, int] | None) -> None:
-        root_fd = open_root(root)
-        try:
-            self.dir_fd = open_dir(root_fd, parts[:-1], create=True, owner=owner)
-        finally:
-            os.close(root_fd)
+        self.dir_fd = open_parent(root, parts, create=True, owner=owner)
         self.parts = parts
         self.name = parts[-1]
         self.tmp = TMP_PREFIX + secrets.token_hex(8)
@@ -246,13 +242,20 @@ class Writer:
         os.close(self.dir_fd)
 
 
-def open_file(root: Path, parts: tuple[str, ...]) -> tuple[int, int]:
-    """A regular file for reading, never through a symlink, never blocking on a FIFO: (fd, size)."""
+def open_parent(
+    root: Path, parts: tuple[str, ...], *, create: bool = False, owner: tuple[int, int] | None = None
+) -> int:
+    """The folder that holds ``parts[-1]``, walked from the volume's root (``open_dir``)."""
     root_fd = open_root(root)
     try:
-        dir_fd = open_dir(root_fd, parts[:-1])
+        return open_dir(root_fd, parts[:-1], create=create, owner=owner)
     finally:
         os.close(root_fd)
+
+
+def open_file(root: Path, parts: tuple[str, ...]) -> tuple[int, int]:
+    """A regular file for reading, never through a symlink, never blocking on a FIFO: (fd, size)."""
+    dir_fd = open_parent(root, parts)
     try:
         try:
             fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -280,11 +283,7 @@ def read_chunks(fd: int, size: int) -> Iterator[bytes]:
 
 def delete(root: Path, parts: tuple[str, ...]) -> None:
     """A file or symlink (the link itself), or an empty directory."""
-    root_fd = open_root(root)
-    try:
-        dir_fd = open_dir(root_fd, parts[:-1])
-    finally:
-        os.close(root_fd)
+    dir_fd = open_parent(root, parts)
     try:
         try:
             st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
