@@ -482,39 +482,14 @@ class QemuVmDriver(NetnsVmDriver):
         learn."""
         ca = [self.egress_ca.decode("ascii")] if self.egress_ca else []
         host_ip, ip = str(handle["host_ip"]), str(handle["ip"])
-        body = {
-            "argv": [
-                "/bin/sh",
-                "-c",
-                EGRESS_ROUTE_SCRIPT,
-                "gateway-egress",
-                host_ip,
-                ip,
-                f"{time.time():.3f}",
-                EGRESS_SETUP_SOURCE,
-                host_ip,
-                *ca,
-            ],
-            "env": {},
-            "cwd": "/",
-            "timeout_s": EXECUTE_MARGIN_S,
-            "max_output_bytes": 4096,
-        }
-        try:
-            status, reply = await self._agent_post(handle, "/execute", body, 2 * EXECUTE_MARGIN_S)
-        except AGENT_ERRORS as exc:
-            raise DriverError(f"VM {vm_id}'s agent failed: {exc or type(exc).__name__}") from None
-        if status != 200 or not isinstance(reply, dict) or reply.get("exit_code") != 0:
-            said = (
-                base64.b64decode(reply.get("stderr", "")).decode(errors="replace")
-                if isinstance(reply, dict)
-                else reply
-            )
-            raise DriverError(f"VM {vm_id}: preparing its egress (DNS, CA) failed: {status} {said}")
-        if reply.get("stderr"):
-            log.warning(
-                "VM %s: %s", vm_id, base64.b64decode(reply["stderr"]).decode(errors="replace").strip()
-            )
+        args = [host_ip, ip, f"{time.time():.3f}", EGRESS_SETUP_SOURCE, host_ip, *ca]
+        code, said = await self._guest_script(
+            handle, EGRESS_ROUTE_SCRIPT, args, name="gateway-egress", vm_id=vm_id
+        )
+        if code != 0:
+            raise DriverError(f"VM {vm_id}: preparing its egress (DNS, CA) failed: {code} {said}")
+        if said:
+            log.warning("VM %s: %s", vm_id, said)
 
     async def _agent_post(
         self, record: Mapping[str, Any], path: str, body: Mapping[str, Any], timeout_s: float
@@ -789,10 +764,20 @@ class QemuVmDriver(NetnsVmDriver):
             raise DriverError(f"VM {record.get('vm_id')} was created without volume support: create it again")
         return folder
 
-    async def _guest_script(self, record: Mapping[str, Any], script: str, args: list[str]) -> tuple[int, str]:
-        """Run a shell script as root in the guest (its agent): (exit code, its stderr)."""
+    async def _guest_script(
+        self,
+        record: Mapping[str, Any],
+        script: str,
+        args: list[str],
+        *,
+        name: str = "gateway-volume",
+        vm_id: str | None = None,
+    ) -> tuple[int, str]:
+        """Run a shell script (``$0``: ``name``) as root in the guest (its agent): (exit code, its
+        stderr)."""
+        vm_id = vm_id or record.get("vm_id")
         body = {
-            "argv": ["/bin/sh", "-c", script, "gateway-volume", *args],
+            "argv": ["/bin/sh", "-c", script, name, *args],
             "env": {},
             "cwd": "/",
             "timeout_s": EXECUTE_MARGIN_S,
@@ -802,9 +787,9 @@ class QemuVmDriver(NetnsVmDriver):
             status, reply = await self._agent_post(record, "/execute", body, 2 * EXECUTE_MARGIN_S)
         except AGENT_ERRORS as exc:
             said = exc or type(exc).__name__
-            raise DriverError(f"VM {record.get('vm_id')}'s agent failed: {said}") from None
+            raise DriverError(f"VM {vm_id}'s agent failed: {said}") from None
         if status != 200 or not isinstance(reply, dict):
-            raise DriverError(f"VM {record.get('vm_id')}'s agent refused: {status} {reply}")
+            raise DriverError(f"VM {vm_id}'s agent refused: {status} {reply}")
         said = base64.b64decode(reply.get("stderr", "")).decode(errors="replace").strip()
         code = reply.get("exit_code")
         return (code if isinstance(code, int) else -1), said
