@@ -18,15 +18,12 @@ import argparse
 import asyncio
 import os
 import time
+from typing import Any
 
 import uvloop
 
 from gateway.config import load_config, override
-from gateway.edge.observe import AccessLog
-from gateway.edge.protocol import Edge, EdgeProtocol
-from gateway.edge.resolver import Resolver
-from gateway.edge.settings import EdgeSettings
-from gateway.edge.upstream import UpstreamConnection, UpstreamPool
+from gateway.edge.impl import CHOICES, EdgeImpl, select
 from gateway.state.ports import EventSubscriber, InstanceRecord, VmRecord
 
 SESSION_ID = "70653436-f809-4410-b306-b50a3402ca56"
@@ -105,37 +102,38 @@ class AlwaysFollowing:
         subscriber.disconnected()
 
 
-async def build_edge(
-    access_log_format: str,
-) -> tuple[EdgeProtocol, UpstreamConnection, MemoryTransport, Edge]:
+async def build_edge(edge_impl: EdgeImpl, access_log_format: str) -> tuple[Any, Any, MemoryTransport, Any]:
     config = override(
         load_config(None, environ={}),
         edge={"api_hosts": "gateway.example.test"},
         api={"sandbox_domain": "sandbox.example.test"},
     )
-    settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
+    settings = edge_impl.settings.EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
     # Cached for longer than a round lasts: the bench measures cache hits, as on a busy edge.
-    resolver = Resolver(OneRoute(), vm_networks=["10.200.0.0/16"], positive_ttl_s=1e9)
+    resolver = edge_impl.resolver.Resolver(OneRoute(), vm_networks=["10.200.0.0/16"], positive_ttl_s=1e9)
     AlwaysFollowing().add(resolver)
     if await resolver.by_session(SESSION_ID, PORT) is None:  # looked up once, like a first request
         raise RuntimeError("the bench's route does not resolve")
-    pool = UpstreamPool(connect_timeout_s=5.0)
+    pool = edge_impl.upstream.UpstreamPool(connect_timeout_s=5.0)
     access_log = None
     if access_log_format != "off":
         devnull = os.open(os.devnull, os.O_WRONLY)
-        access_log = AccessLog(access_log_format, devnull)  # the line is built and written, to nowhere
-    edge = Edge(settings, resolver, pool, access_log)
-    upstream = UpstreamConnection((VM_ID, VM_IP, PORT), pool)
+        # The line is built and written, to nowhere.
+        access_log = edge_impl.observe.AccessLog(access_log_format, devnull)
+    edge = edge_impl.protocol.Edge(settings, resolver, pool, access_log)
+    upstream = edge_impl.upstream.UpstreamConnection((VM_ID, VM_IP, PORT), pool)
     upstream.connection_made(MemoryTransport((VM_IP, PORT)))
     pool.release(upstream)
-    client = EdgeProtocol(edge)
+    client = edge_impl.protocol.EdgeProtocol(edge)
     client_transport = MemoryTransport(("127.0.0.1", 40000))
     client.connection_made(client_transport)
     return client, upstream, client_transport, edge
 
 
-async def run_round(requests: int, access_log_format: str) -> tuple[float, int, int, int]:
-    client, upstream, client_transport, edge = await build_edge(access_log_format)
+async def run_round(
+    edge_impl: EdgeImpl, requests: int, access_log_format: str
+) -> tuple[float, int, int, int]:
+    client, upstream, client_transport, edge = await build_edge(edge_impl, access_log_format)
     start = time.perf_counter()
     for _ in range(requests):
         client.data_received(REQUEST)
@@ -150,12 +148,13 @@ async def run_round(requests: int, access_log_format: str) -> tuple[float, int, 
 
 
 async def main(args: argparse.Namespace) -> None:
-    results = [await run_round(args.requests, args.access_log) for _ in range(args.rounds)]
+    edge_impl = select(args.edge)
+    results = [await run_round(edge_impl, args.requests, args.access_log) for _ in range(args.rounds)]
     best = min(results)
     _, hits, reuses, requests = best
     print(
         f"edge hot path: {best[0]:.2f} us per request (best of {args.rounds} rounds of {requests:,}), "
-        f"access log {args.access_log}"
+        f"access log {args.access_log}, {edge_impl.name} edge"
     )
     print(f"  rounds: {', '.join(f'{r[0]:.2f}' for r in results)} us")
     print(f"  cached routes {hits / requests:.0%}, pooled connections {reuses / requests:.0%}")
@@ -168,4 +167,5 @@ if __name__ == "__main__":
     parser.add_argument(
         "--access-log", choices=("off", "text", "json"), default="text", help="(default: %(default)s)"
     )
+    parser.add_argument("--edge", choices=CHOICES, default="auto", help="(default: %(default)s)")
     uvloop.run(main(parser.parse_args()))

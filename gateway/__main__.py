@@ -217,9 +217,10 @@ async def serve(config: Config, config_file: str | None) -> None:
         redis_where = config.redis.url or "embedded redis-server in " + str(config.data_path / "redis")
         workers = f", {config.server.workers} edge processes" if config.server.workers > 1 else ""
         tls = f" and https://{config.tls.listen}" if config.tls.listen else ""
+        edge = f", {svc.edge.implementation} edge" if svc.edge is not None else ""
         print(
             f"gateway listening on http://{config.server.listen}{tls} "
-            f"(VM driver {svc.orchestrator.driver.name}, {redis_where}{workers}); Ctrl-C stops it",
+            f"(VM driver {svc.orchestrator.driver.name}, {redis_where}{workers}{edge}); Ctrl-C stops it",
             flush=True,
         )
         # After the readiness line (what scripts wait for): what stands between VMs and this host.
@@ -246,8 +247,12 @@ async def api_only(config: Config) -> None:
 async def edge_only(config: Config, api_upstream: str | None, stats_dir: str | None) -> None:
     stop = _stop_on_signals()
     upstream = api_upstream or config.edge.api_upstream or str(config.data_path / API_SOCKET)
-    async with running_edge_only(config, upstream, Path(stats_dir) if stats_dir else None):
-        print(f"edge listening on http://{config.server.listen} (pid {os.getpid()})", flush=True)
+    async with running_edge_only(config, upstream, Path(stats_dir) if stats_dir else None) as edge:
+        print(
+            f"edge listening on http://{config.server.listen} (pid {os.getpid()}, "
+            f"{edge.implementation} edge)",
+            flush=True,
+        )
         await stop.wait()
 
 

@@ -116,6 +116,9 @@ class EdgeConfig:
     max_target_bytes: int = 8192
     # Open client connections per edge process; beyond it new ones get 503 and are closed.
     max_connections: int = 10000
+    # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
+    # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
+    implementation: str = "auto"
 
     # The comma-separated settings, parsed once (per config object) for every caller.
     @functools.cached_property
@@ -675,6 +678,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
     _validate_images(config)
     _validate_instances(config)
+    if config.edge.implementation not in ("auto", "compiled", "pure"):
+        raise ConfigError(
+            f"edge.implementation: expected auto, compiled or pure, got {config.edge.implementation!r}"
+        )
     if config.log.format not in ("text", "json"):
         raise ConfigError(f"log.format: expected text or json, got {config.log.format!r}")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -21,6 +21,7 @@ import redis
 
 from gateway.app import Services, running_gateway
 from gateway.config import Config, load_config, override
+from gateway.edge import impl as edge_impls
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import DriverError
 from gateway.images.store import ImageStore
@@ -28,7 +29,7 @@ from gateway.orchestrator.drivers import hostfw
 from gateway.orchestrator.drivers._cgroups import CgroupTree
 from gateway.orchestrator.drivers.registry import make_driver
 from gateway.volumes.local import LocalVolumeStore
-from tests import event_loop
+from tests import edge_twins, event_loop
 from tests.acme_env import AcmeTestEnv
 from tests.qemu_env import guest_image
 from tests.rootfs_env import CACHE_ROOT as ROOTFS_CACHE
@@ -52,6 +53,23 @@ TEST_QEMU_CIDR = "172.31.236.0/23"
 TEST_QEMU_PREFIX = "gwq"
 TEST_QEMU_CGROUP = "gateway-qtest"
 TEST_PROCESS_CIDR = "127.77.0.0/22"
+
+# The edge every gateway under test runs (edge.implementation); ./dev test sets "compiled", so the whole
+# suite runs the compiled edge (and fails when it is missing or stale).
+DEFAULT_EDGE = os.environ.get("GATEWAY_TEST_EDGE", "auto")
+# Tests marked both_edges run once per edge, so the two can never drift apart. Without a compiled edge
+# (plain pytest before ./dev built it) its runs are skipped, unless ./dev test asked for it.
+_COMPILED_MISSING = edge_impls.compiled_problem()
+EDGES = [
+    pytest.param(
+        "compiled", id="compiled",
+        marks=pytest.mark.skipif(
+            _COMPILED_MISSING is not None and DEFAULT_EDGE != "compiled",
+            reason=f"the compiled edge is {_COMPILED_MISSING}",
+        ),
+    ),
+    pytest.param("pure", id="pure"),
+]  # fmt: skip
 
 DRIVERS = [
     pytest.param("process", id="process"),
@@ -97,6 +115,48 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     """Tests run on the loop production runs on (``gateway serve`` uses uvloop), closed so that a handle
     a test leaves open fails that test instead of hanging the run (``tests/event_loop.py``)."""
     return {"uvloop": event_loop.new_event_loop}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker("both_edges") is not None
+    if marked and "edge_implementation" in metafunc.fixturenames:
+        metafunc.parametrize("edge_implementation", EDGES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def edge_implementation(request: pytest.FixtureRequest) -> str:
+    """edge.implementation of the gateways a test starts: each edge in turn for modules marked
+    both_edges (all of a module's tests on one edge, then on the other)."""
+    return str(getattr(request, "param", DEFAULT_EDGE))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def edge_names(request: pytest.FixtureRequest, edge_implementation: str) -> Iterator[None]:
+    """In a module marked both_edges, the names it imported from gateway.edge (classes, functions,
+    modules) are the running edge's while its tests run: its unit tests test the compiled twin too."""
+    if request.node.get_closest_marker("both_edges") is None:
+        yield
+        return
+    namespace = request.module.__dict__
+    before = dict(namespace)
+    namespace.update(edge_twins.twin_names(namespace, edge_impls.select(edge_implementation)))
+    yield
+    namespace.update(before)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
+    """In a module marked both_edges, parameters that are edge objects are the running edge's."""
+    if pyfuncitem.get_closest_marker("both_edges") is not None:
+        implementation = pyfuncitem.funcargs.get("edge_implementation")
+        if isinstance(implementation, str):
+            edge_twins.twin_arguments(pyfuncitem.funcargs, edge_impls.select(implementation))
+
+
+@pytest.fixture
+def edge(edge_implementation: str) -> edge_impls.EdgeImpl:
+    """The edge's modules (``edge.protocol.EdgeProtocol``...), for tests that drive them directly."""
+    return edge_impls.select(edge_implementation)
 
 
 def free_port() -> int:
@@ -228,7 +288,7 @@ async def destroy_all(services: Services) -> None:
 
 
 @pytest.fixture
-async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[object]:
+async def gateway_factory(tmp_path: Path, redis_url: str, edge_implementation: str) -> AsyncIterator[object]:
     """Start gateways (one per call) with a driver and config overrides; all are torn down after the test.
 
     Gateways share the test's data folder and Redis, so a second one started after the first stopped
@@ -237,6 +297,7 @@ async def gateway_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[objec
     started: list[GatewayUnderTest] = []
 
     async def start(driver: str = "process", **sections: dict[str, object]) -> GatewayUnderTest:
+        sections["edge"] = {"implementation": edge_implementation, **sections.get("edge", {})}
         config = make_config(tmp_path, redis_url, driver, **sections)
         context = running_gateway(config)
         services = await context.__aenter__()

@@ -11,10 +11,10 @@ import asyncio
 import http
 from typing import Protocol
 
-from gateway.edge import access
-from gateway.edge import headers as hdr
-from gateway.edge.deadline import Deadline
-from gateway.edge.upstream import UpstreamConnection
+from . import access
+from . import headers as hdr
+from .deadline import Deadline
+from .upstream import UpstreamConnection
 
 
 class ExchangeOwner(Protocol):

@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.edge.access import is_platform_key_header
+from .access import is_platform_key_header
 
 Headers = Sequence[tuple[bytes, bytes]]
 

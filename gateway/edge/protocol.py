@@ -20,26 +20,29 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import httptools
 
-from gateway.edge import access, pages
-from gateway.edge import headers as hdr
-from gateway.edge.deadline import Deadline
-from gateway.edge.exchange import Exchange, head_bytes
-from gateway.edge.observe import AccessLog, EdgeStats, VmTraffic
-from gateway.edge.resolver import MISS, CacheKey, Resolver, Route
-from gateway.edge.routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
-from gateway.edge.settings import EdgeSettings
-from gateway.edge.target import ApiTarget, AppTarget, TargetParser
-from gateway.edge.tunnel import Tunnel
-from gateway.edge.upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 from gateway.errors import GatewayError, edge_error
 from gateway.state.ports import Waker
 
+from . import access, pages
+from . import headers as hdr
+from .deadline import Deadline
+from .exchange import Exchange, head_bytes
+from .observe import AccessLog, EdgeStats, VmTraffic
+from .resolver import MISS, CacheKey, Resolver, Route
+from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
+from .settings import EdgeSettings
+from .target import ApiTarget, AppTarget, TargetParser
+from .tunnel import Tunnel
+from .upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
+
 log = logging.getLogger(__name__)
+# Which twin this is (gateway/edge/twin.py): the start-up line says which edge runs.
+IMPLEMENTATION = "compiled" if __name__.startswith("gateway._edgec.") else "pure"
 
 # Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
 MAX_PIPELINED = 8
@@ -89,6 +92,7 @@ class Edge:
         waker: Waker | None = None,
     ) -> None:
         self.settings = settings
+        self.implementation = IMPLEMENTATION
         self.waker = waker  # asks for suspended auto_resume VMs to be woken
         self.resolver = resolver
         self.pool = pool
@@ -115,6 +119,9 @@ class Edge:
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
         resolver.on_share_revoked.append(self.share_revoked)
+        # Told of each exchange that ended and each connection that closed (what tests await).
+        self.exchange_ended: list[Callable[[Exchange], None]] = []
+        self.connection_ended: list[Callable[[EdgeProtocol], None]] = []
 
     def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
         key = (peer_ip, scheme, host, trusted)
@@ -136,6 +143,9 @@ class Edge:
             self.traffic.add(ex.vm_id, ex.sent_bytes, ex.bytes_out)
         if self.access_log is not None:
             self.access_log.write(ex, peer_ip, self.loop.time() - ex.started)
+        if self.exchange_ended:
+            for ended in self.exchange_ended:
+                ended(ex)
 
     def went_idle(self) -> None:
         """A connection waits for its next request: make sure the keep-alive sweep runs."""
@@ -193,6 +203,8 @@ class Edge:
 
     def connection_closed(self, conn: EdgeProtocol) -> None:
         self.connections.discard(conn)
+        for ended in self.connection_ended:
+            ended(conn)
         if self._drained is not None and not self.connections:
             self._drained.set()
 

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.edge import access
-from gateway.edge.target import ApiTarget, AppTarget, Rejection
+from . import access
+from .target import ApiTarget, AppTarget, Rejection
 
 if TYPE_CHECKING:
-    from gateway.edge.resolver import Route
+    from .resolver import Route
 
 
 @dataclass(frozen=True, slots=True)

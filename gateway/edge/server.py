@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 
 from gateway.background import stop_loop
 from gateway.config import Config, split_host_port
+from gateway.edge.impl import select
 from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog, VmTraffic
-from gateway.edge.protocol import Edge, EdgeProtocol
+from gateway.edge.protocol import Edge
 from gateway.edge.resolver import Resolver
-from gateway.edge.settings import EdgeSettings
 from gateway.edge.upstream import UpstreamPool
 from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
@@ -64,11 +64,17 @@ async def running_edge(
     """The edge on config.server.listen, and with ``sni`` on tls.listen too; ``reuse_port`` lets other
     processes listen there as well. Routes come from ``routes``, kept fresh by ``events`` (the process's
     one subscription, which the caller runs); the bytes it carries per VM go to ``traffic``; requests for
-    suspended auto_resume VMs ask ``waker``."""
-    resolver = Resolver(routes, vm_networks, config.edge.redis_grace_s)
-    pool = UpstreamPool(config.edge.upstream_connect_timeout_s)
-    access_log = AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
-    edge = Edge(EdgeSettings.from_config(config, api_upstream), resolver, pool, access_log, waker)
+    suspended auto_resume VMs ask ``waker``. The edge is the one edge.implementation selects (its
+    ``implementation`` says which)."""
+    impl = select(config.edge.implementation)
+    resolver: Resolver = impl.resolver.Resolver(routes, vm_networks, config.edge.redis_grace_s)
+    pool: UpstreamPool = impl.upstream.UpstreamPool(config.edge.upstream_connect_timeout_s)
+    access_log: AccessLog | None = (
+        impl.observe.AccessLog(config.log.format, sys.stderr.fileno()) if config.log.access_log else None
+    )
+    settings = impl.settings.EdgeSettings.from_config(config, api_upstream)
+    edge: Edge = impl.protocol.Edge(settings, resolver, pool, access_log, waker)
+    edge_protocol = impl.protocol.EdgeProtocol
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     traffic_flusher = asyncio.create_task(flush_traffic(edge.traffic, traffic)) if traffic else None
@@ -79,7 +85,7 @@ async def running_edge(
         try:
             servers.append(
                 await loop.create_server(
-                    lambda: EdgeProtocol(edge),
+                    lambda: edge_protocol(edge),
                     config.server.host,
                     config.server.port,
                     reuse_address=True,
@@ -94,7 +100,7 @@ async def running_edge(
             try:
                 servers.append(
                     await loop.create_server(
-                        lambda: EdgeProtocol(edge, tls=True),
+                        lambda: edge_protocol(edge, tls=True),
                         host,
                         port,
                         ssl=sni.context,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import Config, split_host_port
-from gateway.edge.target import RoutingConfig
+
+from .target import RoutingConfig
 
 
 @dataclass(frozen=True)

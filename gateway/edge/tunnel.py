@@ -14,9 +14,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.edge.exchange import Exchange
-from gateway.edge.upstream import UpstreamConnection
-from gateway.edge.websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
+from .exchange import Exchange
+from .upstream import UpstreamConnection
+from .websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 
 GOING_AWAY = 1001
 SHUTTING_DOWN = b"gateway shutting down"

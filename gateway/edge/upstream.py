@@ -11,8 +11,9 @@ arrives: nothing is buffered here beyond what one ``data_received`` holds, and f
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import httptools
@@ -33,6 +34,8 @@ class ResponseSink(Protocol):
     def on_upstream_writable(self) -> None: ...
     def flush_head(self) -> None: ...
 
+
+log = logging.getLogger(__name__)
 
 PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
 
@@ -100,9 +103,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.flush_head()  # a head without body bytes yet (SSE, slow apps) goes out now
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
-            rest = data[offset:]
-            if rest and self.tunnel is not None:
-                self.tunnel(rest)
+            self._tunnel_rest(data[offset:])
+        except httptools.HttpParserCallbackError:
+            # An error of the edge's own (a callback raised): a bug to see, not the app's doing.
+            log.exception("edge: a response callback failed")
+            self._refuse(BadResponse("upstream_bad_response", "the edge could not forward the app's answer"))
+            return
         except httptools.HttpParserError as exc:
             self._refuse(BadResponse("upstream_bad_response", f"the app's answer is not HTTP/1.1: {exc}"))
             return
@@ -115,6 +121,13 @@ class UpstreamConnection(asyncio.Protocol):
             if self.head_seen > self.pool.max_response_head_bytes:
                 message = f"the app's response head is larger than {self.pool.max_response_head_bytes} bytes"
                 self._refuse(BadResponse("upstream_head_too_large", message))
+
+    def _tunnel_rest(self, rest: bytes) -> None:
+        """What followed a 101 in the same read: the tunnel's first bytes. (A method of its own: in
+        data_received, self.tunnel is narrowed to None by the check on entry, and the compiled edge
+        would take that narrowing for a fact.)"""
+        if rest and self.tunnel is not None:
+            self.tunnel(rest)
 
     def _refuse(self, reason: BadResponse) -> None:
         """The response cannot be forwarded: the connection is dropped and the exchange told why."""
@@ -263,9 +276,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.discard(self)
 
 
+# How a pool opens a new connection, when not over the network (tests: in-memory transports).
+Dial = Callable[[PoolKey, "str | None"], Awaitable["UpstreamConnection"]]
+
+
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float, max_response_head_bytes: int = MAX_RESPONSE_HEAD_BYTES):
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        max_response_head_bytes: int = MAX_RESPONSE_HEAD_BYTES,
+        dial: Dial | None = None,
+    ):
         self.connect_timeout_s = connect_timeout_s
+        self.dial = dial
         self.max_response_head_bytes = max_response_head_bytes
         self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
@@ -287,6 +310,8 @@ class UpstreamPool:
         loop = self.loop
         self.connects += 1
         async with asyncio.timeout(self.connect_timeout_s):
+            if self.dial is not None:
+                return await self.dial(key, unix_path)
             if unix_path is not None:
                 _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(key, self), unix_path)
             else:

@@ -16,6 +16,9 @@ from gateway.state.events import VmChanged
 from tests.conftest import GatewayUnderTest, free_port
 from tests.fakes import EventQueue
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
 
 

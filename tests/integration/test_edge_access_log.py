@@ -17,8 +17,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import free_port
+
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
 
 START_TIMEOUT_S = 30.0
 REQUESTS = 800  # about 250 bytes a line: several times what a pipe holds
@@ -34,7 +38,7 @@ def read_slowly(fd: int) -> bytes:
     return b"".join(parts)
 
 
-async def test_sigterm_loses_no_access_log_line(tmp_path: Path) -> None:
+async def test_sigterm_loses_no_access_log_line(tmp_path: Path, edge_implementation: str) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
@@ -43,6 +47,7 @@ async def test_sigterm_loses_no_access_log_line(tmp_path: Path) -> None:
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
         GATEWAY_PROCESS_CIDR="127.75.0.0/24",
         GATEWAY_LOG_FORMAT="json",
+        GATEWAY_EDGE_IMPLEMENTATION=edge_implementation,
         GATEWAY_SERVER_SHUTDOWN_GRACE_S="3",
     )
     proc = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec; its output is read in threads
@@ -54,6 +59,7 @@ async def test_sigterm_loses_no_access_log_line(tmp_path: Path) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), START_TIMEOUT_S)
         assert line.startswith(b"gateway listening on"), line
+        assert b", %s edge)" % edge_implementation.encode() in line, line  # the edge that runs
         base = f"http://127.0.0.1:{port}"
         paths = [f"/sigterm-test/{i}" for i in range(REQUESTS)]
         async with aiohttp.ClientSession() as client:

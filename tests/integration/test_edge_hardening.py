@@ -22,6 +22,9 @@ from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, max_rss_bytes, raw_exchange, start_app
 from tests.unit.test_edge_websocket import header as ws_header
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 # Short, so that a request stalled on a broken pooled connection shows as a 504 quickly.
 FIRST_BYTE_TIMEOUT_S = 3.0
 
@@ -35,14 +38,12 @@ class FinishedExchanges:
         assert edge is not None
         self.count = 0
         self._changed = asyncio.Condition()
-        observe = edge.observe
 
-        def counting_observe(ex: Exchange, peer_ip: str) -> None:
-            observe(ex, peer_ip)
+        def counted(ex: Exchange) -> None:
             self.count += 1
             asyncio.get_running_loop().create_task(self._notify())
 
-        edge.observe = counting_observe  # type: ignore[method-assign]
+        edge.exchange_ended.append(counted)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -427,14 +428,12 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(gat
             upstream = conn.current.upstream if conn.current is not None else None
             assert upstream is not None
             closed = asyncio.get_running_loop().create_future()
-            original = edge.connection_closed
 
             def connection_closed(closing: EdgeProtocol) -> None:
-                original(closing)
                 if closing is conn and not closed.done():
                     closed.set_result(True)
 
-            edge.connection_closed = connection_closed  # type: ignore[method-assign]
+            edge.connection_ended.append(connection_closed)
             await closed  # the client reads nothing more: the edge gives up on it
         assert conn not in edge.connections
         assert upstream.closed  # and the app's side of the exchange is freed

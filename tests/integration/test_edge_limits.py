@@ -11,6 +11,9 @@ import pytest
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, raw_exchange, start_app
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 SMALL_BODY_LIMIT = 1000
 
 

@@ -23,6 +23,9 @@ from gateway.orchestrator.drivers.registry import make_driver
 from tests.conftest import free_port
 from tests.integration.test_edge import APP_PORT, echo_app_command
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 GRACE_S = 5.0
 START_TIMEOUT_S = 30.0
 VM_CIDR = "127.76.0.0/24"
@@ -30,7 +33,7 @@ CLIENTS = 4  # of each kind: with two edge processes, both are very likely to ho
 PART = b"u" * 65536
 
 
-def serve_env() -> dict[str, str]:
+def serve_env(edge_implementation: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_VMS_DRIVER="process",
@@ -38,19 +41,22 @@ def serve_env() -> dict[str, str]:
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
         GATEWAY_PROCESS_CIDR=VM_CIDR,
         GATEWAY_SERVER_SHUTDOWN_GRACE_S=str(GRACE_S),
+        GATEWAY_EDGE_IMPLEMENTATION=edge_implementation,
     )
     return env
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[str], str, str]]:
+async def served(
+    tmp_path: Path, edge_implementation: str
+) -> AsyncIterator[tuple[subprocess.Popen[str], str, str]]:
     """``gateway serve --workers 2`` on a free port; yields (process, base URL, API key)."""
     data_dir = str(tmp_path / "data")
     port = free_port()
     gateway = [sys.executable, "-m", "gateway", "--data-dir", data_dir]
     proc = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec; the output is read in a thread
         [*gateway, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
-        env=serve_env(),
+        env=serve_env(edge_implementation),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -58,10 +64,11 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[str], s
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), START_TIMEOUT_S)
         assert line.startswith("gateway listening on") and "2 edge processes" in line, line
+        assert f", {edge_implementation} edge)" in line, line
         created = await asyncio.to_thread(
             subprocess.run,
             [*gateway, "keys", "create", "--name", "drain"],
-            env=serve_env(),
+            env=serve_env(edge_implementation),
             capture_output=True,
             text=True,
             timeout=START_TIMEOUT_S,

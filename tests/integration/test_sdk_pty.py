@@ -88,11 +88,17 @@ async def test_a_shell_on_a_real_pty_types_resizes_interrupts_and_exits(
 
         # Ctrl-C reaches the foreground job through the terminal's line discipline.
         # (Once the program itself says it sleeps, it is the terminal's foreground job.)
+        # A prompt of its own, told apart from its echo: bash expands $((6*7)) in PS1 only when it prompts.
+        await screen.type("PS1='p$((6*7))> '\n")
+        await screen.until(r"p42> ")
         await screen.type(
             "python3 -c \"import time; print('sleep' + 'ing', flush=True); time.sleep(60)\"; echo slept\n"
         )
         await screen.until(r"[\r\n]sleeping\r\n")
         await screen.type("\x03")
+        # Typed only once the shell is back at its prompt: typeahead sent while the job was dying can be
+        # discarded when bash sets the terminal up again (this test once lost its next line so).
+        await screen.until(r"p42> ")
         await screen.type("echo after-$((1+1))\n")
         await screen.until(r"after-2")
         assert "slept" not in screen.text

@@ -22,12 +22,15 @@ from tests.conftest import free_port
 from tests.integration.test_edge import APP_PORT, ECHO_APP
 from tests.integration.test_edge_hardening import endless_header, socket_buffers_bound
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 START_TIMEOUT_S = 30.0
 VM_CIDR = "127.75.0.0/24"
 REFUSED_WITHIN_S = 1.0
 
 
-def plane_env(redis_url: str) -> dict[str, str]:
+def plane_env(redis_url: str, edge_implementation: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_REDIS_URL=redis_url,
@@ -36,6 +39,7 @@ def plane_env(redis_url: str) -> dict[str, str]:
         GATEWAY_PROCESS_CIDR=VM_CIDR,
         GATEWAY_ADMIN_LISTEN="",
         GATEWAY_SERVER_SHUTDOWN_GRACE_S="2",
+        GATEWAY_EDGE_IMPLEMENTATION=edge_implementation,
     )
     return env
 
@@ -52,9 +56,11 @@ async def start(argv: list[str], env: dict[str, str], ready: bytes) -> asyncio.s
 
 
 @pytest.fixture
-async def planes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[str, list[str]]]:
+async def planes(
+    tmp_path: Path, redis_url: str, edge_implementation: str
+) -> AsyncIterator[tuple[str, list[str]]]:
     """(the control plane's address, the two edges' base URLs)."""
-    env = plane_env(redis_url)
+    env = plane_env(redis_url, edge_implementation)
     api_addr = f"127.0.0.1:{free_port()}"
     edge_ports = [free_port(), free_port()]
     env["GATEWAY_SERVER_PUBLIC_URL"] = f"http://127.0.0.1:{edge_ports[0]}"
@@ -69,7 +75,9 @@ async def planes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[str, lis
         )
         for i, port in enumerate(edge_ports):
             argv = ["--data-dir", str(tmp_path / f"edge{i}"), "edge", "--listen", f"127.0.0.1:{port}"]
-            procs.append(await start([*argv, "--api-upstream", api_addr], env, b"edge listening"))
+            # The start-up line says which edge runs.
+            ready = b"%s edge)" % edge_implementation.encode()
+            procs.append(await start([*argv, "--api-upstream", api_addr], env, ready))
         yield api_addr, [f"http://127.0.0.1:{port}" for port in edge_ports]
     finally:
         for proc in procs:
@@ -87,12 +95,17 @@ async def planes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[str, lis
 
 
 async def test_two_edges_and_a_control_plane_share_routes(
-    planes: tuple[str, list[str]], tmp_path: Path, redis_url: str
+    planes: tuple[str, list[str]], tmp_path: Path, redis_url: str, edge_implementation: str
 ) -> None:
     api_addr, edges = planes
     keys = [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path / "keys"), "keys"]
     created = await asyncio.create_subprocess_exec(
-        *keys, "create", "--name", "split", env=plane_env(redis_url), stdout=asyncio.subprocess.PIPE
+        *keys,
+        "create",
+        "--name",
+        "split",
+        env=plane_env(redis_url, edge_implementation),
+        stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await created.communicate()
     key = out.decode().split()[-1]

@@ -22,6 +22,9 @@ from tests.acme_env import TSIG_KEY_NAME, AcmeTestEnv
 from tests.conftest import GatewayUnderTest, free_port, make_config
 from tests.integration.test_edge import APP_PORT, start_app
 
+# Every test here runs on each edge (the compiled one and the pure-Python one).
+pytestmark = pytest.mark.both_edges
+
 API_HOST = "api.example.test"
 SANDBOX = "sandbox.example.test"
 BROWSER = "browser.example.test"

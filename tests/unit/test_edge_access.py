@@ -19,6 +19,9 @@ from gateway.edge.access import (
     token_matches,
 )
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 
 def test_a_token_matches_when_its_hash_is_accepted() -> None:
     accepted = frozenset({token_hash("gk_one"), token_hash("gk_two")})

@@ -15,6 +15,9 @@ import pytest
 
 from gateway.edge.deadline import Deadline
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 
 class _Handle:
     def __init__(self, when: float, callback: Callable[[], None]) -> None:

@@ -19,6 +19,9 @@ from gateway.edge.headers import (
     upgrade_protocol,
 )
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 H = list[tuple[bytes, bytes]]
 
 

@@ -7,7 +7,12 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
+
 from gateway.edge.observe import MAX_PENDING_BYTES, UPSTREAM_BUCKETS_S, AccessLog, EdgeStats
+
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
 
 
 def exchange(**changes: object) -> SimpleNamespace:

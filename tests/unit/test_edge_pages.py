@@ -8,6 +8,9 @@ import pytest
 
 from gateway.edge.pages import error_response, redirect_response
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 
 def split(raw: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")

@@ -10,7 +10,7 @@ import gc
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,11 +18,9 @@ import uvloop
 
 from gateway.config import load_config, override
 from gateway.edge import access
-from gateway.edge.exchange import Exchange
+from gateway.edge.impl import EdgeImpl
 from gateway.edge.protocol import Edge, EdgeProtocol
-from gateway.edge.resolver import Resolver
-from gateway.edge.settings import EdgeSettings
-from gateway.edge.upstream import UpstreamConnection, UpstreamPool
+from gateway.edge.upstream import PoolKey, UpstreamConnection
 from gateway.state.records import VM_ACTIVE, VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
 
@@ -126,6 +124,10 @@ class RouteStore(NoRoutes):
         return (self.vm(), False) if session_id == SID else (None, False)
 
 
+# Every test here runs on each edge (the compiled one and the pure-Python one), by the edge_harness fixture.
+pytestmark = pytest.mark.both_edges
+
+
 @dataclass
 class Harness:
     edge: Edge
@@ -134,7 +136,7 @@ class Harness:
     vm: UpstreamConnection
     vm_side: MemoryTransport
     store: RouteStore
-    pool: NoDialPool
+    pool: MemoryDialer
 
     def send(self, *chunks: bytes) -> None:
         for chunk in chunks:
@@ -145,38 +147,49 @@ class Harness:
             self.vm.data_received(chunk)
 
 
-@asynccontextmanager
-async def edge_harness(store: RouteStore | None = None, **edge_config: object) -> AsyncIterator[Harness]:
-    config = override(
-        load_config(None, environ={}),
-        edge={"api_hosts": API_HOST.decode(), **edge_config},
-        api={"sandbox_domain": "sandbox.example.test"},
-    )
-    settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
-    store = store or RouteStore()
-    resolver = Resolver(store, vm_networks=["10.200.0.0/16"])
-    FakeEventFeed().add(resolver)  # following the events channel: the route cache is in use
-    # The route looked up once, as by an earlier request: from then on it comes from the cache, and a
-    # request is forwarded within the read that completes its head.
-    await resolver.by_session(SID, PORT)
-    pool = NoDialPool()
-    edge = Edge(settings, resolver, pool)
-    # One idle connection to the VM in the pool: the exchange takes it without connecting.
-    vm = pool.vm_connection((VM_ID, VM_IP, PORT))
-    vm_side = pool.dialed[0][1]
-    pool.release(vm)
-    client = EdgeProtocol(edge)
-    client_side = MemoryTransport(("192.0.2.7", 40000))
-    client.connection_made(client_side)
-    try:
-        yield Harness(edge, client, client_side, vm, vm_side, store, pool)
-    finally:
-        if not client_side.closed:
-            client.connection_lost(None)
-        pool.close_all()
-        for deadline in (client.deadline, client.silence_deadline, client.send_deadline):
-            if deadline is not None:
-                deadline.cancel()
+HarnessFactory = Callable[..., AbstractAsyncContextManager[Harness]]
+
+
+@pytest.fixture
+def edge_harness(edge: EdgeImpl) -> HarnessFactory:
+    """``async with edge_harness(store, **edge_config) as h``: a client connection of one edge (of the
+    edge under test), and one idle connection to the VM in its pool."""
+
+    @asynccontextmanager
+    async def start(store: RouteStore | None = None, **edge_config: object) -> AsyncIterator[Harness]:
+        config = override(
+            load_config(None, environ={}),
+            edge={"api_hosts": API_HOST.decode(), **edge_config},
+            api={"sandbox_domain": "sandbox.example.test"},
+        )
+        settings = edge.settings.EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
+        store = store or RouteStore()
+        resolver = edge.resolver.Resolver(store, vm_networks=["10.200.0.0/16"])
+        FakeEventFeed().add(resolver)  # following the events channel: the route cache is in use
+        # The route looked up once, as by an earlier request: from then on it comes from the cache, and
+        # a request is forwarded within the read that completes its head.
+        await resolver.by_session(SID, PORT)
+        dialer = MemoryDialer(edge)
+        pool = dialer.pool
+        edge_ = edge.protocol.Edge(settings, resolver, pool)
+        # One idle connection to the VM in the pool: the exchange takes it without connecting.
+        vm = dialer.vm_connection((VM_ID, VM_IP, PORT))
+        vm_side = dialer.dialed[0][1]
+        pool.release(vm)
+        client = edge.protocol.EdgeProtocol(edge_)
+        client_side = MemoryTransport(("192.0.2.7", 40000))
+        client.connection_made(client_side)
+        try:
+            yield Harness(edge_, client, client_side, vm, vm_side, store, dialer)
+        finally:
+            if not client_side.closed:
+                client.connection_lost(None)
+            pool.close_all()
+            for deadline in (client.deadline, client.silence_deadline, client.send_deadline):
+                if deadline is not None:
+                    deadline.cancel()
+
+    return start
 
 
 def status(data: bytes) -> int:
@@ -185,25 +198,29 @@ def status(data: bytes) -> int:
     return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0
 
 
-class NoDialPool(UpstreamPool):
-    """Dials nothing: a new connection to the VM is one more in-memory transport, kept in ``dialed``."""
+class MemoryDialer:
+    """A pool that dials nothing: a new connection to the VM is one more in-memory transport, kept in
+    ``dialed``."""
 
-    def __init__(self) -> None:
-        super().__init__(connect_timeout_s=5.0)
+    def __init__(self, edge: EdgeImpl) -> None:
+        self.edge = edge
+        self.pool = edge.upstream.UpstreamPool(connect_timeout_s=5.0, dial=self.dial)
         self.dialed: list[tuple[UpstreamConnection, MemoryTransport]] = []
 
-    def vm_connection(self, key: tuple[str, str, int]) -> UpstreamConnection:
-        conn = UpstreamConnection(key, self)
+    def vm_connection(self, key: PoolKey) -> UpstreamConnection:
+        conn = self.edge.upstream.UpstreamConnection(key, self.pool)
         transport = MemoryTransport((key[1], key[2]))
         conn.connection_made(transport)
         self.dialed.append((conn, transport))
         return conn
 
-    async def connect(self, key: tuple[str, str, int], unix_path: str | None = None) -> UpstreamConnection:
+    async def dial(self, key: PoolKey, unix_path: str | None) -> UpstreamConnection:
         return self.vm_connection(key)
 
 
-async def test_a_request_is_forwarded_below_its_prefix_with_forwarding_headers() -> None:
+async def test_a_request_is_forwarded_below_its_prefix_with_forwarding_headers(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness() as h:
         h.send(request(APP + b"/page?q=1", b"Accept: text/html"))
         sent = h.vm_side.take()
@@ -217,7 +234,9 @@ async def test_a_request_is_forwarded_below_its_prefix_with_forwarding_headers()
         assert not h.client_side.closed
 
 
-async def test_a_kept_alive_connection_uses_the_cached_route_and_the_pooled_connection() -> None:
+async def test_a_kept_alive_connection_uses_the_cached_route_and_the_pooled_connection(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness() as h:
         for _ in range(3):
             h.send(request())
@@ -227,7 +246,7 @@ async def test_a_kept_alive_connection_uses_the_cached_route_and_the_pooled_conn
         assert h.edge.pool.reuses == 3
 
 
-async def test_a_head_split_anywhere_is_the_same_request() -> None:
+async def test_a_head_split_anywhere_is_the_same_request(edge_harness: HarnessFactory) -> None:
     raw = request(APP + b"/split", b"X-One: 1")
     for cut in (1, 5, len(raw) // 2, len(raw) - 1):
         async with edge_harness() as h:
@@ -235,7 +254,7 @@ async def test_a_head_split_anywhere_is_the_same_request() -> None:
             assert h.vm_side.take().startswith(b"GET /split HTTP/1.1\r\n"), cut
 
 
-async def test_pipelined_requests_are_answered_in_order() -> None:
+async def test_pipelined_requests_are_answered_in_order(edge_harness: HarnessFactory) -> None:
     async with edge_harness() as h:
         h.send(request(APP + b"/one") + request(APP + b"/two"))
         assert h.vm_side.take().startswith(b"GET /one ")  # the second waits for the first's answer
@@ -249,7 +268,9 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         assert out.index(b"first") < out.index(b"second")
 
 
-async def test_a_malformed_request_is_answered_400_and_the_connection_closed_lingering() -> None:
+async def test_a_malformed_request_is_answered_400_and_the_connection_closed_lingering(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness() as h:
         h.send(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
         assert status(h.client_side.take()) == 400
@@ -257,7 +278,7 @@ async def test_a_malformed_request_is_answered_400_and_the_connection_closed_lin
         assert h.vm_side.take() == b""
 
 
-async def test_an_unknown_app_is_a_404_and_the_connection_stays() -> None:
+async def test_an_unknown_app_is_a_404_and_the_connection_stays(edge_harness: HarnessFactory) -> None:
     async with edge_harness() as h:
         h.send(request(b"/v1/app/00000000-0000-4000-8000-000000000000/8000/"))
         await h.client_side.until(lambda: b"\r\n\r\n" in h.client_side.data)
@@ -268,7 +289,9 @@ async def test_an_unknown_app_is_a_404_and_the_connection_stays() -> None:
         assert status(h.client_side.take()) == 200
 
 
-async def test_a_private_share_trades_its_query_token_for_a_cookie_that_then_opens_it() -> None:
+async def test_a_private_share_trades_its_query_token_for_a_cookie_that_then_opens_it(
+    edge_harness: HarnessFactory,
+) -> None:
     store = RouteStore(share={"port": PORT, "is_public": False, "token_sha256": access.token_hash(TOKEN)})
     async with edge_harness(store) as h:
         h.send(request(APP + b"/"))
@@ -284,7 +307,9 @@ async def test_a_private_share_trades_its_query_token_for_a_cookie_that_then_ope
         assert b"gw_access" not in forwarded  # the gateway's cookie is not the app's business
 
 
-async def test_a_full_client_buffer_pauses_the_vm_and_its_drain_resumes_it() -> None:
+async def test_a_full_client_buffer_pauses_the_vm_and_its_drain_resumes_it(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness() as h:
         h.send(request())
         h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n12345")
@@ -297,28 +322,32 @@ async def test_a_full_client_buffer_pauses_the_vm_and_its_drain_resumes_it() -> 
         assert h.client_side.take().endswith(b"1234567890abcde")
 
 
-async def test_the_buffer_filling_as_the_last_bytes_arrive_leaves_the_pooled_connection_reading() -> None:
+async def test_the_buffer_filling_as_the_last_bytes_arrive_leaves_the_pooled_connection_reading(
+    edge_harness: HarnessFactory,
+) -> None:
     """Issue 17, point 0, at the protocol level: the pause comes inside the read that completes the
     response, so the connection goes back to the pool with that pause undone."""
     async with edge_harness() as h:
         h.send(request())
-        h.client_side.write = lambda data: (
-            MemoryTransport.write(h.client_side, data),
-            h.client.pause_writing(),
-        )  # type: ignore[method-assign]
+
+        def write_then_pause(data: bytes) -> None:  # (returns None: the compiled edge checks that)
+            MemoryTransport.write(h.client_side, data)
+            h.client.pause_writing()
+
+        h.client_side.write = write_then_pause  # type: ignore[method-assign]
         h.answer(response(b"last bytes"))
         assert h.edge.pool.take_idle(h.vm.key) is h.vm
         assert h.vm_side.reading
 
 
-async def test_the_vm_closing_before_it_answers_is_a_502() -> None:
+async def test_the_vm_closing_before_it_answers_is_a_502(edge_harness: HarnessFactory) -> None:
     async with edge_harness() as h:
         h.send(request())
         h.vm.connection_lost(None)
         assert status(h.client_side.take()) == 502
 
 
-async def test_a_vm_that_does_not_answer_in_time_is_a_504() -> None:
+async def test_a_vm_that_does_not_answer_in_time_is_a_504(edge_harness: HarnessFactory) -> None:
     async with edge_harness(upstream_first_byte_timeout_s=0.05) as h:
         h.send(request())
         await h.client_side.until(lambda: b"\r\n\r\n" in h.client_side.data)
@@ -326,7 +355,9 @@ async def test_a_vm_that_does_not_answer_in_time_is_a_504() -> None:
         assert h.vm_side.closed  # the VM's request is abandoned with its connection
 
 
-async def test_a_head_too_large_is_cut_as_it_arrives_even_one_byte_at_a_time() -> None:
+async def test_a_head_too_large_is_cut_as_it_arrives_even_one_byte_at_a_time(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness(max_header_bytes=1024) as h:
         h.send(b"GET / HTTP/1.1\r\nHost: gateway.example.test\r\nX-Endless: ")
         for _ in range(h.edge.head_limit):
@@ -336,14 +367,16 @@ async def test_a_head_too_large_is_cut_as_it_arrives_even_one_byte_at_a_time() -
         assert status(h.client_side.take()) == 431
 
 
-async def test_a_body_over_the_limit_by_its_length_is_refused_before_the_vm_sees_it() -> None:
+async def test_a_body_over_the_limit_by_its_length_is_refused_before_the_vm_sees_it(
+    edge_harness: HarnessFactory,
+) -> None:
     async with edge_harness(max_body_bytes=10) as h:
         h.send(request(APP + b"/", b"Content-Length: 11", method=b"POST") + b"x" * 11)
         assert status(h.client_side.take()) == 413
         assert h.vm_side.take() == b""
 
 
-async def test_head_requests_get_the_head_only() -> None:
+async def test_head_requests_get_the_head_only(edge_harness: HarnessFactory) -> None:
     async with edge_harness() as h:
         h.send(request(method=b"HEAD"))
         assert h.vm_side.take().startswith(b"HEAD / HTTP/1.1\r\n")
@@ -355,7 +388,7 @@ async def test_head_requests_get_the_head_only() -> None:
         assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"hello")
 
 
-async def test_an_upgrade_becomes_a_tunnel_both_ways() -> None:
+async def test_an_upgrade_becomes_a_tunnel_both_ways(edge_harness: HarnessFactory) -> None:
     async with edge_harness() as h:
         h.send(request(APP + b"/ws", b"Connection: Upgrade", b"Upgrade: chat"))
         sent = h.vm_side.take()
@@ -367,7 +400,9 @@ async def test_an_upgrade_becomes_a_tunnel_both_ways() -> None:
         assert h.edge.stats.tunnels_open == 1
 
 
-async def test_an_upgrade_the_vm_declines_is_answered_and_the_close_announced() -> None:
+async def test_an_upgrade_the_vm_declines_is_answered_and_the_close_announced(
+    edge_harness: HarnessFactory,
+) -> None:
     """The connection ends after a declined upgrade (what follows the request may not be HTTP): the
     answer says so, or a client would send its next request on a connection about to close."""
     async with edge_harness() as h:
@@ -382,7 +417,7 @@ async def test_an_upgrade_the_vm_declines_is_answered_and_the_close_announced() 
 
 @pytest.mark.parametrize("draining_first", [True, False])
 async def test_draining_closes_an_idle_connection_at_once_and_a_busy_one_after_its_answer(
-    draining_first: bool,
+    edge_harness: HarnessFactory, draining_first: bool
 ) -> None:
     async with edge_harness() as h:
         if draining_first:
@@ -397,7 +432,9 @@ async def test_draining_closes_an_idle_connection_at_once_and_a_busy_one_after_i
         assert h.client_side.closed
 
 
-async def test_an_idle_kept_alive_connection_holds_nothing_of_its_finished_request() -> None:
+async def test_an_idle_kept_alive_connection_holds_nothing_of_its_finished_request(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
     async with edge_harness() as h:
         h.send(request(APP + b"/page?q=1", b"Accept: text/html", b"User-Agent: test", b"X-Many: headers"))
         h.answer(response())
@@ -406,7 +443,8 @@ async def test_an_idle_kept_alive_connection_holds_nothing_of_its_finished_reque
         assert client.current is None and client.idle()
         assert client.url == b"" and client.headers == [] and client.header_bytes == 0
         gc.collect()
-        assert not [o for o in gc.get_objects() if type(o) is Exchange]  # the exchange is gone too
+        exchange = edge.exchange.Exchange
+        assert not [o for o in gc.get_objects() if type(o) is exchange]  # the exchange is gone too
         # A sweep sees it idle: it lets its timer and its parser go; the next request makes a parser.
         h.edge.sweep_idle()
         assert client.idle_since > 0 and client.parser is None
@@ -416,11 +454,13 @@ async def test_an_idle_kept_alive_connection_holds_nothing_of_its_finished_reque
         assert status(h.client_side.take()) == 200 and client.idle_since == 0.0
 
 
-async def test_a_sweep_closes_connections_idle_past_the_keepalive_timeout_and_only_those() -> None:
+async def test_a_sweep_closes_connections_idle_past_the_keepalive_timeout_and_only_those(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
     async with edge_harness(keepalive_timeout_s=0.3) as h:
         h.send(request())
         h.answer(response())
-        busy = EdgeProtocol(h.edge)
+        busy = edge.protocol.EdgeProtocol(h.edge)
         busy_side = MemoryTransport(("192.0.2.8", 40001))
         busy.connection_made(busy_side)
         busy.data_received(b"GET / HTTP/1.1\r\n")  # a head in progress: its own (header) deadline

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from gateway.edge.resolver import Resolver
 from gateway.state.events import VmChanged
 from gateway.state.records import VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
+
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
 
 VM_ID = "vmid-0123456789abcdef0123"
 SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"

@@ -9,15 +9,16 @@ from gateway.edge.resolver import Route
 from gateway.edge.routing import MISDIRECTED, NO_ROUTE, Redirect, Reply, RoutingPolicy
 from gateway.edge.target import ApiTarget, AppTarget, RoutingConfig, TargetParser
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 SID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 VM = "vmid-0123456789abcdef0123"
 API = b"api.example.com"
-PARSE = TargetParser(
-    RoutingConfig(
-        api_hosts=("api.example.com",),
-        sandbox_domains=("sandbox.example.com",),
-        instance_domains=("browser.example.com",),
-    )
+CONFIG = RoutingConfig(
+    api_hosts=("api.example.com",),
+    sandbox_domains=("sandbox.example.com",),
+    instance_domains=("browser.example.com",),
 )
 SERVE_PLAIN = RoutingPolicy(https_redirect_port=0, plain_http_paths=())
 REDIRECT = RoutingPolicy(https_redirect_port=443, plain_http_paths=(b"/.well-known/acme-challenge/",))
@@ -25,7 +26,7 @@ REDIRECT_8443 = RoutingPolicy(https_redirect_port=8443, plain_http_paths=())
 
 
 def parsed(url: bytes, host: bytes = API, method: bytes = b"GET") -> AppTarget | ApiTarget:
-    target = PARSE(method, url, host)
+    target = TargetParser(CONFIG)(method, url, host)
     assert isinstance(target, AppTarget | ApiTarget), target
     return target
 
@@ -79,7 +80,7 @@ def test_before_the_lookup(
 def test_a_refused_target_is_answered_before_anything_else(
     method: bytes, url: bytes, host: bytes | None, expected: Reply | Redirect
 ) -> None:
-    target = PARSE(method, url, host)
+    target = TargetParser(CONFIG)(method, url, host)
     decision = REDIRECT.before_lookup(target, url, "http", None)
     if isinstance(expected, Reply):
         assert isinstance(decision, Reply)

@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, parse_target
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 SID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 VM = "vmid-0123456789abcdef0123"
 CONFIG = RoutingConfig(
@@ -19,9 +22,9 @@ API = b"api.example.com"
 
 
 def app(
-    target: bytes, host: bytes = API, method: bytes = b"GET", config: RoutingConfig = CONFIG
+    target: bytes, host: bytes = API, method: bytes = b"GET", config: RoutingConfig | None = None
 ) -> AppTarget:
-    result = parse_target(method, target, host, config)
+    result = parse_target(method, target, host, config or CONFIG)
     assert isinstance(result, AppTarget), result
     return result
 

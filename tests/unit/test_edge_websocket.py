@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from gateway.edge.websocket import FrameTracker, close_frame
 
+# Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
+pytestmark = pytest.mark.both_edges
+
 
 def frame(payload: bytes, *, masked: bool, opcode: int = 0x2) -> bytes:
     length = len(payload)

@@ -1,0 +1,28 @@
+"""The compiled edge is a twin of this package: the same sources, compiled by mypyc as ``gateway._edgec``.
+
+Its build (``setup.py``) copies the modules below there and records their hash; the edge loads the
+twin only while the hash still matches these sources, so an edited module is never run from a stale
+build. Nothing here imports the gateway: the build loads this file on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+COMPILED_PACKAGE = "gateway._edgec"
+# The edge's hot path and everything it calls per request; relative imports between them keep each
+# twin to itself. server.py (the listener) and the selection stay interpreted: they run once.
+MODULES = (
+    "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "resolver",
+    "routing", "settings", "target", "tunnel", "upstream", "websocket",
+)  # fmt: skip
+EDGE_DIR = Path(__file__).resolve().parent
+
+
+def source_hash(edge_dir: Path = EDGE_DIR) -> str:
+    """One hash of the twin's sources, in order."""
+    digest = hashlib.sha256()
+    for name in MODULES:
+        digest.update(name.encode() + b"\0" + (edge_dir / f"{name}.py").read_bytes() + b"\0")
+    return digest.hexdigest()
