@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -43,6 +44,12 @@ from tests.watchdog import (  # noqa: F401
     pytest_runtest_protocol,
     pytest_unconfigure,
 )
+
+# A run started in the background by a non-interactive shell (`./dev test &`) has SIGINT ignored, which
+# exec keeps: the VMs of gateways under test here (process driver) would ignore a terminal's Ctrl-C.
+# Tests see what a gateway started from a terminal sees (`gateway serve` handles SIGINT itself).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 IS_ROOT = os.geteuid() == 0
 # VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.

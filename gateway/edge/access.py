@@ -58,7 +58,7 @@ def is_platform_key_header(lower_name: bytes, value: bytes) -> bool:
 def strip_platform_key_params(target: bytes) -> bytes:
     """The target without ``api_key`` parameters holding a platform key (others are the app's)."""
     path, sep, query = target.partition(b"?")
-    if not sep or PLATFORM_KEY_PREFIX not in query:
+    if not sep or query.find(PLATFORM_KEY_PREFIX) < 0:
         return target
     kept = []
     for param in query.split(b"&"):

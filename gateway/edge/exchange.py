@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import http
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import access
 from . import headers as hdr
 from .deadline import Deadline
 from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .protocol import EdgeProtocol
 
 
 class ExchangeOwner(Protocol):
@@ -107,7 +110,7 @@ class Exchange:
         "vm_id",
     )  # fmt: skip
 
-    def __init__(self, proto: ExchangeOwner, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+    def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
                  keep_alive: bool, upgrade: bool, http10: bool) -> None:  # fmt: skip
         self.proto = proto
         # An HTTP/1.0 client: no chunked framing and no 1xx for it (RFC 9112 section 6.1, RFC 9110

@@ -118,8 +118,8 @@ def _forwarded_element(client: ClientInfo) -> bytes:
     # RFC 7239: an IPv6 node is bracketed and then quoted (":" is not a token character); an unknown
     # peer (e.g. a unix socket) is spelled "unknown".
     peer = _peer(client)
-    node = b'"[' + peer + b']"' if b":" in peer else peer
-    host = b'"' + client.host + b'"' if b":" in client.host else client.host
+    node = b'"[' + peer + b']"' if peer.find(b":") >= 0 else peer
+    host = b'"' + client.host + b'"' if client.host.find(b":") >= 0 else client.host
     return b"for=" + node + b";proto=" + client.scheme.encode("ascii") + b";host=" + host
 
 

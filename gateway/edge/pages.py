@@ -29,7 +29,7 @@ def _reason(status: int) -> str:
 
 def _check_header_value(value: bytes) -> bytes:
     # A CR or LF in a header value would let it end the head early and inject headers or a body.
-    if b"\r" in value or b"\n" in value or b"\0" in value:
+    if value.find(b"\r") >= 0 or value.find(b"\n") >= 0 or value.find(b"\0") >= 0:
         raise ValueError("header value contains CR, LF or NUL")
     return value
 
@@ -47,7 +47,7 @@ def _message(
 
 
 def _prefers_html(accept: bytes | None) -> bool:
-    return accept is not None and b"text/html" in accept.lower()
+    return accept is not None and accept.lower().find(b"text/html") >= 0
 
 
 def error_response(

@@ -106,11 +106,11 @@ class RoutingPolicy:
                 return _token_for_cookie(target, route, token, url, scheme)
             if not access.opens(headers, route.tokens, route.cookies, bearer=route.bearer):
                 return NO_ROUTE  # the same answer as an unknown app: no oracle
-        elif access.TOKEN_QUERY_PARAM in request_target:
+        elif request_target.find(access.TOKEN_QUERY_PARAM) >= 0:
             request_target, _ = access.split_token_from_target(request_target)
         if route.suspended:  # (only for those who may open it: a private app says nothing of its state)
             return WAKE if route.auto_resume else SUSPENDED
-        if access.PLATFORM_KEY_PREFIX in request_target:
+        if request_target.find(access.PLATFORM_KEY_PREFIX) >= 0:
             request_target = access.strip_platform_key_params(request_target)
         # The length says the body is too large, or a chunked body read before the route was known
         # already passed the limit.

@@ -152,11 +152,11 @@ def _check_target(target: bytes) -> Rejection | None:
         return _invalid("the request target must be an absolute path")
     if _BAD_TARGET_BYTE_RE.search(target):
         return _invalid("the request target contains a control, space or non-ASCII byte")
-    if b"#" in target:
+    if target.find(b"#") >= 0:
         return _invalid("the request target must not contain a fragment")
     if _BAD_PERCENT_RE.search(target):
         return _invalid("malformed percent-encoding in the request target")
-    if b"\\" in target.partition(b"?")[0]:
+    if target.partition(b"?")[0].find(b"\\") >= 0:
         # Some stacks treat "\" as "/", which would let the path mean different things to us and the VM.
         return _invalid("backslash in the request path")
     return None
@@ -213,7 +213,7 @@ def _app_port(text: bytes) -> int | None:
 
 def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> AppTarget | Rejection:
     # A well-formed host under a sandbox domain that names no VM is "not found", not a bad request.
-    if b"." in label:
+    if label.find(b".") >= 0:
         return _NO_ROUTE
     vm_id, dash, port_text = label.rpartition(b"-")
     port = _app_port(port_text) if dash else None
@@ -245,7 +245,7 @@ def _instance_form(target: bytes, host_value: bytes, name: bytes, label: bytes) 
 
 
 def _domain_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rejection:
-    if b"." not in name or name.rpartition(b".")[2].isdigit() or name.startswith(b"["):
+    if name.find(b".") < 0 or name.rpartition(b".")[2].isdigit() or name.startswith(b"["):
         return _NO_ROUTE  # a single label or an IP address is never a custom domain
     return _named_host("domain", target, host_value, name)
 

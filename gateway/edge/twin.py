@@ -3,6 +3,16 @@
 Its build (``setup.py``) copies the modules below there and records their hash; the edge loads the
 twin only while the hash still matches these sources, so an edited module is never run from a stale
 build. Nothing here imports the gateway: the build loads this file on its own.
+
+Written for both: mypyc trusts the types mypy infers, narrowing included. An attribute checked
+against None early in a method stays narrowed after calls that may change it, and compiled code then
+skips a later check (or fails it with a TypeError); such methods check locals, or ask a small method
+(mypy's warn_unreachable, on for gateway.edge, reports the first kind). Classes typed as a Protocol
+are called through Python's attribute lookup; the hot path's own classes are typed concretely (type-only
+imports where the modules would otherwise import each other) so their calls are direct. And
+``haystack.find(needle) >= 0`` stands for ``needle in haystack`` on bytes: CPython 3.11's bytes ``in``
+first tries the needle as an integer and raises and clears a TypeError inside, every time (about 3,700
+instructions, measured with callgrind: twice per request in routing alone).
 """
 
 from __future__ import annotations

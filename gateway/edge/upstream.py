@@ -14,9 +14,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 # As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
 UPSTREAM_MAX_IDLE_PER_KEY = 256
@@ -58,7 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.key = key
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
+        self.sink: Exchange | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
@@ -90,10 +93,14 @@ class UpstreamConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel(data)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel(data)
             return
-        if self.sink is None:
+        # (Locals, not self.tunnel and self.sink, are narrowed here: parsing changes both, and the
+        # compiled edge takes mypy's narrowing of an attribute for a fact: gateway/edge/twin.py.)
+        sink = self.sink
+        if sink is None:
             # Bytes while idle: the VM broke the protocol (or closed with a message); not reusable.
             self.close()
             return
@@ -103,7 +110,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.flush_head()  # a head without body bytes yet (SSE, slow apps) goes out now
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
-            self._tunnel_rest(data[offset:])
+            rest = data[offset:]
+            if rest and self.tunnel is not None:
+                self.tunnel(rest)
         except httptools.HttpParserCallbackError:
             # An error of the edge's own (a callback raised): a bug to see, not the app's doing.
             log.exception("edge: a response callback failed")
@@ -121,13 +130,6 @@ class UpstreamConnection(asyncio.Protocol):
             if self.head_seen > self.pool.max_response_head_bytes:
                 message = f"the app's response head is larger than {self.pool.max_response_head_bytes} bytes"
                 self._refuse(BadResponse("upstream_head_too_large", message))
-
-    def _tunnel_rest(self, rest: bytes) -> None:
-        """What followed a 101 in the same read: the tunnel's first bytes. (A method of its own: in
-        data_received, self.tunnel is narrowed to None by the check on entry, and the compiled edge
-        would take that narrowing for a fact.)"""
-        if rest and self.tunnel is not None:
-            self.tunnel(rest)
 
     def _refuse(self, reason: BadResponse) -> None:
         """The response cannot be forwarded: the connection is dropped and the exchange told why."""
@@ -230,7 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # use ------------------------------------------------------------------------------------------
 
-    def start(self, sink: ResponseSink, head: bytes, *, head_only: bool, request_sent: bool) -> None:
+    def start(self, sink: Exchange, head: bytes, *, head_only: bool, request_sent: bool) -> None:
         """Send a request head; ``request_sent`` False: a body follows, ended by ``end_request``."""
         self.sink = sink
         self.head_only = head_only

@@ -237,7 +237,7 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
     from tests.integration.test_edge_shutdown import serve_env
 
     port, admin_port = free_port(), free_port()
-    env = serve_env() | {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"}
+    env = serve_env("auto") | {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"}
     gateway = ["-m", "gateway", "--data-dir", str(tmp_path / "data")]
     import sys
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,21 +14,20 @@ from gateway.edge.observe import MAX_PENDING_BYTES, UPSTREAM_BUCKETS_S, AccessLo
 pytestmark = pytest.mark.both_edges
 
 
-def exchange(**changes: object) -> SimpleNamespace:
-    base = dict(
-        request_id=b"1f2e3d4c-2a", method=b"GET", url=b"/v1/app/s/3000/x?token=secret", host=b"a.test:8080",
-        kind="path", route_id="s", status=200, code=None, sent_bytes=5, bytes_out=100, upstream_s=0.0123,
+def write(log: AccessLog, client: str, duration_s: float, **changes: object) -> None:
+    """A line for an exchange (its fields as Edge.observe hands them over), with ``changes``."""
+    fields = dict(
+        method=b"GET", host=b"a.test:8080", url=b"/v1/app/s/3000/x?token=secret", kind="path", route_id="s",
+        status=200, code=None, request_id=b"1f2e3d4c-2a", bytes_in=5, bytes_out=100, upstream_s=0.0123,
     )  # fmt: skip
-    return SimpleNamespace(**(base | changes))
+    log.write(client=client, duration_s=duration_s, **(fields | changes))  # type: ignore[arg-type]
 
 
 def test_json_lines_parse_and_never_hold_the_query() -> None:
     out = io.BytesIO()
     log = AccessLog("json", out)
-    log.write(exchange(), "127.0.0.1", 0.02)
-    log.write(
-        exchange(host=b'e"vil\\\x01\xe9', route_id=None, code="no_route", upstream_s=None), "::1", 0.001
-    )
+    write(log, "127.0.0.1", 0.02)
+    write(log, "::1", 0.001, host=b'e"vil\\\x01\xe9', route_id=None, code="no_route", upstream_s=None)
     log.close()
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["path"] == "/v1/app/s/3000/x" and "secret" not in json.dumps(first)
@@ -42,7 +40,7 @@ def test_json_lines_parse_and_never_hold_the_query() -> None:
 def test_text_lines_are_one_per_exchange() -> None:
     out = io.BytesIO()
     log = AccessLog("text", out)
-    log.write(exchange(), "127.0.0.1", 0.02)
+    write(log, "127.0.0.1", 0.02)
     log.close()
     [line] = out.getvalue().splitlines()
     assert b"GET a.test:8080/v1/app/s/3000/x -> 200 path s" in line and b"secret" not in line
@@ -55,7 +53,7 @@ def test_a_full_pipe_never_blocks_the_writer_and_lines_are_dropped_past_the_limi
         line_bytes = 300
         written = 0
         while written < 2 * MAX_PENDING_BYTES + 200_000:  # far more than the pipe and the backlog hold
-            log.write(exchange(url=b"/" + b"p" * (line_bytes - 280)), "127.0.0.1", 0.001)
+            write(log, "127.0.0.1", 0.001, url=b"/" + b"p" * (line_bytes - 280))
             written += line_bytes
             if len(log.lines) >= 100:
                 log.flush()  # returns at once though nobody reads

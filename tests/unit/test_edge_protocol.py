@@ -6,9 +6,11 @@ approximate. The integration suites check the same behaviour over real connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -164,7 +166,8 @@ def edge_harness(edge: EdgeImpl) -> HarnessFactory:
         )
         settings = edge.settings.EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
         store = store or RouteStore()
-        resolver = edge.resolver.Resolver(store, vm_networks=["10.200.0.0/16"])
+        # Cached for longer than a test lasts: a test on a busy machine still sees the route cached.
+        resolver = edge.resolver.Resolver(store, vm_networks=["10.200.0.0/16"], positive_ttl_s=3600.0)
         FakeEventFeed().add(resolver)  # following the events channel: the route cache is in use
         # The route looked up once, as by an earlier request: from then on it comes from the cache, and
         # a request is forwarded within the read that completes its head.
@@ -493,3 +496,22 @@ def test_uvloop_sets_tcp_nodelay_on_accepted_connections_by_itself() -> None:
         return seen[0]
 
     assert uvloop.run(main()) != 0
+
+
+async def test_a_client_leaving_during_a_route_lookup_leaves_no_coroutine_never_awaited(
+    edge_harness: HarnessFactory,
+) -> None:
+    """The lookup's task is cancelled before its first step: nothing of it may be left unawaited (such a
+    coroutine warned when collected, and failed whichever test collected it)."""
+    async with edge_harness() as h:
+        h.send(request(b"/v1/app/00000000-0000-4000-8000-000000000000/8000/"))  # not cached: a lookup
+        task = h.client.task
+        assert task is not None and not task.done()
+        h.client.connection_lost(None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            gc.collect()
+        assert task.cancelled()
+        assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
