@@ -170,19 +170,22 @@ _quote = json.encoder.encode_basestring_ascii  # C: "text" with escapes
 # Bytes that may stand in a JSON string as they are: printable ASCII but '"' and '\\'. A value is safe when
 # deleting them leaves nothing (bytes.translate, one C loop: half the cost of a regex search here).
 _JSON_SAFE = bytes(b for b in range(0x20, 0x7F) if b not in b'"\\')
-# Pre-formatted pieces per (client, method, host) and per (route kind, id, status, error): a busy edge sees
-# few distinct ones, so most of a line is cached bytes. Each cache is emptied when it holds this many.
+# Pre-formatted pieces per (client, method, host), per path and per (route kind, id, status, error): a
+# busy edge sees few distinct ones, so most of a line is cached bytes. Each cache is emptied when it holds
+# this many; targets are kept only up to MAX_CACHED_PATH_BYTES (so the path cache stays under 4 MiB).
 MAX_CACHED_PIECES = 4096
-# The whole line is one %-format of a template chosen by whether there is an upstream time. Times are
-# whole microseconds split into milliseconds and hundredths by integer arithmetic (native in the compiled
-# edge, where a float's %.2f cost more than the rest of the line); the timestamp's second is formatted
-# once a second.
-_JSON_LINE = b'%s%03d,"type":"access","request_id":%s%s,"path":%s%s,"bytes_in":%d,"bytes_out":%d,'
-_JSON_UPSTREAM = _JSON_LINE + b'"upstream_ms":%d.%02d,"duration_ms":%d.%02d}\n'
-_JSON_NO_UPSTREAM = _JSON_LINE + b'"upstream_ms":null,"duration_ms":%d.%02d}\n'
-_TEXT_LINE = b"%s %s%s%s in=%d out=%d"
-_TEXT_UPSTREAM = _TEXT_LINE + b" upstream=%d.%02dms %d.%02dms%s rid=%s\n"
-_TEXT_NO_UPSTREAM = _TEXT_LINE + b" %d.%02dms%s rid=%s\n"
+MAX_CACHED_PATH_BYTES = 256
+# A line is joined from cached pieces (the clock's second, who, path, outcome) and numbers, with no
+# format call: small numbers come from tables; times are whole microseconds split into milliseconds and
+# hundredths by integer arithmetic (native in the compiled edge). A %-format of the same line cost about
+# half of all the line's work there (callgrind).
+_DECIMAL = [b"%d" % n for n in range(1000)]
+_TWO_DIGITS = [b"%02d" % n for n in range(100)]
+_THREE_DIGITS = [b"%03d" % n for n in range(1000)]
+
+
+def _decimal(n: int) -> bytes:
+    return _DECIMAL[n] if 0 <= n < 1000 else b"%d" % n
 
 
 def _json(value: bytes) -> bytes:
@@ -192,7 +195,8 @@ def _json(value: bytes) -> bytes:
     return _quote(value.decode("latin-1")).encode()
 
 
-def _printable(value: bytes) -> bytes:
+def printable(value: bytes) -> bytes:
+    """``value`` as it may stand inside a JSON string (and in a text line): escaped where it must be."""
     return value if not value.translate(None, _JSON_SAFE) else _json(value)[1:-1]
 
 
@@ -213,7 +217,8 @@ class AccessLog:
         self._second = 0
         self._clock = b""  # the line's start for the current second
         self._who: dict[tuple[str, bytes, bytes | None], bytes] = {}
-        self._what: dict[tuple[str, str | None, int, str | None], Any] = {}
+        self._what: dict[tuple[str, str | None, int, str | None], tuple[bytes, bytes]] = {}
+        self._paths: dict[bytes, bytes] = {}  # request target -> its path, escaped
         self._pending = b""  # not yet accepted by a full pipe
         self._fd: int | None = None
         self._own_fd = False
@@ -234,55 +239,63 @@ class AccessLog:
         upstream_s: float | None, duration_s: float,
     ) -> None:  # fmt: skip
         """One line for an exchange that ended (its fields as ``Exchange`` has them; ``bytes_in`` is its
-        ``sent_bytes``), from cached pieces and one %-format of integers (see _JSON_LINE)."""
+        ``sent_bytes``), joined from cached pieces and numbers (see _DECIMAL). The request id
+        must be ``printable`` already (the edge's own ids are; Edge.observe escapes a proxy's)."""
         now = time.time()
         second = int(now)
         if second != self._second:
             self._new_second(second)
-        query = url.find(b"?")
-        path = url if query < 0 else url[:query]  # never the query: apps put tokens there
+        # Targets repeat (an app's pages, assets, API calls): each one's path is cut from its query (never
+        # logged: apps put tokens there) and escaped once, then looked up.
+        logged_path = self._paths.get(url)
+        if logged_path is None:
+            logged_path = self._path_piece(url)
+            if len(url) <= MAX_CACHED_PATH_BYTES:
+                self._cache(self._paths, url, logged_path)
         peer = (client, method, host)
         who = self._who.get(peer)
         if who is None:
             who = self._cache(self._who, peer, self._who_piece(client, method, host))
         outcome = (kind, route_id, status, code)
-        what = self._what.get(outcome)
-        if what is None:
-            what = self._cache(self._what, outcome, self._what_piece(kind, route_id, status, code))
+        what_error = self._what.get(outcome)
+        if what_error is None:
+            what_error = self._cache(self._what, outcome, self._what_piece(kind, route_id, status, code))
+        what, error = what_error
         duration_us = int(duration_s * 1_000_000)
+        duration_ms = _decimal(duration_us // 1000)
+        duration_hundredths = _TWO_DIGITS[duration_us // 10 % 100]
+        upstream_us = int(upstream_s * 1_000_000) if upstream_s is not None else -1
         if self.json:
-            if path.translate(None, _JSON_SAFE):
-                path = _json(path)
+            milliseconds = _THREE_DIGITS[int((now - second) * 1000)]
+            if upstream_us < 0:
+                head = [
+                    self._clock, milliseconds, b',"type":"access","request_id":"', request_id, b'"', who,
+                    b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in), b',"bytes_out":',
+                    _decimal(bytes_out), b',"upstream_ms":null,"duration_ms":', duration_ms, b".",
+                    duration_hundredths, b"}\n",
+                ]  # fmt: skip
             else:
-                path = b'"' + path + b'"'
-            if upstream_s is None:
-                line = _JSON_NO_UPSTREAM % (
-                    self._clock, int((now - second) * 1000), _json(request_id), who, path, what, bytes_in,
-                    bytes_out, duration_us // 1000, duration_us // 10 % 100,
-                )  # fmt: skip
-            else:
-                upstream_us = int(upstream_s * 1_000_000)
-                line = _JSON_UPSTREAM % (
-                    self._clock, int((now - second) * 1000), _json(request_id), who, path, what, bytes_in,
-                    bytes_out, upstream_us // 1000, upstream_us // 10 % 100, duration_us // 1000,
-                    duration_us // 10 % 100,
-                )  # fmt: skip
+                head = [
+                    self._clock, milliseconds, b',"type":"access","request_id":"', request_id, b'"', who,
+                    b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in), b',"bytes_out":',
+                    _decimal(bytes_out), b',"upstream_ms":', _decimal(upstream_us // 1000), b".",
+                    _TWO_DIGITS[upstream_us // 10 % 100], b',"duration_ms":', duration_ms, b".",
+                    duration_hundredths, b"}\n",
+                ]  # fmt: skip
+        elif upstream_us < 0:
+            head = [
+                self._clock, b" ", who, logged_path, what, b" in=", _decimal(bytes_in), b" out=",
+                _decimal(bytes_out), b" ", duration_ms, b".", duration_hundredths, b"ms", error, b" rid=",
+                request_id, b"\n",
+            ]  # fmt: skip
         else:
-            if path.translate(None, _JSON_SAFE):
-                path = _printable(path)
-            what, error = what
-            if upstream_s is None:
-                line = _TEXT_NO_UPSTREAM % (
-                    self._clock, who, path, what, bytes_in, bytes_out, duration_us // 1000,
-                    duration_us // 10 % 100, error, _printable(request_id),
-                )  # fmt: skip
-            else:
-                upstream_us = int(upstream_s * 1_000_000)
-                line = _TEXT_UPSTREAM % (
-                    self._clock, who, path, what, bytes_in, bytes_out, upstream_us // 1000,
-                    upstream_us // 10 % 100, duration_us // 1000, duration_us // 10 % 100, error,
-                    _printable(request_id),
-                )  # fmt: skip
+            head = [
+                self._clock, b" ", who, logged_path, what, b" in=", _decimal(bytes_in), b" out=",
+                _decimal(bytes_out), b" upstream=", _decimal(upstream_us // 1000), b".",
+                _TWO_DIGITS[upstream_us // 10 % 100], b"ms ", duration_ms, b".", duration_hundredths, b"ms",
+                error, b" rid=", request_id, b"\n",
+            ]  # fmt: skip
+        line = b"".join(head)
         lines = self.lines
         lines.append(line)
         if len(lines) >= MAX_BUFFER_LINES:
@@ -309,18 +322,26 @@ class AccessLog:
                 _json(method),
                 _json(host or b""),
             )
-        return b"%s %s %s" % (client.encode(), _printable(method), _printable(host or b""))
+        return b"%s %s %s" % (client.encode(), printable(method), printable(host or b""))
 
-    def _what_piece(self, kind: str, route_id: str | None, status: int, code: str | None) -> Any:
+    def _path_piece(self, url: bytes) -> bytes:
+        path = url.partition(b"?")[0]
+        return _json(path) if self.json else printable(path)
+
+    def _what_piece(
+        self, kind: str, route_id: str | None, status: int, code: str | None
+    ) -> tuple[bytes, bytes]:
+        """The outcome's piece, and (text lines) its error's, which comes at the end of the line."""
         route = route_id.encode("ascii", "replace") if route_id else None
         error = code.encode() if code else None
         if self.json:
-            return b',"route":%s,"id":%s,"status":%d,"error":%s' % (
+            what = b',"route":%s,"id":%s,"status":%d,"error":%s' % (
                 _json(kind.encode()), _json(route) if route else b"null", status,
                 _json(error) if error else b"null",
             )  # fmt: skip
-        what = b" -> %d %s%s" % (status, kind.encode(), b" " + _printable(route) if route else b"")
-        return what, b" error=" + _printable(error) if error else b""
+            return what, b""
+        what = b" -> %d %s%s" % (status, kind.encode(), b" " + printable(route) if route else b"")
+        return what, b" error=" + printable(error) if error else b""
 
     def flush(self) -> None:
         """Write (or hand over) the buffered lines: joined once, written in pieces of whole lines of at

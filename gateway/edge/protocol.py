@@ -32,7 +32,7 @@ from . import access, pages
 from . import headers as hdr
 from .deadline import Deadline
 from .exchange import Exchange, head_bytes
-from .observe import AccessLog, EdgeStats, VmTraffic
+from .observe import AccessLog, EdgeStats, VmTraffic, printable
 from .resolver import MISS, CacheKey, Resolver, Route
 from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
 from .settings import EdgeSettings
@@ -142,8 +142,11 @@ class Edge:
         if ex.vm_id is not None:
             self.traffic.add(ex.vm_id, ex.sent_bytes, ex.bytes_out)
         if self.access_log is not None:
+            request_id = ex.request_id
+            if request_id is ex.incoming_request_id:  # a trusted proxy's, as it came (the edge's are safe)
+                request_id = printable(request_id)
             self.access_log.write(
-                peer_ip, ex.method, ex.host, ex.url, ex.kind, ex.route_id, ex.status, ex.code, ex.request_id,
+                peer_ip, ex.method, ex.host, ex.url, ex.kind, ex.route_id, ex.status, ex.code, request_id,
                 ex.sent_bytes, ex.bytes_out, ex.upstream_s, self.loop.time() - ex.started,
             )  # fmt: skip
         if self.exchange_ended:

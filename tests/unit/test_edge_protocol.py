@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
+import os
 import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -515,3 +518,26 @@ async def test_a_client_leaving_during_a_route_lookup_leaves_no_coroutine_never_
             gc.collect()
         assert task.cancelled()
         assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+
+
+async def test_a_trusted_proxys_request_id_is_kept_and_logged_escaped(
+    edge_harness: HarnessFactory, edge: EdgeImpl, tmp_path: Path
+) -> None:
+    """The edge's own ids need no escaping in the access log; a trusted proxy's, kept as it came, is escaped
+    there (Edge.observe), so a JSON line still parses."""
+    log_file = tmp_path / "access.log"
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT)
+    try:
+        async with edge_harness(trusted_proxies="192.0.2.7") as h:
+            h.edge.access_log = edge.observe.AccessLog("json", fd)
+            h.send(request(APP + b"/", b'X-Request-Id: proxy"id\\1'))
+            assert b'\r\nX-Request-Id: proxy"id\\1\r\n' in h.vm_side.take()
+            h.answer(response())
+            h.send(request(APP + b"/"))  # from the proxy, without an id: the edge's own
+            h.answer(response())
+            h.edge.access_log.close()
+        first, second = (json.loads(line) for line in log_file.read_bytes().splitlines())
+        assert first["request_id"] == 'proxy"id\\1'
+        assert second["request_id"] and second["request_id"] != first["request_id"]
+    finally:
+        os.close(fd)
