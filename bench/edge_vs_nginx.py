@@ -1,6 +1,7 @@
 """Edge vs nginx: the gateway's edge and Debian's nginx side by side, on loopback, against the same app.
 
     .venv/bin/python bench/edge_vs_nginx.py [--workers 1] [--seconds 5] [--rounds 2] [--skip ws,idle]
+                                            [--edge compiled|pure]
                                             [--no-direct]
 
 --skip takes a comma-separated list of: rps, cpu, download, upload, ws, idle. The default run takes
@@ -368,6 +369,11 @@ async def edge_requests_counted(gw: Gateway) -> float:
 
 
 @asynccontextmanager
+def edge_env(args: argparse.Namespace) -> dict[str, str]:
+    """The edge the gateway runs (--edge): edge.implementation."""
+    return {"GATEWAY_EDGE_IMPLEMENTATION": args.edge}
+
+
 async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
     """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards.
 
@@ -394,6 +400,8 @@ async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) 
                     if proc.returncode is not None:
                         raise RuntimeError(f"gateway serve exited with {proc.returncode}")
                     await asyncio.sleep(0.1)
+            started = log_path.read_bytes().decode(errors="replace")
+            print(next(line for line in started.splitlines() if "gateway listening" in line), flush=True)
             code, out, _ = await run_bounded([*gateway, "keys", "create", "--name", "bench"], START_TIMEOUT_S)
             if code != 0:
                 raise RuntimeError("gateway keys create failed")
@@ -858,7 +866,7 @@ async def bench(args: argparse.Namespace) -> None:
         upload_source = Path(tmp) / "upload.bin"
         with open(upload_source, "wb") as fh:  # noqa: ASYNC230 - a local file, created once
             fh.truncate(TRANSFER_BYTES)  # sparse: reading it costs no disk I/O
-        async with served_gateway(args.workers) as gw, app_in_vm(gw) as app:
+        async with served_gateway(args.workers, edge_env(args)) as gw, app_in_vm(gw) as app:
             edge = Proxy("edge", app.edge_url, lambda: edge_processes(gw.pid))
             counted_before = await edge_requests_counted(gw)
             async with running_nginx(app, args.workers) as (nginx, nginx_dir):
@@ -894,10 +902,10 @@ async def access_log_ab(args: argparse.Namespace) -> None:
     assert main_task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
-    off_env = {"GATEWAY_LOG_ACCESS_LOG": "false", "GATEWAY_PROCESS_CIDR": "127.78.0.0/22"}
+    off_env = {"GATEWAY_LOG_ACCESS_LOG": "false", "GATEWAY_PROCESS_CIDR": "127.78.0.0/22", **edge_env(args)}
     results: dict[str, list[WrkResult]] = {"log on": [], "log off": []}
     async with (
-        served_gateway(args.workers) as gw_on,
+        served_gateway(args.workers, edge_env(args)) as gw_on,
         app_in_vm(gw_on) as app_on,
         served_gateway(args.workers, off_env) as gw_off,
         app_in_vm(gw_off) as app_off,
@@ -937,6 +945,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds per proxy, best one reported (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--edge",
+        choices=("auto", "compiled", "pure"),
+        default="compiled",
+        help="the gateway's edge.implementation (default: %(default)s; ./dev builds the compiled one)",
     )
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the reference run against the app without a proxy"
