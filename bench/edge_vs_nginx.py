@@ -368,12 +368,12 @@ async def edge_requests_counted(gw: Gateway) -> float:
     )
 
 
-@asynccontextmanager
 def edge_env(args: argparse.Namespace) -> dict[str, str]:
     """The edge the gateway runs (--edge): edge.implementation."""
     return {"GATEWAY_EDGE_IMPLEMENTATION": args.edge}
 
 
+@asynccontextmanager
 async def served_gateway(workers: int, extra_env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
     """Start ``gateway serve`` (process driver); yield it with an API key; stop it by PID afterwards.
 
