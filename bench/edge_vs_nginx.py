@@ -117,8 +117,11 @@ NGINX_WORKER_NOFILE = 4 * IDLE_CONNECTIONS
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 # Targets from the issue: (metric, how edge/nginx must compare).
-TARGET_RPS_MIN_RATIO = 0.9
-TARGET_CPU_MAX_RATIO = 1.3
+# Issue 22's targets (the idle one is issue 10's, in RSS: issue 22's 2 KiB is of Python's heap after a
+# browser-like request, measured by bench/edge_idle_memory.py).
+TARGET_RPS_MIN_RATIO = 1.0
+TARGET_CPU_MAX_RATIO = 1.2
+TARGET_P99_MAX_RATIO = 1.0
 TARGET_TRANSFER_MIN_RATIO = 1.0
 TARGET_WS_MIN_RATIO = 1.0
 TARGET_IDLE_MAX_KIB = 4.0
@@ -791,6 +794,7 @@ def print_targets(rows: dict[str, Row]) -> None:
     ratio_targets = [  # (row, wording, lowest or highest allowed edge/nginx)
         ("rps", f"requests/s >= {TARGET_RPS_MIN_RATIO}x nginx", TARGET_RPS_MIN_RATIO, None),
         ("cpu", f"CPU per request <= {TARGET_CPU_MAX_RATIO}x nginx", None, TARGET_CPU_MAX_RATIO),
+        ("p99", f"p99 latency <= {TARGET_P99_MAX_RATIO}x nginx", None, TARGET_P99_MAX_RATIO),
         (
             "download",
             f"download MiB/s >= {TARGET_TRANSFER_MIN_RATIO}x nginx",
@@ -811,7 +815,7 @@ def print_targets(rows: dict[str, Row]) -> None:
         ok = (lowest is None or ratio >= lowest) and (highest is None or ratio <= highest)
         print(f"  {'pass' if ok else 'MISS'}  {wording:<42} edge/nginx = {ratio:.2f}")
     if "idle" in rows:
-        wording = f"<= {TARGET_IDLE_MAX_KIB:g} KiB per idle connection (edge)"
+        wording = f"<= {TARGET_IDLE_MAX_KIB:g} KiB RSS per idle connection (edge)"
         edge = rows["idle"].cells.get("edge")
         if isinstance(edge, float):
             ok = edge <= TARGET_IDLE_MAX_KIB
