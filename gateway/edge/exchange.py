@@ -245,10 +245,13 @@ class Exchange:
         if status == 101 and not (self.upgrade and hdr.valid_upgrade_response(self.headers, headers)):
             proto.bad_upgrade(self)
             return
-        out = hdr.strip_hop_by_hop(headers)
+        assert self.upstream is not None
+        # Most answers have no hop-by-hop header (the upstream saw while reading the head): they pass as
+        # they came, without a second look at each name.
+        out = hdr.strip_hop_by_hop(headers) if self.upstream.hop_by_hop else headers
         if status == 101:
             upgrade = [(n, v) for n, v in headers if n.lower() == b"upgrade"]
-            out += [(b"Connection", b"Upgrade"), *upgrade]
+            out = [*out, (b"Connection", b"Upgrade"), *upgrade]
             self.tunnel = True
             transport.write(_STATUS_LINES[101] + head_bytes(out) + b"\r\n")
             proto.start_tunnel(self, extensions=any(n.lower() == b"sec-websocket-extensions" for n, _ in out))
@@ -258,7 +261,6 @@ class Exchange:
             # The platform's own hosts are HTTPS only; sandbox and customer hosts are their apps' call.
             head += HSTS_HEADER
         self.no_body_out = self.method == b"HEAD" or status in (204, 304)
-        assert self.upstream is not None
         if not self.no_body_out and not self.upstream.length_known:
             if self.http10:
                 self.keep_alive = False  # its end is the connection's end

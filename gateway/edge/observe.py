@@ -12,7 +12,6 @@ line. It holds no query string (apps put tokens there), no header value and no c
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import os
@@ -121,7 +120,14 @@ class EdgeStats:
         if bytes_out:
             self.bytes_out[kind] = self.bytes_out.get(kind, 0) + bytes_out
         if upstream_s is not None:
-            self.upstream_buckets[bisect.bisect_left(UPSTREAM_BUCKETS_S, upstream_s)] += 1
+            # bisect_left by hand: a loop over 15 floats is native code in the compiled edge, where a call
+            # to bisect cost more than the rest of this method.
+            bucket = 0
+            for bound in UPSTREAM_BUCKETS_S:
+                if upstream_s <= bound:
+                    break
+                bucket += 1
+            self.upstream_buckets[bucket] += 1
             self.upstream_sum += upstream_s
             self.upstream_count += 1
 

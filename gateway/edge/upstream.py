@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from .headers import HOP_BY_HOP
+
 if TYPE_CHECKING:
     from .exchange import Exchange
 
@@ -79,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         # go back to the pool, even when the app answered early (its next reader would see our rest).
         self.request_sent = True
         self.length_known = False  # the response head had a Content-Length
+        self.hop_by_hop = False  # and a hop-by-hop header (Connection, Transfer-Encoding...)
         # Raw bytes of the response head so far (see EdgeProtocol.head_seen: the same reasoning).
         self.in_head = False
         self.head_fresh = False
@@ -181,14 +184,17 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if not self.parser.should_keep_alive():
             self.reusable = False
-        length = framed = False
+        length = framed = hop_by_hop = False
         for name, _ in self.headers:
             low = name.lower()
             if low == b"content-length":
                 length = framed = True
             elif low == b"transfer-encoding":
-                framed = True
+                framed = hop_by_hop = True
+            elif low in HOP_BY_HOP:
+                hop_by_hop = True
         self.length_known = length
+        self.hop_by_hop = hop_by_hop
         self.close_delimited = (
             not framed and status not in (204, 304) and status >= 200 and not self.head_only
         )

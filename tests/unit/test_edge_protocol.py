@@ -541,3 +541,20 @@ async def test_a_trusted_proxys_request_id_is_kept_and_logged_escaped(
         assert second["request_id"] and second["request_id"] != first["request_id"]
     finally:
         os.close(fd)
+
+
+async def test_a_responses_hop_by_hop_headers_stay_behind_and_the_rest_pass_in_order(
+    edge_harness: HarnessFactory,
+) -> None:
+    async with edge_harness() as h:
+        h.send(request())
+        hops = (b"Connection: keep-alive, X-Secret", b"Keep-Alive: timeout=5", b"X-Secret: 1")
+        h.answer(response(b"one", *hops, b"X-Kept: 1", b"X-Also: 2"))
+        head = h.client_side.take().split(b"\r\n\r\n")[0].lower() + b"\r\n"
+        assert b"\r\nx-kept: 1\r\n" in head and b"\r\nx-also: 2\r\n" in head
+        assert b"keep-alive: " not in head and b"x-secret" not in head and b"\r\nconnection:" not in head
+        # Without any hop-by-hop header, the app's headers pass as they came, in their order.
+        h.send(request())
+        h.answer(response(b"two", b"X-B: 2", b"X-A: 1", b"Cache-Control: no-store"))
+        head = h.client_side.take().split(b"\r\n\r\n")[0]
+        assert head.index(b"X-B: 2") < head.index(b"X-A: 1") < head.index(b"Cache-Control: no-store")
