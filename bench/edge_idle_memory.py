@@ -1,6 +1,7 @@
 """Python memory per idle keep-alive connection of the edge, measured with tracemalloc.
 
     PYTHONPATH=. .venv/bin/python bench/edge_idle_memory.py [--connections 2000] [--host-only]
+                                                           [--edge compiled|pure]
 
 One edge (the real ``Edge`` and ``EdgeProtocol`` on uvloop, on a loopback port) proxies to a small app
 in this process; a child process opens ``--connections`` connections, sends one browser-like request on
@@ -25,11 +26,7 @@ import tracemalloc
 import uvloop
 
 from gateway.config import load_config, override
-from gateway.edge.observe import AccessLog
-from gateway.edge.protocol import Edge, EdgeProtocol
-from gateway.edge.resolver import Resolver
-from gateway.edge.settings import EdgeSettings
-from gateway.edge.upstream import UpstreamPool
+from gateway.edge.impl import CHOICES, select
 from gateway.state.ports import EventSubscriber, InstanceRecord, VmRecord
 
 SESSION_ID = "70653436-f809-4410-b306-b50a3402ca56"
@@ -129,8 +126,9 @@ class Following:
         subscriber.connected()
 
 
-async def measure(connections: int, host_only: bool) -> None:
+async def measure(connections: int, host_only: bool, edge_choice: str) -> None:
     loop = asyncio.get_running_loop()
+    impl = select(edge_choice)
     app_server = await loop.create_server(App, "127.0.0.1", 0)
     app_port = app_server.sockets[0].getsockname()[1]
     config = override(
@@ -138,13 +136,15 @@ async def measure(connections: int, host_only: bool) -> None:
         edge={"api_hosts": "gateway.example.test"},
         api={"sandbox_domain": "sandbox.example.test"},
     )
-    settings = EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
-    resolver = Resolver(OneRoute(app_port), vm_networks=["127.0.0.0/8"], positive_ttl_s=1e9)
+    settings = impl.settings.EdgeSettings.from_config(config, api_upstream="/nonexistent/api.sock")
+    resolver = impl.resolver.Resolver(OneRoute(app_port), vm_networks=["127.0.0.0/8"], positive_ttl_s=1e9)
     Following().add(resolver)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    access_log = AccessLog("text", devnull)
-    edge = Edge(settings, resolver, UpstreamPool(connect_timeout_s=5.0), access_log)
-    server = await loop.create_server(lambda: EdgeProtocol(edge), "127.0.0.1", 0, backlog=4096)
+    access_log = impl.observe.AccessLog("text", devnull)
+    edge = impl.protocol.Edge(
+        settings, resolver, impl.upstream.UpstreamPool(connect_timeout_s=5.0), access_log
+    )
+    server = await loop.create_server(lambda: impl.protocol.EdgeProtocol(edge), "127.0.0.1", 0, backlog=4096)
     port = server.sockets[0].getsockname()[1]
     host = "gateway.example.test"
     path = f"/v1/app/{SESSION_ID}/{app_port}/"
@@ -201,7 +201,7 @@ async def measure(connections: int, host_only: bool) -> None:
     print(
         f"edge idle memory: {total / connections / 1024:.2f} KiB per idle keep-alive connection "
         f"({connections:,} connections, {'Host-only' if host_only else 'browser-like 14-header'} request; "
-        f"{open_now:,} open at the snapshot; tracemalloc)"
+        f"{open_now:,} open at the snapshot; tracemalloc; {impl.name} edge)"
     )
     for stat in after.compare_to(before, "lineno")[:12]:
         if stat.size_diff > 0:
@@ -219,8 +219,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--host-only", action="store_true", help="a request with only a Host header")
+    parser.add_argument("--edge", choices=CHOICES, default="auto", help="(default: %(default)s)")
     args = parser.parse_args()
-    uvloop.run(measure(args.connections, args.host_only))
+    uvloop.run(measure(args.connections, args.host_only, args.edge))
 
 
 if __name__ == "__main__":

@@ -1,48 +1,27 @@
 """One request and its response on a client connection: the edge's ``Exchange``.
 
 The connection (``EdgeProtocol``) creates one per parsed request head; the upstream connection feeds the
-response into it (it is the upstream's ``ResponseSink``). It re-frames both bodies, keeps what the
-metrics and the access log report, and tells its connection about progress.
+response into it (its ``on_response_*`` methods). It re-frames both bodies, keeps what the metrics and
+the access log report, and tells its connection about progress.
+
+What it uses of its connection: the client's transport, ``loop``, ``scheme``, ``can_write``,
+``draining``, ``silence_deadline``, and the progress calls (``response_started``, ``response_complete``,
+``upstream_lost``...). The connection is typed as its class through a type-only import (no import at
+run time, so no cycle): the compiled edge then calls it directly rather than through Python's attribute
+lookup, which a Protocol type would cost on every call (gateway/edge/twin.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import http
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import access
 from . import headers as hdr
-from .deadline import Deadline
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .protocol import EdgeProtocol
-
-
-class ExchangeOwner(Protocol):
-    """What an exchange needs of the client connection it belongs to (``EdgeProtocol``): the client's
-    transport and flow control, and where to report progress. Declared here so that the exchange does
-    not depend on the connection's class (the connection depends on the exchange, not both ways)."""
-
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport | None
-    scheme: str  # the scheme the client used
-    can_write: bool  # the client's transport takes more without buffering past its limit
-    draining: bool  # the connection closes after this response
-    silence_deadline: Deadline | None  # set when stream idleness is timed: activity() matters
-
-    def pause_reading(self) -> None: ...
-    def activity(self) -> None: ...
-    def upload_progress(self) -> None: ...
-    def request_sent(self, ex: Exchange) -> None: ...
-    def body_too_large(self, ex: Exchange) -> None: ...
-    def response_started(self, ex: Exchange) -> None: ...
-    def response_complete(self, ex: Exchange) -> None: ...
-    def upstream_lost(self, ex: Exchange, exc: Exception | None) -> None: ...
-    def upstream_writable(self, ex: Exchange) -> None: ...
-    def bad_upgrade(self, ex: Exchange) -> None: ...
-    def start_tunnel(self, ex: Exchange, *, extensions: bool = False) -> None: ...
 
 
 # Request body bytes buffered while no upstream connection is attached yet, before reading pauses.
@@ -77,7 +56,7 @@ def head_bytes(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class Exchange:
-    """One request and its response; the response side is the upstream's ``ResponseSink``."""
+    """One request and its response; the upstream connection feeds the response side."""
 
     __slots__ = (
         "body",
@@ -228,7 +207,7 @@ class Exchange:
         self.upstream_started = self.proto.loop.time()
         conn.start(self, head, head_only=self.method == b"HEAD", request_sent=self.body_done)
 
-    # ResponseSink ---------------------------------------------------------------------------------
+    # the response, fed by the upstream connection -------------------------------------------------
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         proto = self.proto

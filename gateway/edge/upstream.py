@@ -3,9 +3,10 @@
 The pool key includes the VM id, so a keep-alive connection is never reused for another VM, even when
 the address is recycled; when a VM ends, every idle connection to it is closed.
 
-The response parser hands everything to a ``ResponseSink`` (the client side of the exchange) as it
-arrives: nothing is buffered here beyond what one ``data_received`` holds, and flow control is mutual
-(a slow client pauses reading from the VM; a slow VM pauses the client's request body).
+The response parser hands everything to its sink, the ``Exchange`` (the client side; typed through a
+type-only import, so the compiled edge calls it directly) as it arrives: nothing is buffered here
+beyond what one ``data_received`` holds, and flow control is mutual (a slow client pauses reading from
+the VM; a slow VM pauses the client's request body).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -29,15 +30,6 @@ UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge cl
 # Idle connections are closed by one sweep per pool, not a timer each (a timer per request costs more
 # than the rest of the pooling): an idle connection lives between the timeout and the timeout + this.
 UPSTREAM_IDLE_SWEEP_S = 5.0
-
-
-class ResponseSink(Protocol):
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
-    def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
-    def on_upstream_lost(self, exc: Exception | None) -> None: ...
-    def on_upstream_writable(self) -> None: ...
-    def flush_head(self) -> None: ...
 
 
 log = logging.getLogger(__name__)
