@@ -56,6 +56,7 @@ def process_snapshot(edge: Edge | None) -> dict[str, Any]:
             cache_misses=resolver.misses,
             cache_invalidations=resolver.invalidations,
             cache_stale_hits=resolver.stale_hits,
+            implementation=edge.implementation,
         )
         snap["edge"] = stats
     return snap
@@ -203,6 +204,13 @@ def _edge_metrics(snap: dict[str, Any] | None) -> Iterator[Metric]:
     yield GaugeMetricFamily("gateway_edge_open_tunnels", "Open WebSocket and other upgraded tunnels",
                             value=stats.tunnels_open)  # fmt: skip
     yield CounterMetricFamily("gateway_edge_tunnels", "Tunnels opened", value=stats.tunnels_opened)
+    processes = GaugeMetricFamily(
+        "gateway_edge_processes", "Edge processes by which edge they run (compiled or pure)",
+        labels=["implementation"],
+    )  # fmt: skip
+    for implementation in ("compiled", "pure"):
+        processes.add_metric([implementation], int(extra.get("implementations", {}).get(implementation, 0)))
+    yield processes
     for name, key, text in (
         ("gateway_route_cache_hits", "cache_hits", "Route lookups answered from the edge's cache"),
         ("gateway_route_cache_misses", "cache_misses", "Route lookups that went to Redis"),
@@ -262,6 +270,7 @@ async def gather(
             "cache_stale_hits",
         ):
             merged[key] = sum(int(s.get(key, 0)) for s in edges)
+        merged["implementations"] = dict(Counter(str(s.get("implementation", "pure")) for s in edges))
     vms: Counter[tuple[str, str]] = Counter()
     if store is not None:
         for vm in await store.get_vms(await store.live_vm_ids()):

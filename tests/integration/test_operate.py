@@ -14,6 +14,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.edge.impl import select
 from gateway.embedded_redis import EmbeddedRedis
 from tests.conftest import GatewayUnderTest, destroy_all, free_port
 from tests.integration.test_edge import APP_PORT, start_app
@@ -237,7 +238,9 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
     from tests.integration.test_edge_shutdown import serve_env
 
     port, admin_port = free_port(), free_port()
-    env = serve_env("auto") | {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"}
+    # PYTHONUNBUFFERED: a worker's ready line used to be written in two pieces then, and the second
+    # failed once the serving process had read the first (the worker died and was restarted).
+    env = serve_env("auto") | {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", "PYTHONUNBUFFERED": "1"}
     gateway = ["-m", "gateway", "--data-dir", str(tmp_path / "data")]
     import sys
 
@@ -258,7 +261,10 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
                 ):
                     pass
 
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
             async def counted() -> float:
+                nonlocal samples
                 async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
                     samples = {
                         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -272,6 +278,12 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
                 assert time.monotonic() < deadline, f"/metrics counted {seen} of {requests}"
                 await asyncio.sleep(0.1)  # workers write their counters every second
             assert seen == requests
+            # Which edge both processes run (auto: the compiled one when it is built), on /metrics too.
+            running = select("auto").name
+            assert value(samples, "gateway_edge_processes", implementation=running) == 2, [
+                (k, v) for k, v in samples.items() if k[0] == "gateway_edge_processes"
+            ]
+            assert f", {running} edge)".encode() in line
     finally:
         proc.terminate()
         await proc.wait()
