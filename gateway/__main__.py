@@ -248,12 +248,8 @@ async def edge_only(config: Config, api_upstream: str | None, stats_dir: str | N
     stop = _stop_on_signals()
     upstream = api_upstream or config.edge.api_upstream or str(config.data_path / API_SOCKET)
     async with running_edge_only(config, upstream, Path(stats_dir) if stats_dir else None) as edge:
-        # The line and its newline in one write: `gateway serve` closes a worker's stdout once it read
-        # this line, and print() under PYTHONUNBUFFERED writes the newline apart, which then failed with
-        # EPIPE and killed the worker (restarted half a second later).
         where = f"http://{config.server.listen} (pid {os.getpid()}, {edge.implementation} edge)"
-        sys.stdout.write(f"edge listening on {where}\n")
-        sys.stdout.flush()
+        print(f"edge listening on {where}", flush=True)
         await stop.wait()
 
 

@@ -76,13 +76,13 @@ class EdgeWorkers:
                         ready = True
                         break
         except TimeoutError:
+            proc.stdout.close()
             proc.kill()
             raise WorkerStartError(
                 f"edge worker {index} did not listen within {READY_TIMEOUT_S:.0f} s"
             ) from None
-        finally:
-            proc.stdout.close()  # the worker logs to stderr (shared with ours); nothing more is read
         if not ready:  # its stdout ended first: it exited (the reason is on the shared stderr)
+            proc.stdout.close()
             code = await subprocesses.wait(proc)
             raise WorkerStartError(f"edge worker {index} exited with code {code} while starting")
         log.info("edge worker %d started (pid %d)", index, proc.pid)
@@ -91,7 +91,7 @@ class EdgeWorkers:
     async def _supervise(self, index: int) -> None:
         failures = 0
         while not self._stopping:
-            code = await subprocesses.wait(self.procs[index])
+            code = await _exited(self.procs[index])
             if self._stopping:
                 return
             delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
@@ -119,3 +119,17 @@ class EdgeWorkers:
                 log.warning("edge worker (pid %d) did not stop in time; killing it", proc.pid)
                 proc.kill()
                 await subprocesses.wait(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+async def _exited(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a worker to exit, reading and dropping what it still writes to stdout meanwhile (it logs
+    to stderr, shared with ours). Its stdout stays open until then: a pipe closed after its ready line
+    would make any later write fail with EPIPE and kill it (print() under PYTHONUNBUFFERED wrote the
+    ready line's newline apart, and lost the first worker at start that way)."""
+    assert proc.stdout is not None
+    async for _ in subprocesses.chunks(proc.stdout):
+        pass
+    proc.stdout.close()
+    return await subprocesses.wait(proc)
