@@ -69,6 +69,8 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from gateway.edge.impl import CHOICES
+
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_APP = REPO / "bench" / "upstream_app.py"
 
@@ -952,7 +954,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--edge",
-        choices=("auto", "compiled", "pure"),
+        choices=CHOICES,
         default="compiled",
         help="the gateway's edge.implementation (default: %(default)s; ./dev builds the compiled one)",
     )

@@ -78,6 +78,10 @@ class ApiConfig:
     sandbox_domain: str = "sandbox.localhost"
 
 
+# edge.implementation's values (gateway/edge/impl.py selects by them).
+EDGE_IMPLEMENTATIONS = ("auto", "compiled", "pure")
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     # Host names (comma-separated) that serve the API and path-form app URLs; empty: any host that is
@@ -118,7 +122,7 @@ class EdgeConfig:
     max_connections: int = 10000
     # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
     # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
-    implementation: str = "auto"
+    implementation: str = "auto"  # one of EDGE_IMPLEMENTATIONS
 
     # The comma-separated settings, parsed once (per config object) for every caller.
     @functools.cached_property
@@ -678,7 +682,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
     _validate_images(config)
     _validate_instances(config)
-    if config.edge.implementation not in ("auto", "compiled", "pure"):
+    if config.edge.implementation not in EDGE_IMPLEMENTATIONS:
         raise ConfigError(
             f"edge.implementation: expected auto, compiled or pure, got {config.edge.implementation!r}"
         )

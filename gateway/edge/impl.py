@@ -12,10 +12,10 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from gateway.config import ConfigError
+from gateway.config import EDGE_IMPLEMENTATIONS, ConfigError
 from gateway.edge import twin
 
-CHOICES = ("auto", "compiled", "pure")
+CHOICES = EDGE_IMPLEMENTATIONS
 
 
 @dataclass(frozen=True)
