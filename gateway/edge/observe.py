@@ -194,6 +194,12 @@ def _decimal(n: int) -> bytes:
     return _DECIMAL[n] if 0 <= n < 1000 else b"%d" % n
 
 
+def _milliseconds(seconds: float) -> bytes:
+    """Seconds as milliseconds with two decimals ("12.34")."""
+    us = int(seconds * 1_000_000)
+    return _decimal(us // 1000) + b"." + _TWO_DIGITS[us // 10 % 100]
+
+
 def _json(value: bytes) -> bytes:
     """A JSON string of raw bytes (read as Latin-1, as HTTP heads are)."""
     if not value.translate(None, _JSON_SAFE):
@@ -267,41 +273,20 @@ class AccessLog:
         if what_error is None:
             what_error = self._cache(self._what, outcome, self._what_piece(kind, route_id, status, code))
         what, error = what_error
-        duration_us = int(duration_s * 1_000_000)
-        duration_ms = _decimal(duration_us // 1000)
-        duration_hundredths = _TWO_DIGITS[duration_us // 10 % 100]
-        upstream_us = int(upstream_s * 1_000_000) if upstream_s is not None else -1
+        upstream = _milliseconds(upstream_s) if upstream_s is not None else None
         if self.json:
-            milliseconds = _THREE_DIGITS[int((now - second) * 1000)]
-            if upstream_us < 0:
-                head = [
-                    self._clock, milliseconds, b',"type":"access","request_id":"', request_id, b'"', who,
-                    b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in), b',"bytes_out":',
-                    _decimal(bytes_out), b',"upstream_ms":null,"duration_ms":', duration_ms, b".",
-                    duration_hundredths, b"}\n",
-                ]  # fmt: skip
-            else:
-                head = [
-                    self._clock, milliseconds, b',"type":"access","request_id":"', request_id, b'"', who,
-                    b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in), b',"bytes_out":',
-                    _decimal(bytes_out), b',"upstream_ms":', _decimal(upstream_us // 1000), b".",
-                    _TWO_DIGITS[upstream_us // 10 % 100], b',"duration_ms":', duration_ms, b".",
-                    duration_hundredths, b"}\n",
-                ]  # fmt: skip
-        elif upstream_us < 0:
-            head = [
-                self._clock, b" ", who, logged_path, what, b" in=", _decimal(bytes_in), b" out=",
-                _decimal(bytes_out), b" ", duration_ms, b".", duration_hundredths, b"ms", error, b" rid=",
-                request_id, b"\n",
-            ]  # fmt: skip
+            line = b"".join([
+                self._clock, _THREE_DIGITS[int((now - second) * 1000)], b',"type":"access","request_id":"',
+                request_id, b'"', who, b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in),
+                b',"bytes_out":', _decimal(bytes_out), b',"upstream_ms":', upstream or b"null",
+                b',"duration_ms":', _milliseconds(duration_s), b"}\n",
+            ])  # fmt: skip
         else:
-            head = [
+            line = b"".join([
                 self._clock, b" ", who, logged_path, what, b" in=", _decimal(bytes_in), b" out=",
-                _decimal(bytes_out), b" upstream=", _decimal(upstream_us // 1000), b".",
-                _TWO_DIGITS[upstream_us // 10 % 100], b"ms ", duration_ms, b".", duration_hundredths, b"ms",
-                error, b" rid=", request_id, b"\n",
-            ]  # fmt: skip
-        line = b"".join(head)
+                _decimal(bytes_out), b" upstream=" + upstream + b"ms " if upstream else b" ",
+                _milliseconds(duration_s), b"ms", error, b" rid=", request_id, b"\n",
+            ])  # fmt: skip
         lines = self.lines
         lines.append(line)
         if len(lines) >= MAX_BUFFER_LINES:
