@@ -20,6 +20,11 @@ from types import ModuleType
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+# mypyc puts the code the compiled modules share in one more extension, "<group>__mypyc". Named inside
+# the gateway package, so it is found wherever the package is (a top-level one was not on sys.path of
+# .venv/bin/gateway in an editable install: ./dev serve ran the pure edge).
+GROUP = "gateway._edgec"
+GROUP_LIBRARY = "_edgec__mypyc"
 
 
 def load_twin() -> ModuleType:
@@ -36,7 +41,7 @@ def write_twin_sources(twin: ModuleType) -> list[str]:
     files are removed first, not overwritten: a gateway still running on them keeps its mapped copy."""
     package = ROOT / "gateway" / "_edgec"
     shutil.rmtree(package, ignore_errors=True)
-    for library in ROOT.glob("gateway_edgec__mypyc*.so"):
+    for library in ROOT.glob(f"gateway/{GROUP_LIBRARY}*.so"):
         library.unlink()
     package.mkdir()
     (package / "__init__.py").write_text(
@@ -61,7 +66,7 @@ def compiled_edge() -> list[object]:
 
     os.chdir(ROOT)  # mypyc names modules by their paths from here
     return mypycify(
-        write_twin_sources(load_twin()), opt_level="3", debug_level="0", group_name="gateway_edgec"
+        write_twin_sources(load_twin()), opt_level="3", debug_level="0", group_name=GROUP
     )
 
 

@@ -21,7 +21,7 @@ import trustme
 
 from gateway.config import load_config, override
 from gateway.orchestrator.drivers.registry import make_driver
-from tests.conftest import free_port
+from tests.conftest import DEFAULT_EDGE, free_port
 
 START_TIMEOUT_S = 20.0
 
@@ -374,3 +374,18 @@ def sweep_vms(data: Path) -> None:
         process={"cidr": cli_env()["GATEWAY_PROCESS_CIDR"]},
     )
     asyncio.run(make_driver(config).sweep(set()))
+
+
+@pytest.mark.skipif(DEFAULT_EDGE != "compiled", reason="the compiled edge is only required by ./dev test")
+def test_the_installed_command_finds_the_compiled_edge_from_any_folder(tmp_path: Path) -> None:
+    """`.venv/bin/gateway` (what ./dev serve runs) has neither the checkout nor the current folder on its
+    path: every part of the compiled edge must be found through the package (its shared library was once
+    a top-level module that only the checkout's folder made importable, and the quick start ran the pure
+    edge)."""
+    probe = "from gateway.edge.impl import compiled_problem; print(compiled_problem())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None", out.stdout
