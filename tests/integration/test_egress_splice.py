@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gateway.egress import splice as splice_module
@@ -14,6 +15,18 @@ from gateway.egress.splice import Carried, splice
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MIB = 1 << 20
+# The receive buffer of the test's two connecting sockets, fixed: left to autotuning, a loopback socket
+# grows to net.ipv4.tcp_rmem's maximum (32 MiB on some hosts), and what a client that does not read
+# leaves buffered in the kernel is then no measure of the splice's back-pressure (41 MiB seen once).
+RECEIVE_BUFFER = 256 * 1024
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
 
 
 @contextlib.asynccontextmanager
@@ -27,13 +40,13 @@ async def spliced(
     dest_port = dest_server.sockets[0].getsockname()[1]
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dest_reader, dest_writer = await asyncio.open_connection("127.0.0.1", dest_port)
+        dest_reader, dest_writer = await connect(dest_port)
         carried.set_result(
             await splice(reader, writer, dest_reader, dest_writer, idle_timeout_s=idle_timeout_s)
         )
 
     proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_server.sockets[0].getsockname()[1])
+    reader, writer = await connect(proxy_server.sockets[0].getsockname()[1])
     try:
         yield reader, writer, carried
     finally:
