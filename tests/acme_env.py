@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +110,20 @@ class AcmeTestEnv:
 
     async def set_record(self, name: str, kind: str, value: str) -> None:
         """Set one record of a test zone (an A record for a test host of the egress tests, a CNAME)."""
+        await self._update(name, kind, lambda update, relative: update.replace(relative, 60, kind, value))
+
+    async def remove_record(self, name: str, kind: str) -> None:
+        """Remove what set_record set: the zones live for the whole session, a test leaves them as found."""
+        await self._update(name, kind, lambda update, relative: update.delete(relative, kind))
+
+    async def _update(
+        self, name: str, kind: str, change: Callable[[dns.update.UpdateMessage, dns.name.Name], None]
+    ) -> None:
         fqdn = dns.name.from_text(name)
         zone = next(dns.name.from_text(z) for z in ZONES if fqdn.is_subdomain(dns.name.from_text(z)))
         keyring = dns.tsigkeyring.from_text({TSIG_KEY_NAME: (TSIG_ALGORITHM, self.tsig_secret)})
         update = dns.update.UpdateMessage(zone, keyring=keyring, keyname=TSIG_KEY_NAME)
-        update.replace(fqdn.relativize(zone), 60, kind, value)
+        change(update, fqdn.relativize(zone))
         response = await dns.asyncquery.tcp(update, "127.0.0.1", port=self.dns_port, timeout=5)
         if response.rcode() != dns.rcode.NOERROR:
             raise RuntimeError(f"{kind} update refused: {dns.rcode.to_text(response.rcode())}")

@@ -52,14 +52,51 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 IS_ROOT = os.geteuid() == 0
-# VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway.
-TEST_NETNS_CIDR = "172.31.240.0/22"
-TEST_NETNS_PREFIX = "gwt"
-TEST_CGROUP = "gateway-test"
-TEST_QEMU_CIDR = "172.31.236.0/23"
-TEST_QEMU_PREFIX = "gwq"
-TEST_QEMU_CGROUP = "gateway-qtest"
-TEST_PROCESS_CIDR = "127.77.0.0/22"
+
+
+@dataclass(frozen=True)
+class HostNames:
+    """What the gateways of one pytest process hold host-wide (addresses, interface and cgroup names,
+    egress ports): each process running tests side by side (./dev test's xdist workers) has its own."""
+
+    netns_cidr: str
+    netns_prefix: str
+    cgroup: str
+    qemu_cidr: str
+    qemu_prefix: str
+    qemu_cgroup: str
+    process_cidr: str
+    egress_ports: tuple[int, int]  # proxy and resolver: the conftest's gateways
+    egress_env_ports: tuple[int, int]  # the egress tests' gateways (tests/egress_env.py)
+
+
+# VM addresses for tests: inside 172.16/12 but away from the 172.30/16 default of a dev gateway, and from
+# the ranges test files take for themselves. ./dev test gives each worker whole files (--dist loadfile),
+# so a file's own names are never in use twice at once; names several files use are per worker (these,
+# and test_cli's cli_env).
+SLOTS = (
+    HostNames("172.31.240.0/22", "gwt", "gateway-test", "172.31.236.0/23", "gwq", "gateway-qtest",
+              "127.77.0.0/22", (15001, 15053), (15901, 15953)),
+    HostNames("172.31.244.0/22", "gwu", "gateway-test1", "172.31.238.0/23", "gwr", "gateway-qtest1",
+              "127.77.4.0/22", (15011, 15063), (15911, 15963)),
+    HostNames("172.31.248.0/22", "gwv", "gateway-test2", "172.31.234.0/23", "gws", "gateway-qtest2",
+              "127.77.8.0/22", (15021, 15073), (15941, 15993)),
+    HostNames("172.31.204.0/22", "gww", "gateway-test3", "172.31.216.0/23", "gwx", "gateway-qtest3",
+              "127.77.12.0/22", (15031, 15083), (15961, 16013)),
+)  # fmt: skip
+# pytest-xdist names its workers gw0, gw1...; a run without workers is slot 0.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+SLOT = int(WORKER.removeprefix("gw") or 0)
+if SLOT >= len(SLOTS):
+    raise RuntimeError(f"tests/conftest.py has host names for {len(SLOTS)} test workers, not {SLOT + 1}")
+HOST_NAMES = SLOTS[SLOT]
+TEST_NETNS_CIDR = HOST_NAMES.netns_cidr
+TEST_NETNS_PREFIX = HOST_NAMES.netns_prefix
+TEST_CGROUP = HOST_NAMES.cgroup
+TEST_QEMU_CIDR = HOST_NAMES.qemu_cidr
+TEST_QEMU_PREFIX = HOST_NAMES.qemu_prefix
+TEST_QEMU_CGROUP = HOST_NAMES.qemu_cgroup
+TEST_PROCESS_CIDR = HOST_NAMES.process_cidr
 
 # The edge every gateway under test runs (edge.implementation); ./dev test sets "compiled", so the whole
 # suite runs the compiled edge (and fails when it is missing or stale).
@@ -125,16 +162,30 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that starts a gateway, and every test of a module marked both_edges, runs once on each
+    edge: the whole suite passes on both."""
     marked = metafunc.definition.get_closest_marker("both_edges") is not None
-    if marked and "edge_implementation" in metafunc.fixturenames:
+    starts_gateways = "gateway_factory" in metafunc.fixturenames
+    if (marked or starts_gateways) and "edge_implementation" in metafunc.fixturenames:
         metafunc.parametrize("edge_implementation", EDGES, indirect=True, scope="module")
 
 
+_running_edge = DEFAULT_EDGE
+
+
+def running_edge() -> str:
+    """The edge of the tests running now, for gateways a test starts as processes of their own."""
+    return _running_edge
+
+
 @pytest.fixture(scope="module")
-def edge_implementation(request: pytest.FixtureRequest) -> str:
-    """edge.implementation of the gateways a test starts: each edge in turn for modules marked
-    both_edges (all of a module's tests on one edge, then on the other)."""
-    return str(getattr(request, "param", DEFAULT_EDGE))
+def edge_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """edge.implementation of the gateways a test starts: each edge in turn (all of a module's tests on
+    one edge, then on the other) for the tests pytest_generate_tests parametrises."""
+    global _running_edge
+    _running_edge = str(getattr(request, "param", DEFAULT_EDGE))
+    yield _running_edge
+    _running_edge = DEFAULT_EDGE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -232,6 +283,7 @@ def make_config(tmp_path: Path, redis_url: str, driver: str, **sections: dict[st
         # drivers' tests see the data folder's (none built).
         images={"dir": str(ROOTFS_CACHE) if driver in ("netns", "qemu") else ""},
         admin={"listen": f"127.0.0.1:{free_port()}"},
+        egress={"proxy_port": HOST_NAMES.egress_ports[0], "resolver_port": HOST_NAMES.egress_ports[1]},
     )
     return override(base, **sections) if sections else base
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.egress.ca import EgressCa, load_ca, mint_leaf
 from tests.acme_env import AcmeTestEnv
 from tests.conftest import (
+    HOST_NAMES,
     GatewayUnderTest,
     remove_blackhole,
     remove_empty_cgroup_parents,
@@ -64,8 +65,8 @@ async def egress_gateway(
     sections = (own or {}).get(driver, {})
     settings = {
         "enabled": True,
-        "proxy_port": 15901,
-        "resolver_port": 15953,
+        "proxy_port": HOST_NAMES.egress_env_ports[0],
+        "resolver_port": HOST_NAMES.egress_env_ports[1],
         "upstream_resolvers": f"127.0.0.1:{acme_env.dns_port}",
         "dial_networks": str(INTERNET),
         **sections.get("egress", {}),

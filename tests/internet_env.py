@@ -22,7 +22,9 @@ from pathlib import Path
 INTERNET = ipaddress.ip_network("198.18.0.0/15")
 # Test runs on one machine at once (a developer's and a CI job, say) must not collide: each takes its
 # own /24 and namespace names by its process id. Test hosts take /30s from it: host side .1, host .2.
-RUN_TAG = os.getpid() % 50
+# The workers of one run (pytest-xdist's gw0, gw1...: up to 4) differ in the tag's last two bits.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+RUN_TAG = os.getpid() % 12 * 4 + _WORKER % 4
 HOSTS_FROM = ipaddress.ip_network(f"198.18.{150 + RUN_TAG}.0/24")
 # (socketserver's own server: http.server's looks its address up in DNS when it binds, which hangs here.)
 # With a third argument (a PEM file: certificate chain and key), also HTTPS on port 443.

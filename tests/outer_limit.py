@@ -28,14 +28,29 @@ from tests.watchdog import FINISHED, STATUS_FILE_ENV
 
 TIMED_OUT_EXIT = 124
 DUMP_WAIT_S = 2.0
+DUMP_GAP_S = 0.3  # between two processes' dumps
 POLL_S = 0.2
 
 
-def _status(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+def _statuses(path: Path) -> dict[int, str]:
+    """What each pytest process of the run is doing (process id -> "running <test id>"...): the run's
+    status file and its workers' (``<file>.<worker>``, tests/watchdog.py)."""
+    found = {}
+    for each in (path, *sorted(path.parent.glob(f"{path.name}.*"))):
+        try:
+            doing, pid = each.read_text().splitlines()[:2]
+            found[int(pid)] = doing
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _unfinished(statuses: dict[int, str]) -> str:
+    """What the run was doing, for a message: the tests still running, else the first process's state."""
+    running = [doing for doing in statuses.values() if doing.startswith("running ")]
+    if running:
+        return ", ".join(running)
+    return next((doing for doing in statuses.values() if doing != FINISHED), "")
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -63,8 +78,8 @@ def run(limit_s: float, argv: Sequence[str]) -> int:
                         continue
                     return _stop(proc, limit_s, status_file)
                 _kill_leftovers(proc.pid)
-                doing = _status(status_file)
-                if code != 0 and doing and doing != FINISHED:
+                doing = _unfinished(_statuses(status_file))
+                if code != 0 and doing:
                     # It ended without finishing (the watchdog, its faulthandler backstop, a crash): say
                     # where, since a dump from a stuck process names no test.
                     print(f"outer limit: the run ended with status {code}; it was {doing}", file=sys.stderr)
@@ -86,15 +101,22 @@ def _kill_leftovers(pgid: int) -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes], limit_s: float, status_file: Path) -> int:
-    doing = _status(status_file) or "starting"
+    statuses = _statuses(status_file)
+    doing = _unfinished(statuses) or "starting"
     print(
         f"\nouter limit: the test run is still going after {limit_s:g} s ({doing}); stacks follow, then "
         "it and every process of its group are killed",
         file=sys.stderr,
         flush=True,
     )
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGUSR1)  # the watchdog's faulthandler dumps every thread's stack
+    # The watchdog's faulthandler dumps every thread's stack, in each pytest process (xdist's workers too).
+    # Only processes still in the run's group: a worker's id may have been taken by another process since.
+    # One at a time, so their dumps do not interleave on the shared stderr.
+    for pid in sorted({proc.pid, *statuses}):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == proc.pid:
+                os.kill(pid, signal.SIGUSR1)
+                time.sleep(DUMP_GAP_S)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(DUMP_WAIT_S)
     _signal_group(proc.pid, signal.SIGKILL)

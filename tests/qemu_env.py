@@ -7,6 +7,7 @@ without any).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -29,13 +30,18 @@ def qemu_missing() -> str | None:
 
 @functools.cache
 def guest_image() -> Path:
+    """Built by one test process at a time (./dev test's workers start together): another's build in
+    progress is never taken for a stale image."""
     target = CACHE_ROOT / qemu_image.sources_digest()
-    try:
-        qemu_image.load_manifest(target)
-    except qemu_image.ImageError:
-        qemu_image.build_image(target, say=lambda _line: None)
-    # Images (and their boot templates) of other versions of the sources are never used again.
-    for stale in CACHE_ROOT.iterdir():
-        if stale != target:
-            shutil.rmtree(stale, ignore_errors=True)
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_ROOT.with_name(CACHE_ROOT.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            qemu_image.load_manifest(target)
+        except qemu_image.ImageError:
+            qemu_image.build_image(target, say=lambda _line: None)
+        # Images (and their boot templates) of other versions of the sources are never used again.
+        for stale in CACHE_ROOT.iterdir():
+            if stale != target:
+                shutil.rmtree(stale, ignore_errors=True)
     return target

@@ -17,8 +17,9 @@ pytest-timeout still reports every test it can interrupt; the watchdogs act only
 also set pytest's ``faulthandler_timeout``: faulthandler has one timer, and this plugin uses it.)
 
 For ``./dev test``'s outer limit (``tests/outer_limit.py``), the plugin keeps what the run is doing in the
-file named by ``$PYTEST_WATCHDOG_STATUS_FILE`` ("running <test id>", "finished"), and SIGUSR1 dumps every
-thread's stack (faulthandler again: a stuck process still answers).
+file named by ``$PYTEST_WATCHDOG_STATUS_FILE`` ("running <test id>", "finished", then the process id on a
+second line; each pytest-xdist worker in that name plus ``.<worker>``), and SIGUSR1 dumps every thread's
+stack (faulthandler again: a stuck process still answers).
 
 Loaded by ``tests/conftest.py``; ``-p tests.watchdog`` loads it into any other pytest run.
 """
@@ -85,7 +86,7 @@ class Watchdog:
     def status(self, text: str) -> None:
         if self._status_file is not None:
             with contextlib.suppress(OSError):
-                self._status_file.write_text(text + "\n")
+                self._status_file.write_text(f"{text}\n{os.getpid()}\n")
 
     def arm(self, nodeid: str, limit_s: float) -> None:
         self.status(f"running {nodeid}")
@@ -166,11 +167,19 @@ def kill_children() -> list[int]:
 _WATCHDOG = pytest.StashKey[Watchdog]()
 
 
+def status_file() -> Path | None:
+    """This process's status file: the run's, or for a pytest-xdist worker the run's plus its name."""
+    status = os.environ.get(STATUS_FILE_ENV)
+    if not status:
+        return None
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return Path(f"{status}.{worker}" if worker else status)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # The real stderr, taken now: during a test pytest's capture points descriptor 2 at a temporary file.
     out_fd = os.dup(sys.__stderr__.fileno() if sys.__stderr__ is not None else 2)
-    status = os.environ.get(STATUS_FILE_ENV)
-    watchdog = Watchdog(out_fd, Path(status) if status else None, float(config.getini(GRACE_INI)))
+    watchdog = Watchdog(out_fd, status_file(), float(config.getini(GRACE_INI)))
     watchdog.status("collecting (and building test images)")
     faulthandler.register(signal.SIGUSR1, file=out_fd, all_threads=True)
     config.stash[_WATCHDOG] = watchdog

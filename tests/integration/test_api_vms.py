@@ -72,7 +72,7 @@ async def test_walkthrough_session_vm_execute_app_url_kill(gateway: GatewayUnder
             "session_id": sid,
             "language": "bash",
             "command": 'cd "$HOME" && echo hello > index.html && '
-            "(python3 -m http.server 3000 >/dev/null 2>&1 &) && echo started",
+            '(python3 -m http.server 3000 --bind "${HOST:-0.0.0.0}" >/dev/null 2>&1 &) && echo started',
         },
     )
     assert status == 200, out

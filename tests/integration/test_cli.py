@@ -21,7 +21,10 @@ import trustme
 
 from gateway.config import load_config, override
 from gateway.orchestrator.drivers.registry import make_driver
-from tests.conftest import DEFAULT_EDGE, free_port
+from tests.conftest import DEFAULT_EDGE, SLOT, free_port, running_edge
+
+# Every gateway these tests start runs each edge in turn (cli_env).
+pytestmark = pytest.mark.both_edges
 
 START_TIMEOUT_S = 20.0
 
@@ -31,7 +34,8 @@ def cli_env() -> dict[str, str]:
     # The process driver keeps this test independent of root; the netns driver has its own suites.
     env["GATEWAY_VMS_DRIVER"] = "process"
     env["GATEWAY_PROCESS_ALLOW_ROOT"] = "true"  # (it refuses root otherwise: it isolates nothing)
-    env["GATEWAY_PROCESS_CIDR"] = "127.78.0.0/24"
+    env["GATEWAY_PROCESS_CIDR"] = f"127.78.{SLOT}.0/24"  # (each test worker its own)
+    env["GATEWAY_EDGE_IMPLEMENTATION"] = running_edge()
     env["GATEWAY_ADMIN_LISTEN"] = ""  # the default port may be a developer's running gateway
     return env
 
@@ -287,7 +291,7 @@ def test_sigkill_mid_traffic_loses_no_route_vm_or_certificate(tmp_path: Path) ->
         assert stored.returncode == 0, stored.stderr
         status, vm = first.call("POST", "/v1/vms", {"vm_lifetime_seconds": 600}, key)
         assert status == 200, vm
-        serve_files = "python3 -m http.server 3000 >/dev/null 2>&1 &"
+        serve_files = 'python3 -m http.server 3000 --bind "${HOST:-0.0.0.0}" >/dev/null 2>&1 &'
         command = {"session_id": vm["session_id"], "language": "bash", "command": serve_files}
         assert first.call("POST", "/execute", command, key)[0] == 200
         status, app = first.call("GET", f"/v1/sessions/app-url/{vm['session_id']}?port=3000", None, key)

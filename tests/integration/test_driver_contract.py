@@ -1,7 +1,7 @@
 """The VmDriver contract, run against every driver, plus what only the netns or process driver promises.
 
 Every test uses its own CIDRs, name prefix and cgroup (``gwd`` / ``gateway-drvtest`` / 172.31.254.0/24 /
-127.78.0.0/24), none of which a developer's gateway or the API tests use. ``host_guard`` checks after each
+127.79.0.0/24), none of which a developer's gateway or the API tests use. ``host_guard`` checks after each
 test that nothing of ours is left on the host (namespaces, veths, cgroups, processes), removes it
 if so and fails the test: a leak is a bug even when the test body passed.
 """
@@ -39,7 +39,7 @@ HAS_IP = shutil.which("ip") is not None
 NETNS_CIDR = "172.31.254.0/24"
 NETNS_PREFIX = "gwd"
 CGROUP_NAME = "gateway-drvtest"
-PROCESS_CIDR = "127.78.0.0/24"
+PROCESS_CIDR = "127.79.0.0/24"
 QEMU_CIDR = "172.31.252.0/23"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 APP_PORT = 3000
@@ -816,7 +816,7 @@ def read_mountinfo() -> list[str]:
 async def test_process_env_names_the_vm_address_and_port(ph: Harness) -> None:
     info = await ph.create("vm-env", 4)
     result = await ph.run(info, 'echo "$HOST $PORT $VM_IP"')
-    assert result.stdout.decode() == "127.78.0.5 8123 127.78.0.5\n"
+    assert result.stdout.decode() == "127.79.0.5 8123 127.79.0.5\n"
 
 
 async def test_process_sweep_spares_another_work_folder(ph: Harness, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ async def test_sigterm_loses_no_access_log_line(tmp_path: Path, edge_implementat
         GATEWAY_VMS_DRIVER="process",
         GATEWAY_PROCESS_ALLOW_ROOT="true",
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
-        GATEWAY_PROCESS_CIDR="127.75.0.0/24",
+        GATEWAY_PROCESS_CIDR="127.74.0.0/24",
         GATEWAY_LOG_FORMAT="json",
         GATEWAY_EDGE_IMPLEMENTATION=edge_implementation,
         GATEWAY_SERVER_SHUTDOWN_GRACE_S="3",

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.config import load_config, override
 from gateway.orchestrator.drivers.registry import make_driver
-from tests.conftest import free_port
+from tests.conftest import SLOT, free_port
 from tests.integration.test_edge import APP_PORT, echo_app_command
 
 # Every test here runs on each edge (the compiled one and the pure-Python one).
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.both_edges
 
 GRACE_S = 5.0
 START_TIMEOUT_S = 30.0
-VM_CIDR = "127.76.0.0/24"
+VM_CIDR = f"127.76.{SLOT}.0/24"  # (each test worker its own)
 CLIENTS = 4  # of each kind: with two edge processes, both are very likely to hold some
 PART = b"u" * 65536
 

@@ -23,6 +23,9 @@ from gateway.embedded_redis import RESTARTS, Backoff, EmbeddedRedis, RedisSuperv
 from tests.conftest import free_port
 from tests.integration.test_cli import START_TIMEOUT_S, Server, gateway, sweep_vms
 
+# Every gateway these tests start runs each edge in turn (test_cli's cli_env).
+pytestmark = pytest.mark.both_edges
+
 WAIT_S = 20.0
 POLL_S = 0.05
 
@@ -95,7 +98,7 @@ def test_a_killed_embedded_redis_comes_back_on_the_same_data_and_the_gateway_rec
         key = gateway("--data-dir", str(data), "keys", "create", "--name", "k").stdout.split()[-1]
         status, vm = server.call("POST", "/v1/vms", {"vm_lifetime_seconds": 600}, key)
         assert status == 200, vm
-        serve_files = "python3 -m http.server 3000 >/dev/null 2>&1 &"
+        serve_files = 'python3 -m http.server 3000 --bind "${HOST:-0.0.0.0}" >/dev/null 2>&1 &'
         assert (
             server.call(
                 "POST",

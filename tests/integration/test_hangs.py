@@ -181,3 +181,25 @@ def test_the_outer_limit_kills_the_run_and_its_group_and_names_the_test(tmp_path
     # SIGUSR1 got the stacks out of the stuck process first.
     assert 'test_stuck.py", line' in out and "in test_stuck_holding_the_gil" in out, out
     assert_gone(int((tmp_path / "child.pid").read_text()))  # in pytest's process group: killed with it
+
+
+def test_the_outer_limit_names_the_test_each_worker_runs_and_dumps_their_stacks(tmp_path: Path) -> None:
+    """./dev test runs pytest-xdist workers: each one's test is named, and each one's stacks dumped."""
+    write_project(
+        tmp_path, "", test_stuck=STUCK, test_stuck_too=STUCK.replace('"child.pid"', '"child_too.pid"')
+    )
+    argv = pytest_argv(
+        "-q", "-n", "2", "--dist", "loadfile", "-o", "hard_timeout_grace_s=100",
+        "test_stuck.py::test_stuck_holding_the_gil", "test_stuck_too.py::test_stuck_holding_the_gil",
+    )  # fmt: skip
+    result, took = run_child(tmp_path, sys.executable, "-m", "tests.outer_limit", "8", *argv)
+    out = result.stdout + result.stderr
+    assert result.returncode == 124, out
+    assert took < CHILD_TIMEOUT_S / 2, out
+    killed = out[out.index("outer limit: killed after 8 s; the run was ") :]
+    assert "running test_stuck.py::test_stuck_holding_the_gil" in killed, out
+    assert "running test_stuck_too.py::test_stuck_holding_the_gil" in killed, out
+    # Each worker's stacks, whole (one dump after the other): the stuck line of each file.
+    assert 'test_stuck.py", line' in out and 'test_stuck_too.py", line' in out, out
+    assert_gone(int((tmp_path / "child.pid").read_text()))
+    assert_gone(int((tmp_path / "child_too.pid").read_text()))

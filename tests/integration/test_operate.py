@@ -16,8 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.edge.impl import select
 from gateway.embedded_redis import EmbeddedRedis
-from tests.conftest import GatewayUnderTest, destroy_all, free_port
+from tests.conftest import GatewayUnderTest, destroy_all, free_port, running_edge
 from tests.integration.test_edge import APP_PORT, start_app
+
+# Gateways started as processes here run each edge in turn too.
+pytestmark = pytest.mark.both_edges
 
 WAIT_S = 10.0
 
@@ -240,7 +243,8 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
     port, admin_port = free_port(), free_port()
     # PYTHONUNBUFFERED: a worker's ready line used to be written in two pieces then, and the second
     # failed once the serving process had read the first (the worker died and was restarted).
-    env = serve_env("auto") | {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", "PYTHONUNBUFFERED": "1"}
+    env = serve_env(running_edge())
+    env |= {"GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", "PYTHONUNBUFFERED": "1"}
     gateway = ["-m", "gateway", "--data-dir", str(tmp_path / "data")]
     import sys
 
@@ -278,8 +282,8 @@ async def test_workers_counters_reach_the_serving_processes_metrics(tmp_path: Pa
                 assert time.monotonic() < deadline, f"/metrics counted {seen} of {requests}"
                 await asyncio.sleep(0.1)  # workers write their counters every second
             assert seen == requests
-            # Which edge both processes run (auto: the compiled one when it is built), on /metrics too.
-            running = select("auto").name
+            # Which edge both processes run, on /metrics too.
+            running = select(running_edge()).name
             assert value(samples, "gateway_edge_processes", implementation=running) == 2, [
                 (k, v) for k, v in samples.items() if k[0] == "gateway_edge_processes"
             ]

@@ -28,6 +28,7 @@ from tests.rootfs_env import CACHE_ROOT
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="the netns driver needs root"),
+    pytest.mark.both_edges,  # (test_cli's cli_env)
 ]
 # Away from tests/conftest.py's (gwt, gwq, 172.31.240.0/22, 172.31.236.0/23) and a developer's gateway.
 PREFIX = "gwo"

@@ -190,7 +190,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)
+    # The process driver's VMs share the host's network, each with a loopback address of its own ($HOST):
+    # an app there binds that (two test workers' VMs may serve the same port at once).
+    server = ThreadingHTTPServer((os.environ.get("HOST", "0.0.0.0"), int(sys.argv[1])), Handler)
     server.daemon_threads = True
     socket.setdefaulttimeout(None)
     # Listening now: the parent exits, so `python3 echo_app.py PORT` returns exactly when the app is ready.
