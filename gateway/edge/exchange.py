@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import access
 from . import headers as hdr
+from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Exchange:
         "proto",
         "request_id",
         "route_id",
+        "sandbox_routing",
         "sent_bytes",
         "started",
         "status",
@@ -110,6 +112,7 @@ class Exchange:
         # One pass over the head for what the edge itself needs from it.
         hosts = 0
         host = length = request_id = None
+        routing: list[tuple[bytes, bytes]] | None = None
         chunked = credentials = False
         for name, value in headers:
             low = name.lower()
@@ -127,8 +130,13 @@ class Exchange:
                 credentials = True
             elif low == b"x-request-id":
                 request_id = value
+            elif low == SANDBOX_ID_HEADER or low == SANDBOX_PORT_HEADER:
+                if routing is None:
+                    routing = []
+                routing.append((low, value))
         self.host = host if hosts == 1 else None
         self.incoming_request_id = request_id
+        self.sandbox_routing = routing  # X-Sandbox-Id / X-Sandbox-Port, lower-case names (target.header_form)
         self.chunked_in = chunked
         self.content_length = None if chunked or length is None else int(length)  # llhttp checked it
         self.has_credentials = credentials
@@ -148,7 +156,7 @@ class Exchange:
         self.finished = False  # the response is complete; waiting for the request's end to move on
         # For the metrics and the access log (gateway.edge.observe).
         self.started = proto.loop.time()
-        self.kind = "rejected"  # until routed: "api", "path", "host", "domain" or "instance"
+        self.kind = "rejected"  # until routed: "api", "path", "host", "header", "domain" or "instance"
         self.route_id: str | None = None
         self.request_id = b""
         self.status = 0

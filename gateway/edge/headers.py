@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .access import is_platform_key_header
+from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -46,6 +47,7 @@ _FORWARDING = frozenset(
     }
 )
 _OWS = b" \t"
+SANDBOX_ROUTING = frozenset({SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER})
 # What an untrusted client's request loses before it goes upstream (framing is re-made by the caller).
 _UNTRUSTED_DROP = HOP_BY_HOP | _FORWARDING | {b"content-length"}
 
@@ -211,6 +213,11 @@ def is_websocket_upgrade(headers: Headers) -> bool:
     if protocol is None:
         return False
     return any(token.partition(b"/")[0] == b"websocket" for token in _tokens(protocol))
+
+
+def strip_sandbox_routing(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Header routing's X-Sandbox-Id and X-Sandbox-Port: the edge's to read, not the app's."""
+    return [header for header in headers if header[0].lower() not in SANDBOX_ROUTING]
 
 
 def strip_gateway_credentials(

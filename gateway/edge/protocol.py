@@ -36,7 +36,7 @@ from .observe import AccessLog, EdgeStats, VmTraffic, printable
 from .resolver import MISS, CacheKey, Resolver, Route
 from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
 from .settings import EdgeSettings
-from .target import ApiTarget, AppTarget, TargetParser
+from .target import ApiTarget, AppTarget, TargetParser, header_form
 from .tunnel import Tunnel
 from .upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 
@@ -560,6 +560,8 @@ class EdgeProtocol(asyncio.Protocol):
         incoming = ex.incoming_request_id
         ex.request_id = incoming if incoming and self.trusted else edge.next_request_id()
         target = edge.parse_target(ex.method, ex.url, ex.host)
+        if ex.sandbox_routing is not None and type(target) is ApiTarget:
+            target = header_form(ex.url, target, ex.sandbox_routing)
         decision = edge.policy.before_lookup(target, ex.url, self.scheme, self.sni_name)
         if type(decision) is AppTarget:
             if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
@@ -604,6 +606,8 @@ class EdgeProtocol(asyncio.Protocol):
             return
         assert route is not None
         headers = self._forwarded(ex, target.host, target.prefix)
+        if ex.sandbox_routing is not None:
+            headers = hdr.strip_sandbox_routing(headers)
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Literal, final
+from typing import Final, Literal, final
 
 from gateway.errors import edge_error
 
 MAX_TARGET_BYTES = 8192
+# Header routing on the API host (``header_form``); the edge takes them out before the app sees the request.
+SANDBOX_ID_HEADER: Final = b"x-sandbox-id"
+SANDBOX_PORT_HEADER: Final = b"x-sandbox-port"
 APP_PATH_PREFIX = b"/v1/app/"
 INSTANCE_LABEL_PREFIX = b"instance-"
 
@@ -64,7 +67,7 @@ class RoutingConfig:
 @final  # so that `type(target) is AppTarget` narrows (the edge tests the exact type, fast)
 @dataclass(frozen=True, slots=True)
 class AppTarget:
-    kind: Literal["path", "host", "domain", "instance"]
+    kind: Literal["path", "host", "domain", "instance", "header"]
     session_id: str | None  # path form
     vm_id: str | None  # host form: "vmid-<hex>"
     port: int  # 0 for a custom domain or an instance: its record says which port it serves
@@ -303,6 +306,42 @@ def _path_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rej
         host=host_value,
         host_name=name,
         key=("s", session_id, port),
+    )
+
+
+def header_form(target: bytes, api: ApiTarget, routing: list[tuple[bytes, bytes]]) -> AppTarget | Rejection:
+    """Header routing on the API host: ``X-Sandbox-Id`` (a session id or a VM id) and ``X-Sandbox-Port``
+    name the app, so a client can keep one connection to the API host for many VMs. The same grammar as
+    the path and host forms; the whole target goes to the app, as in the host form. ``routing``: the
+    request's X-Sandbox-* headers as (lower-case name, value)."""
+    ids = [value for name, value in routing if name == SANDBOX_ID_HEADER]
+    ports = [value for name, value in routing if name == SANDBOX_PORT_HEADER]
+    if len(ids) != 1 or len(ports) != 1:
+        return _invalid("header routing takes one X-Sandbox-Id and one X-Sandbox-Port")
+    sandbox_id, port_text = ids[0].strip(b" \t"), ports[0].strip(b" \t")
+    port = _app_port(port_text)
+    if port is None:
+        return _invalid("X-Sandbox-Port must be a number from 1 to 65535 without leading zeros")
+    if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
+        return _invalid("dot segments are not allowed in app paths")
+    if _SESSION_ID_RE.fullmatch(sandbox_id):
+        session_id, vm_id = sandbox_id.decode("ascii"), None
+        key = ("s", session_id, port)
+    elif _VM_ID_RE.fullmatch(sandbox_id):
+        session_id, vm_id = None, sandbox_id.decode("ascii")
+        key = ("v", vm_id, port)
+    else:
+        return _invalid("X-Sandbox-Id must be a session id (a lower-case UUID) or a VM id (vmid-<hex>)")
+    return AppTarget(
+        kind="header",
+        session_id=session_id,
+        vm_id=vm_id,
+        port=port,
+        upstream_target=target,
+        prefix=None,
+        host=api.host,
+        host_name=api.host_name,
+        key=key,
     )
 
 

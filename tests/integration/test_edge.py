@@ -103,6 +103,47 @@ async def test_host_form_reaches_the_same_app(gateway: GatewayUnderTest) -> None
     assert dict((k.lower(), v) for k, v in seen["headers"])["host"] == host
 
 
+async def test_header_routing_serves_several_vms_over_one_connection(gateway: GatewayUnderTest) -> None:
+    """X-Sandbox-Id (a session or a VM id) and X-Sandbox-Port on the API host: one client connection
+    for many VMs, HTTP and WebSocket; the app sees neither header, and the API is still the API."""
+    gw = gateway
+    apps = []
+    for _ in range(2):
+        sid, vm_id, _ = await start_app(gw)
+        status, app = await gw.request("GET", f"/v1/sessions/app-url/{sid}?port={APP_PORT}")
+        assert status == 200, app
+        apps.append((sid, vm_id, app["vm_ip"]))
+    connector = aiohttp.TCPConnector(limit=1)  # every request below on one connection to the API host
+    async with aiohttp.ClientSession(connector=connector) as client:
+        for round_ in range(2):
+            for sid, vm_id, vm_ip in apps:
+                sandbox = sid if round_ == 0 else vm_id
+                routing = {"X-Sandbox-Id": sandbox, "X-Sandbox-Port": str(APP_PORT)}
+                async with client.get(gw.url + "/echo/a?x=1", headers=routing) as resp:
+                    assert resp.status == 200, await resp.text()
+                    seen = await resp.json()
+                assert (seen["path"], seen["local_address"]) == ("/echo/a?x=1", vm_ip)
+                names = {name.lower() for name, _ in seen["headers"]}
+                assert not names & {"x-sandbox-id", "x-sandbox-port"}, names
+        sid, vm_id, _ = apps[1]
+        routing = {"X-Sandbox-Id": vm_id, "X-Sandbox-Port": str(APP_PORT)}
+        async with client.ws_connect(gw.url + "/ws", headers=routing) as ws:
+            await ws.send_str("over one host")
+            assert (await ws.receive(timeout=5)).data == "over one host"
+        async with client.get(gw.url + "/v1/vms", headers=gw.auth) as resp:
+            assert resp.status == 200  # no X-Sandbox-Id: the API
+        # The same grammar and the same answer for what is not there as the other forms.
+        bad = {"X-Sandbox-Id": sid.upper(), "X-Sandbox-Port": str(APP_PORT)}
+        async with client.get(gw.url + "/echo", headers=bad) as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (400, "invalid_target")
+        for routing in (
+            {"X-Sandbox-Id": sid, "X-Sandbox-Port": "3001"},  # not exposed
+            {"X-Sandbox-Id": "00000000-0000-4000-8000-000000000000", "X-Sandbox-Port": str(APP_PORT)},
+        ):
+            async with client.get(gw.url + "/echo", headers=routing) as resp:
+                assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
+
+
 async def test_unknown_unexposed_and_killed_targets_answer_alike(gw: GatewayUnderTest) -> None:
     sid, vm_id, url = await start_app(gw)
     async with aiohttp.ClientSession() as client:
@@ -384,6 +425,13 @@ async def test_private_share_needs_its_token_which_never_reaches_the_vm(gw: Gate
     async with aiohttp.ClientSession() as fresh:  # no jar: the token itself in the cookie is no credential
         async with fresh.get(url + "echo", headers={"Cookie": f"gw_access={token}"}) as resp:
             assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
+        # Header routing on the API host: the same rule.
+        routing = {"X-Sandbox-Id": vm["vm_id"], "X-Sandbox-Port": str(APP_PORT)}
+        async with fresh.get(gw.url + "/echo", headers=routing) as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
+        async with fresh.get(gw.url + "/echo", headers=routing | {"X-Access-Token": token}) as resp:
+            seen = await resp.json()
+        assert seen["path"] == "/echo" and "x-access-token" not in {k.lower() for k, _ in seen["headers"]}
 
 
 async def test_connections_beyond_the_limit_are_refused_cleanly(gateway_factory: object) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, parse_target
+from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, header_form, parse_target
 
 # Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
 pytestmark = pytest.mark.both_edges
@@ -479,3 +479,52 @@ def test_instance_paths_with_dot_segments_are_refused() -> None:
     host = f"instance-{INSTANCE_ID}.browser.example.com".encode()
     result = parse_target(b"GET", b"/json/../x", host, WITH_INSTANCES)
     assert isinstance(result, Rejection) and result.code == "invalid_target"
+
+
+# --- header form (X-Sandbox-Id and X-Sandbox-Port on the API host) --------------------------------------
+
+
+def by_headers(target: bytes, *routing: tuple[bytes, bytes]) -> AppTarget | Rejection:
+    api = parse_target(b"GET", target, API, CONFIG)
+    assert isinstance(api, ApiTarget), api
+    return header_form(target, api, list(routing))
+
+
+@pytest.mark.parametrize(
+    ("sandbox_id", "key"),
+    [(SID, ("s", SID, 3000)), (VM, ("v", VM, 3000)), (f" {VM}\t", ("v", VM, 3000))],
+)
+def test_header_form_names_a_session_or_a_vm(sandbox_id: str, key: tuple[str, str, int]) -> None:
+    result = by_headers(b"/a/b?q=1", (b"x-sandbox-id", sandbox_id.encode()), (b"x-sandbox-port", b"3000"))
+    assert isinstance(result, AppTarget), result
+    assert result.kind == "header" and result.key == key and result.port == 3000
+    assert (result.session_id, result.vm_id) == ((SID, None) if key[0] == "s" else (None, VM))
+    # The whole target goes to the app (as in the host form), and Host stays the API host's.
+    assert result.upstream_target == b"/a/b?q=1" and result.prefix is None
+    assert (result.host, result.host_name) == (API, API)
+
+
+@pytest.mark.parametrize(
+    ("routing", "says"),
+    [
+        ([(b"x-sandbox-id", SID.encode())], "one X-Sandbox-Id and one X-Sandbox-Port"),
+        ([(b"x-sandbox-port", b"3000")], "one X-Sandbox-Id and one X-Sandbox-Port"),
+        ([(b"x-sandbox-id", SID.encode()), (b"x-sandbox-id", VM.encode()), (b"x-sandbox-port", b"80")],
+         "one X-Sandbox-Id and one X-Sandbox-Port"),
+        ([(b"x-sandbox-id", SID.encode()), (b"x-sandbox-port", b"080")], "X-Sandbox-Port must be"),
+        ([(b"x-sandbox-id", SID.encode()), (b"x-sandbox-port", b"65536")], "X-Sandbox-Port must be"),
+        ([(b"x-sandbox-id", SID.encode()), (b"x-sandbox-port", b"+80")], "X-Sandbox-Port must be"),
+        ([(b"x-sandbox-id", SID.upper().encode()), (b"x-sandbox-port", b"80")], "X-Sandbox-Id must be"),
+        ([(b"x-sandbox-id", VM.upper().encode()), (b"x-sandbox-port", b"80")], "X-Sandbox-Id must be"),
+        ([(b"x-sandbox-id", b"vmid-0123"), (b"x-sandbox-port", b"80")], "X-Sandbox-Id must be"),
+        ([(b"x-sandbox-id", b""), (b"x-sandbox-port", b"80")], "X-Sandbox-Id must be"),
+    ],
+)  # fmt: skip
+def test_header_form_grammar(routing: list[tuple[bytes, bytes]], says: str) -> None:
+    result = by_headers(b"/", *routing)
+    assert isinstance(result, Rejection) and result.status == 400 and says in result.message, result
+
+
+def test_header_form_refuses_dot_segments() -> None:
+    result = by_headers(b"/a/../b", (b"x-sandbox-id", SID.encode()), (b"x-sandbox-port", b"80"))
+    assert isinstance(result, Rejection) and "dot segments" in result.message, result

@@ -2,7 +2,7 @@
 
     python3 echo_app.py PORT     (returns once listening; the server keeps running in the background)
 
-GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256}
+GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256, local_address}
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length), with a trailer X-Checksum: N
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
@@ -141,6 +141,7 @@ class Handler(BaseHTTPRequestHandler):
                 "headers": [[k, v] for k, v in self.headers.items()],
                 "body_length": len(body),
                 "body_sha256": hashlib.sha256(body).hexdigest(),
+                "local_address": self.connection.getsockname()[0],  # the VM's address: which VM answered
             }
         )
 
