@@ -81,9 +81,17 @@ class CreateSessionResponse(_Model):
     session_id: str = Field(json_schema_extra={"format": "uuid"})
 
 
+HostPolicy = Literal["preserve", "localhost"]
+HOST_POLICY_DOC = (
+    "The Host the app sees: preserve (the public host, the default) or localhost (localhost:<port>, the "
+    "public host in X-Forwarded-Host), for HTTP and WebSocket upgrades alike"
+)
+
+
 class ShareRequest(_Model):
     port: int = Field(ge=1, le=65535)
     is_public: bool = False
+    host: HostPolicy = Field("preserve", description=HOST_POLICY_DOC)
 
 
 class CustomDomainRequest(_Model):
@@ -518,11 +526,13 @@ class ShareCreateRequest(_Model):
     session_id: str | None = None
     vm_id: str | None = None
     is_public: bool = False
+    host: HostPolicy = Field("preserve", description=HOST_POLICY_DOC)
 
 
 class ShareUpdateRequest(_Model):
     is_public: bool | None = None
     revoke: bool | None = None
+    host: HostPolicy | None = Field(None, description=HOST_POLICY_DOC)
 
 
 class ShareResponse(_Model):
@@ -534,6 +544,7 @@ class ShareResponse(_Model):
     session_id: str
     port: int
     is_public: bool
+    host: HostPolicy = "preserve"
     status: Literal["active", "revoked"]
     url: str
     direct_url: str

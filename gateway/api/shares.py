@@ -11,7 +11,7 @@ from gateway.api.responses import app_url_for, direct_url, iso, json_response
 from gateway.api.schemas import ShareCreateRequest, ShareResponse, ShareUpdateRequest
 from gateway.api.validation import RequestValidationError, detail_item, parse_body
 from gateway.config import Config
-from gateway.orchestrator.model import ShareRecord
+from gateway.orchestrator.model import HOST_LOCALHOST, HOST_PRESERVE, ShareRecord
 
 routes = web.RouteTableDef()
 
@@ -26,6 +26,7 @@ def share_response(config: Config, rec: ShareRecord, token: str | None = None) -
         session_id=rec.session_id,
         port=rec.port,
         is_public=rec.is_public,
+        host=HOST_LOCALHOST if rec.host == HOST_LOCALHOST else HOST_PRESERVE,
         status="revoked" if rec.revoked_at is not None else "active",
         url=app_url_for(config, rec.session_id, rec.port),
         direct_url=direct_url(config, rec.vm_id, rec.port),
@@ -50,6 +51,7 @@ async def create_share(request: web.Request) -> web.Response:
         vm_id=body.vm_id,
         port=body.port,
         is_public=body.is_public,
+        host=body.host,
     )
     return json_response(share_response(request.app[CONFIG], rec, token), status=201)
 
@@ -65,10 +67,10 @@ async def get_share(request: web.Request) -> web.Response:
 async def update_share(request: web.Request) -> web.Response:
     owner = await authenticate(request)
     body = await parse_body(request, ShareUpdateRequest)
-    if body.is_public is None and body.revoke is None:
-        message = "give is_public or revoke"
+    if body.is_public is None and body.revoke is None and body.host is None:
+        message = "give is_public, host or revoke"
         raise RequestValidationError([detail_item(["body"], message, "value_error")])
     rec, token = await request.app[SHARES].update(
-        owner, request.match_info["share_id"], is_public=body.is_public, revoke=body.revoke
+        owner, request.match_info["share_id"], is_public=body.is_public, revoke=body.revoke, host=body.host
     )
     return json_response(share_response(request.app[CONFIG], rec, token))

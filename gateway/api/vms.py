@@ -24,7 +24,7 @@ from gateway.api.vm_volumes import create_time_mounts
 from gateway.orchestrator.domains import DomainRequest, DomainService
 from gateway.orchestrator.drivers.base import cannot_suspend
 from gateway.orchestrator.egress import EGRESS_OFF
-from gateway.orchestrator.model import VM_FAILED, SnapshotRecord, is_live
+from gateway.orchestrator.model import HOST_PRESERVE, VM_FAILED, SnapshotRecord, is_live
 from gateway.orchestrator.service import boot_failed
 from gateway.orchestrator.shares import new_share_token
 from gateway.orchestrator.snapshots import SnapshotService
@@ -150,6 +150,8 @@ def share_for(requested: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
     """The share to store, and for a private one its access token (stored only as a hash)."""
     if not requested:
         return None, None
+    if requested.get("host") == HOST_PRESERVE:
+        requested = {k: v for k, v in requested.items() if k != "host"}  # (the default: not stored)
     if requested.get("is_public"):
         return requested, None
     token, token_sha256 = new_share_token()
@@ -202,7 +204,8 @@ async def create_vm(request: web.Request) -> web.Response:
     if share is not None and vm.status != VM_FAILED:
         # The create-time share is a share like the others (an id to change or revoke it by).
         public, token_sha256 = bool(share.get("is_public")), share.get("token_sha256")
-        await request.app[SHARES].register(vm, share["port"], public, token_sha256, main=True)
+        host = share.get("host", HOST_PRESERVE)
+        await request.app[SHARES].register(vm, share["port"], public, token_sha256, main=True, host=host)
     if vm.status == VM_FAILED and not body.env:
         # (With env the spec's answer carries the failure: env_status "failed" and env_error.)
         raise boot_failed(vm)

@@ -215,6 +215,11 @@ def is_websocket_upgrade(headers: Headers) -> bool:
     return any(token.partition(b"/")[0] == b"websocket" for token in _tokens(protocol))
 
 
+def with_host(headers: Headers, host: bytes) -> list[tuple[bytes, bytes]]:
+    """The request's headers with ``host`` as its Host (a request reaching the edge has exactly one)."""
+    return [(name, host) if name.lower() == b"host" else (name, value) for name, value in headers]
+
+
 def strip_sandbox_routing(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Header routing's X-Sandbox-Id and X-Sandbox-Port: the edge's to read, not the app's."""
     return [header for header in headers if header[0].lower() not in SANDBOX_ROUTING]

@@ -608,6 +608,9 @@ class EdgeProtocol(asyncio.Protocol):
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.sandbox_routing is not None:
             headers = hdr.strip_sandbox_routing(headers)
+        app_host = route.app_host
+        if app_host is not None:  # the share's "localhost" policy: the public host is in X-Forwarded-Host
+            headers = hdr.with_host(headers, app_host)
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
 from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, ShareChanged, VmChanged
-from gateway.state.ports import VM_SUSPENDED, RouteSource, VmRecord
+from gateway.state.ports import HOST_LOCALHOST, VM_SUSPENDED, RouteSource, VmRecord
 from gateway.tokens import cookie_scope, cookie_values
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class Route:
     # Its VM is suspended (and wakes on a request when auto_resume).
     suspended: bool = False
     auto_resume: bool = False
+    # The Host the app sees instead of the public one (its share's "localhost" policy): b"localhost:<port>".
+    app_host: bytes | None = None
 
 
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
@@ -68,6 +70,8 @@ MISS = object()  # peek(): nothing usable cached
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
     cookies = cookie_values(tokens, cookie_scope(vm.vm_id, port)) if tokens else frozenset()
     suspended = vm.status == VM_SUSPENDED
+    share = vm.share or {}
+    localhost = share.get("port") == port and share.get("host") == HOST_LOCALHOST
     return Route(
         vm.vm_id,
         vm.session_id,
@@ -79,6 +83,7 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
         cookies,
         suspended,
         vm.auto_resume,
+        b"localhost:%d" % port if localhost else None,
     )
 
 

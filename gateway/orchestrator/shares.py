@@ -13,7 +13,7 @@ import time
 
 from gateway.errors import Conflict, NotFound, VmNotRunning
 from gateway.orchestrator.domains import DomainRequest
-from gateway.orchestrator.model import DomainRecord, ShareRecord, VmRecord, is_live
+from gateway.orchestrator.model import HOST_PRESERVE, DomainRecord, ShareRecord, VmRecord, is_live
 from gateway.orchestrator.service import Orchestrator
 from gateway.state.events import DomainChanged, ShareChanged
 from gateway.tokens import token_hash
@@ -34,21 +34,35 @@ class Shares:
         self.store = orchestrator.store
 
     async def create(
-        self, owner: str, *, session_id: str | None, vm_id: str | None, port: int, is_public: bool
+        self,
+        owner: str,
+        *,
+        session_id: str | None,
+        vm_id: str | None,
+        port: int,
+        is_public: bool,
+        host: str = HOST_PRESERVE,
     ) -> tuple[ShareRecord, VmRecord, str | None]:
         """Open ``port`` of the session's (or the named) VM; the share, its VM and a private share's token."""
         vm = await self._live_vm(owner, session_id, vm_id)
-        return await self.open(vm, port, is_public)
+        return await self.open(vm, port, is_public, host)
 
     async def open(
-        self, vm: VmRecord, port: int, is_public: bool
+        self, vm: VmRecord, port: int, is_public: bool, host: str = HOST_PRESERVE
     ) -> tuple[ShareRecord, VmRecord, str | None]:
         token, token_sha256 = (None, None) if is_public else new_share_token()
-        rec = await self.register(vm, port, is_public, token_sha256)
+        rec = await self.register(vm, port, is_public, token_sha256, host=host)
         return rec, vm, token
 
     async def register(
-        self, vm: VmRecord, port: int, is_public: bool, token_sha256: str | None, *, main: bool = False
+        self,
+        vm: VmRecord,
+        port: int,
+        is_public: bool,
+        token_sha256: str | None,
+        *,
+        main: bool = False,
+        host: str = HOST_PRESERVE,
     ) -> ShareRecord:
         """The share record of a port opened with its token hash; ``main``: the share the VM was created
         with (its ``share``, what a custom domain serves), which learns its id."""
@@ -61,6 +75,7 @@ class Shares:
             is_public=is_public,
             created_at=time.time(),
             token_sha256=token_sha256,
+            host=host,
         )
         await self.store.put_share(rec, self._ttl(vm))
         if main:
@@ -75,9 +90,16 @@ class Shares:
         return rec
 
     async def update(
-        self, owner: str, share_id: str, *, is_public: bool | None, revoke: bool | None
+        self,
+        owner: str,
+        share_id: str,
+        *,
+        is_public: bool | None,
+        revoke: bool | None,
+        host: str | None = None,
     ) -> tuple[ShareRecord, str | None]:
-        """Revoke it (for good), or change who may open it: a share made private gets a new token."""
+        """Revoke it (for good), or change who may open it (a share made private gets a new token) and
+        the Host its app sees."""
         rec = await self.get(owner, share_id)
         if revoke:
             if rec.revoked_at is None:
@@ -87,10 +109,15 @@ class Shares:
         if rec.revoked_at is not None:
             raise Conflict("the share was revoked; make a new one", code="share_revoked")
         token = None
+        changed = False
+        if host is not None and host != rec.host:
+            rec.host, changed = host, True
         if is_public is not None and is_public != rec.is_public:
-            vm = await self._vm_of(rec)
             rec.is_public = is_public
             token, rec.token_sha256 = (None, None) if is_public else new_share_token()
+            changed = True
+        if changed:
+            vm = await self._vm_of(rec)
             await self.store.put_share(rec, self._ttl(vm))
             if vm.share.get("share_id") == rec.share_id:
                 await self.store.update_vm(vm.vm_id, share=rec.route_entry())

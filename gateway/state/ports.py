@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.state.events import Event
-from gateway.state.records import VM_SUSPENDED, InstanceRecord, VmRecord
+from gateway.state.records import HOST_LOCALHOST, VM_SUSPENDED, InstanceRecord, VmRecord
 
 if TYPE_CHECKING:
     from gateway.egress.inject import VmVault
 
 __all__ = [
+    "HOST_LOCALHOST",
     "VM_SUSPENDED",
     "EgressSink",
     "EventFeed",

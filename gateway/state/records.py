@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from typing import Any, Final, Self
 
 # VM lifecycle states.
 VM_CREATING = "creating"
@@ -180,6 +180,12 @@ def is_live(rec: VmRecord) -> bool:
     return rec.status in VM_LIVE_STATES
 
 
+# A share's Host policy: the app sees the public Host, or localhost:<port> (the public one then only in
+# X-Forwarded-Host), for plain requests and upgrades alike.
+HOST_PRESERVE: Final = "preserve"
+HOST_LOCALHOST: Final = "localhost"
+
+
 @dataclass
 class ShareRecord(_Record):
     """One port of a VM opened through the edge: public, or private behind an access token (stored as
@@ -194,12 +200,16 @@ class ShareRecord(_Record):
     created_at: float
     token_sha256: str | None = None
     revoked_at: float | None = None
+    host: str = HOST_PRESERVE  # the Host the app sees: HOST_PRESERVE or HOST_LOCALHOST
 
     def route_entry(self) -> dict[str, Any]:
-        """What the edge reads for the port (the VM's ``share`` shape): port, visibility, token hash."""
+        """What the edge reads for the port (the VM's ``share`` shape): port, visibility, token hash, and
+        the Host policy when it is not the default."""
         entry: dict[str, Any] = {"share_id": self.share_id, "port": self.port, "is_public": self.is_public}
         if self.token_sha256:
             entry["token_sha256"] = self.token_sha256
+        if self.host != HOST_PRESERVE:
+            entry["host"] = self.host
         return entry
 
 

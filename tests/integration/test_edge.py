@@ -144,6 +144,65 @@ async def test_header_routing_serves_several_vms_over_one_connection(gateway: Ga
                 assert (resp.status, resp.headers["X-Gateway-Error"]) == (404, "no_route")
 
 
+async def upgrade_head(gw: GatewayUnderTest, target: str, host: str) -> dict[str, str]:
+    """A WebSocket upgrade's response head (lower-case names), read off a raw connection."""
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    try:
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_READ_TIMEOUT_S)
+    finally:
+        writer.close()
+    status, *lines = head.decode().split("\r\n")
+    assert status.startswith("HTTP/1.1 101 "), head
+    return {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines if line)}
+
+
+@pytest.mark.parametrize("policy", ["preserve", "localhost"])
+async def test_the_hosts_policy_holds_for_requests_and_upgrades_alike(
+    gw: GatewayUnderTest, policy: str
+) -> None:
+    """A share's host policy: the public Host (preserve), or localhost:<port> with the public host in
+    X-Forwarded-Host, the same for a plain request and a WebSocket upgrade (dev servers' HMR compares
+    them), by path, host and header routing; a change applies at the next request."""
+    share = {"port": APP_PORT, "is_public": True, "host": policy}
+    status, vm = await gw.request("POST", "/v1/vms", json={"share": share})
+    assert status == 200, vm
+    run = {"session_id": vm["session_id"], "language": "bash", "command": echo_app_command(APP_PORT)}
+    status, out = await gw.request("POST", "/execute", json=run)
+    assert (status, out["exit_code"]) == (200, 0), out
+    api_host = f"{gw.config.server.host}:{gw.config.server.port}"
+    sandbox_host = f"{vm['vm_id']}-{APP_PORT}.{gw.config.api.sandbox_domain}"
+    routes = [  # (target, Host, extra headers)
+        (f"/v1/app/{vm['session_id']}/{APP_PORT}/", api_host, {}),
+        ("/", sandbox_host, {}),
+        ("/", api_host, {"X-Sandbox-Id": vm["vm_id"], "X-Sandbox-Port": str(APP_PORT)}),
+    ]
+
+    def expected(public: str, now: str) -> tuple[str, str]:
+        return (public, public) if now == "preserve" else (f"localhost:{APP_PORT}", public)
+
+    async with aiohttp.ClientSession() as client:
+        for now in (policy, "localhost" if policy == "preserve" else "preserve"):
+            for target, host, extra in routes:
+                async with client.get(gw.url + target + "echo", headers={"Host": host, **extra}) as resp:
+                    seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
+                assert (seen["host"], seen["x-forwarded-host"]) == expected(host, now), (target, seen)
+                if not extra:  # (a raw upgrade: the header form is checked over HTTP)
+                    upgraded = await upgrade_head(gw, target + "ws", host)
+                    assert (upgraded["x-echo-host"], upgraded["x-echo-forwarded-host"]) == expected(host, now)
+            # Changed on the share: the next request sees it (the edge hears of the change).
+            other = "localhost" if now == "preserve" else "preserve"
+            status, changed = await gw.request(
+                "PATCH", f"/v1/shares/{vm['share']['share_id']}", json={"host": other}
+            )
+            assert status == 200 and changed["host"] == other, changed
+    status, refused = await gw.request("PATCH", f"/v1/shares/{vm['share']['share_id']}", json={"host": "vm"})
+    assert status == 422 and refused["detail"][0]["loc"] == ["body", "host"], refused
+
+
 async def test_unknown_unexposed_and_killed_targets_answer_alike(gw: GatewayUnderTest) -> None:
     sid, vm_id, url = await start_app(gw)
     async with aiohttp.ClientSession() as client:

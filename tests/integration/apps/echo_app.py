@@ -9,7 +9,8 @@ GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
 POST /discard      -> reads a Content-Length body in pieces, answers its length (flat memory)
 GET /hang          -> never answers
 POST /early        -> answers at once, without reading the request body
-GET /ws            -> WebSocket echo (text and binary), closes when the client closes
+GET /ws            -> WebSocket echo (text and binary), closes when the client closes; its 101
+                      says the request's Host and X-Forwarded-Host (X-Echo-Host, X-Echo-Forwarded-Host)
 GET /ws-bad        -> 101 with a Sec-WebSocket-Accept that does not answer the key
 GET /overrun       -> a response followed, in the same write, by the start of another nobody asked for
 GET /endless-head  -> a response head whose one header line never ends (until the edge hangs up)
@@ -152,6 +153,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
+        # What the upgrade request carried, for the tests of the Host an app sees.
+        self.send_header("X-Echo-Host", self.headers.get("Host", ""))
+        self.send_header("X-Echo-Forwarded-Host", self.headers.get("X-Forwarded-Host", ""))
         self.end_headers()
         self.wfile.flush()
         sock = self.connection
