@@ -120,6 +120,9 @@ class EdgeConfig:
     max_target_bytes: int = 8192
     # Open client connections per edge process; beyond it new ones get 503 and are closed.
     max_connections: int = 10000
+    # Requests in flight and open tunnels (WebSockets...) to one VM, per edge process; beyond it a request
+    # gets 429 with Retry-After. 0: no cap.
+    max_exchanges_per_vm: int = 0
     # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
     # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
     implementation: str = "auto"  # one of EDGE_IMPLEMENTATIONS
@@ -663,6 +666,8 @@ def validate(config: Config) -> None:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.execute.max_concurrent_per_vm < 1:
         raise ConfigError("execute.max_concurrent_per_vm must be at least 1")
+    if config.edge.max_exchanges_per_vm < 0:
+        raise ConfigError("edge.max_exchanges_per_vm must be 0 (no cap) or more")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("api.max_body_bytes must be at least 1024")
     if config.tls.listen:

@@ -116,6 +116,7 @@ EDGE_ERRORS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "routing unavailable"),
     # The edge itself
     "too_many_connections": (503, "too many open connections; try again later"),
+    "too_many_vm_exchanges": (429, "this app has too many requests in flight; try again shortly"),
     "shutting_down": (503, "this gateway process is shutting down; try again"),
     # The app in the VM
     "upstream_refused": (502, "nothing is listening on this port in the VM"),

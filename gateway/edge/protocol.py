@@ -46,6 +46,8 @@ IMPLEMENTATION = "compiled" if __name__.startswith("gateway._edgec.") else "pure
 
 # Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
 MAX_PIPELINED = 8
+# With a 429 for a VM at its max_exchanges_per_vm: its requests in flight end within moments.
+RETRY_AFTER_1: tuple[tuple[bytes, bytes], ...] = ((b"Retry-After", b"1"),)
 # The status an exchange is logged with when the client left before its answer was complete (nginx's).
 CLIENT_CLOSED = 499
 
@@ -121,6 +123,8 @@ class Edge:
         resolver.on_share_revoked.append(self.share_revoked)
         # Told of each exchange that ended and each connection that closed (what tests await).
         self.exchange_ended: list[Callable[[Exchange], None]] = []
+        # Exchanges in flight per VM id, counted only with a max_exchanges_per_vm cap.
+        self.vm_exchanges: dict[str, int] = {}
         self.connection_ended: list[Callable[[EdgeProtocol], None]] = []
 
     def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
@@ -139,8 +143,11 @@ class Edge:
     def observe(self, ex: Exchange, peer_ip: str) -> None:
         """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
         self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
-        if ex.vm_id is not None:
-            self.traffic.add(ex.vm_id, ex.sent_bytes, ex.bytes_out)
+        vm_id = ex.vm_id
+        if vm_id is not None:
+            self.traffic.add(vm_id, ex.sent_bytes, ex.bytes_out)
+            if self.settings.max_exchanges_per_vm:
+                self.vm_exchange_ended(vm_id)
         if self.access_log is not None:
             request_id = ex.request_id
             if request_id is ex.incoming_request_id:  # a trusted proxy's, as it came (the edge's are safe)
@@ -152,6 +159,22 @@ class Edge:
         if self.exchange_ended:
             for ended in self.exchange_ended:
                 ended(ex)
+
+    def vm_exchange_started(self, vm_id: str) -> bool:
+        """Count one more exchange (a request in flight, or an open tunnel) to the VM; False, counting
+        nothing, when the VM already has ``max_exchanges_per_vm``."""
+        count = self.vm_exchanges.get(vm_id, 0)
+        if count >= self.settings.max_exchanges_per_vm:
+            return False
+        self.vm_exchanges[vm_id] = count + 1
+        return True
+
+    def vm_exchange_ended(self, vm_id: str) -> None:
+        count = self.vm_exchanges.get(vm_id, 0)
+        if count > 1:
+            self.vm_exchanges[vm_id] = count - 1
+        else:
+            self.vm_exchanges.pop(vm_id, None)  # (an idle VM holds no entry)
 
     def went_idle(self) -> None:
         """A connection waits for its next request: make sure the keep-alive sweep runs."""
@@ -614,7 +637,10 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
-        ex.vm_id, ex.port = route.vm_id, route.port
+        if self.settings.max_exchanges_per_vm and not self.edge.vm_exchange_started(route.vm_id):
+            self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
+            return
+        ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
         self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
 
     async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
@@ -770,7 +796,15 @@ class EdgeProtocol(asyncio.Protocol):
 
     # ending an exchange ---------------------------------------------------------------------------
 
-    def _reply(self, ex: Exchange, code: str, message: str | None = None, *, close: bool = False) -> None:
+    def _reply(
+        self,
+        ex: Exchange,
+        code: str,
+        message: str | None = None,
+        *,
+        close: bool = False,
+        extra: hdr.Headers = (),
+    ) -> None:
         """Answer with an edge-made error page (see gateway.errors.EDGE_ERRORS)."""
         if self.transport is None or self.current is not ex:
             return
@@ -780,7 +814,7 @@ class EdgeProtocol(asyncio.Protocol):
         ex.status, ex.code = status, code
         response = pages.error_response(
             status, code, message, accept=ex.accept(), close=not keep, head_only=ex.method == b"HEAD",
-            keep_alive_http10=keep and ex.http10,
+            keep_alive_http10=keep and ex.http10, extra_headers=extra,
         )  # fmt: skip
         self.transport.write(response)
         self._finish(ex, keep)

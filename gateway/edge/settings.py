@@ -33,6 +33,7 @@ class EdgeSettings:
     max_header_count: int
     max_header_bytes: int
     max_connections: int
+    max_exchanges_per_vm: int  # 0: no cap
     trusted_proxies: frozenset[str]
     # With TLS on: plain-HTTP requests get a 308 to https on this port (0: none), except under these
     # path prefixes.
@@ -64,6 +65,7 @@ class EdgeSettings:
             max_header_count=edge.max_header_count,
             max_header_bytes=edge.max_header_bytes,
             max_connections=edge.max_connections,
+            max_exchanges_per_vm=edge.max_exchanges_per_vm,
             trusted_proxies=edge.trusted_proxy_addresses,
             https_redirect_port=https_redirect_port(config),
             plain_http_paths=tuple(p.encode() for p in config.tls.plain_http_path_list),

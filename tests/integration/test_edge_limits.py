@@ -116,3 +116,49 @@ async def test_a_101_without_a_valid_handshake_opens_no_tunnel(gw: GatewayUnderT
         async with client.ws_connect(url + "ws") as ws:  # the same app's valid handshake still works
             await ws.send_str("ok")
             assert (await ws.receive()).data == "ok"
+
+
+async def status_within(client: aiohttp.ClientSession, url: str, wanted: int, limit_s: float = 5.0) -> bool:
+    """Whether a GET of url answers ``wanted`` within limit_s, asking again after each other answer (as
+    a client told Retry-After would, only sooner)."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        async with client.get(url) as resp:
+            if resp.status == wanted:
+                return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+async def test_a_vm_at_its_exchange_cap_gets_429_others_are_served_and_ended_ones_free_their_place(
+    gateway_factory: object,
+) -> None:
+    """edge.max_exchanges_per_vm: requests in flight and open tunnels to one VM count; beyond the cap a
+    request gets 429 with Retry-After (the VM's next requests pass again once some end), and another
+    VM is not affected."""
+    gw: GatewayUnderTest = await gateway_factory("process", edge={"max_exchanges_per_vm": 2})  # type: ignore[operator]
+    _, _, busy = await start_app(gw)
+    _, _, other = await start_app(gw)
+    async with aiohttp.ClientSession() as client:
+        stream = await client.get(busy + "sse")  # its head came: in flight until its client lets go
+        ws = await client.ws_connect(busy + "ws")  # an open tunnel
+        try:
+            async with client.get(busy + "echo") as resp:
+                assert (resp.status, resp.headers["X-Gateway-Error"]) == (429, "too_many_vm_exchanges")
+                assert resp.headers["Retry-After"] == "1"
+            async with client.get(other + "echo") as resp:
+                assert resp.status == 200
+            await ws.close()  # one place is free again, once the edge sees the tunnel end
+            assert await status_within(client, busy + "echo", 200)
+        finally:
+            stream.close()
+            await ws.close()
+        # The stream's client went: its place is free too (with a tunnel open, a request fits).
+        async with client.ws_connect(busy + "ws") as first:
+            assert await status_within(client, busy + "echo", 200)
+            async with client.ws_connect(busy + "ws") as second:
+                await first.send_str("a")
+                await second.send_str("b")
+                assert (await first.receive(timeout=5)).data == "a"
+                assert (await second.receive(timeout=5)).data == "b"

@@ -57,6 +57,7 @@ def test_environment_overrides_typed_settings() -> None:
         ("[instances.images.x]\ncolour = 'red'\n", r"unknown setting\(s\) in \[instances.images.x\]"),
         ("[instances.sizes.tiny]\nmemory_mb = 1\n", "instances.sizes.tiny"),
         ("[execute]\nmax_concurrent_per_vm = 0\n", "execute.max_concurrent_per_vm"),
+        ("[edge]\nmax_exchanges_per_vm = -1\n", "edge.max_exchanges_per_vm"),
     ],
 )
 def test_invalid_settings_name_the_setting(tmp_path: Path, toml: str, message: str) -> None:
