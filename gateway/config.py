@@ -123,6 +123,10 @@ class EdgeConfig:
     # Requests in flight and open tunnels (WebSockets...) to one VM, per edge process; beyond it a request
     # gets 429 with Retry-After. 0: no cap.
     max_exchanges_per_vm: int = 0
+    # API requests per second per API key, per edge process (a token bucket of api_burst_per_key);
+    # beyond it 429 with Retry-After. 0: no limit.
+    api_rate_per_key: float = 0.0
+    api_burst_per_key: int = 20
     # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
     # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
     implementation: str = "auto"  # one of EDGE_IMPLEMENTATIONS
@@ -666,6 +670,10 @@ def validate(config: Config) -> None:
         raise ConfigError("execute: default_timeout_s exceeds max_timeout_s")
     if config.execute.max_concurrent_per_vm < 1:
         raise ConfigError("execute.max_concurrent_per_vm must be at least 1")
+    if config.edge.api_rate_per_key < 0 or config.edge.api_burst_per_key < 1:
+        raise ConfigError(
+            "edge.api_rate_per_key must be 0 (no limit) or more, edge.api_burst_per_key 1 or more"
+        )
     if config.edge.max_exchanges_per_vm < 0:
         raise ConfigError("edge.max_exchanges_per_vm must be 0 (no cap) or more")
     if config.api.max_body_bytes < 1024:

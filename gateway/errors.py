@@ -117,6 +117,7 @@ EDGE_ERRORS: dict[str, tuple[int, str]] = {
     # The edge itself
     "too_many_connections": (503, "too many open connections; try again later"),
     "too_many_vm_exchanges": (429, "this app has too many requests in flight; try again shortly"),
+    "too_many_requests": (429, "too many API requests with this key; slow down (see Retry-After)"),
     "shutting_down": (503, "this gateway process is shutting down; try again"),
     # The app in the VM
     "upstream_refused": (502, "nothing is listening on this port in the VM"),

@@ -55,6 +55,16 @@ def is_platform_key_header(lower_name: bytes, value: bytes) -> bool:
     return False
 
 
+def platform_key(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """The platform API key a request carries in X-API-Key or Authorization: Bearer, if any."""
+    for name, value in headers:
+        lower = name.lower()
+        if is_platform_key_header(lower, value):
+            value = value.strip()
+            return value if lower == API_KEY_HEADER else value.partition(b" ")[2].strip()
+    return None
+
+
 def strip_platform_key_params(target: bytes) -> bytes:
     """The target without ``api_key`` parameters holding a platform key (others are the app's)."""
     path, sep, query = target.partition(b"?")

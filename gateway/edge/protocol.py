@@ -27,12 +27,14 @@ import httptools
 
 from gateway.errors import GatewayError, edge_error
 from gateway.state.ports import Waker
+from gateway.tokens import token_hash
 
 from . import access, pages
 from . import headers as hdr
 from .deadline import Deadline
 from .exchange import Exchange, head_bytes
 from .observe import AccessLog, EdgeStats, VmTraffic, printable
+from .ratelimit import KeyRates
 from .resolver import MISS, CacheKey, Resolver, Route
 from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
 from .settings import EdgeSettings
@@ -125,6 +127,11 @@ class Edge:
         self.exchange_ended: list[Callable[[Exchange], None]] = []
         # Exchanges in flight per VM id, counted only with a max_exchanges_per_vm cap.
         self.vm_exchanges: dict[str, int] = {}
+        self.api_rates = (
+            KeyRates(settings.api_rate_per_key, settings.api_burst_per_key)
+            if settings.api_rate_per_key
+            else None
+        )
         self.connection_ended: list[Callable[[EdgeProtocol], None]] = []
 
     def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
@@ -601,10 +608,23 @@ class EdgeProtocol(asyncio.Protocol):
             if ex.upgrade and hdr.upgrade_protocol(ex.headers) == b"h2c":
                 ex.upgrade = False
             ex.kind = "api"
+            if edge.api_rates is not None and ex.has_credentials and self._over_key_rate(ex, edge.api_rates):
+                return
             head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
             self._send(ex, edge.api_key, edge.api_unix_path, head)
         else:
             self._carry_out(ex, decision)
+
+    def _over_key_rate(self, ex: Exchange, rates: KeyRates) -> bool:
+        """Whether the request's API key is over its rate (then answered 429 here)."""
+        key = access.platform_key(ex.headers)
+        if key is None:
+            return False
+        wait = rates.retry_after(token_hash(key), self.loop.time())
+        if not wait:
+            return False
+        self._reply(ex, "too_many_requests", extra=((b"Retry-After", b"%d" % wait),))
+        return True
 
     async def _resolve_then_route(self, ex: Exchange, target: AppTarget, key: CacheKey) -> None:
         try:

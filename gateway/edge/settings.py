@@ -34,6 +34,8 @@ class EdgeSettings:
     max_header_bytes: int
     max_connections: int
     max_exchanges_per_vm: int  # 0: no cap
+    api_rate_per_key: float  # 0: no limit
+    api_burst_per_key: int
     trusted_proxies: frozenset[str]
     # With TLS on: plain-HTTP requests get a 308 to https on this port (0: none), except under these
     # path prefixes.
@@ -66,6 +68,8 @@ class EdgeSettings:
             max_header_bytes=edge.max_header_bytes,
             max_connections=edge.max_connections,
             max_exchanges_per_vm=edge.max_exchanges_per_vm,
+            api_rate_per_key=edge.api_rate_per_key,
+            api_burst_per_key=edge.api_burst_per_key,
             trusted_proxies=edge.trusted_proxy_addresses,
             https_redirect_port=https_redirect_port(config),
             plain_http_paths=tuple(p.encode() for p in config.tls.plain_http_path_list),

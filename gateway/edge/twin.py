@@ -24,7 +24,7 @@ COMPILED_PACKAGE = "gateway._edgec"
 # The edge's hot path and everything it calls per request; relative imports between them keep each
 # twin to itself. server.py (the listener) and the selection stay interpreted: they run once.
 MODULES = (
-    "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "resolver",
+    "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "ratelimit", "resolver",
     "routing", "settings", "target", "tunnel", "upstream", "websocket",
 )  # fmt: skip
 EDGE_DIR = Path(__file__).resolve().parent

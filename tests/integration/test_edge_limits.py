@@ -162,3 +162,25 @@ async def test_a_vm_at_its_exchange_cap_gets_429_others_are_served_and_ended_one
                 await second.send_str("b")
                 assert (await first.receive(timeout=5)).data == "a"
                 assert (await second.receive(timeout=5)).data == "b"
+
+
+async def test_api_requests_over_a_keys_rate_get_429_before_the_control_plane(
+    gateway_factory: object,
+) -> None:
+    """edge.api_rate_per_key: a key's burst passes, then 429 with Retry-After; another key and requests
+    without a key are not counted against it, and the refused request never reached the API."""
+    edge = {"api_rate_per_key": 0.5, "api_burst_per_key": 2}
+    gw: GatewayUnderTest = await gateway_factory("process", edge=edge)  # type: ignore[operator]
+    other = await gw.new_key()
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):
+            async with client.get(gw.url + "/v1/vms", headers=gw.auth) as resp:
+                assert resp.status == 200
+        async with client.post(gw.url + "/v1/vms", headers=gw.auth, json={}) as resp:
+            assert (resp.status, resp.headers["X-Gateway-Error"]) == (429, "too_many_requests")
+            assert resp.headers["Retry-After"] == "2"  # a token every 2 s
+        async with client.get(gw.url + "/v1/vms", headers={"Authorization": f"Bearer {other}"}) as resp:
+            assert resp.status == 200
+        async with client.get(gw.url + "/v1/vms") as resp:
+            assert resp.status == 401  # no key: the API's own answer
+    assert not await gw.services.store.live_vm_ids()  # the refused create made no VM
