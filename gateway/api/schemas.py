@@ -198,6 +198,7 @@ class SessionUsageResponse(_Model):
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None
     peak_memory_mb: float | None = None
+    requests: int = Field(0, description="Requests (and WebSocket upgrades) the edges carried to its VMs")
     bytes_in: int = Field(description="Request and upstream tunnel bytes the edges carried to its VMs")
     bytes_out: int = Field(description="Response and downstream tunnel bytes the edges carried from them")
     egress_bytes_out: int = Field(0, description="Bytes its VMs sent out through the egress proxy")

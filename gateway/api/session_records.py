@@ -72,6 +72,7 @@ async def session_usage(request: web.Request) -> web.Response:
             cpu_seconds=round(usage.cpu_seconds, 3) if usage.cpu_seconds is not None else None,
             peak_memory_bytes=peak,
             peak_memory_mb=round(peak / MIB, 1) if peak is not None else None,
+            requests=usage.requests,
             bytes_in=usage.bytes_in,
             bytes_out=usage.bytes_out,
             egress_bytes_out=usage.egress_bytes_out,

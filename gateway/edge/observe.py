@@ -57,7 +57,8 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class VmTraffic:
-    """Bytes carried per VM since the last flush (a session's usage); a task hands them to the state.
+    """Bytes carried and exchanges (requests and upgrades) per VM since the last flush (a session's
+    usage); a task hands them to the state.
 
     Counted when an exchange ends: a long WebSocket's bytes land when it closes."""
 
@@ -66,23 +67,24 @@ class VmTraffic:
     def __init__(self) -> None:
         self.counts: dict[str, list[int]] = {}
 
-    def add(self, vm_id: str, bytes_in: int, bytes_out: int) -> None:
-        pair = self.counts.get(vm_id)
-        if pair is None:
-            self.counts[vm_id] = [bytes_in, bytes_out]
+    def add(self, vm_id: str, bytes_in: int, bytes_out: int, requests: int = 1) -> None:
+        counted = self.counts.get(vm_id)
+        if counted is None:
+            self.counts[vm_id] = [bytes_in, bytes_out, requests]
         else:
-            pair[0] += bytes_in
-            pair[1] += bytes_out
+            counted[0] += bytes_in
+            counted[1] += bytes_out
+            counted[2] += requests
 
-    def take(self) -> dict[str, tuple[int, int]]:
+    def take(self) -> dict[str, tuple[int, int, int]]:
         """What was counted since the last take, and start again from zero."""
         counts, self.counts = self.counts, {}
-        return {vm_id: (pair[0], pair[1]) for vm_id, pair in counts.items() if pair[0] or pair[1]}
+        return {vm_id: (c[0], c[1], c[2]) for vm_id, c in counts.items() if c[0] or c[1] or c[2]}
 
-    def give_back(self, counts: dict[str, tuple[int, int]]) -> None:
+    def give_back(self, counts: dict[str, tuple[int, int, int]]) -> None:
         """Counts a flush could not write: kept for the next one."""
-        for vm_id, (bytes_in, bytes_out) in counts.items():
-            self.add(vm_id, bytes_in, bytes_out)
+        for vm_id, (bytes_in, bytes_out, requests) in counts.items():
+            self.add(vm_id, bytes_in, bytes_out, requests)
 
 
 class EdgeStats:

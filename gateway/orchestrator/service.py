@@ -128,6 +128,7 @@ class SessionUsage:
     vm_seconds: float = 0.0
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    requests: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     egress_bytes_out: int = 0
@@ -227,6 +228,7 @@ class Orchestrator:
         for vm in vms:
             if vm.started_at is not None:
                 usage.vm_seconds += max(0.0, (vm.ended_at or now) - vm.started_at)
+            usage.requests += vm.requests
             usage.bytes_in += vm.bytes_in
             usage.bytes_out += vm.bytes_out
             usage.egress_bytes_out += vm.egress_bytes_out

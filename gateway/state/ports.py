@@ -59,8 +59,8 @@ class RouteSource(Protocol):
 class TrafficSink(Protocol):
     """Where edges add the bytes they carried for each VM (its session's usage)."""
 
-    async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
-        """Add (bytes in, bytes out) per VM id; VMs whose record is gone are skipped. Raises
+    async def add_traffic(self, counts: dict[str, tuple[int, int, int]]) -> None:
+        """Add (bytes in, bytes out, requests) per VM id; VMs whose record is gone are skipped. Raises
         ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
         ...
 

@@ -144,6 +144,7 @@ class VmRecord(_Record):
     image_variant: str | None = None
     # Usage: body and tunnel bytes through the edge (added by edges while it lives), and what its cgroup
     # used, read when it ended (None where the driver has no cgroups, or before it ended).
+    requests: int = 0  # requests and upgrades the edges carried to it (counted as each ended)
     bytes_in: int = 0
     bytes_out: int = 0
     cpu_seconds: float | None = None

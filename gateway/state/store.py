@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -127,13 +128,16 @@ redis.call('DEL', KEYS[4], KEYS[5])
 return 1
 """
 
-# Add two counters to VM records, skipping records that are gone (never recreating one): the edge's
-# bytes and the egress proxy's. ARGV: the two field names, then their increments per key in KEYS order.
+# Add counters to VM records, skipping records that are gone (never recreating one): the edge's bytes
+# and requests, the egress proxy's bytes. ARGV: the number of fields n, their n names, then n increments
+# per key in KEYS order.
 _ADD_COUNTS = """
+local n = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, ARGV[1], ARGV[2 * i + 1])
-    redis.call('HINCRBY', key, ARGV[2], ARGV[2 * i + 2])
+    for f = 1, n do
+      redis.call('HINCRBY', key, ARGV[1 + f], ARGV[1 + n + (i - 1) * n + f])
+    end
   end
 end
 return 1
@@ -297,16 +301,18 @@ class RedisStore:
         """An edge has a request for a suspended VM that resumes on demand (``Waker``)."""
         await self.publish(WakeRequested(vm_id))
 
-    async def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
-        """The edge's bytes per VM, added to the VM records that still exist (``TrafficSink``)."""
-        await self._add_to_vms("bytes_in", "bytes_out", counts)
+    async def add_traffic(self, counts: dict[str, tuple[int, int, int]]) -> None:
+        """The edge's bytes and requests per VM, added to the VM records that still exist
+        (``TrafficSink``)."""
+        await self._add_to_vms(("bytes_in", "bytes_out", "requests"), counts)
 
-    async def _add_to_vms(self, first: str, second: str, counts: dict[str, tuple[int, int]]) -> None:
-        """Add (first, second) per VM id to those fields of the VM records that still exist."""
+    async def _add_to_vms(self, fields: tuple[str, ...], counts: Mapping[str, tuple[int, ...]]) -> None:
+        """Add the counts per VM id (one per field, in order) to those fields of the VM records that
+        still exist."""
         if not counts:
             return
         ids = list(counts)
-        args: list[str | int] = [first, second, *(n for vm_id in ids for n in counts[vm_id])]
+        args: list[str | int] = [len(fields), *fields, *(n for vm_id in ids for n in counts[vm_id])]
         await guarded(self._add_counts(keys=[self.keys.vm(vm_id) for vm_id in ids], args=args))
 
     async def egress_policies(self) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -329,7 +335,7 @@ class RedisStore:
     async def add_egress(self, counts: dict[str, tuple[int, int]], denials: dict[str, list[str]]) -> None:
         """The egress proxy's bytes (out, in) per VM and its new denials (JSON, oldest first) per VM
         (``EgressSink``); VM records that are gone are not recreated."""
-        await self._add_to_vms("egress_bytes_out", "egress_bytes_in", counts)
+        await self._add_to_vms(("egress_bytes_out", "egress_bytes_in"), counts)
         if denials:
             pipe = self.client.pipeline(transaction=False)
             for vm_id, entries in denials.items():

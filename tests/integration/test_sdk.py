@@ -122,6 +122,7 @@ async def test_sessions_identity_and_lists_as_the_sdk_reads_them(gateway_factory
 
     usage = await poll(counted)
     assert usage["session_id"] == client.session_id and usage["executions"] == 2
+    assert usage["requests"] == 1  # the app's one request (API calls are not the VM's traffic)
     assert usage["vm_count"] == 1 and usage["vm_seconds"] > 0  # type: ignore[operator]
     assert usage["cpu_seconds"] is None  # the process driver has no cgroups: unknown, not zero
 
