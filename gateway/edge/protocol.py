@@ -648,6 +648,10 @@ class EdgeProtocol(asyncio.Protocol):
                 self._carry_out(ex, decision)  # type: ignore[arg-type]
             return
         assert route is not None
+        if self.settings.max_exchanges_per_vm and not self.edge.vm_exchange_started(route.vm_id):
+            self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
+            return
+        ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.sandbox_routing is not None:
             headers = hdr.strip_sandbox_routing(headers)
@@ -657,10 +661,6 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
-        if self.settings.max_exchanges_per_vm and not self.edge.vm_exchange_started(route.vm_id):
-            self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
-            return
-        ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
         self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
 
     async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
