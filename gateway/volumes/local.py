@@ -246,20 +246,33 @@ class LocalVolumeStore:
         return sorted(dev for dev, back in (await self._loops()).items() if back == str(image))
 
     async def _mount(self, image: Path, target: Path, *, fstype: str, options: str) -> None:
-        """Mount ``image`` at ``target`` through its loop device (the one already bound to it, if any)."""
+        """Mount ``image`` at ``target`` through its loop device (the one already bound to it, if any).
+
+        A device found bound to the image may be in a deferred detach: ``losetup -d`` while another
+        process had it open (tools that probe loop devices do), which the kernel completes once that
+        process lets go. When the mount fails and that device no longer backs the image, a fresh device
+        is attached and the mount tried again, once.
+        """
         ro = "ro" in options.split(",")
         devices = await self._devices_of(image)
-        if devices:
-            device = devices[0]
-        else:
-            argv = ["losetup", "--find", "--show", *(["--read-only"] if ro else []), str(image)]
-            device = (await run(argv)).stdout.strip()
+        device = devices[0] if devices else await self._attach(image, ro=ro)
         await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        mount = ["mount", "-t", fstype, "-o", options]
         try:
-            await run(["mount", "-t", fstype, "-o", options, device, str(target)])
+            try:
+                await run([*mount, device, str(target)])
+            except VolumeStoreFailed:
+                if not devices or device in await self._devices_of(image):
+                    raise
+                await run([*mount, await self._attach(image, ro=ro), str(target)])
         except BaseException:
             await self._release_device(image)
             raise
+
+    async def _attach(self, image: Path, *, ro: bool) -> str:
+        """A free loop device bound to ``image``."""
+        argv = ["losetup", "--find", "--show", *(["--read-only"] if ro else []), str(image)]
+        return (await run(argv)).stdout.strip()
 
     async def _release_device(self, image: Path) -> None:
         # A device still in use (a VM's namespace holds a mount of it) is detached when it is let go.

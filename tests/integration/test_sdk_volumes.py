@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from instavm import InstaVM
 
+from gateway.volumes import local
 from gateway.volumes.local import LocalVolumeStore
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_sdk import http_error
@@ -416,6 +417,47 @@ async def test_the_store_reconciles_and_releases_everything(tmp_path: Path) -> N
         assert sum("v1.img" in line for line in loops) == 1  # one device per image, never two
         await second.delete("v2")
     finally:
+        await LocalVolumeStore(root).release_all()
+    mounts, loops = ours(tmp_path)
+    assert mounts == [] and loops == []
+
+
+async def test_a_loop_device_cleared_between_its_lookup_and_the_mount_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device left bound to a volume's image by a deferred detach (``losetup -d`` while another process
+    had it open) vanishes when that process lets go, which may fall between the store finding it and
+    mounting it: the store then mounts through a fresh device instead of failing."""
+    root = tmp_path / "data" / "volumes"
+    store = LocalVolumeStore(root)
+    try:
+        await store.start()
+        await store.create("v1", 16 * MiB)
+        image = store.image("v1")
+        device = (await local.run(["losetup", "--find", "--show", str(image)])).stdout.strip()
+        holder = os.open(device, os.O_RDONLY)  # another process's probe, say
+        await local.run(["losetup", "-d", device])  # deferred: the device stays bound
+        assert device in await store._devices_of(image)
+        real_run = local.run
+
+        async def let_go_before_the_mount(argv: list[str], *, check: bool = True) -> Any:
+            nonlocal holder
+            if argv[0] == "mount" and holder >= 0:
+                os.close(holder)  # the prober lets go: the kernel completes the detach
+                holder = -1
+                for _ in range(500):
+                    if device not in await store._devices_of(image):
+                        break
+                    await asyncio.sleep(0.01)
+            return await real_run(argv, check=check)
+
+        monkeypatch.setattr(local, "run", let_go_before_the_mount)
+        held = await store.attach("v1", None, read_only=False, holder="vm-1")
+        (held / "f").write_bytes(b"written")
+        assert await store.is_mounted(held) and (held / "f").read_bytes() == b"written"
+        assert len(await store._devices_of(image)) == 1
+    finally:
+        monkeypatch.undo()
         await LocalVolumeStore(root).release_all()
     mounts, loops = ours(tmp_path)
     assert mounts == [] and loops == []
