@@ -464,10 +464,13 @@ async def app_in_vm(gw: Gateway) -> AsyncIterator[App]:
 
 
 @asynccontextmanager
-async def running_nginx(app: App, workers: int, tls: str = "") -> AsyncIterator[tuple[Proxy, Path]]:
+async def running_nginx(
+    app: App, workers: int, tls: str = "", *, http2: bool = False
+) -> AsyncIterator[tuple[Proxy, Path]]:
     """nginx in the foreground with its own config and logs in a temporary folder; stopped by PID.
 
-    ``tls``: ssl_* directives; the listener then speaks TLS (``bench/tls_vs_nginx.py``)."""
+    ``tls``: ssl_* directives; the listener then speaks TLS (``bench/tls_vs_nginx.py``), and with
+    ``http2`` HTTP/2 too (Debian 12's nginx 1.22 takes it on the listen line; ``http2 on`` is 1.25's)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="nginx-bench-") as tmp:
         folder = Path(tmp)
@@ -475,7 +478,7 @@ async def running_nginx(app: App, workers: int, tls: str = "") -> AsyncIterator[
         conf = folder / "nginx.conf"
         conf.write_text(
             NGINX_CONF.format(
-                listen_tls=" ssl" if tls else "",
+                listen_tls=(" ssl http2" if http2 else " ssl") if tls else "",
                 tls=tls,
                 workers=workers,
                 worker_nofile=NGINX_WORKER_NOFILE,

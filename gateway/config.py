@@ -127,6 +127,10 @@ class EdgeConfig:
     # beyond it 429 with Retry-After. 0: no limit.
     api_rate_per_key: float = 0.0
     api_burst_per_key: int = 20
+    # HTTP/2 from clients: ALPN h2 on the TLS listener and h2c with prior knowledge on the plain one; each
+    # connection takes at most http2_max_streams streams at once.
+    http2: bool = True
+    http2_max_streams: int = 128
     # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
     # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
     implementation: str = "auto"  # one of EDGE_IMPLEMENTATIONS
@@ -674,6 +678,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "edge.api_rate_per_key must be 0 (no limit) or more, edge.api_burst_per_key 1 or more"
         )
+    if not 1 <= config.edge.http2_max_streams <= 2**31 - 1:
+        raise ConfigError("edge.http2_max_streams must be between 1 and 2147483647")
     if config.edge.max_exchanges_per_vm < 0:
         raise ConfigError("edge.max_exchanges_per_vm must be 0 (no cap) or more")
     if config.api.max_body_bytes < 1024:

@@ -292,3 +292,13 @@ def valid_upgrade_response(request: Headers, response: Headers) -> bool:
         accept = _joined(response, b"sec-websocket-accept")
         return key is not None and accept is not None and hmac.compare_digest(accept, websocket_accept(key))
     return True
+
+
+def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A gRPC request (content-type application/grpc or application/grpc+<codec>; not gRPC-Web, which
+    is HTTP/1.1-friendly and goes as any request)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            kind = value.lower().partition(b";")[0].strip()
+            return kind == b"application/grpc" or kind.startswith(b"application/grpc+")
+    return False

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -79,6 +79,20 @@ MAX_SHARED_CLIENT_INFOS = 4096
 KEEPALIVE_SWEEP_S = 1.0
 # An idle connection needs no request head list until its next request starts (on_message_begin).
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+# How an HTTP/2 client with prior knowledge starts (RFC 9113 section 3.4); llhttp stops there.
+H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
+
+
+class Http2Session(Protocol):
+    """A client connection that turned out to speak HTTP/2 (gateway/edge/http2.py): its first
+    EdgeProtocol stays in the edge's connections, as its owner, and hands it what the edge asks."""
+
+    def drain(self) -> None: ...
+
+
+# Starts HTTP/2 on a connection: (its first EdgeProtocol, the bytes read so far) -> the session.
+StartHttp2 = Callable[["EdgeProtocol", bytes], Http2Session]
+
 # A held request for a suspended VM: how often it asks again for the wake, and looks whether it is back.
 WAKE_ASK_S = 5.0
 WAKE_POLL_S = 0.1
@@ -133,6 +147,10 @@ class Edge:
             else None
         )
         self.connection_ended: list[Callable[[EdgeProtocol], None]] = []
+        # HTTP/2 (edge.http2): how a connection switches to it, and the pool of h2c connections to apps
+        # for gRPC requests (gateway/edge/http2.py and h2c.py, set up by the listener).
+        self.start_h2: StartHttp2 | None = None
+        self.h2c_pool: UpstreamPool | None = None
 
     def client_info(self, peer_ip: str, scheme: str, host: bytes, trusted: bool) -> hdr.ClientInfo:
         key = (peer_ip, scheme, host, trusted)
@@ -212,6 +230,8 @@ class Edge:
 
     def vm_gone(self, vm_id: str) -> None:
         self.pool.close_vm(vm_id)
+        if self.h2c_pool is not None:
+            self.h2c_pool.close_vm(vm_id)
         for conn in list(self.connections):
             conn.vm_gone(vm_id)
 
@@ -258,6 +278,8 @@ class EdgeProtocol(asyncio.Protocol):
         "early_tunnel_data",
         "edge",
         "ended_in_read",
+        "h2",
+        "h2_stream",
         "head_fresh",
         "head_limit",
         "head_seen",
@@ -288,8 +310,12 @@ class EdgeProtocol(asyncio.Protocol):
         "url",
     )
 
-    def __init__(self, edge: Edge, *, tls: bool = False) -> None:
+    def __init__(self, edge: Edge, *, tls: bool = False, h2_stream: bool = False) -> None:
         self.edge = edge
+        # One HTTP/2 stream's exchange (its transport is the stream: gateway/edge/http2.py), or a
+        # connection that switched to HTTP/2 (then h2 is its session).
+        self.h2_stream = h2_stream
+        self.h2: Http2Session | None = None
         self.settings = edge.settings
         # The scheme clients used: https on the TLS listener; else what server.public_url says (a TLS
         # load balancer in front may make the plain listener public as https).
@@ -361,8 +387,25 @@ class EdgeProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self.edge.connections.add(self)
+        if (
+            ssl_object is not None and not self.h2_stream and ssl_object.selected_alpn_protocol() == "h2"
+            and self._to_http2(b"")
+        ):  # fmt: skip
+            return
         self.deadline.start(self.settings.header_timeout_s)
         self.head_timed = True
+
+    def _to_http2(self, data: bytes) -> bool:
+        """The client speaks HTTP/2 (ALPN h2, or the h2c preface in ``data``): the session takes the
+        transport over; this object stays as its owner in the edge's connections, parsing nothing."""
+        start = self.edge.start_h2
+        if start is None:
+            return False
+        self.closing = True
+        self.deadline.cancel()
+        self.parser = None
+        self.h2 = start(self, data)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge.connection_closed(self)
@@ -404,6 +447,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.early_tunnel_data += data[offset:]
             self.pause_reading()  # nothing more is parsed: the rest belongs to the tunnel
         except httptools.HttpParserError as exc:
+            if data.startswith(H2_PREFACE_START) and self._may_switch() and self._to_http2(data):
+                return
             self._protocol_error("bad_request", f"malformed request: {exc}")
             return
         # Requests start once this read is parsed: a framing error anywhere in it is answered before
@@ -414,6 +459,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._head_in_progress(len(data))
         if self.ended_in_read:
             self.ended_in_read = False
+
+    def _may_switch(self) -> bool:
+        """Nothing of HTTP/1.1 is under way (the h2c preface may start a connection only)."""
+        return self.current is None and not self.pending and not self.h2_stream and self.tunnel is None
 
     def _head_in_progress(self, read: int) -> None:
         """A read ended inside a request head (split over packets; a whole head moves nothing here)."""
@@ -611,7 +660,7 @@ class EdgeProtocol(asyncio.Protocol):
             if edge.api_rates is not None and ex.has_credentials and self._over_key_rate(ex, edge.api_rates):
                 return
             head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
-            self._send(ex, edge.api_key, edge.api_unix_path, head)
+            self._send(ex, edge.pool, edge.api_key, edge.api_unix_path, head)
         else:
             self._carry_out(ex, decision)
 
@@ -661,7 +710,14 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.has_credentials:
             token_headers = access.BEARER_TOKEN_HEADERS if route.bearer else access.TOKEN_HEADERS
             headers = hdr.strip_gateway_credentials(headers, access.COOKIE_NAMES, token_headers)
-        self._send(ex, (route.vm_id, route.ip, route.port), None, self._request_head(ex, decision, headers))
+        pool = self.edge.pool
+        if self.h2_stream and hdr.is_grpc(ex.headers):
+            # gRPC needs HTTP/2 to the app as well (its trailers, its streaming): h2c to the VM.
+            h2c_pool = self.edge.h2c_pool
+            if h2c_pool is not None:
+                pool = h2c_pool
+        head = self._request_head(ex, decision, headers)
+        self._send(ex, pool, (route.vm_id, route.ip, route.port), None, head)
 
     async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
         """Its VM is suspended and wakes on demand: ask for it (again every WAKE_ASK_S) and hold the
@@ -709,18 +765,20 @@ class EdgeProtocol(asyncio.Protocol):
             client = self.client_info = self.edge.client_info(self.peer_ip, self.scheme, host, self.trusted)
         return hdr.forwarded_headers(ex.headers, client, prefix)
 
-    def _send(self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes) -> None:
-        conn = self.edge.pool.take_idle(key)
+    def _send(
+        self, ex: Exchange, pool: UpstreamPool, key: PoolKey, unix_path: str | None, head: bytes
+    ) -> None:
+        conn = pool.take_idle(key)
         if conn is None:
-            self._spawn(lambda: self._connect_then_send(ex, key, unix_path, head))
+            self._spawn(lambda: self._connect_then_send(ex, pool, key, unix_path, head))
         else:
             self._attach(ex, conn, head)
 
     async def _connect_then_send(
-        self, ex: Exchange, key: PoolKey, unix_path: str | None, head: bytes
+        self, ex: Exchange, pool: UpstreamPool, key: PoolKey, unix_path: str | None, head: bytes
     ) -> None:
         try:
-            conn = await self.edge.pool.connect(key, unix_path)
+            conn = await pool.connect(key, unix_path)
         except TimeoutError:
             self.edge.stats.connect_failed("timeout")
             self._reply(ex, "upstream_connect_timeout")
@@ -995,6 +1053,10 @@ class EdgeProtocol(asyncio.Protocol):
     def drain(self) -> None:
         """Stop taking requests on this connection: close it now if idle, else after its response."""
         self.draining = True
+        h2 = self.h2
+        if h2 is not None:
+            h2.drain()  # GOAWAY: the streams under way finish
+            return
         if self.transport is None:
             return
         if self.tunnel is not None:

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 
 from gateway.background import stop_loop
 from gateway.config import Config, split_host_port
+from gateway.edge import http2
+from gateway.edge.h2c import h2c_dial
 from gateway.edge.impl import select
 from gateway.edge.observe import FLUSH_INTERVAL_S, AccessLog, VmTraffic
 from gateway.edge.protocol import Edge
@@ -74,6 +76,13 @@ async def running_edge(
     )
     settings = impl.settings.EdgeSettings.from_config(config, api_upstream)
     edge: Edge = impl.protocol.Edge(settings, resolver, pool, access_log, waker)
+    if config.edge.http2:
+        edge.start_h2 = http2.starter(
+            config.edge.http2_max_streams, config.edge.keepalive_timeout_s, config.edge.max_header_bytes
+        )
+        h2c_pool: UpstreamPool = impl.upstream.UpstreamPool(config.edge.upstream_connect_timeout_s)
+        h2c_pool.dial = h2c_dial(h2c_pool, impl.upstream.UpstreamConnection)
+        edge.h2c_pool = h2c_pool
     edge_protocol = impl.protocol.EdgeProtocol
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
@@ -118,6 +127,8 @@ async def running_edge(
             server.close()
         await edge.drain(config.server.shutdown_grace_s)
         pool.close_all()
+        if edge.h2c_pool is not None:
+            edge.h2c_pool.close_all()
         events.remove(resolver)
         if traffic is not None:
             await stop_loop(traffic_flusher)

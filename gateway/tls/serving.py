@@ -56,6 +56,7 @@ def cert_store(config: Config, client: aioredis.Redis) -> CertStore:
 async def serving_tls(config: Config, client: aioredis.Redis, events: EventFeed) -> AsyncIterator[TlsServing]:
     store = await asyncio.to_thread(cert_store, config, client)
     default = await asyncio.to_thread(default_certificate, Path(config.tls.certs_dir), operator_names(config))
-    table = SniTable(await asyncio.to_thread(server_context, default))
+    alpn = ("h2", "http/1.1") if config.edge.http2 else ("http/1.1",)
+    table = SniTable(await asyncio.to_thread(server_context, default), alpn)
     async with following(store, table, events) as follower:
         yield TlsServing(table, store, follower)

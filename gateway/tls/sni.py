@@ -37,7 +37,11 @@ def choose(table: Mapping[str, T], server_name: str | None) -> T | None:
 class SniTable:
     """Names -> server SSLContexts, with the default; ``context`` is what the TLS listener is given."""
 
-    def __init__(self, default: ssl.SSLContext) -> None:
+    def __init__(self, default: ssl.SSLContext, alpn: tuple[str, ...] = ("http/1.1",)) -> None:
+        # What the listener offers in ALPN (h2 first when HTTP/2 is on), set on every context it serves:
+        # the context chosen by SNI is the one whose ALPN list the handshake uses.
+        self.alpn = alpn
+        default.set_alpn_protocols(list(alpn))
         self.default = default
         self._by_name: dict[str, ssl.SSLContext] = {}
         # certificate id -> the names it serves and its context
@@ -50,6 +54,7 @@ class SniTable:
 
     def put(self, cert_id: str, names: tuple[str, ...], context: ssl.SSLContext) -> None:
         """Serve ``context`` for ``names`` from now on (replacing what ``cert_id`` served before)."""
+        context.set_alpn_protocols(list(self.alpn))
         by_name = self._without(cert_id)
         for name in names:
             by_name[name] = context

@@ -248,3 +248,20 @@ def test_upgrade_responses_must_answer_the_handshake() -> None:
     assert not hdr.valid_upgrade_response([(b"Host", b"a")], good)  # nothing was asked
     other = [(b"Connection", b"upgrade"), (b"Upgrade", b"foo/2")]
     assert hdr.valid_upgrade_response([(b"Connection", b"upgrade"), (b"Upgrade", b"foo/1, bar")], other)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "grpc"),
+    [
+        (b"application/grpc", True),
+        (b"application/grpc+proto", True),
+        (b"Application/GRPC; charset=x", True),
+        (b"application/grpc-web", False),  # HTTP/1.1-friendly: goes as any request
+        (b"application/grpc-web+proto", False),
+        (b"application/json", False),
+        (None, False),
+    ],
+)
+def test_grpc_requests_are_told_by_their_content_type(content_type: bytes | None, grpc: bool) -> None:
+    headers = [(b"Host", b"x")] + ([(b"Content-Type", content_type)] if content_type else [])
+    assert hdr.is_grpc(headers) is grpc
