@@ -36,3 +36,27 @@ def cookie_value(token_sha256: str, scope: bytes) -> bytes:
 def cookie_values(tokens_sha256: Iterable[str], scope: bytes) -> frozenset[bytes]:
     """Every cookie that opens the app: one per accepted token (computed once per cached route)."""
     return frozenset(cookie_value(token, scope) for token in tokens_sha256)
+
+
+# Signed URLs: a URL that opens one app (a VM's port) until a time, with an HMAC-SHA256 keyed by the VM's
+# URL key (random, rotated on request: every URL signed before stops working). What is signed is what
+# the URL grants: the VM, the port, the expiry, the key's version, and the share it came from ("" for the
+# app-url call's), so a URL made from a share stops when that share is revoked or replaced.
+URL_KEY_BYTES = 32
+
+
+def signed_url_scope(vm_id: str, port: int, expires: int, key_version: int, share_id: str) -> bytes:
+    """The bytes a signed URL's signature covers (one field a line: none can spill into another)."""
+    fields = (vm_id.encode(), port, expires, key_version, share_id.encode())
+    return b"gw-signed-url\n%s\n%d\n%d\n%d\n%s" % fields
+
+
+def url_signature(key: bytes, scope: bytes) -> str:
+    """A signed URL's ``signature`` parameter: HMAC-SHA256 of its scope, hex."""
+    return hmac.new(key, scope, hashlib.sha256).hexdigest()
+
+
+def signed_cookie_mac(key: bytes, scope: bytes) -> str:
+    """The MAC in the cookie a signed URL is traded for (another message than the URL's signature, so
+    neither stands for the other)."""
+    return hmac.new(key, b"cookie\n" + scope, hashlib.sha256).hexdigest()
