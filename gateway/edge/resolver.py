@@ -240,7 +240,7 @@ class Resolver:
                 # a signed URL may open it (a private route no token opens), once the VM signs URLs.
                 if kind == "d":
                     return _route(vm, port, None)
-                return _route(vm, port, frozenset()) if vm.url_key else None
+                return _route(vm, port, frozenset()) if _url_key(vm.url_key) is not None else None
             if not share.get("is_public"):
                 token_sha256 = share.get("token_sha256")
                 if not isinstance(token_sha256, str):
