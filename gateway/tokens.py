@@ -1,10 +1,14 @@
-"""Secrets as the gateway keeps them (pure): the one hash of an API key or access token, and the edge's
-cookie MAC.
+"""Secrets as the gateway keeps them (pure): the one hash of an API key or access token, the edge's
+cookie MAC, and signed URLs' HMAC.
 
 Redis holds only hashes, so an API key is looked up by the hash of what the client sent (nothing secret
 is compared byte by byte) and a route never carries a usable secret. The edge's cookie holds a MAC of one
 app keyed by a token's hash, never the token. The API (minting share tokens), the key store and the edge
 (checking tokens and cookies) all compute these here, so they can never disagree.
+
+The one secret Redis holds as it is: each VM's URL key (``VmRecord.url_key``), since an edge must compute
+a signed URL's HMAC, which no hash of the key allows. It opens nothing by itself (no edge takes a key, only
+signatures), the API never shows it, and rotating it revokes every URL it signed.
 """
 
 from __future__ import annotations
