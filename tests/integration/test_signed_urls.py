@@ -221,6 +221,7 @@ async def test_the_app_url_call_signs_a_port_without_making_it_public(
     assert await status_of(browser, plain + "echo") == (404, "no_route")  # not exposed by asking
     status, vm = await gw.request("GET", f"/v1/vms/{app['vm_id']}")
     assert status == 200 and vm["exposed_ports"] == []
+    assert not any("key" in name for name in vm)  # the URL key never leaves the gateway
     assert (await echoed(browser, at(app["url"], "echo?q=1")))["path"] == "/echo?q=1"
     assert await websocket_echo(browser, at(app["url"], "ws")) == "/ws"
     url, host = host_form(gw, app["direct_url"], "/ws")
