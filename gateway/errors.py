@@ -114,6 +114,12 @@ EDGE_ERRORS: dict[str, tuple[int, str]] = {
     ),
     "vm_wake_timeout": (503, "the VM is resuming and was not back in time: try again"),
     "store_unavailable": (503, "routing unavailable"),
+    # Signed URLs (?signature=...&expires=...): authentic but past its time, or not signed by this VM's
+    # current URL key (tampered, rotated, for another app or a replaced share).
+    "signature_expired": (403, "this signed URL has expired: ask for a new one"),
+    "signature_invalid": (
+        403, "this signed URL's signature is not valid (altered, revoked by a key rotation, or another app's)"
+    ),
     # The edge itself
     "too_many_connections": (503, "too many open connections; try again later"),
     "too_many_vm_exchanges": (429, "this app has too many requests in flight; try again shortly"),

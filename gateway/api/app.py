@@ -22,6 +22,7 @@ from gateway.api import (
     session_records,
     sessions,
     shares,
+    signed_urls,
     snapshots,
     templates,
     unsupported,
@@ -42,6 +43,7 @@ from gateway.api.context import (
     LIFECYCLE,
     ORCHESTRATOR,
     SHARES,
+    SIGNED_URLS,
     TERMINALS,
     VM_VOLUMES,
 )
@@ -60,6 +62,7 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
+from gateway.orchestrator.signed_urls import SignedUrls
 from gateway.orchestrator.vm_volumes import VmVolumes
 from gateway.server_header import use_neutral_server_header
 
@@ -112,7 +115,8 @@ def make_api_app(
     app[FILES] = VmFiles(orchestrator)
     app[TERMINALS] = terminals = Terminals(orchestrator)
     app[EXECUTIONS] = executions = Executions(orchestrator)
-    app[SHARES] = Shares(orchestrator)
+    app[SHARES] = shares_service = Shares(orchestrator)
+    app[SIGNED_URLS] = SignedUrls(orchestrator, shares_service)
     app[EGRESS] = EgressPolicies(orchestrator)
     app[VM_VOLUMES] = VmVolumes(orchestrator)
     app[LIFECYCLE] = lifecycle or Lifecycle(orchestrator)
@@ -126,6 +130,7 @@ def make_api_app(
     app.add_routes(files.routes)
     app.add_routes(pty.routes)
     app.add_routes(shares.routes)
+    app.add_routes(signed_urls.routes)
     app.add_routes(vm_lifecycle.routes)
     app.add_routes(instances.routes)
     app.add_routes(snapshots.routes)

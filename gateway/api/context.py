@@ -14,6 +14,7 @@ from gateway.orchestrator.lifecycle import Lifecycle
 from gateway.orchestrator.pty import Terminals
 from gateway.orchestrator.service import Orchestrator
 from gateway.orchestrator.shares import Shares
+from gateway.orchestrator.signed_urls import SignedUrls
 from gateway.orchestrator.vm_volumes import VmVolumes
 
 CONFIG = web.AppKey("config", Config)
@@ -24,6 +25,7 @@ FILES = web.AppKey("files", VmFiles)
 TERMINALS = web.AppKey("terminals", Terminals)
 EXECUTIONS = web.AppKey("executions", Executions)
 SHARES = web.AppKey("shares", Shares)
+SIGNED_URLS = web.AppKey("signed_urls", SignedUrls)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 EGRESS = web.AppKey("egress", EgressPolicies)
 VM_VOLUMES = web.AppKey("vm_volumes", VmVolumes)

@@ -132,6 +132,22 @@ OPERATIONS: list[
     ),
     ("get", "/v1/shares/{share_id}", "Get Share", None, s.ShareResponse, None),
     ("patch", "/v1/shares/{share_id}", "Update Or Revoke Share", s.ShareUpdateRequest, s.ShareResponse, None),
+    (
+        "post",
+        "/v1/shares/{share_id}/signed-url",
+        "Sign An Expiring Url For A Share",
+        s.SignedUrlRequest,
+        s.SignedUrlResponse,
+        None,
+    ),
+    (
+        "post",
+        "/v1/vms/{vm_id}/url-key/rotate",
+        "Rotate The Vm's Url Key (revokes every signed url)",
+        None,
+        s.UrlKeyRotateResponse,
+        None,
+    ),
     ("get", "/orgs/{org_uuid}/api/instances", "List Instances", None, s.InstanceListResponse, None),
     (
         "post",
@@ -248,6 +264,7 @@ SUCCESS_STATUS = {
     ("post", "/v1/custom-domains"): "201",
     ("post", "/v1/custom-domains/{domain}/verify"): "202",
     ("post", "/v1/shares"): "201",
+    ("post", "/v1/shares/{share_id}/signed-url"): "201",
     ("post", "/v1/vaults"): "201",
     ("post", "/v1/volumes"): "201",
     ("post", VOLUME + "/checkpoints"): "201",
@@ -280,7 +297,9 @@ ERROR_DESCRIPTIONS = {
 # path parameter).
 EXTRA_ERRORS = {
     ("post", "/v1/vms"): ("404", "409", "502"),
-    ("get", "/v1/sessions/app-url/{session_id}"): ("409",),
+    ("get", "/v1/sessions/app-url/{session_id}"): ("409", "410"),
+    ("post", "/v1/shares/{share_id}/signed-url"): ("409", "410"),
+    ("post", "/v1/vms/{vm_id}/url-key/rotate"): ("410",),
     ("post", "/execute"): ("404", "410", "429", "502", "504"),
     ("post", "/execute_async"): ("404", "429"),
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),

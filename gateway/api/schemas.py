@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, fi
 from pydantic_core import PydanticCustomError
 
 from gateway.egress.policy import normalise_name, valid_pattern
+from gateway.orchestrator.signed_urls import MAX_EXPIRES_IN_S, MIN_EXPIRES_IN_S
 from gateway.orchestrator.vault_rules import MAX_VAULTS_PER_VM
 
 VCPU_COUNTS = (1, 2, 4, 6, 8)
@@ -151,8 +152,15 @@ class SessionStatusResponse(_Model):
     env_error: str | None = None
 
 
+EXPIRES_IN_DOC = (
+    "seconds the URL stays valid; the URL then carries signature and expires, opens the port without "
+    "making it public, and is revoked by rotating the VM's URL key"
+)
+
+
 class AppUrlQuery(_Model):
     port: int = Field(80, ge=1, le=65535)
+    expires_in: int | None = Field(None, ge=MIN_EXPIRES_IN_S, le=MAX_EXPIRES_IN_S, description=EXPIRES_IN_DOC)
 
 
 class AppURLResponse(_Model):
@@ -164,6 +172,9 @@ class AppURLResponse(_Model):
     session_id: str
     status: str
     expires_in_seconds: int | None = None
+    # With expires_in: when the signed URL stops working, and the version of the key that signed it.
+    expires_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    key_version: int | None = None
 
 
 class SessionInfoResponse(_Model):
@@ -534,6 +545,34 @@ class ShareUpdateRequest(_Model):
     is_public: bool | None = None
     revoke: bool | None = None
     host: HostPolicy | None = Field(None, description=HOST_POLICY_DOC)
+
+
+class SignedUrlRequest(_Model):
+    expires_in: int = Field(ge=MIN_EXPIRES_IN_S, le=MAX_EXPIRES_IN_S, description=EXPIRES_IN_DOC)
+
+
+class SignedUrlResponse(_Model):
+    """A signed URL of a share (both forms of its address, the same signature): valid until
+    ``expires_at`` (``expires``: the same, unix seconds), the share's revocation or a key rotation."""
+
+    url: str
+    direct_url: str
+    expires_at: str = Field(json_schema_extra={"format": "date-time"})
+    expires: int
+    expires_in: int
+    signature: str
+    key_version: int
+    share_id: str
+    vm_id: str
+    port: int
+
+
+class UrlKeyRotateResponse(_Model):
+    """The VM's new URL key's version: every URL signed before no longer works."""
+
+    vm_id: str
+    key_version: int
+    rotated_at: str = Field(json_schema_extra={"format": "date-time"})
 
 
 class ShareResponse(_Model):

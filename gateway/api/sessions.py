@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from gateway.api.auth import authenticate
-from gateway.api.context import CONFIG, ORCHESTRATOR
+from gateway.api.context import CONFIG, ORCHESTRATOR, SIGNED_URLS
 from gateway.api.responses import app_url_for, direct_url, iso, json_response, remaining_s, uptime_s
 from gateway.api.schemas import (
     AppUrlQuery,
@@ -86,16 +86,27 @@ async def app_url(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     orchestrator = request.app[ORCHESTRATOR]
     config = request.app[CONFIG]
-    vm = await orchestrator.open_app_url(owner, session_id, query.port)  # exposes the port
+    signed = None
+    if query.expires_in is None:
+        vm = await orchestrator.open_app_url(owner, session_id, query.port)  # exposes the port
+    else:
+        # A signed URL instead: it opens the port until it expires, and the port stays as it was.
+        signed = await request.app[SIGNED_URLS].for_session_port(
+            owner, session_id, query.port, query.expires_in
+        )
+        vm = signed.vm
+    suffix = "?" + signed.query if signed is not None else ""
     return json_response(
         AppURLResponse(
-            url=app_url_for(config, session_id, query.port),
-            direct_url=direct_url(config, vm.vm_id, query.port),
+            url=app_url_for(config, session_id, query.port) + suffix,
+            direct_url=direct_url(config, vm.vm_id, query.port) + suffix,
             vm_ip=vm.ip,
             port=query.port,
             vm_id=vm.vm_id,
             session_id=session_id,
             status=vm.status,
             expires_in_seconds=int(remaining_s(vm, time.time())),
+            expires_at=iso(signed.expires) if signed is not None else None,
+            key_version=signed.key_version if signed is not None else None,
         )
     )

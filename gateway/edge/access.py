@@ -22,6 +22,8 @@ from collections.abc import Sequence
 # re-exported here because the edge's connection code names them through this module.
 from gateway.tokens import KEY_PREFIX, cookie_scope, cookie_value, cookie_values, token_hash
 
+from .signed import COOKIE_NAME as SIGNED_COOKIE_NAME
+
 __all__ = ["cookie_scope", "cookie_value", "cookie_values", "token_hash"]
 
 TOKEN_HEADER = b"x-access-token"
@@ -31,7 +33,8 @@ TOKEN_HEADERS = frozenset({TOKEN_HEADER})
 BEARER_TOKEN_HEADERS = frozenset({TOKEN_HEADER, AUTHORIZATION})
 TOKEN_QUERY_PARAM = b"gw_access_token"
 COOKIE_NAME = b"gw_access"
-COOKIE_NAMES = frozenset({COOKIE_NAME})
+# The gateway's cookies, taken out of every request to an app: this one, and a signed URL's (edge.signed).
+COOKIE_NAMES = frozenset({COOKIE_NAME, SIGNED_COOKIE_NAME})
 # The platform's own API keys, which a client may send to an app by habit or by mistake (the SDK's
 # X-API-Key, a Bearer header, an api_key parameter): recognised by their format, so that an app's own
 # X-API-Key or Authorization passes untouched.

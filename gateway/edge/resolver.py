@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
-from gateway.state.events import DomainChanged, Event, OrgKeysChanged, PortExposed, ShareChanged, VmChanged
+from gateway.state.events import (
+    DomainChanged,
+    Event,
+    OrgKeysChanged,
+    PortExposed,
+    ShareChanged,
+    UrlKeyChanged,
+    VmChanged,
+)
 from gateway.state.ports import HOST_LOCALHOST, VM_SUSPENDED, RouteSource, VmRecord
 from gateway.tokens import cookie_scope, cookie_values
 
@@ -58,6 +66,11 @@ class Route:
     auto_resume: bool = False
     # The Host the app sees instead of the public one (its share's "localhost" policy): b"localhost:<port>".
     app_host: bytes | None = None
+    # Its VM's URL-signing key and version (signed URLs, edge.signed); None: it has signed none. And the
+    # share opening the port (what a share's signed URLs grant).
+    url_key: bytes | None = None
+    url_key_version: int = 0
+    share_id: str | None = None
 
 
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
@@ -71,7 +84,9 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
     cookies = cookie_values(tokens, cookie_scope(vm.vm_id, port)) if tokens else frozenset()
     suspended = vm.status == VM_SUSPENDED
     share = vm.share or {}
-    localhost = share.get("port") == port and share.get("host") == HOST_LOCALHOST
+    shared = share.get("port") == port
+    localhost = shared and share.get("host") == HOST_LOCALHOST
+    share_id = share.get("share_id") if shared else None
     return Route(
         vm.vm_id,
         vm.session_id,
@@ -84,7 +99,20 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
         suspended,
         vm.auto_resume,
         b"localhost:%d" % port if localhost else None,
+        _url_key(vm.url_key),
+        vm.url_key_version or 0,
+        share_id if isinstance(share_id, str) else None,
     )
+
+
+def _url_key(text: str | None) -> bytes | None:
+    """The VM's URL key as bytes; None when it has none (or a malformed one: then nothing is signed)."""
+    if not text:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
 
 
 class Resolver:
@@ -208,8 +236,11 @@ class Resolver:
         if not exposed:
             share = vm.share or {}
             if share.get("port") != port:
-                # Only a custom domain reaches a port nobody shared: the customer published it.
-                return _route(vm, port, None) if kind == "d" else None
+                # Only a custom domain reaches a port nobody shared: the customer published it. Else only
+                # a signed URL may open it (a private route no token opens), once the VM signs URLs.
+                if kind == "d":
+                    return _route(vm, port, None)
+                return _route(vm, port, frozenset()) if _url_key(vm.url_key) is not None else None
             if not share.get("is_public"):
                 token_sha256 = share.get("token_sha256")
                 if not isinstance(token_sha256, str):
@@ -307,6 +338,10 @@ class Resolver:
             self.forget(event.vm_id, None)
             for revoked in self.on_share_revoked:
                 revoked(event.vm_id, event.port)
+        elif isinstance(event, UrlKeyChanged):
+            # A new key (or the first): routes cached with the old one go, and the VM's "no route" answers
+            # (a port only a signed URL opens).
+            self.forget(event.vm_id, event.session_id)
         elif isinstance(event, PortExposed | ShareChanged):
             # A newly exposed or shared port: cached "no route" answers (by VM or by session) may be wrong
             # now. Rare, so dropping every negative entry is cheaper than indexing them.

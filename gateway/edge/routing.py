@@ -8,9 +8,10 @@ Two steps, because the route lookup between them may leave the parser's callback
 
 - ``before_lookup``: a refused target, 421 for a name outside the connection's certificate, the
   redirect to https, the control plane, or the route-cache key of an app;
-- ``after_lookup``: no route, a query token traded for a cookie (303), a private app's missing
-  credentials (the same 404 as no route: no oracle), a body known to be too large (413), or the
-  request target to forward.
+- ``after_lookup``: no route, a query token traded for a cookie (303), a signed URL checked
+  (``signed``: refused with 403, traded for a cookie on a browser navigation, or forwarded without its
+  parameters), a private app's missing credentials (the same 404 as no route: no oracle), a body known
+  to be too large (413), or the request target to forward.
 
 On the hot path (an app whose route is cached, no token) nothing is made here but the forwarded target:
 the cache key comes with the parsed target, fixed answers are module constants, and the arguments are
@@ -19,11 +20,12 @@ positional (this runs for every request).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import access
+from . import access, signed
 from .target import ApiTarget, AppTarget, Rejection
 
 if TYPE_CHECKING:
@@ -100,14 +102,29 @@ class RoutingPolicy:
         if route is None:
             return NO_ROUTE
         request_target = target.upstream_target
+        url_key = route.url_key
         if route.tokens is not None:
             request_target, token = access.split_token_from_target(request_target)
             if token is not None:
                 return _token_for_cookie(target, route, token, url, scheme)
-            if not access.opens(headers, route.tokens, route.cookies, bearer=route.bearer):
+            answer: Reply | Redirect | bytes | None = None
+            if url_key is not None and request_target.find(signed.SIGNATURE_PARAM) >= 0:
+                answer = _signed_url(
+                    target, route, url_key, request_target, url, headers, scheme, content_length
+                )
+            if answer is not None:
+                if not isinstance(answer, bytes):
+                    return answer  # refused (403), or sent on with a cookie
+                request_target = answer
+            elif not access.opens(headers, route.tokens, route.cookies, bearer=route.bearer) and not (
+                url_key is not None and _signed_cookie_opens(route, url_key, headers)
+            ):
                 return NO_ROUTE  # the same answer as an unknown app: no oracle
-        elif request_target.find(access.TOKEN_QUERY_PARAM) >= 0:
-            request_target, _ = access.split_token_from_target(request_target)
+        else:
+            if request_target.find(access.TOKEN_QUERY_PARAM) >= 0:
+                request_target, _ = access.split_token_from_target(request_target)
+            if url_key is not None and request_target.find(signed.SIGNATURE_PARAM) >= 0:
+                request_target = _without_authentic_signature(route, url_key, request_target)
         if route.suspended:  # (only for those who may open it: a private app says nothing of its state)
             return WAKE if route.auto_resume else SUSPENDED
         if request_target.find(access.PLATFORM_KEY_PREFIX) >= 0:
@@ -134,3 +151,46 @@ def _token_for_cookie(
     cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
     value = access.cookie_value(access.token_hash(token), access.cookie_scope(route.vm_id, route.port))
     return Redirect(303, clean, access.cookie_header(value, cookie_path, secure=scheme == "https"))
+
+
+def _signed_url(
+    target: AppTarget, route: Route, key: bytes, request_target: bytes, url: bytes,
+    headers: Sequence[tuple[bytes, bytes]], scheme: str, content_length: int | None,
+) -> Reply | Redirect | bytes | None:  # fmt: skip
+    """A private app's request with ``signature``/``expires`` in its query (None: it has neither): 403
+    when refused; else the target without them, or for a browser navigation a redirect there with the
+    cookie that opens the app until the URL's expiry."""
+    clean, signatures, expires = signed.split_params(request_target)
+    if not signatures and not expires:
+        return None
+    now = time.time()
+    verdict, expiry, grant = signed.check(
+        signatures, expires, route.vm_id, route.port, route.share_id, key, route.url_key_version, now
+    )
+    if verdict != signed.OK:
+        return Reply(verdict)
+    if not content_length and signed.is_navigation(headers):  # (a form's body is not redirected)
+        location, _, _ = signed.split_params(url)
+        value = signed.cookie_value(route.vm_id, route.port, expiry, grant, key, route.url_key_version)
+        cookie_path = target.prefix + b"/" if target.prefix is not None else b"/"
+        cookie = signed.cookie_header(value, cookie_path, int(expiry - now), secure=scheme == "https")
+        return Redirect(303, location, cookie)
+    return clean
+
+
+def _signed_cookie_opens(route: Route, key: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    return signed.cookie_opens(
+        headers, route.vm_id, route.port, route.share_id, key, route.url_key_version, time.time()
+    )
+
+
+def _without_authentic_signature(route: Route, key: bytes, request_target: bytes) -> bytes:
+    """A public app needs no signature: one this VM's key made (valid or expired) is taken out; anything
+    else under those names is the app's own and goes through untouched."""
+    clean, signatures, expires = signed.split_params(request_target)
+    if not signatures:
+        return request_target
+    verdict, _, _ = signed.check(
+        signatures, expires, route.vm_id, route.port, route.share_id, key, route.url_key_version, time.time()
+    )
+    return request_target if verdict == signed.INVALID else clean

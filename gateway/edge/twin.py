@@ -25,7 +25,7 @@ COMPILED_PACKAGE = "gateway._edgec"
 # twin to itself. server.py (the listener) and the selection stay interpreted: they run once.
 MODULES = (
     "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "ratelimit", "resolver",
-    "routing", "settings", "target", "tunnel", "upstream", "websocket",
+    "routing", "settings", "signed", "target", "tunnel", "upstream", "websocket",
 )  # fmt: skip
 EDGE_DIR = Path(__file__).resolve().parent
 

@@ -55,6 +55,16 @@ class ShareChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class UrlKeyChanged:
+    """A VM's URL-signing key was made or rotated: cached routes of the VM carry the old one (every URL
+    signed before a rotation stops working), and "no route" answers may be wrong now."""
+
+    TYPE: ClassVar[str] = "url_key"
+    vm_id: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class WakeRequested:
     """An edge holds a request for a suspended VM created with auto_resume: a control plane resumes it."""
 
@@ -110,6 +120,7 @@ Event = (
     VmChanged
     | PortExposed
     | ShareChanged
+    | UrlKeyChanged
     | WakeRequested
     | VmReleased
     | DomainChanged
@@ -124,6 +135,7 @@ _BY_TYPE: dict[str, type[Event]] = {
         VmChanged,
         PortExposed,
         ShareChanged,
+        UrlKeyChanged,
         WakeRequested,
         VmReleased,
         DomainChanged,

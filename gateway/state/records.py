@@ -134,6 +134,10 @@ class VmRecord(_Record):
     share: dict[str, Any] = field(default_factory=dict)
     handle: dict[str, Any] = field(default_factory=dict)
     custom_domain: str | None = None
+    # The key that signs its URLs (hex; made at the first signed URL) and its version: a rotation makes a
+    # new key and version, and every URL signed before stops working. Never shown by the API.
+    url_key: str | None = None
+    url_key_version: int = 0
     # Snapshots: asked for at create, made when the VM is killed or expires (not when it failed).
     snapshot_on_terminate: bool = False
     snapshot_name: str | None = None

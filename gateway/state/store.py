@@ -8,6 +8,7 @@ crash between two commands never leaves an index that points at nothing. Redis f
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from gateway.state.events import (
     Event,
     PortExposed,
     ShareChanged,
+    UrlKeyChanged,
     VmChanged,
     VmReleased,
     WakeRequested,
@@ -36,6 +38,7 @@ from gateway.state.records import (
     VmRecord,
     dump_field,
 )
+from gateway.tokens import URL_KEY_BYTES
 
 # Claim the next free slot after a rotating cursor, so a just-freed slot (and its IP) is reused last.
 _CLAIM_SLOT = """
@@ -175,6 +178,22 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
+# A VM's URL-signing key: made if it has none (or replaced, ARGV[2] = '1': a rotation, with the next
+# version). KEYS: VM hash. ARGV: a new key (hex), replace. Returns false for no VM, else {key, version,
+# changed (0/1)}.
+_URL_KEY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local key = redis.call('HGET', KEYS[1], 'url_key') or ''
+local version = tonumber(redis.call('HGET', KEYS[1], 'url_key_version') or '') or 0
+if ARGV[2] == '1' or key == '' then
+  key = ARGV[1]
+  version = version + 1
+  redis.call('HSET', KEYS[1], 'url_key', key, 'url_key_version', version)
+  return {key, version, 1}
+end
+return {key, version, 0}
+"""
+
 # Move a VM from one state to another (suspend, resume) once, with its new expiry and fields.
 # KEYS: VM hash, expiry zset. ARGV: from, to, VM id, expires at, field, value, ...
 _TRANSITION = """
@@ -206,6 +225,7 @@ class RedisStore:
         self._release_execution = client.register_script(_RELEASE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
         self._transition = client.register_script(_TRANSITION)
+        self._url_key = client.register_script(_URL_KEY)
         vm_key, ports_key, shares_key = keys.vm(_ID_MARK), keys.vm_ports(_ID_MARK), keys.vm_shares(_ID_MARK)
         self._vm_key_templates = [*vm_key.split(_ID_MARK), *ports_key.split(_ID_MARK)]
         self._shares_key_template = shares_key.split(_ID_MARK)
@@ -399,6 +419,22 @@ class RedisStore:
             )
         )
         await self.publish(ShareChanged(rec.vm_id, rec.port, revoked=True))
+
+    # signed URLs ------------------------------------------------------------------------------------
+
+    async def url_key(self, vm: VmRecord, *, rotate: bool = False) -> tuple[bytes, int] | None:
+        """The VM's URL-signing key and its version, made at first use; with ``rotate`` a new key (and
+        version) replaces it. None when the VM's record is gone. A new key is announced, so every edge
+        drops the routes it cached with the old one (and "no route" answers) at once."""
+        fresh = secrets.token_hex(URL_KEY_BYTES)
+        script = self._url_key
+        found = await guarded(script(keys=[self.keys.vm(vm.vm_id)], args=[fresh, "1" if rotate else "0"]))
+        if not found:
+            return None
+        key, version, changed = found
+        if int(changed):
+            await self.publish(UrlKeyChanged(vm.vm_id, vm.session_id))
+        return bytes.fromhex(key), int(version)
 
     # executions -------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ PURE = [
     "gateway.edge.target",
     "gateway.edge.headers",
     "gateway.edge.access",
+    "gateway.edge.signed",
     "gateway.orchestrator.drivers.cpu_times",
     "gateway.egress.policy",
     "gateway.egress.sni",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.state.events import PortExposed, ShareChanged, VmChanged, decode, encode
+from gateway.state.events import PortExposed, ShareChanged, UrlKeyChanged, VmChanged, decode, encode
 
 
 def test_an_event_survives_the_wire() -> None:
@@ -13,6 +13,7 @@ def test_an_event_survives_the_wire() -> None:
         PortExposed("vm-1", 3000),
         ShareChanged("vm-1", 3000),
         ShareChanged("vm-1", 3000, revoked=True),  # a boolean field (was dropped as malformed)
+        UrlKeyChanged("vm-1", "s-1"),
     )
     for event in events:
         assert decode(encode(event)) == event

@@ -10,7 +10,8 @@ POST /discard      -> reads a Content-Length body in pieces, answers its length 
 GET /hang          -> never answers
 POST /early        -> answers at once, without reading the request body
 GET /ws            -> WebSocket echo (text and binary), closes when the client closes; its 101
-                      says the request's Host and X-Forwarded-Host (X-Echo-Host, X-Echo-Forwarded-Host)
+                      says the request's Host and X-Forwarded-Host (X-Echo-Host, X-Echo-Forwarded-Host),
+                      its target and Cookie header (X-Echo-Path, X-Echo-Cookie)
 GET /ws-bad        -> 101 with a Sec-WebSocket-Accept that does not answer the key
 GET /overrun       -> a response followed, in the same write, by the start of another nobody asked for
 GET /endless-head  -> a response head whose one header line never ends (until the edge hangs up)
@@ -156,6 +157,8 @@ class Handler(BaseHTTPRequestHandler):
         # What the upgrade request carried, for the tests of the Host an app sees.
         self.send_header("X-Echo-Host", self.headers.get("Host", ""))
         self.send_header("X-Echo-Forwarded-Host", self.headers.get("X-Forwarded-Host", ""))
+        self.send_header("X-Echo-Path", self.path)  # the request target the app got
+        self.send_header("X-Echo-Cookie", self.headers.get("Cookie", ""))
         self.end_headers()
         self.wfile.flush()
         sock = self.connection
