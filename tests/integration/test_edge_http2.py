@@ -20,6 +20,7 @@ import h2.exceptions
 import pytest
 import trustme
 
+from gateway.edge.http2 import RESET_FLOOD
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT, start_app
 from tests.integration.test_tls import API_HOST, SANDBOX, store_cert, tls_address, tls_sections
@@ -44,6 +45,7 @@ class Answer:
     body: bytearray = field(default_factory=bytearray)
     trailers: dict[bytes, bytes] = field(default_factory=dict)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    head_in: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class H2Client:
@@ -104,6 +106,7 @@ class H2Client:
         if isinstance(event, h2.events.ResponseReceived) and answer is not None:
             answer.headers = dict(event.headers or [])
             answer.status = int(answer.headers[b":status"])
+            answer.head_in.set()
         elif isinstance(event, h2.events.DataReceived) and answer is not None:
             answer.body += event.data
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -410,3 +413,68 @@ async def no_streams_left(gw: GatewayUnderTest) -> None:
             await asyncio.wait_for(empty, TIMEOUT_S)
     finally:
         edge.connection_ended.remove(ended)
+
+
+async def test_shutdown_sends_goaway_and_lets_the_open_stream_finish(gateway_factory: object) -> None:
+    """curl downloads slowly over h2c; the gateway stops meanwhile: the stream finishes whole (the
+    connection got a GOAWAY, which the h2 library as a client cannot take: it ends its connection)."""
+    server = {"shutdown_grace_s": TIMEOUT_S}
+    gw: GatewayUnderTest = await gateway_factory("process", server=server)  # type: ignore[operator]
+    _, vm_id, _ = await start_app(gw)
+    app_host = f"{vm_id}-{APP_PORT}.{gw.config.api.sandbox_domain}"
+    plain = f"{gw.config.server.host}:{gw.config.server.port}"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "20", "--http2-prior-knowledge", "--limit-rate", "4M",
+        "-H", f"Host: {app_host}", f"http://{plain}/big?mib=4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.read(1), TIMEOUT_S)  # the answer is under way
+        stopping = asyncio.create_task(gw.stop())
+        rest, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err
+        assert len(first + rest) == 4 * 2**20  # finished after the GOAWAY
+        await asyncio.wait_for(stopping, TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_an_idle_http2_connection_is_closed_with_goaway(gateway_factory: object) -> None:
+    edge = {"keepalive_timeout_s": 0.5}
+    gw: GatewayUnderTest = await gateway_factory("process", edge=edge)  # type: ignore[operator]
+    _, vm_id, _ = await start_app(gw)
+    app_host = f"{vm_id}-{APP_PORT}.{gw.config.api.sandbox_domain}"
+    client = await H2Client.open(gw.config.server.host, gw.config.server.port)
+    try:
+        assert seen_by_app(await client.request("/echo", app_host, scheme="http"))["path"] == "/echo"
+        await asyncio.wait_for(client.closed, TIMEOUT_S)
+        assert client.terminated is not None
+        assert client.terminated.error_code == h2.errors.ErrorCodes.NO_ERROR
+    finally:
+        await client.close()
+
+
+async def test_a_client_that_resets_most_streams_it_opens_is_cut_off(gateway_factory: object) -> None:
+    """The "rapid reset" flood (CVE-2023-44487): each stream costs the edge a routed exchange and the
+    client nothing; past RESET_FLOOD resets, most of its streams, the edge says ENHANCE_YOUR_CALM."""
+    gw: GatewayUnderTest = await gateway_factory("process")  # type: ignore[operator]
+    _, vm_id, _ = await start_app(gw)
+    app_host = f"{vm_id}-{APP_PORT}.{gw.config.api.sandbox_domain}"
+    client = await H2Client.open(gw.config.server.host, gw.config.server.port)
+    try:
+        for _ in range(RESET_FLOOD + 100):
+            if client.closed.done():
+                break
+            stream_id, _ = client.start("/hang", app_host, scheme="http")
+            client.conn.reset_stream(stream_id)
+            client.flush()
+            await client.writer.drain()
+        await asyncio.wait_for(client.closed, TIMEOUT_S)
+        assert client.terminated is not None
+        assert client.terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        await no_streams_left(gw)
+    finally:
+        await client.close()
