@@ -433,6 +433,9 @@ class Http2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        # A client that does not read what it asked for (PING and SETTINGS acks, answers) is not read
+        # either: the output it leaves behind stays bounded by the transport's high-water mark.
+        self.transport.pause_reading()
         for stream in list(self.streams.values()):
             if not stream.writer_paused:
                 stream.writer_paused = True
@@ -440,6 +443,8 @@ class Http2Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if not self.closed:
+            self.transport.resume_reading()
         for stream in list(self.streams.values()):
             stream.pump()
             if stream.writer_paused and stream.held_out < STREAM_LOW and not stream.exchange_gone:

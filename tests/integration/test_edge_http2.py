@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -478,3 +479,37 @@ async def test_a_client_that_resets_most_streams_it_opens_is_cut_off(gateway_fac
         await no_streams_left(gw)
     finally:
         await client.close()
+
+
+async def test_a_client_that_reads_nothing_is_not_read_either(gateway_factory: object) -> None:
+    """PINGs (each answered) from a client that never reads: once its unread answers pass the
+    transport's high-water mark the edge stops reading it, so the output held for it stays bounded."""
+    gw: GatewayUnderTest = await gateway_factory("process")  # type: ignore[operator]
+    edge = gw.services.edge
+    assert edge is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (gw.config.server.host, gw.config.server.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"  # a PING frame, 17 bytes
+        # 17 MB of PINGs: more answers than the kernel's send buffer holds (not drained: the edge is to
+        # stop reading long before the end).
+        writer.write(conn.data_to_send() + ping * 1_000_000)
+        port = writer.get_extra_info("sockname")[1]
+        transport = next(
+            c.transport
+            for c in edge.connections
+            if c.transport and c.transport.get_extra_info("peername")[1] == port
+        )
+        for _ in range(int(TIMEOUT_S * 100)):
+            if not transport.is_reading():
+                break
+            await asyncio.sleep(0.01)
+        assert not transport.is_reading()
+        assert transport.get_write_buffer_size() < 1024 * 1024
+    finally:
+        writer.close()
