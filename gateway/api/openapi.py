@@ -114,6 +114,7 @@ OPERATIONS: list[
     ("post", "/v1/vms/{vm_id}/suspend", "Suspend Vm", None, s.VmResponse, None),
     ("post", "/v1/vms/{vm_id}/resume", "Resume Vm", None, s.VmResponse, s.VmCreateQuery),
     ("patch", "/v1/vms/{vm_id}", "Update Vm Settings", s.VmUpdateRequest, s.VmResponse, None),
+    ("post", "/v1/vms/{vm_id}/keepalive", "Keep Vm Alive (Idle Clock)", None, s.VmResponse, None),
     (
         "post",
         "/v1/vms/{vm_id}/snapshot",
@@ -280,6 +281,7 @@ ERROR_DESCRIPTIONS = {
 # path parameter).
 EXTRA_ERRORS = {
     ("post", "/v1/vms"): ("404", "409", "502"),
+    ("post", "/v1/vms/{vm_id}/keepalive"): ("410",),
     ("get", "/v1/sessions/app-url/{session_id}"): ("409",),
     ("post", "/execute"): ("404", "410", "429", "502", "504"),
     ("post", "/execute_async"): ("404", "429"),
