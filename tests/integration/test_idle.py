@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -183,6 +183,28 @@ async def test_client_data_frames_and_requests_keep_a_vm_up_past_its_timeout(gat
     assert_ended_as_idle(await until_not_active(gw, vm_id), "process")
 
 
+async def test_a_slow_upload_keeps_a_vm_up_while_its_body_arrives(gateway_factory: Any) -> None:
+    gw = await start(gateway_factory)
+    vm, url = await serving_vm(gw, idle_timeout_s=IDLE_S)
+    active_all_along = True
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        nonlocal active_all_along
+        end = time.monotonic() + 2.5 * IDLE_S
+        while time.monotonic() < end:
+            yield b"y" * 100
+            active_all_along &= (await vm_view(gw, vm["vm_id"]))["status"] == "active"
+            await asyncio.sleep(STEP_S)
+
+    # One request whose body takes longer than the timeout: its bytes are the activity.
+    async with gw.http.post(url + "echo", data=slow_body()) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["body_length"] > 0
+    assert active_all_along
+    assert (await vm_view(gw, vm["vm_id"]))["last_activity"]["source"] == "http"
+    assert_ended_as_idle(await until_not_active(gw, vm["vm_id"]), "process")
+
+
 async def test_keepalive_resets_the_idle_clock_and_settings_change_through_the_sdk(
     gateway_factory: Any,
 ) -> None:
@@ -216,6 +238,24 @@ async def test_keepalive_resets_the_idle_clock_and_settings_change_through_the_s
     assert_ended_as_idle(await until_not_active(gw, vm_id), "process")
     status, body = await gw.request("POST", f"/v1/vms/{vm_id}/keepalive")
     assert status == 410, body
+
+
+async def test_typing_in_a_terminal_keeps_a_vm_up(gateway_factory: Any) -> None:
+    gw = await start(gateway_factory)
+    client: InstaVM = await asyncio.to_thread(sdk, gw)
+    vm = await asyncio.to_thread(
+        client.vms.create, True, None, session_id=client.session_id, idle_timeout_s=IDLE_S
+    )
+    vm_id = vm["vm_id"]
+    await asyncio.to_thread(client.pty.create_for_vm, vm_id, 80, 24, None, "typing", None)
+    async with gw.http.ws_connect(client.pty.ws_url_for_vm(vm_id, "typing")) as ws:
+
+        async def type_something() -> None:
+            await ws.send_bytes(b"true\n")
+
+        await keep_doing(type_something, gw, vm_id, 2.5 * IDLE_S)
+        assert (await vm_view(gw, vm_id))["last_activity"]["source"] == "api"
+        assert_ended_as_idle(await until_not_active(gw, vm_id), "process")  # the terminal open, no typing
 
 
 async def test_an_idle_timeout_removed_with_patch_keeps_the_vm(gateway_factory: Any) -> None:
