@@ -131,6 +131,9 @@ class EdgeConfig:
     # connection takes at most http2_max_streams streams at once.
     http2: bool = True
     http2_max_streams: int = 128
+    # How often each edge process adds the bytes, requests and client activity it saw per VM to the
+    # VMs' records (usage, last_activity): an idle_timeout_s acts up to this much late.
+    traffic_flush_s: float = 1.0
     # Which edge runs (gateway/edge/impl.py): "auto" the compiled one when it is built and current, else
     # the pure-Python one; "compiled" refuses to start without it; "pure" never uses it.
     implementation: str = "auto"  # one of EDGE_IMPLEMENTATIONS
@@ -170,6 +173,8 @@ class VmsConfig:
     max_suspended_s: int = 7 * 86400
     # How long an edge holds a request for a suspended auto_resume VM while it resumes.
     wake_timeout_s: float = 60.0
+    # The shortest idle_timeout_s a VM may ask for (the longest is max_lifetime_s; 0 asks for none).
+    min_idle_timeout_s: int = 60
 
 
 NETNS_MIN_DISK_MB = 16
@@ -641,6 +646,10 @@ def validate(config: Config) -> None:
         raise ConfigError("qemu.agent_port must be between 1 and 65535")
     if not 1 <= vms.min_lifetime_s <= vms.default_lifetime_s <= vms.max_lifetime_s:
         raise ConfigError("vms: need 1 <= min_lifetime_s <= default_lifetime_s <= max_lifetime_s")
+    if not 1 <= vms.min_idle_timeout_s <= vms.max_lifetime_s:
+        raise ConfigError("vms.min_idle_timeout_s must be between 1 and max_lifetime_s")
+    if not config.edge.traffic_flush_s > 0:
+        raise ConfigError("edge.traffic_flush_s must be more than 0")
     cidrs = (
         ("netns.cidr", config.netns.cidr),
         ("process.cidr", config.process.cidr),

@@ -114,6 +114,7 @@ OPERATIONS: list[
     ("post", "/v1/vms/{vm_id}/suspend", "Suspend Vm", None, s.VmResponse, None),
     ("post", "/v1/vms/{vm_id}/resume", "Resume Vm", None, s.VmResponse, s.VmCreateQuery),
     ("patch", "/v1/vms/{vm_id}", "Update Vm Settings", s.VmUpdateRequest, s.VmResponse, None),
+    ("post", "/v1/vms/{vm_id}/keepalive", "Keep Vm Alive (Idle Clock)", None, s.VmResponse, None),
     (
         "post",
         "/v1/vms/{vm_id}/snapshot",
@@ -300,6 +301,7 @@ EXTRA_ERRORS = {
     ("get", "/v1/sessions/app-url/{session_id}"): ("409", "410"),
     ("post", "/v1/shares/{share_id}/signed-url"): ("409", "410"),
     ("post", "/v1/vms/{vm_id}/url-key/rotate"): ("410",),
+    ("post", "/v1/vms/{vm_id}/keepalive"): ("410",),
     ("post", "/execute"): ("404", "410", "429", "502", "504"),
     ("post", "/execute_async"): ("404", "429"),
     ("post", "/orgs/{org_uuid}/api/instances"): ("404",),

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway.api.schemas import VmResponse
+from gateway.api.schemas import LastActivity, VmResponse
 from gateway.config import Config
 from gateway.orchestrator.model import VM_ACTIVE, DomainRecord, VmRecord, is_live
 from gateway.tls.providers.delegated import challenge_name, delegation_target
@@ -183,5 +183,12 @@ def vm_view(
         auto_suspend=vm.auto_suspend,
         auto_resume=vm.auto_resume,
         suspended_at=iso(vm.suspended_at),
+        suspend_reason=vm.suspend_reason,
+        idle_timeout_s=vm.idle_timeout_s,
+        last_activity=(
+            LastActivity(at=iso(vm.last_activity_at) or "", source=vm.last_activity_source or "")
+            if vm.last_activity_at is not None
+            else None
+        ),
         volumes=list(vm.volumes),
     )

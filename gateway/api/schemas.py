@@ -41,6 +41,27 @@ def _bounded(value: float | None, info: ValidationInfo, low_key: str, high_key: 
     return value
 
 
+def _idle_timeout(value: int | None, info: ValidationInfo) -> int | None:
+    """0 (or null) asks for no idle timeout; else within the operator's bounds (vms.min_idle_timeout_s,
+    vms.max_lifetime_s)."""
+    if not value or info.context is None:
+        return value
+    low = info.context["min_idle_timeout_s"]
+    if value < low:
+        raise PydanticCustomError(
+            "idle_timeout", "Input should be 0 (no idle timeout) or at least {ge} seconds", {"ge": low}
+        )
+    return _bounded(value, info, "min_idle_timeout_s", "max_idle_timeout_s")  # type: ignore[return-value]
+
+
+IDLE_TIMEOUT_DOC = (
+    "Seconds without client activity (requests, request bodies, WebSocket data frames from clients, "
+    "keep-alive calls, commands and files through the API; not WebSocket pings or pongs, responses, or "
+    "an open connection that sends nothing) after which the VM is suspended (drivers that can), else "
+    "killed. 0 or null: none"
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -122,6 +143,12 @@ class VMCreateRequest(VmResources):
     # Suspend instead of kill when the lifetime ends; wake on the next request (drivers that suspend).
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
+    idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC)
+
+    @field_validator("idle_timeout_s")
+    @classmethod
+    def _idle(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _idle_timeout(value, info)
 
 
 class VMCreateResponse(_Model):
@@ -256,6 +283,17 @@ class UserResponse(_Model):
     created_at: str = Field(json_schema_extra={"format": "date-time"})
 
 
+class LastActivity(_Model):
+    """A VM's last activity: when (edges report theirs at most edge.traffic_flush_s late), and what."""
+
+    at: str = Field(json_schema_extra={"format": "date-time"})
+    source: str = Field(
+        description="http (a request or its body), websocket (a data frame from the client), tunnel "
+        "(client bytes of another upgraded protocol), api (a command, file or terminal through the API), "
+        "keepalive (POST /v1/vms/{vm_id}/keepalive), started or resumed (the idle clock's start)"
+    )
+
+
 class VmResponse(_Model):
     """One VM, as GET /v1/vms/{vm_id} and the list show it."""
 
@@ -289,6 +327,13 @@ class VmResponse(_Model):
     auto_suspend: bool = False
     auto_resume: bool = False
     suspended_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    suspend_reason: str | None = Field(
+        None, description="Why it is suspended: request, lifetime (auto_suspend) or idle (idle_timeout_s)"
+    )
+    idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC)
+    last_activity: LastActivity | None = Field(
+        None, description="Its last client activity, from which idle_timeout_s counts"
+    )
     volumes: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Volumes mounted into it: volume_id, mount_path, mode, checkpoint_id",
@@ -621,6 +666,12 @@ class VmUpdateRequest(_Model):
 
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
+    idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC + " (0 removes it)")
+
+    @field_validator("idle_timeout_s")
+    @classmethod
+    def _idle(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _idle_timeout(value, info)
 
 
 class VmSnapshotRequest(_Model):

@@ -26,7 +26,14 @@ routes = web.RouteTableDef()
 
 
 def lifetime_context(config: Config) -> dict[str, int]:
-    return {"min_lifetime_s": config.vms.min_lifetime_s, "max_lifetime_s": config.vms.max_lifetime_s}
+    """The operator's bounds the request models check: vm_lifetime_seconds and idle_timeout_s."""
+    vms = config.vms
+    return {
+        "min_lifetime_s": vms.min_lifetime_s,
+        "max_lifetime_s": vms.max_lifetime_s,
+        "min_idle_timeout_s": vms.min_idle_timeout_s,
+        "max_idle_timeout_s": vms.max_lifetime_s,
+    }
 
 
 def vm_params(

@@ -1,6 +1,7 @@
 """A VM's lifecycle beyond create and kill, as the official SDK calls it: suspend, resume, the
-``auto_suspend`` / ``auto_resume`` settings (``PATCH /v1/vms/{id}``), and snapshots and clones of a
-running VM (drivers with snapshots: qemu)."""
+``auto_suspend`` / ``auto_resume`` / ``idle_timeout_s`` settings (``PATCH /v1/vms/{id}``), keep-alive
+(the idle clock starts again), and snapshots and clones of a running VM (drivers with snapshots:
+qemu)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,22 @@ async def resume(request: web.Request) -> web.Response:
 @routes.patch("/v1/vms/{vm_id}")
 async def update(request: web.Request) -> web.Response:
     owner = await authenticate(request)
-    body = await parse_body(request, VmUpdateRequest)
+    body = await parse_body(request, VmUpdateRequest, lifetime_context(request.app[CONFIG]))
     changes = body.model_dump(exclude_none=True)
     if not changes:
         raise RequestValidationError(
-            [detail_item(["body"], "give auto_suspend or auto_resume", "value_error")]
+            [detail_item(["body"], "give auto_suspend, auto_resume or idle_timeout_s", "value_error")]
         )
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.update_vm_settings(owner, request.match_info["vm_id"], **changes)
+    return json_response(vm_view(request.app[CONFIG], vm))
+
+
+@routes.post("/v1/vms/{vm_id}/keepalive")
+async def keepalive(request: web.Request) -> web.Response:
+    """The VM's idle clock (idle_timeout_s) starts again now; its lifetime is not changed."""
+    owner = await authenticate(request)
+    vm = await request.app[ORCHESTRATOR].keep_alive(owner, request.match_info["vm_id"])
     return json_response(vm_view(request.app[CONFIG], vm))
 
 
@@ -90,6 +99,7 @@ async def clone(request: web.Request) -> web.Response:
     params = VmParams(
         vm_lifetime_seconds=body.vm_lifetime_seconds or vm.vm_lifetime_seconds,
         metadata=body.metadata if body.metadata is not None else vm.metadata,
+        idle_timeout_s=vm.idle_timeout_s,
         restore=snap,
         image=snap.image_variant or "",
     )

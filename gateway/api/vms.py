@@ -196,6 +196,7 @@ async def create_vm(request: web.Request) -> web.Response:
         image=body.image_variant or (restore.image_variant if restore else None) or "",
         auto_suspend=bool(body.auto_suspend),
         auto_resume=bool(body.auto_resume),
+        idle_timeout_s=body.idle_timeout_s or None,
         egress_policy=egress_policy,
         vaults=vaults,
         volumes=mounts,

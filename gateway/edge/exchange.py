@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import access
 from . import headers as hdr
+from .observe import ACTIVITY_HTTP
 from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 from .upstream import UpstreamConnection
 
@@ -181,6 +182,9 @@ class Exchange:
             return
         upstream = self.upstream
         if upstream is not None:
+            vm_id = self.vm_id
+            if vm_id is not None:  # body bytes reaching a VM: client activity (the idle clock)
+                self.proto.edge.traffic.touch(vm_id, ACTIVITY_HTTP)
             if self.chunked_in:
                 upstream.write(b"%x\r\n%s\r\n" % (len(data), data))
             else:

@@ -56,16 +56,26 @@ MAX_PENDING_BYTES = 1 << 20
 CLOSE_TIMEOUT_S = 5.0
 
 
+# What counts as a VM's client activity (the idle clock, ``idle_timeout_s``; the state's ACTIVITY_*):
+# a request head or request body bytes; client-to-VM WebSocket data frames (never ping, pong or close);
+# client bytes in any other upgraded connection. Responses and bytes from the VM never count.
+ACTIVITY_HTTP = "http"
+ACTIVITY_WEBSOCKET = "websocket"
+ACTIVITY_TUNNEL = "tunnel"
+
+
 class VmTraffic:
     """Bytes carried and exchanges (requests and upgrades) per VM since the last flush (a session's
-    usage); a task hands them to the state.
+    usage), and the last client activity per VM; a task hands them to the state.
 
-    Counted when an exchange ends: a long WebSocket's bytes land when it closes."""
+    Counted when an exchange ends: a long WebSocket's bytes land when it closes. Activity is noted as it
+    happens (one dict store: the flush stamps the time, so the hot path reads no clock)."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("active", "counts")
 
     def __init__(self) -> None:
         self.counts: dict[str, list[int]] = {}
+        self.active: dict[str, str] = {}  # VM id -> the source of its latest client activity
 
     def add(self, vm_id: str, bytes_in: int, bytes_out: int, requests: int = 1) -> None:
         counted = self.counts.get(vm_id)
@@ -76,15 +86,28 @@ class VmTraffic:
             counted[1] += bytes_out
             counted[2] += requests
 
+    def touch(self, vm_id: str, source: str) -> None:
+        """A client did something with the VM (one of the ACTIVITY_* sources)."""
+        self.active[vm_id] = source
+
     def take(self) -> dict[str, tuple[int, int, int]]:
         """What was counted since the last take, and start again from zero."""
         counts, self.counts = self.counts, {}
         return {vm_id: (c[0], c[1], c[2]) for vm_id, c in counts.items() if c[0] or c[1] or c[2]}
 
-    def give_back(self, counts: dict[str, tuple[int, int, int]]) -> None:
-        """Counts a flush could not write: kept for the next one."""
+    def take_active(self) -> dict[str, str]:
+        """The VMs active since the last take, with their latest activity's source."""
+        active, self.active = self.active, {}
+        return active
+
+    def give_back(
+        self, counts: dict[str, tuple[int, int, int]], active: dict[str, str] | None = None
+    ) -> None:
+        """Counts (and activity) a flush could not write: kept for the next one (newer activity wins)."""
         for vm_id, (bytes_in, bytes_out, requests) in counts.items():
             self.add(vm_id, bytes_in, bytes_out, requests)
+        if active:
+            self.active = {**active, **self.active}
 
 
 class EdgeStats:

@@ -33,7 +33,7 @@ from . import access, pages
 from . import headers as hdr
 from .deadline import Deadline
 from .exchange import Exchange, head_bytes
-from .observe import AccessLog, EdgeStats, VmTraffic, printable
+from .observe import ACTIVITY_HTTP, AccessLog, EdgeStats, VmTraffic, printable
 from .ratelimit import KeyRates
 from .resolver import MISS, CacheKey, Resolver, Route
 from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
@@ -701,6 +701,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
             return
         ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
+        self.edge.traffic.touch(route.vm_id, ACTIVITY_HTTP)  # a request that reaches it: client activity
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.sandbox_routing is not None:
             headers = hdr.strip_sandbox_routing(headers)
@@ -1084,6 +1085,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.tunnel = tunnel = Tunnel(
             self, ex, conn, websocket=hdr.is_websocket_upgrade(ex.headers), extensions=extensions,
             max_frame=settings.ws_max_frame_bytes, max_message=settings.ws_max_message_bytes,
+            traffic=self.edge.traffic,
         )  # fmt: skip
         self.edge.stats.tunnels_open += 1
         self.edge.stats.tunnels_opened += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,9 +25,6 @@ from gateway.errors import ListenFailed, StoreUnavailable
 from gateway.state.ports import EventFeed, RouteSource, TrafficSink, Waker
 from gateway.tls.sni import SniTable
 
-# How often an edge adds the bytes it carried to the VMs' records (their sessions' usage).
-TRAFFIC_FLUSH_S = 1.0
-
 
 async def flush_access_log(access_log: AccessLog) -> None:
     while True:
@@ -34,20 +32,27 @@ async def flush_access_log(access_log: AccessLog) -> None:
         access_log.flush()
 
 
-async def flush_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
-    """Hand the bytes counted per VM to the state every TRAFFIC_FLUSH_S; what cannot be written now is
-    kept for the next round (Redis may be away for a while)."""
+async def flush_traffic(traffic: VmTraffic, sink: TrafficSink, interval_s: float) -> None:
+    """Hand the bytes counted and the activity seen per VM to the state every ``interval_s``
+    (edge.traffic_flush_s); what cannot be written now is kept for the next round (Redis may be away
+    for a while)."""
     while True:
-        await asyncio.sleep(TRAFFIC_FLUSH_S)
+        await asyncio.sleep(interval_s)
         await write_traffic(traffic, sink)
 
 
 async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
     counts = traffic.take()
+    active = traffic.take_active()
+    # The activity happened since the last flush: stamped now, it is at most one interval late (an idle
+    # deadline errs by that much on the side of keeping the VM).
+    at = time.time()
     try:
         await sink.add_traffic(counts)
+        counts = {}
+        await sink.mark_active(active, at)
     except StoreUnavailable:
-        traffic.give_back(counts)
+        traffic.give_back(counts, active)
 
 
 @asynccontextmanager
@@ -86,7 +91,11 @@ async def running_edge(
     edge_protocol = impl.protocol.EdgeProtocol
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
-    traffic_flusher = asyncio.create_task(flush_traffic(edge.traffic, traffic)) if traffic else None
+    traffic_flusher = (
+        asyncio.create_task(flush_traffic(edge.traffic, traffic, config.edge.traffic_flush_s))
+        if traffic
+        else None
+    )
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     try:

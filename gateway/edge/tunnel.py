@@ -4,6 +4,8 @@ control, owned by one object.
 Bytes pass unchanged. For a WebSocket each direction's frame headers are followed and checked as they
 pass (``websocket.FrameTracker``): a frame that breaks the protocol or a size limit is stopped and both
 peers get a close frame with its code; on shutdown a close frame (1001) is put between two frames.
+What the client sends is its VM's activity (the idle clock): WebSocket data frames only (pings and
+pongs keep no VM up), or any bytes of another protocol; nothing the VM sends counts.
 Flow control is mutual: the VM's side not taking more pauses reading from the client, and the client's
 side not taking more pauses reading from the VM.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .exchange import Exchange
+from .observe import ACTIVITY_TUNNEL, ACTIVITY_WEBSOCKET, VmTraffic
 from .upstream import UpstreamConnection
 from .websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 
@@ -34,7 +37,7 @@ class TunnelOwner(Protocol):
 
 
 class Tunnel:
-    __slots__ = ("conn", "exchange", "frames", "owner")
+    __slots__ = ("conn", "exchange", "frames", "owner", "traffic")
 
     def __init__(
         self,
@@ -46,12 +49,15 @@ class Tunnel:
         extensions: bool,
         max_frame: int,
         max_message: int,
+        traffic: VmTraffic | None = None,
     ) -> None:
         """``websocket``: frames are followed and checked; ``extensions``: the VM accepted one (its
-        reserved bits may be used); limits of 0: none."""
+        reserved bits may be used); limits of 0: none. ``traffic``: where the client's activity with
+        the exchange's VM is noted."""
         self.owner = owner
         self.exchange = exchange
         self.conn = conn
+        self.traffic = traffic
         # (from the client, to the VM; from the VM, to the client)
         self.frames: tuple[FrameTracker, FrameTracker] | None = None
         if websocket:
@@ -69,9 +75,21 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         conn = self.conn
-        if self.frames is not None and not self._follow(0, data, conn.write):
+        frames = self.frames
+        if frames is not None and not self._follow(0, data, conn.write):
             return
-        self.exchange.sent_bytes += len(data)
+        exchange = self.exchange
+        exchange.sent_bytes += len(data)
+        traffic = self.traffic
+        vm_id = exchange.vm_id
+        if traffic is not None and vm_id is not None:
+            if frames is None:
+                traffic.touch(vm_id, ACTIVITY_TUNNEL)
+            else:
+                to_vm = frames[0]
+                if to_vm.data_seen:
+                    to_vm.data_seen = False
+                    traffic.touch(vm_id, ACTIVITY_WEBSOCKET)
         conn.write(data)
         self.owner.activity()
         if not conn.can_write:

@@ -8,6 +8,9 @@ The tunnel never buffers or changes frames; it reads each frame's header as it p
   says a server must close on, a masked server frame, reserved bits or opcodes, a fragmented or long
   control frame, a continuation out of place), 1009 for a frame or a message (the sum of its fragments,
   counted, never reassembled) over its limit.
+
+It also tells data frames from control frames for the idle clock: ``data_seen`` is set when a data frame
+(text, binary, continuation) or part of its payload passed, never for ping, pong or close.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ class FrameTracker:
     """Follows frame boundaries in one direction of a WebSocket connection, and checks each header."""
 
     __slots__ = (
-        "_header", "_in_message", "_message_bytes", "_need", "closed", "cut_mid_frame", "extensions",
-        "masked", "max_frame", "max_message", "violation",
+        "_data_frame", "_header", "_in_message", "_message_bytes", "_need", "closed", "cut_mid_frame",
+        "data_seen", "extensions", "masked", "max_frame", "max_message", "violation",
     )  # fmt: skip
 
     def __init__(
@@ -51,6 +54,9 @@ class FrameTracker:
         # (close code, reason) of the first frame that broke the policy; feed() stops before it.
         self.violation: tuple[int, bytes] | None = None
         self.cut_mid_frame = False
+        self._data_frame = False  # the frame whose payload is passing is a data frame
+        # A data frame's header or payload passed since the owner last cleared this (client activity).
+        self.data_seen = False
 
     @property
     def at_boundary(self) -> bool:
@@ -69,6 +75,8 @@ class FrameTracker:
         while pos < end:
             if self._need:
                 take = min(self._need, end - pos)
+                if self._data_frame:
+                    self.data_seen = True
                 self._need -= take
                 pos += take
                 if stop_at_boundary and not self._need:
@@ -97,6 +105,10 @@ class FrameTracker:
             pos += size - len(self._header)
             self._header = b""
             self._need = length
+            # Opcodes 0x0-0x7 are data (the reserved ones were refused above), 0x8-0xF control.
+            self._data_frame = not header[0] & 0x08
+            if self._data_frame:
+                self.data_seen = True
             if stop_at_boundary and not length:
                 return pos
         return pos

@@ -5,7 +5,8 @@ netns freezes the VM's cgroup (its memory stays in place); qemu saves the VM's w
 address, so its URLs stay the same. A suspended VM does not age: it is kept for ``max_suspended_s``; a
 resume gives it a fresh lifetime. A VM made with ``auto_suspend`` is suspended instead of killed when its
 lifetime ends; one made with ``auto_resume`` is resumed by the first request an edge holds for it
-(``WakeRequested``), or by execute.
+(``WakeRequested``), or by execute. A VM idle for its ``idle_timeout_s`` is suspended too (``idle``);
+``suspend_reason`` says which of the three it was.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from gateway.orchestrator.drivers.base import VmSpec, VmSuspend, cannot_suspend
 from gateway.orchestrator.model import VM_ACTIVE, VM_FAILED, VM_SUSPENDED, VmRecord
 from gateway.orchestrator.service import SUSPENDED_SUBDIR, Orchestrator
 from gateway.state.events import Event, WakeRequested
+from gateway.state.records import (
+    ACTIVITY_RESUMED,
+    SUSPENDED_AT_LIFETIME_END,
+    SUSPENDED_BY_REQUEST,
+    SUSPENDED_IDLE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ class Lifecycle:
         if self.available:
             orchestrator.resumer = self.resume
             orchestrator.expiry_hook = self.expire
+            orchestrator.idle_hook = self.idle
 
     @property
     def driver(self) -> VmSuspend:
@@ -55,8 +63,8 @@ class Lifecycle:
     def _state_dir(self, vm_id: str) -> Path:
         return self.folder / vm_id
 
-    async def suspend(self, rec: VmRecord) -> VmRecord:
-        """Pause an active VM; Conflict for one that is not active."""
+    async def suspend(self, rec: VmRecord, reason: str = SUSPENDED_BY_REQUEST) -> VmRecord:
+        """Pause an active VM (``reason``: one of SUSPENDED_*); Conflict for one that is not active."""
         driver = self.driver
         if rec.status != VM_ACTIVE:
             raise Conflict(
@@ -75,7 +83,7 @@ class Lifecycle:
         now = time.time()
         keep_until = now + self.config.vms.max_suspended_s
         if not await self.store.transition_vm(
-            rec, VM_ACTIVE, VM_SUSPENDED, keep_until, handle=handle, suspended_at=now
+            rec, VM_ACTIVE, VM_SUSPENDED, keep_until, handle=handle, suspended_at=now, suspend_reason=reason
         ):
             # Killed meanwhile: what the suspend left is destroyed with it.
             await self.orchestrator.driver.destroy(rec.vm_id, handle)
@@ -113,9 +121,12 @@ class Lifecycle:
             now = time.time()
             expires = now + rec.vm_lifetime_seconds
             if not await self.store.transition_vm(
-                rec, VM_SUSPENDED, VM_ACTIVE, expires, handle=dict(info.handle), ip=info.ip, suspended_at=None
-            ):
+                rec, VM_SUSPENDED, VM_ACTIVE, expires, handle=dict(info.handle), ip=info.ip,
+                suspended_at=None, suspend_reason=None,
+            ):  # fmt: skip
                 await self.orchestrator.driver.destroy(rec.vm_id, info.handle)  # killed while it resumed
+            else:
+                await self.store.mark_active({rec.vm_id: ACTIVITY_RESUMED}, now)  # its idle clock restarts
         finally:
             await asyncio.shield(self.store.release_resume(rec.vm_id))
         return await self._reload(rec)
@@ -151,9 +162,21 @@ class Lifecycle:
         if not (rec.auto_suspend and rec.status == VM_ACTIVE and self.available):
             return False
         try:
-            await self.suspend(rec)
+            await self.suspend(rec, SUSPENDED_AT_LIFETIME_END)
         except GatewayError as exc:
             log.warning("VM %s could not be suspended at the end of its lifetime: %s", rec.vm_id, exc)
+            return False
+        return True
+
+    async def idle(self, rec: VmRecord) -> bool:
+        """A VM was idle for its idle_timeout_s: suspend it (True), or leave it to be killed (False: it
+        could not be, e.g. a qemu VM with volumes)."""
+        if rec.status != VM_ACTIVE:
+            return False
+        try:
+            await self.suspend(rec, SUSPENDED_IDLE)
+        except GatewayError as exc:
+            log.warning("idle VM %s could not be suspended: %s", rec.vm_id, exc)
             return False
         return True
 

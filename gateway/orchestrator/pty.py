@@ -22,6 +22,7 @@ from gateway.errors import Conflict, GatewayError, NotFound, TooManyRequests, Un
 from gateway.orchestrator.drivers.base import VmProcess, VmSpawn
 from gateway.orchestrator.model import VM_ACTIVE, VmRecord
 from gateway.orchestrator.service import Orchestrator
+from gateway.state.records import ACTIVITY_API
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ ENDED_KEPT_S = 600.0
 VIEWER_QUEUE = 256
 DEFAULT_SHELL = ("/bin/bash", "-il")
 HANGUP_GRACE_S = 2.0
+# Typing in a terminal is its VM's activity (the idle clock), written at most this often per terminal.
+INPUT_ACTIVITY_EVERY_S = 1.0
 
 
 class TooManyTerminals(TooManyRequests):
@@ -61,6 +64,7 @@ class Terminal:
     exit_code: int | None = None
     ended_at: float | None = None
     pump: asyncio.Task[None] | None = None
+    input_noted_at: float = 0.0  # (monotonic) when its input was last written down as activity
 
     @property
     def alive(self) -> bool:
@@ -180,6 +184,11 @@ class Terminals:
         if terminal.alive and data:
             with contextlib.suppress(OSError):
                 await terminal.send(INPUT, data)
+            now = time.monotonic()
+            if now - terminal.input_noted_at >= INPUT_ACTIVITY_EVERY_S:
+                terminal.input_noted_at = now
+                with contextlib.suppress(GatewayError):  # (a lost note must not end the terminal)
+                    await self.orchestrator.store.mark_active({terminal.vm_id: ACTIVITY_API}, time.time())
 
     async def kill(self, terminal: Terminal) -> None:
         """End it: the shell is hung up and, if it lingers, killed with its bridge."""

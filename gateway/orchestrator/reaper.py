@@ -1,8 +1,12 @@
-"""Lifetimes: kill every VM at its expiry, in whichever gateway process gets there first.
+"""Lifetimes: kill every VM at its expiry, in whichever gateway process gets there first; and idleness:
+suspend (where the driver can, else kill) every VM idle for its ``idle_timeout_s``.
 
 Expiries live in a Redis sorted set, so a restarted gateway reaps what expired while it was down.
 Ending a VM is a compare-and-set in Redis (``RedisStore.end_vm``), so when several processes reap at
 once exactly one marks it killed; destroying twice is harmless (drivers' destroy is idempotent).
+Idle deadlines live in another sorted set that activity moves (``RedisStore.mark_active``); what the
+reaper finds there is checked against the record (``gateway.orchestrator.idle``) before it acts, and
+a suspend is a compare-and-set too (``transition_vm``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 
 from gateway.background import stop_loop
 from gateway.errors import GatewayError
+from gateway.orchestrator.idle import idle_check, idle_reason
 from gateway.orchestrator.service import Orchestrator
 from gateway.state.records import VM_KILLED, VM_SUSPENDED, is_live
 
@@ -46,11 +51,43 @@ class Reaper:
             ended += 1
         return ended
 
+    async def reap_idle(self, now: float | None = None) -> int:
+        """Suspend (or kill) every VM idle for its idle_timeout_s; returns how many this call acted on."""
+        store = self.orchestrator.store
+        now = time.time() if now is None else now
+        acted = 0
+        for vm_id in await store.idle_due_ids(now, BATCH):
+            rec = await store.get_vm(vm_id)
+            running = rec is not None and await store.execution_places_taken(vm_id) > 0
+            check = idle_check(rec, now, running)
+            if not check.act:
+                await store.set_idle_deadline(vm_id, check.wait_until)
+                continue
+            assert rec is not None
+            if not await store.claim_idle(vm_id):
+                continue  # another gateway process took it first
+            reason = idle_reason(rec)
+            hook = self.orchestrator.idle_hook
+            if hook is not None and await hook(rec):
+                log.info("VM %s suspended: %s", vm_id, reason)
+            else:
+                log.info("VM %s killed: %s", vm_id, reason)
+                await self.orchestrator.end(rec, VM_KILLED, reason)
+            acted += 1
+        return acted
+
+    async def _next_at(self) -> float | None:
+        """The earliest expiry or idle deadline queued."""
+        store = self.orchestrator.store
+        times = [t for t in (await store.next_expiry(), await store.next_idle_deadline()) if t is not None]
+        return min(times) if times else None
+
     async def _run(self) -> None:
         while not self._stopping:
             try:
                 await self.reap_due()
-                next_at = await self.orchestrator.store.next_expiry()
+                await self.reap_idle()
+                next_at = await self._next_at()
             except GatewayError as exc:
                 # redis-py may turn a cancellation mid-read into a connection error: stopping decides.
                 if self._stopping:

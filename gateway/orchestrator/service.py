@@ -43,11 +43,15 @@ from gateway.orchestrator.drivers.base import (
     VmUsage,
     cannot_suspend,
 )
+from gateway.orchestrator.idle import idle_deadline
 from gateway.orchestrator.snapshots import SNAPSHOTS_SUBDIR, SnapshotService
 from gateway.orchestrator.vaults import VaultBinding, VaultService
 from gateway.orchestrator.vm_volumes import VolumeMountRequest, attach_all, release
 from gateway.orchestrator.volumes import VolumeService
 from gateway.state.records import (
+    ACTIVITY_API,
+    ACTIVITY_KEEPALIVE,
+    ACTIVITY_STARTED,
     VM_ACTIVE,
     VM_CREATING,
     VM_FAILED,
@@ -110,6 +114,9 @@ class VmParams:
     image: str = ""
     auto_suspend: bool = False
     auto_resume: bool = False
+    # Suspended (or killed) after this long with no client activity (gateway.orchestrator.idle); None
+    # or 0: never.
+    idle_timeout_s: int | None = None
     # What it may reach (the SDK's shape, checked); empty: the operator's default.
     egress_policy: Mapping[str, Any] | None = None
     # Placeholders for the credentials of the vaults asked for (VaultService.bind); each wins over an
@@ -148,6 +155,8 @@ class Orchestrator:
     # brings a suspended auto_resume VM back for execute, and what may suspend an expiring VM instead.
     resumer: Callable[[VmRecord], Awaitable[VmRecord]] | None = None
     expiry_hook: Callable[[VmRecord], Awaitable[bool]] | None = None
+    # And what suspends a VM idle for its idle_timeout_s (else the reaper kills it).
+    idle_hook: Callable[[VmRecord], Awaitable[bool]] | None = None
     snapshots: SnapshotService = field(init=False)
     images: ImageStore = field(init=False)
 
@@ -365,6 +374,7 @@ class Orchestrator:
             image_variant=self.image_name(params.image) or None,
             auto_suspend=params.auto_suspend,
             auto_resume=params.auto_resume,
+            idle_timeout_s=params.idle_timeout_s or None,
             egress_policy=dict(params.egress_policy or {}),
             vault_ids=list(params.vaults.vault_ids) if params.vaults else [],
             vault_placeholders=dict(params.vaults.placeholders) if params.vaults else {},
@@ -437,6 +447,8 @@ class Orchestrator:
             # Killed while it booted: the killer could not destroy what did not exist yet.
             await self.driver.destroy(rec.vm_id, handle)
             await self._release(rec, slot_too=True)
+        else:
+            await self.store.mark_active({rec.vm_id: ACTIVITY_STARTED}, started)  # its idle clock starts
         return await self._reload(rec)
 
     async def _start(self, spec: VmSpec, ready_port: int | None) -> VmInfo:
@@ -498,14 +510,29 @@ class Orchestrator:
         matching = [r for r in records if all(_matches(r.metadata, k, v) for k, v in wanted.items())]
         return sorted(matching, key=lambda r: r.created_at)
 
-    async def update_vm_settings(self, owner: str, vm_id: str, **settings: bool) -> VmRecord:
-        """Change ``auto_suspend`` / ``auto_resume`` of a live VM."""
+    async def update_vm_settings(self, owner: str, vm_id: str, **settings: bool | int) -> VmRecord:
+        """Change ``auto_suspend`` / ``auto_resume`` / ``idle_timeout_s`` (0: none) of a live VM. A new
+        idle timeout counts from the VM's last activity, as the old one did."""
         rec = await self.get_vm(owner, vm_id)
         if not is_live(rec):
             raise VmNotRunning(f"VM {vm_id} is {rec.status}")
-        if any(settings.values()) and self.resumer is None:
+        suspending = [settings.get(name) for name in ("auto_suspend", "auto_resume")]
+        if any(suspending) and self.resumer is None:
             raise Unsupported(cannot_suspend(self.driver.name))
+        if "idle_timeout_s" in settings:
+            settings["idle_timeout_s"] = settings["idle_timeout_s"] or None  # type: ignore[assignment]
         await self.store.update_vm(vm_id, **settings)
+        fresh = await self._reload(rec)
+        if "idle_timeout_s" in settings:
+            await self.store.set_idle_deadline(vm_id, idle_deadline(fresh))
+        return fresh
+
+    async def keep_alive(self, owner: str, vm_id: str) -> VmRecord:
+        """An explicit keep-alive: the VM's idle clock starts again now (an active VM only)."""
+        rec = await self.get_vm(owner, vm_id)
+        if rec.status != VM_ACTIVE:
+            raise VmNotRunning(f"VM {vm_id} is {rec.status}: only a running VM is kept alive")
+        await self.store.mark_active({vm_id: ACTIVITY_KEEPALIVE}, time.time())
         return await self._reload(rec)
 
     async def kill_vm(self, owner: str, vm_id: str) -> VmRecord:
@@ -593,6 +620,8 @@ class Orchestrator:
             raise boot_failed(vm)  # the same answer as a create whose VM failed to boot
         if vm.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm.vm_id} is {vm.status}: {vm.error or 'not running'}")
+        # A command, a file or a terminal for the VM: client activity the edges do not see.
+        await self.store.mark_active({vm.vm_id: ACTIVITY_API}, time.time())
         return session, vm
 
     def _too_many_executions(self, vm: VmRecord) -> TooManyRequests:
@@ -638,6 +667,8 @@ class Orchestrator:
             )
         finally:
             await asyncio.shield(self.store.release_execution_place(vm.vm_id))
+        # Its end is activity too: a command longer than the idle timeout leaves the VM a full one.
+        await self.store.mark_active({vm.vm_id: ACTIVITY_API}, time.time())
         after = await self._reload(vm)
         if after.status != VM_ACTIVE:
             raise VmNotRunning(f"VM {vm.vm_id} ended while the command ran: {after.error or after.status}")

@@ -62,6 +62,11 @@ class Keys:
         """Sorted set: live VM id -> expiry (unix seconds). The reaper reads it."""
         return f"{self.prefix}vm-expiry"
 
+    def vm_idle(self) -> str:
+        """Sorted set: VM id -> when it is idle for its idle_timeout_s (unix seconds), for the active VMs
+        that have one; the reaper reads it (entries of VMs that stopped being active go lazily)."""
+        return f"{self.prefix}vm-idle"
+
     def live_vms(self) -> str:
         """Set of VM ids in a live state (creating or active): what restart recovery reconciles."""
         return f"{self.prefix}vms-live"

@@ -64,6 +64,12 @@ class TrafficSink(Protocol):
         ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
         ...
 
+    async def mark_active(self, sources: Mapping[str, str], at: float) -> None:
+        """The last client activity per VM id (its source: "http", "websocket" or "tunnel") happened by
+        ``at`` (unix seconds); only active VMs whose recorded activity is older take it. Raises
+        ``StoreUnavailable`` like ``add_traffic``."""
+        ...
+
 
 class PolicySource(Protocol):
     """What the egress plane reads: the running VMs by address, with their egress policy."""

@@ -21,6 +21,24 @@ VM_SUSPENDED = "suspended"
 VM_STATES = (VM_CREATING, VM_ACTIVE, VM_SUSPENDED, VM_KILLED, VM_FAILED)
 VM_LIVE_STATES = (VM_CREATING, VM_ACTIVE, VM_SUSPENDED)
 
+# What a VM's last activity was (``last_activity_source``): the idle clock (``idle_timeout_s``) counts
+# from it. Client traffic through an edge: a request head ("http", also an upgrade's) or request body
+# bytes, client-to-VM WebSocket data frames ("websocket"; never ping, pong or close), client bytes in
+# any other upgraded connection ("tunnel"); the control plane: a command, file transfer or terminal
+# for the VM ("api"), an explicit keep-alive call ("keepalive"); and the VM becoming active ("started",
+# "resumed"), where the clock starts. The edge spells its three itself (it imports no records).
+ACTIVITY_HTTP = "http"
+ACTIVITY_WEBSOCKET = "websocket"
+ACTIVITY_TUNNEL = "tunnel"
+ACTIVITY_API = "api"
+ACTIVITY_KEEPALIVE = "keepalive"
+ACTIVITY_STARTED = "started"
+ACTIVITY_RESUMED = "resumed"
+# Why a VM is suspended (``suspend_reason``): asked for, its lifetime ended (auto_suspend), or idle.
+SUSPENDED_BY_REQUEST = "request"
+SUSPENDED_AT_LIFETIME_END = "lifetime"
+SUSPENDED_IDLE = "idle"
+
 
 def dump_field(value: Any) -> str:
     """One record field as hash text: JSON for containers, '1'/'0' for booleans, '' for None."""
@@ -157,6 +175,12 @@ class VmRecord(_Record):
     auto_suspend: bool = False
     auto_resume: bool = False
     suspended_at: float | None = None
+    suspend_reason: str | None = None  # SUSPENDED_* while suspended
+    # Suspended (where the driver can) or killed after no client activity for this long; None: never.
+    idle_timeout_s: int | None = None
+    # The last activity (ACTIVITY_*) and when: edges write it with their traffic (at most one flush late).
+    last_activity_at: float | None = None
+    last_activity_source: str | None = None
     # What it may reach (the egress policy, the SDK's shape); empty: its session's, else the operator's
     # default.
     egress_policy: dict[str, Any] = field(default_factory=dict)

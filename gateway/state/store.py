@@ -128,6 +128,7 @@ redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[6], ARGV[4])
 return 1
 """
 
@@ -146,6 +147,28 @@ end
 return 1
 """
 EGRESS_DENIALS_KEPT = 100
+
+# Record activity on active VMs (the idle clock): the latest wins, whichever process writes first; a VM
+# with an idle_timeout_s gets its new idle deadline in the queue. Records that are gone are never
+# recreated, nor are VMs that are not active touched. KEYS: the idle queue, then one VM hash per VM.
+# ARGV: when (unix seconds), then the VM id and the source of its activity, per VM hash in KEYS order.
+_MARK_ACTIVE = """
+local at = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if redis.call('HGET', key, 'status') == 'active' then
+    local last = tonumber(redis.call('HGET', key, 'last_activity_at') or '')
+    if not last or last < at then
+      redis.call('HSET', key, 'last_activity_at', ARGV[1], 'last_activity_source', ARGV[2 * i - 1])
+      local timeout = tonumber(redis.call('HGET', key, 'idle_timeout_s') or '')
+      if timeout and timeout > 0 then
+        redis.call('ZADD', KEYS[1], at + timeout, ARGV[2 * i - 2])
+      end
+    end
+  end
+end
+return 1
+"""
 
 # Take one of a VM's execution places: the count after, or -1 when all ARGV[1] are taken. ARGV[2]: an
 # expiry (seconds) so the count of a gateway that died holding places cannot stay up forever; only ever
@@ -221,6 +244,7 @@ class RedisStore:
         self._release_domain = client.register_script(_RELEASE_DOMAIN)
         self._instance_route = client.register_script(_INSTANCE_ROUTE)
         self._add_counts = client.register_script(_ADD_COUNTS)
+        self._mark_active = client.register_script(_MARK_ACTIVE)
         self._take_execution = client.register_script(_TAKE_EXECUTION)
         self._release_execution = client.register_script(_RELEASE_EXECUTION)
         self._revoke_share = client.register_script(_REVOKE_SHARE)
@@ -284,6 +308,7 @@ class RedisStore:
                     self.keys.live_vms(),
                     self.keys.vm_ports(rec.vm_id),
                     self.keys.vm_shares(rec.vm_id),
+                    self.keys.vm_idle(),
                 ],
                 args=[status, str(time.time()), error or "", rec.vm_id, self.retention_s],
             )
@@ -325,6 +350,36 @@ class RedisStore:
         """The edge's bytes and requests per VM, added to the VM records that still exist
         (``TrafficSink``)."""
         await self._add_to_vms(("bytes_in", "bytes_out", "requests"), counts)
+
+    async def mark_active(self, sources: Mapping[str, str], at: float) -> None:
+        """The last activity (source) per VM id at ``at``, on the active VMs whose recorded one is older;
+        moves the idle deadline of those with an idle_timeout_s (``TrafficSink``). One round trip."""
+        if not sources:
+            return
+        ids = list(sources)
+        args: list[str] = [repr(at), *(x for vm_id in ids for x in (vm_id, sources[vm_id]))]
+        keys = [self.keys.vm_idle(), *(self.keys.vm(vm_id) for vm_id in ids)]
+        await guarded(self._mark_active(keys=keys, args=args))
+
+    async def set_idle_deadline(self, vm_id: str, at: float | None) -> None:
+        """Queue the VM to be looked at for idleness at ``at`` (None: not at all)."""
+        if at is None:
+            await guarded(self.client.zrem(self.keys.vm_idle(), vm_id))
+        else:
+            await guarded(self.client.zadd(self.keys.vm_idle(), {vm_id: at}))
+
+    async def claim_idle(self, vm_id: str) -> bool:
+        """Take the VM off the idle queue; True for the one process that did (it acts on it)."""
+        return bool(await guarded(self.client.zrem(self.keys.vm_idle(), vm_id)))
+
+    async def idle_due_ids(self, now: float, limit: int = 100) -> list[str]:
+        """VMs whose idle deadline (as last queued) has passed."""
+        due = await guarded(self.client.zrangebyscore(self.keys.vm_idle(), "-inf", now, 0, limit))
+        return text_list(due)
+
+    async def next_idle_deadline(self) -> float | None:
+        first = await guarded(self.client.zrange(self.keys.vm_idle(), 0, 0, withscores=True))
+        return float(first[0][1]) if first else None
 
     async def _add_to_vms(self, fields: tuple[str, ...], counts: Mapping[str, tuple[int, ...]]) -> None:
         """Add the counts per VM id (one per field, in order) to those fields of the VM records that

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from gateway.edge.observe import MAX_PENDING_BYTES, UPSTREAM_BUCKETS_S, AccessLog, EdgeStats
+from gateway.edge.observe import MAX_PENDING_BYTES, UPSTREAM_BUCKETS_S, AccessLog, EdgeStats, VmTraffic
 
 # Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
 pytestmark = pytest.mark.both_edges
@@ -79,3 +79,18 @@ def test_stats_merge_sums_processes_and_skips_garbage() -> None:
     assert merged.connect_failures == {"refused": 1}
     assert merged.upstream_count == 2 and merged.upstream_buckets[-1] == 1  # 100 s: past the last bound
     assert merged.upstream_buckets[UPSTREAM_BUCKETS_S.index(0.0025)] == 1
+
+
+def test_vm_traffic_keeps_the_latest_activity_per_vm_until_taken() -> None:
+    traffic = VmTraffic()
+    assert traffic.take_active() == {}
+    traffic.touch("vm-a", "http")
+    traffic.touch("vm-b", "websocket")
+    traffic.touch("vm-a", "tunnel")  # the latest source wins
+    assert traffic.take_active() == {"vm-a": "tunnel", "vm-b": "websocket"}
+    assert traffic.take_active() == {}  # taken: starts again
+    # A flush that failed gives back what it took; newer activity meanwhile wins over it.
+    traffic.touch("vm-b", "http")
+    traffic.give_back({"vm-a": (1, 2, 3)}, {"vm-a": "http", "vm-b": "websocket"})
+    assert traffic.take_active() == {"vm-a": "http", "vm-b": "http"}
+    assert traffic.take() == {"vm-a": (1, 2, 3)}

@@ -406,6 +406,33 @@ async def test_an_upgrade_becomes_a_tunnel_both_ways(edge_harness: HarnessFactor
         assert h.edge.stats.tunnels_open == 1
 
 
+async def test_what_the_client_sends_a_vm_is_its_activity_and_nothing_the_vm_sends_is(
+    edge_harness: HarnessFactory,
+) -> None:
+    """The idle clock's input: a request that reaches the VM, its body bytes, and a tunnel's client bytes
+    (another protocol than WebSocket: any byte); never the VM's answers or its bytes in the tunnel."""
+    async with edge_harness() as h:
+        h.send(request(APP + b"/up", b"Transfer-Encoding: chunked", method=b"POST"))
+        h.vm_side.take()
+        assert h.edge.traffic.take_active() == {VM_ID: "http"}  # the request head
+        h.send(b"3\r\nabc\r\n")
+        assert h.edge.traffic.take_active() == {VM_ID: "http"}  # its body, as it streams
+        h.send(b"0\r\n\r\n")
+        h.vm_side.take()
+        h.edge.traffic.take_active()
+        h.answer(response(b"done"))
+        assert h.edge.traffic.take_active() == {}  # (an answer is not the client's activity)
+
+        h.send(request(APP + b"/ws", b"Connection: Upgrade", b"Upgrade: chat"))
+        h.vm_side.take()
+        h.edge.traffic.take_active()
+        h.answer(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\nhi")
+        h.answer(b"from-vm")
+        assert h.edge.traffic.take_active() == {}  # an open tunnel the client sends nothing on
+        h.send(b"from-client")
+        assert h.edge.traffic.take_active() == {VM_ID: "tunnel"}
+
+
 async def test_an_upgrade_the_vm_declines_is_answered_and_the_close_announced(
     edge_harness: HarnessFactory,
 ) -> None:

@@ -143,3 +143,41 @@ def test_a_violation_inside_a_read_cuts_after_the_good_frames() -> None:
     bad = header(0x82, 3, masked=False) + b"xyz"
     assert tracker.feed(good + bad) == len(good)
     assert tracker.violation is not None and not tracker.cut_mid_frame
+
+
+# What the client sent -> whether it counts as the VM's activity (the idle clock): data frames do, control
+# frames (ping, pong, close) never, however the bytes are split.
+ACTIVITY_CASES = [
+    ("a text frame", frame(b"hello", masked=True, opcode=0x1), True),
+    ("a binary frame", frame(b"\x00" * 300, masked=True, opcode=0x2), True),
+    ("an empty data frame", frame(b"", masked=True, opcode=0x1), True),
+    ("a ping", frame(b"are you there", masked=True, opcode=0x9), False),
+    ("a pong", frame(b"", masked=True, opcode=0xA), False),
+    ("a close", frame(struct.pack("!H", 1000), masked=True, opcode=0x8), False),
+    ("pings and pongs", frame(b"1", masked=True, opcode=0x9) + frame(b"1", masked=True, opcode=0xA), False),
+    ("a ping, then data", frame(b"p", masked=True, opcode=0x9) + frame(b"d", masked=True, opcode=0x1), True),
+]
+
+
+@pytest.mark.parametrize(("case", "stream", "counts"), ACTIVITY_CASES, ids=[c[0] for c in ACTIVITY_CASES])
+def test_only_data_frames_count_as_activity(case: str, stream: bytes, counts: bool) -> None:
+    for split in range(len(stream) + 1):
+        tracker = FrameTracker(masked=True)
+        tracker.feed(stream[:split])
+        tracker.feed(stream[split:])
+        assert tracker.data_seen is counts, (case, split)
+
+
+def test_a_big_data_frames_later_payload_counts_again_after_it_was_cleared() -> None:
+    stream = frame(b"x" * 1000, masked=True, opcode=0x2)
+    tracker = FrameTracker(masked=True)
+    tracker.feed(stream[:20])
+    assert tracker.data_seen
+    tracker.data_seen = False  # (the tunnel clears it once it noted the activity)
+    tracker.feed(stream[20:])
+    assert tracker.data_seen  # more of the message: the client is still sending
+    tracker.data_seen = False
+    ping = frame(b"heartbeat", masked=True, opcode=0x9)
+    tracker.feed(ping[:3])
+    tracker.feed(ping[3:])
+    assert not tracker.data_seen  # pings after it are not

@@ -47,6 +47,7 @@ PURE = [
     "gateway.egress.http_head",
     "gateway.orchestrator.drivers.mount_paths",
     "gateway.orchestrator.vault_rules",
+    "gateway.orchestrator.idle",
     "gateway.egress.ca",
     "gateway.volumes.paths",
 ]
