@@ -4,7 +4,9 @@
 - ``/readyz``: it can serve: Redis answers, the route cache follows Redis's events, the listeners accept,
   and with TLS the certificate table is loaded and followed. 503 with the failing checks otherwise, so a
   load balancer takes the edge out of rotation until it recovers by itself.
-- ``/metrics``: Prometheus text format (``gateway.metrics``).
+- ``/metrics``: Prometheus text format (``gateway.metrics``), labels bounded (no VM ids).
+- ``/metrics/vms``: one series per live VM (requests, bytes, open exchanges and tunnels), where the
+  control plane runs: a separate scrape, so per-VM series are an operator's choice, not a side effect.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(data), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
+async def vm_metrics_handler(request: web.Request) -> web.Response:
+    view = request.app[ADMIN_VIEW]
+    if view.store is None:
+        message = "per-VM metrics are served where the control plane runs (gateway serve or gateway api)\n"
+        return web.Response(status=404, text=message)
+    try:
+        body = await metrics.render_vms(view.store)
+    except GatewayError as exc:
+        return web.Response(status=503, text=f"the state is unavailable: {exc}\n")
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 def make_admin_app(view: AdminView) -> web.Application:
     app = web.Application()
     use_neutral_server_header(app)
@@ -82,6 +96,7 @@ def make_admin_app(view: AdminView) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics/vms", vm_metrics_handler)
     return app
 
 

@@ -36,6 +36,7 @@ from gateway.edge.observe import UPSTREAM_BUCKETS_S, EdgeStats
 from gateway.edge.protocol import Edge
 from gateway.egress.proxy import EgressProxy, EgressStats
 from gateway.state.connection import REDIS_STATS, RedisCallStats
+from gateway.state.records import VmRecord
 from gateway.state.store import RedisStore
 from gateway.tls import acme
 from gateway.tls.store import CertStore
@@ -291,4 +292,49 @@ async def gather(
 def render(data: ScrapeData) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(data))
+    return generate_latest(registry)
+
+
+# /metrics/vms: one series per live VM, kept out of /metrics so that its label set stays bounded there
+# (a Prometheus scraping /metrics never sees a VM id); from Redis, so any gateway process where the
+# control plane runs serves the same figures for the whole deployment (every edge's counts).
+class _PerVm(Collector):
+    def __init__(self, vms: list[VmRecord], open_counts: dict[str, tuple[int, int]]) -> None:
+        self.vms = vms
+        self.open_counts = open_counts
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["vm_id", "session_id"]
+        requests = CounterMetricFamily(
+            "gateway_vm_requests", "Requests and upgrades the edges carried to the VM", labels=labels
+        )
+        received = CounterMetricFamily(
+            "gateway_vm_received_bytes", "Request and upstream tunnel bytes carried to the VM", labels=labels
+        )
+        sent = CounterMetricFamily(
+            "gateway_vm_sent_bytes", "Response and downstream tunnel bytes carried from the VM", labels=labels
+        )
+        exchanges = GaugeMetricFamily(
+            "gateway_vm_open_exchanges", "Requests in flight plus tunnels open to the VM now", labels=labels
+        )
+        tunnels = GaugeMetricFamily(
+            "gateway_vm_open_tunnels", "WebSockets and other tunnels open to the VM now", labels=labels
+        )
+        for vm in self.vms:
+            values = [vm.vm_id, vm.session_id]
+            open_exchanges, open_tunnels = self.open_counts.get(vm.vm_id, (0, 0))
+            requests.add_metric(values, vm.requests)
+            received.add_metric(values, vm.bytes_in)
+            sent.add_metric(values, vm.bytes_out)
+            exchanges.add_metric(values, open_exchanges)
+            tunnels.add_metric(values, open_tunnels)
+        yield from (requests, received, sent, exchanges, tunnels)
+
+
+async def render_vms(store: RedisStore) -> bytes:
+    """The per-VM figures of every live VM (Prometheus text format)."""
+    vms = await store.get_vms(await store.live_vm_ids())
+    open_counts = await store.open_counts([vm.vm_id for vm in vms])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_PerVm(vms, open_counts))
     return generate_latest(registry)

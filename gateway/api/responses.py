@@ -185,6 +185,7 @@ def vm_view(
         suspended_at=iso(vm.suspended_at),
         suspend_reason=vm.suspend_reason,
         idle_timeout_s=vm.idle_timeout_s,
+        max_exchanges=vm.max_exchanges,
         last_activity=(
             LastActivity(at=iso(vm.last_activity_at) or "", source=vm.last_activity_source or "")
             if vm.last_activity_at is not None

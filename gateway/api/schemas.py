@@ -54,6 +54,13 @@ def _idle_timeout(value: int | None, info: ValidationInfo) -> int | None:
     return _bounded(value, info, "min_idle_timeout_s", "max_idle_timeout_s")  # type: ignore[return-value]
 
 
+# A VM's own cap on requests in flight and open tunnels (per edge process): at most this.
+MAX_EXCHANGES_PER_VM = 100_000
+MAX_EXCHANGES_DOC = (
+    "Requests in flight plus open WebSockets and other tunnels to this VM, per edge process, beyond which "
+    "a request gets 429 too_many_vm_exchanges with Retry-After (the operator's edge.max_exchanges_per_vm, "
+    "when set, is a ceiling: the lower applies). 0 or null: the operator's alone"
+)
 IDLE_TIMEOUT_DOC = (
     "Seconds without client activity (requests, request bodies, WebSocket data frames from clients, "
     "keep-alive calls, commands and files through the API; not WebSocket pings or pongs, responses, or "
@@ -144,6 +151,7 @@ class VMCreateRequest(VmResources):
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
     idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC)
+    max_exchanges: int | None = Field(None, ge=0, le=MAX_EXCHANGES_PER_VM, description=MAX_EXCHANGES_DOC)
 
     @field_validator("idle_timeout_s")
     @classmethod
@@ -237,6 +245,10 @@ class SessionUsageResponse(_Model):
     peak_memory_bytes: int | None = None
     peak_memory_mb: float | None = None
     requests: int = Field(0, description="Requests (and WebSocket upgrades) the edges carried to its VMs")
+    open_exchanges: int = Field(
+        0, description="Open now through the edges to its live VMs: requests in flight plus tunnels"
+    )
+    open_tunnels: int = Field(0, description="Of those, open WebSockets and other upgraded connections")
     bytes_in: int = Field(description="Request and upstream tunnel bytes the edges carried to its VMs")
     bytes_out: int = Field(description="Response and downstream tunnel bytes the edges carried from them")
     egress_bytes_out: int = Field(0, description="Bytes its VMs sent out through the egress proxy")
@@ -331,6 +343,7 @@ class VmResponse(_Model):
         None, description="Why it is suspended: request, lifetime (auto_suspend) or idle (idle_timeout_s)"
     )
     idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC)
+    max_exchanges: int | None = Field(None, description=MAX_EXCHANGES_DOC)
     last_activity: LastActivity | None = Field(
         None, description="Its last client activity, from which idle_timeout_s counts"
     )
@@ -667,6 +680,9 @@ class VmUpdateRequest(_Model):
     auto_suspend: bool | None = None
     auto_resume: bool | None = None
     idle_timeout_s: int | None = Field(None, description=IDLE_TIMEOUT_DOC + " (0 removes it)")
+    max_exchanges: int | None = Field(
+        None, ge=0, le=MAX_EXCHANGES_PER_VM, description=MAX_EXCHANGES_DOC + " (0 removes it)"
+    )
 
     @field_validator("idle_timeout_s")
     @classmethod

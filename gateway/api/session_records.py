@@ -73,6 +73,8 @@ async def session_usage(request: web.Request) -> web.Response:
             peak_memory_bytes=peak,
             peak_memory_mb=round(peak / MIB, 1) if peak is not None else None,
             requests=usage.requests,
+            open_exchanges=usage.open_exchanges,
+            open_tunnels=usage.open_tunnels,
             bytes_in=usage.bytes_in,
             bytes_out=usage.bytes_out,
             egress_bytes_out=usage.egress_bytes_out,

@@ -56,7 +56,11 @@ async def update(request: web.Request) -> web.Response:
     changes = body.model_dump(exclude_none=True)
     if not changes:
         raise RequestValidationError(
-            [detail_item(["body"], "give auto_suspend, auto_resume or idle_timeout_s", "value_error")]
+            [
+                detail_item(
+                    ["body"], "give auto_suspend, auto_resume, idle_timeout_s or max_exchanges", "value_error"
+                )
+            ]
         )
     orchestrator = request.app[ORCHESTRATOR]
     vm = await orchestrator.update_vm_settings(owner, request.match_info["vm_id"], **changes)

@@ -197,6 +197,7 @@ async def create_vm(request: web.Request) -> web.Response:
         auto_suspend=bool(body.auto_suspend),
         auto_resume=bool(body.auto_resume),
         idle_timeout_s=body.idle_timeout_s or None,
+        max_exchanges=body.max_exchanges or None,
         egress_policy=egress_policy,
         vaults=vaults,
         volumes=mounts,

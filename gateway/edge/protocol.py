@@ -120,6 +120,9 @@ class Edge:
         self.access_log = access_log
         # Request ids: this process's random prefix and a counter (unique without a random call each).
         self._request_prefix = secrets.token_hex(4).encode()
+        # This process among the edges (its report of what it has open per VM is kept under it).
+        self.instance_id = secrets.token_hex(8)
+        self.open_reported = False
         self._request_count = 0
         self.parse_target = TargetParser(settings.routing)
         self.policy = RoutingPolicy(settings.https_redirect_port, settings.plain_http_paths)
@@ -139,8 +142,10 @@ class Edge:
         resolver.on_share_revoked.append(self.share_revoked)
         # Told of each exchange that ended and each connection that closed (what tests await).
         self.exchange_ended: list[Callable[[Exchange], None]] = []
-        # Exchanges in flight per VM id, counted only with a max_exchanges_per_vm cap.
+        # Exchanges in flight per VM id (requests and tunnels: the caps count them, and the usage shows
+        # them), and of them the tunnels.
         self.vm_exchanges: dict[str, int] = {}
+        self.vm_tunnels: dict[str, int] = {}
         self.api_rates = (
             KeyRates(settings.api_rate_per_key, settings.api_burst_per_key)
             if settings.api_rate_per_key
@@ -171,8 +176,7 @@ class Edge:
         vm_id = ex.vm_id
         if vm_id is not None:
             self.traffic.add(vm_id, ex.sent_bytes, ex.bytes_out)
-            if self.settings.max_exchanges_per_vm:
-                self.vm_exchange_ended(vm_id)
+            self.vm_exchange_ended(vm_id, ex.tunnel)
         if self.access_log is not None:
             request_id = ex.request_id
             if request_id is ex.incoming_request_id:  # a trusted proxy's, as it came (the edge's are safe)
@@ -185,21 +189,32 @@ class Edge:
             for ended in self.exchange_ended:
                 ended(ex)
 
-    def vm_exchange_started(self, vm_id: str) -> bool:
+    def vm_exchange_started(self, vm_id: str, cap: int) -> bool:
         """Count one more exchange (a request in flight, or an open tunnel) to the VM; False, counting
-        nothing, when the VM already has ``max_exchanges_per_vm``."""
+        nothing, when the VM already has ``cap`` (0: no cap)."""
         count = self.vm_exchanges.get(vm_id, 0)
-        if count >= self.settings.max_exchanges_per_vm:
+        if cap and count >= cap:
             return False
         self.vm_exchanges[vm_id] = count + 1
         return True
 
-    def vm_exchange_ended(self, vm_id: str) -> None:
+    def vm_exchange_ended(self, vm_id: str, tunnel: bool) -> None:
         count = self.vm_exchanges.get(vm_id, 0)
         if count > 1:
             self.vm_exchanges[vm_id] = count - 1
         else:
             self.vm_exchanges.pop(vm_id, None)  # (an idle VM holds no entry)
+        if tunnel:
+            tunnels = self.vm_tunnels.get(vm_id, 0)
+            if tunnels > 1:
+                self.vm_tunnels[vm_id] = tunnels - 1
+            else:
+                self.vm_tunnels.pop(vm_id, None)
+
+    def open_per_vm(self) -> dict[str, tuple[int, int]]:
+        """Exchanges (requests in flight and tunnels) and, of them, tunnels open per VM right now."""
+        tunnels = self.vm_tunnels
+        return {vm_id: (count, tunnels.get(vm_id, 0)) for vm_id, count in self.vm_exchanges.items()}
 
     def went_idle(self) -> None:
         """A connection waits for its next request: make sure the keep-alive sweep runs."""
@@ -697,7 +712,11 @@ class EdgeProtocol(asyncio.Protocol):
                 self._carry_out(ex, decision)  # type: ignore[arg-type]
             return
         assert route is not None
-        if self.settings.max_exchanges_per_vm and not self.edge.vm_exchange_started(route.vm_id):
+        cap = self.settings.max_exchanges_per_vm
+        own = route.max_exchanges
+        if own and (not cap or own < cap):
+            cap = own  # the VM's own cap, under the operator's ceiling
+        if not self.edge.vm_exchange_started(route.vm_id, cap):
             self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
             return
         ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
@@ -1087,8 +1106,12 @@ class EdgeProtocol(asyncio.Protocol):
             max_frame=settings.ws_max_frame_bytes, max_message=settings.ws_max_message_bytes,
             traffic=self.edge.traffic,
         )  # fmt: skip
-        self.edge.stats.tunnels_open += 1
-        self.edge.stats.tunnels_opened += 1
+        edge = self.edge
+        edge.stats.tunnels_open += 1
+        edge.stats.tunnels_opened += 1
+        vm_id = ex.vm_id
+        if vm_id is not None:
+            edge.vm_tunnels[vm_id] = edge.vm_tunnels.get(vm_id, 0) + 1
         self.deadline.stop()
         if settings.tunnel_idle_timeout_s > 0:
             self._silence_deadline().start_idle(settings.tunnel_idle_timeout_s)

@@ -71,6 +71,8 @@ class Route:
     url_key: bytes | None = None
     url_key_version: int = 0
     share_id: str | None = None
+    # Its VM's own cap on exchanges (requests in flight and tunnels) per edge process; 0: none of its own.
+    max_exchanges: int = 0
 
 
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
@@ -102,6 +104,7 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
         _url_key(vm.url_key),
         vm.url_key_version or 0,
         share_id if isinstance(share_id, str) else None,
+        vm.max_exchanges or 0,
     )
 
 

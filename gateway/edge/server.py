@@ -32,13 +32,17 @@ async def flush_access_log(access_log: AccessLog) -> None:
         access_log.flush()
 
 
-async def flush_traffic(traffic: VmTraffic, sink: TrafficSink, interval_s: float) -> None:
+async def flush_traffic(edge: Edge, sink: TrafficSink, interval_s: float) -> None:
     """Hand the bytes counted and the activity seen per VM to the state every ``interval_s``
     (edge.traffic_flush_s); what cannot be written now is kept for the next round (Redis may be away
     for a while)."""
     while True:
         await asyncio.sleep(interval_s)
-        await write_traffic(traffic, sink)
+        # What is open is read before the counts are taken: an exchange that ends meanwhile is still
+        # open in this report and counted in the next flush, never missing from both.
+        open_now = edge.open_per_vm()
+        await write_traffic(edge.traffic, sink)
+        await report_open(edge, sink, open_now, interval_s)
 
 
 async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
@@ -53,6 +57,25 @@ async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
         await sink.mark_active(active, at)
     except StoreUnavailable:
         traffic.give_back(counts, active)
+
+
+# An edge's report of what it has open per VM holds for this many flush intervals (then it is gone: a
+# dead edge stops counting).
+OPEN_REPORT_FLUSHES = 3
+
+
+async def report_open(
+    edge: Edge, sink: TrafficSink, counts: dict[str, tuple[int, int]], interval_s: float
+) -> None:
+    """Exchanges and tunnels open per VM (``edge.open_per_vm()``: a session's usage, /metrics/vms):
+    reported while there are any, and once more when there are none."""
+    if not counts and not edge.open_reported:
+        return
+    try:
+        await sink.report_open(edge.instance_id, counts, interval_s * OPEN_REPORT_FLUSHES)
+    except StoreUnavailable:
+        return  # reported again at the next flush
+    edge.open_reported = bool(counts)
 
 
 @asynccontextmanager
@@ -92,9 +115,7 @@ async def running_edge(
     events.add(resolver)
     flusher = asyncio.create_task(flush_access_log(access_log)) if access_log is not None else None
     traffic_flusher = (
-        asyncio.create_task(flush_traffic(edge.traffic, traffic, config.edge.traffic_flush_s))
-        if traffic
-        else None
+        asyncio.create_task(flush_traffic(edge, traffic, config.edge.traffic_flush_s)) if traffic else None
     )
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
@@ -141,7 +162,9 @@ async def running_edge(
         events.remove(resolver)
         if traffic is not None:
             await stop_loop(traffic_flusher)
+            open_now = edge.open_per_vm()  # (nothing, after the drain)
             await write_traffic(edge.traffic, traffic)  # what the drain counted
+            await report_open(edge, traffic, open_now, config.edge.traffic_flush_s)
         if access_log is not None:
             await stop_loop(flusher)
             await asyncio.to_thread(access_log.close)

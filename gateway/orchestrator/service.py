@@ -117,6 +117,8 @@ class VmParams:
     # Suspended (or killed) after this long with no client activity (gateway.orchestrator.idle); None
     # or 0: never.
     idle_timeout_s: int | None = None
+    # Its own cap on requests in flight and tunnels (per edge process); None: the operator's.
+    max_exchanges: int | None = None
     # What it may reach (the SDK's shape, checked); empty: the operator's default.
     egress_policy: Mapping[str, Any] | None = None
     # Placeholders for the credentials of the vaults asked for (VaultService.bind); each wins over an
@@ -136,6 +138,9 @@ class SessionUsage:
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None
     requests: int = 0
+    # Open now through the edges to its live VMs: requests in flight and tunnels, and the tunnels alone.
+    open_exchanges: int = 0
+    open_tunnels: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     egress_bytes_out: int = 0
@@ -247,6 +252,10 @@ class Orchestrator:
                 usage.cpu_seconds = (usage.cpu_seconds or 0.0) + used.cpu_seconds
             if used is not None and used.peak_memory_bytes is not None:
                 usage.peak_memory_bytes = max(usage.peak_memory_bytes or 0, used.peak_memory_bytes)
+        live = [vm.vm_id for vm in vms if is_live(vm)]
+        for exchanges, tunnels in (await self.store.open_counts(live)).values():
+            usage.open_exchanges += exchanges
+            usage.open_tunnels += tunnels
         return usage
 
     async def kill_session(self, owner: str, session_id: str) -> VmRecord | None:
@@ -375,6 +384,7 @@ class Orchestrator:
             auto_suspend=params.auto_suspend,
             auto_resume=params.auto_resume,
             idle_timeout_s=params.idle_timeout_s or None,
+            max_exchanges=params.max_exchanges or None,
             egress_policy=dict(params.egress_policy or {}),
             vault_ids=list(params.vaults.vault_ids) if params.vaults else [],
             vault_placeholders=dict(params.vaults.placeholders) if params.vaults else {},
@@ -511,17 +521,21 @@ class Orchestrator:
         return sorted(matching, key=lambda r: r.created_at)
 
     async def update_vm_settings(self, owner: str, vm_id: str, **settings: bool | int) -> VmRecord:
-        """Change ``auto_suspend`` / ``auto_resume`` / ``idle_timeout_s`` (0: none) of a live VM. A new
-        idle timeout counts from the VM's last activity, as the old one did."""
+        """Change ``auto_suspend`` / ``auto_resume`` / ``idle_timeout_s`` / ``max_exchanges`` (0: none) of
+        a live VM. A new idle timeout counts from the VM's last activity, as the old one did; a new cap
+        applies on every edge at once (its cached routes go)."""
         rec = await self.get_vm(owner, vm_id)
         if not is_live(rec):
             raise VmNotRunning(f"VM {vm_id} is {rec.status}")
         suspending = [settings.get(name) for name in ("auto_suspend", "auto_resume")]
         if any(suspending) and self.resumer is None:
             raise Unsupported(cannot_suspend(self.driver.name))
-        if "idle_timeout_s" in settings:
-            settings["idle_timeout_s"] = settings["idle_timeout_s"] or None  # type: ignore[assignment]
+        for name in ("idle_timeout_s", "max_exchanges"):
+            if name in settings:
+                settings[name] = settings[name] or None  # type: ignore[assignment]
         await self.store.update_vm(vm_id, **settings)
+        if "max_exchanges" in settings:
+            await self.store.routes_changed(rec)
         fresh = await self._reload(rec)
         if "idle_timeout_s" in settings:
             await self.store.set_idle_deadline(vm_id, idle_deadline(fresh))

@@ -62,6 +62,15 @@ class Keys:
         """Sorted set: live VM id -> expiry (unix seconds). The reaper reads it."""
         return f"{self.prefix}vm-expiry"
 
+    def edge_open(self, edge_id: str) -> str:
+        """Hash: VM id -> "exchanges tunnels" open on that edge process now (its last report; expires
+        when the edge stops reporting)."""
+        return f"{self.prefix}edge-open:{edge_id}"
+
+    def edges_open(self) -> str:
+        """Sorted set: edge process id -> until when its edge_open report holds (unix seconds)."""
+        return f"{self.prefix}edges-open"
+
     def vm_idle(self) -> str:
         """Sorted set: VM id -> when it is idle for its idle_timeout_s (unix seconds), for the active VMs
         that have one; the reaper reads it (entries of VMs that stopped being active go lazily)."""

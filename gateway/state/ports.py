@@ -64,6 +64,14 @@ class TrafficSink(Protocol):
         ``StoreUnavailable`` when the state cannot be written (the edge keeps the counts for later)."""
         ...
 
+    async def report_open(
+        self, edge_id: str, open_counts: Mapping[str, tuple[int, int]], ttl_s: float
+    ) -> None:
+        """What the edge process ``edge_id`` has open per VM id now: (exchanges, tunnels among them);
+        it holds for ``ttl_s`` unless reported again (an edge that died stops counting). Raises
+        ``StoreUnavailable`` like ``add_traffic``."""
+        ...
+
     async def mark_active(self, sources: Mapping[str, str], at: float) -> None:
         """The last client activity per VM id (its source: "http", "websocket" or "tunnel") happened by
         ``at`` (unix seconds); only active VMs whose recorded activity is older take it. Raises

@@ -178,6 +178,10 @@ class VmRecord(_Record):
     suspend_reason: str | None = None  # SUSPENDED_* while suspended
     # Suspended (where the driver can) or killed after no client activity for this long; None: never.
     idle_timeout_s: int | None = None
+    # Requests in flight plus open tunnels to it, per edge process, beyond which a request gets 429
+    # (edge.max_exchanges_per_vm is the operator's ceiling: the lower of the two applies); None: the
+    # operator's alone.
+    max_exchanges: int | None = None
     # The last activity (ACTIVITY_*) and when: edges write it with their traffic (at most one flush late).
     last_activity_at: float | None = None
     last_activity_source: str | None = None

@@ -335,6 +335,11 @@ class RedisStore:
             await self.publish(VmChanged(rec.vm_id, rec.session_id, new))
         return bool(done)
 
+    async def routes_changed(self, rec: VmRecord) -> None:
+        """Something the edges route by changed on a live VM (its max_exchanges): every edge drops the
+        VM's cached routes (a VmChanged with its status as it is)."""
+        await self.publish(VmChanged(rec.vm_id, rec.session_id, rec.status))
+
     async def claim_resume(self, vm_id: str, hold_s: int) -> bool:
         """One resume of a VM at a time, across every gateway process (edges ask, the API asks)."""
         return bool(await guarded(self.client.set(self.keys.vm_resuming(vm_id), "1", nx=True, ex=hold_s)))
@@ -360,6 +365,43 @@ class RedisStore:
         args: list[str] = [repr(at), *(x for vm_id in ids for x in (vm_id, sources[vm_id]))]
         keys = [self.keys.vm_idle(), *(self.keys.vm(vm_id) for vm_id in ids)]
         await guarded(self._mark_active(keys=keys, args=args))
+
+    async def report_open(
+        self, edge_id: str, open_counts: Mapping[str, tuple[int, int]], ttl_s: float
+    ) -> None:
+        """An edge process's open exchanges and tunnels per VM, replacing its last report (``TrafficSink``);
+        the report lasts ``ttl_s``. One round trip."""
+        key = self.keys.edge_open(edge_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(key)
+        if open_counts:
+            pipe.hset(key, mapping={vm_id: f"{e} {t}" for vm_id, (e, t) in open_counts.items()})
+            pipe.pexpire(key, int(ttl_s * 1000))
+            pipe.zadd(self.keys.edges_open(), {edge_id: time.time() + ttl_s})
+        else:
+            pipe.zrem(self.keys.edges_open(), edge_id)
+        await guarded(pipe.execute())
+
+    async def open_counts(self, vm_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Exchanges and tunnels open to each VM now, summed over the edges' current reports."""
+        if not vm_ids:
+            return {}
+        now = time.time()
+        await guarded(self.client.zremrangebyscore(self.keys.edges_open(), "-inf", now))
+        edges = text_list(await guarded(self.client.zrange(self.keys.edges_open(), 0, -1)))
+        totals = {vm_id: (0, 0) for vm_id in vm_ids}
+        if not edges:
+            return totals
+        pipe = self.client.pipeline(transaction=False)
+        for edge_id in edges:
+            pipe.hmget(self.keys.edge_open(edge_id), vm_ids)
+        for found in await guarded(pipe.execute()):
+            for vm_id, raw in zip(vm_ids, found, strict=True):
+                if raw:
+                    exchanges, _, tunnels = (raw.decode() if isinstance(raw, bytes) else raw).partition(" ")
+                    e, t = totals[vm_id]
+                    totals[vm_id] = (e + int(exchanges), t + int(tunnels))
+        return totals
 
     async def set_idle_deadline(self, vm_id: str, at: float | None) -> None:
         """Queue the VM to be looked at for idleness at ``at`` (None: not at all)."""
