@@ -27,7 +27,7 @@ import h2.exceptions
 import h2.settings
 import httptools
 
-from .http2 import CONNECTION_HEADERS, STREAM_HIGH, STREAM_LOW, STREAM_WINDOW
+from .http2 import CONNECTION_HEADERS, STREAM_HIGH, STREAM_LOW, STREAM_WINDOW, send_held
 
 if TYPE_CHECKING:
     from .upstream import Dial, PoolKey, UpstreamConnection, UpstreamPool
@@ -253,19 +253,7 @@ class H2cLink(asyncio.Protocol):
             return
         conn = self.conn
         try:
-            while self.out:
-                window = conn.local_flow_control_window(stream_id)
-                if window <= 0:
-                    break
-                chunk = self.out[0]
-                size = min(window, conn.max_outbound_frame_size, len(chunk))
-                if size < len(chunk):
-                    self.out[0] = chunk[size:]
-                    chunk = chunk[:size]
-                else:
-                    self.out.pop(0)
-                self.held_out -= size
-                conn.send_data(stream_id, chunk)
+            self.held_out -= send_held(conn, stream_id, self.out)
             if self.request_complete and not self.out:
                 self.request_complete = False
                 conn.end_stream(stream_id)

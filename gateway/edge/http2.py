@@ -233,19 +233,8 @@ class Stream:
                 if alone:
                     self._ended()
                     return
-            while self.out and not session.writing_paused:
-                window = conn.local_flow_control_window(self.id)
-                if window <= 0:
-                    break
-                chunk = self.out[0]
-                size = min(window, conn.max_outbound_frame_size, len(chunk))
-                if size < len(chunk):
-                    self.out[0] = chunk[size:]
-                    chunk = chunk[:size]
-                else:
-                    self.out.pop(0)
-                self.held_out -= size
-                conn.send_data(self.id, chunk)
+            if self.out and not session.writing_paused:
+                self.held_out -= send_held(conn, self.id, self.out)
             if self.complete and not self.out:
                 if self.trailers:
                     conn.send_headers(self.id, list(h2_fields(self.trailers)), end_stream=True)
@@ -296,6 +285,26 @@ class Stream:
             self.session.loop.call_soon(self.proto.connection_lost, None)
         if self.ended:
             self.session.stream_done(self)
+
+
+def send_held(conn: h2.connection.H2Connection, stream_id: int, out: list[bytes]) -> int:
+    """Send from ``out`` (taken from its front) what the stream's and the connection's windows allow,
+    in frames of at most the peer's size; returns the bytes sent."""
+    sent = 0
+    while out:
+        window = conn.local_flow_control_window(stream_id)
+        if window <= 0:
+            break
+        chunk = out[0]
+        size = min(window, conn.max_outbound_frame_size, len(chunk))
+        if size < len(chunk):
+            out[0] = chunk[size:]
+            chunk = chunk[:size]
+        else:
+            out.pop(0)
+        conn.send_data(stream_id, chunk)
+        sent += size
+    return sent
 
 
 def h2_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

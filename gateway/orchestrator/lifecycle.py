@@ -161,22 +161,21 @@ class Lifecycle:
         """A VM's lifetime ended: suspend it if it asked for that (True), else leave it to be killed."""
         if not (rec.auto_suspend and rec.status == VM_ACTIVE and self.available):
             return False
-        try:
-            await self.suspend(rec, SUSPENDED_AT_LIFETIME_END)
-        except GatewayError as exc:
-            log.warning("VM %s could not be suspended at the end of its lifetime: %s", rec.vm_id, exc)
-            return False
-        return True
+        return await self._try_suspend(rec, SUSPENDED_AT_LIFETIME_END, "at the end of its lifetime")
 
     async def idle(self, rec: VmRecord) -> bool:
         """A VM was idle for its idle_timeout_s: suspend it (True), or leave it to be killed (False: it
         could not be, e.g. a qemu VM with volumes)."""
         if rec.status != VM_ACTIVE:
             return False
+        return await self._try_suspend(rec, SUSPENDED_IDLE, "when idle")
+
+    async def _try_suspend(self, rec: VmRecord, reason: str, when: str) -> bool:
+        """Suspend (True), or say why it could not be (False: the caller kills it instead)."""
         try:
-            await self.suspend(rec, SUSPENDED_IDLE)
+            await self.suspend(rec, reason)
         except GatewayError as exc:
-            log.warning("idle VM %s could not be suspended: %s", rec.vm_id, exc)
+            log.warning("VM %s could not be suspended %s: %s", rec.vm_id, when, exc)
             return False
         return True
 
