@@ -88,6 +88,7 @@ class Exchange:
         "route_id",
         "sandbox_routing",
         "sent_bytes",
+        "signed",
         "started",
         "status",
         "tunnel",
@@ -153,6 +154,7 @@ class Exchange:
         self.chunked_out = False
         self.no_body_out = False
         self.tunnel = False
+        self.signed = False  # let in by a signed URL (or its cookie): a key rotation ends it
         self.max_body = 0
         self.finished = False  # the response is complete; waiting for the request's end to move on
         # For the metrics and the access log (gateway.edge.observe).

@@ -140,6 +140,7 @@ class Edge:
         self.loop = asyncio.get_running_loop()
         resolver.on_vm_gone.append(self.vm_gone)
         resolver.on_share_revoked.append(self.share_revoked)
+        resolver.on_url_key_rotated.append(self.url_key_rotated)
         # Told of each exchange that ended and each connection that closed (what tests await).
         self.exchange_ended: list[Callable[[Exchange], None]] = []
         # Exchanges in flight per VM id (requests and tunnels: the caps count them, and the usage shows
@@ -254,6 +255,12 @@ class Edge:
         """A share was revoked: requests and tunnels to that port of the VM end now."""
         for conn in list(self.connections):
             conn.vm_gone(vm_id, port)
+
+    def url_key_rotated(self, vm_id: str) -> None:
+        """A VM's URL key was rotated: what its old signed URLs let in (WebSockets, streams) ends now, as
+        the URLs themselves do."""
+        for conn in list(self.connections):
+            conn.signed_access_ended(vm_id)
 
     async def drain(self, grace_s: float) -> None:
         """Finish what is in flight, then close: idle connections at once, busy ones after their
@@ -720,6 +727,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
             return
         ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
+        tokens = route.tokens
+        if tokens is not None and route.url_key is not None:
+            # A private app that signs URLs: was it a signature (or its cookie) that let this in?
+            ex.signed = not access.opens(ex.headers, tokens, route.cookies, bearer=route.bearer)
         self.edge.traffic.touch(route.vm_id, ACTIVITY_HTTP)  # a request that reaches it: client activity
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.sandbox_routing is not None:
@@ -1068,6 +1079,11 @@ class EdgeProtocol(asyncio.Protocol):
             and (port is None or ex.port == port)
             and self.transport is not None
         ):
+            self.transport.close()
+
+    def signed_access_ended(self, vm_id: str) -> None:
+        ex = self.current
+        if ex is not None and ex.signed and ex.vm_id == vm_id and self.transport is not None:
             self.transport.close()
 
     def drain(self) -> None:

@@ -149,6 +149,8 @@ class Resolver:
         self._generation = 0
         self.on_vm_gone: list[Callable[[str], None]] = []
         self.on_share_revoked: list[Callable[[str, int], None]] = []
+        # Told of a VM whose URL key was rotated (what its old signed URLs opened ends).
+        self.on_url_key_rotated: list[Callable[[str], None]] = []
         self.hits = self.misses = self.invalidations = self.stale_hits = 0
 
     # lookups --------------------------------------------------------------------------------------
@@ -345,6 +347,8 @@ class Resolver:
             # A new key (or the first): routes cached with the old one go, and the VM's "no route" answers
             # (a port only a signed URL opens).
             self.forget(event.vm_id, event.session_id)
+            for rotated in self.on_url_key_rotated:
+                rotated(event.vm_id)
         elif isinstance(event, PortExposed | ShareChanged):
             # A newly exposed or shared port: cached "no route" answers (by VM or by session) may be wrong
             # now. Rare, so dropping every negative entry is cheaper than indexing them.

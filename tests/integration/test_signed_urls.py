@@ -273,3 +273,29 @@ async def test_the_api_validates_and_keeps_tenants_apart(gw: GatewayUnderTest) -
     assert status == 200
     assert "post" in doc["paths"]["/v1/shares/{share_id}/signed-url"]
     assert "post" in doc["paths"]["/v1/vms/{vm_id}/url-key/rotate"]
+
+
+async def test_a_rotation_ends_what_old_signed_urls_let_in(
+    gw: GatewayUnderTest, browser: aiohttp.ClientSession
+) -> None:
+    """A WebSocket opened with a signed URL closes when the VM's key rotates (the URL is revoked, and so
+    is what it opened); one opened with the share's token goes on."""
+    client = await serving(gw)
+    share = await asyncio.to_thread(client.shares.create, APP_PORT)  # private
+    signed = await sign(gw, share["share_id"], 3600)
+    by_signature = await browser.ws_connect(at(signed["url"], "ws").replace("http://", "ws://", 1))
+    token = {"X-Access-Token": share["access_token"]}
+    by_token = await browser.ws_connect(share["url"].replace("http://", "ws://", 1) + "ws", headers=token)
+    try:
+        for ws in (by_signature, by_token):
+            await ws.send_str("before")
+            assert (await asyncio.wait_for(ws.receive(), 10)).data == "before"
+        status, _ = await gw.request("POST", f"/v1/vms/{share['vm_id']}/url-key/rotate")
+        assert status == 200
+        ended = await asyncio.wait_for(by_signature.receive(), 10)
+        assert ended.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        await by_token.send_str("after")
+        assert (await asyncio.wait_for(by_token.receive(), 10)).data == "after"
+    finally:
+        await by_signature.close()
+        await by_token.close()
