@@ -59,9 +59,10 @@ async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
         traffic.give_back(counts, active)
 
 
-# An edge's report of what it has open per VM holds for this many flush intervals (then it is gone: a
-# dead edge stops counting).
+# An edge's report of what it has open per VM holds for this many flush intervals, and at least
+# OPEN_REPORT_MIN_S (a busy loop may flush late), then it is gone: a dead edge stops counting.
 OPEN_REPORT_FLUSHES = 3
+OPEN_REPORT_MIN_S = 10.0
 
 
 async def report_open(
@@ -72,7 +73,9 @@ async def report_open(
     if not counts and not edge.open_reported:
         return
     try:
-        await sink.report_open(edge.instance_id, counts, interval_s * OPEN_REPORT_FLUSHES)
+        await sink.report_open(
+            edge.instance_id, counts, max(interval_s * OPEN_REPORT_FLUSHES, OPEN_REPORT_MIN_S)
+        )
     except StoreUnavailable:
         return  # reported again at the next flush
     edge.open_reported = bool(counts)
