@@ -237,7 +237,7 @@ class Stream:
                 self.held_out -= send_held(conn, self.id, self.out)
             if self.complete and not self.out:
                 if self.trailers:
-                    conn.send_headers(self.id, list(h2_fields(self.trailers)), end_stream=True)
+                    conn.send_headers(self.id, h2_fields(self.trailers), end_stream=True)
                 else:
                     conn.end_stream(self.id)
                 self._ended()

@@ -200,17 +200,9 @@ class Edge:
         return True
 
     def vm_exchange_ended(self, vm_id: str, tunnel: bool) -> None:
-        count = self.vm_exchanges.get(vm_id, 0)
-        if count > 1:
-            self.vm_exchanges[vm_id] = count - 1
-        else:
-            self.vm_exchanges.pop(vm_id, None)  # (an idle VM holds no entry)
+        _count_down(self.vm_exchanges, vm_id)
         if tunnel:
-            tunnels = self.vm_tunnels.get(vm_id, 0)
-            if tunnels > 1:
-                self.vm_tunnels[vm_id] = tunnels - 1
-            else:
-                self.vm_tunnels.pop(vm_id, None)
+            _count_down(self.vm_tunnels, vm_id)
 
     def open_per_vm(self) -> dict[str, tuple[int, int]]:
         """Exchanges (requests in flight and tunnels) and, of them, tunnels open per VM right now."""
@@ -285,6 +277,15 @@ class Edge:
             ended(conn)
         if self._drained is not None and not self.connections:
             self._drained.set()
+
+
+def _count_down(counts: dict[str, int], vm_id: str) -> None:
+    """One fewer for the VM; a VM with none holds no entry (the tables stay as small as what is open)."""
+    count = counts.get(vm_id, 0)
+    if count > 1:
+        counts[vm_id] = count - 1
+    else:
+        counts.pop(vm_id, None)
 
 
 class EdgeProtocol(asyncio.Protocol):

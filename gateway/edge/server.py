@@ -38,11 +38,16 @@ async def flush_traffic(edge: Edge, sink: TrafficSink, interval_s: float) -> Non
     for a while)."""
     while True:
         await asyncio.sleep(interval_s)
-        # What is open is read before the counts are taken: an exchange that ends meanwhile is still
-        # open in this report and counted in the next flush, never missing from both.
-        open_now = edge.open_per_vm()
-        await write_traffic(edge.traffic, sink)
-        await report_open(edge, sink, open_now, interval_s)
+        await flush_once(edge, sink, interval_s)
+
+
+async def flush_once(edge: Edge, sink: TrafficSink, interval_s: float) -> None:
+    """One flush: the counts and activity, then what is open per VM."""
+    # What is open is read before the counts are taken: an exchange that ends meanwhile is still open
+    # in this report and counted in the next flush, never missing from both.
+    open_now = edge.open_per_vm()
+    await write_traffic(edge.traffic, sink)
+    await report_open(edge, sink, open_now, interval_s)
 
 
 async def write_traffic(traffic: VmTraffic, sink: TrafficSink) -> None:
@@ -165,9 +170,8 @@ async def running_edge(
         events.remove(resolver)
         if traffic is not None:
             await stop_loop(traffic_flusher)
-            open_now = edge.open_per_vm()  # (nothing, after the drain)
-            await write_traffic(edge.traffic, traffic)  # what the drain counted
-            await report_open(edge, traffic, open_now, config.edge.traffic_flush_s)
+            # What the drain counted (and nothing open any more).
+            await flush_once(edge, traffic, config.edge.traffic_flush_s)
         if access_log is not None:
             await stop_loop(flusher)
             await asyncio.to_thread(access_log.close)

@@ -220,6 +220,14 @@ class Orchestrator:
         """The session's VM, for its app URL on ``port``. The spec: asking for the app URL is what makes
         the port public (while the VM is active). NotFound for an unknown (or another key's) session,
         Conflict while it has no VM."""
+        vm = await self.app_vm(owner, session_id)
+        if vm.status == VM_ACTIVE:
+            await self.store.expose_port(vm.vm_id, port)
+        return vm
+
+    async def app_vm(self, owner: str, session_id: str) -> VmRecord:
+        """The session's VM, whose apps its app URLs reach. NotFound for an unknown (or another key's)
+        session, Conflict while it has no VM."""
         session = await self.owned_session(owner, session_id)
         vm = await self.session_vm(session)
         if vm is None:
@@ -227,8 +235,6 @@ class Orchestrator:
                 "session has no VM yet: create one with POST /v1/vms or run code with POST /execute",
                 code="no_vm",
             )
-        if vm.status == VM_ACTIVE:
-            await self.store.expose_port(vm.vm_id, port)
         return vm
 
     async def session_usage(self, owner: str, session_id: str) -> SessionUsage:

@@ -62,13 +62,7 @@ class SignedUrls:
 
     async def for_session_port(self, owner: str, session_id: str, port: int, expires_in: int) -> SignedUrl:
         """The app-url call with ``expires_in``: a URL opening the session VM's ``port`` for that long."""
-        session = await self.orchestrator.owned_session(owner, session_id)
-        vm = await self.orchestrator.session_vm(session)
-        if vm is None:
-            raise Conflict(
-                "session has no VM yet: create one with POST /v1/vms or run code with POST /execute",
-                code="no_vm",
-            )
+        vm = await self.orchestrator.app_vm(owner, session_id)  # (the port is not made public)
         return await self._sign(vm, port, expires_in, None)
 
     async def rotate(self, owner: str, vm_id: str) -> tuple[VmRecord, int]:
