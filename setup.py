@@ -1,11 +1,12 @@
-"""Builds the compiled edge (gateway._edgec, see gateway/edge/twin.py) with mypyc; the rest of the
+"""Builds the compiled edge (gateway._edgec, see gateway/edge/twin.py) with mypyc, and its HTTP/1.1
+parsers with Cython over the vendored llhttp (gateway/edge/http1.py); the rest of the
 project's metadata is in pyproject.toml.
 
     .venv/bin/python setup.py build_ext --inplace                # what ./dev does, beside the sources
     .venv/bin/pip wheel --no-build-isolation --no-deps -w dist .  # a wheel with the compiled edge
 
-mypyc type-checks what it compiles, so it needs the project's dependencies and mypy (the test extras)
-where it runs: in ./dev's virtualenv. A build without mypyc (pip's isolated build, or
+mypyc type-checks what it compiles, so it needs the project's dependencies and mypy (the test extras,
+with Cython) where it runs: in ./dev's virtualenv. A build without mypyc or Cython (pip's isolated build, or
 GATEWAY_PURE_EDGE_BUILD=1) leaves the compiled edge out, and the gateway runs its pure-Python edge.
 """
 
@@ -52,22 +53,44 @@ def write_twin_sources(twin: ModuleType) -> list[str]:
     for name in twin.MODULES:
         shutil.copyfile(twin.EDGE_DIR / f"{name}.py", package / f"{name}.py")
         paths.append(f"gateway/_edgec/{name}.py")
+    for name in twin.C_MODULES:
+        shutil.copyfile(twin.EDGE_DIR / f"{name}.pyx", package / f"{name}.pyx")
     return paths
+
+
+def c_parsers(twin: ModuleType) -> list[object]:
+    """The compiled edge's HTTP/1.1 parsers (gateway/edge/http1c.pyx): Cython over vendor/llhttp."""
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    llhttp = ROOT / "vendor" / "llhttp"
+    sources = [str((llhttp / "src" / name).relative_to(ROOT)) for name in ("api.c", "http.c", "llhttp.c")]
+    extensions = [
+        Extension(
+            f"{GROUP}.{name}",
+            [f"gateway/_edgec/{name}.pyx", *sources],
+            include_dirs=[str((llhttp / "include").relative_to(ROOT))],
+            extra_compile_args=["-O3"],
+        )
+        for name in twin.C_MODULES
+    ]
+    return cythonize(extensions, quiet=True, compiler_directives={"language_level": 3})
 
 
 def compiled_edge() -> list[object]:
     if os.environ.get("GATEWAY_PURE_EDGE_BUILD") == "1":
         return []
     try:
+        import Cython  # noqa: F401
         from mypyc.build import mypycify
     except ImportError:
-        print("setup.py: mypyc is not installed here: building without the compiled edge")
+        print("setup.py: mypyc or Cython is not installed here: building without the compiled edge")
         return []
 
-    os.chdir(ROOT)  # mypyc names modules by their paths from here
-    return mypycify(
-        write_twin_sources(load_twin()), opt_level="3", debug_level="0", group_name=GROUP
-    )
+    os.chdir(ROOT)  # mypyc and Cython name modules by their paths from here
+    twin = load_twin()
+    modules = mypycify(write_twin_sources(twin), opt_level="3", debug_level="0", group_name=GROUP)
+    return [*modules, *c_parsers(twin)]
 
 
 setup(ext_modules=compiled_edge())

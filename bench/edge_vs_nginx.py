@@ -211,15 +211,21 @@ def free_port() -> int:
 
 def cpu_ticks(pids: list[int]) -> int:
     """utime + stime (clock ticks) summed over pids; a vanished process counts 0."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) in clock ticks, summed over pids; a vanished process counts 0."""
+    user = system = 0
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-        total += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
-    return total
+        user += int(fields[11])  # field 14: utime
+        system += int(fields[12])  # field 15: stime
+    return user, system
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -522,6 +528,7 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     cpu_us_per_request: float
+    system_us_per_request: float  # the kernel's share of cpu_us_per_request
 
 
 _LATENCY_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -565,11 +572,14 @@ async def measure_small_requests(proxy: Proxy, seconds: float) -> WrkResult:
     url = proxy.base_url + SMALL_PATH
     await wrk(url, WRK_WARMUP_S)  # pools, caches, lazily built paths
     pids = proxy.pids()
-    before = cpu_ticks(pids)
+    user_before, system_before = cpu_split(pids)
     output = await wrk(url, seconds)
-    used_s = (cpu_ticks(pids) - before) / CLOCK_TICKS_PER_S
+    user_after, system_after = cpu_split(pids)
     rps, p50, p99, requests, non_2xx, socket_errors = parse_wrk(output)
-    return WrkResult(rps, p50, p99, requests, non_2xx, socket_errors, used_s * 1e6 / max(requests, 1))
+    us_per_tick_request = 1e6 / CLOCK_TICKS_PER_S / max(requests, 1)
+    used = (user_after - user_before + system_after - system_before) * us_per_tick_request
+    system = (system_after - system_before) * us_per_tick_request
+    return WrkResult(rps, p50, p99, requests, non_2xx, socket_errors, used, system)
 
 
 def curl_transfer_argv(url: str, *extra: str) -> list[str]:
@@ -735,6 +745,7 @@ def table_rows(metrics: set[str]) -> dict[str, Row]:
         rows["p99"] = Row("  p99 latency (ms)", "{:.2f}")
     if "cpu" in metrics:
         rows["cpu"] = Row("proxy CPU per request (us)", "{:.1f}")
+        rows["cpu_system"] = Row("  of which system (us)", "{:.1f}")
     if metrics & {"rps", "cpu"}:
         rows["wrk_errors"] = Row("  wrk non-2xx / socket errors", show_ratio=False)
     if "download" in metrics:
@@ -762,7 +773,9 @@ def fill_rows(rows: dict[str, Row], side: str, rounds: list[Measured], notes: li
         put("rps", fastest.requests_per_s)
         put("p50", fastest.p50_ms)
         put("p99", fastest.p99_ms)
-        put("cpu", min(w.cpu_us_per_request for w in wrk_runs))
+        leanest = min(wrk_runs, key=lambda w: w.cpu_us_per_request)
+        put("cpu", leanest.cpu_us_per_request)
+        put("cpu_system", leanest.system_us_per_request)
         non_2xx = sum(w.non_2xx for w in wrk_runs)
         socket_errors = sum(w.socket_errors for w in wrk_runs)
         put("wrk_errors", f"{non_2xx:,} / {socket_errors:,}")

@@ -47,7 +47,7 @@ def compiled_problem() -> str | None:
     if getattr(package, "SOURCE_HASH", None) != twin.source_hash():
         return "built from other sources than gateway/edge's (stale: ./dev rebuilds it)"
     try:
-        for name in twin.MODULES:
+        for name in (*twin.MODULES, *twin.C_MODULES):
             module = COMPILED.module(name)
             if not (module.__file__ or "").endswith(".so"):
                 return f"{name} is not compiled"

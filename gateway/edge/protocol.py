@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from gateway.edge.http1 import RequestParser, parsers_for
 from gateway.errors import GatewayError, edge_error
 from gateway.state.ports import Waker
 from gateway.tokens import token_hash
@@ -77,8 +78,8 @@ MAX_SHARED_CLIENT_INFOS = 4096
 # Idle kept-alive connections are closed by one sweep per process at this interval (not a timer each:
 # an idle connection holds no timer), so one closes between keepalive_timeout_s and that plus twice this.
 KEEPALIVE_SWEEP_S = 1.0
-# An idle connection needs no request head list until its next request starts (on_message_begin).
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
+# This twin's HTTP/1.1 request parser (the compiled edge's is C: gateway/edge/http1.py).
+_REQUEST_PARSER = parsers_for(__name__)[0]
 # How an HTTP/2 client with prior knowledge starts (RFC 9113 section 3.4); llhttp stops there.
 H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
 
@@ -348,7 +349,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # None while idle past a keep-alive sweep (about 0.9 KiB: the parser holds a bound method per
         # callback); made again by the next read, between two requests, so nothing of its state is lost.
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.parser: RequestParser | None = self._new_parser()
         self.peer_ip = ""
         self.trusted = False
         self.pending: list[Exchange] = []  # parsed, waiting for the current one (a deque is 600 bytes)
@@ -356,14 +357,11 @@ class EdgeProtocol(asyncio.Protocol):
         self.current: Exchange | None = None  # the request being answered
         self.task: asyncio.Task[None] | None = None  # a route lookup or upstream connect, if any
         self.task_start: Callable[[], Coroutine[Any, Any, None]] | None = None
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
-        self.header_bytes = 0
         self.in_head = False
         # Kept-alive and idle since this sweep's time (0: busy, or idle and not seen by a sweep yet).
         self.idle_since = 0.0
         # Raw bytes of the request head so far, counted as they arrive: llhttp keeps a header line until
-        # it ends, and httptools re-copies it on every read, so an endless line must be cut by count.
+        # it ends, and the parser re-copies it on every read, so an endless line must be cut by count.
         self.head_seen = 0
         self.head_fresh = False  # the head began in the read being parsed
         self.ended_in_read = False  # a request ended in the read being parsed
@@ -462,7 +460,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         parser = self.parser
         if parser is None:
-            parser = self.parser = httptools.HttpRequestParser(self)
+            parser = self.parser = self._new_parser()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -498,7 +496,7 @@ class EdgeProtocol(asyncio.Protocol):
             # After another request in the same read (pipelining): where this head began is not known.
             # The parts parsed so far are a lower bound; the rest is at most one read, held once.
             self.head_fresh = False
-            self.head_seen = len(self.url) + self.header_bytes
+            self.head_seen = self.parser.parsed_bytes() if self.parser is not None else 0
         if self.head_seen > self.head_limit:
             self._protocol_error("headers_too_large", "request head too large")
             return
@@ -590,41 +588,32 @@ class EdgeProtocol(asyncio.Protocol):
             self._drop_upstream(ex)
             self._reply(ex, "upstream_timeout", close=True)
 
-    # the request side (httptools callbacks) -------------------------------------------------------
+    # the request side (the parser's calls: gateway/edge/http1.py) -----------------------------------
+
+    def _new_parser(self) -> RequestParser:
+        settings = self.settings
+        return _REQUEST_PARSER(
+            self, settings.routing.max_target_bytes, settings.max_header_count, settings.max_header_bytes
+        )
 
     def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
         self.in_head = True
         self.head_fresh = True
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        limit = self.settings.routing.max_target_bytes
-        if len(self.url) > limit:
-            self._protocol_error("uri_too_long", f"the request target is longer than {limit} bytes")
-            raise httptools.HttpParserError("request target too long")
+    def on_head_limit(self, code: str) -> None:
+        if code == "uri_too_long":
+            limit = self.settings.routing.max_target_bytes
+            self._protocol_error(code, f"the request target is longer than {limit} bytes")
+        else:
+            self._protocol_error(code)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self.header_bytes += len(name) + len(value)
-        if (
-            len(self.headers) > self.settings.max_header_count
-            or self.header_bytes > self.settings.max_header_bytes
-        ):
-            self._protocol_error("headers_too_large")
-            raise httptools.HttpParserError("headers too large")
-
-    def on_headers_complete(self) -> None:
+    def on_request(
+        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool, upgrade: bool,
+        http10: bool,
+    ) -> None:  # fmt: skip
         self.in_head = False
         self.head_timed = False
-        parser = self.parser
-        assert parser is not None  # (it is parsing)
-        ex = Exchange(
-            self, parser.get_method(), self.url, self.headers, parser.should_keep_alive(),
-            parser.should_upgrade(), parser.get_http_version() == "1.0",
-        )  # fmt: skip
+        ex = Exchange(self, method, url, headers, keep_alive, upgrade, http10)
         self.parsing = ex
         self.pending.append(ex)
 
@@ -1001,11 +990,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.head_timed = True
         else:
             # Idle: the sweep times keep-alive (Edge.sweep_idle). Nothing of the finished request stays
-            # (its target and header list; the exchange went with ``current``).
+            # (the parser let its target and header list go; the exchange went with ``current``).
             self.deadline.stop()
-            self.url = b""
-            self.headers = _NO_HEADERS
-            self.header_bytes = 0
             self.edge.went_idle()
         self.resume_reading()
 

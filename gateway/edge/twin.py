@@ -27,6 +27,8 @@ MODULES = (
     "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "ratelimit", "resolver",
     "routing", "settings", "signed", "target", "tunnel", "upstream", "websocket",
 )  # fmt: skip
+# Written in Cython (``.pyx`` here), built into the compiled twin too: its HTTP/1.1 parsers over llhttp.
+C_MODULES = ("http1c",)
 EDGE_DIR = Path(__file__).resolve().parent
 
 
@@ -35,4 +37,6 @@ def source_hash(edge_dir: Path = EDGE_DIR) -> str:
     digest = hashlib.sha256()
     for name in MODULES:
         digest.update(name.encode() + b"\0" + (edge_dir / f"{name}.py").read_bytes() + b"\0")
+    for name in C_MODULES:
+        digest.update(name.encode() + b"\0" + (edge_dir / f"{name}.pyx").read_bytes() + b"\0")
     return digest.hexdigest()

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from gateway.edge.http1 import NAME_CONTENT_LENGTH, NAME_HOP_BY_HOP, NAME_TRANSFER_ENCODING, parsers_for
+
 from .headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -39,6 +41,10 @@ PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
 # The largest response head from an app (nginx's proxy_buffer_size is 4-8 KiB; apps with many or big
 # cookies need more).
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# This twin's HTTP/1.1 response parser (the compiled edge's is C: gateway/edge/http1.py).
+_RESPONSE_PARSER = parsers_for(__name__)[1]
+# A response without trailers (most of them) shares this list.
+_NO_TRAILERS: list[tuple[bytes, bytes]] = []
 
 
 class BadResponse(Exception):
@@ -56,10 +62,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: Exchange | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.in_trailers = False
+        self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
+        self.status = 0
+        self.trailers: list[tuple[bytes, bytes]] = _NO_TRAILERS
         self.head_only = False
         self.close_delimited = False
         self.complete = True
@@ -153,7 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_upstream_writable()
 
-    # httptools callbacks --------------------------------------------------------------------------
+    # the parser's calls (gateway/edge/http1.py) ----------------------------------------------------
 
     def on_message_begin(self) -> None:
         if self.sink is None and self.tunnel is None:
@@ -161,57 +166,43 @@ class UpstreamConnection(asyncio.Protocol):
             # connection is out of step with its requests and is never used again.
             self.reusable = False
             self.close()
-        self.headers = []
-        self.trailers = []
-        self.in_trailers = False
+        self.trailers = _NO_TRAILERS
         self.in_head = True
         self.head_fresh = True
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        (self.trailers if self.in_trailers else self.headers).append((name, value))
-
-    def on_headers_complete(self) -> None:
+    def on_response(
+        self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, names: int
+    ) -> None:
         self.in_head = False
-        self.in_trailers = True
-        status = self.parser.get_status_code()
-        if not self.parser.should_keep_alive():
+        self.status = status
+        if not keep_alive:
             self.reusable = False
-        length = framed = hop_by_hop = False
-        for name, _ in self.headers:
-            low = name.lower()
-            if low == b"content-length":
-                length = framed = True
-            elif low == b"transfer-encoding":
-                framed = hop_by_hop = True
-            elif low in HOP_BY_HOP:
-                hop_by_hop = True
-        self.length_known = length
-        self.hop_by_hop = hop_by_hop
+        self.length_known = bool(names & NAME_CONTENT_LENGTH)
+        self.hop_by_hop = bool(names & NAME_HOP_BY_HOP)
+        framed = bool(names & (NAME_CONTENT_LENGTH | NAME_TRANSFER_ENCODING))
         self.close_delimited = (
             not framed and status not in (204, 304) and status >= 200 and not self.head_only
         )
         if self.close_delimited:
             self.reusable = False
         if self.sink is not None:
-            self.sink.on_response_head(status, self.headers)
+            self.sink.on_response_head(status, headers)
         if 100 <= status < 200 and status != 101:
-            # Interim response: the real one follows on the same connection.
-            self.in_trailers = False
-            self.headers = []
-            return
+            return  # interim response: the real one follows on the same connection
         if self.head_only and self.sink is not None:
             # llhttp cannot be told a response answers HEAD: finish here and start a fresh parser.
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
             self._finish()
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
             self.sink.on_response_body(body)
 
-    def on_message_complete(self) -> None:
-        status = self.parser.get_status_code()
+    def on_message_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        status = self.status
         if 100 <= status < 200 and status != 101:
             return
+        self.trailers = trailers
         self._finish()
 
     def _finish(self) -> None:

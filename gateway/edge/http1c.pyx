@@ -1,0 +1,395 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The compiled edge's HTTP/1.1 parsers: llhttp (vendor/llhttp, the release httptools ships) with its
+callbacks written in C here, so a parsed head reaches the edge as one call with its method, target and
+header list, instead of one Python call per URL piece, header and getter.
+
+The interface and its pure-Python twin (on httptools, for the pure edge) are in gateway/edge/http1.py;
+both parsers raise httptools' exceptions, with the same messages, so the edge handles them as one.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
+from libc.string cimport memcpy
+
+cdef extern from "<strings.h>":
+    int strncasecmp(const char *a, const char *b, size_t n)
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserInvalidStatusError,
+    HttpParserInvalidURLError,
+    HttpParserUpgrade,
+)
+
+
+cdef extern from "llhttp.h":
+    struct llhttp__internal_s:
+        int32_t error
+        const char *reason
+        void *data
+        uint8_t method
+        uint8_t http_major
+        uint8_t http_minor
+        uint8_t upgrade
+        uint16_t status_code
+    ctypedef llhttp__internal_s llhttp_t
+
+    ctypedef int (*llhttp_data_cb)(llhttp_t*, const char *at, size_t length) noexcept
+    ctypedef int (*llhttp_cb)(llhttp_t*) noexcept
+
+    struct llhttp_settings_s:
+        llhttp_cb on_message_begin
+        llhttp_data_cb on_url
+        llhttp_data_cb on_header_field
+        llhttp_data_cb on_header_value
+        llhttp_cb on_header_value_complete
+        llhttp_cb on_headers_complete
+        llhttp_data_cb on_body
+        llhttp_cb on_message_complete
+    ctypedef llhttp_settings_s llhttp_settings_t
+
+    ctypedef enum llhttp_type_t:
+        HTTP_REQUEST
+        HTTP_RESPONSE
+
+    ctypedef enum llhttp_errno_t:
+        HPE_OK
+        HPE_INVALID_METHOD
+        HPE_INVALID_URL
+        HPE_INVALID_STATUS
+        HPE_PAUSED_UPGRADE
+        HPE_USER
+
+    ctypedef int llhttp_method_t
+
+    void llhttp_init(llhttp_t*, llhttp_type_t, const llhttp_settings_t*)
+    void llhttp_settings_init(llhttp_settings_t*)
+    llhttp_errno_t llhttp_execute(llhttp_t*, const char*, size_t)
+    int llhttp_should_keep_alive(const llhttp_t*)
+    void llhttp_resume_after_upgrade(llhttp_t*)
+    const char* llhttp_get_error_pos(const llhttp_t*)
+    void llhttp_set_error_reason(llhttp_t*, const char*)
+    const char* llhttp_method_name(llhttp_method_t)
+
+
+# The methods' names as bytes objects, each made the first time it is parsed (llhttp numbers methods
+# in a byte; it aborts when asked the name of a number it has no method for).
+cdef list _METHODS = [None] * 256
+
+
+cdef inline object _method(uint8_t number):
+    name = _METHODS[number]
+    if name is None:
+        name = _METHODS[number] = <bytes>llhttp_method_name(<llhttp_method_t>number)
+    return name
+
+# Trailers of a response that had none (read only).
+cdef list _NO_TRAILERS = []
+
+# What a response head's names say about its framing (gateway/edge/upstream.py): bit flags.
+cdef int NAME_CONTENT_LENGTH = 1
+cdef int NAME_TRANSFER_ENCODING = 2
+cdef int NAME_HOP_BY_HOP = 4
+
+
+cdef class _Parser:
+    """What the two parsers share: llhttp's state, the header being read, the head's list."""
+
+    cdef llhttp_t parser
+    cdef llhttp_settings_t settings
+    cdef object error  # what an owner's callback raised, raised again by feed_data
+    cdef bint callback_failed  # a callback here stopped the parse (an error, or a limit the owner heard of)
+    cdef object begin_cb
+    cdef object body_cb
+    cdef list headers
+    cdef char *field
+    cdef size_t field_len
+    cdef size_t field_cap
+    cdef char *value
+    cdef size_t value_len
+    cdef size_t value_cap
+    cdef Py_ssize_t header_bytes
+
+    def __dealloc__(self):
+        PyMem_Free(self.field)
+        PyMem_Free(self.value)
+
+    cdef void _setup(self, llhttp_type_t kind, owner):
+        llhttp_settings_init(&self.settings)
+        self.settings.on_message_begin = _on_message_begin
+        self.settings.on_header_field = _on_header_field
+        self.settings.on_header_value = _on_header_value
+        self.settings.on_body = _on_body
+        self.begin_cb = owner.on_message_begin
+        self.body_cb = owner.on_body
+        self.headers = []
+        llhttp_init(&self.parser, kind, &self.settings)
+        self.parser.data = <void*>self
+
+    cdef int _grow(self, char **buf, size_t *cap, size_t need) except -1:
+        cdef size_t size = cap[0] * 2 if cap[0] else 64
+        while size < need:
+            size *= 2
+        cdef char *grown = <char*>PyMem_Realloc(buf[0], size)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = grown
+        cap[0] = size
+        return 0
+
+    cdef int _header_done(self) except -1:
+        """The header just read joins the list (the subclasses check and classify it)."""
+        name = PyBytes_FromStringAndSize(self.field, self.field_len)
+        value = PyBytes_FromStringAndSize(self.value, self.value_len)
+        if self.headers is None:  # a chunked request's trailers, after its head was handed over
+            self.headers = []
+        self.headers.append((name, value))
+        self.header_bytes += self.field_len + self.value_len
+        self.field_len = 0
+        self.value_len = 0
+        return 0
+
+    def feed_data(self, bytes data not None):
+        cdef const char *start = PyBytes_AS_STRING(data)
+        cdef llhttp_errno_t err = llhttp_execute(&self.parser, start, PyBytes_GET_SIZE(data))
+        if err == HPE_OK:
+            return
+        if err == HPE_PAUSED_UPGRADE and self.parser.upgrade == 1:
+            # As httptools does: the parser is freed at once, and the rest of the read is the tunnel's.
+            offset = llhttp_get_error_pos(&self.parser) - start
+            llhttp_resume_after_upgrade(&self.parser)
+            raise HttpParserUpgrade(offset)
+        reason = (<bytes>self.parser.reason).decode("latin-1")
+        if self.callback_failed:
+            exc = HttpParserCallbackError(reason)
+            exc.__context__, self.error = self.error, None
+            raise exc
+        if err == HPE_INVALID_STATUS:
+            raise HttpParserInvalidStatusError(reason)
+        if err == HPE_INVALID_METHOD:
+            raise HttpParserInvalidMethodError(reason)
+        if err == HPE_INVALID_URL:
+            raise HttpParserInvalidURLError(reason)
+        raise HttpParserError(reason)
+
+
+cdef class RequestParser(_Parser):
+    """Calls its owner's ``on_message_begin()``, ``on_request(method, target, headers, keep_alive,
+    upgrade, http10)``, ``on_body(data)``, ``on_message_complete()``, and ``on_head_limit(code)`` when
+    the target or the headers pass the limits (the parse then fails)."""
+
+    cdef object request_cb
+    cdef object complete_cb
+    cdef object limit_cb
+    cdef bytes url
+    cdef Py_ssize_t max_target
+    cdef Py_ssize_t max_count
+    cdef Py_ssize_t max_bytes
+
+    def __init__(self, owner, Py_ssize_t max_target, Py_ssize_t max_count, Py_ssize_t max_bytes):
+        self._setup(HTTP_REQUEST, owner)
+        self.settings.on_url = _on_url
+        self.settings.on_header_value_complete = _on_request_header
+        self.settings.on_headers_complete = _on_request_head
+        self.settings.on_message_complete = _on_request_complete
+        self.request_cb = owner.on_request
+        self.complete_cb = owner.on_message_complete
+        self.limit_cb = owner.on_head_limit
+        self.url = b""
+        self.max_target = max_target
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+
+    def parsed_bytes(self):
+        """The target's and headers' bytes of the head being read, so far."""
+        return PyBytes_GET_SIZE(self.url) + self.header_bytes
+
+
+cdef class ResponseParser(_Parser):
+    """Calls its owner's ``on_message_begin()``, ``on_response(status, headers, keep_alive, names)``
+    (``names``: NAME_* bits of what the head's names were), ``on_body(data)`` and
+    ``on_message_complete(trailers)``; headers after the head are the trailers."""
+
+    cdef object response_cb
+    cdef object complete_cb
+    cdef bint in_trailers
+    cdef int names
+    cdef tuple hop_by_hop  # lower-case names
+
+    def __init__(self, owner, hop_by_hop):
+        self._setup(HTTP_RESPONSE, owner)
+        self.settings.on_header_value_complete = _on_response_header
+        self.settings.on_headers_complete = _on_response_head
+        self.settings.on_message_complete = _on_response_complete
+        self.response_cb = owner.on_response
+        self.complete_cb = owner.on_message_complete
+        self.hop_by_hop = tuple(hop_by_hop)
+
+    cdef int _classify(self):
+        """NAME_* bits for the header name just read (case-insensitive, no copy)."""
+        cdef size_t n = self.field_len
+        if n == 14 and strncasecmp(self.field, b"content-length", 14) == 0:
+            return NAME_CONTENT_LENGTH
+        if n == 17 and strncasecmp(self.field, b"transfer-encoding", 17) == 0:
+            return NAME_TRANSFER_ENCODING | NAME_HOP_BY_HOP
+        cdef bytes name
+        for name in self.hop_by_hop:
+            if <size_t>PyBytes_GET_SIZE(name) == n and strncasecmp(self.field, PyBytes_AS_STRING(name), n) == 0:
+                return NAME_HOP_BY_HOP
+        return 0
+
+
+# llhttp's callbacks: C, with the parser object in ``data``; a Python error is kept for feed_data.
+
+cdef inline int _fail(_Parser self, llhttp_t *p, const char *why) noexcept:
+    self.callback_failed = True
+    llhttp_set_error_reason(p, why)
+    return HPE_USER
+
+
+cdef inline int _raised(_Parser self, exc) noexcept:
+    """An owner's call raised: the parse stops (llhttp says which callback), feed_data raises."""
+    self.callback_failed = True
+    self.error = exc
+    return -1
+
+
+cdef int _on_message_begin(llhttp_t *p) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    self.headers = []
+    self.header_bytes = 0
+    self.field_len = 0
+    self.value_len = 0
+    if isinstance(self, RequestParser):
+        (<RequestParser>self).url = b""
+    else:
+        (<ResponseParser>self).in_trailers = False
+        (<ResponseParser>self).names = 0
+    try:
+        self.begin_cb()
+    except BaseException as exc:
+        return _raised(self, exc)
+    return 0
+
+
+cdef int _on_url(llhttp_t *p, const char *at, size_t length) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    try:
+        piece = PyBytes_FromStringAndSize(at, length)
+        self.url = piece if PyBytes_GET_SIZE(self.url) == 0 else self.url + piece
+        if PyBytes_GET_SIZE(self.url) > self.max_target:
+            self.limit_cb("uri_too_long")
+            return _fail(self, p, "request target too long")
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_url` callback error")
+    return 0
+
+
+cdef int _on_header_field(llhttp_t *p, const char *at, size_t length) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    try:
+        if self.field_len + length > self.field_cap:
+            self._grow(&self.field, &self.field_cap, self.field_len + length)
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_header_field` callback error")
+    memcpy(self.field + self.field_len, at, length)
+    self.field_len += length
+    return 0
+
+
+cdef int _on_header_value(llhttp_t *p, const char *at, size_t length) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    try:
+        if self.value_len + length > self.value_cap:
+            self._grow(&self.value, &self.value_cap, self.value_len + length)
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_header_value` callback error")
+    memcpy(self.value + self.value_len, at, length)
+    self.value_len += length
+    return 0
+
+
+cdef int _on_request_header(llhttp_t *p) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    try:
+        self._header_done()
+        if len(self.headers) > self.max_count or self.header_bytes > self.max_bytes:
+            self.limit_cb("headers_too_large")
+            return _fail(self, p, "headers too large")
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_header_value` callback error")
+    return 0
+
+
+cdef int _on_request_head(llhttp_t *p) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    url, headers = self.url, self.headers
+    self.url, self.headers = b"", None  # an idle connection keeps nothing of its last request
+    self.header_bytes = 0
+    try:
+        self.request_cb(
+            _method(p.method), url, headers, llhttp_should_keep_alive(p) != 0,
+            p.upgrade != 0, p.http_major == 1 and p.http_minor == 0,
+        )
+    except BaseException as exc:
+        return _raised(self, exc)
+    return 1 if p.upgrade else 0
+
+
+cdef int _on_body(llhttp_t *p, const char *at, size_t length) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    try:
+        self.body_cb(PyBytes_FromStringAndSize(at, length))
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_body` callback error")
+    return 0
+
+
+cdef int _on_request_complete(llhttp_t *p) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    try:
+        self.complete_cb()
+    except BaseException as exc:
+        return _raised(self, exc)
+    return 0
+
+
+cdef int _on_response_header(llhttp_t *p) noexcept:
+    cdef ResponseParser self = <ResponseParser>p.data
+    try:
+        if not self.in_trailers:
+            self.names |= self._classify()
+        self._header_done()
+    except BaseException as exc:
+        self.error = exc
+        return _fail(self, p, "`on_header_value` callback error")
+    return 0
+
+
+cdef int _on_response_head(llhttp_t *p) noexcept:
+    cdef ResponseParser self = <ResponseParser>p.data
+    head = self.headers
+    self.headers = None  # what follows (a chunked body's trailers) is a list of its own, made if any
+    self.in_trailers = True
+    try:
+        self.response_cb(p.status_code, head, llhttp_should_keep_alive(p) != 0, self.names)
+    except BaseException as exc:
+        return _raised(self, exc)
+    return 1 if p.upgrade else 0
+
+
+cdef int _on_response_complete(llhttp_t *p) noexcept:
+    cdef ResponseParser self = <ResponseParser>p.data
+    try:
+        self.complete_cb(self.headers if self.headers is not None else _NO_TRAILERS)
+    except BaseException as exc:
+        return _raised(self, exc)
+    return 0

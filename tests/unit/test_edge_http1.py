@@ -1,0 +1,149 @@
+"""The two HTTP/1.1 parsers (gateway/edge/http1.py): the compiled edge's C one and the pure edge's on
+httptools make the same calls, with the same arguments, for the same bytes however a read splits them,
+and fail the same way."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.edge.headers import HOP_BY_HOP
+from gateway.edge.http1 import (
+    NAME_CONTENT_LENGTH,
+    NAME_HOP_BY_HOP,
+    NAME_TRANSFER_ENCODING,
+    HttptoolsRequestParser,
+    HttptoolsResponseParser,
+)
+from gateway.edge.impl import COMPILED, compiled_problem
+
+PROBLEM = compiled_problem()
+pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"the compiled edge is {PROBLEM}")
+
+LIMITS = (64, 6, 300)  # target bytes, header count, header bytes
+
+REQUESTS = [
+    b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Empty:\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n",
+    b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes",
+    b"GET /" + b"t" * 70 + b" HTTP/1.1\r\n\r\n",  # target over the limit
+    b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(8)) + b"\r\n",  # too many headers
+    b"GET / HTTP/1.1\r\nBig: " + b"v" * 320 + b"\r\n\r\n",  # header bytes over the limit
+    # smuggling: both framings
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+    b"BREW / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: y\r\n\r\n",  # pipelined
+]
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX: y\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n2\r\nhi\r\n0\r\nX-T: 9\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nKeep-Alive: 1\r\n\r\nuntil the end",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes",
+    b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 2\r\nProxy-Authenticate: x\r\n\r\nok"
+    b"HTTP/1.1 304 Not Modified\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+]
+
+
+class Recorder:
+    """An owner that records every call the parser makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_message_begin(self) -> None:
+        self.calls.append(("begin",))
+
+    def on_request(self, *args: Any) -> None:
+        self.calls.append(("request", *args))
+
+    def on_response(self, *args: Any) -> None:
+        self.calls.append(("response", *args))
+
+    def on_body(self, data: bytes) -> None:
+        # Bodies come in pieces that depend on the reads: joined before comparing.
+        if self.calls and self.calls[-1][0] == "body":
+            self.calls[-1] = ("body", self.calls[-1][1] + data)
+        else:
+            self.calls.append(("body", data))
+
+    def on_message_complete(self, *trailers: Any) -> None:
+        self.calls.append(("complete", *trailers))
+
+    def on_head_limit(self, code: str) -> None:
+        self.calls.append(("limit", code))
+
+
+def run(parser_type: Any, data: bytes, cuts: list[int], *args: Any) -> list[tuple[Any, ...]]:
+    owner = Recorder()
+    parser = parser_type(owner, *args)
+    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        try:
+            parser.feed_data(data[start:end])
+        except httptools.HttpParserUpgrade as exc:
+            owner.calls.append(("upgrade", data[start + exc.args[0] :]))
+            break
+        except httptools.HttpParserCallbackError as exc:
+            # After an owner's call failed (a limit): the owner answered already, the text is unused.
+            owner.calls.append(("error", type(exc).__name__))
+            break
+        except httptools.HttpParserError as exc:
+            owner.calls.append(("error", type(exc).__name__, str(exc)))  # the client's 400 says why
+            break
+    return owner.calls
+
+
+@settings(max_examples=150, deadline=None)
+@given(index=st.integers(0, len(REQUESTS) - 1), cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_request_parsers_agree_however_reads_split(index: int, cuts: list[int]) -> None:
+    data = REQUESTS[index]
+    compiled = run(COMPILED.module("http1c").RequestParser, data, cuts, *LIMITS)
+    assert compiled == run(HttptoolsRequestParser, data, cuts, *LIMITS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(index=st.integers(0, len(RESPONSES) - 1), cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_response_parsers_agree_however_reads_split(index: int, cuts: list[int]) -> None:
+    data = RESPONSES[index]
+    compiled = run(COMPILED.module("http1c").ResponseParser, data, cuts, HOP_BY_HOP)
+    assert compiled == run(HttptoolsResponseParser, data, cuts, HOP_BY_HOP)
+
+
+def test_what_the_parsers_report() -> None:
+    """A few of the calls spelled out (agreement alone would pass two parsers wrong the same way)."""
+    c_request = COMPILED.module("http1c").RequestParser
+    calls = run(c_request, REQUESTS[2], [], *LIMITS)
+    assert calls == [
+        ("begin",),
+        ("request", b"PUT", b"/c", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")], True, False, False),
+        ("body", b"abcde"),
+        ("complete",),
+    ]
+    assert run(c_request, REQUESTS[5], [], *LIMITS)[-2:] == [
+        ("limit", "uri_too_long"),
+        ("error", "HttpParserCallbackError"),
+    ]
+    assert ("limit", "headers_too_large") in run(c_request, REQUESTS[6], [], *LIMITS)
+    assert run(c_request, REQUESTS[4], [], *LIMITS)[-1] == ("upgrade", b"frames")
+    responses = run(COMPILED.module("http1c").ResponseParser, RESPONSES[2] + RESPONSES[3], [], HOP_BY_HOP)
+    assert responses[1] == (
+        "response", 200, [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-T")], True,
+        NAME_TRANSFER_ENCODING | NAME_HOP_BY_HOP,
+    )  # fmt: skip
+    assert responses[3] == ("complete", [(b"X-T", b"9")])
+    assert responses[5][-2:] == (False, NAME_HOP_BY_HOP)  # Connection: close; no framing header
+    first = run(COMPILED.module("http1c").ResponseParser, RESPONSES[0], [], HOP_BY_HOP)
+    assert first[1][-1] == NAME_CONTENT_LENGTH and first[-1] == ("complete", [])
