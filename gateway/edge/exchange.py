@@ -16,6 +16,8 @@ from __future__ import annotations
 import http
 from typing import TYPE_CHECKING
 
+from gateway.edge.http1 import writers_for
+
 from . import access
 from . import headers as hdr
 from .observe import ACTIVITY_HTTP
@@ -46,15 +48,8 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 
-def head_bytes(headers: list[tuple[bytes, bytes]]) -> bytes:
-    # Joined piece by piece: a %-format per header cost the compiled edge four times as much (callgrind).
-    parts: list[bytes] = []
-    for name, value in headers:
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+# ``name: value\r\n`` for each header: in C in the compiled edge (gateway/edge/http1.py).
+head_bytes = writers_for(__name__).head_bytes
 
 
 class Exchange:

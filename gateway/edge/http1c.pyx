@@ -393,3 +393,89 @@ cdef int _on_response_complete(llhttp_t *p) noexcept:
     except BaseException as exc:
         return _raised(self, exc)
     return 0
+
+
+# Heads and lines written in one allocation: b"".join takes each piece through the buffer protocol,
+# and a %-format parses its format; these only add up lengths and copy.
+
+cdef inline char *_put(char *p, bytes piece):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(piece)
+    memcpy(p, PyBytes_AS_STRING(piece), n)
+    return p + n
+
+
+cdef Py_ssize_t _headers_size(list headers) except -1:
+    cdef Py_ssize_t size = 0
+    cdef tuple header
+    for header in headers:
+        name, value = header
+        if type(name) is not bytes or type(value) is not bytes:
+            raise TypeError("header names and values are bytes")
+        size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+    return size
+
+
+cdef char *_put_headers(char *p, char *end, list headers) except NULL:
+    """Writes what _headers_size measured, checked again: a finalizer run by the allocation in
+    between could have changed the list."""
+    cdef tuple header
+    for header in headers:
+        name, value = header
+        if (type(name) is not bytes or type(value) is not bytes
+                or PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4 > end - p):
+            raise RuntimeError("the header list changed while it was written")
+        p = _put(p, <bytes>name)
+        p[0] = b':'
+        p[1] = b' '
+        p = _put(p + 2, <bytes>value)
+        p[0] = b'\r'
+        p[1] = b'\n'
+        p += 2
+    if p != end:
+        raise RuntimeError("the header list changed while it was written")
+    return p
+
+
+def head_bytes(list headers not None):
+    """``name: value\\r\\n`` for each header."""
+    cdef Py_ssize_t size = _headers_size(headers)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *start = PyBytes_AS_STRING(out)
+    _put_headers(start, start + size, headers)
+    return out
+
+
+def request_head(bytes method not None, bytes target not None, list headers not None):
+    """A request head: its line, its headers, the blank line."""
+    cdef Py_ssize_t size = (
+        PyBytes_GET_SIZE(method) + PyBytes_GET_SIZE(target) + 14 + _headers_size(headers)
+    )
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *start = PyBytes_AS_STRING(out)
+    cdef char *p = _put(start, method)
+    p[0] = b' '
+    p = _put(p + 1, target)
+    memcpy(p, b" HTTP/1.1\r\n", 11)
+    p = _put_headers(p + 11, start + size - 2, headers)
+    p[0] = b'\r'
+    p[1] = b'\n'
+    return out
+
+
+def join_bytes(list pieces not None):
+    """``b"".join(pieces)`` for a list of bytes."""
+    cdef Py_ssize_t size = 0
+    for piece in pieces:
+        if type(piece) is not bytes:
+            raise TypeError("join_bytes joins bytes")
+        size += PyBytes_GET_SIZE(piece)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *p = PyBytes_AS_STRING(out)
+    cdef char *end = p + size
+    for piece in pieces:
+        if type(piece) is not bytes or PyBytes_GET_SIZE(piece) > end - p:
+            raise RuntimeError("the list changed while it was joined")
+        p = _put(p, <bytes>piece)
+    if p != end:
+        raise RuntimeError("the list changed while it was joined")
+    return out

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
+from gateway.edge.http1 import writers_for
+
 # Upstream time (request sent -> response head) buckets, seconds: from a VM on this host to a slow app.
 # (tuple[float, ...]: a fixed-length tuple type would be a C struct in the compiled edge, made into a
 # Python tuple again for every bisect.)
@@ -45,6 +47,8 @@ UPSTREAM_BUCKETS_S: tuple[float, ...] = (
     60.0,
 )
 FLUSH_INTERVAL_S = 0.25
+# b"".join for a log line's pieces: in C in the compiled edge (gateway/edge/http1.py).
+_JOIN = writers_for(__name__).join_bytes
 # Writes to a pipe up to PIPE_BUF (4096 on Linux) are atomic: each write is whole lines within it.
 MAX_WRITE_BYTES = 4096
 MAX_BUFFER_LINES = 1000
@@ -300,14 +304,14 @@ class AccessLog:
         what, error = what_error
         upstream = _milliseconds(upstream_s) if upstream_s is not None else None
         if self.json:
-            line = b"".join([
+            line = _JOIN([
                 self._clock, _THREE_DIGITS[int((now - second) * 1000)], b',"type":"access","request_id":"',
                 request_id, b'"', who, b',"path":', logged_path, what, b',"bytes_in":', _decimal(bytes_in),
                 b',"bytes_out":', _decimal(bytes_out), b',"upstream_ms":', upstream or b"null",
                 b',"duration_ms":', _milliseconds(duration_s), b"}\n",
             ])  # fmt: skip
         else:
-            line = b"".join([
+            line = _JOIN([
                 self._clock, b" ", who, logged_path, what, b" in=", _decimal(bytes_in), b" out=",
                 _decimal(bytes_out), b" upstream=" + upstream + b"ms " if upstream else b" ",
                 _milliseconds(duration_s), b"ms", error, b" rid=", request_id, b"\n",

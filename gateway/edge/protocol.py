@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from gateway.edge.http1 import RequestParser, parsers_for
+from gateway.edge.http1 import RequestParser, parsers_for, writers_for
 from gateway.errors import GatewayError, edge_error
 from gateway.state.ports import Waker
 from gateway.tokens import token_hash
@@ -33,7 +33,7 @@ from gateway.tokens import token_hash
 from . import access, pages
 from . import headers as hdr
 from .deadline import Deadline
-from .exchange import Exchange, head_bytes
+from .exchange import Exchange
 from .observe import ACTIVITY_HTTP, AccessLog, EdgeStats, VmTraffic, printable
 from .ratelimit import KeyRates
 from .resolver import MISS, CacheKey, Resolver, Route
@@ -78,8 +78,10 @@ MAX_SHARED_CLIENT_INFOS = 4096
 # Idle kept-alive connections are closed by one sweep per process at this interval (not a timer each:
 # an idle connection holds no timer), so one closes between keepalive_timeout_s and that plus twice this.
 KEEPALIVE_SWEEP_S = 1.0
-# This twin's HTTP/1.1 request parser (the compiled edge's is C: gateway/edge/http1.py).
+# This twin's HTTP/1.1 request parser and request-head writer (the compiled edge's are C:
+# gateway/edge/http1.py).
 _REQUEST_PARSER = parsers_for(__name__)[0]
+_REQUEST_HEAD = writers_for(__name__).request_head
 # How an HTTP/2 client with prior knowledge starts (RFC 9113 section 3.4); llhttp stops there.
 H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
 
@@ -1053,7 +1055,7 @@ class EdgeProtocol(asyncio.Protocol):
             headers += [(n, v) for n, v in ex.headers if n.lower() == b"upgrade"]
         if not (self.trusted and ex.incoming_request_id):  # a trusted proxy's id is kept as it came
             headers.append((b"X-Request-Id", ex.request_id))
-        return b"%s %s HTTP/1.1\r\n%s\r\n" % (ex.method, target, head_bytes(headers))
+        return _REQUEST_HEAD(ex.method, target, headers)
 
     # VM gone, drain -------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from gateway.edge.http1 import (
     NAME_TRANSFER_ENCODING,
     HttptoolsRequestParser,
     HttptoolsResponseParser,
+    writers_for,
 )
 from gateway.edge.impl import COMPILED, compiled_problem
 
@@ -147,3 +148,30 @@ def test_what_the_parsers_report() -> None:
     assert responses[5][-2:] == (False, NAME_HOP_BY_HOP)  # Connection: close; no framing header
     first = run(COMPILED.module("http1c").ResponseParser, RESPONSES[0], [], HOP_BY_HOP)
     assert first[1][-1] == NAME_CONTENT_LENGTH and first[-1] == ("complete", [])
+
+
+TOKENS = st.binary(min_size=1, max_size=12)
+HEADER_LISTS = st.lists(st.tuples(TOKENS, st.binary(max_size=40)), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(method=TOKENS, target=st.binary(max_size=60), headers=HEADER_LISTS, pieces=st.lists(st.binary()))
+def test_the_writers_write_what_the_pure_ones_do(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], pieces: list[bytes]
+) -> None:
+    compiled, pure = writers_for(f"{COMPILED.package}.exchange"), writers_for("gateway.edge.exchange")
+    assert compiled.head_bytes is not pure.head_bytes  # (the C ones, not the same functions twice)
+    assert compiled.head_bytes(headers) == pure.head_bytes(headers)
+    assert compiled.request_head(method, target, headers) == pure.request_head(method, target, headers)
+    assert compiled.request_head(method, target, headers).endswith(b"\r\n\r\n" if not headers else b"\r\n")
+    assert compiled.join_bytes(pieces) == pure.join_bytes(pieces)
+
+
+def test_the_writers_refuse_what_is_not_bytes() -> None:
+    compiled = writers_for(f"{COMPILED.package}.exchange")
+    with pytest.raises(TypeError):
+        compiled.head_bytes([(b"Name", "text")])
+    with pytest.raises(ValueError):  # as unpacking it in Python would
+        compiled.request_head(b"GET", b"/", [(b"Name",)])
+    with pytest.raises(TypeError):
+        compiled.join_bytes([b"a", bytearray(b"b")])
