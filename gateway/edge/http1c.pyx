@@ -9,6 +9,7 @@ both parsers raise httptools' exceptions, with the same messages, so the edge ha
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy
 
@@ -404,14 +405,22 @@ cdef inline char *_put(char *p, bytes piece):
     return p + n
 
 
+cdef inline int _pair(tuple header) except -1:
+    """Checks a header is a (name, value) pair of bytes."""
+    if PyTuple_GET_SIZE(header) != 2:
+        raise ValueError(f"a header is a (name, value) pair, not {len(header)} items")
+    if type(<object>PyTuple_GET_ITEM(header, 0)) is not bytes or type(<object>PyTuple_GET_ITEM(header, 1)) is not bytes:
+        raise TypeError("header names and values are bytes")
+    return 0
+
+
 cdef Py_ssize_t _headers_size(list headers) except -1:
     cdef Py_ssize_t size = 0
     cdef tuple header
     for header in headers:
-        name, value = header
-        if type(name) is not bytes or type(value) is not bytes:
-            raise TypeError("header names and values are bytes")
-        size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        _pair(header)
+        size += (PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(header, 0))
+                 + PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(header, 1)) + 4)
     return size
 
 
@@ -419,15 +428,17 @@ cdef char *_put_headers(char *p, char *end, list headers) except NULL:
     """Writes what _headers_size measured, checked again: a finalizer run by the allocation in
     between could have changed the list."""
     cdef tuple header
+    cdef bytes name, value
     for header in headers:
-        name, value = header
-        if (type(name) is not bytes or type(value) is not bytes
-                or PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4 > end - p):
+        _pair(header)
+        name = <bytes>PyTuple_GET_ITEM(header, 0)
+        value = <bytes>PyTuple_GET_ITEM(header, 1)
+        if PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4 > end - p:
             raise RuntimeError("the header list changed while it was written")
-        p = _put(p, <bytes>name)
+        p = _put(p, name)
         p[0] = b':'
         p[1] = b' '
-        p = _put(p + 2, <bytes>value)
+        p = _put(p + 2, value)
         p[0] = b'\r'
         p[1] = b'\n'
         p += 2

@@ -251,8 +251,8 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or not self.reusable:
             return False
-        self.reading_paused = False
-        if not transport.is_reading():
+        if self.reading_paused:  # (every pause of the VM's side goes through pause_reading)
+            self.reading_paused = False
             transport.resume_reading()
         return True
 
