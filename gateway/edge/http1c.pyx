@@ -100,7 +100,6 @@ cdef class _Parser:
     """What the two parsers share: llhttp's state, the header being read, the head's list."""
 
     cdef llhttp_t parser
-    cdef llhttp_settings_t settings
     cdef object error  # what an owner's callback raised, raised again by feed_data
     cdef bint callback_failed  # a callback here stopped the parse (an error, or a limit the owner heard of)
     cdef object begin_cb
@@ -113,21 +112,19 @@ cdef class _Parser:
     cdef size_t value_len
     cdef size_t value_cap
     cdef Py_ssize_t header_bytes
+    # The read being parsed: a body span that is all of it is passed on as it is, not copied (in a
+    # long upload or download, every read after the first is all body).
+    cdef bytes feeding
 
     def __dealloc__(self):
         PyMem_Free(self.field)
         PyMem_Free(self.value)
 
-    cdef void _setup(self, llhttp_type_t kind, owner):
-        llhttp_settings_init(&self.settings)
-        self.settings.on_message_begin = _on_message_begin
-        self.settings.on_header_field = _on_header_field
-        self.settings.on_header_value = _on_header_value
-        self.settings.on_body = _on_body
+    cdef void _setup(self, llhttp_type_t kind, const llhttp_settings_t *settings, owner):
         self.begin_cb = owner.on_message_begin
         self.body_cb = owner.on_body
         self.headers = []
-        llhttp_init(&self.parser, kind, &self.settings)
+        llhttp_init(&self.parser, kind, settings)
         self.parser.data = <void*>self
 
     cdef int _grow(self, char **buf, size_t *cap, size_t need) except -1:
@@ -155,7 +152,9 @@ cdef class _Parser:
 
     def feed_data(self, bytes data not None):
         cdef const char *start = PyBytes_AS_STRING(data)
+        self.feeding = data
         cdef llhttp_errno_t err = llhttp_execute(&self.parser, start, PyBytes_GET_SIZE(data))
+        self.feeding = None
         if err == HPE_OK:
             return
         if err == HPE_PAUSED_UPGRADE and self.parser.upgrade == 1:
@@ -191,11 +190,7 @@ cdef class RequestParser(_Parser):
     cdef Py_ssize_t max_bytes
 
     def __init__(self, owner, Py_ssize_t max_target, Py_ssize_t max_count, Py_ssize_t max_bytes):
-        self._setup(HTTP_REQUEST, owner)
-        self.settings.on_url = _on_url
-        self.settings.on_header_value_complete = _on_request_header
-        self.settings.on_headers_complete = _on_request_head
-        self.settings.on_message_complete = _on_request_complete
+        self._setup(HTTP_REQUEST, &_REQUEST_SETTINGS, owner)
         self.request_cb = owner.on_request
         self.complete_cb = owner.on_message_complete
         self.limit_cb = owner.on_head_limit
@@ -221,10 +216,7 @@ cdef class ResponseParser(_Parser):
     cdef tuple hop_by_hop  # lower-case names
 
     def __init__(self, owner, hop_by_hop):
-        self._setup(HTTP_RESPONSE, owner)
-        self.settings.on_header_value_complete = _on_response_header
-        self.settings.on_headers_complete = _on_response_head
-        self.settings.on_message_complete = _on_response_complete
+        self._setup(HTTP_RESPONSE, &_RESPONSE_SETTINGS, owner)
         self.response_cb = owner.on_response
         self.complete_cb = owner.on_message_complete
         self.hop_by_hop = tuple(hop_by_hop)
@@ -346,8 +338,13 @@ cdef int _on_request_head(llhttp_t *p) noexcept:
 
 cdef int _on_body(llhttp_t *p, const char *at, size_t length) noexcept:
     cdef _Parser self = <_Parser>p.data
+    cdef bytes feeding = self.feeding
     try:
-        self.body_cb(PyBytes_FromStringAndSize(at, length))
+        if (feeding is not None and at == PyBytes_AS_STRING(feeding)
+                and <Py_ssize_t>length == PyBytes_GET_SIZE(feeding)):
+            self.body_cb(feeding)
+        else:
+            self.body_cb(PyBytes_FromStringAndSize(at, length))
     except BaseException as exc:
         self.error = exc
         return _fail(self, p, "`on_body` callback error")
@@ -490,3 +487,28 @@ def join_bytes(list pieces not None):
     if p != end:
         raise RuntimeError("the list changed while it was joined")
     return out
+
+
+# Which callbacks each kind of parser has: one table each, shared by every parser (llhttp keeps a
+# pointer to it).
+cdef llhttp_settings_t _REQUEST_SETTINGS
+cdef llhttp_settings_t _RESPONSE_SETTINGS
+
+
+cdef void _init_settings(llhttp_settings_t *settings):
+    llhttp_settings_init(settings)
+    settings.on_message_begin = _on_message_begin
+    settings.on_header_field = _on_header_field
+    settings.on_header_value = _on_header_value
+    settings.on_body = _on_body
+
+
+_init_settings(&_REQUEST_SETTINGS)
+_REQUEST_SETTINGS.on_url = _on_url
+_REQUEST_SETTINGS.on_header_value_complete = _on_request_header
+_REQUEST_SETTINGS.on_headers_complete = _on_request_head
+_REQUEST_SETTINGS.on_message_complete = _on_request_complete
+_init_settings(&_RESPONSE_SETTINGS)
+_RESPONSE_SETTINGS.on_header_value_complete = _on_response_header
+_RESPONSE_SETTINGS.on_headers_complete = _on_response_head
+_RESPONSE_SETTINGS.on_message_complete = _on_response_complete

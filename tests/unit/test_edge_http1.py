@@ -175,3 +175,24 @@ def test_the_writers_refuse_what_is_not_bytes() -> None:
         compiled.request_head(b"GET", b"/", [(b"Name",)])
     with pytest.raises(TypeError):
         compiled.join_bytes([b"a", bytearray(b"b")])
+
+
+def test_a_read_that_is_all_body_is_passed_on_without_a_copy() -> None:
+    """In a long upload or download every read after the first is all body: the compiled parser hands
+    that read on as it is (the pure one's httptools copies it)."""
+    c_parsers = COMPILED.module("http1c")
+    bodies: list[bytes] = []
+    owner = Recorder()
+    owner.on_body = bodies.append  # type: ignore[method-assign]
+    parser = c_parsers.RequestParser(owner, *LIMITS)
+    parser.feed_data(b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"a" * 10)
+    read = b"b" * 10000
+    parser.feed_data(read)
+    last = b"c" * 9990
+    parser.feed_data(last)
+    assert bodies[0] == b"a" * 10 and bodies[1] is read and bodies[2] is last
+    response = c_parsers.ResponseParser(owner, HOP_BY_HOP)
+    response.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n1234")
+    rest = b"5678"
+    response.feed_data(rest)
+    assert bodies[-1] is rest and bodies[-2] == b"1234"
