@@ -163,14 +163,19 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, head_bytes(headers))
 
 
-def _compiled() -> Any:
-    return importlib.import_module(f"{COMPILED_PACKAGE}.http1c")
+def compiled_for(module_name: str) -> Any:
+    """The compiled edge's C module (http1c) when ``module_name`` is one of the compiled twin's, else
+    None: each twin parses and writes with its own kind."""
+    if module_name.startswith(COMPILED_PACKAGE + "."):
+        return importlib.import_module(f"{COMPILED_PACKAGE}.http1c")
+    return None
 
 
 def parsers_for(module_name: str) -> tuple[RequestParserType, ResponseParserType]:
     """The parsers of the twin ``module_name`` belongs to: the compiled edge's are built with it."""
-    if module_name.startswith(COMPILED_PACKAGE + "."):
-        return _compiled().RequestParser, _compiled().ResponseParser
+    compiled = compiled_for(module_name)
+    if compiled is not None:
+        return compiled.RequestParser, compiled.ResponseParser
     return HttptoolsRequestParser, HttptoolsResponseParser
 
 
@@ -183,7 +188,7 @@ class Writers(NamedTuple):
 def writers_for(module_name: str) -> Writers:
     """How the twin ``module_name`` belongs to writes heads and log lines: the compiled edge in C
     (one allocation each), the pure edge in Python (the same bytes)."""
-    if module_name.startswith(COMPILED_PACKAGE + "."):
-        compiled = _compiled()
+    compiled = compiled_for(module_name)
+    if compiled is not None:
         return Writers(compiled.head_bytes, compiled.request_head, compiled.join_bytes)
     return Writers(head_bytes, request_head, b"".join)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.edge import observe
 from gateway.edge.headers import HOP_BY_HOP
 from gateway.edge.http1 import (
     NAME_CONTENT_LENGTH,
@@ -196,3 +197,27 @@ def test_a_read_that_is_all_body_is_passed_on_without_a_copy() -> None:
     rest = b"5678"
     response.feed_data(rest)
     assert bodies[-1] is rest and bodies[-2] == b"1234"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    json=st.booleans(),
+    counts=st.tuples(st.integers(0, 2**62), st.integers(0, 2**62)),
+    upstream_us=st.none() | st.integers(-(2**40), 2**40),
+    duration_us=st.integers(-(2**40), 2**40) | st.integers(0, 100_000),
+)
+def test_the_access_line_numbers_are_the_pure_edges(
+    json: bool, counts: tuple[int, int], upstream_us: int | None, duration_us: int
+) -> None:
+    compiled = COMPILED.module("http1c").log_numbers(json, *counts, upstream_us, duration_us)
+    assert compiled == observe.log_numbers(json, *counts, upstream_us, duration_us)
+
+
+def test_the_access_line_numbers() -> None:
+    numbers = COMPILED.module("http1c").log_numbers
+    assert numbers(False, 12, 3456, 1500, 2_345_678) == b" in=12 out=3456 upstream=1.50ms 2345.67ms"
+    assert numbers(False, 0, 0, None, 9) == b" in=0 out=0 0.00ms"
+    assert (
+        numbers(True, 1, 2, None, 10_000)
+        == b',"bytes_in":1,"bytes_out":2,"upstream_ms":null,"duration_ms":10.00}\n'
+    )
