@@ -17,13 +17,14 @@ from collections.abc import Callable
 
 
 class Deadline:
-    __slots__ = ("_at", "_handle", "_idle_s", "_loop", "_on_expiry", "last_activity")
+    __slots__ = ("_at", "_handle", "_idle_s", "_loop", "_on_expiry", "_when", "last_activity")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[], None]) -> None:
         self._loop = loop
         self._on_expiry = on_expiry
         self._at: float | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0  # when the scheduled timer fires (the handle's when(), without a method call)
         self._idle_s = 0.0
         self.last_activity = 0.0
 
@@ -61,11 +62,15 @@ class Deadline:
         self._at = at = self._loop.time() + timeout_s
         handle = self._handle
         if handle is None:
-            self._handle = self._loop.call_at(at, self._fire)
-        elif handle.when() > at:
+            self._schedule(at)
+        elif self._when > at:
             # Earlier than the scheduled timer (only when a limit is lowered between two uses).
             handle.cancel()
-            self._handle = self._loop.call_at(at, self._fire)
+            self._schedule(at)
+
+    def _schedule(self, at: float) -> None:
+        self._when = at
+        self._handle = self._loop.call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
@@ -76,7 +81,7 @@ class Deadline:
             at = max(at, self.last_activity + self._idle_s)
         if at > self._loop.time():
             self._at = at
-            self._handle = self._loop.call_at(at, self._fire)
+            self._schedule(at)
             return
         self._at = None
         self._on_expiry()

@@ -314,8 +314,10 @@ class UpstreamPool:
         if not conn.ready_for_pool():
             conn.close()
             return
-        idle = self.idle.setdefault(conn.key, [])
-        if len(idle) >= UPSTREAM_MAX_IDLE_PER_KEY:
+        idle = self.idle.get(conn.key)
+        if idle is None:  # (not setdefault: it makes a list on every call)
+            idle = self.idle[conn.key] = []
+        elif len(idle) >= UPSTREAM_MAX_IDLE_PER_KEY:
             conn.close()
             return
         idle.append(conn)
