@@ -8,6 +8,7 @@ name prefixes, so a developer's running gateway is never touched.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -217,10 +218,24 @@ def edge(edge_implementation: str) -> edge_impls.EdgeImpl:
     return edge_impls.select(edge_implementation)
 
 
+# Ports for the listeners tests start: from this worker's own range, below the kernel's ephemeral range
+# (32768 and up), so an outgoing connection of another test can never take one between the test choosing
+# it and a gateway binding it (a port 0 chose could: "address already in use", seen in CI).
+_PORTS_PER_WORKER = 2500
+_TEST_PORTS = itertools.cycle(range(20000 + _PORTS_PER_WORKER * SLOT, 20000 + _PORTS_PER_WORKER * (SLOT + 1)))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on or holds now, not handed out again soon."""
+    for _ in range(_PORTS_PER_WORKER):
+        port = next(_TEST_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in this worker's range of {_PORTS_PER_WORKER}")
 
 
 @pytest.fixture(scope="session")
