@@ -304,14 +304,13 @@ class EdgeProtocol(asyncio.Protocol):
         "early_tunnel_data",
         "edge",
         "ended_in_read",
+        "framing_bytes",
         "h2",
         "h2_stream",
         "head_fresh",
         "head_limit",
         "head_seen",
         "head_timed",
-        "header_bytes",
-        "headers",
         "idle_since",
         "in_head",
         "linger_left",
@@ -321,6 +320,7 @@ class EdgeProtocol(asyncio.Protocol):
         "parsing",
         "peer_ip",
         "pending",
+        "read_had_body",
         "reading_paused",
         "scheme",
         "send_backlog",
@@ -333,7 +333,6 @@ class EdgeProtocol(asyncio.Protocol):
         "transport",
         "trusted",
         "tunnel",
-        "url",
     )
 
     def __init__(self, edge: Edge, *, tls: bool = False, h2_stream: bool = False) -> None:
@@ -368,6 +367,10 @@ class EdgeProtocol(asyncio.Protocol):
         self.head_fresh = False  # the head began in the read being parsed
         self.ended_in_read = False  # a request ended in the read being parsed
         self.head_limit = edge.head_limit
+        # A chunked body's reads that carried none of it, in bytes since the last that did (see
+        # _count_framing); whether the read being parsed carried body.
+        self.framing_bytes = 0
+        self.read_had_body = False
         self.can_write = True
         self.reading_paused = False
         # The connection's state decides what an expiry means (see _deadline_expired): a request head
@@ -474,6 +477,10 @@ class EdgeProtocol(asyncio.Protocol):
                 return
             self._protocol_error("bad_request", f"malformed request: {exc}")
             return
+        ex = self.parsing
+        if ex is not None and ex.chunked_in and not self._count_framing(len(data)):
+            return
+        self.read_had_body = False
         # Requests start once this read is parsed: a framing error anywhere in it is answered before
         # any of it reaches an app.
         if self.current is None and self.pending and not self.closing:
@@ -482,6 +489,20 @@ class EdgeProtocol(asyncio.Protocol):
             self._head_in_progress(len(data))
         if self.ended_in_read:
             self.ended_in_read = False
+
+    def _count_framing(self, read: int) -> bool:
+        """A chunked body is being read. Its trailers are headers the parser holds until each ends, so
+        reads that carry none of the body (chunk sizes, trailers) count like a head's bytes: endless
+        trailers are cut as an endless head is. False when they were."""
+        if self.read_had_body:
+            self.framing_bytes = 0
+            self.read_had_body = False
+            return True
+        self.framing_bytes += read
+        if self.framing_bytes > self.head_limit:
+            self._protocol_error("headers_too_large", "request trailers too large")
+            return False
+        return True
 
     def _may_switch(self) -> bool:
         """Nothing of HTTP/1.1 is under way (the h2c preface may start a connection only)."""
@@ -615,11 +636,13 @@ class EdgeProtocol(asyncio.Protocol):
     ) -> None:  # fmt: skip
         self.in_head = False
         self.head_timed = False
+        self.framing_bytes = 0
         ex = Exchange(self, method, url, headers, keep_alive, upgrade, http10)
         self.parsing = ex
         self.pending.append(ex)
 
     def on_body(self, body: bytes) -> None:
+        self.read_had_body = True
         if self.parsing is not None:
             self.parsing.feed_body(body)
 

@@ -78,6 +78,9 @@ class UpstreamConnection(asyncio.Protocol):
         # go back to the pool, even when the app answered early (its next reader would see our rest).
         self.request_sent = True
         self.length_known = False  # the response head had a Content-Length
+        self.chunked = False  # ... or Transfer-Encoding (then reads without body count: _count_framing)
+        self.framing_bytes = 0
+        self.read_had_body = False
         self.hop_by_hop = False  # and a hop-by-hop header (Connection, Transfer-Encoding...)
         # Raw bytes of the response head so far (see EdgeProtocol.head_seen: the same reasoning).
         self.in_head = False
@@ -130,6 +133,22 @@ class UpstreamConnection(asyncio.Protocol):
             if self.head_seen > self.pool.max_response_head_bytes:
                 message = f"the app's response head is larger than {self.pool.max_response_head_bytes} bytes"
                 self._refuse(BadResponse("upstream_head_too_large", message))
+        elif self.chunked and not self.complete:
+            self._count_framing(len(data))
+        self.read_had_body = False
+
+    def _count_framing(self, read: int) -> None:
+        """A chunked answer is being read: reads that carry none of its body (chunk sizes, and trailers,
+        which the parser holds until each ends) count like a head's bytes, so endless trailers are cut
+        (EdgeProtocol._count_framing: the same from the client's side)."""
+        if self.read_had_body:
+            self.framing_bytes = 0
+            return
+        self.framing_bytes += read
+        limit = self.pool.max_response_head_bytes
+        if self.framing_bytes > limit:
+            message = f"the app sent more than {limit} bytes of chunk framing or trailers without body"
+            self._refuse(BadResponse("upstream_bad_response", message))
 
     def _refuse(self, reason: BadResponse) -> None:
         """The response cannot be forwarded: the connection is dropped and the exchange told why."""
@@ -178,6 +197,8 @@ class UpstreamConnection(asyncio.Protocol):
         if not keep_alive:
             self.reusable = False
         self.length_known = bool(names & NAME_CONTENT_LENGTH)
+        self.chunked = bool(names & NAME_TRANSFER_ENCODING)
+        self.framing_bytes = 0
         self.hop_by_hop = bool(names & NAME_HOP_BY_HOP)
         framed = bool(names & (NAME_CONTENT_LENGTH | NAME_TRANSFER_ENCODING))
         self.close_delimited = (
@@ -195,6 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish()
 
     def on_body(self, body: bytes) -> None:
+        self.read_had_body = True
         if self.sink is not None:
             self.sink.on_response_body(body)
 

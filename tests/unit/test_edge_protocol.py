@@ -25,7 +25,7 @@ from gateway.config import load_config, override
 from gateway.edge import access
 from gateway.edge.impl import EdgeImpl
 from gateway.edge.protocol import Edge, EdgeProtocol
-from gateway.edge.upstream import PoolKey, UpstreamConnection
+from gateway.edge.upstream import MAX_RESPONSE_HEAD_BYTES, PoolKey, UpstreamConnection
 from gateway.state.records import VM_ACTIVE, VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
 
@@ -371,6 +371,37 @@ async def test_a_head_too_large_is_cut_as_it_arrives_even_one_byte_at_a_time(
             if h.client_side.data:
                 break
         assert status(h.client_side.take()) == 431
+
+
+async def test_endless_request_trailers_are_cut_as_they_arrive(edge_harness: HarnessFactory) -> None:
+    """A chunked body's trailers are headers the parser holds until each ends: a client sending one that
+    never ends is cut as a head would be, not read into memory for as long as it sends."""
+    async with edge_harness(max_header_bytes=1024) as h:
+        h.send(request(APP + b"/up", b"Transfer-Encoding: chunked", method=b"POST") + b"5\r\nhello\r\n")
+        h.send(b"0\r\nX-Endless: ")
+        piece = b"a" * 4096
+        for _ in range(4 * h.edge.head_limit // len(piece)):
+            h.send(piece)
+            if h.client_side.closed:
+                break
+        assert status(h.client_side.take()) == 431
+        assert h.vm_side.closed  # the VM's side of the request is dropped with it
+
+
+async def test_endless_response_trailers_from_an_app_are_cut_as_they_arrive(
+    edge_harness: HarnessFactory,
+) -> None:
+    """The same from the VM's side: an app's trailer that never ends costs the edge a bounded amount."""
+    async with edge_harness() as h:
+        h.send(request(APP + b"/stream"))
+        h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Endless: ")
+        piece = b"a" * 4096
+        for _ in range(4 * MAX_RESPONSE_HEAD_BYTES // len(piece)):
+            h.answer(piece)
+            if h.vm_side.closed:
+                break
+        assert h.vm_side.closed and h.client_side.closed  # mid-answer: the client sees it cut
+        assert b"hello" in h.client_side.take()
 
 
 async def test_a_body_over_the_limit_by_its_length_is_refused_before_the_vm_sees_it(
