@@ -282,30 +282,28 @@ cdef int _on_url(llhttp_t *p, const char *at, size_t length) noexcept:
     return 0
 
 
-cdef int _on_header_field(llhttp_t *p, const char *at, size_t length) noexcept:
-    cdef _Parser self = <_Parser>p.data
+cdef int _append(_Parser self, llhttp_t *p, char **buf, size_t *used, size_t *cap, const char *at,
+                 size_t length) noexcept:
+    """A piece of the header name or value being read (a line can come in several reads)."""
     try:
-        if self.field_len + length > self.field_cap:
-            self._grow(&self.field, &self.field_cap, self.field_len + length)
+        if used[0] + length > cap[0]:
+            self._grow(buf, cap, used[0] + length)
     except BaseException as exc:
         self.error = exc
-        return _fail(self, p, "`on_header_field` callback error")
-    memcpy(self.field + self.field_len, at, length)
-    self.field_len += length
+        return _fail(self, p, "header callback error")
+    memcpy(buf[0] + used[0], at, length)
+    used[0] += length
     return 0
+
+
+cdef int _on_header_field(llhttp_t *p, const char *at, size_t length) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    return _append(self, p, &self.field, &self.field_len, &self.field_cap, at, length)
 
 
 cdef int _on_header_value(llhttp_t *p, const char *at, size_t length) noexcept:
     cdef _Parser self = <_Parser>p.data
-    try:
-        if self.value_len + length > self.value_cap:
-            self._grow(&self.value, &self.value_cap, self.value_len + length)
-    except BaseException as exc:
-        self.error = exc
-        return _fail(self, p, "`on_header_value` callback error")
-    memcpy(self.value + self.value_len, at, length)
-    self.value_len += length
-    return 0
+    return _append(self, p, &self.value, &self.value_len, &self.value_cap, at, length)
 
 
 cdef int _on_request_header(llhttp_t *p) noexcept:
