@@ -16,6 +16,7 @@ from libc.string cimport memcpy
 cdef extern from "<strings.h>":
     int strncasecmp(const char *a, const char *b, size_t n)
 
+from gateway.edge import http1
 from httptools import (
     HttpParserCallbackError,
     HttpParserError,
@@ -91,9 +92,10 @@ cdef inline object _method(uint8_t number):
 cdef list _NO_TRAILERS = []
 
 # What a response head's names say about its framing (gateway/edge/upstream.py): bit flags.
-cdef int NAME_CONTENT_LENGTH = 1
-cdef int NAME_TRANSFER_ENCODING = 2
-cdef int NAME_HOP_BY_HOP = 4
+# (The values are http1.py's, the interface's: one definition for both parsers.)
+cdef int NAME_CONTENT_LENGTH = http1.NAME_CONTENT_LENGTH
+cdef int NAME_TRANSFER_ENCODING = http1.NAME_TRANSFER_ENCODING
+cdef int NAME_HOP_BY_HOP = http1.NAME_HOP_BY_HOP
 
 
 cdef class _Parser:

@@ -361,8 +361,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.in_head = False
         # Kept-alive and idle since this sweep's time (0: busy, or idle and not seen by a sweep yet).
         self.idle_since = 0.0
-        # Raw bytes of the request head so far, counted as they arrive: llhttp keeps a header line until
-        # it ends, and the parser re-copies it on every read, so an endless line must be cut by count.
+        # Raw bytes of the request head so far, counted as they arrive: the parser holds a header line's
+        # pieces until it ends, so an endless line must be cut by count.
         self.head_seen = 0
         self.head_fresh = False  # the head began in the read being parsed
         self.ended_in_read = False  # a request ended in the read being parsed
@@ -496,7 +496,6 @@ class EdgeProtocol(asyncio.Protocol):
         trailers are cut as an endless head is. False when they were."""
         if self.read_had_body:
             self.framing_bytes = 0
-            self.read_had_body = False
             return True
         self.framing_bytes += read
         if self.framing_bytes > self.head_limit:
