@@ -17,6 +17,7 @@ and stops opening it when the token is revoked, like the token itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 # The hash and the cookie MAC are computed in gateway.tokens (shared with the key store and the API);
 # re-exported here because the edge's connection code names them through this module.
@@ -26,21 +27,21 @@ from .signed import COOKIE_NAME as SIGNED_COOKIE_NAME
 
 __all__ = ["cookie_scope", "cookie_value", "cookie_values", "token_hash"]
 
-TOKEN_HEADER = b"x-access-token"
-AUTHORIZATION = b"authorization"
+TOKEN_HEADER: Final = b"x-access-token"
+AUTHORIZATION: Final = b"authorization"
 # Request headers that carry the gateway's credentials, lower-case: never forwarded to the VM.
-TOKEN_HEADERS = frozenset({TOKEN_HEADER})
-BEARER_TOKEN_HEADERS = frozenset({TOKEN_HEADER, AUTHORIZATION})
-TOKEN_QUERY_PARAM = b"gw_access_token"
-COOKIE_NAME = b"gw_access"
+TOKEN_HEADERS: Final = frozenset({TOKEN_HEADER})
+BEARER_TOKEN_HEADERS: Final = frozenset({TOKEN_HEADER, AUTHORIZATION})
+TOKEN_QUERY_PARAM: Final = b"gw_access_token"
+COOKIE_NAME: Final = b"gw_access"
 # The gateway's cookies, taken out of every request to an app: this one, and a signed URL's (edge.signed).
-COOKIE_NAMES = frozenset({COOKIE_NAME, SIGNED_COOKIE_NAME})
+COOKIE_NAMES: Final = frozenset({COOKIE_NAME, SIGNED_COOKIE_NAME})
 # The platform's own API keys, which a client may send to an app by habit or by mistake (the SDK's
 # X-API-Key, a Bearer header, an api_key parameter): recognised by their format, so that an app's own
 # X-API-Key or Authorization passes untouched.
-PLATFORM_KEY_PREFIX = KEY_PREFIX.encode()
-API_KEY_HEADER = b"x-api-key"
-API_KEY_QUERY_PARAM = b"api_key"
+PLATFORM_KEY_PREFIX: Final = KEY_PREFIX.encode()
+API_KEY_HEADER: Final = b"x-api-key"
+API_KEY_QUERY_PARAM: Final = b"api_key"
 
 
 def token_matches(token: bytes | None, accepted_sha256: frozenset[str]) -> bool:

@@ -14,7 +14,7 @@ lookup, which a Protocol type would cost on every call (gateway/edge/twin.py).
 from __future__ import annotations
 
 import http
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.edge.http1 import writers_for
 
@@ -29,12 +29,12 @@ if TYPE_CHECKING:
 
 
 # Request body bytes buffered while no upstream connection is attached yet, before reading pauses.
-BODY_BUFFER_HIGH = 256 * 1024
+BODY_BUFFER_HIGH: Final = 256 * 1024
 
 
 # A year, the common minimum (and what the HSTS preload list asks for); not includeSubDomains: names
 # under the API host are not the platform's to speak for.
-HSTS_HEADER = b"Strict-Transport-Security: max-age=31536000\r\n"
+HSTS_HEADER: Final = b"Strict-Transport-Security: max-age=31536000\r\n"
 
 
 def _status_line(status: int) -> bytes:
@@ -45,11 +45,11 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
-_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+_STATUS_LINES: Final = {status: _status_line(status) for status in range(100, 600)}
 
 
 # ``name: value\r\n`` for each header: in C in the compiled edge (gateway/edge/http1.py).
-head_bytes = writers_for(__name__).head_bytes
+head_bytes: Final = writers_for(__name__).head_bytes
 
 
 class Exchange:

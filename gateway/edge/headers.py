@@ -12,13 +12,14 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from .access import is_platform_key_header
 from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 
 Headers = Sequence[tuple[bytes, bytes]]
 
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -33,9 +34,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 # A Connection header may name any header as hop-by-hop; naming Host would leave the VM with a request
 # it must refuse (HTTP/1.1 requires Host), so that one name is never removed that way.
-_NEVER_NOMINATED = frozenset({b"host"})
+_NEVER_NOMINATED: Final = frozenset({b"host"})
 # Headers whose meaning is "what a proxy saw": believed only from a trusted proxy.
-_FORWARDING = frozenset(
+_FORWARDING: Final = frozenset(
     {
         b"x-forwarded-for",
         b"x-forwarded-proto",
@@ -46,10 +47,10 @@ _FORWARDING = frozenset(
         b"x-request-id",  # the edge sets its own, keeping a trusted proxy's
     }
 )
-_OWS = b" \t"
-SANDBOX_ROUTING = frozenset({SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER})
+_OWS: Final = b" \t"
+SANDBOX_ROUTING: Final = frozenset({SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER})
 # What an untrusted client's request loses before it goes upstream (framing is re-made by the caller).
-_UNTRUSTED_DROP = HOP_BY_HOP | _FORWARDING | {b"content-length"}
+_UNTRUSTED_DROP: Final = HOP_BY_HOP | _FORWARDING | {b"content-length"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +263,7 @@ def check_header_limits(headers: Headers, max_count: int, max_total_bytes: int) 
     return sum(len(name) + len(value) for name, value in headers) <= max_total_bytes
 
 
-_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WEBSOCKET_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def websocket_accept(key: bytes) -> bytes:

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import httptools
 
 from gateway.edge.twin import COMPILED_PACKAGE
 
-NAME_CONTENT_LENGTH = 1
-NAME_TRANSFER_ENCODING = 2  # (also hop-by-hop)
-NAME_HOP_BY_HOP = 4
+NAME_CONTENT_LENGTH: Final = 1
+NAME_TRANSFER_ENCODING: Final = 2  # (also hop-by-hop)
+NAME_HOP_BY_HOP: Final = 4
 
 Headers = list[tuple[bytes, bytes]]
-_NO_HEADERS: Headers = []  # between requests (on_message_begin makes the next list)
+_NO_HEADERS: Final[Headers] = []  # between requests (on_message_begin makes the next list)
 
 
 class RequestParser(Protocol):

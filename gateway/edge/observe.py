@@ -22,14 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 from gateway.edge.http1 import compiled_for, writers_for
 
 # Upstream time (request sent -> response head) buckets, seconds: from a VM on this host to a slow app.
 # (tuple[float, ...]: a fixed-length tuple type would be a C struct in the compiled edge, made into a
 # Python tuple again for every bisect.)
-UPSTREAM_BUCKETS_S: tuple[float, ...] = (
+UPSTREAM_BUCKETS_S: Final[tuple[float, ...]] = (
     0.001,
     0.0025,
     0.005,
@@ -46,26 +46,26 @@ UPSTREAM_BUCKETS_S: tuple[float, ...] = (
     30.0,
     60.0,
 )
-FLUSH_INTERVAL_S = 0.25
+FLUSH_INTERVAL_S: Final = 0.25
 # b"".join for a log line's pieces: in C in the compiled edge (gateway/edge/http1.py).
-_JOIN = writers_for(__name__).join_bytes
+_JOIN: Final = writers_for(__name__).join_bytes
 # Writes to a pipe up to PIPE_BUF (4096 on Linux) are atomic: each write is whole lines within it.
-MAX_WRITE_BYTES = 4096
-MAX_BUFFER_LINES = 1000
+MAX_WRITE_BYTES: Final = 4096
+MAX_BUFFER_LINES: Final = 1000
 # Chunks (one per flush) waiting for the writer thread; beyond this lines are dropped, not queued.
-MAX_PENDING_CHUNKS = 256
+MAX_PENDING_CHUNKS: Final = 256
 # Bytes kept for a pipe that is full; beyond this, they are dropped.
-MAX_PENDING_BYTES = 1 << 20
+MAX_PENDING_BYTES: Final = 1 << 20
 # At exit: how long the log waits for a slow reader to take the lines still waiting for it.
-CLOSE_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 # What counts as a VM's client activity (the idle clock, ``idle_timeout_s``; the state's ACTIVITY_*):
 # a request head or request body bytes; client-to-VM WebSocket data frames (never ping, pong or close);
 # client bytes in any other upgraded connection. Responses and bytes from the VM never count.
-ACTIVITY_HTTP = "http"
-ACTIVITY_WEBSOCKET = "websocket"
-ACTIVITY_TUNNEL = "tunnel"
+ACTIVITY_HTTP: Final = "http"
+ACTIVITY_WEBSOCKET: Final = "websocket"
+ACTIVITY_TUNNEL: Final = "tunnel"
 
 
 class VmTraffic:
@@ -201,22 +201,22 @@ class EdgeStats:
         return total
 
 
-_quote = json.encoder.encode_basestring_ascii  # C: "text" with escapes
+_quote: Final = json.encoder.encode_basestring_ascii  # C: "text" with escapes
 # Bytes that may stand in a JSON string as they are: printable ASCII but '"' and '\\'. A value is safe when
 # deleting them leaves nothing (bytes.translate, one C loop: half the cost of a regex search here).
-_JSON_SAFE = bytes(b for b in range(0x20, 0x7F) if b not in b'"\\')
+_JSON_SAFE: Final = bytes(b for b in range(0x20, 0x7F) if b not in b'"\\')
 # Pre-formatted pieces per (client, method, host), per path and per (route kind, id, status, error): a
 # busy edge sees few distinct ones, so most of a line is cached bytes. Each cache is emptied when it holds
 # this many; targets are kept only up to MAX_CACHED_PATH_BYTES (so the path cache stays under 4 MiB).
-MAX_CACHED_PIECES = 4096
-MAX_CACHED_PATH_BYTES = 256
+MAX_CACHED_PIECES: Final = 4096
+MAX_CACHED_PATH_BYTES: Final = 256
 # A line is joined from cached pieces (the clock's second, who, path, outcome) and numbers, with no
 # format call: small numbers come from tables; times are whole microseconds split into milliseconds and
 # hundredths by integer arithmetic (native in the compiled edge). A %-format of the same line cost about
 # half of all the line's work there (callgrind).
-_DECIMAL = [b"%d" % n for n in range(1000)]
-_TWO_DIGITS = [b"%02d" % n for n in range(100)]
-_THREE_DIGITS = [b"%03d" % n for n in range(1000)]
+_DECIMAL: Final = [b"%d" % n for n in range(1000)]
+_TWO_DIGITS: Final = [b"%02d" % n for n in range(100)]
+_THREE_DIGITS: Final = [b"%03d" % n for n in range(1000)]
 
 
 def _decimal(n: int) -> bytes:
@@ -246,9 +246,9 @@ def log_numbers(
     ])  # fmt: skip
 
 
-_COMPILED = compiled_for(__name__)
+_COMPILED: Final = compiled_for(__name__)
 # (In C in the compiled edge: one call instead of four numbers and their pieces.)
-_LOG_NUMBERS = _COMPILED.log_numbers if _COMPILED is not None else log_numbers
+_LOG_NUMBERS: Final = _COMPILED.log_numbers if _COMPILED is not None else log_numbers
 
 
 def _json(value: bytes) -> bytes:

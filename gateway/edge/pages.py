@@ -11,8 +11,9 @@ import html
 import http
 import json
 from collections.abc import Sequence
+from typing import Final
 
-_HTML_TEMPLATE = (
+_HTML_TEMPLATE: Final = (
     "<!doctype html>\n"
     '<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
     "<body><h1>{title}</h1>\n<p>{message}</p>\n"

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -45,14 +45,14 @@ from .upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 # Which twin this is (gateway/edge/twin.py): the start-up line says which edge runs.
-IMPLEMENTATION = "compiled" if __name__.startswith("gateway._edgec.") else "pure"
+IMPLEMENTATION: Final = "compiled" if __name__.startswith("gateway._edgec.") else "pure"
 
 # Requests parsed ahead of the one being answered before reading pauses (HTTP/1.1 pipelining).
-MAX_PIPELINED = 8
+MAX_PIPELINED: Final = 8
 # With a 429 for a VM at its max_exchanges_per_vm: its requests in flight end within moments.
-RETRY_AFTER_1: tuple[tuple[bytes, bytes], ...] = ((b"Retry-After", b"1"),)
+RETRY_AFTER_1: Final[tuple[tuple[bytes, bytes], ...]] = ((b"Retry-After", b"1"),)
 # The status an exchange is logged with when the client left before its answer was complete (nginx's).
-CLIENT_CLOSED = 499
+CLIENT_CLOSED: Final = 499
 
 
 def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
@@ -65,25 +65,25 @@ def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
 
 # Closing with the client still sending (see EdgeProtocol._close): nginx's lingering_timeout and
 # lingering_time, and a cap on the bytes read meanwhile.
-LINGER_IDLE_S = 5.0
-LINGER_TOTAL_S = 30.0
-LINGER_MAX_BYTES = 64 * 2**20
+LINGER_IDLE_S: Final = 5.0
+LINGER_TOTAL_S: Final = 30.0
+LINGER_MAX_BYTES: Final = 64 * 2**20
 
 # Per line of a request head beyond its name, value and target: method, version, ": ", CRLF and some
 # optional whitespace.
-HEAD_LINE_OVERHEAD = 32
+HEAD_LINE_OVERHEAD: Final = 32
 
 # Forwarding headers per (client address, Host), shared by connections; emptied when this many.
-MAX_SHARED_CLIENT_INFOS = 4096
+MAX_SHARED_CLIENT_INFOS: Final = 4096
 # Idle kept-alive connections are closed by one sweep per process at this interval (not a timer each:
 # an idle connection holds no timer), so one closes between keepalive_timeout_s and that plus twice this.
-KEEPALIVE_SWEEP_S = 1.0
+KEEPALIVE_SWEEP_S: Final = 1.0
 # This twin's HTTP/1.1 request parser and request-head writer (the compiled edge's are C:
 # gateway/edge/http1.py).
-_REQUEST_PARSER = parsers_for(__name__)[0]
-_REQUEST_HEAD = writers_for(__name__).request_head
+_REQUEST_PARSER: Final = parsers_for(__name__)[0]
+_REQUEST_HEAD: Final = writers_for(__name__).request_head
 # How an HTTP/2 client with prior knowledge starts (RFC 9113 section 3.4); llhttp stops there.
-H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
+H2_PREFACE_START: Final = b"PRI * HTTP/2.0\r\n"
 
 
 class Http2Session(Protocol):
@@ -97,8 +97,8 @@ class Http2Session(Protocol):
 StartHttp2 = Callable[["EdgeProtocol", bytes], Http2Session]
 
 # A held request for a suspended VM: how often it asks again for the wake, and looks whether it is back.
-WAKE_ASK_S = 5.0
-WAKE_POLL_S = 0.1
+WAKE_ASK_S: Final = 5.0
+WAKE_POLL_S: Final = 0.1
 
 
 class Edge:

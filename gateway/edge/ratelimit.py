@@ -7,9 +7,10 @@ Pure: the caller passes the clock. Keys are held by their hash, never as sent.
 from __future__ import annotations
 
 import math
+from typing import Final
 
 # Past this many keys the buckets start over (each key then gets a full burst again): bounded memory.
-MAX_KEYS = 100_000
+MAX_KEYS: Final = 100_000
 
 
 class KeyRates:

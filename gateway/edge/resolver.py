@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.errors import StoreUnavailable
 from gateway.ids import is_session_id, is_vm_id
@@ -41,10 +42,10 @@ from gateway.tokens import cookie_scope, cookie_values
 
 log = logging.getLogger(__name__)
 
-POSITIVE_TTL_S = 2.0
-NEGATIVE_TTL_S = 1.0
-MAX_ENTRIES = 100_000
-RETRY_AFTER_FAILURE_S = 1.0
+POSITIVE_TTL_S: Final = 2.0
+NEGATIVE_TTL_S: Final = 1.0
+MAX_ENTRIES: Final = 100_000
+RETRY_AFTER_FAILURE_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +79,8 @@ class Route:
 # ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
 CacheKey = tuple[str, str, int]
 # A custom domain serves its VM's share port, or this one when the VM shares none.
-DEFAULT_DOMAIN_PORT = 80
-MISS = object()  # peek(): nothing usable cached
+DEFAULT_DOMAIN_PORT: Final = 80
+MISS: Final = object()  # peek(): nothing usable cached
 
 
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:

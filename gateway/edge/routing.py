@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import access, signed
 from .target import ApiTarget, AppTarget, Rejection
@@ -48,8 +48,8 @@ class Redirect:
     cookie: tuple[bytes, bytes] | None = None  # a Set-Cookie header to send with it
 
 
-NO_ROUTE = Reply("no_route")
-SUSPENDED = Reply("vm_suspended")
+NO_ROUTE: Final = Reply("no_route")
+SUSPENDED: Final = Reply("vm_suspended")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +57,9 @@ class Wake:
     """Hold the request while its suspended VM (made with auto_resume) resumes, then route it again."""
 
 
-WAKE = Wake()
+WAKE: Final = Wake()
 # The connection's certificate was chosen for another name (RFC 9110 section 15.5.20).
-MISDIRECTED = Reply("misdirected_request", close=True)
+MISDIRECTED: Final = Reply("misdirected_request", close=True)
 
 
 @dataclass(frozen=True, slots=True)

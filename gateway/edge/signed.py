@@ -30,8 +30,8 @@ COOKIE_NAME: Final = b"gw_signed"
 OK: Final = "ok"
 INVALID: Final = "signature_invalid"
 EXPIRED: Final = "signature_expired"
-MAX_EXPIRES_DIGITS = 12  # unix seconds far past any useful expiry; more is no number we signed
-SEC_FETCH_MODE = b"sec-fetch-mode"
+MAX_EXPIRES_DIGITS: Final = 12  # unix seconds far past any useful expiry; more is no number we signed
+SEC_FETCH_MODE: Final = b"sec-fetch-mode"
 
 
 def split_params(target: bytes) -> tuple[bytes, list[bytes], list[bytes]]:

@@ -15,27 +15,27 @@ from typing import Final, Literal, final
 
 from gateway.errors import edge_error
 
-MAX_TARGET_BYTES = 8192
+MAX_TARGET_BYTES: Final = 8192
 # Header routing on the API host (``header_form``); the edge takes them out before the app sees the request.
 SANDBOX_ID_HEADER: Final = b"x-sandbox-id"
 SANDBOX_PORT_HEADER: Final = b"x-sandbox-port"
-APP_PATH_PREFIX = b"/v1/app/"
-INSTANCE_LABEL_PREFIX = b"instance-"
+APP_PATH_PREFIX: Final = b"/v1/app/"
+INSTANCE_LABEL_PREFIX: Final = b"instance-"
 
-_SESSION_ID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_VM_ID_RE = re.compile(rb"vmid-[0-9a-f]{16,64}")
+_SESSION_ID_RE: Final = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VM_ID_RE: Final = re.compile(rb"vmid-[0-9a-f]{16,64}")
 # No sign, no leading zero, ASCII digits only (a bytes pattern never matches other scripts' digits).
-_PORT_RE = re.compile(rb"[1-9][0-9]{0,4}")
+_PORT_RE: Final = re.compile(rb"[1-9][0-9]{0,4}")
 # Anything outside visible ASCII: controls, space, DEL, non-ASCII.
-_BAD_TARGET_BYTE_RE = re.compile(rb"[^\x21-\x7e]")
-_BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_BAD_TARGET_BYTE_RE: Final = re.compile(rb"[^\x21-\x7e]")
+_BAD_PERCENT_RE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # A path segment that is ".", "..", or either spelled with %2e: these would be resolved differently
 # by different parsers, so they are refused rather than normalised.
-_DOT_SEGMENT_RE = re.compile(rb"(?:^|/)(?:\.|%2[eE]){1,2}(?=/|\Z)")
-_LABEL_RE = re.compile(rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_HOST_PORT_RE = re.compile(rb"[0-9]{1,5}")
-_IPV6_BODY_RE = re.compile(rb"[0-9a-f:.]+")
-MAX_HOST_NAME_BYTES = 253
+_DOT_SEGMENT_RE: Final = re.compile(rb"(?:^|/)(?:\.|%2[eE]){1,2}(?=/|\Z)")
+_LABEL_RE: Final = re.compile(rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_PORT_RE: Final = re.compile(rb"[0-9]{1,5}")
+_IPV6_BODY_RE: Final = re.compile(rb"[0-9a-f:.]+")
+MAX_HOST_NAME_BYTES: Final = 253
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +102,10 @@ def _rejection(code: str, message: str | None = None) -> Rejection:
     return Rejection(status, code, message or default_message)
 
 
-_METHOD_NOT_ALLOWED = _rejection("method_not_allowed")
-_URI_TOO_LONG = _rejection("uri_too_long")
-_BAD_HOST = _rejection("bad_host")
-_NO_ROUTE = _rejection("no_route", "no app is served at this host")
+_METHOD_NOT_ALLOWED: Final = _rejection("method_not_allowed")
+_URI_TOO_LONG: Final = _rejection("uri_too_long")
+_BAD_HOST: Final = _rejection("bad_host")
+_NO_ROUTE: Final = _rejection("no_route", "no app is served at this host")
 
 
 def _invalid(message: str) -> Rejection:

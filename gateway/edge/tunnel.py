@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from .exchange import Exchange
 from .observe import ACTIVITY_TUNNEL, ACTIVITY_WEBSOCKET, VmTraffic
 from .upstream import UpstreamConnection
 from .websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 
-GOING_AWAY = 1001
-SHUTTING_DOWN = b"gateway shutting down"
+GOING_AWAY: Final = 1001
+SHUTTING_DOWN: Final = b"gateway shutting down"
 
 
 class TunnelOwner(Protocol):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -27,11 +27,11 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 # As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
-UPSTREAM_MAX_IDLE_PER_KEY = 256
-UPSTREAM_IDLE_TIMEOUT_S = 30.0  # shorter than the client side's, so the edge closes first
+UPSTREAM_MAX_IDLE_PER_KEY: Final = 256
+UPSTREAM_IDLE_TIMEOUT_S: Final = 30.0  # shorter than the client side's, so the edge closes first
 # Idle connections are closed by one sweep per pool, not a timer each (a timer per request costs more
 # than the rest of the pooling): an idle connection lives between the timeout and the timeout + this.
-UPSTREAM_IDLE_SWEEP_S = 5.0
+UPSTREAM_IDLE_SWEEP_S: Final = 5.0
 
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,11 @@ PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
 
 # The largest response head from an app (nginx's proxy_buffer_size is 4-8 KiB; apps with many or big
 # cookies need more).
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 # This twin's HTTP/1.1 response parser (the compiled edge's is C: gateway/edge/http1.py).
-_RESPONSE_PARSER = parsers_for(__name__)[1]
+_RESPONSE_PARSER: Final = parsers_for(__name__)[1]
 # A response without trailers (most of them) shares this list.
-_NO_TRAILERS: list[tuple[bytes, bytes]] = []
+_NO_TRAILERS: Final[list[tuple[bytes, bytes]]] = []
 
 
 class BadResponse(Exception):

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Final
 
-MAX_HEADER_BYTES = 14  # 2 + 8 (extended length) + 4 (mask)
-OPCODE_CONTINUATION = 0x0
-OPCODE_CLOSE = 0x8
-DATA_OPCODES = (0x1, 0x2)
-CONTROL_OPCODES = (0x8, 0x9, 0xA)
-MAX_CONTROL_PAYLOAD = 125
-PROTOCOL_ERROR = 1002
-MESSAGE_TOO_BIG = 1009
+MAX_HEADER_BYTES: Final = 14  # 2 + 8 (extended length) + 4 (mask)
+OPCODE_CONTINUATION: Final = 0x0
+OPCODE_CLOSE: Final = 0x8
+DATA_OPCODES: Final = (0x1, 0x2)
+CONTROL_OPCODES: Final = (0x8, 0x9, 0xA)
+MAX_CONTROL_PAYLOAD: Final = 125
+PROTOCOL_ERROR: Final = 1002
+MESSAGE_TOO_BIG: Final = 1009
 
 
 class FrameTracker:
