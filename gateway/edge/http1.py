@@ -163,6 +163,11 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, head_bytes(headers))
 
 
+def request_id(prefix: bytes, n: int) -> bytes:
+    """``prefix-<n in hex>``: one of the edge's request ids."""
+    return b"%s-%x" % (prefix, n)
+
+
 def compiled_for(module_name: str) -> Any:
     """The compiled edge's C module (http1c) when ``module_name`` is one of the compiled twin's, else
     None: each twin parses and writes with its own kind."""
@@ -183,6 +188,7 @@ class Writers(NamedTuple):
     head_bytes: Callable[[Headers], bytes]
     request_head: Callable[[bytes, bytes, Headers], bytes]
     join_bytes: Callable[[list[bytes]], bytes]
+    request_id: Callable[[bytes, int], bytes]
 
 
 def writers_for(module_name: str) -> Writers:
@@ -190,5 +196,5 @@ def writers_for(module_name: str) -> Writers:
     (one allocation each), the pure edge in Python (the same bytes)."""
     compiled = compiled_for(module_name)
     if compiled is not None:
-        return Writers(compiled.head_bytes, compiled.request_head, compiled.join_bytes)
-    return Writers(head_bytes, request_head, b"".join)
+        return Writers(compiled.head_bytes, compiled.request_head, compiled.join_bytes, compiled.request_id)
+    return Writers(head_bytes, request_head, b"".join, request_id)

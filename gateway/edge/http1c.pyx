@@ -489,6 +489,31 @@ def join_bytes(list pieces not None):
     return out
 
 
+cdef const char *_HEX = b"0123456789abcdef"
+
+
+def request_id(bytes prefix not None, unsigned long long n):
+    """``prefix-<n in hex>``: one of the edge's request ids."""
+    cdef char digits[16]
+    cdef int count = 0
+    while True:
+        digits[count] = _HEX[n & 15]
+        count += 1
+        n >>= 4
+        if n == 0:
+            break
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(prefix)
+    out = PyBytes_FromStringAndSize(NULL, size + 1 + count)
+    cdef char *p = _put(PyBytes_AS_STRING(out), prefix)
+    p[0] = b'-'
+    p += 1
+    while count:
+        count -= 1
+        p[0] = digits[count]
+        p += 1
+    return out
+
+
 # Which callbacks each kind of parser has: one table each, shared by every parser (llhttp keeps a
 # pointer to it).
 cdef llhttp_settings_t _REQUEST_SETTINGS

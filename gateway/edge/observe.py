@@ -114,14 +114,26 @@ class VmTraffic:
             self.active = {**active, **self.active}
 
 
+class KindCounts:
+    """One route kind's counters: requests per status, body bytes each way."""
+
+    __slots__ = ("bytes_in", "bytes_out", "statuses")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
 class EdgeStats:
-    """Counters of one edge process. Keys are small strings; values plain ints and floats."""
+    """Counters of one edge process. Keys are small strings; values plain ints and floats.
+
+    Counted per route kind first (one dict lookup by an interned string, then plain fields): a key of
+    (kind, status) would be a tuple made, hashed and compared on every request."""
 
     __slots__ = (
-        "bytes_in",
-        "bytes_out",
         "connect_failures",
-        "requests",
+        "kinds",
         "tunnels_open",
         "tunnels_opened",
         "upstream_buckets",
@@ -130,9 +142,7 @@ class EdgeStats:
     )
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}  # (route kind, status) -> count
-        self.bytes_in: dict[str, int] = {}  # route kind -> request body bytes (and tunnel bytes up)
-        self.bytes_out: dict[str, int] = {}  # route kind -> response body bytes (and tunnel bytes down)
+        self.kinds: dict[str, KindCounts] = {}
         self.connect_failures: dict[str, int] = {}  # "refused" / "timeout" -> count
         self.upstream_buckets = [0] * (len(UPSTREAM_BUCKETS_S) + 1)  # the last one is +Inf
         self.upstream_sum = 0.0
@@ -141,13 +151,11 @@ class EdgeStats:
         self.tunnels_opened = 0
 
     def count(self, kind: str, status: int, bytes_in: int, bytes_out: int, upstream_s: float | None) -> None:
-        key = (kind, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        if bytes_in:
-            self.bytes_in[kind] = self.bytes_in.get(kind, 0) + bytes_in
-        if bytes_out:
-            self.bytes_out[kind] = self.bytes_out.get(kind, 0) + bytes_out
+        counts = self._kind(kind)
+        statuses = counts.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        counts.bytes_in += bytes_in
+        counts.bytes_out += bytes_out
         if upstream_s is not None:
             # bisect_left by hand: a loop over 15 floats is native code in the compiled edge, where a call
             # to bisect cost more than the rest of this method.
@@ -159,6 +167,27 @@ class EdgeStats:
             self.upstream_buckets[bucket] += 1
             self.upstream_sum += upstream_s
             self.upstream_count += 1
+
+    @property
+    def requests(self) -> dict[tuple[str, int], int]:
+        """(route kind, status) -> requests."""
+        return {(kind, status): n for kind, c in self.kinds.items() for status, n in c.statuses.items()}
+
+    @property
+    def bytes_in(self) -> dict[str, int]:
+        """Route kind -> request body bytes (and tunnel bytes up)."""
+        return {kind: c.bytes_in for kind, c in self.kinds.items() if c.bytes_in}
+
+    @property
+    def bytes_out(self) -> dict[str, int]:
+        """Route kind -> response body bytes (and tunnel bytes down)."""
+        return {kind: c.bytes_out for kind, c in self.kinds.items() if c.bytes_out}
+
+    def _kind(self, kind: str) -> KindCounts:
+        counts = self.kinds.get(kind)
+        if counts is None:
+            counts = self.kinds[kind] = KindCounts()
+        return counts
 
     def connect_failed(self, reason: str) -> None:
         self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
@@ -185,11 +214,14 @@ class EdgeStats:
             try:
                 for key, n in snap["requests"].items():
                     kind, _, status = key.partition(" ")
-                    total.requests[(kind, int(status))] = total.requests.get((kind, int(status)), 0) + int(n)
-                for name in ("bytes_in", "bytes_out", "connect_failures"):
-                    mine = getattr(total, name)
-                    for key, n in snap[name].items():
-                        mine[key] = mine.get(key, 0) + int(n)
+                    statuses = total._kind(kind).statuses
+                    statuses[int(status)] = statuses.get(int(status), 0) + int(n)
+                for kind, n in snap["bytes_in"].items():
+                    total._kind(kind).bytes_in += int(n)
+                for kind, n in snap["bytes_out"].items():
+                    total._kind(kind).bytes_out += int(n)
+                for key, n in snap["connect_failures"].items():
+                    total.connect_failures[key] = total.connect_failures.get(key, 0) + int(n)
                 for i, n in enumerate(snap["upstream_buckets"][: len(total.upstream_buckets)]):
                     total.upstream_buckets[i] += int(n)
                 total.upstream_sum += float(snap["upstream_sum"])
@@ -201,6 +233,8 @@ class EdgeStats:
         return total
 
 
+# (A Final alias: the compiled edge calls it without looking up the module's attribute.)
+_wall_clock: Final = time.time
 _quote: Final = json.encoder.encode_basestring_ascii  # C: "text" with escapes
 # Bytes that may stand in a JSON string as they are: printable ASCII but '"' and '\\'. A value is safe when
 # deleting them leaves nothing (bytes.translate, one C loop: half the cost of a regex search here).
@@ -304,7 +338,7 @@ class AccessLog:
         """One line for an exchange that ended (its fields as ``Exchange`` has them; ``bytes_in`` is its
         ``sent_bytes``), joined from cached pieces and numbers (see _DECIMAL). The request id
         must be ``printable`` already (the edge's own ids are; Edge.observe escapes a proxy's)."""
-        now = time.time()
+        now = _wall_clock()
         second = int(now)
         if second != self._second:
             self._new_second(second)

@@ -82,6 +82,7 @@ KEEPALIVE_SWEEP_S: Final = 1.0
 # gateway/edge/http1.py).
 _REQUEST_PARSER: Final = parsers_for(__name__)[0]
 _REQUEST_HEAD: Final = writers_for(__name__).request_head
+_REQUEST_ID: Final = writers_for(__name__).request_id
 # How an HTTP/2 client with prior knowledge starts (RFC 9113 section 3.4); llhttp stops there.
 H2_PREFACE_START: Final = b"PRI * HTTP/2.0\r\n"
 
@@ -172,7 +173,7 @@ class Edge:
 
     def next_request_id(self) -> bytes:
         self._request_count += 1
-        return b"%s-%x" % (self._request_prefix, self._request_count)
+        return _REQUEST_ID(self._request_prefix, self._request_count)
 
     def observe(self, ex: Exchange, peer_ip: str) -> None:
         """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""

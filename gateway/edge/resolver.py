@@ -81,6 +81,8 @@ CacheKey = tuple[str, str, int]
 # A custom domain serves its VM's share port, or this one when the VM shares none.
 DEFAULT_DOMAIN_PORT: Final = 80
 MISS: Final = object()  # peek(): nothing usable cached
+# (A Final alias: the compiled edge calls it without looking up the module's attribute.)
+_monotonic: Final = time.monotonic
 
 
 def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bool = False) -> Route:
@@ -170,13 +172,11 @@ class Resolver:
         if not self._subscribed:
             return MISS
         cached = self._cache.get(key)
-        if cached is None or cached[0] <= time.monotonic():
-            return MISS
-        route = cached[1]
-        if route is not None and route.expires_at is not None and route.expires_at <= time.time():
+        # (An entry lasts no longer than its VM's lifetime: _remember ends it then, so one clock read.)
+        if cached is None or cached[0] <= _monotonic():
             return MISS
         self.hits += 1
-        return route
+        return cached[1]
 
     async def resolve(self, key: CacheKey) -> Route | None:
         cached = self.peek(key)
@@ -293,7 +293,11 @@ class Resolver:
         if len(self._cache) >= MAX_ENTRIES:
             self.clear()
         ttl = self.positive_ttl_s if route is not None else NEGATIVE_TTL_S
-        self._cache[key] = (now + ttl, route)
+        until = now + ttl
+        if route is not None and route.expires_at is not None:
+            # The VM's lifetime ends the entry (peek reads the monotonic clock only).
+            until = min(until, now + route.expires_at - time.time())
+        self._cache[key] = (until, route)
         if route is not None:
             self._by_vm.setdefault(route.vm_id, set()).add(key)
             self._by_session.setdefault(route.session_id, set()).add(key)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 UPSTREAM_MAX_IDLE_PER_KEY: Final = 256
 UPSTREAM_IDLE_TIMEOUT_S: Final = 30.0  # shorter than the client side's, so the edge closes first
 # Idle connections are closed by one sweep per pool, not a timer each (a timer per request costs more
-# than the rest of the pooling): an idle connection lives between the timeout and the timeout + this.
+# than the rest of the pooling), and the first sweep that finds a connection idle stamps its time (no
+# clock read per request): an idle connection lives between the timeout and the timeout + two sweeps.
 UPSTREAM_IDLE_SWEEP_S: Final = 5.0
 
 
@@ -343,14 +344,18 @@ class UpstreamPool:
             conn.close()
             return
         idle.append(conn)
-        conn.idle_since = self.loop.time()
+        conn.idle_since = 0.0  # stamped by the next sweep: no clock read per request
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
-        cutoff = self.loop.time() - UPSTREAM_IDLE_TIMEOUT_S
+        now = self.loop.time()
+        cutoff = now - UPSTREAM_IDLE_TIMEOUT_S
         for conns in list(self.idle.values()):
+            for conn in conns:
+                if not conn.idle_since:
+                    conn.idle_since = now  # first seen idle: closed UPSTREAM_IDLE_TIMEOUT_S from here
             for conn in [c for c in conns if c.idle_since < cutoff]:
                 conn.close()
         if self.idle:

@@ -156,9 +156,12 @@ HEADER_LISTS = st.lists(st.tuples(TOKENS, st.binary(max_size=40)), max_size=12)
 
 
 @settings(max_examples=200, deadline=None)
-@given(method=TOKENS, target=st.binary(max_size=60), headers=HEADER_LISTS, pieces=st.lists(st.binary()))
+@given(
+    method=TOKENS, target=st.binary(max_size=60), headers=HEADER_LISTS, pieces=st.lists(st.binary()),
+    count=st.integers(min_value=0, max_value=2**64 - 1),
+)  # fmt: skip
 def test_the_writers_write_what_the_pure_ones_do(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], pieces: list[bytes]
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], pieces: list[bytes], count: int
 ) -> None:
     compiled, pure = writers_for(f"{COMPILED.package}.exchange"), writers_for("gateway.edge.exchange")
     assert compiled.head_bytes is not pure.head_bytes  # (the C ones, not the same functions twice)
@@ -166,6 +169,7 @@ def test_the_writers_write_what_the_pure_ones_do(
     assert compiled.request_head(method, target, headers) == pure.request_head(method, target, headers)
     assert compiled.request_head(method, target, headers).endswith(b"\r\n\r\n" if not headers else b"\r\n")
     assert compiled.join_bytes(pieces) == pure.join_bytes(pieces)
+    assert compiled.request_id(target, count) == pure.request_id(target, count)
 
 
 def test_the_writers_refuse_what_is_not_bytes() -> None:

@@ -252,6 +252,27 @@ async def test_a_kept_alive_connection_uses_the_cached_route_and_the_pooled_conn
         assert h.edge.pool.reuses == 3
 
 
+async def test_the_pool_closes_a_connection_idle_past_its_timeout_counted_from_the_sweep_that_saw_it(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
+    """A released connection reads no clock: the first sweep that finds it idle stamps it, and a later
+    sweep past the idle timeout from there closes it (a connection used meanwhile is stamped anew)."""
+    async with edge_harness() as h:
+        h.send(request())
+        h.answer(response())
+        assert h.edge.pool.take_idle(h.vm.key) is h.vm
+        h.edge.pool.release(h.vm)
+        assert h.vm.idle_since == 0.0
+        h.edge.pool._sweep()
+        stamped = h.vm.idle_since
+        assert stamped > 0 and not h.vm.closed
+        h.edge.pool._sweep()
+        assert h.vm.idle_since == stamped and not h.vm.closed  # not yet idle for the timeout
+        h.vm.idle_since = stamped - edge.upstream.UPSTREAM_IDLE_TIMEOUT_S - 0.001
+        h.edge.pool._sweep()
+        assert h.vm.closed and h.edge.pool.take_idle(h.vm.key) is None
+
+
 async def test_a_head_split_anywhere_is_the_same_request(edge_harness: HarnessFactory) -> None:
     raw = request(APP + b"/split", b"X-One: 1")
     for cut in (1, 5, len(raw) // 2, len(raw) - 1):

@@ -19,11 +19,11 @@ VM_ID = "vmid-0123456789abcdef0123"
 SESSION_ID = "6f1c1c52-7c1a-4d55-9a7e-3d6c2f0a9b11"
 
 
-def vm_record(ip: str = "172.30.0.2", status: str = "active") -> VmRecord:
+def vm_record(ip: str = "172.30.0.2", status: str = "active", lifetime_s: float = 300) -> VmRecord:
     now = time.time()
     return VmRecord(
         vm_id=VM_ID, session_id=SESSION_ID, owner="o", driver="netns", slot=0, ip=ip, status=status,
-        created_at=now, vm_lifetime_seconds=300, memory_mb=128, vcpu_count=1, expires_at=now + 300,
+        created_at=now, vm_lifetime_seconds=300, memory_mb=128, vcpu_count=1, expires_at=now + lifetime_s,
     )  # fmt: skip
 
 
@@ -77,3 +77,15 @@ async def test_addresses_outside_the_vm_networks_are_never_returned() -> None:
     store = SlowStore(vm_record(ip="169.254.169.254"))
     store.release.set()
     assert await resolver(store).by_vm(VM_ID, 3000) is None
+
+
+async def test_a_cached_route_ends_with_its_vms_lifetime_within_the_cache_ttl() -> None:
+    store = SlowStore(vm_record(lifetime_s=0.3))
+    store.release.set()
+    res = resolver(store)
+    route = await res.by_vm(VM_ID, 3000)
+    assert route is not None and res.peek(("v", VM_ID, 3000)) is route  # cached (the TTL is 2 s)
+    assert route.expires_at is not None
+    await asyncio.sleep(max(0.0, route.expires_at - time.time()) + 0.01)  # the VM's lifetime ends
+    assert res.peek(("v", VM_ID, 3000)) is not route
+    assert await res.by_vm(VM_ID, 3000) is None and store.calls == 2  # asked again: it is over
