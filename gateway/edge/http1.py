@@ -187,7 +187,6 @@ def parsers_for(module_name: str) -> tuple[RequestParserType, ResponseParserType
 class Writers(NamedTuple):
     head_bytes: Callable[[Headers], bytes]
     request_head: Callable[[bytes, bytes, Headers], bytes]
-    join_bytes: Callable[[list[bytes]], bytes]
     request_id: Callable[[bytes, int], bytes]
 
 
@@ -196,5 +195,5 @@ def writers_for(module_name: str) -> Writers:
     (one allocation each), the pure edge in Python (the same bytes)."""
     compiled = compiled_for(module_name)
     if compiled is not None:
-        return Writers(compiled.head_bytes, compiled.request_head, compiled.join_bytes, compiled.request_id)
-    return Writers(head_bytes, request_head, b"".join, request_id)
+        return Writers(compiled.head_bytes, compiled.request_head, compiled.request_id)
+    return Writers(head_bytes, request_head, request_id)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, BinaryIO, Final
 
-from gateway.edge.http1 import compiled_for, writers_for
+from gateway.edge.http1 import compiled_for
 
 # Upstream time (request sent -> response head) buckets, seconds: from a VM on this host to a slow app.
 # (tuple[float, ...]: a fixed-length tuple type would be a C struct in the compiled edge, made into a
@@ -47,8 +47,6 @@ UPSTREAM_BUCKETS_S: Final[tuple[float, ...]] = (
     60.0,
 )
 FLUSH_INTERVAL_S: Final = 0.25
-# b"".join for a log line's pieces: in C in the compiled edge (gateway/edge/http1.py).
-_JOIN: Final = writers_for(__name__).join_bytes
 # Writes to a pipe up to PIPE_BUF (4096 on Linux) are atomic: each write is whole lines within it.
 MAX_WRITE_BYTES: Final = 4096
 MAX_BUFFER_LINES: Final = 1000
@@ -280,9 +278,24 @@ def log_numbers(
     ])  # fmt: skip
 
 
+def log_line(
+    json: bool, clock: bytes, ms: int, who: bytes, path: bytes, what: bytes, error: bytes, request_id: bytes,
+    bytes_in: int, bytes_out: int, upstream_us: int | None, duration_us: int,
+) -> bytes:  # fmt: skip
+    """One access line: the second's ``clock`` (JSON: and its milliseconds, ``ms``), the cached pieces
+    (``error`` is text lines' only), the request id and the numbers. The compiled edge writes the same
+    bytes in C (http1c.log_line), in one allocation."""
+    numbers = log_numbers(json, bytes_in, bytes_out, upstream_us, duration_us)
+    if json:
+        return b"".join([
+            clock, _THREE_DIGITS[ms], b',"type":"access","request_id":"', request_id, b'"', who, b',"path":',
+            path, what, numbers,
+        ])  # fmt: skip
+    return b"".join([clock, b" ", who, path, what, numbers, error, b" rid=", request_id, b"\n"])
+
+
 _COMPILED: Final = compiled_for(__name__)
-# (In C in the compiled edge: one call instead of four numbers and their pieces.)
-_LOG_NUMBERS: Final = _COMPILED.log_numbers if _COMPILED is not None else log_numbers
+_LOG_LINE: Final = _COMPILED.log_line if _COMPILED is not None else log_line
 
 
 def _json(value: bytes) -> bytes:
@@ -316,6 +329,8 @@ class AccessLog:
         self._who: dict[tuple[str, bytes, bytes | None], bytes] = {}
         self._what: dict[tuple[str, str | None, int, str | None], tuple[bytes, bytes]] = {}
         self._paths: dict[bytes, bytes] = {}  # request target -> its path, escaped
+        self._last_who: tuple[str, bytes, bytes | None, bytes] = ("", b"", None, b"")  # (no method is b"")
+        self._last_what: tuple[str, str | None, int, str | None, bytes, bytes] = ("", None, 0, None, b"", b"")
         self._pending = b""  # not yet accepted by a full pipe
         self._fd: int | None = None
         self._own_fd = False
@@ -349,29 +364,34 @@ class AccessLog:
             logged_path = self._path_piece(url)
             if len(url) <= MAX_CACHED_PATH_BYTES:
                 self._cache(self._paths, url, logged_path)
-        peer = (client, method, host)
-        who = self._who.get(peer)
-        if who is None:
-            who = self._cache(self._who, peer, self._who_piece(client, method, host))
-        outcome = (kind, route_id, status, code)
-        what_error = self._what.get(outcome)
-        if what_error is None:
-            what_error = self._cache(self._what, outcome, self._what_piece(kind, route_id, status, code))
-        what, error = what_error
-        json = self.json
-        numbers = _LOG_NUMBERS(
-            json, bytes_in, bytes_out, int(upstream_s * 1_000_000) if upstream_s is not None else None,
+        # The previous line's pieces are tried first: lines come in runs of one client's keep-alive
+        # connection, and comparing them costs less than a tuple key's hash and lookup.
+        last_who = self._last_who
+        if client == last_who[0] and method == last_who[1] and host == last_who[2]:
+            who = last_who[3]
+        else:
+            peer = (client, method, host)
+            cached = self._who.get(peer)
+            who = cached if cached is not None else self._cache(self._who, peer, self._who_piece(*peer))
+            self._last_who = (client, method, host, who)
+        last_what = self._last_what
+        if (
+            kind == last_what[0] and route_id == last_what[1] and status == last_what[2]
+            and code == last_what[3]
+        ):  # fmt: skip
+            what, error = last_what[4], last_what[5]
+        else:
+            outcome = (kind, route_id, status, code)
+            what_error = self._what.get(outcome)
+            if what_error is None:
+                what_error = self._cache(self._what, outcome, self._what_piece(kind, route_id, status, code))
+            what, error = what_error
+            self._last_what = (kind, route_id, status, code, what, error)
+        line = _LOG_LINE(
+            self.json, self._clock, int((now - second) * 1000), who, logged_path, what, error, request_id,
+            bytes_in, bytes_out, int(upstream_s * 1_000_000) if upstream_s is not None else None,
             int(duration_s * 1_000_000),
         )  # fmt: skip
-        if json:
-            line = _JOIN([
-                self._clock, _THREE_DIGITS[int((now - second) * 1000)], b',"type":"access","request_id":"',
-                request_id, b'"', who, b',"path":', logged_path, what, numbers,
-            ])  # fmt: skip
-        else:
-            line = _JOIN([
-                self._clock, b" ", who, logged_path, what, numbers, error, b" rid=", request_id, b"\n",
-            ])  # fmt: skip
         lines = self.lines
         lines.append(line)
         if len(lines) >= MAX_BUFFER_LINES:

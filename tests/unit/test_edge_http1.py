@@ -157,18 +157,17 @@ HEADER_LISTS = st.lists(st.tuples(TOKENS, st.binary(max_size=40)), max_size=12)
 
 @settings(max_examples=200, deadline=None)
 @given(
-    method=TOKENS, target=st.binary(max_size=60), headers=HEADER_LISTS, pieces=st.lists(st.binary()),
+    method=TOKENS, target=st.binary(max_size=60), headers=HEADER_LISTS,
     count=st.integers(min_value=0, max_value=2**64 - 1),
 )  # fmt: skip
 def test_the_writers_write_what_the_pure_ones_do(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], pieces: list[bytes], count: int
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], count: int
 ) -> None:
     compiled, pure = writers_for(f"{COMPILED.package}.exchange"), writers_for("gateway.edge.exchange")
     assert compiled.head_bytes is not pure.head_bytes  # (the C ones, not the same functions twice)
     assert compiled.head_bytes(headers) == pure.head_bytes(headers)
     assert compiled.request_head(method, target, headers) == pure.request_head(method, target, headers)
     assert compiled.request_head(method, target, headers).endswith(b"\r\n\r\n" if not headers else b"\r\n")
-    assert compiled.join_bytes(pieces) == pure.join_bytes(pieces)
     assert compiled.request_id(target, count) == pure.request_id(target, count)
 
 
@@ -179,7 +178,7 @@ def test_the_writers_refuse_what_is_not_bytes() -> None:
     with pytest.raises(ValueError):  # as unpacking it in Python would
         compiled.request_head(b"GET", b"/", [(b"Name",)])
     with pytest.raises(TypeError):
-        compiled.join_bytes([b"a", bytearray(b"b")])
+        compiled.request_id("prefix", 1)
 
 
 def test_a_read_that_is_all_body_is_passed_on_without_a_copy() -> None:
@@ -203,25 +202,38 @@ def test_a_read_that_is_all_body_is_passed_on_without_a_copy() -> None:
     assert bodies[-1] is rest and bodies[-2] == b"1234"
 
 
+PIECES = st.binary(max_size=40)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     json=st.booleans(),
+    pieces=st.tuples(PIECES, PIECES, PIECES, PIECES, PIECES, PIECES),
+    ms=st.integers(0, 999),
     counts=st.tuples(st.integers(0, 2**62), st.integers(0, 2**62)),
     upstream_us=st.none() | st.integers(-(2**40), 2**40),
     duration_us=st.integers(-(2**40), 2**40) | st.integers(0, 100_000),
 )
-def test_the_access_line_numbers_are_the_pure_edges(
-    json: bool, counts: tuple[int, int], upstream_us: int | None, duration_us: int
-) -> None:
-    compiled = COMPILED.module("http1c").log_numbers(json, *counts, upstream_us, duration_us)
-    assert compiled == observe.log_numbers(json, *counts, upstream_us, duration_us)
+def test_the_access_lines_are_the_pure_edges(
+    json: bool, pieces: tuple[bytes, ...], ms: int, counts: tuple[int, int], upstream_us: int | None,
+    duration_us: int,
+) -> None:  # fmt: skip
+    clock, who, path, what, error, request_id = pieces
+    args = (json, clock, ms, who, path, what, error, request_id, *counts, upstream_us, duration_us)
+    assert COMPILED.module("http1c").log_line(*args) == observe.log_line(*args)
 
 
 def test_the_access_line_numbers() -> None:
-    numbers = COMPILED.module("http1c").log_numbers
+    numbers = observe.log_numbers
     assert numbers(False, 12, 3456, 1500, 2_345_678) == b" in=12 out=3456 upstream=1.50ms 2345.67ms"
     assert numbers(False, 0, 0, None, 9) == b" in=0 out=0 0.00ms"
     assert (
         numbers(True, 1, 2, None, 10_000)
         == b',"bytes_in":1,"bytes_out":2,"upstream_ms":null,"duration_ms":10.00}\n'
     )
+    line = COMPILED.module("http1c").log_line
+    assert line(True, b'{"ts":5.', 7, b"", b'"/"', b"", b"", b"r", 1, 2, None, 10_000).startswith(
+        b'{"ts":5.007,'
+    )
+    with pytest.raises(ValueError):
+        line(True, b"", 1000, b"", b"", b"", b"", b"", 0, 0, None, 0)
