@@ -13,6 +13,7 @@ lookup, which a Protocol type would cost on every call (gateway/edge/twin.py).
 
 from __future__ import annotations
 
+import asyncio
 import http
 from typing import TYPE_CHECKING, Final
 
@@ -280,11 +281,37 @@ class Exchange:
         out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data
         if self.pending_head:
             out, self.pending_head = self.pending_head + out, b""
+        self._write_body(transport, out)
+
+    def _write_body(self, transport: asyncio.Transport, out: bytes | memoryview) -> None:
         transport.write(out)
+        proto = self.proto
         if proto.silence_deadline is not None:
             proto.activity()
         if not proto.can_write and self.upstream is not None:
             self.upstream.pause_reading()
+
+    # A long body pumped to the client (gateway/edge/pump.py): written on as it came, with its head
+    # already out (the pump starts after the read that carried the head).
+
+    def can_pump(self) -> bool:
+        """Whether the rest of the body may come as views of a pump's buffer: it goes out as it is,
+        to a transport that writes a view at once or tells what it holds (not an HTTP/2 stream)."""
+        proto = self.proto
+        return (
+            proto.transport is not None and not proto.h2_stream and not self.no_body_out
+            and not self.chunked_out and not self.pending_head
+        )  # fmt: skip
+
+    def on_pumped_body(self, data: memoryview) -> None:
+        transport = self.proto.transport
+        if transport is not None:
+            self.bytes_out += len(data)
+            self._write_body(transport, data)
+
+    def client_holds_body(self) -> bool:
+        transport = self.proto.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel:

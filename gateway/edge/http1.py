@@ -8,8 +8,9 @@ turn its per-piece callbacks into the same calls. Each twin takes the parser of 
 A request parser calls its owner's ``on_message_begin()``, ``on_request(method, target, headers,
 keep_alive, upgrade, http10)``, ``on_body(data)``, ``on_message_complete()``, and, when the target or
 the headers pass their limits, ``on_head_limit(code)`` (the parse then fails). A response parser calls
-``on_message_begin()``, ``on_response(status, headers, keep_alive, names)``, ``on_body(data)`` and
-``on_message_complete(trailers)``; ``names`` has a bit for each kind of framing header the head had.
+``on_message_begin()``, ``on_response(status, headers, keep_alive, names, length)``, ``on_body(data)``
+and ``on_message_complete(trailers)``; ``names`` has a bit for each kind of framing header the head had,
+``length`` is the Content-Length (-1: none).
 Both raise httptools' exceptions (HttpParserError, HttpParserCallbackError, HttpParserUpgrade).
 """
 
@@ -130,16 +131,18 @@ class HttptoolsResponseParser:
         head = self.headers if self.headers is not _NO_HEADERS else []
         self.headers = _NO_HEADERS
         names = 0
-        for name, _ in head:
+        length = -1
+        for name, value in head:
             low = name.lower()
             if low == b"content-length":
                 names |= NAME_CONTENT_LENGTH
+                length = int(value)  # (llhttp checked it: digits, one value)
             elif low == b"transfer-encoding":
                 names |= NAME_TRANSFER_ENCODING | NAME_HOP_BY_HOP
             elif low in self.hop_by_hop:
                 names |= NAME_HOP_BY_HOP
         parser = self.parser
-        self.owner.on_response(parser.get_status_code(), head, parser.should_keep_alive(), names)
+        self.owner.on_response(parser.get_status_code(), head, parser.should_keep_alive(), names, length)
 
     def on_message_complete(self) -> None:
         trailers, self.headers = self.headers, _NO_HEADERS

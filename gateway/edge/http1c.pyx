@@ -35,6 +35,7 @@ cdef extern from "llhttp.h":
         uint8_t method
         uint8_t http_major
         uint8_t http_minor
+        uint64_t content_length
         uint8_t upgrade
         uint16_t status_code
     ctypedef llhttp__internal_s llhttp_t
@@ -207,8 +208,9 @@ cdef class RequestParser(_Parser):
 
 
 cdef class ResponseParser(_Parser):
-    """Calls its owner's ``on_message_begin()``, ``on_response(status, headers, keep_alive, names)``
-    (``names``: NAME_* bits of what the head's names were), ``on_body(data)`` and
+    """Calls its owner's ``on_message_begin()``, ``on_response(status, headers, keep_alive, names,
+    length)`` (``names``: NAME_* bits of what the head's names were; ``length``: the Content-Length, or
+    -1), ``on_body(data)`` and
     ``on_message_complete(trailers)``; headers after the head are the trailers."""
 
     cdef object response_cb
@@ -374,11 +376,15 @@ cdef int _on_response_header(llhttp_t *p) noexcept:
 
 cdef int _on_response_head(llhttp_t *p) noexcept:
     cdef ResponseParser self = <ResponseParser>p.data
+    cdef object length = -1  # (a Python int: -1 next to the uint64 would wrap)
     head = self.headers
     self.headers = None  # what follows (a chunked body's trailers) is a list of its own, made if any
     self.in_trailers = True
     try:
-        self.response_cb(p.status_code, head, llhttp_should_keep_alive(p) != 0, self.names)
+        # (llhttp has read the Content-Length value by now: the body's length, before any of it)
+        if self.names & NAME_CONTENT_LENGTH:
+            length = p.content_length
+        self.response_cb(p.status_code, head, llhttp_should_keep_alive(p) != 0, self.names, length)
     except BaseException as exc:
         return _raised(self, exc)
     return 1 if p.upgrade else 0

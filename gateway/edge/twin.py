@@ -24,8 +24,8 @@ COMPILED_PACKAGE = "gateway._edgec"
 # The edge's hot path and everything it calls per request; relative imports between them keep each
 # twin to itself. server.py (the listener) and the selection stay interpreted: they run once.
 MODULES = (
-    "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "ratelimit", "resolver",
-    "routing", "settings", "signed", "target", "tunnel", "upstream", "websocket",
+    "access", "deadline", "exchange", "headers", "observe", "pages", "protocol", "pump", "ratelimit",
+    "resolver", "routing", "settings", "signed", "target", "tunnel", "upstream", "websocket",
 )  # fmt: skip
 # Written in Cython (``.pyx`` here), built into the compiled twin too: its HTTP/1.1 parsers over llhttp.
 C_MODULES = ("http1c",)

@@ -22,6 +22,7 @@ import httptools
 from gateway.edge.http1 import NAME_CONTENT_LENGTH, NAME_HOP_BY_HOP, NAME_TRANSFER_ENCODING, parsers_for
 
 from .headers import HOP_BY_HOP
+from .pump import PUMP_MIN_BYTES, BodyPump
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -79,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         # go back to the pool, even when the app answered early (its next reader would see our rest).
         self.request_sent = True
         self.length_known = False  # the response head had a Content-Length
+        self.body_left = -1  # ... and this much of its body is still to come
         self.chunked = False  # ... or Transfer-Encoding (then reads without body count: _count_framing)
         self.framing_bytes = 0
         self.read_had_body = False
@@ -136,7 +138,39 @@ class UpstreamConnection(asyncio.Protocol):
                 self._refuse(BadResponse("upstream_head_too_large", message))
         elif self.chunked and not self.complete:
             self._count_framing(len(data))
+        elif self.body_left >= PUMP_MIN_BYTES and not self.complete:
+            self._pump()
         self.read_had_body = False
+
+    # a long body, pumped (gateway/edge/pump.py) ----------------------------------------------------
+
+    def _pump(self) -> None:
+        """The rest of a long Content-Length body goes through a pump, when both sides allow it."""
+        sink = self.sink
+        transport = self.transport
+        if (
+            sink is None or transport is None or self.closed or self.head_only or self.tunnel is not None
+            or not sink.can_pump()
+        ):  # fmt: skip
+            return
+        transport.set_protocol(BodyPump(self, self.body_left))
+
+    def pumped(self, data: memoryview) -> None:
+        self.body_left -= len(data)
+        if self.sink is not None:
+            self.sink.on_pumped_body(data)
+
+    def pump_holds(self) -> bool:
+        return self.sink is not None and self.sink.client_holds_body()
+
+    def pump_done(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        self.transport.set_protocol(self)
+        # The parser never saw the body's rest: the next response gets a fresh one.
+        self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
+        self.trailers = _NO_TRAILERS
+        self._finish()
 
     def _count_framing(self, read: int) -> None:
         """A chunked answer is being read: reads that carry none of its body (chunk sizes, and trailers,
@@ -191,10 +225,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_fresh = True
 
     def on_response(
-        self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, names: int
+        self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool, names: int, length: int
     ) -> None:
         self.in_head = False
         self.status = status
+        self.body_left = length
         if not keep_alive:
             self.reusable = False
         self.length_known = bool(names & NAME_CONTENT_LENGTH)
@@ -218,6 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.read_had_body = True
+        self.body_left -= len(body)
         if self.sink is not None:
             self.sink.on_response_body(body)
 

@@ -426,6 +426,30 @@ async def test_one_gib_each_way_streams_with_flat_memory(gw: GatewayUnderTest) -
     assert max_rss_bytes() - before < 64 * 1024 * 1024
 
 
+async def test_a_long_download_arrives_whole_through_the_pump_and_the_connection_serves_again(
+    gw: GatewayUnderTest,
+) -> None:
+    """A long Content-Length body is pumped (gateway/edge/pump.py): to a client reading slowly at first,
+    so the edge's buffer is held and must not be written over, then at full speed."""
+    _, _, url = await start_app(gw)
+    mib, piece = 8, 256 * 1024
+    expected = hashlib.sha256(b"".join(bytes([i % 251]) * piece for i in range(mib * 4))).hexdigest()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as client:
+        async with client.get(url + f"pattern?mib={mib}") as resp:
+            digest, received = hashlib.sha256(), 0
+            async for chunk in resp.content.iter_chunked(65536):
+                digest.update(chunk)
+                received += len(chunk)
+                if received < 2 * 2**20:
+                    await asyncio.sleep(0.002)  # a slow reader: the edge's writes to it wait
+        assert (received, digest.hexdigest()) == (mib * 2**20, expected)
+        async with client.get(url + "echo") as resp:  # the same client connection, after the pump
+            assert resp.status == 200 and (await resp.json())["path"] == "/echo"
+        async with client.get(url + "short?mib=4") as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # the app stopped halfway: the client sees the cut, not a whole body
+
+
 async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayUnderTest) -> None:
     sid, vm_id, url = await start_app(gw)
     async with aiohttp.ClientSession() as client:

@@ -143,12 +143,12 @@ def test_what_the_parsers_report() -> None:
     responses = run(COMPILED.module("http1c").ResponseParser, RESPONSES[2] + RESPONSES[3], [], HOP_BY_HOP)
     assert responses[1] == (
         "response", 200, [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-T")], True,
-        NAME_TRANSFER_ENCODING | NAME_HOP_BY_HOP,
+        NAME_TRANSFER_ENCODING | NAME_HOP_BY_HOP, -1,
     )  # fmt: skip
     assert responses[3] == ("complete", [(b"X-T", b"9")])
-    assert responses[5][-2:] == (False, NAME_HOP_BY_HOP)  # Connection: close; no framing header
+    assert responses[5][-3:] == (False, NAME_HOP_BY_HOP, -1)  # Connection: close; no framing header
     first = run(COMPILED.module("http1c").ResponseParser, RESPONSES[0], [], HOP_BY_HOP)
-    assert first[1][-1] == NAME_CONTENT_LENGTH and first[-1] == ("complete", [])
+    assert first[1][-2:] == (NAME_CONTENT_LENGTH, 3) and first[-1] == ("complete", [])
 
 
 TOKENS = st.binary(min_size=1, max_size=12)

