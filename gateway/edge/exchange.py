@@ -180,21 +180,41 @@ class Exchange:
             return
         upstream = self.upstream
         if upstream is not None:
-            vm_id = self.vm_id
-            if vm_id is not None:  # body bytes reaching a VM: client activity (the idle clock)
-                self.proto.edge.traffic.touch(vm_id, ACTIVITY_HTTP)
-            if self.chunked_in:
-                upstream.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
-                upstream.write(data)
-            if not upstream.can_write:
-                self.proto.pause_reading()
-            self.proto.upload_progress()
+            self._body_up(upstream, b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_in else data)
             return
         self.body.append(data)
         self.body_bytes += len(data)
         if self.body_bytes > BODY_BUFFER_HIGH:
             self.proto.pause_reading()
+
+    def _body_up(self, upstream: UpstreamConnection, out: bytes | memoryview) -> None:
+        vm_id = self.vm_id
+        if vm_id is not None:  # body bytes reaching a VM: client activity (the idle clock)
+            self.proto.edge.traffic.touch(vm_id, ACTIVITY_HTTP)
+        upstream.write(out)
+        if not upstream.can_write:
+            self.proto.pause_reading()
+        self.proto.upload_progress()
+
+    def can_pump_up(self) -> bool:
+        """Whether the rest of the request body may come as views of a pump's buffer: a Content-Length
+        body within the limit, its head and first bytes already on their way to an attached app."""
+        length = self.content_length
+        return (
+            self.upstream is not None and length is not None and not self.body_done
+            and (not self.max_body or length <= self.max_body)
+        )  # fmt: skip
+
+    def on_pumped_upload(self, data: memoryview) -> None:
+        self.sent_bytes += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            self._body_up(upstream, data)
+
+    def app_holds_body(self) -> bool:
+        upstream = self.upstream
+        transport = upstream.transport if upstream is not None else None
+        return transport is not None and transport.get_write_buffer_size() > 0
 
     def end_body(self) -> None:
         self.body_done = True

@@ -35,6 +35,7 @@ from . import headers as hdr
 from .deadline import Deadline
 from .exchange import Exchange
 from .observe import ACTIVITY_HTTP, AccessLog, EdgeStats, VmTraffic, printable
+from .pump import PUMP_MIN_BYTES, BodyPump
 from .ratelimit import KeyRates
 from .resolver import MISS, CacheKey, Resolver, Route
 from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
@@ -128,6 +129,7 @@ class Edge:
         self.instance_id = secrets.token_hex(8)
         self.open_reported = False
         self._request_count = 0
+        self.pumped = 0  # request bodies that went up through a pump (gateway/edge/pump.py)
         self.parse_target = TargetParser(settings.routing)
         self.policy = RoutingPolicy(settings.https_redirect_port, settings.plain_http_paths)
         self.connections: set[EdgeProtocol] = set()
@@ -490,6 +492,48 @@ class EdgeProtocol(asyncio.Protocol):
             self._head_in_progress(len(data))
         if self.ended_in_read:
             self.ended_in_read = False
+        ex = self.parsing
+        if ex is not None and ex.content_length is not None:
+            left = ex.content_length - ex.sent_bytes
+            if left >= PUMP_MIN_BYTES:
+                self._pump(ex, left)
+
+    # a long request body, pumped up (gateway/edge/pump.py) -----------------------------------------
+
+    def _pump(self, ex: Exchange, left: int) -> None:
+        """The rest of a long request body goes to the app through a pump, when both sides allow it (a
+        plain connection: TLS and HTTP/2 streams keep the plain path)."""
+        transport = self.transport
+        if (
+            transport is None or ex is not self.current or self.closing or self.tunnel is not None
+            or self.h2_stream or not ex.can_pump_up() or transport.get_extra_info("ssl_object") is not None
+        ):  # fmt: skip
+            return
+        self.edge.pumped += 1
+        transport.set_protocol(BodyPump(self, left))
+
+    def pumped(self, data: memoryview) -> None:
+        ex = self.parsing
+        if self.closing:
+            if self.lingering:
+                self._discard(len(data))  # answered early: the rest of the body is read and dropped
+            return
+        if ex is not None:
+            ex.on_pumped_upload(data)
+
+    def pump_holds(self) -> bool:
+        ex = self.parsing
+        return ex is not None and ex.app_holds_body()
+
+    def pump_done(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.set_protocol(self)
+        self.parser = None  # it never saw the body's rest: the next request gets a fresh one
+        self.on_message_complete()
+        self.ended_in_read = False
+        self.read_had_body = False
 
     def _count_framing(self, read: int) -> bool:
         """A chunked body is being read. Its trailers are headers the parser holds until each ends, so

@@ -1,4 +1,5 @@
-"""A long body moved from one transport to the other without a bytes object for each read.
+"""A long body moved from one transport to the other without a bytes object for each read (a response
+from an app to its client, or a request body from a client to the app).
 
 A plain protocol gets every read as a new bytes object: the event loop copies what the kernel gave it
 (up to 256 KB) into one, and the copy is freed once written on. For a long Content-Length body whose
@@ -38,6 +39,8 @@ class PumpOwner(Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None: ...
 
+    def eof_received(self) -> bool | None: ...
+
     def pause_writing(self) -> None: ...
 
     def resume_writing(self) -> None: ...
@@ -66,7 +69,7 @@ class BodyPump(asyncio.BufferedProtocol):
             self.owner.pump_done()
 
     def eof_received(self) -> bool | None:
-        return None  # the body ended early: the transport closes, and connection_lost tells the owner
+        return self.owner.eof_received()  # the body ended early: as the owner would have it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connection_lost(exc)

@@ -153,6 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
             or not sink.can_pump()
         ):  # fmt: skip
             return
+        self.pool.pumped += 1
         transport.set_protocol(BodyPump(self, self.body_left))
 
     def pumped(self, data: memoryview) -> None:
@@ -315,7 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
             transport.resume_reading()
         return True
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -344,6 +345,7 @@ class UpstreamPool:
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = self.reuses = 0
+        self.pumped = 0  # responses whose long body went through a pump (gateway/edge/pump.py)
 
     def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
         """A pooled connection for this key, if one is open and reusable (no await: the common case)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import resource
 from pathlib import Path
@@ -432,6 +433,8 @@ async def test_a_long_download_arrives_whole_through_the_pump_and_the_connection
     """A long Content-Length body is pumped (gateway/edge/pump.py): to a client reading slowly at first,
     so the edge's buffer is held and must not be written over, then at full speed."""
     _, _, url = await start_app(gw)
+    edge = gw.services.edge
+    assert edge is not None
     mib, piece = 8, 256 * 1024
     expected = hashlib.sha256(b"".join(bytes([i % 251]) * piece for i in range(mib * 4))).hexdigest()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as client:
@@ -443,11 +446,53 @@ async def test_a_long_download_arrives_whole_through_the_pump_and_the_connection
                 if received < 2 * 2**20:
                     await asyncio.sleep(0.002)  # a slow reader: the edge's writes to it wait
         assert (received, digest.hexdigest()) == (mib * 2**20, expected)
+        assert edge.pool.pumped == 1
         async with client.get(url + "echo") as resp:  # the same client connection, after the pump
             assert resp.status == 200 and (await resp.json())["path"] == "/echo"
         async with client.get(url + "short?mib=4") as resp:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()  # the app stopped halfway: the client sees the cut, not a whole body
+
+
+async def test_a_long_upload_arrives_whole_through_the_pump_and_the_connection_serves_again(
+    gw: GatewayUnderTest,
+) -> None:
+    """A long Content-Length request body is pumped up: to an app that reads its first half slowly, so
+    the edge's writes to it wait and the buffer they hold must not be written over."""
+    _, _, url = await start_app(gw)
+    edge = gw.services.edge
+    assert edge is not None
+    piece = 256 * 1024
+    body = b"".join(bytes([i % 251]) * piece for i in range(96))  # 24 MiB, each piece its own byte
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as client:
+        headers = {"Content-Length": str(len(body))}
+        async with client.post(url + "slow-echo", data=io.BytesIO(body), headers=headers) as resp:
+            seen = await resp.json()
+        assert (seen["body_length"], seen["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+        assert edge.pumped == 1
+        async with client.get(url + "echo") as resp:  # the same client connection, after the pump
+            assert resp.status == 200 and (await resp.json())["method"] == "GET"
+
+
+async def test_an_app_answering_in_a_pumped_upload_gets_the_rest_dropped(gw: GatewayUnderTest) -> None:
+    sid, _, url = await start_app(gw)
+    edge = gw.services.edge
+    assert edge is not None
+    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
+    path = f"/v1/app/{sid}/{APP_PORT}/early".encode()
+    writer.write(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (path, 8 * 2**20))
+    writer.write(b"a" * 2**20)
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
+        assert edge.pumped == 1
+        writer.write(b"b" * 2**20)  # more of the body: read and dropped by the pump
+        await reader.read()  # the edge closes the client connection after the answer
+    writer.close()
+    assert not any(key[2] == APP_PORT for key in edge.pool.idle), "a mid-request connection was pooled"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "echo") as resp:
+            assert resp.status == 200
 
 
 async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayUnderTest) -> None:

@@ -318,6 +318,42 @@ async def test_a_long_body_is_pumped_through_reused_buffers_and_the_connection_s
         assert h.client_side.take().endswith(b"\r\n\r\nagain") and len(h.pool.dialed) == 1
 
 
+async def test_a_long_request_body_is_pumped_up_and_the_connection_reads_the_next_request(
+    edge_harness: HarnessFactory, edge: EdgeImpl
+) -> None:
+    pump_module = edge.pump
+    async with edge_harness() as h:
+        h.client_side.set_protocol(h.client)
+        size = pump_module.PUMP_MIN_BYTES + 100_000
+        h.send(request(APP + b"/up", b"Content-Length: %d" % size, method=b"PUT") + b"x" * 10)
+        pump = h.client_side.protocol
+        assert type(pump) is pump_module.BodyPump
+        first = h.vm_side.take()
+        assert first.startswith(b"PUT /up HTTP/1.1\r\n") and first.endswith(b"\r\n\r\n" + b"x" * 10)
+        left, received, previous, sizes = size - 10, bytearray(), None, []
+        while left:
+            buffer = pump.get_buffer(-1)
+            assert len(buffer) == min(pump_module.PUMP_BUFFER_BYTES, left)  # never past the body
+            if previous is not None:
+                assert (buffer.obj is previous) is not (len(sizes) % 2 == 0)  # held by the app's side: new
+            n = min(len(buffer), 200_000)
+            buffer[:n] = bytes([len(sizes) % 251]) * n
+            pump.buffer_updated(n)
+            left -= n
+            previous = buffer.obj
+            sizes.append(n)
+            if len(sizes) % 2 == 1 or not left:
+                received += h.vm_side.take()
+        assert received == b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
+        assert h.client_side.protocol is h.client  # the body's end: the connection reads requests again
+        h.answer(response(b"stored"))
+        assert h.client_side.take().endswith(b"\r\n\r\nstored")
+        h.send(request(APP + b"/next"))
+        assert h.vm_side.take().startswith(b"GET /next HTTP/1.1\r\n")
+        h.answer(response(b"next"))
+        assert h.client_side.take().endswith(b"\r\n\r\nnext")
+
+
 async def test_an_app_closing_in_a_pumped_body_closes_the_client(
     edge_harness: HarnessFactory, edge: EdgeImpl
 ) -> None:

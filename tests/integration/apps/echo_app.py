@@ -3,6 +3,7 @@
     python3 echo_app.py PORT     (returns once listening; the server keeps running in the background)
 
 GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256, local_address}
+POST /slow-echo    -> the same, the first half of a Content-Length body read slowly
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length), with a trailer X-Checksum: N
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
@@ -26,6 +27,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -48,7 +50,16 @@ class Handler(BaseHTTPRequestHandler):
                     return data
                 data += self.rfile.read(size)
                 self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if not self.path.startswith("/slow-echo"):
+            return self.rfile.read(length)
+        # Reads its first half slowly: the sender's buffers fill up and its writes wait.
+        data = b""
+        while len(data) < length:
+            data += self.rfile.read(min(65536, length - len(data)))
+            if len(data) < length // 2:
+                time.sleep(0.002)
+        return data
 
     def _json(self, obj, status=200):
         out = json.dumps(obj).encode()
