@@ -474,27 +474,6 @@ async def test_a_long_upload_arrives_whole_through_the_pump_and_the_connection_s
             assert resp.status == 200 and (await resp.json())["method"] == "GET"
 
 
-async def test_an_app_answering_in_a_pumped_upload_gets_the_rest_dropped(gw: GatewayUnderTest) -> None:
-    sid, _, url = await start_app(gw)
-    edge = gw.services.edge
-    assert edge is not None
-    reader, writer = await asyncio.open_connection(gw.config.server.host, gw.config.server.port)
-    path = f"/v1/app/{sid}/{APP_PORT}/early".encode()
-    writer.write(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (path, 8 * 2**20))
-    writer.write(b"a" * 2**20)
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
-        assert edge.pumped == 1
-        writer.write(b"b" * 2**20)  # more of the body: read and dropped by the pump
-        await reader.read()  # the edge closes the client connection after the answer
-    writer.close()
-    assert not any(key[2] == APP_PORT for key in edge.pool.idle), "a mid-request connection was pooled"
-    async with aiohttp.ClientSession() as client:
-        async with client.get(url + "echo") as resp:
-            assert resp.status == 200
-
-
 async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayUnderTest) -> None:
     sid, vm_id, url = await start_app(gw)
     async with aiohttp.ClientSession() as client:
