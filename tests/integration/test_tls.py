@@ -182,6 +182,10 @@ async def test_an_app_over_tls_sees_https_and_a_host_other_than_the_sni_name_get
         assert "proto=https" in seen["forwarded"]
         # The same name written with a trailing dot is the same host (as routing reads it): no 421.
         assert (await http_over(reader, writer, app_host + ".", "/echo"))[0] == 200
+        # A long body is pumped to a TLS client too (gateway/edge/pump.py): whole, then the next answer.
+        status, _, big = await http_over(reader, writer, app_host, "/pattern?mib=8")
+        assert status == 200 and big == b"".join(bytes([i % 251]) * (256 * 1024) for i in range(32))
+        assert (await http_over(reader, writer, app_host, "/echo"))[0] == 200
         # Same connection, another name the certificate also covers: still refused (RFC 9110 421).
         status, headers, _ = await http_over(reader, writer, API_HOST, "/openapi.json")
         assert status == 421 and headers["x-gateway-error"] == "misdirected_request"
