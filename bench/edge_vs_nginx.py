@@ -96,7 +96,9 @@ WRK_GRACE_S = 20.0  # beyond -d, before wrk is killed
 
 MIB = 1024 * 1024
 TRANSFER_BYTES = 100 * MIB
-TRANSFERS = 3  # sequential downloads (and uploads) per proxy
+# Sequential downloads (and uploads) per proxy and round: each takes 50-70 ms here, so three were a
+# sample shorter than the machine's own swings (the rows moved 10-40 % between runs).
+TRANSFERS = 12
 CURL_MAX_TIME_S = 60
 
 WS_CLIENTS = 4
