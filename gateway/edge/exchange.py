@@ -53,6 +53,11 @@ _STATUS_LINES: Final = {status: _status_line(status) for status in range(100, 60
 head_bytes: Final = writers_for(__name__).head_bytes
 
 
+def _holds_bytes(transport: asyncio.Transport | None) -> bool:
+    """Whether a transport still holds bytes it was given to write (a pump's buffer among them)."""
+    return transport is not None and transport.get_write_buffer_size() > 0
+
+
 class Exchange:
     """One request and its response; the upstream connection feeds the response side."""
 
@@ -213,8 +218,7 @@ class Exchange:
 
     def app_holds_body(self) -> bool:
         upstream = self.upstream
-        transport = upstream.transport if upstream is not None else None
-        return transport is not None and transport.get_write_buffer_size() > 0
+        return upstream is not None and _holds_bytes(upstream.transport)
 
     def end_body(self) -> None:
         self.body_done = True
@@ -330,8 +334,7 @@ class Exchange:
             self._write_body(transport, data)
 
     def client_holds_body(self) -> bool:
-        transport = self.proto.transport
-        return transport is not None and transport.get_write_buffer_size() > 0
+        return _holds_bytes(self.proto.transport)
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if self.tunnel:

@@ -168,10 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is None or self.closed:
             return
         self.transport.set_protocol(self)
-        # The parser never saw the body's rest: the next response gets a fresh one.
-        self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
-        self.trailers = _NO_TRAILERS
-        self._finish()
+        self._finish_past_parser()  # it never saw the body's rest
 
     def _count_framing(self, read: int) -> None:
         """A chunked answer is being read: reads that carry none of its body (chunk sizes, and trailers,
@@ -248,9 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             return  # interim response: the real one follows on the same connection
         if self.head_only and self.sink is not None:
-            # llhttp cannot be told a response answers HEAD: finish here and start a fresh parser.
-            self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
-            self._finish()
+            self._finish_past_parser()  # llhttp cannot be told a response answers HEAD
 
     def on_body(self, body: bytes) -> None:
         self.read_had_body = True
@@ -263,6 +258,12 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             return
         self.trailers = trailers
+        self._finish()
+
+    def _finish_past_parser(self) -> None:
+        """The response ended where its parser does not know it (a HEAD answer, a pumped body): finish
+        it, and the next response gets a fresh parser."""
+        self.parser = _RESPONSE_PARSER(self, HOP_BY_HOP)
         self._finish()
 
     def _finish(self) -> None:
