@@ -4,6 +4,7 @@
 
 GET/POST /echo...  -> JSON {method, path, headers, body_length, body_sha256, local_address}
 POST /slow-echo    -> the same, the first half of a Content-Length body read slowly
+POST /early-drain  -> answers at once, then reads the body until the sender stops
 GET /stream?n=N    -> N chunks of 1 KiB, chunked (no Content-Length), with a trailer X-Checksum: N
 GET /sse           -> event "one", then waits until /sse-next is requested, then event "two"
 GET /big?mib=N     -> N MiB with Content-Length, in 256 KiB writes
@@ -154,6 +155,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/early":
             return self._json({"early": True})  # answers without reading the request body
+        if self.path == "/early-drain":
+            # Answers first, then reads what comes of the body until the sender stops: it never closes
+            # with bytes unread (a reset that could overtake its answer).
+            self._json({"early": True})
+            while self.rfile.read1(65536):
+                pass
+            self.close_connection = True
+            return
         if self.path == "/hang":
             threading.Event().wait()  # never answers (until the VM is killed)
         if self.path == "/sse-next":
