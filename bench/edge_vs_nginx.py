@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/edge_vs_nginx.py [--workers 1] [--seconds 5] [--rounds 2] [--skip ws,idle]
                                             [--edge compiled|pure]
-                                            [--no-direct]
+                                            [--no-direct] [--nginx-buffer 256k]
 
 --skip takes a comma-separated list of: rps, cpu, download, upload, ws, idle. The default run takes
 about a minute on 2 CPUs.
@@ -112,8 +112,10 @@ IDLE_SETTLE_S = 1.0
 NOFILE_NEEDED = IDLE_CONNECTIONS + 1000  # this process and the gateway (which inherits the limit)
 
 # nginx reads an unbuffered response (and an unbuffered request body) in one buffer of this size; its
-# default, one memory page, caps a download at ~400 MiB/s here. 256k is what the edge reads at once
-# (uvloop's receive buffer is 256,000 bytes), so both proxies move data in the same steps.
+# default, one memory page, caps a download at ~400 MiB/s here. 256k is what the edge reads at once on
+# its plain path (uvloop's receive buffer is 256,000 bytes); its body pump grows its buffer from 64 KiB
+# to 1 MiB with a fast sender (--nginx-buffer 1m gives nginx that too; measured the same as 256k here,
+# and proxy_buffer_size is also each small request's response-head buffer).
 NGINX_STREAM_BUFFER = "256k"
 NGINX_WORKER_CONNECTIONS = 4 * IDLE_CONNECTIONS  # nginx counts client and upstream connections
 NGINX_WORKER_NOFILE = 4 * IDLE_CONNECTIONS
@@ -473,7 +475,7 @@ async def app_in_vm(gw: Gateway) -> AsyncIterator[App]:
 
 @asynccontextmanager
 async def running_nginx(
-    app: App, workers: int, tls: str = "", *, http2: bool = False
+    app: App, workers: int, tls: str = "", *, http2: bool = False, stream_buffer: str = NGINX_STREAM_BUFFER
 ) -> AsyncIterator[tuple[Proxy, Path]]:
     """nginx in the foreground with its own config and logs in a temporary folder; stopped by PID.
 
@@ -494,7 +496,7 @@ async def running_nginx(
                 dir=folder,
                 upstream=f"{app.vm_ip}:{app.port}",
                 port=port,
-                stream_buffer=NGINX_STREAM_BUFFER,
+                stream_buffer=stream_buffer,
             )
         )
         proc = await asyncio.create_subprocess_exec(
@@ -893,7 +895,8 @@ async def bench(args: argparse.Namespace) -> None:
         async with served_gateway(args.workers, edge_env(args)) as gw, app_in_vm(gw) as app:
             edge = Proxy("edge", app.edge_url, lambda: edge_processes(gw.pid))
             counted_before = await edge_requests_counted(gw)
-            async with running_nginx(app, args.workers) as (nginx, nginx_dir):
+            nginx_run = running_nginx(app, args.workers, stream_buffer=args.nginx_buffer)
+            async with nginx_run as (nginx, nginx_dir):
                 for round_index in range(args.rounds):
                     # ABBA order, so neither proxy always runs on a warmer (or busier) machine; the idle
                     # connections are measured once (a second time would only reuse freed memory).
@@ -975,6 +978,11 @@ def main() -> None:
         choices=CHOICES,
         default="compiled",
         help="the gateway's edge.implementation (default: %(default)s; ./dev builds the compiled one)",
+    )
+    parser.add_argument(
+        "--nginx-buffer",
+        default=NGINX_STREAM_BUFFER,
+        help="nginx's stream buffers (proxy_buffer_size, client_body_buffer_size...; default: %(default)s)",
     )
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the reference run against the app without a proxy"
