@@ -21,7 +21,7 @@ from gateway.edge.http1 import writers_for
 
 from . import access
 from . import headers as hdr
-from .observe import ACTIVITY_HTTP
+from .observe import ACTIVITY_HTTP, VmUse
 from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 from .upstream import UpstreamConnection
 
@@ -99,6 +99,7 @@ class Exchange:
         "upstream_started",
         "url",
         "vm_id",
+        "vm_use",
     )  # fmt: skip
 
     def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
@@ -150,6 +151,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.vm_id: str | None = None
         self.port = 0  # the VM's port, with vm_id
+        self.vm_use: VmUse | None = None  # the VM's counters, while this exchange counts for it
         self.head_received = False
         self.pending_head = b""
         self.chunked_out = False
@@ -193,9 +195,9 @@ class Exchange:
             self.proto.pause_reading()
 
     def _body_up(self, upstream: UpstreamConnection, out: bytes | memoryview) -> None:
-        vm_id = self.vm_id
-        if vm_id is not None:  # body bytes reaching a VM: client activity (the idle clock)
-            self.proto.edge.traffic.touch(vm_id, ACTIVITY_HTTP)
+        use = self.vm_use
+        if use is not None:  # body bytes reaching a VM: client activity (the idle clock)
+            use.active = ACTIVITY_HTTP
         upstream.write(out)
         if not upstream.can_write:
             self.proto.pause_reading()

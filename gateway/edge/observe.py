@@ -66,50 +66,104 @@ ACTIVITY_WEBSOCKET: Final = "websocket"
 ACTIVITY_TUNNEL: Final = "tunnel"
 
 
-class VmTraffic:
-    """Bytes carried and exchanges (requests and upgrades) per VM since the last flush (a session's
-    usage), and the last client activity per VM; a task hands them to the state.
+class VmUse:
+    """One VM's use of this edge: what it carried since the last flush, what it has open now, and the
+    source of its latest client activity. The exchange holds it, so the hot path counts in plain fields
+    (no dict keyed by the VM per request)."""
 
-    Counted when an exchange ends: a long WebSocket's bytes land when it closes. Activity is noted as it
-    happens (one dict store: the flush stamps the time, so the hot path reads no clock)."""
-
-    __slots__ = ("active", "counts")
+    __slots__ = ("active", "bytes_in", "bytes_out", "exchanges", "requests", "tunnels")
 
     def __init__(self) -> None:
-        self.counts: dict[str, list[int]] = {}
-        self.active: dict[str, str] = {}  # VM id -> the source of its latest client activity
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.requests = 0  # exchanges ended (requests and upgrades)
+        self.exchanges = 0  # open now: requests in flight and tunnels
+        self.tunnels = 0  # of them, tunnels
+        self.active: str | None = None  # one of the ACTIVITY_* sources, since the last take_active()
 
-    def add(self, vm_id: str, bytes_in: int, bytes_out: int, requests: int = 1) -> None:
-        counted = self.counts.get(vm_id)
-        if counted is None:
-            self.counts[vm_id] = [bytes_in, bytes_out, requests]
-        else:
-            counted[0] += bytes_in
-            counted[1] += bytes_out
-            counted[2] += requests
+    def ended(self, bytes_in: int, bytes_out: int, tunnel: bool) -> None:
+        """An exchange counted by ``VmTraffic.started`` ended, having carried these bytes."""
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.requests += 1
+        self.exchanges -= 1
+        if tunnel:
+            self.tunnels -= 1
 
-    def touch(self, vm_id: str, source: str) -> None:
-        """A client did something with the VM (one of the ACTIVITY_* sources)."""
-        self.active[vm_id] = source
+    def unused(self) -> bool:
+        return not (self.exchanges or self.requests or self.bytes_in or self.bytes_out or self.active)
+
+
+class VmTraffic:
+    """Per VM: bytes carried and exchanges (requests and upgrades) since the last flush (a session's
+    usage), what is open now, and the last client activity; a task hands them to the state.
+
+    Counted when an exchange ends: a long WebSocket's bytes land when it closes. Activity is noted as it
+    happens (a field store: the flush stamps the time, so the hot path reads no clock). A VM with
+    nothing open and nothing to report holds no entry (the table stays as small as what is in use)."""
+
+    __slots__ = ("vms",)
+
+    def __init__(self) -> None:
+        self.vms: dict[str, VmUse] = {}
+
+    def started(self, vm_id: str, cap: int) -> VmUse | None:
+        """Count one more exchange open to the VM; None, counting nothing, when it has ``cap`` open
+        already (0: no cap)."""
+        use = self.vms.get(vm_id)
+        if use is None:
+            use = self.vms[vm_id] = VmUse()
+        elif cap and use.exchanges >= cap:
+            return None
+        use.exchanges += 1
+        return use
 
     def take(self) -> dict[str, tuple[int, int, int]]:
-        """What was counted since the last take, and start again from zero."""
-        counts, self.counts = self.counts, {}
-        return {vm_id: (c[0], c[1], c[2]) for vm_id, c in counts.items() if c[0] or c[1] or c[2]}
+        """What was counted since the last take (bytes in, bytes out, exchanges), and start again from
+        zero."""
+        counts = {}
+        for vm_id, use in list(self.vms.items()):
+            if use.bytes_in or use.bytes_out or use.requests:
+                counts[vm_id] = (use.bytes_in, use.bytes_out, use.requests)
+                use.bytes_in = use.bytes_out = use.requests = 0
+            elif use.unused():
+                del self.vms[vm_id]
+        return counts
 
     def take_active(self) -> dict[str, str]:
         """The VMs active since the last take, with their latest activity's source."""
-        active, self.active = self.active, {}
+        active = {}
+        for vm_id, use in list(self.vms.items()):
+            if use.active is not None:
+                active[vm_id] = use.active
+                use.active = None
+            elif use.unused():
+                del self.vms[vm_id]
         return active
+
+    def open_now(self) -> dict[str, tuple[int, int]]:
+        """Exchanges (requests in flight and tunnels) and, of them, tunnels open per VM right now."""
+        return {vm_id: (use.exchanges, use.tunnels) for vm_id, use in self.vms.items() if use.exchanges}
 
     def give_back(
         self, counts: dict[str, tuple[int, int, int]], active: dict[str, str] | None = None
     ) -> None:
         """Counts (and activity) a flush could not write: kept for the next one (newer activity wins)."""
         for vm_id, (bytes_in, bytes_out, requests) in counts.items():
-            self.add(vm_id, bytes_in, bytes_out, requests)
-        if active:
-            self.active = {**active, **self.active}
+            use = self._use(vm_id)
+            use.bytes_in += bytes_in
+            use.bytes_out += bytes_out
+            use.requests += requests
+        for vm_id, source in (active or {}).items():
+            use = self._use(vm_id)
+            if use.active is None:
+                use.active = source
+
+    def _use(self, vm_id: str) -> VmUse:
+        use = self.vms.get(vm_id)
+        if use is None:
+            use = self.vms[vm_id] = VmUse()
+        return use
 
 
 class KindCounts:

@@ -151,8 +151,6 @@ class Edge:
         self.exchange_ended: list[Callable[[Exchange], None]] = []
         # Exchanges in flight per VM id (requests and tunnels: the caps count them, and the usage shows
         # them), and of them the tunnels.
-        self.vm_exchanges: dict[str, int] = {}
-        self.vm_tunnels: dict[str, int] = {}
         self.api_rates = (
             KeyRates(settings.api_rate_per_key, settings.api_burst_per_key)
             if settings.api_rate_per_key
@@ -180,10 +178,9 @@ class Edge:
     def observe(self, ex: Exchange, peer_ip: str) -> None:
         """An exchange ended (answered, cut, or its tunnel closed): count it and log it."""
         self.stats.count(ex.kind, ex.status, ex.sent_bytes, ex.bytes_out, ex.upstream_s)
-        vm_id = ex.vm_id
-        if vm_id is not None:
-            self.traffic.add(vm_id, ex.sent_bytes, ex.bytes_out)
-            self.vm_exchange_ended(vm_id, ex.tunnel)
+        use = ex.vm_use
+        if use is not None:
+            use.ended(ex.sent_bytes, ex.bytes_out, ex.tunnel)
         if self.access_log is not None:
             request_id = ex.request_id
             if request_id is ex.incoming_request_id:  # a trusted proxy's, as it came (the edge's are safe)
@@ -195,25 +192,6 @@ class Edge:
         if self.exchange_ended:
             for ended in self.exchange_ended:
                 ended(ex)
-
-    def vm_exchange_started(self, vm_id: str, cap: int) -> bool:
-        """Count one more exchange (a request in flight, or an open tunnel) to the VM; False, counting
-        nothing, when the VM already has ``cap`` (0: no cap)."""
-        count = self.vm_exchanges.get(vm_id, 0)
-        if cap and count >= cap:
-            return False
-        self.vm_exchanges[vm_id] = count + 1
-        return True
-
-    def vm_exchange_ended(self, vm_id: str, tunnel: bool) -> None:
-        _count_down(self.vm_exchanges, vm_id)
-        if tunnel:
-            _count_down(self.vm_tunnels, vm_id)
-
-    def open_per_vm(self) -> dict[str, tuple[int, int]]:
-        """Exchanges (requests in flight and tunnels) and, of them, tunnels open per VM right now."""
-        tunnels = self.vm_tunnels
-        return {vm_id: (count, tunnels.get(vm_id, 0)) for vm_id, count in self.vm_exchanges.items()}
 
     def went_idle(self) -> None:
         """A connection waits for its next request: make sure the keep-alive sweep runs."""
@@ -283,15 +261,6 @@ class Edge:
             ended(conn)
         if self._drained is not None and not self.connections:
             self._drained.set()
-
-
-def _count_down(counts: dict[str, int], vm_id: str) -> None:
-    """One fewer for the VM; a VM with none holds no entry (the tables stay as small as what is open)."""
-    count = counts.get(vm_id, 0)
-    if count > 1:
-        counts[vm_id] = count - 1
-    elif count:
-        del counts[vm_id]  # (not pop(): a method call, where del is a C call in the compiled edge)
 
 
 class EdgeProtocol(asyncio.Protocol):
@@ -782,15 +751,17 @@ class EdgeProtocol(asyncio.Protocol):
         own = route.max_exchanges
         if own and (not cap or own < cap):
             cap = own  # the VM's own cap, under the operator's ceiling
-        if not self.edge.vm_exchange_started(route.vm_id, cap):
+        use = self.edge.traffic.started(route.vm_id, cap)
+        if use is None:
             self._reply(ex, "too_many_vm_exchanges", extra=RETRY_AFTER_1)
             return
-        ex.vm_id, ex.port = route.vm_id, route.port  # (from here on the exchange counts for the VM)
+        # From here on the exchange counts for the VM (Edge.observe ends it).
+        ex.vm_id, ex.port, ex.vm_use = route.vm_id, route.port, use
         tokens = route.tokens
         if tokens is not None and route.url_key is not None:
             # A private app that signs URLs: was it a signature (or its cookie) that let this in?
             ex.signed = not access.opens(ex.headers, tokens, route.cookies, bearer=route.bearer)
-        self.edge.traffic.touch(route.vm_id, ACTIVITY_HTTP)  # a request that reaches it: client activity
+        use.active = ACTIVITY_HTTP  # a request that reaches it: client activity
         headers = self._forwarded(ex, target.host, target.prefix)
         if ex.sandbox_routing is not None:
             headers = hdr.strip_sandbox_routing(headers)
@@ -1176,14 +1147,13 @@ class EdgeProtocol(asyncio.Protocol):
         self.tunnel = tunnel = Tunnel(
             self, ex, conn, websocket=hdr.is_websocket_upgrade(ex.headers), extensions=extensions,
             max_frame=settings.ws_max_frame_bytes, max_message=settings.ws_max_message_bytes,
-            traffic=self.edge.traffic,
         )  # fmt: skip
         edge = self.edge
         edge.stats.tunnels_open += 1
         edge.stats.tunnels_opened += 1
-        vm_id = ex.vm_id
-        if vm_id is not None:
-            edge.vm_tunnels[vm_id] = edge.vm_tunnels.get(vm_id, 0) + 1
+        use = ex.vm_use
+        if use is not None:
+            use.tunnels += 1
         self.deadline.stop()
         if settings.tunnel_idle_timeout_s > 0:
             self._silence_deadline().start_idle(settings.tunnel_idle_timeout_s)

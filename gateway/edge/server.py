@@ -45,7 +45,7 @@ async def flush_once(edge: Edge, sink: TrafficSink, interval_s: float) -> None:
     """One flush: the counts and activity, then what is open per VM."""
     # What is open is read before the counts are taken: an exchange that ends meanwhile is still open
     # in this report and counted in the next flush, never missing from both.
-    open_now = edge.open_per_vm()
+    open_now = edge.traffic.open_now()
     await write_traffic(edge.traffic, sink)
     await report_open(edge, sink, open_now, interval_s)
 
@@ -73,7 +73,7 @@ OPEN_REPORT_MIN_S = 10.0
 async def report_open(
     edge: Edge, sink: TrafficSink, counts: dict[str, tuple[int, int]], interval_s: float
 ) -> None:
-    """Exchanges and tunnels open per VM (``edge.open_per_vm()``: a session's usage, /metrics/vms):
+    """Exchanges and tunnels open per VM (``VmTraffic.open_now()``: a session's usage, /metrics/vms):
     reported while there are any, and once more when there are none."""
     if not counts and not edge.open_reported:
         return

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from .exchange import Exchange
-from .observe import ACTIVITY_TUNNEL, ACTIVITY_WEBSOCKET, VmTraffic
+from .observe import ACTIVITY_TUNNEL, ACTIVITY_WEBSOCKET
 from .upstream import UpstreamConnection
 from .websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 
@@ -37,7 +37,7 @@ class TunnelOwner(Protocol):
 
 
 class Tunnel:
-    __slots__ = ("conn", "exchange", "frames", "owner", "traffic")
+    __slots__ = ("conn", "exchange", "frames", "owner")
 
     def __init__(
         self,
@@ -49,15 +49,13 @@ class Tunnel:
         extensions: bool,
         max_frame: int,
         max_message: int,
-        traffic: VmTraffic | None = None,
     ) -> None:
         """``websocket``: frames are followed and checked; ``extensions``: the VM accepted one (its
-        reserved bits may be used); limits of 0: none. ``traffic``: where the client's activity with
-        the exchange's VM is noted."""
+        reserved bits may be used); limits of 0: none. The client's activity is noted on the
+        exchange's VM (``Exchange.vm_use``)."""
         self.owner = owner
         self.exchange = exchange
         self.conn = conn
-        self.traffic = traffic
         # (from the client, to the VM; from the VM, to the client)
         self.frames: tuple[FrameTracker, FrameTracker] | None = None
         if websocket:
@@ -80,16 +78,15 @@ class Tunnel:
             return
         exchange = self.exchange
         exchange.sent_bytes += len(data)
-        traffic = self.traffic
-        vm_id = exchange.vm_id
-        if traffic is not None and vm_id is not None:
+        use = exchange.vm_use
+        if use is not None:
             if frames is None:
-                traffic.touch(vm_id, ACTIVITY_TUNNEL)
+                use.active = ACTIVITY_TUNNEL
             else:
                 to_vm = frames[0]
                 if to_vm.data_seen:
                     to_vm.data_seen = False
-                    traffic.touch(vm_id, ACTIVITY_WEBSOCKET)
+                    use.active = ACTIVITY_WEBSOCKET
         conn.write(data)
         self.owner.activity()
         if not conn.can_write:

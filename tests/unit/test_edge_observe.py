@@ -84,13 +84,32 @@ def test_stats_merge_sums_processes_and_skips_garbage() -> None:
 def test_vm_traffic_keeps_the_latest_activity_per_vm_until_taken() -> None:
     traffic = VmTraffic()
     assert traffic.take_active() == {}
-    traffic.touch("vm-a", "http")
-    traffic.touch("vm-b", "websocket")
-    traffic.touch("vm-a", "tunnel")  # the latest source wins
+    a, b = traffic.started("vm-a", 0), traffic.started("vm-b", 0)
+    assert a is not None and b is not None
+    a.active = "http"
+    b.active = "websocket"
+    a.active = "tunnel"  # the latest source wins
     assert traffic.take_active() == {"vm-a": "tunnel", "vm-b": "websocket"}
     assert traffic.take_active() == {}  # taken: starts again
     # A flush that failed gives back what it took; newer activity meanwhile wins over it.
-    traffic.touch("vm-b", "http")
+    b.active = "http"
     traffic.give_back({"vm-a": (1, 2, 3)}, {"vm-a": "http", "vm-b": "websocket"})
     assert traffic.take_active() == {"vm-a": "http", "vm-b": "http"}
     assert traffic.take() == {"vm-a": (1, 2, 3)}
+
+
+def test_vm_traffic_counts_what_is_open_caps_it_and_forgets_a_vm_with_nothing_left() -> None:
+    traffic = VmTraffic()
+    first, second = traffic.started("vm-a", 2), traffic.started("vm-a", 2)
+    assert first is second is not None
+    assert traffic.started("vm-a", 2) is None  # at its cap: refused, nothing counted
+    first.tunnels += 1  # the second became a tunnel
+    assert traffic.open_now() == {"vm-a": (2, 1)}
+    first.ended(10, 20, tunnel=False)
+    first.ended(5, 7, tunnel=True)
+    assert traffic.open_now() == {}
+    assert traffic.take() == {"vm-a": (15, 27, 2)}
+    assert traffic.take() == {} and traffic.take_active() == {}
+    assert traffic.vms == {}  # nothing open, nothing to report: no entry
+    again = traffic.started("vm-a", 2)
+    assert again is not None and again is not first and again.exchanges == 1
