@@ -122,7 +122,8 @@ async def build_edge(edge_impl: EdgeImpl, access_log_format: str) -> tuple[Any, 
         # The line is built and written, to nowhere.
         access_log = edge_impl.observe.AccessLog(access_log_format, devnull)
     edge = edge_impl.protocol.Edge(settings, resolver, pool, access_log)
-    upstream = edge_impl.upstream.UpstreamConnection((VM_ID, VM_IP, PORT), pool)
+    address = edge_impl.upstream.UpstreamAddress(VM_ID, VM_IP, PORT)
+    upstream = edge_impl.upstream.UpstreamConnection(address, pool)
     upstream.connection_made(MemoryTransport((VM_IP, PORT)))
     pool.release(upstream)
     client = edge_impl.protocol.EdgeProtocol(edge)

@@ -30,7 +30,7 @@ import httptools
 from .http2 import CONNECTION_HEADERS, STREAM_HIGH, STREAM_LOW, STREAM_WINDOW, send_held
 
 if TYPE_CHECKING:
-    from .upstream import Dial, PoolKey, UpstreamConnection, UpstreamPool
+    from .upstream import Dial, UpstreamAddress, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 def h2c_dial(pool: UpstreamPool, connection_class: type[UpstreamConnection]) -> Dial:
     """The h2c pool's way of opening a connection: an UpstreamConnection over a new H2cLink."""
 
-    async def dial(key: PoolKey, unix_path: str | None) -> UpstreamConnection:
+    async def dial(address: UpstreamAddress) -> UpstreamConnection:
         loop = pool.loop
-        _, link = await loop.create_connection(lambda: H2cLink(connection_class(key, pool)), key[1], key[2])
+        _, link = await loop.create_connection(
+            lambda: H2cLink(connection_class(address, pool)), address.host, address.port
+        )
         return link.upstream
 
     return dial

@@ -42,7 +42,7 @@ from .routing import WAKE, Redirect, Reply, RoutingPolicy, body_too_large
 from .settings import EdgeSettings
 from .target import ApiTarget, AppTarget, TargetParser, header_form
 from .tunnel import Tunnel
-from .upstream import BadResponse, PoolKey, UpstreamConnection, UpstreamPool
+from .upstream import BadResponse, UpstreamAddress, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 # Which twin this is (gateway/edge/twin.py): the start-up line says which edge runs.
@@ -56,12 +56,12 @@ RETRY_AFTER_1: Final[tuple[tuple[bytes, bytes], ...]] = ((b"Retry-After", b"1"),
 CLIENT_CLOSED: Final = 499
 
 
-def api_pool_key(api_upstream: str) -> tuple[PoolKey, str | None]:
-    """The pool key and unix path for the control plane: a socket path, or HOST:PORT over TCP."""
+def api_address(api_upstream: str) -> UpstreamAddress:
+    """Where the control plane listens: a socket path, or HOST:PORT over TCP."""
     if api_upstream.startswith("/"):
-        return ("api", "unix", 0), api_upstream
+        return UpstreamAddress("api", "unix", 0, api_upstream)
     host, _, port = api_upstream.rpartition(":")
-    return ("api", host.strip("[]"), int(port)), None
+    return UpstreamAddress("api", host.strip("[]"), int(port))
 
 
 # Closing with the client still sending (see EdgeProtocol._close): nginx's lingering_timeout and
@@ -119,7 +119,7 @@ class Edge:
         self.waker = waker  # asks for suspended auto_resume VMs to be woken
         self.resolver = resolver
         self.pool = pool
-        self.api_key, self.api_unix_path = api_pool_key(settings.api_upstream)
+        self.api_address = api_address(settings.api_upstream)
         self.stats = EdgeStats()
         self.traffic = VmTraffic()
         self.access_log = access_log
@@ -697,7 +697,7 @@ class EdgeProtocol(asyncio.Protocol):
                 ex.upgrade = False  # not offered: the request goes on as HTTP/1.1 (RFC 9113 drops h2c)
             ex.kind = decision.kind
             key = decision.key
-            ex.route_id = key[1]
+            ex.route_id = decision.route_id
             route = edge.resolver.peek(key)
             if route is MISS:
                 self._spawn(lambda: self._resolve_then_route(ex, decision, key))
@@ -710,7 +710,7 @@ class EdgeProtocol(asyncio.Protocol):
             if edge.api_rates is not None and ex.has_credentials and self._over_key_rate(ex, edge.api_rates):
                 return
             head = self._request_head(ex, ex.url, self._forwarded(ex, decision.host, None))
-            self._send(ex, edge.pool, edge.api_key, edge.api_unix_path, head)
+            self._send(ex, edge.pool, edge.api_address, head)
         else:
             self._carry_out(ex, decision)
 
@@ -778,7 +778,10 @@ class EdgeProtocol(asyncio.Protocol):
             if h2c_pool is not None:
                 pool = h2c_pool
         head = self._request_head(ex, decision, headers)
-        self._send(ex, pool, (route.vm_id, route.ip, route.port), None, head)
+        address = route.upstream
+        if address is None:  # (a route made by hand; the resolver's have one)
+            address = UpstreamAddress(route.vm_id, route.ip, route.port)
+        self._send(ex, pool, address, head)
 
     async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
         """Its VM is suspended and wakes on demand: ask for it (again every WAKE_ASK_S) and hold the
@@ -826,20 +829,18 @@ class EdgeProtocol(asyncio.Protocol):
             client = self.client_info = self.edge.client_info(self.peer_ip, self.scheme, host, self.trusted)
         return hdr.forwarded_headers(ex.headers, client, prefix)
 
-    def _send(
-        self, ex: Exchange, pool: UpstreamPool, key: PoolKey, unix_path: str | None, head: bytes
-    ) -> None:
-        conn = pool.take_idle(key)
+    def _send(self, ex: Exchange, pool: UpstreamPool, address: UpstreamAddress, head: bytes) -> None:
+        conn = pool.take_idle(address)
         if conn is None:
-            self._spawn(lambda: self._connect_then_send(ex, pool, key, unix_path, head))
+            self._spawn(lambda: self._connect_then_send(ex, pool, address, head))
         else:
             self._attach(ex, conn, head)
 
     async def _connect_then_send(
-        self, ex: Exchange, pool: UpstreamPool, key: PoolKey, unix_path: str | None, head: bytes
+        self, ex: Exchange, pool: UpstreamPool, address: UpstreamAddress, head: bytes
     ) -> None:
         try:
-            conn = await pool.connect(key, unix_path)
+            conn = await pool.connect(address)
         except TimeoutError:
             self.edge.stats.connect_failed("timeout")
             self._reply(ex, "upstream_connect_timeout")

@@ -40,6 +40,9 @@ from gateway.state.events import (
 from gateway.state.ports import HOST_LOCALHOST, VM_SUSPENDED, RouteSource, VmRecord
 from gateway.tokens import cookie_scope, cookie_values
 
+from .target import key_parts, route_key
+from .upstream import UpstreamAddress
+
 log = logging.getLogger(__name__)
 
 POSITIVE_TTL_S: Final = 2.0
@@ -74,10 +77,13 @@ class Route:
     share_id: str | None = None
     # Its VM's own cap on exchanges (requests in flight and tunnels) per edge process; 0: none of its own.
     max_exchanges: int = 0
+    # Where the edge dials it, made with the route (the resolver's routes always have one).
+    upstream: UpstreamAddress | None = None
 
 
-# ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or ("i", instance id, 0)
-CacheKey = tuple[str, str, int]
+# target.route_key: by ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or
+# ("i", instance id, 0)
+CacheKey = str
 # A custom domain serves its VM's share port, or this one when the VM shares none.
 DEFAULT_DOMAIN_PORT: Final = 80
 MISS: Final = object()  # peek(): nothing usable cached
@@ -108,6 +114,7 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
         vm.url_key_version or 0,
         share_id if isinstance(share_id, str) else None,
         vm.max_exchanges or 0,
+        UpstreamAddress(vm.vm_id, vm.ip, port),
     )
 
 
@@ -159,13 +166,13 @@ class Resolver:
     # lookups --------------------------------------------------------------------------------------
 
     async def by_session(self, session_id: str, port: int) -> Route | None:
-        return await self.resolve(("s", session_id, port))
+        return await self.resolve(route_key("s", session_id, port))
 
     async def by_vm(self, vm_id: str, port: int) -> Route | None:
-        return await self.resolve(("v", vm_id, port))
+        return await self.resolve(route_key("v", vm_id, port))
 
     def peek(self, key: CacheKey) -> Route | object | None:
-        """The cached answer for ("s", session id, port) or ("v", VM id, port), or MISS.
+        """The cached answer for a route key (``target.route_key``), or MISS.
 
         Synchronous, so a cache hit costs the edge no task or future.
         """
@@ -217,7 +224,7 @@ class Resolver:
         return route
 
     async def _load(self, key: CacheKey) -> Route | None:
-        kind, ident, port = key
+        kind, ident, port = key_parts(key)
         # One Redis round trip in each case: a miss costs the edge as little Redis as it can.
         exposed = False
         if kind == "i":
@@ -301,10 +308,12 @@ class Resolver:
         if route is not None:
             self._by_vm.setdefault(route.vm_id, set()).add(key)
             self._by_session.setdefault(route.session_id, set()).add(key)
-        elif key[0] == "v":
-            self._by_vm.setdefault(key[1], set()).add(key)
-        elif key[0] == "s":
-            self._by_session.setdefault(key[1], set()).add(key)
+        else:
+            kind, ident, _ = key_parts(key)
+            if kind == "v":
+                self._by_vm.setdefault(ident, set()).add(key)
+            elif kind == "s":
+                self._by_session.setdefault(ident, set()).add(key)
         # a domain's "no route" is dropped by its own event (handle_event)
 
     # invalidation ---------------------------------------------------------------------------------
@@ -335,13 +344,13 @@ class Resolver:
         elif isinstance(event, OrgKeysChanged):
             # An organisation's keys changed: cached instance routes carry the old set. Rare: drop them all.
             self._generation += 1
-            for key in [key for key in self._cache if key[0] == "i"]:
+            for key in [key for key in self._cache if key.startswith("i ")]:
                 if self._cache.pop(key, None) is not None:
                     self.invalidations += 1
         elif isinstance(event, DomainChanged):
             # Claimed, moved or released: whatever was cached for the name is stale.
             self._generation += 1
-            if self._cache.pop(("d", event.domain, 0), None) is not None:
+            if self._cache.pop(route_key("d", event.domain, 0), None) is not None:
                 self.invalidations += 1
         elif isinstance(event, ShareChanged) and event.revoked:
             # A share was revoked: the VM's cached routes go, and so do open connections to that port.

@@ -75,10 +75,23 @@ class AppTarget:
     prefix: bytes | None  # path form: b"/v1/app/<session_id>/<port>", for X-Forwarded-Prefix
     host: bytes  # the validated Host header value, lower-cased, for X-Forwarded-Host
     host_name: bytes  # that value without port or trailing dot (an IPv6 literal keeps its brackets)
-    # The route cache's key: ("s", session id, port), ("v", VM id, port), ("i", instance id, 0) or
-    # ("d", host name, 0).
-    key: tuple[str, str, int]
+    # The route cache's key (route_key): by session id and port ("s"), VM id and port ("v"), instance id
+    # ("i") or host name ("d"); and that id or name (for the access log).
+    key: str
+    route_id: str
     instance_id: str | None = None  # instance form: instance-<uuid>.<instance domain>
+
+
+def route_key(kind: str, ident: str, port: int) -> str:
+    """The route cache's key: a string, made once per parsed target (its hash is kept, where a tuple's
+    is computed on every lookup). The id goes last: a host name may hold anything but spaces."""
+    return f"{kind} {port} {ident}"
+
+
+def key_parts(key: str) -> tuple[str, str, int]:
+    """(kind, id, port) of a ``route_key``."""
+    kind, port, ident = key.split(" ", 2)
+    return kind, ident, int(port)
 
 
 @final  # so that `type(target) is ApiTarget` narrows (the edge tests the exact type, fast)
@@ -234,7 +247,8 @@ def _host_form(target: bytes, host_value: bytes, name: bytes, label: bytes) -> A
         prefix=None,
         host=host_value,
         host_name=name,
-        key=("v", vm, port),
+        key=route_key("v", vm, port),
+        route_id=vm,
     )
 
 
@@ -263,6 +277,7 @@ def _named_host(
     """A host whose record says which VM and port (a custom domain, an instance): the whole target goes."""
     if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
         return _invalid("dot segments are not allowed in app paths")
+    domain = name.decode("ascii")
     return AppTarget(
         kind=kind,
         session_id=None,
@@ -273,7 +288,8 @@ def _named_host(
         host=host_value,
         host_name=name,
         instance_id=instance_id,
-        key=("i", instance_id, 0) if instance_id is not None else ("d", name.decode("ascii"), 0),
+        key=route_key("i", instance_id, 0) if instance_id is not None else route_key("d", domain, 0),
+        route_id=instance_id if instance_id is not None else domain,
     )
 
 
@@ -305,7 +321,8 @@ def _path_form(target: bytes, host_value: bytes, name: bytes) -> AppTarget | Rej
         prefix=prefix,
         host=host_value,
         host_name=name,
-        key=("s", session_id, port),
+        key=route_key("s", session_id, port),
+        route_id=session_id,
     )
 
 
@@ -324,12 +341,13 @@ def header_form(target: bytes, api: ApiTarget, routing: list[tuple[bytes, bytes]
         return _invalid("X-Sandbox-Port must be a number from 1 to 65535 without leading zeros")
     if _DOT_SEGMENT_RE.search(target.partition(b"?")[0]):
         return _invalid("dot segments are not allowed in app paths")
+    route_id = sandbox_id.decode("ascii", "replace")
     if _SESSION_ID_RE.fullmatch(sandbox_id):
-        session_id, vm_id = sandbox_id.decode("ascii"), None
-        key = ("s", session_id, port)
+        session_id, vm_id = route_id, None
+        key = route_key("s", route_id, port)
     elif _VM_ID_RE.fullmatch(sandbox_id):
-        session_id, vm_id = None, sandbox_id.decode("ascii")
-        key = ("v", vm_id, port)
+        session_id, vm_id = None, route_id
+        key = route_key("v", route_id, port)
     else:
         return _invalid("X-Sandbox-Id must be a session id (a lower-case UUID) or a VM id (vmid-<hex>)")
     return AppTarget(
@@ -342,6 +360,7 @@ def header_form(target: bytes, api: ApiTarget, routing: list[tuple[bytes, bytes]
         host=api.host,
         host_name=api.host_name,
         key=key,
+        route_id=route_id,
     )
 
 

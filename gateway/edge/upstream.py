@@ -15,7 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
 import httptools
 
@@ -38,7 +38,24 @@ UPSTREAM_IDLE_SWEEP_S: Final = 5.0
 
 log = logging.getLogger(__name__)
 
-PoolKey = tuple[str, str, int]  # (VM id or "api", host, port)
+
+@final
+class UpstreamAddress:
+    """Where the edge dials: a VM's port (or the control plane's listener), and the pool's key for it.
+
+    Made once per cached route, not per request: the key is a string, whose hash is kept, so each
+    pooled take and release is one cheap dict lookup (a tuple key would be built, hashed and compared
+    every time)."""
+
+    __slots__ = ("host", "key", "port", "unix_path", "vm_id")
+
+    def __init__(self, vm_id: str, host: str, port: int, unix_path: str | None = None) -> None:
+        self.vm_id = vm_id  # or "api"
+        self.host = host
+        self.port = port
+        self.unix_path = unix_path
+        self.key = f"{vm_id} {unix_path}" if unix_path is not None else f"{vm_id} {host} {port}"
+
 
 # The largest response head from an app (nginx's proxy_buffer_size is 4-8 KiB; apps with many or big
 # cookies need more).
@@ -59,8 +76,8 @@ class BadResponse(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
-        self.key = key
+    def __init__(self, address: UpstreamAddress, pool: UpstreamPool) -> None:
+        self.address = address
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: Exchange | None = None
@@ -329,7 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 # How a pool opens a new connection, when not over the network (tests: in-memory transports).
-Dial = Callable[[PoolKey, "str | None"], Awaitable["UpstreamConnection"]]
+Dial = Callable[[UpstreamAddress], Awaitable["UpstreamConnection"]]
 
 
 class UpstreamPool:
@@ -343,14 +360,14 @@ class UpstreamPool:
         self.dial = dial
         self.max_response_head_bytes = max_response_head_bytes
         self.loop = asyncio.get_running_loop()  # created on the loop it serves; kept (see Edge.loop)
-        self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self.idle: dict[str, list[UpstreamConnection]] = {}  # by UpstreamAddress.key
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = self.reuses = 0
         self.pumped = 0  # responses whose long body went through a pump (gateway/edge/pump.py)
 
-    def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
-        """A pooled connection for this key, if one is open and reusable (no await: the common case)."""
-        idle = self.idle.get(key)
+    def take_idle(self, address: UpstreamAddress) -> UpstreamConnection | None:
+        """A pooled connection to this address, if one is open and reusable (no await: the common case)."""
+        idle = self.idle.get(address.key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.reusable:
@@ -358,17 +375,22 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self, key: PoolKey, unix_path: str | None = None) -> UpstreamConnection:
+    async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
         """A new connection. Raises TimeoutError past the connect timeout, OSError when refused."""
         loop = self.loop
         self.connects += 1
         async with asyncio.timeout(self.connect_timeout_s):
             if self.dial is not None:
-                return await self.dial(key, unix_path)
+                return await self.dial(address)
+            unix_path = address.unix_path
             if unix_path is not None:
-                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(key, self), unix_path)
+                _, conn = await loop.create_unix_connection(
+                    lambda: UpstreamConnection(address, self), unix_path
+                )
             else:
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(key, self), key[1], key[2])
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(address, self), address.host, address.port
+                )
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -376,9 +398,10 @@ class UpstreamPool:
         if not conn.ready_for_pool():
             conn.close()
             return
-        idle = self.idle.get(conn.key)
+        key = conn.address.key
+        idle = self.idle.get(key)
         if idle is None:  # (not setdefault: it makes a list on every call)
-            idle = self.idle[conn.key] = []
+            idle = self.idle[key] = []
         elif len(idle) >= UPSTREAM_MAX_IDLE_PER_KEY:
             conn.close()
             return
@@ -401,16 +424,17 @@ class UpstreamPool:
             self._sweeper = self.loop.call_later(UPSTREAM_IDLE_SWEEP_S, self._sweep)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        idle = self.idle.get(conn.key)
+        key = conn.address.key
+        idle = self.idle.get(key)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self.idle[conn.key]
+                del self.idle[key]
 
     def close_vm(self, vm_id: str) -> None:
         """Close every idle connection to a VM that ended (busy ones end with their VM)."""
-        for key in [k for k in self.idle if k[0] == vm_id]:
-            for conn in list(self.idle.get(key, ())):
+        for conns in list(self.idle.values()):
+            for conn in [c for c in conns if c.address.vm_id == vm_id]:
                 conn.close()
 
     def close_all(self) -> None:

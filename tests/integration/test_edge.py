@@ -485,12 +485,12 @@ async def test_expect_continue_trailers_and_pool_closed_with_its_vm(gw: GatewayU
     )
     assert received.endswith(b"0\r\nX-Checksum: 2\r\n\r\n"), received[-100:]
     edge = gw.services.edge
-    assert edge is not None and any(key[0] == vm_id for key in edge.pool.idle)
+    assert edge is not None and any(c.address.vm_id == vm_id for cs in edge.pool.idle.values() for c in cs)
     status, _ = await gw.request("DELETE", f"/v1/vms/{vm_id}")
     assert status == 200
     # The kill reaches every edge through pub/sub; within a second its pooled connections are closed.
     deadline = asyncio.get_running_loop().time() + 1.0
-    while any(key[0] == vm_id for key in edge.pool.idle):
+    while any(c.address.vm_id == vm_id for cs in edge.pool.idle.values() for c in cs):
         assert asyncio.get_running_loop().time() < deadline, "pooled connections outlived their VM"
         await asyncio.sleep(0.01)
 

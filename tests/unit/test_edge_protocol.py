@@ -25,7 +25,7 @@ from gateway.config import load_config, override
 from gateway.edge import access
 from gateway.edge.impl import EdgeImpl
 from gateway.edge.protocol import Edge, EdgeProtocol
-from gateway.edge.upstream import MAX_RESPONSE_HEAD_BYTES, PoolKey, UpstreamConnection
+from gateway.edge.upstream import MAX_RESPONSE_HEAD_BYTES, UpstreamAddress, UpstreamConnection
 from gateway.state.records import VM_ACTIVE, VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
 
@@ -185,7 +185,7 @@ def edge_harness(edge: EdgeImpl) -> HarnessFactory:
         pool = dialer.pool
         edge_ = edge.protocol.Edge(settings, resolver, pool)
         # One idle connection to the VM in the pool: the exchange takes it without connecting.
-        vm = dialer.vm_connection((VM_ID, VM_IP, PORT))
+        vm = dialer.vm_connection(edge.upstream.UpstreamAddress(VM_ID, VM_IP, PORT))
         vm_side = dialer.dialed[0][1]
         pool.release(vm)
         client = edge.protocol.EdgeProtocol(edge_)
@@ -219,15 +219,15 @@ class MemoryDialer:
         self.pool = edge.upstream.UpstreamPool(connect_timeout_s=5.0, dial=self.dial)
         self.dialed: list[tuple[UpstreamConnection, MemoryTransport]] = []
 
-    def vm_connection(self, key: PoolKey) -> UpstreamConnection:
-        conn = self.edge.upstream.UpstreamConnection(key, self.pool)
-        transport = MemoryTransport((key[1], key[2]))
+    def vm_connection(self, address: UpstreamAddress) -> UpstreamConnection:
+        conn = self.edge.upstream.UpstreamConnection(address, self.pool)
+        transport = MemoryTransport((address.host, address.port))
         conn.connection_made(transport)
         self.dialed.append((conn, transport))
         return conn
 
-    async def dial(self, key: PoolKey, unix_path: str | None) -> UpstreamConnection:
-        return self.vm_connection(key)
+    async def dial(self, address: UpstreamAddress) -> UpstreamConnection:
+        return self.vm_connection(address)
 
 
 async def test_a_request_is_forwarded_below_its_prefix_with_forwarding_headers(
@@ -266,7 +266,7 @@ async def test_the_pool_closes_a_connection_idle_past_its_timeout_counted_from_t
     async with edge_harness() as h:
         h.send(request())
         h.answer(response())
-        assert h.edge.pool.take_idle(h.vm.key) is h.vm
+        assert h.edge.pool.take_idle(h.vm.address) is h.vm
         h.edge.pool.release(h.vm)
         assert h.vm.idle_since == 0.0
         h.edge.pool._sweep()
@@ -276,7 +276,7 @@ async def test_the_pool_closes_a_connection_idle_past_its_timeout_counted_from_t
         assert h.vm.idle_since == stamped and not h.vm.closed  # not yet idle for the timeout
         h.vm.idle_since = stamped - edge.upstream.UPSTREAM_IDLE_TIMEOUT_S - 0.001
         h.edge.pool._sweep()
-        assert h.vm.closed and h.edge.pool.take_idle(h.vm.key) is None
+        assert h.vm.closed and h.edge.pool.take_idle(h.vm.address) is None
 
 
 async def test_a_long_body_is_pumped_through_reused_buffers_and_the_connection_serves_again(
@@ -458,7 +458,7 @@ async def test_the_buffer_filling_as_the_last_bytes_arrive_leaves_the_pooled_con
 
         h.client_side.write = write_then_pause  # type: ignore[method-assign]
         h.answer(response(b"last bytes"))
-        assert h.edge.pool.take_idle(h.vm.key) is h.vm
+        assert h.edge.pool.take_idle(h.vm.address) is h.vm
         assert h.vm_side.reading
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from gateway.edge.resolver import Resolver
+from gateway.edge.target import route_key
 from gateway.state.events import VmChanged
 from gateway.state.records import VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
@@ -84,8 +85,8 @@ async def test_a_cached_route_ends_with_its_vms_lifetime_within_the_cache_ttl() 
     store.release.set()
     res = resolver(store)
     route = await res.by_vm(VM_ID, 3000)
-    assert route is not None and res.peek(("v", VM_ID, 3000)) is route  # cached (the TTL is 2 s)
+    assert route is not None and res.peek(route_key("v", VM_ID, 3000)) is route  # cached (the TTL is 2 s)
     assert route.expires_at is not None
     await asyncio.sleep(max(0.0, route.expires_at - time.time()) + 0.01)  # the VM's lifetime ends
-    assert res.peek(("v", VM_ID, 3000)) is not route
+    assert res.peek(route_key("v", VM_ID, 3000)) is not route
     assert await res.by_vm(VM_ID, 3000) is None and store.calls == 2  # asked again: it is over

@@ -7,7 +7,7 @@ import pytest
 from gateway.edge import access
 from gateway.edge.resolver import Route
 from gateway.edge.routing import MISDIRECTED, NO_ROUTE, Redirect, Reply, RoutingPolicy
-from gateway.edge.target import ApiTarget, AppTarget, RoutingConfig, TargetParser
+from gateway.edge.target import ApiTarget, AppTarget, RoutingConfig, TargetParser, route_key
 
 # Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
 pytestmark = pytest.mark.both_edges
@@ -40,21 +40,28 @@ ACME_PATH = b"/.well-known/acme-challenge/abc"
     ("policy", "url", "host", "scheme", "sni", "expected"),
     [
         # An app: its cache key, whichever of the four forms.
-        (SERVE_PLAIN, APP_URL, API, "http", None, ("s", SID, 3000)),
-        (SERVE_PLAIN, b"/x", VM.encode() + b"-8080.sandbox.example.com", "http", None, ("v", VM, 8080)),
-        (SERVE_PLAIN, b"/", b"app.customer.test", "http", None, ("d", "app.customer.test", 0)),
-        (SERVE_PLAIN, b"/", INSTANCE_HOST, "http", None, ("i", SID, 0)),
+        (SERVE_PLAIN, APP_URL, API, "http", None, route_key("s", SID, 3000)),
+        (
+            SERVE_PLAIN,
+            b"/x",
+            VM.encode() + b"-8080.sandbox.example.com",
+            "http",
+            None,
+            route_key("v", VM, 8080),
+        ),
+        (SERVE_PLAIN, b"/", b"app.customer.test", "http", None, route_key("d", "app.customer.test", 0)),
+        (SERVE_PLAIN, b"/", INSTANCE_HOST, "http", None, route_key("i", SID, 0)),
         # The control plane: the API target itself.
         (SERVE_PLAIN, b"/v1/vms", API, "http", None, ApiTarget(API, API)),
         # TLS: the name in the request must be the certificate's.
-        (SERVE_PLAIN, APP_URL, API, "https", API, ("s", SID, 3000)),
+        (SERVE_PLAIN, APP_URL, API, "https", API, route_key("s", SID, 3000)),
         (SERVE_PLAIN, APP_URL, API, "https", b"other.example.com", MISDIRECTED),
         (SERVE_PLAIN, b"/v1/vms", API, "https", b"other.example.com", MISDIRECTED),
         # Plain HTTP redirected to https, with the request target kept, except the ACME paths.
         (REDIRECT, APP_URL, API, "http", None, Redirect(308, b"https://api.example.com" + APP_URL)),
         (REDIRECT_8443, b"/v1/vms", API, "http", None, Redirect(308, b"https://api.example.com:8443/v1/vms")),
         (REDIRECT, b"/v1/vms", API, "https", API, ApiTarget(API, API)),
-        (REDIRECT, ACME_PATH, b"app.customer.test", "http", None, ("d", "app.customer.test", 0)),
+        (REDIRECT, ACME_PATH, b"app.customer.test", "http", None, route_key("d", "app.customer.test", 0)),
     ],
 )
 def test_before_the_lookup(

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.edge.target import ApiTarget, AppTarget, Rejection, RoutingConfig, header_form, parse_target
+from gateway.edge.target import (
+    ApiTarget,
+    AppTarget,
+    Rejection,
+    RoutingConfig,
+    header_form,
+    key_parts,
+    parse_target,
+    route_key,
+)
 
 # Every test here runs on each edge (the compiled one and the pure-Python one): tests/conftest.py.
 pytestmark = pytest.mark.both_edges
@@ -492,13 +501,19 @@ def by_headers(target: bytes, *routing: tuple[bytes, bytes]) -> AppTarget | Reje
 
 @pytest.mark.parametrize(
     ("sandbox_id", "key"),
-    [(SID, ("s", SID, 3000)), (VM, ("v", VM, 3000)), (f" {VM}\t", ("v", VM, 3000))],
+    [
+        (SID, route_key("s", SID, 3000)),
+        (VM, route_key("v", VM, 3000)),
+        (f" {VM}\t", route_key("v", VM, 3000)),
+    ],
 )
-def test_header_form_names_a_session_or_a_vm(sandbox_id: str, key: tuple[str, str, int]) -> None:
+def test_header_form_names_a_session_or_a_vm(sandbox_id: str, key: str) -> None:
     result = by_headers(b"/a/b?q=1", (b"x-sandbox-id", sandbox_id.encode()), (b"x-sandbox-port", b"3000"))
     assert isinstance(result, AppTarget), result
     assert result.kind == "header" and result.key == key and result.port == 3000
-    assert (result.session_id, result.vm_id) == ((SID, None) if key[0] == "s" else (None, VM))
+    kind, ident, _ = key_parts(key)
+    assert (result.session_id, result.vm_id) == ((SID, None) if kind == "s" else (None, VM))
+    assert result.route_id == ident
     # The whole target goes to the app (as in the host form), and Host stays the API host's.
     assert result.upstream_target == b"/a/b?q=1" and result.prefix is None
     assert (result.host, result.host_name) == (API, API)
@@ -528,3 +543,13 @@ def test_header_form_grammar(routing: list[tuple[bytes, bytes]], says: str) -> N
 def test_header_form_refuses_dot_segments() -> None:
     result = by_headers(b"/a/../b", (b"x-sandbox-id", SID.encode()), (b"x-sandbox-port", b"80"))
     assert isinstance(result, Rejection) and "dot segments" in result.message, result
+
+
+@pytest.mark.parametrize(
+    ("kind", "ident", "port"),
+    [("s", SID, 3000), ("v", VM, 65535), ("d", "app.customer.test", 0), ("i", SID, 0), ("d", "a b c", 7)],
+)
+def test_a_route_key_gives_back_its_kind_id_and_port(kind: str, ident: str, port: int) -> None:
+    key = route_key(kind, ident, port)
+    assert key_parts(key) == (kind, ident, port)
+    assert len({key, route_key(kind, ident, port + 1), route_key("x", ident, port)}) == 3
