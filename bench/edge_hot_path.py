@@ -1,6 +1,6 @@
 """The edge's own Python cost per proxied request, without sockets: a steady figure to optimise against.
 
-    .venv/bin/python bench/edge_hot_path.py [--requests 200000] [--rounds 5]
+    .venv/bin/python bench/edge_hot_path.py [--requests 200000] [--rounds 5] [--websocket]
 
 Loopback benchmarks (``edge_vs_nginx.py``) on a small shared machine swing by 20 % between runs, which
 hides a change worth 2 us. This drives the real ``EdgeProtocol`` and ``UpstreamConnection`` of one
@@ -10,6 +10,10 @@ fed back. What is timed is everything the edge runs in Python for one request an
 parser included); the system calls of a real proxy come on top. Prints the best round in microseconds
 per request, and the share of requests that used the cached route and a pooled connection (both must be
 100 %: anything else is not the hot path).
+
+``--websocket``: the same edge upgrades one request to a WebSocket, and what is timed is a round trip in
+its tunnel instead (a 32-byte binary message from the client, masked, and the VM's echo), as in
+``edge_vs_nginx.py``'s WebSocket row.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ REQUEST = b"GET /v1/app/%s/%d/small HTTP/1.1\r\nHost: gateway.example.test\r\n\r
     PORT,
 )
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n" + b"x" * 100
+UPGRADE = (
+    b"GET /v1/app/%s/%d/ws HTTP/1.1\r\nHost: gateway.example.test\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+) % (SESSION_ID.encode(), PORT)
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+WS_PAYLOAD = b"m" * 32
+WS_MASK = b"\x01\x02\x03\x04"
+# A final binary frame each way: the client's masked (RFC 6455 5.3), the VM's not.
+WS_FROM_CLIENT = b"\x82\xa0" + WS_MASK + bytes(b ^ WS_MASK[i % 4] for i, b in enumerate(WS_PAYLOAD))
+WS_FROM_VM = b"\x82\x20" + WS_PAYLOAD
 
 
 class MemoryTransport(asyncio.Transport):
@@ -133,9 +150,25 @@ async def build_edge(edge_impl: EdgeImpl, access_log_format: str) -> tuple[Any, 
 
 
 async def run_round(
-    edge_impl: EdgeImpl, requests: int, access_log_format: str
+    edge_impl: EdgeImpl, requests: int, access_log_format: str, websocket: bool
 ) -> tuple[float, int, int, int]:
     client, upstream, client_transport, edge = await build_edge(edge_impl, access_log_format)
+    if websocket:
+        client.data_received(UPGRADE)
+        upstream.data_received(SWITCHED)
+        if client.tunnel is None or not client_transport.last[0].startswith(b"HTTP/1.1 101 "):
+            raise RuntimeError("the edge did not open the WebSocket tunnel")
+        start = time.perf_counter()
+        for _ in range(requests):
+            client.data_received(WS_FROM_CLIENT)
+            upstream.data_received(WS_FROM_VM)
+        elapsed = time.perf_counter() - start
+        vm_side = upstream.transport
+        if client_transport.last[0] != WS_FROM_VM or vm_side.last[0] != WS_FROM_CLIENT:
+            raise RuntimeError("the tunnel did not carry the messages")
+        client.connection_lost(None)
+        edge.pool.close_all()
+        return elapsed / requests * 1e6, 1, 1, requests
     start = time.perf_counter()
     for _ in range(requests):
         client.data_received(REQUEST)
@@ -152,15 +185,19 @@ async def run_round(
 
 async def main(args: argparse.Namespace) -> None:
     edge_impl = select(args.edge)
-    results = [await run_round(edge_impl, args.requests, args.access_log) for _ in range(args.rounds)]
+    results = [
+        await run_round(edge_impl, args.requests, args.access_log, args.websocket) for _ in range(args.rounds)
+    ]
     best = min(results)
     _, hits, reuses, requests = best
+    what = "WebSocket round trip" if args.websocket else "request"
     print(
-        f"edge hot path: {best[0]:.2f} us per request (best of {args.rounds} rounds of {requests:,}), "
+        f"edge hot path: {best[0]:.2f} us per {what} (best of {args.rounds} rounds of {requests:,}), "
         f"access log {args.access_log}, {edge_impl.name} edge"
     )
     print(f"  rounds: {', '.join(f'{r[0]:.2f}' for r in results)} us")
-    print(f"  cached routes {hits / requests:.0%}, pooled connections {reuses / requests:.0%}")
+    if not args.websocket:
+        print(f"  cached routes {hits / requests:.0%}, pooled connections {reuses / requests:.0%}")
 
 
 if __name__ == "__main__":
@@ -171,4 +208,5 @@ if __name__ == "__main__":
         "--access-log", choices=("off", "text", "json"), default="text", help="(default: %(default)s)"
     )
     parser.add_argument("--edge", choices=CHOICES, default="auto", help="(default: %(default)s)")
+    parser.add_argument("--websocket", action="store_true", help="time WebSocket round trips instead")
     uvloop.run(main(parser.parse_args()))

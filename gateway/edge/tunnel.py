@@ -12,28 +12,21 @@ side not taking more pauses reading from the VM.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from .exchange import Exchange
 from .observe import ACTIVITY_TUNNEL, ACTIVITY_WEBSOCKET
 from .upstream import UpstreamConnection
 from .websocket import MESSAGE_TOO_BIG, FrameTracker, close_frame
 
+if TYPE_CHECKING:
+    # The client connection a tunnel belongs to. A type-only import: the compiled edge calls it
+    # directly (a typing.Protocol here made every call and attribute read a generic Python one).
+    from .protocol import EdgeProtocol
+
 GOING_AWAY: Final = 1001
 SHUTTING_DOWN: Final = b"gateway shutting down"
-
-
-class TunnelOwner(Protocol):
-    """The client connection a tunnel belongs to (``EdgeProtocol``)."""
-
-    transport: asyncio.Transport | None
-    draining: bool
-
-    def pause_reading(self) -> None: ...
-    def activity(self) -> None: ...
-    def close_after_answer(self) -> None: ...
 
 
 class Tunnel:
@@ -41,7 +34,7 @@ class Tunnel:
 
     def __init__(
         self,
-        owner: TunnelOwner,
+        owner: EdgeProtocol,
         exchange: Exchange,
         conn: UpstreamConnection,
         *,
@@ -67,7 +60,7 @@ class Tunnel:
                     masked=False, max_frame=max_frame, max_message=max_message, extensions=extensions
                 ),
             )
-        conn.tunnel = self.from_vm
+        conn.tunnel = self
 
     # bytes ----------------------------------------------------------------------------------------
 

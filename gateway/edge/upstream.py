@@ -26,6 +26,7 @@ from .pump import PUMP_MIN_BYTES, BodyPump
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+    from .tunnel import Tunnel
 
 # As many idle connections per VM port as busy clients are likely (nginx's `keepalive` is per worker).
 UPSTREAM_MAX_IDLE_PER_KEY: Final = 256
@@ -89,7 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = True
         self.reusable = True
         self.closed = False
-        self.tunnel: Callable[[bytes], None] | None = None
+        self.tunnel: Tunnel | None = None  # after a 101: what the VM sends goes to it
         self.can_write = True
         self.reading_paused = False  # by the client side's back-pressure (pause_reading)
         self.idle_since = 0.0
@@ -118,7 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel(data)
+            tunnel.from_vm(data)
             return
         # (Locals, not self.tunnel and self.sink, are narrowed here: parsing changes both, and the
         # compiled edge takes mypy's narrowing of an attribute for a fact: gateway/edge/twin.py.)
@@ -134,8 +135,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             rest = data[offset:]
-            if rest and self.tunnel is not None:
-                self.tunnel(rest)
+            tunnel = self.tunnel
+            if rest and tunnel is not None:
+                tunnel.from_vm(rest)
         except httptools.HttpParserCallbackError:
             # An error of the edge's own (a callback raised): a bug to see, not the app's doing.
             log.exception("edge: a response callback failed")

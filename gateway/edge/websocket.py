@@ -21,9 +21,10 @@ from typing import Final
 
 MAX_HEADER_BYTES: Final = 14  # 2 + 8 (extended length) + 4 (mask)
 OPCODE_CONTINUATION: Final = 0x0
+OPCODE_TEXT: Final = 0x1
+OPCODE_BINARY: Final = 0x2
 OPCODE_CLOSE: Final = 0x8
-DATA_OPCODES: Final = (0x1, 0x2)
-CONTROL_OPCODES: Final = (0x8, 0x9, 0xA)
+OPCODE_PONG: Final = 0xA  # control opcodes: close, ping (0x9), pong
 MAX_CONTROL_PAYLOAD: Final = 125
 PROTOCOL_ERROR: Final = 1002
 MESSAGE_TOO_BIG: Final = 1009
@@ -83,31 +84,40 @@ class FrameTracker:
                 if stop_at_boundary and not self._need:
                     return pos
                 continue
-            header = self._header + data[pos : pos + MAX_HEADER_BYTES]
-            if len(header) < 2:
-                self._header = header
+            # The header is read where it lies: in data (no copy), or, split across reads, in what the
+            # earlier reads left plus this one's start.
+            held = self._header
+            if held:
+                header, at = held + data[pos : pos + MAX_HEADER_BYTES], 0
+            else:
+                header, at = data, pos
+            available = len(header) - at
+            if available < 2:
+                self._header = header[at:]
                 return end
-            length = header[1] & 0x7F
-            size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if header[1] & 0x80 else 0)
-            if len(header) < size:
-                self._header = header  # everything left in data is part of this header
+            second = header[at + 1]
+            length = second & 0x7F
+            size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & 0x80 else 0)
+            if available < size:
+                self._header = header[at:]  # everything left in data is part of this header
                 return end
             if length == 126:
-                length = int.from_bytes(header[2:4], "big")
+                length = (header[at + 2] << 8) | header[at + 3]
             elif length == 127:
-                length = int.from_bytes(header[2:10], "big")
-            violation = self._check(header[0], header[1] & 0x80, length)
+                length = int.from_bytes(header[at + 2 : at + 10], "big")
+            first = header[at]
+            violation = self._check(first, second & 0x80, length)
             if violation is not None:
                 self.violation = violation
                 # Earlier reads' part of this header was forwarded with them: then the other side
                 # holds the start of a frame, and no close frame can follow it cleanly.
                 self.cut_mid_frame = bool(self._header)
                 return pos
-            pos += size - len(self._header)
+            pos += size - len(held)
             self._header = b""
             self._need = length
             # Opcodes 0x0-0x7 are data (the reserved ones were refused above), 0x8-0xF control.
-            self._data_frame = not header[0] & 0x08
+            self._data_frame = not first & 0x08
             if self._data_frame:
                 self.data_seen = True
             if stop_at_boundary and not length:
@@ -123,14 +133,14 @@ class FrameTracker:
             return PROTOCOL_ERROR, b"reserved bits set without an extension"
         if length >> 63:
             return PROTOCOL_ERROR, b"frame length out of range"
-        if opcode in CONTROL_OPCODES:
+        if OPCODE_CLOSE <= opcode <= OPCODE_PONG:  # close, ping, pong
             if not final or length > MAX_CONTROL_PAYLOAD:
                 return PROTOCOL_ERROR, b"control frames are final and at most 125 bytes"
             return None
         if opcode == OPCODE_CONTINUATION:
             if not self._in_message:
                 return PROTOCOL_ERROR, b"continuation frame without a message"
-        elif opcode in DATA_OPCODES:
+        elif opcode == OPCODE_TEXT or opcode == OPCODE_BINARY:
             if self._in_message:
                 return PROTOCOL_ERROR, b"new message inside a fragmented one"
             self._message_bytes = 0
