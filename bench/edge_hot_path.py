@@ -1,6 +1,6 @@
 """The edge's own Python cost per proxied request, without sockets: a steady figure to optimise against.
 
-    .venv/bin/python bench/edge_hot_path.py [--requests 200000] [--rounds 5] [--websocket]
+    .venv/bin/python bench/edge_hot_path.py [--requests 200000] [--rounds 5] [--websocket | --browser]
 
 Loopback benchmarks (``edge_vs_nginx.py``) on a small shared machine swing by 20 % between runs, which
 hides a change worth 2 us. This drives the real ``EdgeProtocol`` and ``UpstreamConnection`` of one
@@ -10,6 +10,9 @@ fed back. What is timed is everything the edge runs in Python for one request an
 parser included); the system calls of a real proxy come on top. Prints the best round in microseconds
 per request, and the share of requests that used the cached route and a pooled connection (both must be
 100 %: anything else is not the hot path).
+
+``--browser``: the request is a Chromium-like page request (14 headers, ``edge_idle_memory.py``'s)
+instead of wrk's Host-only one.
 
 ``--websocket``: the same edge upgrades one request to a WebSocket, and what is timed is a round trip in
 its tunnel instead (a 32-byte binary message from the client, masked, and the VM's echo), as in
@@ -26,6 +29,7 @@ import time
 from typing import Any
 
 import uvloop
+from edge_idle_memory import browser_request
 
 from gateway.config import load_config, override
 from gateway.edge.impl import CHOICES, EdgeImpl, select
@@ -150,7 +154,7 @@ async def build_edge(edge_impl: EdgeImpl, access_log_format: str) -> tuple[Any, 
 
 
 async def run_round(
-    edge_impl: EdgeImpl, requests: int, access_log_format: str, websocket: bool
+    edge_impl: EdgeImpl, requests: int, access_log_format: str, websocket: bool, request: bytes = REQUEST
 ) -> tuple[float, int, int, int]:
     client, upstream, client_transport, edge = await build_edge(edge_impl, access_log_format)
     if websocket:
@@ -171,7 +175,7 @@ async def run_round(
         return elapsed / requests * 1e6, 1, 1, requests
     start = time.perf_counter()
     for _ in range(requests):
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
     elapsed = time.perf_counter() - start
     answered = edge.stats.requests.get(("path", 200), 0)
@@ -185,12 +189,17 @@ async def run_round(
 
 async def main(args: argparse.Namespace) -> None:
     edge_impl = select(args.edge)
+    request = REQUEST
+    if args.browser:
+        path = REQUEST.split(b" ")[1].decode()
+        request = browser_request("gateway.example.test", path)
     results = [
-        await run_round(edge_impl, args.requests, args.access_log, args.websocket) for _ in range(args.rounds)
+        await run_round(edge_impl, args.requests, args.access_log, args.websocket, request)
+        for _ in range(args.rounds)
     ]
     best = min(results)
     _, hits, reuses, requests = best
-    what = "WebSocket round trip" if args.websocket else "request"
+    what = "WebSocket round trip" if args.websocket else "browser-like request" if args.browser else "request"
     print(
         f"edge hot path: {best[0]:.2f} us per {what} (best of {args.rounds} rounds of {requests:,}), "
         f"access log {args.access_log}, {edge_impl.name} edge"
@@ -208,5 +217,7 @@ if __name__ == "__main__":
         "--access-log", choices=("off", "text", "json"), default="text", help="(default: %(default)s)"
     )
     parser.add_argument("--edge", choices=CHOICES, default="auto", help="(default: %(default)s)")
-    parser.add_argument("--websocket", action="store_true", help="time WebSocket round trips instead")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--websocket", action="store_true", help="time WebSocket round trips instead")
+    kind.add_argument("--browser", action="store_true", help="a 14-header browser-like request")
     uvloop.run(main(parser.parse_args()))

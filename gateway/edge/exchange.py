@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING, Final
 
 from gateway.edge.http1 import writers_for
 
-from . import access
 from . import headers as hdr
 from .observe import ACTIVITY_HTTP, VmUse
-from .target import SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -73,6 +71,7 @@ class Exchange:
         "finished",
         "has_credentials",
         "head_received",
+        "header_classes",
         "headers",
         "host",
         "http10",
@@ -103,7 +102,7 @@ class Exchange:
     )  # fmt: skip
 
     def __init__(self, proto: EdgeProtocol, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool, upgrade: bool, http10: bool) -> None:  # fmt: skip
+                 keep_alive: bool, upgrade: bool, http10: bool, classes: bytes) -> None:  # fmt: skip
         self.proto = proto
         # An HTTP/1.0 client: no chunked framing and no 1xx for it (RFC 9112 section 6.1, RFC 9110
         # section 15.2), and its keep-alive only when announced.
@@ -111,33 +110,34 @@ class Exchange:
         self.method = method
         self.url = url
         self.headers = headers
+        self.header_classes = classes  # of the headers' names (headers.REQUEST_NAME_CLASSES), by the parser
         self.keep_alive = keep_alive
         self.upgrade = upgrade
-        # One pass over the head for what the edge itself needs from it.
+        # One pass over the head's classes for what the edge itself needs from it (no name lower-cased).
         hosts = 0
         host = length = request_id = None
         routing: list[tuple[bytes, bytes]] | None = None
         chunked = credentials = False
-        for name, value in headers:
-            low = name.lower()
-            if low == b"host":
+        for i in range(len(classes)):
+            kind = classes[i]
+            if kind == hdr.REQ_OTHER:
+                continue
+            value = headers[i][1]
+            if kind == hdr.REQ_HOST:
                 hosts += 1
                 host = value
-            elif low == b"content-length":
+            elif kind == hdr.REQ_CONTENT_LENGTH:
                 length = value
-            elif low == b"transfer-encoding":
+            elif kind == hdr.REQ_TRANSFER_ENCODING:
                 chunked = True  # llhttp accepts only a final "chunked" (anything else is a 400)
-            elif (
-                low == b"cookie" or low == access.TOKEN_HEADER or low == access.AUTHORIZATION
-                or low == access.API_KEY_HEADER
-            ):  # fmt: skip
+            elif kind == hdr.REQ_CREDENTIALS:
                 credentials = True
-            elif low == b"x-request-id":
+            elif kind == hdr.REQ_REQUEST_ID:
                 request_id = value
-            elif low == SANDBOX_ID_HEADER or low == SANDBOX_PORT_HEADER:
+            elif kind == hdr.REQ_SANDBOX:
                 if routing is None:
                     routing = []
-                routing.append((low, value))
+                routing.append((headers[i][0].lower(), value))
         self.host = host if hosts == 1 else None
         self.incoming_request_id = request_id
         self.sandbox_routing = routing  # X-Sandbox-Id / X-Sandbox-Port, lower-case names (target.header_form)

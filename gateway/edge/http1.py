@@ -6,8 +6,9 @@ turn its per-piece callbacks into the same calls. Each twin takes the parser of 
 (``parsers_for``), so the suite, run on both edges, runs both parsers.
 
 A request parser calls its owner's ``on_message_begin()``, ``on_request(method, target, headers,
-keep_alive, upgrade, http10)``, ``on_body(data)``, ``on_message_complete()``, and, when the target or
-the headers pass their limits, ``on_head_limit(code)`` (the parse then fails). A response parser calls
+keep_alive, upgrade, http10, classes)``, ``on_body(data)``, ``on_message_complete()``, and, when the
+target or the headers pass their limits, ``on_head_limit(code)`` (the parse then fails); ``classes`` has
+a byte for each header, the class of its name (``headers.REQUEST_NAME_CLASSES``). A response parser calls
 ``on_message_begin()``, ``on_response(status, headers, keep_alive, names, length)``, ``on_body(data)``
 and ``on_message_complete(trailers)``; ``names`` has a bit for each kind of framing header the head had,
 ``length`` is the Content-Length (-1: none).
@@ -22,6 +23,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import httptools
 
+from gateway.edge.headers import request_name_classes
 from gateway.edge.twin import COMPILED_PACKAGE
 
 NAME_CONTENT_LENGTH: Final = 1
@@ -101,7 +103,7 @@ class HttptoolsRequestParser:
         self.header_bytes = 0
         self.owner.on_request(
             parser.get_method(), url, headers, parser.should_keep_alive(), parser.should_upgrade(),
-            parser.get_http_version() == "1.0",
+            parser.get_http_version() == "1.0", request_name_classes(headers),
         )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ both parsers raise httptools' exceptions, with the same messages, so the edge ha
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy
@@ -17,6 +18,7 @@ cdef extern from "<strings.h>":
     int strncasecmp(const char *a, const char *b, size_t n)
 
 from gateway.edge import http1
+from gateway.edge.headers import REQUEST_NAME_CLASSES
 from httptools import (
     HttpParserCallbackError,
     HttpParserError,
@@ -97,6 +99,44 @@ cdef list _NO_TRAILERS = []
 cdef int NAME_CONTENT_LENGTH = http1.NAME_CONTENT_LENGTH
 cdef int NAME_TRANSFER_ENCODING = http1.NAME_TRANSFER_ENCODING
 cdef int NAME_HOP_BY_HOP = http1.NAME_HOP_BY_HOP
+
+# Request header names the edge acts on, by class (gateway/edge/headers.py's table, copied here once so
+# a name is compared where it lies: by length, then case-insensitively).
+cdef enum:
+    _MAX_CLASSED = 64
+cdef const char *_class_names[_MAX_CLASSED]
+cdef size_t _class_lens[_MAX_CLASSED]
+cdef uint8_t _class_codes[_MAX_CLASSED]
+cdef int _class_count = 0
+cdef list _class_keep = list(REQUEST_NAME_CLASSES)  # (the names the arrays point into)
+if len(_class_keep) > _MAX_CLASSED:
+    raise RuntimeError("more request header classes than http1c holds")
+for _name in _class_keep:
+    _class_names[_class_count] = PyBytes_AS_STRING(_name)
+    _class_lens[_class_count] = PyBytes_GET_SIZE(_name)
+    _class_codes[_class_count] = REQUEST_NAME_CLASSES[_name]
+    _class_count += 1
+
+
+cdef inline uint8_t _request_class(bytes name) noexcept:
+    cdef const char *at = PyBytes_AS_STRING(name)
+    cdef size_t n = PyBytes_GET_SIZE(name)
+    cdef int i
+    for i in range(_class_count):
+        if _class_lens[i] == n and strncasecmp(_class_names[i], at, n) == 0:
+            return _class_codes[i]
+    return 0
+
+
+cdef bytes _request_classes(list headers):
+    """headers.request_name_classes, in C: a byte per header."""
+    cdef Py_ssize_t count = PyList_GET_SIZE(headers)
+    cdef bytes classes = PyBytes_FromStringAndSize(NULL, count)
+    cdef char *out = PyBytes_AS_STRING(classes)
+    cdef Py_ssize_t i
+    for i in range(count):
+        out[i] = <char>_request_class(<bytes>PyTuple_GET_ITEM(<tuple>PyList_GET_ITEM(headers, i), 0))
+    return classes
 
 
 cdef class _Parser:
@@ -181,8 +221,8 @@ cdef class _Parser:
 
 cdef class RequestParser(_Parser):
     """Calls its owner's ``on_message_begin()``, ``on_request(method, target, headers, keep_alive,
-    upgrade, http10)``, ``on_body(data)``, ``on_message_complete()``, and ``on_head_limit(code)`` when
-    the target or the headers pass the limits (the parse then fails)."""
+    upgrade, http10, classes)``, ``on_body(data)``, ``on_message_complete()``, and ``on_head_limit(code)``
+    when the target or the headers pass the limits (the parse then fails)."""
 
     cdef object request_cb
     cdef object complete_cb
@@ -331,7 +371,7 @@ cdef int _on_request_head(llhttp_t *p) noexcept:
     try:
         self.request_cb(
             _method(p.method), url, headers, llhttp_should_keep_alive(p) != 0,
-            p.upgrade != 0, p.http_major == 1 and p.http_minor == 0,
+            p.upgrade != 0, p.http_major == 1 and p.http_minor == 0, _request_classes(headers),
         )
     except BaseException as exc:
         return _raised(self, exc)

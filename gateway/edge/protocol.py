@@ -645,12 +645,12 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_request(
         self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool, upgrade: bool,
-        http10: bool,
+        http10: bool, classes: bytes,
     ) -> None:  # fmt: skip
         self.in_head = False
         self.head_timed = False
         self.framing_bytes = 0
-        ex = Exchange(self, method, url, headers, keep_alive, upgrade, http10)
+        ex = Exchange(self, method, url, headers, keep_alive, upgrade, http10, classes)
         self.parsing = ex
         self.pending.append(ex)
 
@@ -827,7 +827,7 @@ class EdgeProtocol(asyncio.Protocol):
             # Kept per connection (a client sends the same Host on every request) and shared between
             # connections: the many idle connections of one client hold one ClientInfo.
             client = self.client_info = self.edge.client_info(self.peer_ip, self.scheme, host, self.trusted)
-        return hdr.forwarded_headers(ex.headers, client, prefix)
+        return hdr.forwarded_headers(ex.headers, client, prefix, ex.header_classes)
 
     def _send(self, ex: Exchange, pool: UpstreamPool, address: UpstreamAddress, head: bytes) -> None:
         conn = pool.take_idle(address)

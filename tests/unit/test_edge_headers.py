@@ -265,3 +265,44 @@ def test_upgrade_responses_must_answer_the_handshake() -> None:
 def test_grpc_requests_are_told_by_their_content_type(content_type: bytes | None, grpc: bool) -> None:
     headers = [(b"Host", b"x")] + ([(b"Content-Type", content_type)] if content_type else [])
     assert hdr.is_grpc(headers) is grpc
+
+
+_CLASSED_NAMES = [*sorted(hdr.REQUEST_NAME_CLASSES), b"x-custom", b"hostx", b"cookies", b"close", b"accept"]
+
+
+@st.composite
+def _any_case(draw: st.DrawFn, names: list[bytes]) -> bytes:
+    name = draw(st.sampled_from(names))
+    flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+    return bytes(c - 32 if flip and 97 <= c <= 122 else c for c, flip in zip(name, flips, strict=True))
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(_any_case(_CLASSED_NAMES), st.binary(max_size=8)),
+            # a Connection header naming what goes anyway, or something else (then the general way)
+            st.tuples(
+                st.just(b"Connection"),
+                st.lists(_any_case(_CLASSED_NAMES), max_size=3).map(lambda ts: b", ".join(ts)),
+            ),
+        ),
+        max_size=10,
+    )
+)
+def test_headers_dropped_by_their_classes_are_those_dropped_by_their_names(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    classes = hdr.request_name_classes(headers)
+    assert len(classes) == len(headers)
+    assert hdr._without_classified(headers, classes) == hdr._without(headers, hdr._UNTRUSTED_DROP)
+
+
+def test_the_name_classes_agree_with_the_names_the_edge_drops_and_reads() -> None:
+    for name, kind in hdr.REQUEST_NAME_CLASSES.items():
+        assert name == name.lower()
+        assert (kind >= hdr.REQ_FIRST_DROPPED) == (name in hdr._UNTRUSTED_DROP), name
+    assert hdr._UNTRUSTED_DROP <= set(hdr.REQUEST_NAME_CLASSES)
+    assert hdr.request_name_classes([(b"HOST", b"h"), (b"Cookie", b"c"), (b"X-Sandbox-Id", b"s")]) == bytes(
+        [hdr.REQ_HOST, hdr.REQ_CREDENTIALS, hdr.REQ_SANDBOX]
+    )

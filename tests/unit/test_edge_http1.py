@@ -13,7 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.edge import observe
-from gateway.edge.headers import HOP_BY_HOP
+from gateway.edge.headers import (
+    HOP_BY_HOP,
+    REQ_CONNECTION,
+    REQ_CREDENTIALS,
+    REQ_DROPPED,
+    REQ_HOST,
+    REQ_OTHER,
+    REQ_REQUEST_ID,
+    REQ_SANDBOX,
+    REQ_TRANSFER_ENCODING,
+)
 from gateway.edge.http1 import (
     NAME_CONTENT_LENGTH,
     NAME_HOP_BY_HOP,
@@ -44,6 +54,10 @@ REQUESTS = [
     b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
     b"BREW / HTTP/1.1\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: y\r\n\r\n",  # pipelined
+    # every class of name the edge acts on, in any case, and names that only look like them
+    b"GET / HTTP/1.1\r\nhOsT: x\r\nCOOKIE: a=1\r\nX-Api-Key: k\r\nX-Forwarded-For: 1.2.3.4\r\n"
+    b"x-request-id: r\r\nX-Sandbox-Port: 80\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nHostx: y\r\nCookies: z\r\nTE: trailers\r\nConnection: close\r\n\r\n",
 ]
 
 RESPONSES = [
@@ -130,7 +144,16 @@ def test_what_the_parsers_report() -> None:
     calls = run(c_request, REQUESTS[2], [], *LIMITS)
     assert calls == [
         ("begin",),
-        ("request", b"PUT", b"/c", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")], True, False, False),
+        (
+            "request",
+            b"PUT",
+            b"/c",
+            [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")],
+            True,
+            False,
+            False,
+            bytes([REQ_HOST, REQ_TRANSFER_ENCODING]),
+        ),
         ("body", b"abcde"),
         ("complete",),
     ]
@@ -139,6 +162,14 @@ def test_what_the_parsers_report() -> None:
         ("error", "HttpParserCallbackError"),
     ]
     assert ("limit", "headers_too_large") in run(c_request, REQUESTS[6], [], *LIMITS)
+    classed, lookalikes = (
+        run(c_request, REQUESTS[12], [], *LIMITS)[1],
+        run(c_request, REQUESTS[13], [], *LIMITS)[1],
+    )
+    assert classed[-1] == bytes(
+        [REQ_HOST, REQ_CREDENTIALS, REQ_CREDENTIALS, REQ_DROPPED, REQ_REQUEST_ID, REQ_SANDBOX]
+    )
+    assert lookalikes[-1] == bytes([REQ_HOST, REQ_OTHER, REQ_OTHER, REQ_DROPPED, REQ_CONNECTION])
     assert run(c_request, REQUESTS[4], [], *LIMITS)[-1] == ("upgrade", b"frames")
     responses = run(COMPILED.module("http1c").ResponseParser, RESPONSES[2] + RESPONSES[3], [], HOP_BY_HOP)
     assert responses[1] == (
