@@ -54,7 +54,7 @@ _UNTRUSTED_DROP: Final = HOP_BY_HOP | _FORWARDING | {b"content-length"}
 
 # Each request header's class: the request parser gives one byte per header, in order (the compiled
 # edge's compares names in C, without a copy), so the edge acts on a request's headers without lower-
-# casing and hashing every name (on a 14-header browser request that was two thirds of the edge's work).
+# casing and hashing every name (on a 14-header browser request, 30 % of the edge's instructions).
 # Kept: anything else, and
 REQ_OTHER: Final = 0
 REQ_HOST: Final = 1

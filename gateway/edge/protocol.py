@@ -149,8 +149,6 @@ class Edge:
         resolver.on_url_key_rotated.append(self.url_key_rotated)
         # Told of each exchange that ended and each connection that closed (what tests await).
         self.exchange_ended: list[Callable[[Exchange], None]] = []
-        # Exchanges in flight per VM id (requests and tunnels: the caps count them, and the usage shows
-        # them), and of them the tunnels.
         self.api_rates = (
             KeyRates(settings.api_rate_per_key, settings.api_burst_per_key)
             if settings.api_rate_per_key

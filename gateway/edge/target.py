@@ -84,7 +84,7 @@ class AppTarget:
 
 def route_key(kind: str, ident: str, port: int) -> str:
     """The route cache's key: a string, made once per parsed target (its hash is kept, where a tuple's
-    is computed on every lookup). The id goes last: a host name may hold anything but spaces."""
+    is computed on every lookup). The id goes last, so ``key_parts`` gives any id back whole."""
     return f"{kind} {port} {ident}"
 
 
