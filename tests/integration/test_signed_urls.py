@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -48,6 +48,22 @@ async def status_of(http: aiohttp.ClientSession, url: str, **headers: str) -> tu
     async with http.get(url, headers=headers, allow_redirects=False) as resp:
         await resp.read()
         return resp.status, resp.headers.get("X-Gateway-Error")
+
+
+async def path_seen(http: aiohttp.ClientSession, url: str) -> str | None:
+    """The target the app got for ``url`` (sent as written), or None when the edge did not let it in."""
+    async with http.get(URL(url, encoded=True), allow_redirects=False) as resp:
+        return str(json.loads(await resp.read())["path"]) if resp.status == 200 else None
+
+
+async def settled(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> None:
+    """Until ``check()`` holds: a change the API made reaches the edge's route cache through Redis
+    pub/sub, a moment after the API answered (a request sent at once may still meet the old route)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not await check():
+        assert loop.time() < deadline, "the edge did not see the change"
+        await asyncio.sleep(0.02)
 
 
 async def echoed(http: aiohttp.ClientSession, url: str, **headers: str) -> dict[str, Any]:
@@ -230,14 +246,23 @@ async def test_the_app_url_call_signs_a_port_without_making_it_public(
     # Once the port is public, an authentic signature is still taken out; the app's own goes through.
     status, public = await gw.request("GET", f"/v1/sessions/app-url/{client.session_id}?port={APP_PORT}")
     assert status == 200 and "signature=" not in public["url"] and public["expires_at"] is None
+    own = plain + "echo?signature=mine&expires=never"
+
+    async def public_now() -> bool:  # the app's own signature goes through, once the port is public
+        return await path_seen(browser, own) == "/echo?signature=mine&expires=never"
+
+    await settled(public_now)
     assert (await echoed(browser, at(app["url"], "echo")))["path"] == "/echo"
-    own = await echoed(browser, plain + "echo?signature=mine&expires=never")
-    assert own["path"] == "/echo?signature=mine&expires=never"
 
     # The rotation revokes these too (a public port stays public: its URL needs no signature).
     status, _ = await gw.request("POST", f"/v1/vms/{app['vm_id']}/url-key/rotate")
     assert status == 200
-    assert (await echoed(browser, at(app["url"], "echo")))["path"].startswith("/echo?signature=")
+
+    async def revoked() -> bool:  # the old signature is no longer this VM's: it reaches the app as it came
+        path = await path_seen(browser, at(app["url"], "echo"))
+        return path is not None and path.startswith("/echo?signature=")
+
+    await settled(revoked)
 
 
 async def test_the_api_validates_and_keeps_tenants_apart(gw: GatewayUnderTest) -> None:
