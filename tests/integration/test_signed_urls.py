@@ -143,7 +143,11 @@ async def test_a_private_shares_signed_url_works_over_http_and_websocket_until_t
     # The key rotates: every URL signed before is refused, over HTTP and WebSocket; a new one works.
     status, rotated = await gw.request("POST", f"/v1/vms/{share['vm_id']}/url-key/rotate")
     assert status == 200 and rotated["key_version"] == 2 and rotated["vm_id"] == share["vm_id"], rotated
-    assert await status_of(browser, at(signed["url"], "echo")) == (403, "signature_invalid")
+
+    async def refused() -> bool:
+        return await status_of(browser, at(signed["url"], "echo")) == (403, "signature_invalid")
+
+    await settled(refused)
     assert await websocket_refused(browser, at(signed["url"], "ws")) == 403
     url, host = host_form(gw, signed["direct_url"], "/ws")
     assert await websocket_refused(browser, url, **host) == 403
@@ -223,7 +227,11 @@ async def test_a_browser_navigation_trades_the_url_for_a_cookie_that_a_rotation_
 
     status, _ = await gw.request("POST", f"/v1/vms/{share['vm_id']}/url-key/rotate")
     assert status == 200
-    assert await status_of(browser, share["url"] + "echo", Cookie=cookie) == (404, "no_route")
+
+    async def cookie_refused() -> bool:
+        return await status_of(browser, share["url"] + "echo", Cookie=cookie) == (404, "no_route")
+
+    await settled(cookie_refused)
     assert await websocket_refused(browser, share["url"] + "ws", Cookie=cookie) == 404
 
 
