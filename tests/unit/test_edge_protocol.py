@@ -25,6 +25,7 @@ from gateway.config import load_config, override
 from gateway.edge import access
 from gateway.edge.impl import EdgeImpl
 from gateway.edge.protocol import Edge, EdgeProtocol
+from gateway.edge.pump import BodyPump
 from gateway.edge.upstream import MAX_RESPONSE_HEAD_BYTES, UpstreamAddress, UpstreamConnection
 from gateway.state.records import VM_ACTIVE, VmRecord
 from tests.fakes import FakeEventFeed, NoRoutes
@@ -279,6 +280,27 @@ async def test_the_pool_closes_a_connection_idle_past_its_timeout_counted_from_t
         assert h.vm.closed and h.edge.pool.take_idle(h.vm.address) is None
 
 
+def pump_body(pump: BodyPump, left: int, receiver: MemoryTransport) -> None:
+    """Feed a pump the rest of a body as the event loop would, read by read (at most 200,000 bytes each,
+    a pattern per read), and check what ``receiver`` got: every byte once, in order, never a read past
+    the body; on even steps the receiver still holds the last write, so the pump must not reuse it."""
+    received, previous, sizes = bytearray(), None, []
+    while left:
+        buffer = pump.get_buffer(-1)
+        assert 0 < len(buffer) <= left  # never past the body
+        if previous is not None and len(sizes) % 2 == 0:  # the receiver holds the last write
+            assert buffer.obj is not previous
+        n = min(len(buffer), 200_000)
+        buffer[:n] = bytes([len(sizes) % 251]) * n
+        pump.buffer_updated(n)
+        left -= n
+        previous = buffer.obj
+        sizes.append(n)
+        if len(sizes) % 2 == 1 or not left:
+            received += receiver.take()
+    assert received == b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
+
+
 async def test_a_long_body_is_pumped_through_reused_buffers_and_the_connection_serves_again(
     edge_harness: HarnessFactory, edge: EdgeImpl
 ) -> None:
@@ -295,21 +317,7 @@ async def test_a_long_body_is_pumped_through_reused_buffers_and_the_connection_s
         assert type(pump) is pump_module.BodyPump
         first = h.client_side.take()
         assert status(first) == 200 and first.endswith(b"\r\n\r\n" + b"a" * 10)
-        left, received, previous, sizes = size - 10, bytearray(b"a" * 10), None, []
-        while left:
-            buffer = pump.get_buffer(-1)
-            assert 0 < len(buffer) <= left  # never past the body
-            if len(sizes) % 2 == 0 and previous is not None:  # the client holds the last write (even steps)
-                assert buffer.obj is not previous
-            n = min(len(buffer), 200_000)
-            buffer[:n] = bytes([len(sizes) % 251]) * n
-            pump.buffer_updated(n)
-            left -= n
-            previous = buffer.obj
-            sizes.append(n)
-            if len(sizes) % 2 == 1 or not left:
-                received += h.client_side.take()
-        assert received == b"a" * 10 + b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
+        pump_body(pump, size - 10, h.client_side)
         assert h.vm_side.protocol is h.vm  # the body's end: the connection is its own again
         h.send(request())
         h.answer(response(b"again"))
@@ -328,21 +336,7 @@ async def test_a_long_request_body_is_pumped_up_and_the_connection_reads_the_nex
         assert type(pump) is pump_module.BodyPump
         first = h.vm_side.take()
         assert first.startswith(b"PUT /up HTTP/1.1\r\n") and first.endswith(b"\r\n\r\n" + b"x" * 10)
-        left, received, previous, sizes = size - 10, bytearray(), None, []
-        while left:
-            buffer = pump.get_buffer(-1)
-            assert 0 < len(buffer) <= left  # never past the body
-            if previous is not None and len(sizes) % 2 == 0:  # held by the app's side: a new one
-                assert buffer.obj is not previous
-            n = min(len(buffer), 200_000)
-            buffer[:n] = bytes([len(sizes) % 251]) * n
-            pump.buffer_updated(n)
-            left -= n
-            previous = buffer.obj
-            sizes.append(n)
-            if len(sizes) % 2 == 1 or not left:
-                received += h.vm_side.take()
-        assert received == b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
+        pump_body(pump, size - 10, h.vm_side)
         assert h.client_side.protocol is h.client  # the body's end: the connection reads requests again
         h.answer(response(b"stored"))
         assert h.client_side.take().endswith(b"\r\n\r\nstored")
