@@ -111,7 +111,7 @@ class VmTraffic:
         """Count one more exchange open to the VM; None, counting nothing, when it has ``cap`` open
         already (0: no cap)."""
         use = self.vms.get(vm_id)
-        if use is None:
+        if use is None:  # (_use's lookup, inline: a call here cost ~160 instructions per request)
             use = self.vms[vm_id] = VmUse()
         elif cap and use.exchanges >= cap:
             return None

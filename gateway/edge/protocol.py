@@ -776,10 +776,7 @@ class EdgeProtocol(asyncio.Protocol):
             if h2c_pool is not None:
                 pool = h2c_pool
         head = self._request_head(ex, decision, headers)
-        address = route.upstream
-        if address is None:  # (a route made by hand; the resolver's have one)
-            address = UpstreamAddress(route.vm_id, route.ip, route.port)
-        self._send(ex, pool, address, head)
+        self._send(ex, pool, route.upstream, head)
 
     async def _wake_then_route(self, ex: Exchange, target: AppTarget, route: Route) -> None:
         """Its VM is suspended and wakes on demand: ask for it (again every WAKE_ASK_S) and hold the

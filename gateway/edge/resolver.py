@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.errors import StoreUnavailable
@@ -77,8 +77,11 @@ class Route:
     share_id: str | None = None
     # Its VM's own cap on exchanges (requests in flight and tunnels) per edge process; 0: none of its own.
     max_exchanges: int = 0
-    # Where the edge dials it, made with the route (the resolver's routes always have one).
-    upstream: UpstreamAddress | None = None
+    # Where the edge dials it (and the pool's key), made once with the route.
+    upstream: UpstreamAddress = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream", UpstreamAddress(self.vm_id, self.ip, self.port))  # (frozen)
 
 
 # target.route_key: by ("s", session id, port), ("v", VM id, port), ("d", custom domain, 0) or
@@ -114,7 +117,6 @@ def _route(vm: VmRecord, port: int, tokens: frozenset[str] | None, *, bearer: bo
         vm.url_key_version or 0,
         share_id if isinstance(share_id, str) else None,
         vm.max_exchanges or 0,
-        UpstreamAddress(vm.vm_id, vm.ip, port),
     )
 
 
