@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,6 +19,7 @@ from yarl import URL
 
 from tests.conftest import GatewayUnderTest
 from tests.integration.test_edge import APP_PORT
+from tests.integration.test_sdk import poll
 from tests.integration.test_sdk_shares import serving
 
 NAVIGATE = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
@@ -56,14 +57,9 @@ async def path_seen(http: aiohttp.ClientSession, url: str) -> str | None:
         return str(json.loads(await resp.read())["path"]) if resp.status == 200 else None
 
 
-async def settled(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> None:
-    """Until ``check()`` holds: a change the API made reaches the edge's route cache through Redis
-    pub/sub, a moment after the API answered (a request sent at once may still meet the old route)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not await check():
-        assert loop.time() < deadline, "the edge did not see the change"
-        await asyncio.sleep(0.02)
+# A change the API made reaches the edge's route cache through Redis pub/sub, a moment after the API
+# answered (a request sent at once may still meet the old route): the checks after one are polled.
+SETTLED_WITHIN_S = 5.0
 
 
 async def echoed(http: aiohttp.ClientSession, url: str, **headers: str) -> dict[str, Any]:
@@ -144,10 +140,10 @@ async def test_a_private_shares_signed_url_works_over_http_and_websocket_until_t
     status, rotated = await gw.request("POST", f"/v1/vms/{share['vm_id']}/url-key/rotate")
     assert status == 200 and rotated["key_version"] == 2 and rotated["vm_id"] == share["vm_id"], rotated
 
-    async def refused() -> bool:
-        return await status_of(browser, at(signed["url"], "echo")) == (403, "signature_invalid")
+    async def refused() -> bool | None:
+        return await status_of(browser, at(signed["url"], "echo")) == (403, "signature_invalid") or None
 
-    await settled(refused)
+    await poll(refused, SETTLED_WITHIN_S)
     assert await websocket_refused(browser, at(signed["url"], "ws")) == 403
     url, host = host_form(gw, signed["direct_url"], "/ws")
     assert await websocket_refused(browser, url, **host) == 403
@@ -228,10 +224,10 @@ async def test_a_browser_navigation_trades_the_url_for_a_cookie_that_a_rotation_
     status, _ = await gw.request("POST", f"/v1/vms/{share['vm_id']}/url-key/rotate")
     assert status == 200
 
-    async def cookie_refused() -> bool:
-        return await status_of(browser, share["url"] + "echo", Cookie=cookie) == (404, "no_route")
+    async def cookie_refused() -> bool | None:
+        return await status_of(browser, share["url"] + "echo", Cookie=cookie) == (404, "no_route") or None
 
-    await settled(cookie_refused)
+    await poll(cookie_refused, SETTLED_WITHIN_S)
     assert await websocket_refused(browser, share["url"] + "ws", Cookie=cookie) == 404
 
 
@@ -256,21 +252,22 @@ async def test_the_app_url_call_signs_a_port_without_making_it_public(
     assert status == 200 and "signature=" not in public["url"] and public["expires_at"] is None
     own = plain + "echo?signature=mine&expires=never"
 
-    async def public_now() -> bool:  # the app's own signature goes through, once the port is public
-        return await path_seen(browser, own) == "/echo?signature=mine&expires=never"
+    async def public_now() -> bool | None:  # the app's own signature goes through, once the port is public
+        return await path_seen(browser, own) == "/echo?signature=mine&expires=never" or None
 
-    await settled(public_now)
+    await poll(public_now, SETTLED_WITHIN_S)
     assert (await echoed(browser, at(app["url"], "echo")))["path"] == "/echo"
 
     # The rotation revokes these too (a public port stays public: its URL needs no signature).
     status, _ = await gw.request("POST", f"/v1/vms/{app['vm_id']}/url-key/rotate")
     assert status == 200
 
-    async def revoked() -> bool:  # the old signature is no longer this VM's: it reaches the app as it came
+    async def revoked() -> bool | None:
+        # The old signature is no longer this VM's: it reaches the app as it came.
         path = await path_seen(browser, at(app["url"], "echo"))
-        return path is not None and path.startswith("/echo?signature=")
+        return (path is not None and path.startswith("/echo?signature=")) or None
 
-    await settled(revoked)
+    await poll(revoked, SETTLED_WITHIN_S)
 
 
 async def test_the_api_validates_and_keeps_tenants_apart(gw: GatewayUnderTest) -> None:
